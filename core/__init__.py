@@ -1,0 +1,30 @@
+"""dpgather.core: the per-step planner and its value types (no GPU, no MPI).
+
+Imports neither ``dpgather.kernels`` nor ``dpgather.dist``.
+"""
+
+from .cost import CostModel
+from .errors import (
+    BackendUnavailable,
+    CollectiveTimeout,
+    ConfigError,
+    DpGatherError,
+    InconsistentBatchError,
+    InputError,
+)
+from .types import POLICIES, ForwardMode, LocalBatch, PaddingMode, SpecConfig, Topology
+
+try:
+    from ._planner import RECORD_FIELDS, RECORD_MAGIC, RECORD_WIDTH, Plan, Planner, count_tokens, plan
+except ImportError as _e:  # pragma: no cover - only without a built extension
+    raise ImportError(
+        "dpgather.core._planner (the Cython planner) is not built: run `make build` or "
+        "`pip install -e .` from the repository root"
+    ) from _e
+
+__all__ = [
+    "BackendUnavailable", "CollectiveTimeout", "ConfigError", "CostModel", "DpGatherError",
+    "ForwardMode", "InconsistentBatchError", "InputError", "LocalBatch", "POLICIES", "PaddingMode",
+    "Plan", "Planner", "RECORD_FIELDS", "RECORD_MAGIC", "RECORD_WIDTH", "SpecConfig", "Topology",
+    "count_tokens", "plan",
+]

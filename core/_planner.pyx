@@ -1,0 +1,689 @@
+# cython: language_level=3, binding=True, embedsignature=True, auto_pickle=False, autotestdict=False
+# cython: boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""The per-step planner: token counts, padding mode, slot layout and graph decision.
+
+Every rank runs the planner on the same gathered record table, so every rank computes the
+identical :class:`Plan` and issues the identical sequence of collectives. The planner is a pure
+function of (table, topology, spec, policy, graph buckets, cost model). See DESIGN.md sections
+1-3 and ``docs/planner.md`` for the rules; ``docs/cost-model.md`` for the ``"auto"`` policy.
+"""
+
+cimport numpy as cnp
+from libc.stdint cimport int32_t, int64_t, uint64_t
+from libc.string cimport memset
+
+import numpy as np
+
+from .cost import CostModel
+from .errors import ConfigError, InconsistentBatchError, InputError
+from .types import POLICIES, ForwardMode, LocalBatch, PaddingMode, SpecConfig, Topology
+
+cnp.import_array()
+
+__all__ = [
+    "RECORD_WIDTH",
+    "RECORD_MAGIC",
+    "RECORD_FIELDS",
+    "Plan",
+    "Planner",
+    "count_tokens",
+    "plan",
+]
+
+#: Number of int32 fields in one per-step record.
+RECORD_WIDTH = 8
+#: Field 0 of every record: "DPG1" (record format version 1).
+RECORD_MAGIC = 0x44504731
+#: Names of the record fields, in order.
+RECORD_FIELDS = (
+    "magic", "mode", "batch_size", "extend_tokens", "logprob_tokens", "can_run_graph",
+    "num_tokens", "logits_tokens",
+)
+
+cdef enum:
+    F_MAGIC = 0
+    F_MODE = 1
+    F_BS = 2
+    F_EXT = 3
+    F_LP = 4
+    F_GRAPH = 5
+    F_N = 6
+    F_L = 7
+    WIDTH = 8
+
+cdef enum:
+    IDLE = 0
+    DECODE = 1
+    EXTEND = 2
+    TARGET_VERIFY = 3
+    DRAFT_DECODE = 4
+    DRAFT_EXTEND = 5
+
+cdef enum:
+    POL_AUTO = 0
+    POL_SGLANG = 1
+    POL_MAX = 2
+    POL_SUM = 3
+    POL_VAR = 4
+
+cdef enum:
+    PAD_MAX = 0
+    PAD_SUM = 1
+    PAD_VAR = 2
+
+cdef enum:
+    C_AG = 0
+    C_RS = 1
+    C_AR = 2
+    C_GV = 3
+    C_RSV = 4
+
+cdef int64_t MAGIC = 0x44504731
+_PADDING = (PaddingMode.MAX_LEN, PaddingMode.SUM_LEN, PaddingMode.VARLEN)
+_POLICY_CODE = {"auto": POL_AUTO, "sglang": POL_SGLANG, "max_len": POL_MAX, "sum_len": POL_SUM,
+                "varlen": POL_VAR}
+_COLL_ORDER = ("all_gather", "reduce_scatter", "all_reduce", "gatherv", "reduce_scatterv")
+
+
+cdef struct Config:
+    int64_t T
+    int64_t A
+    int64_t D
+    int has_spec
+    int64_t S
+    int64_t K
+    int64_t N
+    int policy
+    double row_bytes
+    double copy_bw
+    double mlp_row_us
+    double a0[5]
+    double a1[5]
+    double beta[5]
+
+
+cdef inline int64_t align_up(int64_t x, int64_t a) noexcept nogil:
+    return ((x + a - 1) // a) * a
+
+
+cdef inline int64_t imax(int64_t a, int64_t b) noexcept nogil:
+    return a if a > b else b
+
+
+cdef inline int64_t imin(int64_t a, int64_t b) noexcept nogil:
+    return a if a < b else b
+
+
+cdef double coll_us(const Config* c, int coll, int64_t group, double nbytes, int64_t active) noexcept nogil:
+    """t_c(P, B) of cost.py (microseconds)."""
+    cdef double factor
+    if group <= 1:
+        return 0.0
+    if active < 1:
+        active = 1
+    factor = 2.0 if coll == C_AR else 1.0
+    return (c.a0[coll] + c.a1[coll] * (active - 1)
+            + nbytes * factor * (group - 1) / group / (c.beta[coll] * 1e3))
+
+
+cdef int count_one(const Config* c, int64_t mode, int64_t bs, int64_t ext, int64_t lp,
+                   int64_t* n, int64_t* l) except -1:
+    """Token count ``n`` and logits rows ``l`` of one batch (DESIGN section 2)."""
+    if mode == IDLE:
+        n[0] = 0
+        l[0] = 0
+    elif mode == DECODE:
+        n[0] = bs
+        l[0] = bs
+    elif mode == EXTEND:
+        n[0] = ext
+        l[0] = bs if lp < 0 else lp
+    else:
+        if not c.has_spec:
+            raise ConfigError(
+                f"forward mode {ForwardMode(mode).name} is speculative and needs "
+                f"spec=dpgather.SpecConfig(num_steps=..., topk=..., num_draft_tokens=...); got spec=None")
+        if mode == TARGET_VERIFY:
+            n[0] = bs * c.N
+            l[0] = bs * c.N
+        elif mode == DRAFT_DECODE:
+            n[0] = bs * c.K
+            l[0] = bs * c.K
+        else:
+            n[0] = bs * (c.S + 1)
+            l[0] = bs
+    return 0
+
+
+cdef uint64_t fnv1a(uint64_t h, int64_t v) noexcept nogil:
+    cdef int i
+    cdef uint64_t u = <uint64_t>v
+    for i in range(8):
+        h ^= (u >> (8 * i)) & 0xff
+        h *= 0x100000001b3ULL
+    return h
+
+
+cdef class Plan:
+    """The layout of one step's gathered buffer, identical on every rank.
+
+    All arrays are read-only NumPy int64 views; counts are rows. Replica ``d`` owns rows
+    ``[slot_offsets[d], slot_offsets[d] + slot_rows[d])`` of the gathered buffer, of which the
+    first ``num_tokens[d]`` are its tokens and the rest padding (zero). The logits gather uses
+    its own layout (``logits_*``) with ``logits_mode``.
+
+    Attributes:
+        mode: :class:`PaddingMode` of the hidden-state gather and combine.
+        logits_mode: :class:`PaddingMode` of the logits gather (SUM_LEN or VARLEN outside graphs,
+            MAX_LEN inside).
+        graph: every replica replays a captured graph of ``bucket`` rows per slot.
+        bucket: per-replica graph capacity in rows (0 when ``graph`` is False).
+        skip: every replica is IDLE; nobody runs the forward and no collective is issued.
+        is_extend_in_batch: some replica runs EXTEND (target prefill).
+        num_tokens, logits_tokens: ``[D]`` rows per replica (under ``"sglang"`` the token counts
+            are aligned up to ``attn_tp_size``).
+        slot_rows, slot_offsets, gathered_rows: ``[D]``, ``[D+1]`` and the total of the gathered
+            buffer.
+        logits_slot_rows, logits_offsets, logits_rows: the same for the logits gather.
+        predicted_us: ``(MAX_LEN, SUM_LEN, VARLEN)`` predicted gather + combine time of the cost
+            model (microseconds), whatever the policy.
+        fingerprint: 64-bit FNV-1a hash of everything above except ``predicted_us``.
+    """
+
+    cdef readonly object mode
+    cdef readonly object logits_mode
+    cdef readonly bint graph
+    cdef readonly bint skip
+    cdef readonly bint is_extend_in_batch
+    cdef readonly int64_t bucket
+    cdef readonly int64_t gathered_rows
+    cdef readonly int64_t logits_rows
+    cdef readonly int64_t dp_size
+    cdef readonly int64_t attn_tp_size
+    cdef readonly int64_t world_size
+    cdef readonly uint64_t fingerprint
+    cdef readonly tuple predicted_us
+    cdef readonly str policy
+    cdef object _buf
+    cdef object _views
+
+    def __init__(self):
+        raise TypeError("Plan objects are made by dpgather.plan() or Planner.plan_table()")
+
+    cdef object _view(self, int which, int64_t start, int64_t length):
+        if self._views is None:
+            self._views = [None] * 6
+        v = self._views[which]
+        if v is None:
+            v = self._buf[start:start + length]
+            self._views[which] = v
+        return v
+
+    @property
+    def num_tokens(self):
+        return self._view(0, 0, self.dp_size)
+
+    @property
+    def logits_tokens(self):
+        return self._view(1, self.dp_size, self.dp_size)
+
+    @property
+    def slot_rows(self):
+        return self._view(2, 2 * self.dp_size, self.dp_size)
+
+    @property
+    def slot_offsets(self):
+        return self._view(3, 3 * self.dp_size, self.dp_size + 1)
+
+    @property
+    def logits_slot_rows(self):
+        return self._view(4, 4 * self.dp_size + 1, self.dp_size)
+
+    @property
+    def logits_offsets(self):
+        return self._view(5, 5 * self.dp_size + 1, self.dp_size + 1)
+
+    def as_dict(self):
+        """Every attribute as plain Python values (lists for arrays), e.g. for JSON reports."""
+        return {
+            "mode": self.mode.name, "logits_mode": self.logits_mode.name, "graph": self.graph,
+            "bucket": self.bucket, "skip": self.skip, "is_extend_in_batch": self.is_extend_in_batch,
+            "num_tokens": self.num_tokens.tolist(), "logits_tokens": self.logits_tokens.tolist(),
+            "slot_rows": self.slot_rows.tolist(), "slot_offsets": self.slot_offsets.tolist(),
+            "gathered_rows": self.gathered_rows, "logits_slot_rows": self.logits_slot_rows.tolist(),
+            "logits_offsets": self.logits_offsets.tolist(), "logits_rows": self.logits_rows,
+            "predicted_us": list(self.predicted_us), "policy": self.policy,
+            "fingerprint": f"{self.fingerprint:016x}",
+        }
+
+    def __eq__(self, other):
+        if not isinstance(other, Plan):
+            return NotImplemented
+        cdef Plan o = <Plan>other
+        return (self.fingerprint == o.fingerprint and self.mode == o.mode
+                and self.logits_mode == o.logits_mode and self.graph == o.graph
+                and self.bucket == o.bucket and self.skip == o.skip
+                and self.is_extend_in_batch == o.is_extend_in_batch
+                and self.attn_tp_size == o.attn_tp_size
+                and np.array_equal(self._buf, o._buf))
+
+    def __hash__(self):
+        return hash(self.fingerprint)
+
+    def __repr__(self):
+        return (f"Plan(mode={self.mode.name}, graph={self.graph}, bucket={self.bucket}, "
+                f"skip={self.skip}, num_tokens={self.num_tokens.tolist()}, "
+                f"slot_rows={self.slot_rows.tolist()}, gathered_rows={self.gathered_rows}, "
+                f"logits_mode={self.logits_mode.name}, logits_rows={self.logits_rows}, "
+                f"fingerprint={self.fingerprint:016x})")
+
+
+cdef class Planner:
+    """Plans steps for one fixed configuration; the entry point of the per-step sync.
+
+    Args:
+        topology: a :class:`Topology`.
+        spec: a :class:`SpecConfig` (required for the speculative forward modes) or None.
+        policy: ``"auto"`` (cost model), ``"sglang"`` (SGLang's rule), ``"max_len"``,
+            ``"sum_len"`` or ``"varlen"`` (forced).
+        graph_buckets: per-replica token capacities with captured graphs (positive multiples
+            of ``attn_tp_size``).
+        cost: a :class:`CostModel` (default: the built-in H100 constants).
+
+    ``record(batch)`` encodes this rank's batch as ``RECORD_WIDTH`` int32 fields (see
+    ``docs/internals.md``); ``plan_table(table)`` plans from the ``[world_size, RECORD_WIDTH]``
+    table every rank gathered; ``plan_batches(batches)`` plans from one batch per replica.
+    """
+
+    cdef Config cfg
+    cdef int64_t[::1] _buckets
+    cdef int64_t _nb
+    cdef int64_t[:, ::1] _scratch
+    cdef readonly object topology
+    cdef readonly object spec
+    cdef readonly str policy
+    cdef readonly tuple graph_buckets
+    cdef readonly object cost
+
+    def __init__(self, topology, spec=None, policy="auto", graph_buckets=(), cost=None):
+        cdef int i
+        if not isinstance(topology, Topology):
+            raise ConfigError(f"topology must be a dpgather.Topology, got {topology!r}")
+        if spec is not None and not isinstance(spec, SpecConfig):
+            raise ConfigError(f"spec must be a dpgather.SpecConfig or None, got {spec!r}")
+        if not isinstance(policy, str) or policy not in POLICIES:
+            raise ConfigError(f"policy must be one of {POLICIES}, got {policy!r}")
+        if cost is None:
+            cost = CostModel()
+        elif not isinstance(cost, CostModel):
+            raise ConfigError(f"cost must be a dpgather.CostModel or None, got {cost!r}")
+        self.topology = topology
+        self.spec = spec
+        self.policy = policy
+        self.cost = cost
+        A = topology.attn_tp_size
+        try:
+            buckets = sorted(set(graph_buckets))
+        except TypeError:
+            raise ConfigError(
+                f"graph_buckets must be an iterable of positive ints, got {graph_buckets!r}") from None
+        for b in buckets:
+            if isinstance(b, bool) or not isinstance(b, (int, np.integer)) or b <= 0 or b % A:
+                raise ConfigError(
+                    f"graph_buckets must be positive multiples of attn_tp_size={A}, got {b!r} "
+                    f"in {tuple(graph_buckets)!r}")
+        self.graph_buckets = tuple(int(b) for b in buckets)
+        self._buckets = np.array(self.graph_buckets or (0,), dtype=np.int64)
+        self._nb = len(self.graph_buckets)
+        memset(&self.cfg, 0, sizeof(Config))
+        self.cfg.T = topology.world_size
+        self.cfg.A = A
+        self.cfg.D = topology.dp_size
+        if spec is not None:
+            self.cfg.has_spec = 1
+            self.cfg.S = spec.num_steps
+            self.cfg.K = spec.topk
+            self.cfg.N = spec.num_draft_tokens
+        self.cfg.policy = _POLICY_CODE[policy]
+        self.cfg.row_bytes = cost.row_bytes
+        self.cfg.copy_bw = cost.copy_GBps
+        self.cfg.mlp_row_us = cost.mlp_row_us
+        for i, name in enumerate(_COLL_ORDER):
+            a0, a1, beta = cost.params[name]
+            self.cfg.a0[i] = a0
+            self.cfg.a1[i] = a1
+            self.cfg.beta[i] = beta
+        self._scratch = np.zeros((5, self.cfg.D), dtype=np.int64)
+
+    def record(self, batch, out=None):
+        """Encode ``batch`` (this rank's :class:`LocalBatch`) as an int32 record.
+
+        Args:
+            batch: the replica's batch as this rank sees it.
+            out: optional preallocated int32 array of ``RECORD_WIDTH`` to fill (no allocation).
+
+        Returns:
+            The int32 record array (``out`` when given).
+
+        Raises:
+            InputError: ``batch`` is not a LocalBatch, or ``out`` has the wrong shape or dtype.
+            ConfigError: a speculative mode without ``spec``.
+        """
+        cdef int64_t n = 0, l = 0
+        cdef int32_t[::1] r
+        if not isinstance(batch, LocalBatch):
+            raise InputError(f"batch must be a dpgather.LocalBatch, got {batch!r}")
+        if out is None:
+            out = np.empty(WIDTH, dtype=np.int32)
+        elif (not isinstance(out, np.ndarray) or out.dtype != np.int32 or out.shape != (WIDTH,)
+              or not out.flags.c_contiguous):
+            raise InputError(f"out must be a contiguous int32 array of shape ({WIDTH},), got {out!r}")
+        lp = batch.logprob_tokens
+        count_one(&self.cfg, batch.mode, batch.batch_size, batch.extend_tokens,
+                  -1 if lp is None else lp, &n, &l)
+        r = out
+        r[F_MAGIC] = <int32_t>MAGIC
+        r[F_MODE] = <int32_t>int(batch.mode)
+        r[F_BS] = batch.batch_size
+        r[F_EXT] = batch.extend_tokens
+        r[F_LP] = -1 if lp is None else lp
+        r[F_GRAPH] = 1 if batch.can_run_graph else 0
+        r[F_N] = <int32_t>n
+        r[F_L] = <int32_t>l
+        return out
+
+    def plan_batches(self, batches):
+        """Plan from one :class:`LocalBatch` per DP replica (the pure entry point)."""
+        cdef int64_t D = self.cfg.D
+        cdef int64_t d
+        cdef int64_t[:, ::1] s = self._scratch
+        if not isinstance(batches, (list, tuple)):
+            batches = list(batches)
+        if len(batches) != D:
+            raise InputError(
+                f"batches must hold one LocalBatch per DP replica: expected {D} "
+                f"(world_size {self.cfg.T} / attn_tp_size {self.cfg.A}), got {len(batches)}")
+        for d in range(D):
+            b = batches[d]
+            if type(b) is not LocalBatch and not isinstance(b, LocalBatch):
+                raise InputError(f"batches[{d}] must be a dpgather.LocalBatch, got {b!r}")
+            s[0, d] = b.mode
+            s[1, d] = b.batch_size
+            s[2, d] = b.extend_tokens
+            lp = b.logprob_tokens
+            s[3, d] = -1 if lp is None else lp
+            s[4, d] = b.can_run_graph
+        return self._plan(s)
+
+    def plan_table(self, table):
+        """Plan from the gathered ``[world_size, RECORD_WIDTH]`` int32 record table.
+
+        Row ``r`` is tp rank ``r``'s record. Each row is validated and the ``attn_tp_size``
+        rows of every replica must be identical.
+
+        Raises:
+            InputError: the table's type, dtype or shape is wrong, or a row is malformed
+                (bad magic, unknown mode, negative or inconsistent counts).
+            InconsistentBatchError: the ranks of one replica reported different records.
+            ConfigError: a speculative mode without ``spec``.
+        """
+        cdef int64_t T = self.cfg.T, A = self.cfg.A, D = self.cfg.D
+        cdef int64_t r, d, f, n = 0, l = 0, mode, bs, ext, lp, g
+        cdef const int32_t[:, ::1] t
+        cdef int64_t[:, ::1] s = self._scratch
+        if (not isinstance(table, np.ndarray) or table.dtype != np.int32
+                or table.ndim != 2 or table.shape[0] != T or table.shape[1] != WIDTH):
+            raise InputError(
+                f"table must be an int32 array of shape ({T}, {WIDTH}) (world_size x RECORD_WIDTH), "
+                f"got {type(table).__name__} "
+                f"{getattr(table, 'dtype', '')} {getattr(table, 'shape', '')}")
+        if not table.flags.c_contiguous:
+            table = np.ascontiguousarray(table)
+        t = table
+        for r in range(T):
+            mode = t[r, F_MODE]
+            bs = t[r, F_BS]
+            ext = t[r, F_EXT]
+            lp = t[r, F_LP]
+            g = t[r, F_GRAPH]
+            if (t[r, F_MAGIC] != <int32_t>MAGIC or mode < 0 or mode > 5 or bs < 0 or ext < 0
+                    or lp < -1 or g < 0 or g > 1
+                    or (mode == IDLE and bs != 0)
+                    or (mode == EXTEND and (ext < bs or (lp >= 0 and (lp < bs or lp > ext))))
+                    or (mode != EXTEND and (ext != 0 or lp != -1))):
+                raise InputError(f"malformed record table: row {r} (tp rank {r}) = "
+                                 f"{_row_text(table[r])} is not a valid record "
+                                 f"(encode records with Planner.record())")
+            count_one(&self.cfg, mode, bs, ext, lp, &n, &l)
+            if n != t[r, F_N] or l != t[r, F_L]:
+                raise InputError(
+                    f"malformed record table: row {r} (tp rank {r}) says num_tokens="
+                    f"{t[r, F_N]}, logits_tokens={t[r, F_L]} but its batch gives {n}, {l}; "
+                    f"the ranks may run different dpgather versions or SpecConfigs")
+        for d in range(D):
+            for r in range(d * A + 1, d * A + A):
+                for f in range(WIDTH):
+                    if t[r, f] != t[d * A, f]:
+                        _raise_inconsistent(table, d, A)
+            s[0, d] = t[d * A, F_MODE]
+            s[1, d] = t[d * A, F_BS]
+            s[2, d] = t[d * A, F_EXT]
+            s[3, d] = t[d * A, F_LP]
+            s[4, d] = t[d * A, F_GRAPH]
+        return self._plan(s)
+
+    cdef Plan _plan(self, int64_t[:, ::1] s):
+        cdef Config* c = &self.cfg
+        cdef int64_t D = c.D, A = c.A, T = c.T
+        cdef int64_t d, a, i, n = 0, l = 0, maxn = 0, maxl = 0, S = 0, L = 0, M, k_nonzero = 0
+        cdef int64_t k_chunks = 0, k_logits = 0, bucket = 0, lbucket = 0, chunk, rem
+        cdef bint skip = True, is_ext = False, graph, all_graph = True
+        cdef int pad, lpad
+        cdef double R = c.row_bytes, c_max, c_sum, c_var, l_sum, l_var
+        cdef cnp.npy_intp dims[1]
+        dims[0] = 6 * D + 2
+        cdef cnp.ndarray buf = cnp.PyArray_ZEROS(1, dims, cnp.NPY_INT64, 0)
+        cdef int64_t* p = <int64_t*>cnp.PyArray_DATA(buf)
+        cdef int64_t* nt = p
+        cdef int64_t* lt = p + D
+        cdef int64_t* sr = p + 2 * D
+        cdef int64_t* so = p + 3 * D
+        cdef int64_t* lsr = p + 4 * D + 1
+        cdef int64_t* lso = p + 5 * D + 1
+        cdef uint64_t h
+        cdef Plan plan
+
+        for d in range(D):
+            count_one(c, s[0, d], s[1, d], s[2, d], s[3, d], &n, &l)
+            if c.policy == POL_SGLANG:
+                n = align_up(n, A)
+            nt[d] = n
+            lt[d] = l
+            maxn = imax(maxn, n)
+            maxl = imax(maxl, l)
+            S += n
+            L += l
+            if n > 0:
+                k_nonzero += 1
+                k_chunks += imin(n, A)
+            if l > 0:
+                k_logits += imin(l, A)
+            if s[0, d] != IDLE:
+                skip = False
+                if not s[4, d]:
+                    all_graph = False
+            if s[0, d] == EXTEND:
+                is_ext = True
+
+        M = align_up(maxn, A)
+        c_max = (coll_us(c, C_RS, A, M * R, A) + coll_us(c, C_AG, T, D * M * R, T)
+                 + coll_us(c, C_RS, T, D * M * R, T) + coll_us(c, C_AG, A, M * R, A)
+                 + c.mlp_row_us * (D * M - S))
+        c_sum = 2.0 * coll_us(c, C_AR, T, S * R, T) + S * R / (c.copy_bw * 1e3)
+        c_var = (coll_us(c, C_RSV, A, maxn * R, imin(maxn, A))
+                 + coll_us(c, C_GV, T, S * R, k_chunks)
+                 + coll_us(c, C_RSV, T, S * R, k_chunks)
+                 + coll_us(c, C_GV, A, maxn * R, imin(maxn, A)))
+
+        graph = (self._nb > 0 and not skip and not is_ext and all_graph
+                 and maxn <= self._buckets[self._nb - 1])
+        if graph:
+            pad = PAD_MAX
+            lpad = PAD_MAX
+            for i in range(self._nb):
+                if self._buckets[i] >= maxn:
+                    bucket = self._buckets[i]
+                    break
+            for i in range(self._nb):
+                if self._buckets[i] >= maxl:
+                    lbucket = self._buckets[i]
+                    break
+            for d in range(D):
+                sr[d] = bucket
+                lsr[d] = lbucket
+        else:
+            if c.policy == POL_SGLANG:
+                if is_ext and D > 1:
+                    pad = PAD_SUM
+                elif 2 * S >= M * D:
+                    pad = PAD_MAX
+                else:
+                    pad = PAD_SUM
+            elif c.policy == POL_MAX:
+                pad = PAD_MAX
+            elif c.policy == POL_SUM:
+                pad = PAD_SUM
+            elif c.policy == POL_VAR:
+                pad = PAD_VAR
+            else:
+                pad = PAD_MAX
+                if c_sum < c_max:
+                    pad = PAD_SUM
+                if c_var < (c_sum if pad == PAD_SUM else c_max):
+                    pad = PAD_VAR
+            if c.policy == POL_SGLANG or c.policy == POL_SUM:
+                lpad = PAD_SUM
+            elif c.policy == POL_VAR or c.policy == POL_MAX:
+                lpad = PAD_VAR
+            else:
+                l_sum = coll_us(c, C_AR, T, L * R, T) + L * R / (c.copy_bw * 1e3)
+                l_var = coll_us(c, C_GV, T, L * R, k_logits)
+                lpad = PAD_VAR if l_var < l_sum else PAD_SUM
+            for d in range(D):
+                sr[d] = M if pad == PAD_MAX else nt[d]
+                lsr[d] = lt[d]
+
+        so[0] = 0
+        lso[0] = 0
+        for d in range(D):
+            so[d + 1] = so[d] + sr[d]
+            lso[d + 1] = lso[d] + lsr[d]
+
+        cnp.PyArray_CLEARFLAGS(buf, cnp.NPY_ARRAY_WRITEABLE)
+        plan = Plan.__new__(Plan)
+        plan._buf = buf
+        plan.mode = _PADDING[pad]
+        plan.logits_mode = _PADDING[lpad]
+        plan.graph = graph
+        plan.bucket = bucket
+        plan.skip = skip
+        plan.is_extend_in_batch = is_ext
+        plan.gathered_rows = so[D]
+        plan.logits_rows = lso[D]
+        plan.dp_size = D
+        plan.attn_tp_size = A
+        plan.world_size = T
+        plan.policy = self.policy
+        plan.predicted_us = (c_max, c_sum, c_var)
+        h = 0xcbf29ce484222325ULL
+        h = fnv1a(h, pad)
+        h = fnv1a(h, lpad)
+        h = fnv1a(h, graph)
+        h = fnv1a(h, bucket)
+        h = fnv1a(h, skip)
+        h = fnv1a(h, is_ext)
+        h = fnv1a(h, A)
+        h = fnv1a(h, D)
+        for i in range(6 * D + 2):
+            h = fnv1a(h, p[i])
+        plan.fingerprint = h
+        return plan
+
+
+def _row_text(row):
+    return "[" + ", ".join(f"{name}={int(v)}" for name, v in zip(RECORD_FIELDS, row)) + "]"
+
+
+def _raise_inconsistent(table, d, A):
+    rows = table[d * A:(d + 1) * A]
+    fields = [name for f, name in enumerate(RECORD_FIELDS) if len(set(rows[:, f].tolist())) > 1]
+    detail = "; ".join(f"tp rank {d * A + a}: {_row_text(rows[a])}" for a in range(A))
+    raise InconsistentBatchError(
+        f"the {A} attn_tp ranks of DP replica {d} (tp ranks {d * A}..{d * A + A - 1}) reported "
+        f"different batches, differing in {', '.join(fields)}: {detail}. Every rank of a replica "
+        f"must pass the same LocalBatch to sync()")
+
+
+def count_tokens(batch, spec=None):
+    """Token count ``n`` and logits rows ``l`` of one replica's batch (DESIGN section 2).
+
+    Returns:
+        ``(n, l)``: rows this replica contributes to the gathered buffer (before any alignment)
+        and rows that reach the LM head.
+
+    Raises:
+        InputError: ``batch`` is not a LocalBatch.
+        ConfigError: a speculative mode without ``spec``.
+    """
+    cdef Config c
+    cdef int64_t n = 0, l = 0
+    if not isinstance(batch, LocalBatch):
+        raise InputError(f"batch must be a dpgather.LocalBatch, got {batch!r}")
+    if spec is not None and not isinstance(spec, SpecConfig):
+        raise ConfigError(f"spec must be a dpgather.SpecConfig or None, got {spec!r}")
+    memset(&c, 0, sizeof(Config))
+    if spec is not None:
+        c.has_spec = 1
+        c.S = spec.num_steps
+        c.K = spec.topk
+        c.N = spec.num_draft_tokens
+    lp = batch.logprob_tokens
+    count_one(&c, batch.mode, batch.batch_size, batch.extend_tokens, -1 if lp is None else lp,
+              &n, &l)
+    return (n, l)
+
+
+_planner_cache = {}
+
+
+def plan(batches, topology, *, spec=None, policy="auto", graph_buckets=(), cost=None):
+    """Plan one step from one :class:`LocalBatch` per DP replica (pure function).
+
+    Equivalent to ``Planner(topology, spec=..., policy=..., graph_buckets=...,
+    cost=...).plan_batches(batches)``; planners of the default cost model are cached, so
+    calling this every step is cheap.
+
+    Args:
+        batches: ``topology.dp_size`` LocalBatch objects, replica order.
+        topology: a :class:`Topology`.
+        spec, policy, graph_buckets, cost: as for :class:`Planner`.
+
+    Returns:
+        The :class:`Plan`, identical to what ``Planner.plan_table`` gives for the same step.
+    """
+    if cost is None:
+        try:
+            key = (topology, spec, policy, tuple(graph_buckets))
+            planner = _planner_cache.get(key)
+        except TypeError:
+            key = None
+            planner = None
+        if planner is None:
+            planner = Planner(topology, spec=spec, policy=policy, graph_buckets=graph_buckets)
+            if key is not None:
+                if len(_planner_cache) > 256:
+                    _planner_cache.clear()
+                _planner_cache[key] = planner
+        return planner.plan_batches(batches)
+    return Planner(topology, spec=spec, policy=policy, graph_buckets=graph_buckets,
+                   cost=cost).plan_batches(batches)

@@ -1,0 +1,125 @@
+"""The alpha-beta cost model the ``"auto"`` policy uses to pick a padding mode each step.
+
+Each collective ``c`` over ``P`` ranks moving a buffer of ``B`` bytes (the full gathered size)
+is predicted to take::
+
+    t_c(P, B) = alpha_c(P) + B * f_c(P) / (beta_c * 1e3)          [microseconds]
+    alpha_c(P) = a0_c + a1_c * (P - 1)
+    f_c(P) = (P - 1) / P          (all-gather, reduce-scatter, gatherv, reduce-scatterv)
+    f_c(P) = 2 * (P - 1) / P      (all-reduce)
+    t_c(1, B) = 0
+
+``beta_c`` is the bus bandwidth in GB/s (nccl-tests' busbw). For the v-collectives (grouped
+broadcasts / reduces) ``alpha`` grows with the number of *non-empty* slots, because empty roots
+are skipped by every rank. The formulas of each mode's predicted gather + combine time are in
+``docs/cost-model.md``; the defaults below are fitted to ``figures/h100x4-nccl-probe.txt``
+(4x H100, NCCL 2.28) and checked against ``figures/h200x4-pattern-probe.txt``.
+``dg.calibrate()`` measures the constants on the current machine and writes a JSON file that
+:meth:`CostModel.load` reads.
+"""
+
+import json
+
+from .errors import ConfigError
+
+__all__ = ["CostModel", "COLLECTIVES"]
+
+#: Collectives with their own (a0, a1, beta) triple.
+COLLECTIVES = ("all_gather", "reduce_scatter", "all_reduce", "gatherv", "reduce_scatterv")
+
+_DEFAULTS = {
+    # (a0 us, a1 us per extra rank, beta GB/s busbw); fitted on 4x H100, see docs/cost-model.md.
+    "all_gather": (12.0, 4.0, 300.0),
+    "reduce_scatter": (10.2, 3.4, 295.0),
+    "all_reduce": (12.3, 4.1, 335.0),
+    "gatherv": (20.0, 7.0, 254.0),
+    "reduce_scatterv": (20.0, 7.0, 254.0),
+}
+
+
+class CostModel:
+    """Constants of the alpha-beta model (see the module docstring).
+
+    Args:
+        row_bytes: bytes of one gathered row, ``hidden_size * itemsize`` (default: DeepSeek-V3,
+            7168 x bfloat16 = 14336).
+        copy_GBps: device copy bandwidth (bytes written per microsecond x 1e-3), used for the
+            SUM_LEN memset of the gathered buffer.
+        mlp_row_us: optional cost of one padding row in the MLP/MoE (0 by default: padding rows
+            are masked out of routing).
+        **collectives: ``name=(a0_us, a1_us, beta_GBps)`` overrides for any of
+            :data:`COLLECTIVES`.
+    """
+
+    __slots__ = ("row_bytes", "copy_GBps", "mlp_row_us", "params")
+
+    def __init__(self, row_bytes=14336, copy_GBps=2900.0, mlp_row_us=0.0, **collectives):
+        self.row_bytes = int(row_bytes)
+        self.copy_GBps = float(copy_GBps)
+        self.mlp_row_us = float(mlp_row_us)
+        if self.row_bytes <= 0:
+            raise ConfigError(f"row_bytes must be > 0, got {row_bytes}")
+        if self.copy_GBps <= 0:
+            raise ConfigError(f"copy_GBps must be > 0, got {copy_GBps}")
+        if self.mlp_row_us < 0:
+            raise ConfigError(f"mlp_row_us must be >= 0, got {mlp_row_us}")
+        params = dict(_DEFAULTS)
+        for name, value in collectives.items():
+            if name not in _DEFAULTS:
+                raise ConfigError(f"unknown collective {name!r} in CostModel; expected one of {COLLECTIVES}")
+            try:
+                a0, a1, beta = (float(v) for v in value)
+            except (TypeError, ValueError):
+                raise ConfigError(f"{name} must be (a0_us, a1_us, beta_GBps), got {value!r}") from None
+            if a0 < 0 or a1 < 0 or beta <= 0:
+                raise ConfigError(f"{name} needs a0 >= 0, a1 >= 0, beta > 0, got {value!r}")
+            params[name] = (a0, a1, beta)
+        self.params = params
+
+    def with_row_bytes(self, row_bytes):
+        """A copy of this model for rows of ``row_bytes`` bytes."""
+        return CostModel(row_bytes, self.copy_GBps, self.mlp_row_us, **self.params)
+
+    def time_us(self, collective, group_size, nbytes, active=None):
+        """Predicted time of one collective (microseconds); ``active`` = non-empty roots (v only)."""
+        if group_size <= 1:
+            return 0.0
+        a0, a1, beta = self.params[collective]
+        ranks = group_size if active is None else max(int(active), 1)
+        factor = 2.0 if collective == "all_reduce" else 1.0
+        return a0 + a1 * (ranks - 1) + nbytes * factor * (group_size - 1) / group_size / (beta * 1e3)
+
+    def to_dict(self):
+        return {
+            "row_bytes": self.row_bytes,
+            "copy_GBps": self.copy_GBps,
+            "mlp_row_us": self.mlp_row_us,
+            **{k: list(v) for k, v in self.params.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, data):
+        data = dict(data)
+        base = {k: data.pop(k) for k in ("row_bytes", "copy_GBps", "mlp_row_us") if k in data}
+        data.pop("meta", None)
+        return cls(**base, **data)
+
+    def save(self, path, meta=None):
+        """Write the constants as JSON (``meta``: free-form provenance, e.g. card and date)."""
+        with open(path, "w") as f:
+            json.dump({**self.to_dict(), **({"meta": meta} if meta else {})}, f, indent=2)
+
+    @classmethod
+    def load(cls, path):
+        """Read constants written by :meth:`save` or ``dpgather calibrate``."""
+        try:
+            with open(path) as f:
+                return cls.from_dict(json.load(f))
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"cannot read cost model from {path!r}: {e}") from None
+
+    def __eq__(self, other):
+        return isinstance(other, CostModel) and self.to_dict() == other.to_dict()
+
+    def __repr__(self):
+        return f"CostModel({self.to_dict()})"
