@@ -1,0 +1,77 @@
+# dpgather — developer commands. `make test` and `make run` work on a fresh machine with only
+# python3, gcc and pip: they create .venv, install, build and run (each set-up step is skipped
+# once done). On an offline GPU node with the packages preinstalled, VENV=none uses the system
+# python3 and its packages (auto-detected when nvidia-smi and cupy are present).
+
+PY ?= python3
+VENV ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && $(PY) -c "import cupy, mpi4py, Cython, numba" >/dev/null 2>&1 && echo none || echo .venv)
+NP ?= 4
+PYTEST_ARGS ?=
+
+ifeq ($(VENV),none)
+PYTHON := $(PY)
+STAMP := .stamp-system
+else
+PYTHON := $(VENV)/bin/python
+STAMP := .stamp-venv
+endif
+
+.PHONY: all install build test test-unit test-gpu run plans bench fuzz wheel clean help
+
+all: build
+
+help:
+	@echo "make test    build and run the whole test suite (multi-rank tests under mpiexec; GPU tests on GPU nodes)"
+	@echo "make run     replay a realistic multi-replica serving trace through the data plane"
+	@echo "make bench   benchmarks (planner, sync; copy/collective/graph on GPU nodes)"
+	@echo "make fuzz    long hypothesis run of the planner"
+	@echo "make wheel   build a wheel into wheelhouse/ (never into dist/, a source folder)"
+	@echo "make clean   remove build outputs (never touches dist/)"
+
+$(VENV)/bin/python:
+	$(PY) -m venv $(VENV)
+
+.stamp-venv: $(VENV)/bin/python pyproject.toml setup.py
+	$(PYTHON) -m pip install -q --upgrade pip "setuptools>=77" wheel "Cython>=3.1,<3.4" numpy
+	$(PYTHON) -m pip install -q --no-build-isolation -e ".[test]"
+	touch $@
+
+.stamp-system: pyproject.toml setup.py
+	$(PYTHON) -m pip install -q --no-build-isolation --no-deps --no-index -e . || \
+	  $(PYTHON) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+install: $(STAMP)
+
+.stamp-build: $(STAMP) core/_planner.pyx
+	$(PYTHON) setup.py -q build_ext --inplace
+	touch $@
+
+build: .stamp-build
+
+test: build
+	$(PYTHON) -m pytest -q $(PYTEST_ARGS) tests
+
+test-unit: build
+	$(PYTHON) -m pytest -q -m "not mpi" $(PYTEST_ARGS) tests
+
+run: build
+	$(PYTHON) -m dpgather.cli run --np $(NP)
+
+plans: build
+	$(PYTHON) -m dpgather.cli plans
+
+bench: build
+	$(PYTHON) bench/plan_bench.py
+	$(PYTHON) -m dpgather.cli bench-sync --np 2
+	$(PYTHON) -m dpgather.cli bench-sync --np 4
+
+fuzz: build
+	DPGATHER_FUZZ_EXAMPLES=100000 $(PYTHON) -m pytest -q -x tests/test_planner.py
+
+wheel: $(STAMP)
+	$(PYTHON) -m pip wheel --no-build-isolation --no-deps -w wheelhouse .
+
+clean:
+	rm -rf build wheelhouse *.egg-info .stamp-* core/*.c core/*.so core/*.html .pytest_cache .hypothesis
+	find . -name __pycache__ -not -path "./.venv/*" -prune -exec rm -rf {} +

@@ -1,0 +1,126 @@
+"""Per-role grow-only buffers that hand out exact-size views (DESIGN section 6).
+
+Each *role* (``gathered``, ``staging``, ``combine``, ``output``, ``logits``, ``logits_output``)
+owns one flat byte buffer. A request for ``rows x width`` elements of a dtype returns a view of
+exactly that size at the start of the buffer; the buffer is reallocated only when a request is
+larger than what it holds (its high-water mark), so a warm arena allocates nothing per step.
+
+A view stays valid until the next request of the same role: the caller must not keep a gathered
+buffer across the next ``gather`` (copy it if needed).
+"""
+
+__all__ = ["Arena", "ROLES"]
+
+#: Roles, in the order memory_stats() reports them.
+ROLES = ("gathered", "staging", "combine", "output", "logits", "logits_output")
+
+_ALIGN = 256  # bytes: sub-views start at 256-byte boundaries (16-byte vector kernels, NCCL)
+
+
+def _round_up(n, a):
+    return (n + a - 1) // a * a
+
+
+class _Role:
+    __slots__ = ("buf", "reserved", "peak", "allocations", "requests")
+
+    def __init__(self):
+        self.buf = None
+        self.reserved = 0
+        self.peak = 0
+        self.allocations = 0
+        self.requests = 0
+
+
+class Arena:
+    """Grow-only byte buffers per role.
+
+    Args:
+        alloc: ``alloc(nbytes) -> 1-D uint8 array`` of the backend (NumPy or CuPy).
+        growth: when a role must grow, it grows to ``max(request, growth * reserved)`` so that a
+            slowly rising high-water mark does not reallocate every step.
+    """
+
+    def __init__(self, alloc, growth=1.25):
+        self._alloc = alloc
+        self._growth = growth
+        self._roles = {r: _Role() for r in ROLES}
+
+    def reserve(self, role, nbytes):
+        """Make ``role`` hold at least ``nbytes`` (start-up preallocation)."""
+        st = self._roles[role]
+        if nbytes > st.reserved:
+            st.buf = None
+            st.buf = self._alloc(_round_up(nbytes, _ALIGN))
+            st.reserved = int(st.buf.nbytes)
+            st.allocations += 1
+
+    def views(self, role, specs):
+        """Exact-size views of one role for one call.
+
+        Args:
+            role: one of :data:`ROLES`.
+            specs: sequence of ``(rows, width, dtype)``; each view starts at a 256-byte boundary
+                after the previous one.
+
+        Returns:
+            A list of C-contiguous 2-D arrays ``[rows, width]`` of ``dtype``, in order.
+        """
+        offsets = []
+        total = 0
+        for rows, width, dtype in specs:
+            offsets.append(total)
+            total = _round_up(total + rows * width * dtype.itemsize, _ALIGN)
+        st = self._roles[role]
+        st.requests += 1
+        if total > st.reserved:
+            self.reserve(role, max(total, int(st.reserved * self._growth)))
+        used = sum(rows * width * dtype.itemsize for rows, width, dtype in specs)
+        if used > st.peak:
+            st.peak = used
+        buf = st.buf
+        out = []
+        for (rows, width, dtype), off in zip(specs, offsets):
+            n = rows * width * dtype.itemsize
+            out.append(buf[off:off + n].view(dtype).reshape(rows, width))
+        return out
+
+    def view(self, role, rows, width, dtype):
+        """One exact-size view (see :meth:`views`)."""
+        return self.views(role, ((rows, width, dtype),))[0]
+
+    def contains(self, ptr, nbytes):
+        """The role whose buffer overlaps ``[ptr, ptr + nbytes)``, or None."""
+        if nbytes <= 0:
+            return None
+        for name, st in self._roles.items():
+            if st.buf is not None:
+                lo = _data_ptr(st.buf)
+                if ptr < lo + st.reserved and lo < ptr + nbytes:
+                    return name
+        return None
+
+    def stats(self):
+        """``{role: {reserved_bytes, peak_view_bytes, allocations, requests}}`` plus ``total``."""
+        out = {}
+        for name, st in self._roles.items():
+            out[name] = {
+                "reserved_bytes": st.reserved,
+                "peak_view_bytes": st.peak,
+                "allocations": st.allocations,
+                "requests": st.requests,
+            }
+        out["total"] = {k: sum(v[k] for v in out.values()) for k in next(iter(out.values()))}
+        return out
+
+    def release(self):
+        """Drop every buffer (the views handed out earlier must no longer be used)."""
+        for st in self._roles.values():
+            st.buf = None
+            st.reserved = 0
+
+
+def _data_ptr(arr):
+    """Address of an array's first byte (NumPy or anything with a CUDA array interface)."""
+    iface = getattr(arr, "__array_interface__", None) or arr.__cuda_array_interface__
+    return iface["data"][0]
