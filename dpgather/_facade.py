@@ -12,6 +12,9 @@ the configuration (identical on every rank); per-rank data (row counts, ``out=``
 changes local copies.
 """
 
+import atexit
+import weakref
+
 import numpy as np
 
 from dpgather.core import (
@@ -153,6 +156,8 @@ class DpAttention:
         self._backend = None
         self._attn = None
         self._closed = False
+        self._runners = []
+        self._arena = None
         self._check_config_agreement(backend, spec, policy, graph_buckets, max_tokens_per_rank)
         self._backend = make_backend(backend, comm, timeout_s)
         self.backend = self._backend.name
@@ -177,6 +182,7 @@ class DpAttention:
         self._desc_host = np.zeros(_MASK_AT + 3 * self.topology.dp_size, dtype=np.int64)
         if max_tokens_per_rank:
             self._preallocate(int(max_tokens_per_rank))
+        _register_at_exit(self)
 
     # -- set-up ---------------------------------------------------------------------------
     def _check_config_agreement(self, backend, spec, policy, graph_buckets, max_tokens):
@@ -365,7 +371,7 @@ class DpAttention:
             return st, xr
 
         st, xr = self._validated(check)
-        return self._gather(xr, st, st.hidden, contribution == "partial", "gathered")
+        return self._gather_into(self._arena, xr, st, st.hidden, contribution == "partial")
 
     def gather_logits(self, h, plan):
         """Replicate-gather the rows that reach the LM head over the logits layout.
@@ -386,30 +392,31 @@ class DpAttention:
             return st, hr
 
         st, hr = self._validated(check)
-        return self._gather(hr, st, st.logits, False, "logits")
+        return self._gather_into(self._arena, hr, st, st.logits, False, "logits")
 
-    def _gather(self, x, st, L, partial, role):
+    def _gather_into(self, arena, x, st, L, partial, role="gathered"):
+        """The gather algorithm (DESIGN mode table) on ``arena``'s buffers; see :meth:`gather`."""
         be, tp, attn, A = self._backend, self._tp, self._attn, self.topology.attn_tp_size
         H = x.shape[1]
         dt = x.dtype
         desc, base = st.desc, L.base
         logical = self.dtype if dt == self._storage else None
-        G = self._arena.view(role, L.total, H, dt)
+        G = arena.view(role, L.total, H, dt)
         if L.total == 0:
             return G
         if L.mode == _MAX:
             M, c = L.slot, L.chunk_len
             if A == 1:
-                send = self._arena.view("staging", M, H, dt)
+                send = arena.view("staging", M, H, dt)
                 be.copy_rows(x, send, desc, base + _PACK)
                 tp.all_gather(send, G, dtype=logical)
             elif partial:
-                send, chunk = self._arena.views("staging", ((M, H, dt), (c, H, dt)))
+                send, chunk = arena.views("staging", ((M, H, dt), (c, H, dt)))
                 be.copy_rows(x, send, desc, base + _PACK)
                 attn.reduce_scatter(send, chunk, dtype=logical)
                 tp.all_gather(chunk, G, dtype=logical)
             else:
-                chunk = self._arena.view("staging", c, H, dt)
+                chunk = arena.view("staging", c, H, dt)
                 be.copy_rows(x, chunk, desc, base + _CHUNK)
                 tp.all_gather(chunk, G, dtype=logical)
         elif L.mode == _SUM:
@@ -423,11 +430,11 @@ class DpAttention:
                 if x.shape[0] >= n:
                     send = x
                 else:
-                    send = self._arena.view("staging", n, H, dt)
+                    send = arena.view("staging", n, H, dt)
                     be.copy_rows(x, send, desc, base + _PACK)
                 tp.all_gatherv(send, G, L.tp_counts, dtype=logical)
             elif partial:
-                send, chunk = self._arena.views("staging", ((n, H, dt), (L.chunk_len, H, dt)))
+                send, chunk = arena.views("staging", ((n, H, dt), (L.chunk_len, H, dt)))
                 be.copy_rows(x, send, desc, base + _PACK)
                 attn.reduce_scatterv(send, chunk, L.attn_counts, dtype=logical)
                 tp.all_gatherv(chunk, G, L.tp_counts, dtype=logical)
@@ -436,7 +443,7 @@ class DpAttention:
                 if x.shape[0] >= hi:
                     send = x[lo:hi]
                 else:
-                    send = self._arena.view("staging", L.chunk_len, H, dt)
+                    send = arena.view("staging", L.chunk_len, H, dt)
                     be.copy_rows(x, send, desc, base + _CHUNK)
                 tp.all_gatherv(send, G, L.tp_counts, dtype=logical)
         return G
@@ -476,7 +483,7 @@ class DpAttention:
             return st, Yr, o
 
         st, Yr, o = self._validated(check)
-        return self._scatter(Yr, st, st.hidden, bool(reduce), o)
+        return self._scatter_into(self._arena, Yr, st, st.hidden, bool(reduce), o)
 
     def scatter_logits(self, L_rows, plan, out=None):
         """Copy this replica's logits rows out of the gathered logits (no collective).
@@ -531,13 +538,14 @@ class DpAttention:
             raise InputError(f"{name} must be C-contiguous; pass a contiguous copy")
         return a
 
-    def _scatter(self, Y, st, L, reduce, out):
+    def _scatter_into(self, arena, Y, st, L, reduce, out):
+        """The combine algorithm (DESIGN mode table) on ``arena``'s buffers; see :meth:`scatter`."""
         be, tp, attn, A = self._backend, self._tp, self._attn, self.topology.attn_tp_size
         H = Y.shape[1]
         dt = Y.dtype
         logical = self.dtype
         desc, base = st.desc, L.base
-        y = out if out is not None else self._arena.view("output", L.slot, H, dt)
+        y = out if out is not None else arena.view("output", L.slot, H, dt)
         direct = y.shape[0] == L.slot
         if L.total == 0:
             if y.shape[0]:
@@ -550,14 +558,14 @@ class DpAttention:
         if L.mode == _MAX:
             M = L.slot
             if A == 1:
-                dst = y if direct else self._arena.view("combine", M, H, dt)
+                dst = y if direct else arena.view("combine", M, H, dt)
                 tp.reduce_scatter(Yv, dst, dtype=logical)
             else:
                 if direct:
-                    chunk = self._arena.view("combine", L.chunk_len, H, dt)
+                    chunk = arena.view("combine", L.chunk_len, H, dt)
                     dst = y
                 else:
-                    chunk, dst = self._arena.views("combine", ((L.chunk_len, H, dt), (M, H, dt)))
+                    chunk, dst = arena.views("combine", ((L.chunk_len, H, dt), (M, H, dt)))
                 tp.reduce_scatter(Yv, chunk, dtype=logical)
                 attn.all_gather(chunk, dst, dtype=logical)
             if direct:
@@ -565,20 +573,20 @@ class DpAttention:
             else:
                 be.copy_rows(dst, y, desc, base + _OUTCOPY)
         elif L.mode == _SUM:
-            full = self._arena.view("combine", L.total, H, dt)
+            full = arena.view("combine", L.total, H, dt)
             tp.all_reduce(Yv, full, dtype=logical)
             be.copy_rows(full, y, desc, base + _UNPACK)
         else:
             n = L.n
             if A == 1:
-                dst = y if direct else self._arena.view("combine", n, H, dt)
+                dst = y if direct else arena.view("combine", n, H, dt)
                 tp.reduce_scatterv(Yv, dst, L.tp_counts, dtype=logical)
             else:
                 if direct:
-                    chunk = self._arena.view("combine", L.chunk_len, H, dt)
+                    chunk = arena.view("combine", L.chunk_len, H, dt)
                     dst = y
                 else:
-                    chunk, dst = self._arena.views("combine", ((L.chunk_len, H, dt), (n, H, dt)))
+                    chunk, dst = arena.views("combine", ((L.chunk_len, H, dt), (n, H, dt)))
                 tp.reduce_scatterv(Yv, chunk, L.tp_counts, dtype=logical)
                 attn.all_gatherv(chunk, dst, L.attn_counts, dtype=logical)
             if not direct:
@@ -620,6 +628,22 @@ class DpAttention:
         self._backend.mask_rows(ids, st.desc, _MASK_AT, self.topology.dp_size, int(fill))
         return topk_ids
 
+    # -- graphs ---------------------------------------------------------------------------
+    def graph_runner(self, fn, contribution="replicate", reduce=True):
+        """Capture ``pack -> gather -> fn(G) -> combine -> unpack`` for every graph bucket.
+
+        Returns a :class:`~dpgather._graph.GraphRunner` whose ``run(x, plan)`` replays the
+        bucket of ``plan`` (``plan.graph`` must be True) with no per-step allocation. On the host
+        backend it runs eagerly with the same API. Closed by :meth:`close` (graphs are destroyed
+        before the communicators).
+        """
+        self._check_open()
+        from ._graph import GraphRunner
+
+        runner = GraphRunner(self, fn, contribution=contribution, reduce=reduce)
+        self._runners.append(runner)
+        return runner
+
     # -- bookkeeping ----------------------------------------------------------------------
     def memory_stats(self):
         """Arena usage per role: ``reserved_bytes``, ``peak_view_bytes``, ``allocations``,
@@ -632,6 +656,9 @@ class DpAttention:
             return
         self._closed = True
         self._step = None
+        for runner in self._runners:
+            runner.close()
+        self._runners = []
         if self._arena is not None:
             self._arena.release()
         if self._attn is not None:
@@ -650,6 +677,28 @@ class DpAttention:
     def __repr__(self):
         return (f"DpAttention(rank={self.rank}, {self.topology}, hidden_size={self.hidden_size}, "
                 f"dtype={self.dtype}, backend={getattr(self, 'backend', None)}, policy={self.planner.policy})")
+
+
+_LIVE = weakref.WeakSet()
+_HOOKED = False
+
+
+def _close_all():
+    for dp in list(_LIVE):
+        try:
+            dp.close()
+        except Exception:
+            pass
+
+
+def _register_at_exit(dp):
+    """Close every live DpAttention at interpreter exit, before mpi4py finalizes MPI (atexit
+    runs handlers in reverse order and mpi4py registered its own when MPI was imported)."""
+    global _HOOKED
+    _LIVE.add(dp)
+    if not _HOOKED:
+        atexit.register(_close_all)
+        _HOOKED = True
 
 
 def _iterable(x):
