@@ -99,6 +99,9 @@ class ForwardMode(IntEnum):
     DRAFT_DECODE = 4
     DRAFT_EXTEND = 5
 
+    def __str__(self):
+        return f"ForwardMode.{self.name}"
+
     @property
     def is_speculative(self):
         return self in (ForwardMode.TARGET_VERIFY, ForwardMode.DRAFT_DECODE, ForwardMode.DRAFT_EXTEND)
@@ -110,6 +113,9 @@ class PaddingMode(IntEnum):
     MAX_LEN = 0
     SUM_LEN = 1
     VARLEN = 2
+
+    def __str__(self):
+        return f"PaddingMode.{self.name}"
 
 
 class SpecConfig:
