@@ -1,0 +1,210 @@
+"""Numba host twins of the copy kernels, plus their pure-NumPy references.
+
+Semantics (docs/internals.md, identical to ``kernels/copy.cu``):
+
+``copy_rows(src, dst, desc, i)`` with ``desc[4*i : 4*i+4] = (src_start, n_valid, dst_start, n_rows)``
+writes ``dst[dst_start + j] = src[src_start + j] if j < valid else 0`` for ``j < rows``, where
+``valid = min(n_valid, src.shape[0] - src_start)`` and ``rows = min(n_rows, dst.shape[0] - dst_start)``
+are clamped at 0. Negative descriptor values count as 0. Nothing outside ``src`` is read and
+nothing outside ``dst[dst_start : dst_start + rows]`` is written. Rows move as bytes, so one
+compiled kernel serves every dtype (bfloat16 included); ``src`` and ``dst`` need the same row size
+in bytes. Source and destination regions must not overlap.
+
+``mask_rows(ids, desc, i, num_slots, fill)`` with
+``desc[i + 3*s : i + 3*s + 3] = (slot_offset, n_tokens, slot_rows)`` sets
+``ids[slot_offset + n_tokens : slot_offset + slot_rows, :] = fill`` for every slot ``s``, skipping
+rows outside ``ids``. ``ids`` is a C-contiguous ``[rows, k]`` int32 or int64 array.
+
+``stream`` is accepted for signature parity with the CUDA twins and ignored.
+Numba is imported on first use: importing this module never fails without it.
+"""
+
+import numpy as np
+
+from dpgather.core.errors import BackendUnavailable, InputError
+
+__all__ = ["copy_rows", "mask_rows", "copy_rows_ref", "mask_rows_ref", "numba_available"]
+
+_I64 = np.dtype(np.int64)
+_ID_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))
+_U8 = np.dtype(np.uint8)
+
+_kernels = None  # (copy kernel, mask kernel) once compiled
+
+
+def numba_available():
+    """True when Numba can be imported (the host kernels need it; the ``*_ref`` twins do not)."""
+    try:
+        import numba  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _build():
+    global _kernels
+    try:
+        from numba import njit
+    except ImportError as e:
+        raise BackendUnavailable(
+            "the host kernels need Numba: `pip install numba` (or `pip install dpgather[host]`); "
+            f"importing it failed with: {e}"
+        ) from e
+
+    @njit(cache=True, nogil=True)
+    def copy_kernel(src, dst, row_bytes, src_rows, dst_rows, desc, base):
+        # src, dst: flat uint8 views of [src_rows, row_bytes] / [dst_rows, row_bytes].
+        s0 = max(desc[base], 0)
+        nv = max(desc[base + 1], 0)
+        d0 = max(desc[base + 2], 0)
+        nr = max(desc[base + 3], 0)
+        valid = min(nv, max(src_rows - s0, 0))
+        rows = min(nr, max(dst_rows - d0, 0))
+        ncopy = min(valid, rows)
+        a = d0 * row_bytes
+        b = s0 * row_bytes
+        nb = ncopy * row_bytes
+        # Loops over 0-based local slices: LLVM turns these into vector moves/memset.
+        d = dst[a : a + nb]
+        s = src[b : b + nb]
+        for k in range(nb):
+            d[k] = s[k]
+        z = dst[a + nb : (d0 + rows) * row_bytes]
+        for k in range(z.shape[0]):
+            z[k] = 0
+
+    @njit(cache=True, nogil=True)
+    def mask_kernel(ids, rows, width, desc, base, num_slots, fill):
+        # ids: flat view of [rows, width]; every clamp keeps sums far from int64 overflow.
+        for s in range(num_slots):
+            p = base + 3 * s
+            off = min(max(desc[p], 0), rows)
+            n = min(max(desc[p + 1], 0), rows)
+            sr = min(max(desc[p + 2], 0), rows)
+            lo = min(off + n, rows)
+            hi = min(off + sr, rows)
+            if hi > lo:
+                v = ids[lo * width : hi * width]
+                for k in range(v.shape[0]):
+                    v[k] = fill
+
+    _kernels = (copy_kernel, mask_kernel)
+    return _kernels
+
+
+def _check_rows(name, a, op, writable=False):
+    if not isinstance(a, np.ndarray):
+        raise InputError(f"{op}: {name} must be a numpy.ndarray, got {type(a).__name__}")
+    if a.ndim != 2:
+        raise InputError(f"{op}: {name} must be 2-D [rows, width], got shape {a.shape}")
+    if not a.flags.c_contiguous:
+        raise InputError(f"{op}: {name} must be C-contiguous, got strides {a.strides} for shape {a.shape}")
+    if writable and not a.flags.writeable:
+        raise InputError(f"{op}: {name} must be writable (got a read-only array of shape {a.shape})")
+
+
+def _check_desc(op, desc, need):
+    if not isinstance(desc, np.ndarray) or desc.dtype != _I64 or desc.ndim != 1 or not desc.flags.c_contiguous:
+        raise InputError(
+            f"{op}: desc must be a 1-D C-contiguous numpy int64 array, got "
+            f"{type(desc).__name__} dtype={getattr(desc, 'dtype', None)} shape={getattr(desc, 'shape', None)}"
+        )
+    if desc.shape[0] < need:
+        raise InputError(f"{op}: desc must have at least {need} entries for this index, got {desc.shape[0]}")
+
+
+def _check_index(op, name, v):
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+        raise InputError(f"{op}: {name} must be an int >= 0, got {v!r}")
+    return int(v)
+
+
+def _check_copy(src, dst, desc, i):
+    _check_rows("src", src, "copy_rows")
+    _check_rows("dst", dst, "copy_rows", writable=True)
+    rb = src.shape[1] * src.dtype.itemsize
+    if dst.shape[1] * dst.dtype.itemsize != rb:
+        raise InputError(
+            f"copy_rows: src and dst rows must have the same size in bytes, got src {src.shape} "
+            f"{src.dtype} ({rb} B/row) and dst {dst.shape} {dst.dtype} "
+            f"({dst.shape[1] * dst.dtype.itemsize} B/row)"
+        )
+    i = _check_index("copy_rows", "i", i)
+    _check_desc("copy_rows", desc, 4 * i + 4)
+    return rb, i
+
+
+def _check_mask(ids, desc, i, num_slots, fill):
+    _check_rows("ids", ids, "mask_rows", writable=True)
+    if ids.dtype not in _ID_DTYPES:
+        raise InputError(f"mask_rows: ids must be int32 or int64, got {ids.dtype}")
+    i = _check_index("mask_rows", "i", i)
+    num_slots = _check_index("mask_rows", "num_slots", num_slots)
+    _check_desc("mask_rows", desc, i + 3 * num_slots)
+    info = np.iinfo(ids.dtype)
+    if isinstance(fill, bool) or not isinstance(fill, (int, np.integer)) or not info.min <= fill <= info.max:
+        raise InputError(f"mask_rows: fill must be an int representable as {ids.dtype}, got {fill!r}")
+    return i, num_slots, int(fill)
+
+
+def _flat_u8(a):
+    return a.reshape(-1).view(_U8)
+
+
+def copy_rows(src, dst, desc, i, stream=None):
+    """Copy ``desc[4*i:4*i+4] = (src_start, n_valid, dst_start, n_rows)`` rows of ``src`` into
+    ``dst`` with clamping and zero-fill (module docstring). Returns ``dst``.
+
+    Raises:
+        InputError: non-2-D / non-contiguous / read-only ``dst``, row sizes in bytes differ,
+            ``desc`` is not a 1-D int64 array of at least ``4*i+4`` entries, ``i < 0``.
+        BackendUnavailable: Numba is missing.
+    """
+    rb, i = _check_copy(src, dst, desc, i)
+    k = _kernels or _build()
+    if rb:
+        k[0](_flat_u8(src), _flat_u8(dst), rb, src.shape[0], dst.shape[0], desc, 4 * i)
+    return dst
+
+
+def mask_rows(ids, desc, i, num_slots, fill, stream=None):
+    """Set the padding rows of ``num_slots`` slots of ``ids`` to ``fill`` (module docstring).
+    Returns ``ids``.
+
+    Raises:
+        InputError: ``ids`` not a C-contiguous writable 2-D int32/int64 array, ``desc`` shorter
+            than ``i + 3*num_slots``, negative ``i``/``num_slots``, ``fill`` out of range.
+        BackendUnavailable: Numba is missing.
+    """
+    i, num_slots, fill = _check_mask(ids, desc, i, num_slots, fill)
+    k = _kernels or _build()
+    if ids.size:
+        k[1](ids.reshape(-1), ids.shape[0], ids.shape[1], desc, i, num_slots, fill)
+    return ids
+
+
+# -- the NumPy twins (reference semantics, same validation) ----------------------------------
+
+def copy_rows_ref(src, dst, desc, i, stream=None):
+    """Pure-NumPy :func:`copy_rows` (same validation and semantics, no Numba)."""
+    rb, i = _check_copy(src, dst, desc, i)
+    s0, nv, d0, nr = (max(int(v), 0) for v in desc[4 * i : 4 * i + 4])
+    valid = min(nv, max(src.shape[0] - s0, 0))
+    rows = min(nr, max(dst.shape[0] - d0, 0))
+    n = min(valid, rows)
+    if rb:
+        s = src.view(_U8).reshape(src.shape[0], rb)
+        d = dst.view(_U8).reshape(dst.shape[0], rb)
+        d[d0 : d0 + n] = s[s0 : s0 + n]
+        d[d0 + n : d0 + rows] = 0
+    return dst
+
+
+def mask_rows_ref(ids, desc, i, num_slots, fill, stream=None):
+    """Pure-NumPy :func:`mask_rows` (same validation and semantics, no Numba)."""
+    i, num_slots, fill = _check_mask(ids, desc, i, num_slots, fill)
+    rows = ids.shape[0]
+    for s in range(num_slots):
+        off, n, sr = (max(int(v), 0) for v in desc[i + 3 * s : i + 3 * s + 3])
+        ids[min(off + n, rows) : min(off + sr, rows)] = fill
+    return ids
