@@ -11,6 +11,7 @@ function of (table, topology, spec, policy, graph buckets, cost model). See DESI
 cimport numpy as cnp
 from libc.stdint cimport int32_t, int64_t, uint64_t
 from libc.string cimport memset
+from cpython.mem cimport PyMem_Malloc, PyMem_Free
 
 import numpy as np
 
@@ -79,6 +80,7 @@ cdef enum:
     C_RSV = 4
 
 cdef int64_t MAGIC = 0x44504731
+cdef int64_t INT32_MAX = 2147483647
 _PADDING = (PaddingMode.MAX_LEN, PaddingMode.SUM_LEN, PaddingMode.VARLEN)
 _POLICY_CODE = {"auto": POL_AUTO, "sglang": POL_SGLANG, "max_len": POL_MAX, "sum_len": POL_SUM,
                 "varlen": POL_VAR}
@@ -152,6 +154,10 @@ cdef int count_one(const Config* c, int64_t mode, int64_t bs, int64_t ext, int64
         else:
             n[0] = bs * (c.S + 1)
             l[0] = bs
+    if n[0] > INT32_MAX or l[0] > INT32_MAX:
+        raise InputError(
+            f"a {ForwardMode(mode).name} batch of batch_size={bs} gives {n[0]} tokens and {l[0]} "
+            f"logits rows; the per-step record holds at most {INT32_MAX} (2**31 - 1)")
     return 0
 
 
@@ -298,7 +304,6 @@ cdef class Planner:
     cdef Config cfg
     cdef int64_t[::1] _buckets
     cdef int64_t _nb
-    cdef int64_t[:, ::1] _scratch
     cdef readonly object topology
     cdef readonly object spec
     cdef readonly str policy
@@ -353,7 +358,6 @@ cdef class Planner:
             self.cfg.a0[i] = a0
             self.cfg.a1[i] = a1
             self.cfg.beta[i] = beta
-        self._scratch = np.zeros((5, self.cfg.D), dtype=np.int64)
 
     def record(self, batch, out=None):
         """Encode ``batch`` (this rank's :class:`LocalBatch`) as an int32 record.
@@ -377,7 +381,9 @@ cdef class Planner:
             out = np.empty(WIDTH, dtype=np.int32)
         elif (not isinstance(out, np.ndarray) or out.dtype != np.int32 or out.shape != (WIDTH,)
               or not out.flags.c_contiguous):
-            raise InputError(f"out must be a contiguous int32 array of shape ({WIDTH},), got {out!r}")
+            raise InputError(
+                f"out must be a C-contiguous int32 array of shape ({WIDTH},), got {type(out).__name__} "
+                f"dtype={getattr(out, 'dtype', None)} shape={getattr(out, 'shape', None)}")
         lp = batch.logprob_tokens
         count_one(&self.cfg, batch.mode, batch.batch_size, batch.extend_tokens,
                   -1 if lp is None else lp, &n, &l)
@@ -396,24 +402,30 @@ cdef class Planner:
         """Plan from one :class:`LocalBatch` per DP replica (the pure entry point)."""
         cdef int64_t D = self.cfg.D
         cdef int64_t d
-        cdef int64_t[:, ::1] s = self._scratch
+        cdef int64_t* s
         if not isinstance(batches, (list, tuple)):
             batches = list(batches)
         if len(batches) != D:
             raise InputError(
                 f"batches must hold one LocalBatch per DP replica: expected {D} "
                 f"(world_size {self.cfg.T} / attn_tp_size {self.cfg.A}), got {len(batches)}")
-        for d in range(D):
-            b = batches[d]
-            if type(b) is not LocalBatch and not isinstance(b, LocalBatch):
-                raise InputError(f"batches[{d}] must be a dpgather.LocalBatch, got {b!r}")
-            s[0, d] = b.mode
-            s[1, d] = b.batch_size
-            s[2, d] = b.extend_tokens
-            lp = b.logprob_tokens
-            s[3, d] = -1 if lp is None else lp
-            s[4, d] = b.can_run_graph
-        return self._plan(s)
+        s = <int64_t*>PyMem_Malloc(5 * D * sizeof(int64_t))
+        if s == NULL:
+            raise MemoryError()
+        try:
+            for d in range(D):
+                b = batches[d]
+                if type(b) is not LocalBatch and not isinstance(b, LocalBatch):
+                    raise InputError(f"batches[{d}] must be a dpgather.LocalBatch, got {b!r}")
+                s[d] = b.mode
+                s[D + d] = b.batch_size
+                s[2 * D + d] = b.extend_tokens
+                lp = b.logprob_tokens
+                s[3 * D + d] = -1 if lp is None else lp
+                s[4 * D + d] = b.can_run_graph
+            return self._plan(s)
+        finally:
+            PyMem_Free(s)
 
     def plan_table(self, table):
         """Plan from the gathered ``[world_size, RECORD_WIDTH]`` int32 record table.
@@ -430,7 +442,7 @@ cdef class Planner:
         cdef int64_t T = self.cfg.T, A = self.cfg.A, D = self.cfg.D
         cdef int64_t r, d, f, n = 0, l = 0, mode, bs, ext, lp, g
         cdef const int32_t[:, ::1] t
-        cdef int64_t[:, ::1] s = self._scratch
+        cdef int64_t* s
         if (not isinstance(table, np.ndarray) or table.dtype != np.int32
                 or table.ndim != 2 or table.shape[0] != T or table.shape[1] != WIDTH):
             raise InputError(
@@ -465,14 +477,22 @@ cdef class Planner:
                 for f in range(WIDTH):
                     if t[r, f] != t[d * A, f]:
                         _raise_inconsistent(table, d, A)
-            s[0, d] = t[d * A, F_MODE]
-            s[1, d] = t[d * A, F_BS]
-            s[2, d] = t[d * A, F_EXT]
-            s[3, d] = t[d * A, F_LP]
-            s[4, d] = t[d * A, F_GRAPH]
-        return self._plan(s)
+        s = <int64_t*>PyMem_Malloc(5 * D * sizeof(int64_t))
+        if s == NULL:
+            raise MemoryError()
+        try:
+            for d in range(D):
+                s[d] = t[d * A, F_MODE]
+                s[D + d] = t[d * A, F_BS]
+                s[2 * D + d] = t[d * A, F_EXT]
+                s[3 * D + d] = t[d * A, F_LP]
+                s[4 * D + d] = t[d * A, F_GRAPH]
+            return self._plan(s)
+        finally:
+            PyMem_Free(s)
 
-    cdef Plan _plan(self, int64_t[:, ::1] s):
+    cdef Plan _plan(self, const int64_t* s):
+        """Plan from ``s``: 5 rows of D int64 (mode, batch size, extend, logprob, graph flag)."""
         cdef Config* c = &self.cfg
         cdef int64_t D = c.D, A = c.A, T = c.T
         cdef int64_t d, a, i, n = 0, l = 0, maxn = 0, maxl = 0, S = 0, L = 0, M, k_nonzero = 0
@@ -494,7 +514,7 @@ cdef class Planner:
         cdef Plan plan
 
         for d in range(D):
-            count_one(c, s[0, d], s[1, d], s[2, d], s[3, d], &n, &l)
+            count_one(c, s[d], s[D + d], s[2 * D + d], s[3 * D + d], &n, &l)
             if c.policy == POL_SGLANG:
                 n = align_up(n, A)
             nt[d] = n
@@ -508,11 +528,11 @@ cdef class Planner:
                 k_chunks += imin(n, A)
             if l > 0:
                 k_logits += imin(l, A)
-            if s[0, d] != IDLE:
+            if s[d] != IDLE:
                 skip = False
-                if not s[4, d]:
+                if not s[4 * D + d]:
                     all_graph = False
-            if s[0, d] == EXTEND:
+            if s[d] == EXTEND:
                 is_ext = True
 
         M = align_up(maxn, A)
@@ -673,7 +693,8 @@ def plan(batches, topology, *, spec=None, policy="auto", graph_buckets=(), cost=
     """
     if cost is None:
         try:
-            key = (topology, spec, policy, tuple(graph_buckets))
+            graph_buckets = tuple(graph_buckets)  # an iterator must reach Planner() unconsumed
+            key = (topology, spec, policy, graph_buckets, tuple(map(type, graph_buckets)))
             planner = _planner_cache.get(key)
         except TypeError:
             key = None

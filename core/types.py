@@ -12,6 +12,7 @@ __all__ = ["Topology", "ForwardMode", "PaddingMode", "SpecConfig", "LocalBatch",
 
 #: Padding policies accepted by the planner (DESIGN section 3).
 POLICIES = ("auto", "sglang", "max_len", "sum_len", "varlen")
+_INT32_MAX = 2**31 - 1
 
 
 def _check_int(name, value, minimum=None, *, error=InputError):
@@ -27,6 +28,8 @@ def _check_int(name, value, minimum=None, *, error=InputError):
             raise error(f"{name} must be an int, got {value!r} ({type(value).__name__})") from None
     if minimum is not None and value < minimum:
         raise error(f"{name} must be >= {minimum}, got {value}")
+    if value > _INT32_MAX:
+        raise error(f"{name} must be <= {_INT32_MAX} (2**31 - 1, the per-step record is int32), got {value}")
     return value
 
 
