@@ -1,0 +1,280 @@
+"""Row-copy kernels vs cudaMemcpyAsync: ``copy_rows`` pack and unpack against a device-to-device
+``cudaMemcpyAsync`` of the same bytes, one GPU.
+
+Rows are one token's hidden state: ``--hidden 7168`` elements of ``--itemsize 2`` bytes (bf16
+storage, 14336-byte rows). For each size from 64 KiB to 1 GiB (powers of two, rounded down to
+whole rows):
+
+- memcpy:  ``cudaMemcpyAsync(G_j + rows*row_bytes, L_j, bytes, DeviceToDevice)``
+- pack:    ``copy_rows(L_j, G_j, desc, 0)`` with ``desc = (0, rows, rows, rows)``: the local
+           rows into slot 1 of a two-slot gathered buffer ``G_j`` of ``2*rows`` rows (the grid is
+           sized from that capacity, as in the real pack)
+- unpack:  ``copy_rows(G_j, L_j, desc, 1)`` with ``desc = (rows, rows, 0, rows)``
+
+``j`` rotates over enough buffer sets that consecutive operations touch ~768 MB of distinct
+memory, so small sizes are not served from L2 (50 MB on H100). Timing: ``reps`` operations are
+captured into one CUDA graph (``--eager`` launches them from Python instead, adding the host
+cost of each call), timed with CUDA events around the launch after ``--warmup`` launches; the
+table shows the median over ``--iters`` launches divided by ``reps``. Bandwidth counts bytes
+read + written (2x the row bytes). Every size is checked afterwards: the packed slot equals the
+source, the other slot keeps its poison, the unpacked rows equal the packed ones (#wrong).
+
+    python bench/copy_bench.py [--min-bytes 65536] [--max-bytes 1073741824] [--hidden 7168]
+        [--itemsize 2] [--iters 20] [--warmup 5] [--eager] [--blocks-per-sm 4[,8,...]]
+        [--threshold 90] [--json PATH] [--device 0]
+
+Target (docs/internals.md / issue 4): pack and unpack >= 90 % of the memcpy bandwidth from 8 MB
+up; the footer prints the average over those sizes and OK/FAILED against ``--threshold``.
+"""
+
+import argparse
+import datetime
+import json
+import math
+import statistics
+import sys
+import time
+
+import numpy as np
+
+ROTATE_BYTES = 768 << 20
+MAX_ROTATE = 1024
+TARGET_GRAPH_MS = 1.5
+FROM_BYTES = 8 << 20
+
+
+def parse_size(text):
+    text = text.strip().upper()
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+    return int(float(text[:-1] if text[-1:] in "KMG" else text) * mult)
+
+
+def sizes_between(lo, hi):
+    out, s = [], 1
+    while s < lo:
+        s *= 2
+    while s <= hi:
+        out.append(s)
+        s *= 2
+    return out
+
+
+class Case:
+    """Buffers, descriptor and per-op argument lists for one size."""
+
+    def __init__(self, cupy, rows, width, dtype, rotate=True):
+        self.rows, self.width = rows, width
+        self.row_bytes = width * np.dtype(dtype).itemsize
+        self.bytes = rows * self.row_bytes
+        self.nrot = max(1, min(MAX_ROTATE, ROTATE_BYTES // (3 * self.bytes))) if rotate else 1
+        self.poison = int(np.iinfo(dtype).max)
+        self.L = cupy.random.randint(0, 1 << 7, (self.nrot * rows, width), dtype=cupy.int32)
+        self.L = self.L.astype(dtype)
+        self.G = cupy.full((self.nrot * 2 * rows, width), self.poison, dtype=dtype)
+        self.desc = cupy.asarray(np.array([0, rows, rows, rows, rows, rows, 0, rows], np.int64))
+
+    def local(self, j):
+        j %= self.nrot
+        return self.L[j * self.rows:(j + 1) * self.rows]
+
+    def gathered(self, j):
+        j %= self.nrot
+        return self.G[j * 2 * self.rows:(j + 1) * 2 * self.rows]
+
+
+def make_ops(cupy, kernels, case, stream):
+    rt = cupy.cuda.runtime
+    kind = rt.memcpyDeviceToDevice
+    rb = case.row_bytes
+
+    def memcpy(j):
+        rt.memcpyAsync(case.gathered(j).data.ptr + case.rows * rb, case.local(j).data.ptr,
+                       case.bytes, kind, stream.ptr)
+
+    def pack(j):
+        kernels.copy_rows(case.local(j), case.gathered(j), case.desc, 0, stream)
+
+    def unpack(j):
+        kernels.copy_rows(case.gathered(j), case.local(j), case.desc, 1, stream)
+
+    return {"memcpy": memcpy, "pack": pack, "unpack": unpack}
+
+
+def time_op(cupy, op, reps, stream, iters, warmup, eager):
+    """Median microseconds per operation over ``iters`` timed launches of ``reps`` ops."""
+    if eager:
+        def launch():
+            for j in range(reps):
+                op(j)
+    else:
+        with stream:
+            stream.begin_capture()
+            for j in range(reps):
+                op(j)
+            graph = stream.end_capture()
+
+        def launch():
+            graph.launch(stream)
+
+    start, end = cupy.cuda.Event(), cupy.cuda.Event()
+    for _ in range(warmup):
+        launch()
+    stream.synchronize()
+    samples = []
+    for _ in range(iters):
+        start.record(stream)
+        launch()
+        end.record(stream)
+        end.synchronize()
+        samples.append(cupy.cuda.get_elapsed_time(start, end) * 1e3 / reps)
+    return statistics.median(samples)
+
+
+def host_cost_us(cupy, kernels, case, stream, calls=2000):
+    """Host time of one eager ``copy_rows`` call (enqueue only; the GPU is not waited for)."""
+    src, dst = case.local(0), case.gathered(0)
+    kernels.copy_rows(src, dst, case.desc, 0, stream)
+    stream.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        kernels.copy_rows(src, dst, case.desc, 0, stream)
+    t = (time.perf_counter() - t0) / calls * 1e6
+    stream.synchronize()
+    return t
+
+
+def run_size(cupy, kernels, size, args, stream, dtype):
+    width = args.hidden
+    row_bytes = width * args.itemsize
+    rows = max(1, size // row_bytes)
+    case = Case(cupy, rows, width, dtype)
+    ops = make_ops(cupy, kernels, case, stream)
+    est_us = 2.5 + 2 * case.bytes / 2.0e6  # launch + ~2 TB/s of read+write traffic
+    reps = max(1, min(MAX_ROTATE, math.ceil(TARGET_GRAPH_MS * 1e3 / est_us)))
+    cupy.cuda.Device().synchronize()
+    row = {"size": case.bytes, "rows": rows, "reps": reps, "rotate": case.nrot,
+           "vec": kernels.vector_bytes(row_bytes, case.local(0).data.ptr,
+                                       case.gathered(0).data.ptr)}
+    row["memcpy_us"] = time_op(cupy, ops["memcpy"], reps, stream, args.iters, args.warmup,
+                               args.eager)
+    case.G.fill(case.poison)
+    stream.synchronize()
+    cupy.cuda.Device().synchronize()
+    row["pack_us"] = time_op(cupy, ops["pack"], reps, stream, args.iters, args.warmup, args.eager)
+    g0, l0 = case.gathered(0), case.local(0)
+    wrong = int((g0[rows:] != l0).sum()) + int((g0[:rows] != case.poison).sum())
+    saved = l0.copy()
+    case.L.fill(0)
+    cupy.cuda.Device().synchronize()
+    row["unpack_us"] = time_op(cupy, ops["unpack"], reps, stream, args.iters, args.warmup,
+                               args.eager)
+    wrong += int((case.local(0) != saved).sum())
+    row["wrong"] = wrong
+    for k in ("memcpy", "pack", "unpack"):
+        row[f"{k}_gbps"] = 2 * case.bytes / (row[f"{k}_us"] * 1e3)
+    row["pack_pct"] = 100.0 * row["memcpy_us"] / row["pack_us"]
+    row["unpack_pct"] = 100.0 * row["memcpy_us"] / row["unpack_us"]
+    row["overhead_us"] = row["pack_us"] - row["memcpy_us"]
+    del case, ops
+    cupy.get_default_memory_pool().free_all_blocks()
+    return row
+
+
+HEADER = (f"#{'size(B)':>12} {'rows':>7} {'vec':>3} {'memcpy(us)':>10} {'pack(us)':>9} "
+          f"{'unpack(us)':>10} {'memcpy':>8} {'pack':>8} {'pack/mc':>7} {'unpk/mc':>7} "
+          f"{'ovh(us)':>7} {'#wrong':>6}")
+UNITS = (f"#{'':>12} {'':>7} {'(B)':>3} {'':>10} {'':>9} {'':>10} {'(GB/s)':>8} {'(GB/s)':>8} "
+         f"{'(%)':>7} {'(%)':>7} {'':>7} {'':>6}")
+
+
+def fmt(row):
+    return (f" {row['size']:>12} {row['rows']:>7} {row['vec']:>3} {row['memcpy_us']:>10.2f} "
+            f"{row['pack_us']:>9.2f} {row['unpack_us']:>10.2f} {row['memcpy_gbps']:>8.0f} "
+            f"{row['pack_gbps']:>8.0f} {row['pack_pct']:>7.1f} {row['unpack_pct']:>7.1f} "
+            f"{row['overhead_us']:>7.2f} {row['wrong']:>6}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--min-bytes", default="64K")
+    ap.add_argument("--max-bytes", default="1G")
+    ap.add_argument("--hidden", type=int, default=7168)
+    ap.add_argument("--itemsize", type=int, default=2, choices=(1, 2, 4, 8))
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--eager", action="store_true", help="launch from Python instead of a graph")
+    ap.add_argument("--blocks-per-sm", default=None,
+                    help="grid cap(s) in blocks per SM, comma-separated (default: the loader's)")
+    ap.add_argument("--threshold", type=float, default=90.0)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--device", type=int, default=0)
+    args = ap.parse_args(argv)
+    if args.iters < 20:
+        ap.error("--iters must be >= 20 (median of at least 20 samples)")
+
+    import cupy
+
+    from dpgather.kernels import _cuda as kernels
+
+    cupy.cuda.Device(args.device).use()
+    kernels.warm()
+    dtype = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[args.itemsize]
+    props = cupy.cuda.runtime.getDeviceProperties(args.device)
+    name = props["name"].decode()
+    bps_list = ([int(x) for x in args.blocks_per_sm.split(",")] if args.blocks_per_sm
+                else [kernels._BLOCKS_PER_SM])
+    sizes = sizes_between(parse_size(args.min_bytes), parse_size(args.max_bytes))
+    stream = cupy.cuda.Stream(non_blocking=True)
+    meta = {
+        "bench": "copy_bench", "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "device": name, "sm_count": props["multiProcessorCount"],
+        "cupy": cupy.__version__, "cuda_runtime": cupy.cuda.runtime.runtimeGetVersion(),
+        "driver": cupy.cuda.runtime.driverGetVersion(), "mode": "eager" if args.eager else "graph",
+        "hidden": args.hidden, "itemsize": args.itemsize, "row_bytes": args.hidden * args.itemsize,
+        "iters": args.iters, "warmup": args.warmup, "threads": kernels._THREADS,
+    }
+    print(f"# copy_bench: {name} ({meta['sm_count']} SMs), cupy {cupy.__version__}, CUDA runtime "
+          f"{meta['cuda_runtime']}, {meta['mode']} timing, median of {args.iters}")
+    print(f"# rows of {args.hidden} x {args.itemsize} B = {meta['row_bytes']} B; pack = local -> "
+          "slot 1 of a 2-slot gathered buffer, unpack = back; bandwidth = 2 x bytes / time")
+    results, ok_all = [], True
+    for bps in bps_list:
+        kernels._BLOCKS_PER_SM = bps
+        print(f"#\n# grid cap: {bps} blocks/SM x {kernels._THREADS} threads")
+        print(HEADER)
+        print(UNITS)
+        rows = []
+        for size in sizes:
+            if size < meta["row_bytes"]:
+                continue
+            row = run_size(cupy, kernels, size, args, stream, dtype)
+            row["blocks_per_sm"] = bps
+            rows.append(row)
+            print(fmt(row), flush=True)
+        big = [r for r in rows if r["size"] >= FROM_BYTES]
+        pack_avg = statistics.mean(r["pack_pct"] for r in big) if big else float("nan")
+        unpack_avg = statistics.mean(r["unpack_pct"] for r in big) if big else float("nan")
+        wrong = sum(r["wrong"] for r in rows)
+        fast = not big or min(pack_avg, unpack_avg) >= args.threshold
+        ok = wrong == 0 and fast
+        ok_all &= ok
+        print(f"# Wrong values : {wrong} {'OK' if wrong == 0 else 'FAILED'}")
+        verdict = "no size >= 8 MB" if not big else ("OK" if fast else "FAILED")
+        print(f"# Avg bw vs memcpy from {FROM_BYTES >> 20} MB: pack {pack_avg:.1f} %, unpack "
+              f"{unpack_avg:.1f} %  (threshold {args.threshold:g} %: {verdict})")
+        results.append({"blocks_per_sm": bps, "rows": rows, "pack_avg_pct": pack_avg,
+                        "unpack_avg_pct": unpack_avg, "wrong": wrong, "ok": ok})
+    kernels._BLOCKS_PER_SM = bps_list[0]
+    host_case = Case(cupy, 64, args.hidden, dtype, rotate=False)
+    host_us = host_cost_us(cupy, kernels, host_case, stream)
+    print(f"# host cost of one copy_rows call (Python wrapper + launch, 64 rows): {host_us:.1f} us")
+    meta["host_call_us"] = host_us
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "results": results}, f, indent=1)
+        print(f"# wrote {args.json}")
+    return 0 if ok_all else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,332 @@
+"""CUDA backend of the row kernels: loader for ``kernels/copy.cu`` and launch wrappers.
+
+The two public functions have the same signatures and semantics as their Numba twins in
+``kernels/_host.py`` (see docs/internals.md, "Kernels"):
+
+``copy_rows(src, dst, desc, i, stream=None)``
+    Copy up to ``n_valid`` whole rows of ``src`` into ``dst`` and zero the rest of an
+    ``n_rows`` window, reading ``(src_start, n_valid, dst_start, n_rows)`` from the device
+    descriptor ``desc[4*i : 4*i+4]``. Clamped: never reads outside ``src``, never writes
+    outside the clamped window of ``dst``.
+
+``mask_rows(ids, desc, i, num_slots, fill, stream=None)``
+    For each of ``num_slots`` slots read ``(slot_offset, n_tokens, slot_rows)`` from
+    ``desc[i + 3*s : i + 3*s + 3]`` and set rows ``[slot_offset + n_tokens,
+    slot_offset + slot_rows)`` of ``ids`` (clamped) to ``fill``.
+
+Both enqueue one kernel on ``stream`` (a ``cupy.cuda.Stream``/``ExternalStream``, a raw
+``cudaStream_t`` as ``int``, or ``None`` for the current CuPy stream) and return at once:
+no host synchronisation, no device allocation, no per-row Python work. Counts live in
+device memory, and the launch configuration depends only on buffer capacities, so a
+CUDA graph that captured a launch serves any counts after the descriptor is rewritten.
+
+Compilation: one ``cupy.RawModule`` over ``copy.cu`` holding every specialisation in
+:data:`NAME_EXPRESSIONS`, built lazily on first use, once per process and device (CuPy's
+on-disk cache, ``CUPY_CACHE_DIR``, makes later processes fast). Call :func:`warm` before
+capturing a CUDA graph so no compilation or module load happens during capture.
+
+Importing this module never touches CuPy or a GPU; using it without CuPy or a visible
+GPU raises :class:`~dpgather.core.errors.BackendUnavailable`.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.resources
+import pathlib
+
+import numpy
+
+from dpgather.core.errors import BackendUnavailable, InputError
+
+__all__ = [
+    "COPY_CTYPES",
+    "MASK_CTYPES",
+    "NAME_EXPRESSIONS",
+    "copy_rows",
+    "kernel_source",
+    "mask_rows",
+    "vector_bytes",
+    "warm",
+]
+
+#: Vector width in bytes -> C++ type of the ``copy_rows<V>`` specialisation.
+COPY_CTYPES = {
+    16: "uint4",
+    8: "uint2",
+    4: "unsigned int",
+    2: "unsigned short",
+    1: "unsigned char",
+}
+
+#: NumPy dtype name of ``ids`` -> C++ type of the ``mask_rows<T>`` specialisation.
+MASK_CTYPES = {
+    "int32": "int",
+    "int64": "long long",
+}
+
+#: Every specialisation compiled into the module (also compile-checked on CPU CI by
+#: tests/test_cuda_compile.py, which imports this tuple).
+NAME_EXPRESSIONS = tuple(f"copy_rows<{c}>" for c in COPY_CTYPES.values()) + tuple(
+    f"mask_rows<{c}>" for c in MASK_CTYPES.values()
+)
+
+#: NVRTC options; the architecture is chosen by CuPy for the device it compiles for.
+COMPILE_OPTIONS = ("-std=c++17",)
+
+_SOURCE_NAME = "copy.cu"
+# Threads per block: must equal dpg::kThreads in copy.cu (the kernels trap otherwise).
+_THREADS = 256
+# Vectors in flight per thread and loop trip, by vector bytes: mirrors dpg::Unroll<V> in
+# copy.cu (it only sizes the grid; a mismatch costs speed, never correctness).
+_UNROLL = {16: 4, 8: 8, 4: 8, 2: 16, 1: 16}
+# Grid cap in blocks per SM (8 x 256 threads = full occupancy at the kernels' 32
+# registers on sm_90); the grid-stride loops cover any remainder.
+_BLOCKS_PER_SM = 8
+
+
+def kernel_source() -> str:
+    """Return the CUDA C++ source of ``copy.cu`` (package data next to this module)."""
+    if __package__:
+        return importlib.resources.files(__package__).joinpath(_SOURCE_NAME).read_text()
+    return pathlib.Path(__file__).with_name(_SOURCE_NAME).read_text()
+
+
+@functools.cache
+def _cupy():
+    """Import CuPy on first use and check that a GPU is visible (cached on success)."""
+    try:
+        import cupy
+    except Exception as exc:  # ImportError, or a broken CUDA install raising at import
+        raise BackendUnavailable(
+            f"the CUDA kernels need CuPy, which failed to import ({exc!r}); install "
+            "cupy-cuda12x or use backend='host'"
+        ) from exc
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:
+        raise BackendUnavailable(
+            f"the CUDA kernels need a visible GPU; CUDA reports: {exc}"
+        ) from exc
+    if count < 1:
+        raise BackendUnavailable("the CUDA kernels need a visible GPU; CUDA reports 0 devices")
+    return cupy
+
+
+@functools.cache
+def _module(device_id: int):
+    """The RawModule for ``device_id`` (nothing compiles until a function is fetched)."""
+    cupy = _cupy()
+    return cupy.RawModule(
+        code=kernel_source(), options=COMPILE_OPTIONS, name_expressions=NAME_EXPRESSIONS
+    )
+
+
+@functools.cache
+def _function(device_id: int, name: str):
+    """Compiled kernel ``name`` (one of NAME_EXPRESSIONS) on ``device_id``."""
+    cupy = _cupy()
+    with cupy.cuda.Device(device_id):
+        return _module(device_id).get_function(name)
+
+
+@functools.cache
+def _sm_count(device_id: int) -> int:
+    cupy = _cupy()
+    return int(cupy.cuda.Device(device_id).attributes["MultiProcessorCount"])
+
+
+def warm(device=None) -> None:
+    """Compile and load every specialisation on ``device`` (default: the current device).
+
+    Call once per process before capturing CUDA graphs, so that the first launch inside a
+    capture does not compile or load a module.
+    """
+    cupy = _cupy()
+    dev = cupy.cuda.runtime.getDevice() if device is None else int(device)
+    _sm_count(dev)
+    for name in NAME_EXPRESSIONS:
+        _function(dev, name)
+
+
+def vector_bytes(row_bytes: int, *pointers: int) -> int:
+    """Widest vector width (16, 8, 4, 2 or 1 bytes) dividing ``row_bytes`` and every pointer."""
+    for width in (16, 8, 4, 2, 1):
+        if row_bytes % width == 0 and all(p % width == 0 for p in pointers):
+            return width
+    return 1
+
+
+def _grid(n_vectors: int, vec: int, device_id: int) -> int:
+    per_block = _THREADS * _UNROLL[vec]
+    blocks = -(-n_vectors // per_block)
+    return max(1, min(blocks, _sm_count(device_id) * _BLOCKS_PER_SM))
+
+
+def _as_device_2d(cupy, arr, name: str):
+    if not isinstance(arr, cupy.ndarray):
+        if not hasattr(arr, "__cuda_array_interface__"):
+            raise InputError(
+                f"{name}: expected a CuPy array (or an object with __cuda_array_interface__), "
+                f"got {type(arr).__name__}"
+            )
+        arr = cupy.asarray(arr)
+    if arr.ndim != 2:
+        raise InputError(f"{name}: expected a 2-D [rows, width] array, got shape {arr.shape}")
+    if not arr.flags.c_contiguous:
+        raise InputError(f"{name}: expected a C-contiguous array, got strides {arr.strides}")
+    return arr
+
+
+def _as_desc(cupy, desc, needed: int):
+    if not isinstance(desc, cupy.ndarray):
+        raise InputError(
+            f"desc: expected a device (CuPy) int64 array, got {type(desc).__name__}"
+        )
+    if desc.dtype != cupy.int64 or desc.ndim != 1 or not desc.flags.c_contiguous:
+        raise InputError(
+            f"desc: expected a contiguous 1-D int64 array, got dtype {desc.dtype}, "
+            f"shape {desc.shape}"
+        )
+    if desc.size < needed:
+        raise InputError(f"desc: needs at least {needed} entries, has {desc.size}")
+    return desc
+
+
+def _stream_arg(cupy, stream):
+    if stream is None or not isinstance(stream, int):
+        return stream
+    return cupy.cuda.ExternalStream(stream)
+
+
+def _launch(cupy, device_id, name, grid, args, stream):
+    kernel = _function(device_id, name)
+    if cupy.cuda.runtime.getDevice() == device_id:
+        kernel((grid,), (_THREADS,), args, stream=stream)
+    else:
+        with cupy.cuda.Device(device_id):
+            kernel((grid,), (_THREADS,), args, stream=stream)
+
+
+def copy_rows(src, dst, desc, i, stream=None) -> None:
+    """Enqueue ``dst[dst_start + j] = src[src_start + j] if j < valid else 0`` for the window.
+
+    Args:
+        src: CuPy C-contiguous 2-D array ``[src_rows, w_src]`` of any dtype (bfloat16 as
+            ``uint16``/``int16`` storage); only read.
+        dst: CuPy C-contiguous 2-D array ``[dst_rows, w_dst]`` with the same row size in
+            bytes as ``src``; only rows ``[dst_start, dst_start + rows)`` are written. The
+            source rows read and the destination rows written must not overlap; ``dst`` may
+            be ``src`` itself (e.g. ``n_valid = 0`` to zero a tail in place).
+        desc: CuPy int64 1-D array on the same device; ``desc[4*i : 4*i+4]`` holds
+            ``(src_start, n_valid, dst_start, n_rows)`` in rows, read by the kernel at run
+            time (negative entries count as 0, everything is clamped to the buffers).
+        i: descriptor record index (``int >= 0``).
+        stream: stream to launch on (``None``: the current CuPy stream).
+
+    Raises:
+        InputError: wrong types, shapes, contiguity, row sizes, devices, or a descriptor
+            too short for record ``i``.
+        BackendUnavailable: CuPy or a GPU is missing.
+
+    The vector width (16/8/4/2/1 bytes) is the widest dividing the row size and both base
+    pointers; the grid is sized from ``dst_rows`` (capacity), never from the counts.
+    """
+    cupy = _cupy()
+    src = _as_device_2d(cupy, src, "src")
+    dst = _as_device_2d(cupy, dst, "dst")
+    i = int(i)
+    if i < 0:
+        raise InputError(f"i: descriptor index must be >= 0, got {i}")
+    desc = _as_desc(cupy, desc, 4 * i + 4)
+    row_bytes = dst.shape[1] * dst.itemsize
+    src_row_bytes = src.shape[1] * src.itemsize
+    if src_row_bytes != row_bytes:
+        raise InputError(
+            f"src/dst: row sizes differ: src {src.shape[1]} x {src.dtype} = {src_row_bytes} "
+            f"bytes, dst {dst.shape[1]} x {dst.dtype} = {row_bytes} bytes"
+        )
+    device_id = dst.data.device_id
+    if src.data.device_id != device_id or desc.data.device_id != device_id:
+        raise InputError(
+            f"src/dst/desc: must be on one device, got {src.data.device_id}/{device_id}/"
+            f"{desc.data.device_id}"
+        )
+    dst_rows = dst.shape[0]
+    if dst_rows == 0 or row_bytes == 0:
+        return
+    vec = vector_bytes(row_bytes, src.data.ptr, dst.data.ptr)
+    grid = _grid(dst_rows * (row_bytes // vec), vec, device_id)
+    args = (
+        src,
+        dst,
+        desc,
+        numpy.int64(i),
+        numpy.int64(src.shape[0]),
+        numpy.int64(dst_rows),
+        numpy.int64(row_bytes),
+    )
+    _launch(cupy, device_id, f"copy_rows<{COPY_CTYPES[vec]}>", grid, args,
+            _stream_arg(cupy, stream))
+
+
+def mask_rows(ids, desc, i, num_slots, fill, stream=None) -> None:
+    """Enqueue ``ids[r, :] = fill`` for the pad rows of every slot.
+
+    Args:
+        ids: CuPy C-contiguous ``[rows, k]`` int32 or int64 array (e.g. MoE top-k ids).
+        desc: CuPy int64 1-D array; ``desc[i + 3*s : i + 3*s + 3]`` holds
+            ``(slot_offset, n_tokens, slot_rows)`` for slot ``s < num_slots``, in rows.
+        i: first descriptor entry (an element offset, not a record index).
+        num_slots: number of slots (``int >= 0``).
+        fill: value written (must fit the dtype of ``ids``).
+        stream: stream to launch on (``None``: the current CuPy stream).
+
+    Rows ``[slot_offset + n_tokens, slot_offset + slot_rows)`` outside ``ids`` are skipped.
+
+    Raises:
+        InputError: wrong dtype, shape, contiguity, alignment, device, counts, or a short
+            descriptor.
+        BackendUnavailable: CuPy or a GPU is missing.
+    """
+    cupy = _cupy()
+    ids = _as_device_2d(cupy, ids, "ids")
+    ctype = MASK_CTYPES.get(ids.dtype.name)
+    if ctype is None:
+        raise InputError(f"ids: expected dtype int32 or int64, got {ids.dtype}")
+    i = int(i)
+    num_slots = int(num_slots)
+    if i < 0:
+        raise InputError(f"i: descriptor offset must be >= 0, got {i}")
+    if not 0 <= num_slots < 2**31:
+        raise InputError(f"num_slots: expected 0 <= num_slots < 2**31, got {num_slots}")
+    desc = _as_desc(cupy, desc, i + 3 * num_slots)
+    info = _iinfo(ids.dtype.name)
+    fill = int(fill)
+    if not info[0] <= fill <= info[1]:
+        raise InputError(f"fill: {fill} does not fit {ids.dtype} [{info[0]}, {info[1]}]")
+    if ids.data.ptr % ids.itemsize:
+        raise InputError(
+            f"ids: data pointer {ids.data.ptr:#x} is not aligned to its {ids.itemsize}-byte items"
+        )
+    device_id = ids.data.device_id
+    if desc.data.device_id != device_id:
+        raise InputError(
+            f"ids/desc: must be on one device, got {device_id}/{desc.data.device_id}"
+        )
+    rows, k = ids.shape
+    if rows == 0 or k == 0 or num_slots == 0:
+        return
+    width = ids.itemsize
+    grid = _grid(rows * k, width, device_id)
+    scalar = numpy.int64 if width == 8 else numpy.int32
+    args = (
+        ids, desc, numpy.int64(i), numpy.int32(num_slots), numpy.int64(rows), numpy.int64(k),
+        scalar(fill),
+    )
+    _launch(cupy, device_id, f"mask_rows<{ctype}>", grid, args, _stream_arg(cupy, stream))
+
+
+def _iinfo(name: str):
+    bits = 32 if name == "int32" else 64
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# One device call: build on the GPU image, then the phases named in $@ (default: all), each under
+# `timeout`, logs under $OUT (so a hang still returns them). Usage on the device machine:
+#   bash tests/gpu/device_run.sh build selftest facade test bench
+set -u
+OUT=${OUT:-/tmp/dpg-out}; mkdir -p "$OUT"
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
+export OMPI_MCA_rmaps_base_oversubscribe=true CUPY_CACHE_DIR=/tmp/cupy-cache
+NG=$(nvidia-smi -L | wc -l)
+MPI="mpirun --bind-to none -x NCCL_NVLS_ENABLE -x PYTHONUNBUFFERED -x CUPY_CACHE_DIR"
+phases=${*:-build selftest facade test bench}
+summary=$OUT/summary.txt
+note() { echo "$*" | tee -a "$summary"; }
+run() {  # run NAME TIMEOUT CMD...
+  local name=$1 t=$2; shift 2
+  local t0=$(date +%s)
+  timeout -k 10 "$t" "$@" > "$OUT/$name.log" 2>&1; local rc=$?
+  note "[$name] rc=$rc $(( $(date +%s) - t0 ))s :: $(tail -n 1 "$OUT/$name.log" | cut -c1-200)"
+}
+note "# $(date -u +%FT%TZ) $(nvidia-smi --query-gpu=name --format=csv,noheader | sort | uniq -c | tr -s ' ') GPUs=$NG"
+for p in $phases; do case $p in
+build)
+  run build 300 bash -c 'make build VENV=none || (python3 -m pip install --no-build-isolation --no-deps -e . && python3 setup.py -q build_ext --inplace)'
+  python3 -c "import dpgather, cupy; print(dpgather.__version__, cupy.__version__, cupy.cuda.nccl.get_version())" >> "$summary" 2>&1 ;;
+selftest)
+  run cuda_compile 200 python3 -m pytest -q -rs tests/test_cuda_compile.py
+  run gpu_selftest 300 python3 tests/gpu/gpu_selftest.py
+  run nccl_selftest 400 $MPI -n "$NG" python3 tests/gpu/nccl_selftest.py
+  run exit_hazard 120 $MPI -n "$NG" python3 tests/gpu/nccl_selftest.py --exit-hazard ;;
+facade)
+  run facade_fp32 400 $MPI -n "$NG" python3 tests/gpu/facade_smoke.py --backend cuda --dtype float32 --graphs
+  run facade_bf16 400 $MPI -n "$NG" python3 tests/gpu/facade_smoke.py --backend cuda --dtype bfloat16 --graphs ;;
+test)
+  run make_test 580 make test VENV=none ;;
+bench)
+  run copy_bench 300 python3 bench/copy_bench.py --json "$OUT/copy_bench.json"
+  [ -f bench/collective_bench.py ] && run collective_bench 400 $MPI -n "$NG" python3 bench/collective_bench.py --json "$OUT/collective_bench.json"
+  [ -f bench/graph_bench.py ] && run graph_bench 400 $MPI -n "$NG" python3 bench/graph_bench.py --json "$OUT/graph_bench.json" ;;
+*) note "unknown phase $p" ;;
+esac; done
+cat "$summary"

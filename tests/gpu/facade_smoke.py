@@ -1,0 +1,179 @@
+#!/usr/bin/env python3
+"""DpAttention end to end on either backend, every divisor A, every policy, both contributions.
+
+    mpirun -n 4 python tests/gpu/facade_smoke.py --backend cuda [--dtype bfloat16] [--graphs]
+
+Every rank derives every rank's inputs from seeds and checks every row of ``gather``,
+``scatter`` (reduce and copy), ``gather_logits``/``scatter_logits`` and ``mask_topk_ids``
+against a NumPy reference; with ``--graphs`` also the graph runner (replay == eager). Outputs
+are poisoned first. Prints ``N passed, M failed`` on rank 0; exit 1 on any failure.
+"""
+
+import argparse
+import sys
+
+import numpy as np
+from mpi4py import MPI
+
+import dpgather as dg
+
+comm = MPI.COMM_WORLD
+RANK, T = comm.rank, comm.size
+ap = argparse.ArgumentParser()
+ap.add_argument("--backend", default="cuda")
+ap.add_argument("--dtype", default="float32")
+ap.add_argument("--hidden", type=int, default=40)
+ap.add_argument("--steps", type=int, default=6)
+ap.add_argument("--graphs", action="store_true")
+args = ap.parse_args()
+
+if args.backend == "cuda":
+    import cupy as xp
+
+    def to_dev(a):
+        if a.dtype.name == "bfloat16":
+            a = a.view(np.uint16)
+        return xp.asarray(a)
+
+    def to_host(a, like):
+        h = xp.asnumpy(a)
+        return h.view(like) if like is not None else h
+else:
+    xp = np
+
+    def to_dev(a):
+        return a.copy()
+
+    def to_host(a, like):
+        return np.asarray(a).copy()
+
+if args.dtype == "bfloat16":
+    import ml_dtypes
+
+    NPDT = np.dtype(ml_dtypes.bfloat16)
+else:
+    NPDT = np.dtype(args.dtype)
+TOL = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 1e-1}.get(args.dtype, 0)
+H = args.hidden
+passed = failed = 0
+
+
+def check(name, ok):
+    global passed, failed
+    oks = comm.allgather(bool(ok))
+    if all(oks):
+        passed += 1
+    else:
+        failed += 1
+        if RANK == 0:
+            print(f"FAIL {name}: ranks {[r for r, o in enumerate(oks) if not o]}", flush=True)
+
+
+def close(a, b):
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    return a.shape == b.shape and np.allclose(a, b, atol=TOL * max(1.0, np.abs(b).max(initial=0)), rtol=TOL)
+
+
+def rows(seed, n, width=H):
+    return np.random.default_rng(seed).standard_normal((n, width)).astype(np.float32).astype(NPDT)
+
+
+spec = dg.SpecConfig(3, 2, 4)
+MODES = [dg.ForwardMode.IDLE, dg.ForwardMode.DECODE, dg.ForwardMode.EXTEND, dg.ForwardMode.TARGET_VERIFY,
+         dg.ForwardMode.DRAFT_DECODE, dg.ForwardMode.DRAFT_EXTEND]
+
+for A in [a for a in range(1, T + 1) if T % a == 0]:
+    D, d, a = T // A, RANK // A, RANK % A
+    for policy in ("auto", "sglang", "max_len", "sum_len", "varlen"):
+        dp = dg.DpAttention(comm, attn_tp_size=A, hidden_size=H, dtype=args.dtype, backend=args.backend,
+                            spec=spec, policy=policy)
+        for step in range(args.steps):
+            rng = np.random.default_rng(1000 * step + 7 * A)
+            batches = []
+            for _ in range(D):
+                m = MODES[rng.integers(len(MODES))]
+                bs = 0 if m == dg.ForwardMode.IDLE else int(rng.integers(1, 6))
+                if m == dg.ForwardMode.EXTEND:
+                    ext = bs + int(rng.integers(0, 300))
+                    batches.append(dg.LocalBatch(m, bs, ext, int(rng.integers(bs, ext + 1))))
+                else:
+                    batches.append(dg.LocalBatch(m, bs))
+            plan = dp.sync(batches[d])
+            n = plan.num_tokens
+            real = [int(n[r]) - (int(rng.integers(0, max(1, int(n[r]) // 2) + 1)) if batches[r].mode == dg.ForwardMode.DRAFT_EXTEND else 0) for r in range(D)]
+            tag = f"A={A} {policy} step {step} {plan.mode.name}"
+            for contrib in ("replicate", "partial"):
+                xs = {r: rows(10_000 * step + (r if contrib == "partial" else (r // A) * A) + 1, real[r // A]) for r in range(T)}
+                ref = np.zeros((plan.gathered_rows, H), np.float64)
+                for r in range(T):
+                    o = plan.slot_offsets[r // A]
+                    k = min(real[r // A], int(n[r // A]))
+                    if contrib == "partial" or r % A == 0:
+                        ref[o:o + k] += xs[r][:k].astype(np.float64)
+                x = to_dev(xs[RANK])
+                G = dp.gather(x, plan, contribution=contrib)
+                check(f"{tag} gather {contrib}", close(to_host(G, NPDT), ref))
+                check(f"{tag} input unchanged", np.array_equal(to_host(x, NPDT).view(np.uint8), xs[RANK].view(np.uint8)))
+            Ys = {r: rows(20_000 * step + r + 5, plan.gathered_rows) for r in range(T)}
+            tot = sum(Ys[r].astype(np.float64) for r in range(T))
+            o, k = plan.slot_offsets[d], int(n[d])
+            yref = np.zeros((plan.slot_rows[d], H))
+            yref[:k] = tot[o:o + k]
+            y = dp.scatter(to_dev(Ys[RANK]), plan, reduce=True)
+            check(f"{tag} scatter reduce", close(to_host(y, NPDT), yref))
+            out = to_dev(np.full((int(n[d]) + 3, H), 7, np.float32).astype(NPDT))
+            y = dp.scatter(to_dev(Ys[0]), plan, reduce=False, out=out)
+            yref = np.zeros((int(n[d]) + 3, H))
+            yref[:k] = Ys[0][o:o + k]
+            check(f"{tag} scatter copy out=", close(to_host(y, NPDT), yref))
+            hl = rows(30_000 * step + d, int(plan.logits_tokens[d]))
+            Lg = dp.gather_logits(to_dev(hl), plan)
+            lref = np.zeros((plan.logits_rows, H))
+            for r in range(D):
+                lr = rows(30_000 * step + r, int(plan.logits_tokens[r]))
+                lref[plan.logits_offsets[r]:plan.logits_offsets[r] + len(lr)] = lr
+            check(f"{tag} gather_logits", close(to_host(Lg, NPDT), lref))
+            V = np.random.default_rng(step).standard_normal((plan.logits_rows, 7)).astype(np.float32)
+            ls = dp.scatter_logits(to_dev(V), plan)
+            sref = np.zeros((plan.logits_slot_rows[d], 7), np.float32)
+            lo = plan.logits_offsets[d]
+            sref[:plan.logits_tokens[d]] = V[lo:lo + plan.logits_tokens[d]]
+            check(f"{tag} scatter_logits", np.array_equal(to_host(ls, None), sref))
+            ids = np.full((plan.gathered_rows, 3), 5, np.int32)
+            res = to_host(dp.mask_topk_ids(to_dev(ids), plan), None)
+            iref = ids.copy()
+            for r in range(D):
+                iref[plan.slot_offsets[r] + n[r]:plan.slot_offsets[r + 1]] = -1
+            check(f"{tag} mask_topk_ids", np.array_equal(res, iref))
+        dp.close()
+
+    if args.graphs:
+        buckets = (A * 2, A * 8, A * 32)
+        dp = dg.DpAttention(comm, attn_tp_size=A, hidden_size=H, dtype=args.dtype, backend=args.backend,
+                            graph_buckets=buckets, spec=spec)
+        Wn = (np.random.default_rng(3).standard_normal((H, H)) / np.sqrt(H)).astype(np.float32)
+        if args.backend == "cuda" and args.dtype == "float32":
+            W = xp.asarray(Wn)
+            fn = lambda G: G @ W  # noqa: E731
+        else:
+            fn = lambda G: G * 2  # noqa: E731
+        for contrib in ("replicate", "partial"):
+            runner = dp.graph_runner(fn, contribution=contrib, reduce=True)
+            for step in range(12):
+                rng = np.random.default_rng(500 + step)
+                bs = rng.integers(0, A * 32 + 1, size=D)
+                mode = [dg.ForwardMode.DECODE, dg.ForwardMode.DRAFT_DECODE, dg.ForwardMode.TARGET_VERIFY][step % 3]
+                div = {dg.ForwardMode.DECODE: 1, dg.ForwardMode.DRAFT_DECODE: 2, dg.ForwardMode.TARGET_VERIFY: 4}[mode]
+                plan = dp.sync(dg.LocalBatch(mode, int(bs[d]) // div, can_run_graph=True))
+                x = rows(700 + step * T + (RANK if contrib == "partial" else d * A), int(plan.num_tokens[d]))
+                yg = to_host(runner.run(to_dev(x), plan), NPDT).copy()
+                G = dp.gather(to_dev(x), plan, contribution=contrib)
+                ye = to_host(dp.scatter(fn(G), plan, reduce=True), NPDT)
+                check(f"graph A={A} {contrib} step {step} bucket {plan.bucket}", plan.graph and close(yg, ye))
+            runner.close()
+        dp.close()
+
+if RANK == 0:
+    print(f"facade_smoke backend={args.backend} dtype={args.dtype} T={T}: {passed} passed, {failed} failed", flush=True)
+sys.exit(1 if failed else 0)

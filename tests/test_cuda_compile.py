@@ -1,0 +1,132 @@
+"""Compile-check kernels/copy.cu with NVRTC on any machine (no GPU, no driver needed).
+
+NVRTC is driven through ``cuda.bindings.nvrtc`` exactly as CuPy's RawModule drives it: one
+program, one ``nvrtcAddNameExpression`` per specialisation listed by the loader
+(``dpgather.kernels._cuda.NAME_EXPRESSIONS``, imported so the two cannot drift), then
+``nvrtcCompileProgram``. Skipped, with the reason, when ``cuda.bindings`` or the NVRTC
+library is missing (pip: ``cuda-bindings`` + ``nvidia-cuda-nvrtc-cu12``). The GPU results
+themselves are checked by tests/gpu/gpu_selftest.py.
+"""
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from dpgather.core.errors import BackendUnavailable
+from dpgather.kernels import _cuda
+
+ARCHS = ("compute_80", "compute_90")
+
+
+@pytest.fixture(scope="module")
+def nvrtc():
+    try:
+        from cuda.bindings import nvrtc as lib
+    except Exception as exc:
+        pytest.skip(
+            f"cuda.bindings.nvrtc is not importable ({exc!r}); for the NVRTC compile check "
+            "install cuda-bindings and nvidia-cuda-nvrtc-cu12"
+        )
+    try:
+        err, *_ = lib.nvrtcVersion()
+    except Exception as exc:
+        pytest.skip(f"the NVRTC library cannot be loaded ({exc!r}); install nvidia-cuda-nvrtc-cu12")
+    if err != lib.nvrtcResult.NVRTC_SUCCESS:
+        pytest.skip(f"nvrtcVersion failed: {err}")
+    return lib
+
+
+def compile_source(lib, source, names, arch, options=_cuda.COMPILE_OPTIONS):
+    """(ok, log, {name expression: lowered name}) of one NVRTC compilation."""
+    err, prog = lib.nvrtcCreateProgram(source.encode(), b"copy.cu", 0, [], [])
+    assert err == lib.nvrtcResult.NVRTC_SUCCESS, err
+    try:
+        for name in names:
+            (err,) = lib.nvrtcAddNameExpression(prog, name.encode())
+            assert err == lib.nvrtcResult.NVRTC_SUCCESS, (name, err)
+        opts = [f"--gpu-architecture={arch}".encode()] + [o.encode() for o in options]
+        (status,) = lib.nvrtcCompileProgram(prog, len(opts), opts)
+        err, size = lib.nvrtcGetProgramLogSize(prog)
+        log = b" " * size
+        lib.nvrtcGetProgramLog(prog, log)
+        log = log.rstrip(b"\x00 ").decode(errors="replace")
+        ok = status == lib.nvrtcResult.NVRTC_SUCCESS
+        lowered = {}
+        if ok:
+            for name in names:
+                err, mangled = lib.nvrtcGetLoweredName(prog, name.encode())
+                assert err == lib.nvrtcResult.NVRTC_SUCCESS, (name, err)
+                lowered[name] = mangled.decode() if isinstance(mangled, bytes) else str(mangled)
+        return ok, log, lowered
+    finally:
+        lib.nvrtcDestroyProgram(prog)
+
+
+def test_specialisation_list_covers_every_variant():
+    assert set(_cuda.COPY_CTYPES) == {16, 8, 4, 2, 1}
+    assert set(_cuda.MASK_CTYPES) == {"int32", "int64"}
+    for ctype in _cuda.COPY_CTYPES.values():
+        assert f"copy_rows<{ctype}>" in _cuda.NAME_EXPRESSIONS
+    for ctype in _cuda.MASK_CTYPES.values():
+        assert f"mask_rows<{ctype}>" in _cuda.NAME_EXPRESSIONS
+    assert set(_cuda._UNROLL) == set(_cuda.COPY_CTYPES)
+    assert "-std=c++17" in _cuda.COMPILE_OPTIONS
+
+
+def test_block_size_matches_the_source():
+    # The kernels tile by a compile-time block size and trap on any other launch shape.
+    m = re.search(r"constexpr int kThreads = (\d+);", _cuda.kernel_source())
+    assert m and int(m.group(1)) == _cuda._THREADS
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_copy_cu_compiles_every_specialisation(nvrtc, arch):
+    ok, log, lowered = compile_source(nvrtc, _cuda.kernel_source(), _cuda.NAME_EXPRESSIONS, arch)
+    assert ok, f"NVRTC rejected kernels/copy.cu for {arch}:\n{log}"
+    assert set(lowered) == set(_cuda.NAME_EXPRESSIONS)
+    assert len(set(lowered.values())) == len(lowered), lowered
+
+
+def test_broken_source_is_rejected(nvrtc):
+    broken = _cuda.kernel_source() + "\n__global__ void dpg_broken() { undefined_thing = 1; }\n"
+    ok, log, _ = compile_source(nvrtc, broken, _cuda.NAME_EXPRESSIONS, "compute_90")
+    assert not ok
+    assert "undefined_thing" in log
+
+
+def test_unknown_specialisation_is_rejected(nvrtc):
+    ok, log, _ = compile_source(nvrtc, _cuda.kernel_source(), ("copy_rows_typo<uint4>",),
+                                "compute_90")
+    assert not ok, log
+
+
+def test_import_needs_no_cupy_and_no_gpu():
+    code = (
+        "import sys, dpgather.kernels._cuda, dpgather.dist._nccl, dpgather.dist.nccl; "
+        "bad = [m for m in ('cupy', 'mpi4py', 'torch') if m in sys.modules]; "
+        "assert not bad, bad; print('clean')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "clean" in out.stdout, out.stderr
+
+
+def _gpu_visible():
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+@pytest.mark.skipif(_gpu_visible(), reason="a GPU is visible: the CPU-only error path is not taken")
+def test_use_without_gpu_raises_backend_unavailable():
+    from dpgather.dist import nccl
+
+    with pytest.raises(BackendUnavailable):
+        _cuda.warm()
+    assert nccl.nccl_available() is False
+    with pytest.raises(BackendUnavailable):
+        nccl.NcclCommunicator()
