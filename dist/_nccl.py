@@ -126,14 +126,23 @@ def has_comm_split() -> bool:
     return hasattr(nccl.NcclCommunicator, "commSplit") and getVersion() >= COMM_SPLIT_VERSION
 
 
-def getUniqueId() -> tuple:  # noqa: N802
-    """``ncclGetUniqueId``: 128 signed chars, to broadcast to every rank out of band."""
-    return tuple(lib().get_unique_id())
+def getUniqueId():  # noqa: N802
+    """``ncclGetUniqueId``: 128 bytes (CuPy >= 14: ``bytes``, older: a tuple of ints), to
+    broadcast to every rank out of band (picklable either way)."""
+    return lib().get_unique_id()
 
 
-def commInitRank(nranks: int, unique_id: tuple, rank: int):  # noqa: N802
+def commInitRank(nranks: int, unique_id, rank: int):  # noqa: N802
     """``ncclCommInitRank`` on the current CUDA device; blocks until all ``nranks`` joined."""
-    return lib().NcclCommunicator(int(nranks), tuple(unique_id), int(rank))
+    ctor = lib().NcclCommunicator
+    if isinstance(unique_id, (bytes, bytearray)):
+        forms = (bytes(unique_id), tuple(b - 256 if b > 127 else b for b in unique_id))
+    else:
+        forms = (tuple(unique_id), bytes(b & 0xFF for b in unique_id))
+    try:
+        return ctor(int(nranks), forms[0], int(rank))
+    except TypeError:  # the other CuPy generation's commId type
+        return ctor(int(nranks), forms[1], int(rank))
 
 
 def commSplit(comm, color: int, key: int):  # noqa: N802

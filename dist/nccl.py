@@ -207,9 +207,12 @@ class NcclCommunicator(Communicator):
         # int16 carries a char of either signedness exactly.
         buf = numpy.zeros(128, dtype=numpy.int16)
         if uid is not None:
-            buf[:] = uid
+            if isinstance(uid, (bytes, bytearray)):
+                buf[:] = numpy.frombuffer(bytes(uid), dtype=numpy.uint8)
+            else:
+                buf[:] = uid
         self._mpi_wait(mpi.Ibcast(buf, root=0), op, buf)
-        return tuple(int(x) for x in buf)
+        return bytes(int(x) & 0xFF for x in buf)
 
     # ------------------------------------------------------------------ helpers
 

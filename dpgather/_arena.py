@@ -68,9 +68,12 @@ class Arena:
         """
         offsets = []
         total = 0
+        multi = len(specs) > 1
         for rows, width, dtype in specs:
             offsets.append(total)
-            total = _round_up(total + rows * width * dtype.itemsize, _ALIGN)
+            # An empty view of a multi-view request still gets its own address: MPI rejects a
+            # send buffer equal to the receive buffer even at zero count.
+            total = _round_up(total + (rows * width * dtype.itemsize or multi * dtype.itemsize), _ALIGN)
         st = self._roles[role]
         st.requests += 1
         if total > st.reserved:
@@ -79,10 +82,15 @@ class Arena:
         if used > st.peak:
             st.peak = used
         buf = st.buf
+        if buf is None:  # a zero-byte request before the role ever held memory: allocate nothing
+            buf = self._alloc(0)
         out = []
         for (rows, width, dtype), off in zip(specs, offsets):
             n = rows * width * dtype.itemsize
-            out.append(buf[off:off + n].view(dtype).reshape(rows, width))
+            if n or not multi:
+                out.append(buf[off:off + n].view(dtype).reshape(rows, width))
+            else:  # numpy moves an empty slice to the buffer start; slice a non-empty one instead
+                out.append(buf[off:off + dtype.itemsize].view(dtype)[:0].reshape(rows, width))
         return out
 
     def view(self, role, rows, width, dtype):

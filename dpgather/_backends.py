@@ -126,7 +126,7 @@ class CudaBackend:
         self.xp = cupy
         self.tp = NcclCommunicator(mpi_comm, timeout_s=timeout_s)
         self.device = cupy.cuda.Device()
-        self._copy = _cuda.copy_rows
+        self._copy = _cuda.copy_rows_unchecked
         self._mask = _cuda.mask_rows
         self._ring = []
         self._slot = 0

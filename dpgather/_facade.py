@@ -132,6 +132,16 @@ class DpAttention:
             from mpi4py import MPI
 
             comm = MPI.COMM_WORLD
+        self._mpi = comm
+        self._backend = None
+        self._attn = None
+        self._closed = False
+        self._runners = []
+        self._arena = None
+        # Agree first, on the raw arguments: a rank that raised on its own before this collective
+        # would leave the others blocked in it. Past it, every rank validates identical values.
+        self._check_config_agreement(attn_tp_size, hidden_size, dtype, backend, spec, policy,
+                                     graph_buckets, cost, strict)
         if isinstance(hidden_size, bool) or not isinstance(hidden_size, (int, np.integer)) or hidden_size <= 0:
             raise ConfigError(f"hidden_size must be a positive int, got {hidden_size!r}")
         try:
@@ -152,13 +162,10 @@ class DpAttention:
         self.attn_tp_rank = self.rank % A
         self.strict = bool(strict)
         self.timeout_s = timeout_s
-        self._mpi = comm
-        self._backend = None
-        self._attn = None
-        self._closed = False
-        self._runners = []
-        self._arena = None
-        self._check_config_agreement(backend, spec, policy, graph_buckets, max_tokens_per_rank)
+        if policy not in POLICIES:
+            raise ConfigError(f"policy must be one of {POLICIES}, got {policy!r}")
+        if spec is not None and not isinstance(spec, SpecConfig):
+            raise ConfigError(f"spec must be a dpgather.SpecConfig or None, got {spec!r}")
         self._backend = make_backend(backend, comm, timeout_s)
         self.backend = self._backend.name
         self._storage = self._backend.storage_dtype(self.dtype)
@@ -185,19 +192,24 @@ class DpAttention:
         _register_at_exit(self)
 
     # -- set-up ---------------------------------------------------------------------------
-    def _check_config_agreement(self, backend, spec, policy, graph_buckets, max_tokens):
+    def _check_config_agreement(self, attn_tp_size, hidden_size, dtype, backend, spec, policy,
+                                graph_buckets, cost, strict):
+        """One object all-gather of the (canonicalised, not yet validated) arguments."""
         import dpgather
 
         mine = {
             "version": dpgather.__version__,
-            "world_size": self.topology.world_size,
-            "attn_tp_size": self.topology.attn_tp_size,
-            "hidden_size": self.hidden_size,
-            "dtype": self.dtype,
-            "backend": backend,
+            "world_size": self._mpi.Get_size(),
+            "attn_tp_size": _canon(_as_int, attn_tp_size),
+            "hidden_size": _canon(_as_int, hidden_size),
+            "dtype": _canon(normalize_dtype, dtype),
+            "backend": repr(backend),
             "spec": repr(spec),
-            "policy": policy,
-            "graph_buckets": repr(tuple(sorted(graph_buckets)) if _iterable(graph_buckets) else graph_buckets),
+            "policy": repr(policy),
+            "graph_buckets": _canon(lambda b: tuple(sorted(int(v) for v in b)), graph_buckets),
+            # "auto" plans depend on the cost model: ranks must plan alike
+            "cost": _canon(lambda c: (CostModel() if c is None else c).to_dict(), cost),
+            "strict": repr(bool(strict)),  # strict mode adds a collective to every call
         }
         everyone = self._mpi.allgather(mine)
         diffs = []
@@ -210,10 +222,6 @@ class DpAttention:
         if diffs:
             raise ConfigError("ranks were configured differently: " + " | ".join(diffs)
                               + ". Every rank must construct DpAttention with the same arguments")
-        if policy not in POLICIES:
-            raise ConfigError(f"policy must be one of {POLICIES}, got {policy!r}")
-        if spec is not None and not isinstance(spec, SpecConfig):
-            raise ConfigError(f"spec must be a dpgather.SpecConfig or None, got {spec!r}")
 
     def _preallocate(self, tokens):
         D, A, H = self.topology.dp_size, self.topology.attn_tp_size, self.hidden_size
@@ -246,18 +254,24 @@ class DpAttention:
             CollectiveTimeout: some rank did not reach ``sync`` within ``timeout_s``.
         """
         self._check_open()
-        if not isinstance(batch, LocalBatch):
-            rec = self._record
-            rec[:] = 0  # an invalid record: every rank then raises in plan_table
-            self._tp.allgather_record(rec, self._table)
-            raise InputError(f"batch must be a dpgather.LocalBatch, got {batch!r}")
+        error = None
         try:
+            if not isinstance(batch, LocalBatch):
+                raise InputError(f"batch must be a dpgather.LocalBatch, got {batch!r}")
             self.planner.record(batch, out=self._record)
-        except Exception:
-            self._record[:] = 0
-            self._tp.allgather_record(self._record, self._table)
-            raise
+        except Exception as e:
+            error = e
+            self._record[:] = 0  # magic 0 marks "this rank's batch failed"; field 1 says how
+            self._record[1] = 2 if isinstance(e, ConfigError) else 1
         self._tp.allgather_record(self._record, self._table)
+        failed = np.flatnonzero(self._table[:, 0] == 0)
+        if failed.size:  # every rank sees it: share the message, raise the same class everywhere
+            msgs = self._mpi.allgather(None if error is None else f"{type(error).__name__}: {error}")
+            if error is not None:
+                raise error
+            cls = ConfigError if (self._table[failed, 1] == 2).any() else InputError
+            raise cls(f"rank(s) {failed.tolist()} passed an invalid batch to sync(); nothing was planned. "
+                      f"rank {failed[0]}: {msgs[failed[0]]}")
         plan = self.planner.plan_table(self._table)
         self._prepare(plan)
         return plan
@@ -329,12 +343,15 @@ class DpAttention:
         self._chk[0] = _OK if error is None else _BAD_INPUT
         self._chk[1] = self.rank
         self._tp.allgather_record(self._chk, self._chk_table)
+        bad = np.flatnonzero(self._chk_table[:, 0])
+        if not bad.size:
+            return
+        # every rank is here (all saw the same table): share the offending ranks' messages
+        msgs = self._mpi.allgather(None if error is None else str(error))
         if error is not None:
             raise error
-        bad = np.flatnonzero(self._chk_table[:, 0])
-        if bad.size:
-            raise InputError(f"rank(s) {bad.tolist()} passed invalid arguments to this call (see their "
-                             f"error); nothing was written on any rank")
+        raise InputError(f"rank(s) {bad.tolist()} passed invalid arguments to this call; nothing was "
+                         f"written on any rank. rank {bad[0]}: {msgs[bad[0]]}")
 
     def _validated(self, fn):
         try:
@@ -701,12 +718,18 @@ def _register_at_exit(dp):
         _HOOKED = True
 
 
-def _iterable(x):
+def _as_int(v):
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+        raise TypeError(v)
+    return int(v)
+
+
+def _canon(fn, value):
+    """``repr(fn(value))``, or a marker naming the raw value when ``fn`` rejects it."""
     try:
-        iter(x)
-        return True
-    except TypeError:
-        return False
+        return repr(fn(value))
+    except Exception:
+        return f"invalid {value!r}"
 
 
 def _overlap(be, a, b):

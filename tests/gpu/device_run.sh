@@ -21,7 +21,7 @@ note "# $(date -u +%FT%TZ) $(nvidia-smi --query-gpu=name --format=csv,noheader |
 for p in $phases; do case $p in
 build)
   run build 300 bash -c 'make build VENV=none || (python3 -m pip install --no-build-isolation --no-deps -e . && python3 setup.py -q build_ext --inplace)'
-  python3 -c "import dpgather, cupy; print(dpgather.__version__, cupy.__version__, cupy.cuda.nccl.get_version())" >> "$summary" 2>&1 ;;
+  python3 -c "import dpgather, cupy, cupy.cuda.nccl; print(dpgather.__version__, cupy.__version__, cupy.cuda.nccl.get_version())" >> "$summary" 2>&1 ;;
 selftest)
   run cuda_compile 200 python3 -m pytest -q -rs tests/test_cuda_compile.py
   run gpu_selftest 300 python3 tests/gpu/gpu_selftest.py

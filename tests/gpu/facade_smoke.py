@@ -152,12 +152,12 @@ for A in [a for a in range(1, T + 1) if T % a == 0]:
         buckets = (A * 2, A * 8, A * 32)
         dp = dg.DpAttention(comm, attn_tp_size=A, hidden_size=H, dtype=args.dtype, backend=args.backend,
                             graph_buckets=buckets, spec=spec)
-        Wn = (np.random.default_rng(3).standard_normal((H, H)) / np.sqrt(H)).astype(np.float32)
-        if args.backend == "cuda" and args.dtype == "float32":
-            W = xp.asarray(Wn)
-            fn = lambda G: G @ W  # noqa: E731
+        # No cuBLAS here: CuPy refuses cuBLAS calls during stream capture (NotImplementedError);
+        # bfloat16 travels as uint16 storage, so its stand-in MLP is a bit-exact copy.
+        if args.dtype in ("float32", "float16"):
+            fn = lambda G: G * 1.5 + 0.25  # noqa: E731
         else:
-            fn = lambda G: G * 2  # noqa: E731
+            fn = lambda G: G + 0  # noqa: E731
         for contrib in ("replicate", "partial"):
             runner = dp.graph_runner(fn, contribution=contrib, reduce=True)
             for step in range(12):

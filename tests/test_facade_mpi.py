@@ -1,0 +1,83 @@
+"""DpAttention (host backend) under ``mpiexec -n T``: scenarios in ``tests/mpi/facade_scenarios.py``.
+
+- ``matrix``: every divisor A of T x every policy x graph buckets off/on x dtype, every forward
+  mode mixed per replica; every row of every output of sync / gather / scatter / gather_logits /
+  scatter_logits / mask_topk_ids checked against a NumPy reference built from all ranks' inputs.
+  Split per T and dtype so one ``mpiexec`` run stays well under a minute on a 2-core box.
+- ``soak``: 200 random steps (T=4; fewer at T=8 oversubscribed): rows checked every step, no arena
+  allocation in the second half (after a max-size warm-up step, or with ``max_tokens_per_rank``).
+- ``badinput``: a bad argument on one rank raises the named error on every rank, writes nothing,
+  and the next valid step works (call arguments, and constructor arguments).
+
+Every run has a hard time limit (``mpi_harness.run_mpi``): a hang fails the test. Every rank
+prints ``FACADE_OK rank=r/T``; failures print one ``FAIL rank=...`` line each.
+"""
+
+import re
+
+import pytest
+
+from mpi_harness import MPI_SCRIPTS, check_mpi, needs_mpiexec
+
+SCRIPT = MPI_SCRIPTS / "facade_scenarios.py"
+
+pytestmark = [pytest.mark.mpi, needs_mpiexec]
+
+
+def _run(nprocs, *argv, timeout=150):
+    res = check_mpi([SCRIPT, *map(str, argv)], nprocs, timeout=timeout, markers="FACADE_OK")
+    summary = [ln for ln in res.stdout.splitlines() if ln.startswith(f"FACADE_OK rank=0/{nprocs}")]
+    print(summary[0] if summary else res.stdout[-500:])
+    return res
+
+
+# (T, dtypes): T=1 and T=2 are cheap; T=3 and T=4 are split so each run stays short.
+MATRIX = [
+    (1, "float32,float16,bfloat16,int32"),
+    (2, "float32,float16,bfloat16,int32"),
+    (3, "float32,int32"),
+    (3, "float16,bfloat16"),
+    (4, "float32"),
+    (4, "float16"),
+    (4, "bfloat16"),
+    (4, "int32"),
+]
+
+
+@pytest.mark.parametrize("nprocs,dtypes", MATRIX, ids=[f"T{t}-{d.replace(',', '+')}" for t, d in MATRIX])
+def test_matrix(nprocs, dtypes):
+    res = _run(nprocs, "matrix", "--dtypes", dtypes, "--seed", 1000 + nprocs)
+    # every configuration of the split ran its 10 steps (divisors x 5 policies x graph off/on)
+    ndiv = sum(1 for a in range(1, nprocs + 1) if nprocs % a == 0)
+    m = re.search(rf"FACADE_OK rank=0/{nprocs} matrix .*configs=(\d+) steps=(\d+)", res.stdout)
+    assert m and int(m.group(1)) == ndiv * 5 * 2 * len(dtypes.split(",")), res.stdout[-2000:]
+
+
+def test_matrix_T8_oversubscribed():
+    # 8 ranks on 2 cores: every divisor A (1, 2, 4, 8), three policies, bfloat16
+    _run(8, "matrix", "--dtypes", "bfloat16", "--policies", "auto,sglang,varlen", "--steps", "10",
+         "--seed", 8008)
+
+
+SOAK = [
+    # (T, argv): the max-size warm-up and the max_tokens_per_rank preallocation, with and
+    # without graph buckets; A fixed per run (random divisor from the seed at T=8)
+    (4, ("--A-soak", 2, "--prealloc", 0, "--graph", 0, "--dtypes", "bfloat16")),
+    (4, ("--A-soak", 1, "--prealloc", 1, "--graph", 1, "--dtypes", "float16")),
+    (8, ("--steps", 100, "--prealloc", 0, "--graph", 1, "--dtypes", "bfloat16", "--seed", 88)),
+    (8, ("--steps", 100, "--prealloc", 1, "--graph", 0, "--dtypes", "float32", "--seed", 7)),
+]
+
+
+@pytest.mark.parametrize("nprocs,argv", SOAK, ids=[f"T{t}-" + "-".join(map(str, a[:4])) for t, a in SOAK])
+def test_soak(nprocs, argv):
+    res = _run(nprocs, "soak", "--hidden", 8, "--check-every", 4, *argv)
+    assert "allocations=" in res.stdout
+
+
+@pytest.mark.parametrize("nprocs", [2, 4])
+@pytest.mark.parametrize("part", ["data", "config"])
+def test_badinput(nprocs, part):
+    # --timeout: a desynchronised rank turns into CollectiveTimeout (a failure) well before the
+    # harness deadline
+    _run(nprocs, "badinput", "--part", part, "--timeout", 10, timeout=90)
