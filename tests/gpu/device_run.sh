@@ -32,6 +32,8 @@ facade)
   run facade_bf16 400 $MPI -n "$NG" python3 tests/gpu/facade_smoke.py --backend cuda --dtype bfloat16 --graphs ;;
 test)
   run make_test 580 make test VENV=none ;;
+sanitize)
+  run sanitizer 300 compute-sanitizer --tool memcheck --error-exitcode 9 python3 tests/gpu/sanitize_replay.py ;;
 bench)
   run copy_bench 300 python3 bench/copy_bench.py --json "$OUT/copy_bench.json"
   [ -f bench/collective_bench.py ] && run collective_bench 400 $MPI -n "$NG" python3 bench/collective_bench.py --json "$OUT/collective_bench.json"

@@ -1,0 +1,68 @@
+"""CUDA backend tests: run only where CuPy sees GPUs (one rank per GPU); skipped with a reason on CPU CI.
+
+They drive the GPU scripts of ``tests/gpu/`` (kernels against NumPy twins, every NCCL
+collective, the whole DpAttention data plane incl. graph replay == eager, and prompt exit after
+a captured NCCL graph) under ``mpirun`` with a hard time limit each.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mpi_harness import check_mpi, find_mpiexec
+
+GPU_DIR = Path(__file__).parent / "gpu"
+
+
+def _gpu_count():
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount()
+    except Exception:
+        return 0
+
+
+NGPU = _gpu_count()
+LIMIT = int(os.environ.get("DPGATHER_TEST_GPU_LIMIT", NGPU))
+NGPU = min(NGPU, LIMIT)
+ENV = {"NCCL_NVLS_ENABLE": "0", "PYTHONUNBUFFERED": "1"}
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(NGPU < 1, reason="no GPU visible to CuPy (CUDA backend tests run on GPU nodes only)"),
+]
+
+
+def _ranks():
+    return [t for t in (2, 4, 8) if t <= NGPU] or [1]
+
+
+def test_kernels_against_numpy_twins():
+    res = subprocess.run([sys.executable, str(GPU_DIR / "gpu_selftest.py")], capture_output=True,
+                         text=True, timeout=600, env={**os.environ, **ENV})
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert " 0 failed" in res.stdout
+
+
+@pytest.mark.skipif(find_mpiexec() is None, reason="no mpirun/mpiexec on PATH")
+@pytest.mark.parametrize("nranks", _ranks())
+def test_nccl_collectives(nranks):
+    check_mpi([str(GPU_DIR / "nccl_selftest.py")], nranks, timeout=400, env=ENV)
+
+
+@pytest.mark.skipif(find_mpiexec() is None, reason="no mpirun/mpiexec on PATH")
+@pytest.mark.parametrize("nranks", _ranks())
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_facade_cuda(nranks, dtype):
+    res = check_mpi([str(GPU_DIR / "facade_smoke.py"), "--backend", "cuda", "--dtype", dtype, "--graphs"],
+                    nranks, timeout=500, env=ENV)
+    assert " 0 failed" in res.stdout
+
+
+@pytest.mark.skipif(find_mpiexec() is None, reason="no mpirun/mpiexec on PATH")
+def test_process_exits_after_captured_nccl_graph():
+    check_mpi([str(GPU_DIR / "nccl_selftest.py"), "--exit-hazard"], _ranks()[-1], timeout=120, env=ENV)
