@@ -19,6 +19,7 @@ import numpy as np
 
 from dpgather.core import (
     POLICIES,
+    CollectiveTimeout,
     ConfigError,
     CostModel,
     InputError,
@@ -86,6 +87,23 @@ class _Layout:
         desc[b + 4 * _ZTAIL: b + 4 * _ZTAIL + 4] = (0, 0, n, _BIG)
 
 
+class _Guard:
+    """Context manager: a ``CollectiveTimeout`` inside aborts the DpAttention, then propagates."""
+
+    __slots__ = ("dp", "op")
+
+    def __init__(self, dp, op):
+        self.dp, self.op = dp, op
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, typ, exc, tb):
+        if typ is not None and issubclass(typ, CollectiveTimeout):
+            self.dp.abort(f"{self.op} timed out ({exc})")
+        return False
+
+
 class _Step:
     """Everything one plan needs on this rank: layouts and the uploaded descriptor."""
 
@@ -136,6 +154,7 @@ class DpAttention:
         self._backend = None
         self._attn = None
         self._closed = False
+        self._aborted = None
         self._runners = []
         self._arena = None
         # Agree first, on the raw arguments: a rank that raised on its own before this collective
@@ -263,7 +282,8 @@ class DpAttention:
             error = e
             self._record[:] = 0  # magic 0 marks "this rank's batch failed"; field 1 says how
             self._record[1] = 2 if isinstance(e, ConfigError) else 1
-        self._tp.allgather_record(self._record, self._table)
+        with self._guard("sync"):
+            self._tp.allgather_record(self._record, self._table)
         failed = np.flatnonzero(self._table[:, 0] == 0)
         if failed.size:  # every rank sees it: share the message, raise the same class everywhere
             msgs = self._mpi.allgather(None if error is None else f"{type(error).__name__}: {error}")
@@ -310,8 +330,41 @@ class DpAttention:
 
     # -- input checks ---------------------------------------------------------------------
     def _check_open(self):
+        if self._aborted is not None:
+            raise CollectiveTimeout(f"this DpAttention was aborted after {self._aborted}; every rank must "
+                                    f"create a new one (and new communicators) to continue")
         if self._closed:
             raise InputError("this DpAttention is closed; create a new one")
+
+    def abort(self, reason="abort() was called"):
+        """Abort the communicators (NCCL: ``ncclCommAbort``, freeing kernels stuck on a lost peer)
+        and refuse further use. Local: it never kills the process. Called automatically when a
+        collective or the sync times out."""
+        if self._aborted is None:
+            self._aborted = reason
+        for comm in (self._attn, self._tp if self._backend is not None else None):
+            if comm is not None:
+                try:
+                    comm.abort()
+                except Exception:
+                    pass
+
+    def wait(self):
+        """Block until this rank's enqueued work has finished, within ``timeout_s``.
+
+        CUDA backend: polls an event on the current stream together with NCCL's async error
+        state; on timeout the communicators are aborted and ``CollectiveTimeout`` raised. Host
+        backend: collectives are already complete when they return; this is a no-op. Not needed
+        for correctness (stream order is kept); call it at a step boundary to bound device hangs.
+        """
+        self._check_open()
+        waiter = getattr(self._tp, "wait", None)
+        if waiter is not None and self._backend.name == "cuda":
+            with self._guard("wait"):
+                waiter()
+
+    def _guard(self, op):
+        return _Guard(self, op)
 
     def _rows(self, x, name, width, logical=None):
         """Validate a caller's 2-D row array; returns it as a backend array (no copy)."""
@@ -342,7 +395,8 @@ class DpAttention:
             return
         self._chk[0] = _OK if error is None else _BAD_INPUT
         self._chk[1] = self.rank
-        self._tp.allgather_record(self._chk, self._chk_table)
+        with self._guard("the input check"):
+            self._tp.allgather_record(self._chk, self._chk_table)
         bad = np.flatnonzero(self._chk_table[:, 0])
         if not bad.size:
             return
@@ -388,7 +442,8 @@ class DpAttention:
             return st, xr
 
         st, xr = self._validated(check)
-        return self._gather_into(self._arena, xr, st, st.hidden, contribution == "partial")
+        with self._guard("gather"):
+            return self._gather_into(self._arena, xr, st, st.hidden, contribution == "partial")
 
     def gather_logits(self, h, plan):
         """Replicate-gather the rows that reach the LM head over the logits layout.
@@ -409,7 +464,8 @@ class DpAttention:
             return st, hr
 
         st, hr = self._validated(check)
-        return self._gather_into(self._arena, hr, st, st.logits, False, "logits")
+        with self._guard("gather_logits"):
+            return self._gather_into(self._arena, hr, st, st.logits, False, "logits")
 
     def _gather_into(self, arena, x, st, L, partial, role="gathered"):
         """The gather algorithm (DESIGN mode table) on ``arena``'s buffers; see :meth:`gather`."""
@@ -500,7 +556,8 @@ class DpAttention:
             return st, Yr, o
 
         st, Yr, o = self._validated(check)
-        return self._scatter_into(self._arena, Yr, st, st.hidden, bool(reduce), o)
+        with self._guard("scatter"):
+            return self._scatter_into(self._arena, Yr, st, st.hidden, bool(reduce), o)
 
     def scatter_logits(self, L_rows, plan, out=None):
         """Copy this replica's logits rows out of the gathered logits (no collective).
