@@ -1,0 +1,576 @@
+"""The ``dpgather`` command line (also ``python -m dpgather`` / ``python -m dpgather.cli``).
+
+Subcommands: ``run`` (what ``make run`` does), ``replay``, ``plans``, ``info``, ``bench``,
+``bench-sync`` and ``calibrate``; ``dpgather COMMAND --help`` explains each. Importing this
+module imports neither MPI nor CuPy: each subcommand loads what it needs.
+"""
+
+import argparse
+import importlib.util
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["main", "find_mpiexec", "launch_env"]
+
+_REPO = Path(__file__).resolve().parent.parent
+
+_EPILOG = """\
+examples:
+  make run                                   # = dpgather run --np 4: replay the built-in trace, verified
+  dpgather run --np 2 --policy varlen        # extra flags go to `replay`
+  mpirun -n 4 dpgather replay --synthetic eagle --verify --out runs/eagle
+  mpirun -n 8 dpgather replay --trace my.jsonl --attn-tp 2 --policy all --out runs/mine
+  dpgather plans                             # layouts of a short multi-replica scenario
+  dpgather plans --synthetic eagle --steps 12 --policy sglang
+  dpgather info                              # backend, devices, MPI and NCCL versions
+  dpgather bench-sync --np 4                 # per-step sync latency
+
+Traces are JSON Lines, one step per line (docs/traces.md). Exit codes: 0 ok, 1 a verification
+failed, 2 invalid options or trace, 3 a rank crashed, 124 the time limit of `run` expired.
+"""
+
+#: One-box MPICH settings (no ssh, loopback, yielding progress for oversubscribed ranks).
+_MPICH_ENV = {
+    "HYDRA_LAUNCHER": "fork",
+    "MPIR_CVAR_CH3_INTERFACE_HOSTNAME": "127.0.0.1",
+    "FI_PROVIDER": "tcp",
+    "MPIR_CVAR_POLLS_BEFORE_YIELD": "1",
+}
+_OMPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+def find_mpiexec():
+    """``mpiexec`` (or ``mpirun``) next to ``sys.executable`` first, then on ``PATH``; or None."""
+    here = Path(sys.executable).parent
+    for name in ("mpiexec", "mpirun"):
+        cand = here / name
+        if cand.is_file() and os.access(cand, os.X_OK):
+            return str(cand)
+    for name in ("mpiexec", "mpirun"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+def _mpi_flavor(mpiexec):
+    """``"openmpi"``, ``"mpich"`` or ``"unknown"`` from ``mpiexec --version``."""
+    try:
+        out = subprocess.run([mpiexec, "--version"], capture_output=True, text=True, timeout=15)
+        text = (out.stdout + out.stderr).lower()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    if "open mpi" in text or "openrte" in text or "open-mpi" in text:
+        return "openmpi"
+    if "hydra" in text or "mpich" in text:
+        return "mpich"
+    return "unknown"
+
+
+def launch_env(flavor, timeout=None):
+    """The environment and extra launcher flags for one-box runs of ``flavor``."""
+    env = dict(os.environ)
+    flags = []
+    if flavor == "openmpi":
+        env.update(_OMPI_ENV)
+        flags += ["--oversubscribe", "--bind-to", "none"]
+    else:
+        env.update(_MPICH_ENV)
+        if timeout:
+            env["MPIEXEC_TIMEOUT"] = str(max(1, int(timeout)))
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env.setdefault(var, "1")  # one BLAS thread per rank: ranks already fill the cores
+    env["NCCL_NVLS_ENABLE"] = "0"
+    env["PYTHONUNBUFFERED"] = "1"
+    return env, flags
+
+
+def _gpu_count():
+    """GPUs CuPy sees (0 without CuPy or a driver); never raises."""
+    if importlib.util.find_spec("cupy") is None:
+        return 0
+    try:
+        import cupy
+
+        return int(cupy.cuda.runtime.getDeviceCount())
+    except Exception:
+        return 0
+
+
+def _launch(np_, pyargs, timeout):
+    """Run ``mpiexec -n NP python PYARGS`` in its own process group under a hard time limit.
+
+    stdout/stderr are inherited, so output streams live. Returns the exit code (124 when the
+    limit expired, 127 without mpiexec).
+    """
+    mpiexec = find_mpiexec()
+    if mpiexec is None:
+        print("dpgather: no mpiexec next to the Python interpreter or on PATH; install MPICH "
+              "(`pip install mpich mpi4py`) or Open MPI", file=sys.stderr)
+        if pyargs[:3] == ["-m", "dpgather.cli", "replay"]:
+            print("dpgather: running the replay in this process instead (1 rank, no communication)",
+                  file=sys.stderr, flush=True)
+            return main(pyargs[2:])
+        return 127
+    flavor = _mpi_flavor(mpiexec)
+    env, flags = launch_env(flavor, timeout)
+    cmd = [mpiexec, *flags, "-n", str(np_), sys.executable, *pyargs]
+    print("$ " + " ".join(cmd), flush=True)
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    try:
+        return proc.wait(timeout=timeout + 10 if timeout else None)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        print(f"dpgather: the run did not finish within {timeout} s and was stopped", file=sys.stderr)
+        return 124
+    except KeyboardInterrupt:
+        _kill_group(proc)
+        return 130
+
+
+def _kill_group(proc):
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=3)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _positive_int(text):
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+# -- subcommands --------------------------------------------------------------------------------
+
+def _add_trace_args(p, default_synthetic):
+    from dpgather.traces import GENERATORS
+
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--trace", metavar="FILE", help="JSON Lines trace file (docs/traces.md)")
+    src.add_argument("--synthetic", metavar="NAME", default=default_synthetic,
+                     choices=sorted(GENERATORS),
+                     help=f"built-in seeded trace: {', '.join(sorted(GENERATORS))} (default: %(default)s)")
+    p.add_argument("--steps", type=_positive_int, help="replay only the first N steps")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic trace and the row data (default: 0)")
+    p.add_argument("--graph-buckets", default="default", metavar="LIST",
+                   help="per-replica graph capacities in tokens: 'default' (1,2,4,...,256 rounded up "
+                        "to multiples of --attn-tp), 'none', or e.g. '8,16,32'")
+    p.add_argument("--attn-tp", type=_positive_int, default=1, metavar="A",
+                   help="ranks per DP replica (must divide the number of ranks; default: 1)")
+
+
+def _cmd_replay(ns):
+    from dpgather.replay import ReplayConfig, replay
+
+    return replay(ReplayConfig.from_args(ns))
+
+
+def _cmd_run(ns, extra):
+    gpus = _gpu_count()
+    np_ = ns.np or 4
+    backend = []
+    if gpus and "--backend" not in extra:
+        if ns.np and ns.np != gpus:
+            print(f"note: {gpus} GPU(s) found: running one rank per GPU (--np {ns.np} ignored)")
+        np_ = gpus
+        backend = ["--backend", "cuda"]
+    out = ns.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+    progress = ["--progress", "on"] if sys.stderr.isatty() and "--progress" not in extra else []
+    source = [] if {"--trace", "--synthetic"} & {a.split("=")[0] for a in extra} else ["--synthetic", "mixed"]
+    pyargs = ["-m", "dpgather.cli", "replay", *source, "--verify", "--out", out,
+              *backend, *progress, *extra]
+    print(f"dpgather run: replaying a multi-replica serving trace on {np_} ranks "
+          f"({'CUDA, one GPU per rank' if backend else 'host backend: NumPy + Numba + MPI'}), "
+          f"time limit {ns.timeout:.0f} s", flush=True)
+    t0 = time.perf_counter()
+    rc = _launch(np_, pyargs, ns.timeout)
+    dt = time.perf_counter() - t0
+    if rc == 0:
+        latest = Path("runs") / "latest"
+        try:
+            if Path(out).parent == Path("runs"):
+                if latest.is_symlink() or latest.exists():
+                    latest.unlink()
+                latest.symlink_to(Path(out).name)
+        except OSError:
+            pass
+        print(f"\ndone in {dt:.1f} s. Open {os.path.join(out, 'memory.png')} and "
+              f"{os.path.join(out, 'rows.png')}; every number is in {os.path.join(out, 'report.json')}.")
+    elif rc == 1 and _report_failed(out):
+        print(f"\nverification FAILED (exit 1) after {dt:.1f} s; details in {os.path.join(out, 'report.json')}",
+              file=sys.stderr)
+    else:
+        print(f"\ndpgather run failed with exit code {rc} after {dt:.1f} s", file=sys.stderr)
+    return rc
+
+
+def _report_failed(out):
+    import json
+
+    try:
+        with open(os.path.join(out, "report.json")) as f:
+            return json.load(f).get("ok") is False
+    except (OSError, ValueError):
+        return False
+
+
+_ABBR = {"IDLE": "idle", "DECODE": "dec", "EXTEND": "ext", "TARGET_VERIFY": "verify",
+         "DRAFT_DECODE": "draft", "DRAFT_EXTEND": "dext"}
+
+
+def _scenario(D):
+    """The built-in multi-replica scenario of ``dpgather plans`` (one ReplicaStep per replica)."""
+    from dpgather.core import ForwardMode as M
+    from dpgather.traces import DEFAULT_SPEC, ReplicaStep as R, Trace
+
+    def row(*reps):
+        reps = list(reps)[:D]
+        while len(reps) < D:
+            reps.append(reps[len(reps) % max(1, len(reps))] if reps else R(M.IDLE))
+        return tuple(reps)
+
+    dec = lambda b, g=True: R(M.DECODE, b, can_run_graph=g)
+    steps = [
+        row(dec(24), dec(31), dec(28), dec(30)),                                      # balanced decode
+        row(dec(8), dec(5), R(M.IDLE), dec(7)),                                       # an idle replica
+        row(dec(200), dec(3), dec(2), dec(4)),                                        # skewed, graph
+        row(dec(200, False), dec(3), dec(2), dec(4)),                                 # skewed, eager
+        row(R(M.EXTEND, 1, 512), dec(12), dec(9), dec(14)),                           # prefill chunk
+        row(R(M.EXTEND, 3, 301, 40), dec(12), R(M.IDLE), dec(14)),                    # last chunk
+        row(R(M.DRAFT_DECODE, 8, can_run_graph=True), R(M.DRAFT_DECODE, 5, can_run_graph=True),
+            R(M.IDLE), R(M.DRAFT_DECODE, 7, can_run_graph=True)),                      # EAGLE draft
+        row(R(M.TARGET_VERIFY, 8, can_run_graph=True), R(M.TARGET_VERIFY, 5, can_run_graph=True),
+            R(M.IDLE), R(M.TARGET_VERIFY, 7, can_run_graph=True)),                     # verify
+        row(R(M.DRAFT_EXTEND, 8, can_run_graph=True, accept=(3, 3, 2, 3, 1, 3, 3, 0)),
+            R(M.DRAFT_EXTEND, 5, can_run_graph=True, accept=(3, 2, 3, 3, 3)), R(M.IDLE),
+            R(M.DRAFT_EXTEND, 7, can_run_graph=True, accept=(3, 3, 3, 1, 2, 3, 3))),   # draft extend
+        row(R(M.TARGET_VERIFY, 80, can_run_graph=True), R(M.TARGET_VERIFY, 5, can_run_graph=True),
+            R(M.IDLE), R(M.TARGET_VERIFY, 7, can_run_graph=True)),                     # too big for graphs
+        row(R(M.IDLE), R(M.IDLE), R(M.IDLE), R(M.IDLE)),                               # nobody runs
+    ]
+    return Trace(D, DEFAULT_SPEC, steps, list(range(len(steps))), "built-in scenario")
+
+
+def _cmd_plans(ns):
+    import dpgather as dg
+    from dpgather.replay import _table, parse_buckets
+    from dpgather.traces import load_trace, synthetic
+
+    A = ns.attn_tp
+    try:
+        if ns.trace:
+            trace = load_trace(ns.trace)
+        elif ns.synthetic:
+            trace = synthetic(ns.synthetic, dp_size=ns.dp, seed=ns.seed, steps=ns.steps)
+        else:
+            trace = _scenario(ns.dp)
+        trace = trace.head(ns.steps)
+        topo = dg.Topology(trace.dp_size * A, A)
+        buckets = parse_buckets(ns.graph_buckets, A)
+        cost = dg.CostModel(mlp_row_us=ns.mlp_row_us)
+        policies = ("auto", "sglang", "max_len", "sum_len", "varlen") if ns.policy == "all" else (ns.policy,)
+        compare = [p for p in policies] + ([] if "sglang" in policies else ["sglang"])
+        rows = []
+        for sid, step in zip(trace.step_ids, trace.steps):
+            batches = [r.batch() for r in step]
+            counts = [r.counts(trace.spec) for r in step]
+            reps = " ".join(_abbr(r) for r in step)
+            cells = [sid, reps, ",".join(str(c[0]) for c in counts), ",".join(str(c[1]) for c in counts)]
+            for pol in compare:
+                p = dg.plan(batches, topo, spec=trace.spec, policy=pol, graph_buckets=buckets, cost=cost)
+                if p.skip:
+                    cells += ["skip", "-", 0, 0]
+                else:
+                    cells += [p.mode.name + ("*" if p.graph else ""), p.bucket or "-", p.gathered_rows,
+                              p.logits_rows]
+            rows.append(cells)
+    except dg.DpGatherError as e:
+        print(f"dpgather plans: error: {e}", file=sys.stderr)
+        return 2
+    head = ["step", "replicas (mode bs)", "tokens n", "logits l"]
+    for pol in compare:
+        head += [f"{pol}", "bucket", "rows", "logit rows"]
+    print(f"Plans of {trace.name}: D={trace.dp_size} replicas x attn_tp {A}, graph buckets "
+          f"{','.join(map(str, buckets)) or 'none'}"
+          + (f", EAGLE S={trace.spec.num_steps} topk={trace.spec.topk} N={trace.spec.num_draft_tokens}"
+             if trace.spec else "") + "\n")
+    print(_table(rows, head, left=(0, 1)))
+    print("\nmode* = graph replay (MAX_LEN slots of `bucket` rows); rows = gathered rows, "
+          "logit rows = logits gather rows; dext bs/real = draft extend with bs requests and "
+          "real accepted rows. `dpgather plans --help` for other traces and policies.")
+    return 0
+
+
+def _abbr(r):
+    name = _ABBR[r.mode.name]
+    if r.mode.name == "IDLE":
+        return name
+    if r.mode.name == "EXTEND":
+        return f"{name} {r.batch_size}/{r.extend_tokens}"
+    if r.mode.name == "DRAFT_EXTEND" and r.accept is not None:
+        return f"{name} {r.batch_size}/{sum(a + 1 for a in r.accept)}"
+    return f"{name} {r.batch_size}"
+
+
+def _cmd_info(ns):
+    import platform
+
+    import dpgather
+
+    lines = [f"dpgather {dpgather.__version__} (Python {platform.python_version()}, {sys.executable})"]
+    try:
+        import dpgather.core._planner  # noqa: F401
+        lines.append("planner:      built (dpgather.core._planner)")
+    except ImportError as e:
+        lines.append(f"planner:      NOT built ({e}); run `make build`")
+    gpus = _gpu_count()
+    if importlib.util.find_spec("cupy") is None:
+        lines.append("backend auto: host (CuPy is not installed)")
+        lines.append("devices:      CPU only")
+    else:
+        import warnings
+
+        warnings.filterwarnings("ignore", module="cupy")
+        import cupy
+
+        lines.append(f"backend auto: {'cuda' if gpus else 'host'} (CuPy {cupy.__version__} sees {gpus} GPU(s))")
+        names = []
+        for i in range(gpus):
+            try:
+                props = cupy.cuda.runtime.getDeviceProperties(i)
+                nm = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+                names.append(f"{i}: {nm}, {props['totalGlobalMem'] / 2**30:.0f} GiB")
+            except Exception as e:  # pragma: no cover - driver trouble
+                names.append(f"{i}: ? ({e})")
+        lines.append("devices:      " + ("; ".join(names) if names else "CPU only"))
+        try:
+            from cupy.cuda import nccl
+
+            if not getattr(nccl, "available", True) or not hasattr(nccl, "get_version"):
+                raise ImportError("CuPy cannot load libnccl.so.2")
+            v = nccl.get_version()
+            lines.append(f"NCCL:         {v // 10000}.{v // 100 % 100}.{v % 100}" if v >= 10000 else f"NCCL:         {v}")
+        except Exception as e:
+            lines.append(f"NCCL:         not available ({e}; pip install nvidia-nccl-cu12)")
+    if importlib.util.find_spec("mpi4py") is None:
+        lines.append("MPI:          mpi4py is not installed (pip install mpich mpi4py)")
+    else:
+        try:
+            import mpi4py
+
+            mpi4py.rc.initialize = False
+            mpi4py.rc.finalize = False
+            from mpi4py import MPI
+
+            lib = MPI.Get_library_version().strip().splitlines()[0]
+            lines.append(f"MPI:          {lib} (mpi4py {mpi4py.__version__}, MPI {'.'.join(map(str, MPI.Get_version()))})")
+        except Exception as e:
+            lines.append(f"MPI:          mpi4py fails to load: {e}")
+    mx = find_mpiexec()
+    lines.append(f"mpiexec:      {mx + ' (' + _mpi_flavor(mx) + ')' if mx else 'not found'}")
+    for mod in ("numpy", "numba", "ml_dtypes", "matplotlib", "tqdm"):
+        if importlib.util.find_spec(mod) is None:
+            lines.append(f"{mod + ':':13s} missing")
+        else:
+            try:
+                from importlib.metadata import version
+
+                lines.append(f"{mod + ':':13s} {version(mod)}")
+            except Exception:
+                lines.append(f"{mod + ':':13s} available")
+    print("\n".join(lines))
+    return 0
+
+
+def _cmd_bench(ns, extra):
+    script = _REPO / "bench" / "collective_bench.py"
+    gpus = _gpu_count()
+    if not gpus:
+        print("dpgather bench: the collective benchmarks need GPUs (CuPy + NCCL); none found here.\n"
+              "On this machine `make bench` runs the planner and sync benchmarks "
+              "(`dpgather bench-sync --np 4`).")
+        return 0
+    if not script.is_file():
+        print(f"dpgather bench: {script} is not in this checkout; it needs GPUs and ships with the "
+              f"repository (make bench).")
+        return 2
+    return _launch(ns.np or gpus, [str(script), *extra], ns.timeout)
+
+
+def _cmd_bench_sync(ns, extra):
+    script = _REPO / "bench" / "sync_bench.py"
+    if not script.is_file():
+        print(f"dpgather bench-sync: {script} is not in this checkout", file=sys.stderr)
+        return 2
+    return _launch(ns.np, [str(script), *extra], ns.timeout)
+
+
+def _cmd_calibrate(ns, extra):
+    if importlib.util.find_spec("dpgather._calibrate") is None:
+        print("dpgather calibrate: this build has no calibration module (dpgather/_calibrate.py).\n"
+              "Calibration measures the alpha-beta constants of the 'auto' policy's cost model on "
+              "the current GPUs (docs/cost-model.md); without it the built-in H100 constants apply.")
+        return 2
+    import dpgather
+
+    result = dpgather.calibrate(*extra) if extra else dpgather.calibrate()
+    if result is not None:
+        print(result)
+    return 0
+
+
+# -- parser -------------------------------------------------------------------------------------
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        prog="dpgather",
+        description="dpgather: exact, fast gathered buffers for data-parallel attention inference.\n"
+                    "Replay serving traces through the data plane, inspect plans, benchmark.",
+        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    import dpgather
+
+    p.add_argument("--version", action="version", version=f"dpgather {dpgather.__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    fmt = argparse.RawDescriptionHelpFormatter
+
+    r = sub.add_parser(
+        "run", help="what `make run` does: launch a verified replay of the built-in trace under mpiexec",
+        formatter_class=fmt, allow_abbrev=False,
+        description="Launch `mpiexec -n NP python -m dpgather.cli replay --synthetic mixed --verify "
+                    "--out runs/<timestamp>`\nwith one-box MPI settings and a time limit. On a GPU node "
+                    "NP is the number of GPUs and the\nbackend is CUDA. Any other flag is passed to "
+                    "`replay` (e.g. --policy varlen --steps 50).",
+        epilog="example:\n  dpgather run --np 4\n  dpgather run --np 2 --attn-tp 2 --synthetic eagle")
+    r.add_argument("--np", type=_positive_int, help="number of ranks (default: 4; GPUs on a GPU node)")
+    r.add_argument("--out", metavar="DIR", help="output folder (default: runs/<timestamp>)")
+    r.add_argument("--timeout", type=float, default=600.0, metavar="S",
+                   help="kill the run after S seconds (default: %(default)s)")
+
+    rp = sub.add_parser(
+        "replay", help="replay a trace step by step through the data plane (run under mpirun)",
+        formatter_class=fmt,
+        description="Every rank syncs, plans, gathers its replica's rows, runs a stand-in TP MLP, "
+                    "combines with\nscatter(reduce=True) and the LM-head rows with gather_logits / "
+                    "scatter_logits.\nWith --verify every row is checked against a NumPy reference. "
+                    "Rank 0 prints a table\nper policy next to SGLang's sizes before and after #8277, "
+                    "and --out writes report.json and plots.",
+        epilog="examples:\n  mpirun -n 4 dpgather replay --synthetic mixed --verify --out runs/demo\n"
+               "  mpirun -n 8 dpgather replay --trace t.jsonl --attn-tp 2 --policy auto,varlen\n"
+               "  dpgather replay --synthetic eagle --steps 20     # one process: T=1, no communication")
+    _add_trace_args(rp, "mixed")
+    rp.add_argument("--hidden", type=_positive_int, help="hidden size H (default: 256 on host, 2048 on cuda; 7168 = DeepSeek-V3)")
+    rp.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="(default: bf16)")
+    rp.add_argument("--policy", default="all",
+                    help="auto, sglang, max_len, sum_len, varlen, a comma-separated list, or 'all' (default)")
+    rp.add_argument("--backend", default="auto", choices=["auto", "host", "cuda"], help="(default: auto)")
+    rp.add_argument("--verify", action="store_true", help="check every row against a NumPy reference")
+    rp.add_argument("--out", metavar="DIR", help="write report.json and memory.png, rows.png, time.png here")
+    rp.add_argument("--progress", default="auto", choices=["auto", "on", "off"],
+                    help="progress bar on rank 0 (auto: when stderr is a terminal)")
+    rp.add_argument("--timeout", type=float, default=60.0, metavar="S",
+                    help="timeout_s of every collective (default: %(default)s)")
+    rp.add_argument("--mlp-row-us", type=float, default=0.3, metavar="US",
+                    help="predicted MLP time of one padding row, for the auto policy's cost model "
+                         "(default: %(default)s, a dense TP MLP at DeepSeek-V3 / Llama-70B scale on "
+                         "H100; 0 for an MoE that masks padding rows)")
+    rp.add_argument("--corrupt-step", type=int, help=argparse.SUPPRESS)  # test hook
+
+    pl = sub.add_parser(
+        "plans", help="print the plans of a short multi-replica scenario (no MPI needed)",
+        formatter_class=fmt,
+        description="Plan each step of a built-in scenario (or a trace) with dg.plan and print the "
+                    "layouts:\nper-replica modes, counts, padding mode, gathered rows, graph bucket; "
+                    "SGLang's choice alongside.",
+        epilog="examples:\n  dpgather plans\n  dpgather plans --policy all --attn-tp 2\n"
+               "  dpgather plans --synthetic prefill-burst --steps 10")
+    src = pl.add_mutually_exclusive_group()
+    from dpgather.traces import GENERATORS
+
+    src.add_argument("--trace", metavar="FILE", help="plan a JSON Lines trace instead")
+    src.add_argument("--synthetic", metavar="NAME", choices=sorted(GENERATORS),
+                     help=f"plan a synthetic trace: {', '.join(sorted(GENERATORS))}")
+    pl.add_argument("--steps", type=_positive_int, help="only the first N steps")
+    pl.add_argument("--seed", type=int, default=0)
+    pl.add_argument("--dp", type=_positive_int, default=4, help="replicas of the scenario (default: 4)")
+    pl.add_argument("--attn-tp", type=_positive_int, default=1, metavar="A")
+    pl.add_argument("--policy", default="auto",
+                    choices=["auto", "sglang", "max_len", "sum_len", "varlen", "all"])
+    pl.add_argument("--graph-buckets", default="default", metavar="LIST")
+    pl.add_argument("--mlp-row-us", type=float, default=0.3, metavar="US",
+                    help="MLP time of one padding row in the auto policy's cost model (default: %(default)s)")
+
+    sub.add_parser("info", help="backend, devices, MPI / NCCL versions, optional packages",
+                   description="What `backend='auto'` would pick here, the devices, the MPI library, "
+                               "NCCL (when CuPy has it) and the optional packages.")
+
+    b = sub.add_parser("bench", help="collective benchmarks on GPUs (bench/collective_bench.py)",
+                       description="Launch bench/collective_bench.py with one rank per GPU; extra "
+                                   "flags go to the script.")
+    b.add_argument("--np", type=_positive_int, help="ranks (default: number of GPUs)")
+    b.add_argument("--timeout", type=float, default=600.0, metavar="S")
+
+    bs = sub.add_parser("bench-sync", help="per-step sync latency under mpiexec (bench/sync_bench.py)",
+                        description="Launch bench/sync_bench.py under mpiexec -n NP; extra flags go "
+                                    "to the script (--iters, --attn-tp, --policy, --json).",
+                        epilog="example:\n  dpgather bench-sync --np 4 --iters 500", formatter_class=fmt)
+    bs.add_argument("--np", type=_positive_int, default=2, help="ranks (default: 2)")
+    bs.add_argument("--timeout", type=float, default=300.0, metavar="S")
+
+    sub.add_parser("calibrate", help="measure the cost model's constants on this machine's GPUs",
+                   description="Call dpgather.calibrate() (GPU nodes).")
+    return p
+
+
+_PASSTHROUGH = {"run", "bench", "bench-sync", "calibrate"}
+
+
+def main(argv=None):
+    """Entry point of the ``dpgather`` console script; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    ns, extra = parser.parse_known_args(argv)
+    if ns.command is None:
+        parser.print_help()
+        return 2
+    if extra and ns.command not in _PASSTHROUGH:
+        parser.parse_args(argv)  # reports the unknown flags and exits 2
+    if extra and extra[0] == "--":
+        extra = extra[1:]
+    if ns.command == "run":
+        return _cmd_run(ns, extra)
+    if ns.command == "replay":
+        return _cmd_replay(ns)
+    if ns.command == "plans":
+        return _cmd_plans(ns)
+    if ns.command == "info":
+        return _cmd_info(ns)
+    if ns.command == "bench":
+        return _cmd_bench(ns, extra)
+    if ns.command == "bench-sync":
+        return _cmd_bench_sync(ns, extra)
+    if ns.command == "calibrate":
+        return _cmd_calibrate(ns, extra)
+    parser.error(f"unknown command {ns.command!r}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
