@@ -429,12 +429,9 @@ def _cmd_calibrate(ns, extra):
               "Calibration measures the alpha-beta constants of the 'auto' policy's cost model on "
               "the current GPUs (docs/cost-model.md); without it the built-in H100 constants apply.")
         return 2
-    import dpgather
+    from dpgather._calibrate import main as calibrate_main
 
-    result = dpgather.calibrate(*extra) if extra else dpgather.calibrate()
-    if result is not None:
-        print(result)
-    return 0
+    return calibrate_main(list(extra)) or 0
 
 
 # -- parser -------------------------------------------------------------------------------------
@@ -535,7 +532,7 @@ def build_parser():
     bs.add_argument("--timeout", type=float, default=300.0, metavar="S")
 
     sub.add_parser("calibrate", help="measure the cost model's constants on this machine's GPUs",
-                   description="Call dpgather.calibrate() (GPU nodes).")
+                   description="Measure the cost model constants of policy='auto' and write them as JSON. Run under mpirun with one rank per GPU: `mpirun -n 4 dpgather calibrate --out cost.json`; load with dpgather.CostModel.load(path).")
     return p
 
 

@@ -1,0 +1,454 @@
+"""``dg.calibrate()``: measure the cost model's constants on this machine (docs/cost-model.md).
+
+Every rank of ``comm`` (the tp group, one GPU per rank) takes part. For each collective of
+:data:`~dpgather.core.cost.COLLECTIVES` it times several buffer sizes, fits ``(a0, a1, beta)`` of
+
+    t(P, B; k) = a0 + a1 * (k - 1) + B * f * (P - 1) / P / (beta * 1e3)      [us]
+
+by least squares on the *relative* error (each sample weighted by ``1 / t``), and returns a
+:class:`~dpgather.core.cost.CostModel` (also saved as JSON on rank 0 when ``out`` is given, with
+the card, rank count, date, NCCL/MPI version and the fit errors in ``meta``). ``a0`` and ``a1``
+are separated by varying ``k``: the native collectives run over the whole group (``k = P``) and
+over pairs of ranks (``k = 2``, when ``P >= 4`` is even), the v-collectives over the whole group
+with ``k = 1..P`` non-empty roots. ``copy_GBps`` comes from a device-to-device copy (bytes read +
+written). Each time is the median of ``reps`` repetitions of back-to-back calls, the maximum over
+ranks, so every rank fits the same samples and returns the same model.
+
+CUDA backend (CuPy sees a GPU on every rank): NCCL through :class:`~dpgather.dist.nccl.
+NcclCommunicator`, CUDA events. Host backend (anything else): the MPI host collectives of
+:class:`~dpgather.dist.host.MpiHostCommunicator` and ``time.perf_counter`` -- the constants then
+describe the host backend, which is what ``policy="auto"`` plans for there.
+
+Command line (what ``dpgather calibrate`` runs)::
+
+    mpirun -n 4 python -m dpgather._calibrate --out cost.json [--sizes 1,8,64,...] [--hidden 7168]
+        [--dtype bfloat16] [--backend auto|cuda|host] [--reps N]
+
+then ``DpAttention(..., cost=CostModel.load("cost.json"))``.
+"""
+
+import argparse
+import datetime
+import math
+import platform
+import statistics
+import sys
+import time
+
+import numpy as np
+
+from dpgather.core.cost import COLLECTIVES, CostModel, _DEFAULTS
+from dpgather.core.errors import ConfigError
+
+__all__ = ["calibrate", "fit_collective", "main", "DEFAULT_SIZES_CUDA", "DEFAULT_SIZES_HOST"]
+
+#: Rows (tokens) per rank timed by default: ``hidden`` elements each.
+DEFAULT_SIZES_CUDA = (1, 8, 64, 256, 1024, 4096, 16384)
+DEFAULT_SIZES_HOST = (1, 4, 16, 64)
+_ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4, "int32": 4, "int64": 8, "uint8": 1}
+_STORAGE = {"bfloat16": np.uint16, "float16": np.float16, "float32": np.float32, "int32": np.int32,
+            "int64": np.int64, "uint8": np.uint8}
+_TARGET_US = 1000.0  # aim of one repetition of back-to-back calls
+_KMAX = 32
+
+
+# -- fitting -------------------------------------------------------------------------------------
+
+def _factor(name):
+    return 2.0 if name == "all_reduce" else 1.0
+
+
+def _nnls_subsets(cols, names, t, target):
+    """Best non-negative weighted least-squares fit of ``target ~ sum coef_n * cols[n]`` (relative
+    error: rows weighted by ``1/t``) over the subsets of ``names`` held free (the others at 0).
+    Returns ``(coef dict, sum of squared relative errors)`` or ``(None, inf)``."""
+    w = 1.0 / t
+    best, best_err = None, float("inf")
+    for mask in range(1, 1 << len(names)):
+        free = [n for i, n in enumerate(names) if mask >> i & 1]
+        Amat = np.stack([cols[n] * w for n in free], axis=1)
+        sol, *_ = np.linalg.lstsq(Amat, target * w, rcond=None)
+        if not np.all(np.isfinite(sol)) or np.any(sol < 0):
+            continue
+        coef = dict(zip(free, sol.tolist()))
+        pred = sum(cols[n] * coef[n] for n in free)
+        err = float(np.sum(((pred - target) / t) ** 2))
+        if err < best_err:
+            best, best_err = coef, err
+    return best, best_err
+
+
+def fit_collective(name, samples, default=None):
+    """Fit ``(a0, a1, beta)`` of one collective to ``samples`` = ``[(P, k, B, t_us), ...]``.
+
+    Least squares on the relative error, with ``a0, a1 >= 0`` and ``beta > 0`` (the best of the
+    fits with each subset of the terms held at zero). When every sample has the same ``k``,
+    ``a0`` and ``a1`` cannot be told apart: their sum at that ``k`` is fitted and split in the
+    ratio of ``default``. When the bandwidth term is not identified -- no positive slope, or it
+    explains under 5 % of the largest sample's time (all sizes latency-bound) -- ``beta`` keeps
+    its default and the latency terms are refitted with it.
+
+    Returns ``((a0, a1, beta), {"n", "rel_err_min", "rel_err_max", "note"})``.
+    """
+    d0, d1, dbeta = default if default is not None else _DEFAULTS[name]
+    f = _factor(name)
+    S = [(int(P), int(k), float(B), float(t)) for P, k, B, t in samples if P > 1 and t > 0]
+    if not S:
+        return (d0, d1, dbeta), {"n": 0, "rel_err_min": None, "rel_err_max": None,
+                                 "note": "no samples: defaults kept"}
+    t = np.array([s[3] for s in S])
+    km1 = np.array([s[1] - 1 for s in S], dtype=float)
+    g = np.array([s[2] * f * (s[0] - 1) / s[0] / 1e3 for s in S])
+    notes = []
+    single_k = len(set(km1.tolist())) == 1
+    K = float(km1[0])
+    cols = {"alpha": np.ones_like(t)} if single_k else {"a0": np.ones_like(t), "a1": km1}
+    cols["ib"] = g
+    lat = [n for n in cols if n != "ib"]
+    coef, _ = _nnls_subsets(cols, lat + ["ib"], t, t)
+    ib = coef.get("ib", 0.0) if coef else 0.0
+    if ib <= 0 or float(np.max(g * ib / t)) < 0.05:
+        ib = 1.0 / dbeta
+        notes.append("bandwidth not identified: default beta kept")
+        coef, _ = _nnls_subsets(cols, lat, t, np.maximum(t - g * ib, 0.0) + 1e-12 * t)
+        if coef is None:
+            coef = {}
+            notes.append("latency not identified: 0")
+    if single_k:
+        alpha = coef.get("alpha", 0.0)
+        split = (d0 + d1 * K) or 1.0
+        a0, a1 = alpha * d0 / split, alpha * d1 / split
+        notes.append(f"one k ({int(K) + 1}): alpha split {d0:g}:{d1:g} as the defaults")
+    else:
+        a0, a1 = coef.get("a0", 0.0), coef.get("a1", 0.0)
+    beta = 1.0 / ib
+    pred = a0 + a1 * km1 + g / beta
+    rel = (pred - t) / t
+    return (float(a0), float(a1), float(beta)), {
+        "n": len(S), "rel_err_min": float(rel.min()), "rel_err_max": float(rel.max()),
+        "note": "; ".join(notes) or None}
+
+
+# -- timing ----------------------------------------------------------------------------------
+
+class _Cuda:
+    name = "cuda"
+
+    def __init__(self, comm, timeout_s):
+        import cupy
+
+        from dpgather.dist.nccl import NcclCommunicator
+
+        self.cupy = cupy
+        self.tp = NcclCommunicator(comm, timeout_s=timeout_s)
+        self.stream = cupy.cuda.Stream(non_blocking=True)
+        self.ev0, self.ev1 = cupy.cuda.Event(), cupy.cuda.Event()
+        self.comm = comm
+
+    def empty(self, rows, width, dtype):
+        a = self.cupy.zeros((rows, width), dtype=dtype)
+        self.cupy.cuda.Device().synchronize()  # made on the null stream, used on a non-blocking one
+        return a
+
+    def run(self, fn, k):
+        s = self.stream
+        with s:
+            self.ev0.record(s)
+            for _ in range(k):
+                fn()
+            self.ev1.record(s)
+            self.ev1.synchronize()
+        return self.cupy.cuda.get_elapsed_time(self.ev0, self.ev1) * 1e3 / k
+
+    def warm(self, fn):
+        with self.stream:
+            fn()
+        self.stream.synchronize()
+
+    def copy_GBps(self, nbytes=256 << 20, reps=10):
+        cupy = self.cupy
+        src = cupy.ones(nbytes, dtype=cupy.uint8)
+        dst = cupy.empty(nbytes, dtype=cupy.uint8)
+        cupy.cuda.Device().synchronize()
+        rt = cupy.cuda.runtime
+        s = self.stream
+
+        def op():
+            rt.memcpyAsync(dst.data.ptr, src.data.ptr, nbytes, rt.memcpyDeviceToDevice, s.ptr)
+
+        op()
+        s.synchronize()
+        us = statistics.median(self.run(op, 4) for _ in range(reps))
+        return 2 * nbytes / (us * 1e3)
+
+    def meta(self):
+        from dpgather.dist import _nccl
+
+        cupy = self.cupy
+        dev = cupy.cuda.Device().id
+        props = cupy.cuda.runtime.getDeviceProperties(dev)
+        name = props["name"]
+        name = name.decode() if isinstance(name, bytes) else str(name)
+        return {"card": name, "nccl_version": _nccl.getVersion(),
+                "visible_gpus": cupy.cuda.runtime.getDeviceCount(), "cupy": cupy.__version__}
+
+    def sync(self):
+        self.stream.synchronize()
+
+    def close(self):
+        self.stream.synchronize()
+        self.tp.close()
+
+
+class _Host:
+    name = "host"
+
+    def __init__(self, comm, timeout_s):
+        from dpgather.dist.host import MpiHostCommunicator
+
+        self.tp = MpiHostCommunicator(comm, timeout_s=timeout_s)
+        self.comm = comm
+
+    def empty(self, rows, width, dtype):
+        return np.zeros((rows, width), dtype=dtype)
+
+    def run(self, fn, k):
+        t0 = time.perf_counter()
+        for _ in range(k):
+            fn()
+        return (time.perf_counter() - t0) * 1e6 / k
+
+    def warm(self, fn):
+        fn()
+
+    def copy_GBps(self, nbytes=64 << 20, reps=10):
+        src = np.ones(nbytes, dtype=np.uint8)
+        dst = np.empty(nbytes, dtype=np.uint8)
+        np.copyto(dst, src)
+        samples = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            np.copyto(dst, src)
+            samples.append(time.perf_counter() - t0)
+        return 2 * nbytes / (statistics.median(samples) * 1e9)
+
+    def meta(self):
+        from mpi4py import MPI
+
+        return {"card": f"host {platform.machine()} ({platform.processor() or 'cpu'})",
+                "mpi_version": MPI.Get_library_version().splitlines()[0].strip()}
+
+    def sync(self):
+        pass
+
+    def close(self):
+        self.tp.close()
+
+
+def _time(be, comm, fn, reps, MPI):
+    """Median microseconds per call of ``fn`` (max over ranks): k back-to-back calls per rep."""
+    be.warm(fn)
+    comm.Barrier()
+    est = comm.allreduce(be.run(fn, 1), op=MPI.MAX)
+    k = max(1, min(_KMAX, math.ceil(_TARGET_US / max(est, 1.0))))
+    be.run(fn, k)  # warm-up repetition
+    samples = []
+    for _ in range(reps):
+        comm.Barrier()
+        samples.append(be.run(fn, k))
+    return float(comm.allreduce(statistics.median(samples), op=MPI.MAX))
+
+
+def _measure_group(be, comm, tp, rows, width, dtype, logical, reps, MPI, kinds, k_range):
+    """Samples ``{collective: [(P, k, B, t)]}`` of one communicator ``tp`` (ranks of ``comm``
+    that all call this together; sub-groups run concurrently)."""
+    P = tp.size
+    R = width * np.dtype(dtype).itemsize
+    out = {c: [] for c in kinds}
+    full = be.empty(P * rows, width, dtype)
+    part = be.empty(rows, width, dtype)
+    red = be.empty(P * rows, width, dtype)
+    B = P * rows * R
+    if "all_gather" in kinds:
+        t = _time(be, comm, lambda: tp.all_gather(part, full, dtype=logical), reps, MPI)
+        out["all_gather"].append((P, P, B, t))
+    if "reduce_scatter" in kinds:
+        t = _time(be, comm, lambda: tp.reduce_scatter(full, part, dtype=logical), reps, MPI)
+        out["reduce_scatter"].append((P, P, B, t))
+    if "all_reduce" in kinds:
+        t = _time(be, comm, lambda: tp.all_reduce(full, red, dtype=logical), reps, MPI)
+        out["all_reduce"].append((P, P, B, t))
+    for k in k_range:
+        counts = np.array([rows if r < k else 0 for r in range(P)], dtype=np.int64)
+        total = int(counts.sum())
+        recv = full[:total]
+        Bk = total * R
+        if "gatherv" in kinds:
+            t = _time(be, comm, lambda: tp.all_gatherv(part, recv, counts, dtype=logical), reps, MPI)
+            out["gatherv"].append((P, k, Bk, t))
+        if "reduce_scatterv" in kinds:
+            t = _time(be, comm, lambda: tp.reduce_scatterv(recv, part, counts, dtype=logical), reps, MPI)
+            out["reduce_scatterv"].append((P, k, Bk, t))
+    be.sync()
+    return out
+
+
+def calibrate(comm=None, out=None, sizes=None, hidden=7168, dtype="bfloat16", backend="auto",
+              reps=None, timeout_s=120.0, verbose=False):
+    """Measure the cost model's constants on this machine (collective over ``comm``).
+
+    Args:
+        comm: mpi4py communicator of the tp group (default ``MPI.COMM_WORLD``), one GPU per rank.
+        out: path of a JSON file to write on rank 0 (``CostModel.save`` with ``meta``); read it
+            back with :meth:`CostModel.load`.
+        sizes: rows (tokens) per rank to time, each ``hidden`` wide (default
+            :data:`DEFAULT_SIZES_CUDA`, or :data:`DEFAULT_SIZES_HOST` on the host backend).
+        hidden, dtype: row shape; ``row_bytes`` of the result is ``hidden * itemsize``.
+        backend: ``"auto"`` (CUDA when CuPy sees a GPU on every rank), ``"cuda"`` or ``"host"``.
+        reps: timed repetitions per point (default 15 on CUDA, 5 on the host).
+        verbose: rank 0 prints each measured point.
+
+    Returns:
+        The fitted :class:`CostModel` (the same on every rank).
+
+    Raises:
+        ConfigError: bad arguments (raised on every rank alike), or ``backend="cuda"`` without a
+            GPU on some rank.
+    """
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD if comm is None else comm
+    rank, P = comm.Get_rank(), comm.Get_size()
+    dtype = str(dtype)
+    if dtype in ("bf16",):
+        dtype = "bfloat16"
+    if dtype not in _ITEMSIZE:
+        raise ConfigError(f"dtype must be one of {sorted(_ITEMSIZE)}, got {dtype!r}")
+    if isinstance(hidden, bool) or not isinstance(hidden, (int, np.integer)) or hidden <= 0:
+        raise ConfigError(f"hidden must be a positive int, got {hidden!r}")
+    if backend not in ("auto", "cuda", "host"):
+        raise ConfigError(f"backend must be 'auto', 'cuda' or 'host', got {backend!r}")
+    try:
+        from dpgather._backends import cuda_usable
+
+        gpu_here = cuda_usable()
+    except Exception:  # noqa: BLE001
+        gpu_here = False
+    gpu_all = comm.allreduce(bool(gpu_here), op=MPI.LAND)
+    if backend == "cuda" and not gpu_all:
+        raise ConfigError("calibrate(backend='cuda'): CuPy sees no GPU on some rank; use backend='host'")
+    kind = "cuda" if (backend == "cuda" or (backend == "auto" and gpu_all)) else "host"
+    if sizes is None:
+        sizes = DEFAULT_SIZES_CUDA if kind == "cuda" else DEFAULT_SIZES_HOST
+    sizes = sorted({int(s) for s in sizes})
+    if not sizes or sizes[0] <= 0:
+        raise ConfigError(f"sizes must be positive row counts, got {sizes!r}")
+    if reps is None:
+        reps = 15 if kind == "cuda" else 5
+    reps = max(1, int(reps))
+    width = int(hidden)
+    storage = _STORAGE[dtype]
+    logical = dtype
+    row_bytes = width * _ITEMSIZE[dtype]
+    say = (lambda m: print(m, flush=True)) if (verbose and rank == 0) else (lambda m: None)
+    t_start = time.perf_counter()
+
+    be = _Cuda(comm, timeout_s) if kind == "cuda" else _Host(comm, timeout_s)
+    samples = {c: [] for c in COLLECTIVES}
+    try:
+        copy = float(comm.allreduce(be.copy_GBps(), op=MPI.MIN))
+        if P > 1:
+            for rows in sizes:
+                got = _measure_group(be, comm, be.tp, rows, width, storage, logical, reps, MPI,
+                                     COLLECTIVES, range(1, P + 1))
+                for c, v in got.items():
+                    samples[c].extend(v)
+                    for s in v:
+                        say(f"# calibrate {c:16s} P={s[0]} k={s[1]} B={s[2]:>11.0f} {s[3]:9.1f} us")
+            if P >= 4 and P % 2 == 0:  # pairs: alpha at k = 2 separates a0 from a1
+                sub = be.tp.split(rank // 2, rank % 2)
+                try:
+                    for rows in sizes:
+                        got = _measure_group(be, comm, sub, rows, width, storage, logical, reps, MPI,
+                                             ("all_gather", "reduce_scatter", "all_reduce"), ())
+                        for c, v in got.items():
+                            samples[c].extend(v)
+                            for s in v:
+                                say(f"# calibrate {c:16s} P={s[0]} k={s[1]} B={s[2]:>11.0f} {s[3]:9.1f} us")
+                finally:
+                    sub.close()
+        info = be.meta()
+    finally:
+        be.close()
+
+    params, fits = {}, {}
+    for c in COLLECTIVES:
+        params[c], fits[c] = fit_collective(c, samples[c])
+    model = CostModel(row_bytes=row_bytes, copy_GBps=copy, mlp_row_us=0.0, **params)
+    # every rank fitted the same (max-over-ranks) samples; broadcast anyway so all agree bit for bit
+    model = CostModel.from_dict(comm.bcast(model.to_dict(), root=0))
+    meta = {
+        **info, "backend": kind, "ranks": P, "gpu_count": P if kind == "cuda" else 0,
+        "date": datetime.datetime.now().isoformat(timespec="seconds"), "hidden": width,
+        "dtype": dtype, "sizes_rows_per_rank": sizes, "reps": reps, "fit": fits,
+        "samples": {c: [list(s) for s in v] for c, v in samples.items()},
+        "seconds": round(time.perf_counter() - t_start, 1),
+        "note": ("single rank: collectives cost nothing (t(1, B) = 0); defaults kept" if P == 1 else None),
+    }
+    if out is not None:
+        err = None
+        if rank == 0:
+            try:
+                model.save(out, meta=meta)
+            except OSError as e:
+                err = f"cannot write {out!r}: {e}"
+        err = comm.bcast(err, root=0)
+        if err:
+            raise ConfigError(err)
+    return model
+
+
+def _format(model, meta):
+    lines = [f"# cost model ({meta.get('backend')} backend, {meta.get('ranks')} ranks, {meta.get('card')}, "
+             f"{meta.get('seconds')} s)",
+             f"#{'collective':>16} {'a0(us)':>8} {'a1(us)':>8} {'beta(GB/s)':>10} {'fit err':>16}"]
+    for c in COLLECTIVES:
+        a0, a1, beta = model.params[c]
+        f = meta["fit"][c]
+        err = ("-" if f["rel_err_min"] is None else
+               f"{100 * f['rel_err_min']:+.0f}%..{100 * f['rel_err_max']:+.0f}%")
+        lines.append(f" {c:>16} {a0:>8.2f} {a1:>8.2f} {beta:>10.1f} {err:>16}")
+    lines.append(f"# copy_GBps {model.copy_GBps:.0f}, row_bytes {model.row_bytes}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    """``python -m dpgather._calibrate`` / ``dpgather calibrate``: calibrate and write JSON."""
+    ap = argparse.ArgumentParser(prog="dpgather calibrate",
+                                 description="Measure the cost model's constants of policy='auto' on "
+                                             "this machine (run under mpirun, one rank per GPU).")
+    ap.add_argument("--out", default="cost-model.json", help="JSON file to write (rank 0)")
+    ap.add_argument("--sizes", default=None, help="rows per rank to time, comma-separated")
+    ap.add_argument("--hidden", type=int, default=7168)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--backend", default="auto", choices=("auto", "cuda", "host"))
+    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("-v", "--verbose", action="store_true")
+    args = ap.parse_args(argv)
+    sizes = [int(s) for s in args.sizes.split(",") if s] if args.sizes else None
+    from mpi4py import MPI
+
+    model = calibrate(out=args.out, sizes=sizes, hidden=args.hidden, dtype=args.dtype,
+                      backend=args.backend, reps=args.reps, verbose=args.verbose)
+    if MPI.COMM_WORLD.Get_rank() == 0:
+        import json
+
+        with open(args.out) as f:
+            meta = json.load(f).get("meta", {})
+        print(_format(model, meta))
+        print(f"# wrote {args.out}; use DpAttention(..., cost=dpgather.CostModel.load({args.out!r}))")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
