@@ -20,8 +20,11 @@ run() {  # run NAME TIMEOUT CMD...
 note "# $(date -u +%FT%TZ) $(nvidia-smi --query-gpu=name --format=csv,noheader | sort | uniq -c | tr -s ' ') GPUs=$NG"
 for p in $phases; do case $p in
 build)
-  run build 300 bash -c 'make build VENV=none || (python3 -m pip install --no-build-isolation --no-deps -e . && python3 setup.py -q build_ext --inplace)'
+  timeout 300 bash -c 'make build VENV=none || (python3 -m pip install --no-build-isolation --no-deps -e . && python3 setup.py -q build_ext --inplace)' > /tmp/build.log 2>&1
+  note "[build] rc=$? $(tail -n 1 /tmp/build.log)"
   python3 -c "import dpgather, cupy, cupy.cuda.nccl; print(dpgather.__version__, cupy.__version__, cupy.cuda.nccl.get_version())" >> "$summary" 2>&1 ;;
+gputest)
+  run gputest ${T_GPUTEST:-400} python3 -m pytest -q -rs tests/test_gpu.py ;;
 selftest)
   run cuda_compile 200 python3 -m pytest -q -rs tests/test_cuda_compile.py
   run gpu_selftest 300 python3 tests/gpu/gpu_selftest.py
@@ -33,11 +36,19 @@ facade)
 test)
   run make_test 580 make test VENV=none ;;
 sanitize)
-  run sanitizer 300 compute-sanitizer --tool memcheck --error-exitcode 9 python3 tests/gpu/sanitize_replay.py ;;
+  run sanitizer ${T_SAN:-300} compute-sanitizer --tool memcheck --error-exitcode 9 python3 tests/gpu/sanitize_replay.py ;;
+copy)
+  run copy_bench ${T_COPY:-120} python3 bench/copy_bench.py ;;
+collective)
+  run collective_bench ${T_COLL:-300} $MPI -n "$NG" python3 bench/collective_bench.py ;;
+graph)
+  run graph_bench ${T_GRAPH:-300} $MPI -n "$NG" python3 bench/graph_bench.py ;;
+calibrate)
+  run calibrate ${T_CAL:-120} $MPI -n "$NG" python3 -m dpgather._calibrate --out /tmp/cost.json -v ;;
 bench)
-  run copy_bench 300 python3 bench/copy_bench.py --json "$OUT/copy_bench.json"
-  [ -f bench/collective_bench.py ] && run collective_bench 400 $MPI -n "$NG" python3 bench/collective_bench.py --json "$OUT/collective_bench.json"
-  [ -f bench/graph_bench.py ] && run graph_bench 400 $MPI -n "$NG" python3 bench/graph_bench.py --json "$OUT/graph_bench.json" ;;
+  run copy_bench 300 python3 bench/copy_bench.py
+  run collective_bench 400 $MPI -n "$NG" python3 bench/collective_bench.py
+  run graph_bench 400 $MPI -n "$NG" python3 bench/graph_bench.py ;;
 *) note "unknown phase $p" ;;
 esac; done
 cat "$summary"
