@@ -68,6 +68,7 @@ bench: build
 
 fuzz: build
 	DPGATHER_FUZZ_EXAMPLES=100000 $(PYTHON) -m pytest -q -x tests/test_planner.py
+	DPGATHER_FUZZ_EXAMPLES=1 $(PYTHON) -m pytest -q -x tests/test_facade_mpi.py -k soak_500
 
 wheel: $(STAMP)
 	$(PYTHON) -m pip wheel --no-build-isolation --no-deps -w wheelhouse .

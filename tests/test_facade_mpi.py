@@ -15,6 +15,8 @@ prints ``FACADE_OK rank=r/T``; failures print one ``FAIL rank=...`` line each.
 
 import re
 
+import os
+
 import pytest
 
 from mpi_harness import MPI_SCRIPTS, check_mpi, needs_mpiexec
@@ -72,6 +74,17 @@ SOAK = [
 @pytest.mark.parametrize("nprocs,argv", SOAK, ids=[f"T{t}-" + "-".join(map(str, a[:4])) for t, a in SOAK])
 def test_soak(nprocs, argv):
     res = _run(nprocs, "soak", "--hidden", 8, "--check-every", 4, *argv)
+    assert "allocations=" in res.stdout
+
+
+FUZZ = int(os.environ.get("DPGATHER_FUZZ_EXAMPLES", "0") or 0)
+
+
+@pytest.mark.skipif(not FUZZ, reason="the 500-step soak per policy runs in `make fuzz`")
+@pytest.mark.parametrize("policy", ["auto", "sglang", "max_len", "sum_len", "varlen"])
+def test_soak_500_steps_per_policy(policy):
+    res = _run(4, "soak", "--hidden", 8, "--steps", 500, "--soak-policy", policy, "--graph", 1,
+               "--dtypes", "bfloat16", "--check-every", 1, "--seed", 500, timeout=900)
     assert "allocations=" in res.stdout
 
 

@@ -366,7 +366,7 @@ def reference_for(topo, spec, policy, buckets, batches, cost=None):
                     spec=spec_tuple(spec), policy=policy, graph_buckets=buckets, cost=cost)
 
 
-@settings(max_examples=examples(1200), **PROPERTY)
+@settings(max_examples=examples(2000), **PROPERTY)
 @given(scenario())
 def test_plan_matches_reference(sc):
     topo, spec, policy, buckets, batches = sc

@@ -490,10 +490,10 @@ def scenario_soak():
     A = ARGS.A_soak if ARGS.A_soak else int(g.choice(divisors(T)))
     maxn = ARGS.maxn
     assert maxn % A == 0
-    cfg = Cfg(A, "auto", False, ARGS.dtypes.split(",")[0], ARGS.hidden)
+    cfg = Cfg(A, ARGS.soak_policy, False, ARGS.dtypes.split(",")[0], ARGS.hidden)
     if ARGS.graph:
         cfg.buckets = (A, A * 4, maxn)
-    label = f"soak A={A} prealloc={ARGS.prealloc} graph={bool(cfg.buckets)} dtype={cfg.dtname} steps={ARGS.steps}"
+    label = f"soak A={A} policy={ARGS.soak_policy} prealloc={ARGS.prealloc} graph={bool(cfg.buckets)} dtype={cfg.dtname} steps={ARGS.steps}"
     dp = cfg.make(max_tokens_per_rank=maxn if ARGS.prealloc else None)
     stats0 = dp.memory_stats()
     if not ARGS.prealloc:
@@ -758,6 +758,7 @@ def main():
     ap.add_argument("--policies", default="", help="matrix: comma-separated policies (default: all)")
     ap.add_argument("--A-soak", dest="A_soak", type=int, default=0, help="soak: fixed A (default: random divisor)")
     ap.add_argument("--maxn", type=int, default=48, help="soak: max tokens per replica (multiple of A)")
+    ap.add_argument("--soak-policy", dest="soak_policy", default="auto", help="soak: padding policy")
     ap.add_argument("--prealloc", type=int, default=0, help="soak: 1 = max_tokens_per_rank preallocation")
     ap.add_argument("--graph", type=int, default=0, help="soak: 1 = graph buckets (A, 4A, maxn)")
     ap.add_argument("--check-every", dest="check_every", type=int, default=1,
