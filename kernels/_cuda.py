@@ -32,6 +32,7 @@ GPU raises :class:`~dpgather.core.errors.BackendUnavailable`.
 from __future__ import annotations
 
 import functools
+import os
 import importlib.resources
 import pathlib
 
@@ -73,16 +74,19 @@ NAME_EXPRESSIONS = tuple(f"copy_rows<{c}>" for c in COPY_CTYPES.values()) + tupl
 
 #: NVRTC options; the architecture is chosen by CuPy for the device it compiles for.
 COMPILE_OPTIONS = ("-std=c++17",)
+_U16 = os.environ.get("DPGATHER_COPY_UNROLL16")
+if _U16:  # tuning knob (bench/copy_bench.py sweeps): vectors in flight per thread, 16-byte path
+    COMPILE_OPTIONS += (f"-DDPG_UNROLL16={int(_U16)}",)
 
 _SOURCE_NAME = "copy.cu"
 # Threads per block: must equal dpg::kThreads in copy.cu (the kernels trap otherwise).
 _THREADS = 256
 # Vectors in flight per thread and loop trip, by vector bytes: mirrors dpg::Unroll<V> in
 # copy.cu (it only sizes the grid; a mismatch costs speed, never correctness).
-_UNROLL = {16: 4, 8: 8, 4: 8, 2: 16, 1: 16}
+_UNROLL = {16: int(_U16) if _U16 else 8, 8: 8, 4: 8, 2: 16, 1: 16}
 # Grid cap in blocks per SM (8 x 256 threads = full occupancy at the kernels' 32
 # registers on sm_90); the grid-stride loops cover any remainder.
-_BLOCKS_PER_SM = 8
+_BLOCKS_PER_SM = 16
 
 
 def kernel_source() -> str:

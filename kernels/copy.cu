@@ -54,9 +54,12 @@ constexpr int kThreads = 256;
 
 // Vectors kept in flight per thread per loop trip. kernels/_cuda.py mirrors this table
 // (_UNROLL) to size grids; a mismatch costs speed only, never correctness.
+#ifndef DPG_UNROLL16
+#define DPG_UNROLL16 8
+#endif
 template <typename V>
 struct Unroll {
-    static constexpr int value = sizeof(V) >= 16 ? 4 : (sizeof(V) >= 4 ? 8 : 16);
+    static constexpr int value = sizeof(V) >= 16 ? DPG_UNROLL16 : (sizeof(V) >= 4 ? 8 : 16);
 };
 
 __device__ __forceinline__ long long nonneg(long long x) { return x < 0 ? 0 : x; }
