@@ -81,7 +81,8 @@ _SHM_WIDTH = 16  # int32 fields a shared-memory record slot holds
 class _ShmRecords:
     """The per-step record all-gather through one MPI shared-memory window (ranks of one node).
 
-    Layout: ``slots[parity, rank] = (sequence, field0 .. field15)`` as int64. Call ``k`` (counted
+    Layout: ``slots[parity, rank] = (sequence, field0 .. field15)`` as int32 words (the
+    sequence wraps at 2**31, far beyond any pair of calls in flight). Call ``k`` (counted
     identically on every rank) writes this rank's fields into ``slots[k % 2, rank]``, then its
     sequence ``k``, and polls every rank's sequence in that parity until all equal ``k``. Two
     parities suffice: a rank can only write call ``k + 2`` after every rank wrote ``k + 1``,
@@ -92,9 +93,12 @@ class _ShmRecords:
     loads); elsewhere, and across nodes, the MPI ``Iallgather`` path is used.
     """
 
-    def __init__(self, win, slots, rank, size):
+    _STRIDE = 1 + _SHM_WIDTH
+
+    def __init__(self, win, buf, rank, size):
         self._win = win
-        self._slots = slots
+        self._slots = np.ndarray(buffer=buf, dtype=np.int32, shape=(2, size, self._STRIDE))
+        self._words = memoryview(buf).cast("B").cast("i")  # per-word access without numpy calls
         self._rank = rank
         self._size = size
         self._k = 0
@@ -114,32 +118,41 @@ class _ShmRecords:
         if not comm.allreduce(same_node, op=MPI.LAND):
             return None
         size, rank = comm.Get_size(), comm.Get_rank()
-        nbytes = 2 * size * (1 + _SHM_WIDTH) * 8
-        win = MPI.Win.Allocate_shared(nbytes if rank == 0 else 0, 8, comm=comm)
+        nbytes = 2 * size * cls._STRIDE * 4
+        win = MPI.Win.Allocate_shared(nbytes if rank == 0 else 0, 4, comm=comm)
         buf, _ = win.Shared_query(0)
-        slots = np.ndarray(buffer=buf, dtype=np.int64, shape=(2, size, 1 + _SHM_WIDTH))
+        self = cls(win, buf, rank, size)
         if rank == 0:
-            slots[...] = 0
+            self._slots[...] = 0
         comm.Barrier()
-        return cls(win, slots, rank, size)
+        return self
 
     def allgather(self, record, table, timeout_s):
         """Fill ``table`` with every rank's ``record``; False if ``timeout_s`` passed first."""
-        self._k += 1
-        k = self._k
-        part = self._slots[k & 1]
+        self._k = k = (self._k + 1) & 0x7FFFFFFF or 1
+        p = k & 1
+        stride = self._STRIDE
+        part = self._slots[p]
         w = record.shape[0]
-        mine = part[self._rank]
-        mine[1:1 + w] = record
-        mine[0] = k
-        seqs = part[:, 0]
-        if not (seqs == k).all():
-            if not poll_until(lambda: (seqs == k).all(), timeout_s):
-                return False
+        part[self._rank, 1:1 + w] = record
+        words = self._words
+        base = p * self._size * stride
+        words[base + self._rank * stride] = k
+        seq = range(base, base + self._size * stride, stride)
+
+        def arrived():
+            for i in seq:
+                if words[i] != k:
+                    return False
+            return True
+
+        if not arrived() and not poll_until(arrived, timeout_s):
+            return False
         table[...] = part[:, 1:1 + w]
         return True
 
     def free(self):
+        self._words.release()
         try:
             self._win.Free()
         except Exception:
