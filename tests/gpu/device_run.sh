@@ -31,8 +31,9 @@ selftest)
   run nccl_selftest 400 $MPI -n "$NG" python3 tests/gpu/nccl_selftest.py
   run exit_hazard 120 $MPI -n "$NG" python3 tests/gpu/nccl_selftest.py --exit-hazard ;;
 facade)
-  run facade_fp32 400 $MPI -n "$NG" python3 tests/gpu/facade_smoke.py --backend cuda --dtype float32 --graphs
-  run facade_bf16 400 $MPI -n "$NG" python3 tests/gpu/facade_smoke.py --backend cuda --dtype bfloat16 --graphs ;;
+  for dt in bfloat16 float16 float32; do
+    run facade_$dt ${T_FACADE:-400} $MPI -n "$NG" python3 tests/gpu/facade_smoke.py --backend cuda --dtype $dt --graphs --steps ${FACADE_STEPS:-6}
+  done ;;
 test)
   run make_test 580 make test VENV=none ;;
 sanitize)
