@@ -49,8 +49,8 @@ DEFAULT_COST = {
     "all_gather": (12.0, 4.0, 300.0),
     "reduce_scatter": (10.2, 3.4, 295.0),
     "all_reduce": (12.3, 4.1, 335.0),
-    "gatherv": (20.0, 7.0, 254.0),
-    "reduce_scatterv": (20.0, 7.0, 254.0),
+    "gatherv": (32.0, 3.0, 254.0),
+    "reduce_scatterv": (32.0, 3.0, 254.0),
 }
 
 FNV_OFFSET = 0xCBF29CE484222325

@@ -247,11 +247,11 @@ COST_PATTERNS = {
     "skew": ([B(FM.EXTEND, 1, 8192), B(FM.DECODE, 1), B(FM.DECODE, 1), B(FM.DECODE, 1)],
              PM.VARLEN, (2413, 1142, 776)),
     "onehot": ([B(FM.IDLE), B(FM.EXTEND, 1, 512), B(FM.IDLE), B(FM.IDLE)],
-               PM.VARLEN, (192, 117, 83)),
+               PM.VARLEN, (192, 117, 107)),
     "decode64": ([B(FM.DECODE, 64)] * 4, PM.MAX_LEN, (63, 83, 104)),
     "decode256": ([B(FM.DECODE, 256)] * 4, PM.MAX_LEN, (118, 186, 169)),
     "prefill-mix": ([B(FM.EXTEND, 1, 4096), B(FM.EXTEND, 1, 2048), B(FM.DECODE, 64), B(FM.IDLE)],
-                    PM.VARLEN, (1229, 877, 594)),
+                    PM.VARLEN, (1229, 877, 602)),
 }
 
 
