@@ -31,8 +31,8 @@ MARGIN_S = 3.0
 
 @pytest.mark.mpi
 @needs_mpiexec
-@pytest.mark.parametrize("nranks", [2, 4])
-@pytest.mark.parametrize("scenario", ["nosync", "raise", "exit"])
+@pytest.mark.parametrize("nranks,scenario", [(t, s) for t in (2, 4) for s in ("nosync", "raise", "exit")]
+                         + [(8, "nosync"), (8, "exit")])
 def test_fault_gives_prompt_timeout_on_every_survivor(scenario, nranks):
     if not _is_hydra():
         pytest.skip("needs MPICH's mpiexec (hydra -disable-auto-cleanup); Open MPI kills every rank "
