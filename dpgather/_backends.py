@@ -43,6 +43,15 @@ def normalize_dtype(dtype, name="dtype"):
     raise InputError(f"{name} must be one of {LOGICAL_DTYPES} (or an alias such as 'bf16'), got {dtype!r}")
 
 
+def _as_storage(x, name, storage, logical):
+    """``x`` viewed as ``storage`` (bfloat16 may arrive as any 2-byte integer storage), or raise."""
+    if x.dtype != storage:
+        if logical == "bfloat16" and x.dtype.itemsize == 2 and x.dtype.kind in "ui":
+            return x.view(storage)
+        raise InputError(f"{name} must have dtype {logical}, got {x.dtype}")
+    return x
+
+
 def _ptr_np(a):
     return a.__array_interface__["data"][0]
 
@@ -81,12 +90,7 @@ class HostBackend:
                 x = np.asarray(x)
             else:
                 raise InputError(f"{name} must be a NumPy array (host backend), got {type(x).__name__}")
-        if x.dtype != storage:
-            if logical == "bfloat16" and x.dtype.itemsize == 2 and x.dtype.kind in "ui":
-                x = x.view(storage)
-            else:
-                raise InputError(f"{name} must have dtype {logical}, got {x.dtype}")
-        return x
+        return _as_storage(x, name, storage, logical)
 
     def ptr(self, a):
         return _ptr_np(a)
@@ -158,12 +162,7 @@ class CudaBackend:
                 raise InputError(
                     f"{name} must be a CuPy array or expose __cuda_array_interface__ / DLPack "
                     f"(cuda backend), got {type(x).__name__}")
-        if x.dtype != storage:
-            if logical == "bfloat16" and x.dtype.itemsize == 2 and x.dtype.kind in "ui":
-                x = x.view(storage)
-            else:
-                raise InputError(f"{name} must have dtype {logical}, got {x.dtype}")
-        return x
+        return _as_storage(x, name, storage, logical)
 
     def ptr(self, a):
         return a.data.ptr

@@ -15,7 +15,6 @@ coll_assert``; pytest is not imported when the module is loaded outside pytest.
 """
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -71,16 +70,9 @@ class MpiRun(NamedTuple):
 
 def find_mpiexec():
     """``mpiexec`` next to ``sys.executable`` (the venv's MPICH wheel), else on PATH, else None."""
-    exe_dir = Path(sys.executable).parent
-    for name in ("mpiexec", "mpirun"):
-        cand = exe_dir / name
-        if cand.is_file() and os.access(cand, os.X_OK):
-            return str(cand)
-    for name in ("mpiexec", "mpirun"):
-        found = shutil.which(name)
-        if found:
-            return found
-    return None
+    from dpgather.cli import find_mpiexec as _find
+
+    return _find()
 
 
 def mpi_env(env=None, timeout=None):
