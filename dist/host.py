@@ -496,13 +496,15 @@ class MpiHostCommunicator(Communicator):
         if self._closed:
             return
         self._closed = True
+        healthy = self._broken is None
         self._mark_broken("close() was called")
         MPI = _MPI
         if MPI.Is_finalized():
             self._ops.clear()
             return
         if self._shm is not None:
-            self._shm.free()
+            if healthy:  # MPI_Win_free is collective: never wait on peers that may be gone
+                self._shm.free()
             self._shm = None
         if not self._orphans:
             for op in self._ops.values():

@@ -155,6 +155,7 @@ class NcclCommunicator(Communicator):
         self._broken = None
         self._closed = False
         self._children = []
+        self._host = None  # MpiHostCommunicator over the same MPI comm, for allgather_record
         self._pending = {}  # stream ptr -> stream object, enqueued since the last wait
         self._orphans = []  # MPI requests abandoned on timeout, with their buffers
         self._last_op = None
@@ -571,7 +572,16 @@ class NcclCommunicator(Communicator):
                 f"{(self.size, rec.shape[0])}, got {getattr(table, 'dtype', type(table))} "
                 f"{getattr(table, 'shape', '')}"
             )
-        self._mpi_wait(self._mpi.Iallgather(rec, table), op, rec, table)
+        host = self._host
+        if host is None:
+            from .host import MpiHostCommunicator
+
+            host = self._host = MpiHostCommunicator(self._mpi, timeout_s=self.timeout_s)
+        try:
+            host.allgather_record(rec, table)  # shared-memory window on one node, else MPI
+        except CollectiveTimeout:
+            self._orphans.append(host)  # its pending request may still reference the MPI comm
+            self._timeout(op)
         return table
 
     def barrier(self) -> None:
@@ -694,6 +704,9 @@ class NcclCommunicator(Communicator):
             else:
                 _run_bounded(_nccl.commAbort, comm, self._teardown_limit(), "ncclCommAbort")
         self._mark_broken("close() was called")
+        host, self._host = self._host, None
+        if host is not None:
+            host.close()
         self._free_mpi()
         _registry.pop(id(self), None)
 
