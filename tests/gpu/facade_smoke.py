@@ -171,6 +171,36 @@ for A in [a for a in range(1, T + 1) if T % a == 0]:
                 G = dp.gather(to_dev(x), plan, contribution=contrib)
                 ye = to_host(dp.scatter(fn(G), plan, reduce=True), NPDT)
                 check(f"graph A={A} {contrib} step {step} bucket {plan.bucket}", plan.graph and close(yg, ye))
+            # deferred allocation: replays of random counts (DRAFT_EXTEND with fewer real rows
+            # included) allocate nothing, neither dpgather's arenas nor the CuPy pool
+            host_rows = rows(900 + RANK, A * 32)
+            if args.backend == "cuda":
+                pool = xp.get_default_memory_pool()
+                xp.cuda.Device().synchronize()
+                pool0 = (pool.used_bytes(), pool.total_bytes())
+            def allocs():
+                rs = runner.memory_stats()
+                return (dp.memory_stats()["total"]["allocations"], rs["total"]["allocations"],
+                        rs["total"]["reserved_bytes"])
+
+            stats0 = allocs()
+            for step in range(100):
+                rng = np.random.default_rng(9000 + step)
+                bs = int(rng.integers(0, A * 32 // 4 + 1, size=D)[d])
+                plan = dp.sync(dg.LocalBatch(dg.ForwardMode.DRAFT_EXTEND, bs, can_run_graph=True))
+                real = int(plan.num_tokens[d]) // 2
+                view = runner.input_view(plan)
+                if args.backend == "cuda":
+                    view[:real].set(host_rows[:real].view(np.uint16) if NPDT.name == "bfloat16" else host_rows[:real])
+                else:
+                    view[:real] = host_rows[:real]
+                runner.run(None, plan)
+            if args.backend == "cuda":
+                xp.cuda.Device().synchronize()
+                check(f"graph A={A} {contrib}: CuPy pool unchanged over 100 replays",
+                      (pool.used_bytes(), pool.total_bytes()) == pool0)
+            check(f"graph A={A} {contrib}: no arena allocation over 100 replays",
+                  allocs() == stats0)
             runner.close()
         dp.close()
 
