@@ -12,7 +12,10 @@ buffers, so code written against the runner is portable and CI-tested.
 ``fn`` receives the gathered buffer ``G`` (``[D*b, H]``, padding rows zero) and returns ``Y`` of
 the same shape (the MLP output, TP-partial when ``reduce=True``). On CUDA ``fn`` is run once
 eagerly per bucket (warm-up) and then captured; it must be capturable (no host syncs, no
-allocation sizes that depend on data). Its intermediate arrays come from a private CuPy memory
+allocation sizes that depend on data). CuPy refuses cuBLAS calls during stream capture
+(``NotImplementedError``), so ``G @ W`` with CuPy cannot be captured: call cuBLAS directly with a
+handle whose stream and workspace are set before capture (``bench/_cublas.py`` shows how), or use
+elementwise / RawKernel code. Its intermediate arrays come from a private CuPy memory
 pool owned by the runner, kept alive with the graphs.
 """
 
