@@ -83,14 +83,17 @@ class HostBackend:
     def alloc(self, nbytes):
         return np.empty(nbytes, dtype=np.uint8)
 
+    def wrap(self, x, name):
+        """``x`` as a NumPy array without copying (any dtype)."""
+        if isinstance(x, np.ndarray):
+            return x
+        if hasattr(x, "__array_interface__") or hasattr(x, "__array__"):
+            return np.asarray(x)
+        raise InputError(f"{name} must be a NumPy array (host backend), got {type(x).__name__}")
+
     def as_rows(self, x, name, storage, logical):
-        """``x`` as a C-contiguous 2-D NumPy array of ``storage`` dtype, without copying."""
-        if not isinstance(x, np.ndarray):
-            if hasattr(x, "__array_interface__") or hasattr(x, "__array__"):
-                x = np.asarray(x)
-            else:
-                raise InputError(f"{name} must be a NumPy array (host backend), got {type(x).__name__}")
-        return _as_storage(x, name, storage, logical)
+        """``x`` as a NumPy array of ``storage`` dtype, without copying."""
+        return _as_storage(self.wrap(x, name), name, storage, logical)
 
     def ptr(self, a):
         return _ptr_np(a)
@@ -147,22 +150,26 @@ class CudaBackend:
     def alloc(self, nbytes):
         return self.cupy.empty(nbytes, dtype=self.cupy.uint8)
 
-    def as_rows(self, x, name, storage, logical):
-        """``x`` as a CuPy array without copying (CuPy, ``__cuda_array_interface__`` or DLPack)."""
+    def wrap(self, x, name):
+        """``x`` as a CuPy array without copying (CuPy, ``__cuda_array_interface__`` or DLPack;
+        a torch bfloat16 tensor is viewed as int16 first, torch being imported by the caller)."""
         cupy = self.cupy
-        if not isinstance(x, cupy.ndarray):
-            torch = sys.modules.get("torch")
-            if torch is not None and isinstance(x, torch.Tensor) and x.dtype == torch.bfloat16:
-                x = x.view(torch.int16)
-            if hasattr(x, "__cuda_array_interface__"):
-                x = cupy.asarray(x)
-            elif hasattr(x, "__dlpack__"):
-                x = cupy.from_dlpack(x)
-            else:
-                raise InputError(
-                    f"{name} must be a CuPy array or expose __cuda_array_interface__ / DLPack "
-                    f"(cuda backend), got {type(x).__name__}")
-        return _as_storage(x, name, storage, logical)
+        if isinstance(x, cupy.ndarray):
+            return x
+        torch = sys.modules.get("torch")
+        if torch is not None and isinstance(x, torch.Tensor) and x.dtype == torch.bfloat16:
+            x = x.view(torch.int16)
+        if hasattr(x, "__cuda_array_interface__"):
+            return cupy.asarray(x)
+        if hasattr(x, "__dlpack__"):
+            return cupy.from_dlpack(x)
+        raise InputError(
+            f"{name} must be a CuPy array or expose __cuda_array_interface__ / DLPack "
+            f"(cuda backend), got {type(x).__name__}")
+
+    def as_rows(self, x, name, storage, logical):
+        """``x`` as a CuPy array of ``storage`` dtype, without copying."""
+        return _as_storage(self.wrap(x, name), name, storage, logical)
 
     def ptr(self, a):
         return a.data.ptr

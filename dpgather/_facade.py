@@ -596,14 +596,8 @@ class DpAttention:
         return y
 
     def _any_rows(self, a, name):
-        be = self._backend
-        if be.name == "host":
-            if not isinstance(a, np.ndarray):
-                a = np.asarray(a)
-            logical = "bfloat16" if a.dtype.name == "bfloat16" else a.dtype.name
-        else:
-            a = be.as_rows(a, name, None, None) if not isinstance(a, be.xp.ndarray) else a
-            logical = a.dtype.name
+        a = self._backend.wrap(a, name)
+        logical = a.dtype.name
         if logical not in ("float32", "float16", "bfloat16", "int32", "int64", "uint8", "uint16", "int16", "float64"):
             raise InputError(f"{name} has unsupported dtype {a.dtype}")
         if a.ndim != 2:
@@ -685,10 +679,7 @@ class DpAttention:
         def check():
             st = self._state(plan)
             be = self._backend
-            if be.name == "host":
-                ids = topk_ids if isinstance(topk_ids, np.ndarray) else np.asarray(topk_ids)
-            else:
-                ids = be.as_rows(topk_ids, "topk_ids", topk_ids.dtype, None) if not isinstance(topk_ids, be.xp.ndarray) else topk_ids
+            ids = be.wrap(topk_ids, "topk_ids")
             if ids.dtype not in (np.int32, np.int64):
                 raise InputError(f"topk_ids must be int32 or int64, got {ids.dtype}")
             if ids.ndim != 2 or not ids.flags.c_contiguous:
