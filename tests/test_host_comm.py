@@ -20,12 +20,23 @@ def test_collectives(nprocs):
 
 @pytest.mark.mpi
 @needs_mpiexec
+@pytest.mark.parametrize("nprocs", [2, 4])
+def test_collectives_without_shared_memory_sync(nprocs):
+    # the record all-gather's MPI path (multi-node or non-x86 machines use it throughout)
+    check_mpi([SCRIPT, "collectives"], nprocs, timeout=90, markers="COMM_OK",
+              env={"DPGATHER_NO_SHM_SYNC": "1"})
+
+
+@pytest.mark.mpi
+@needs_mpiexec
 @pytest.mark.parametrize(
-    "nprocs,op", [(2, "all_reduce"), (3, "allgather_record"), (4, "barrier"), (2, "all_gatherv")]
+    "nprocs,op,shm", [(2, "all_reduce", "1"), (3, "allgather_record", "1"), (3, "allgather_record", ""),
+                      (4, "barrier", "1"), (2, "all_gatherv", "1")]
 )
-def test_timeout_breaks_communicator(nprocs, op):
+def test_timeout_breaks_communicator(nprocs, op, shm):
     # rank 0 skips `op`; the others must raise CollectiveTimeout within ~1 s and fail fast after.
-    res = run_mpi([SCRIPT, "timeout", op, "1.0"], nprocs, timeout=30)
+    res = run_mpi([SCRIPT, "timeout", op, "1.0"], nprocs, timeout=30,
+                  env={} if shm else {"DPGATHER_NO_SHM_SYNC": "1"})
     assert not res.timed_out, res.tail()
     missing = [m for m in rank_markers("TIMEOUT_OK", nprocs) if m not in res.stdout]
     assert not missing, f"missing {missing}\n{res.tail()}"

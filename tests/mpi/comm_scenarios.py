@@ -277,6 +277,8 @@ def scenario_timeout(op, timeout_s):
         # A private context: the final sync on COMM_WORLD cannot match the abandoned request.
         comm = MpiHostCommunicator(WORLD.Dup(), timeout_s=timeout_s)
         comm.barrier()
+        # one good record all-gather first: later ones take the shared-memory path (if enabled)
+        comm.allgather_record(np.zeros(8, np.int32), np.zeros((size, 8), np.int32))
         x = np.ones((4, 3), np.float32)
         y = np.empty_like(x)
         calls = {
