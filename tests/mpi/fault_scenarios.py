@@ -71,7 +71,7 @@ except dg.CollectiveTimeout as e:
         dp.sync(batch)
         leave(1, f"FAULT-REUSED rank={R}/{T}: the aborted DpAttention accepted another sync")
     except dg.CollectiveTimeout as again:
-        refused = "aborted" in str(again)
-    if not refused:
-        leave(1, f"FAULT-UNCLEAR rank={R}/{T}: {again}")
+        reason = str(again)
+    if "aborted" not in reason:
+        leave(1, f"FAULT-UNCLEAR rank={R}/{T}: {reason}")
     leave(0, f"FAULT-OK rank={R}/{T} elapsed={elapsed:.2f} error={type(e).__name__}")
