@@ -11,17 +11,16 @@ import sys
 import numpy as np
 
 from dpgather.core.errors import BackendUnavailable, InputError
+from dpgather.dist.base import LOGICAL_DTYPES
 
 __all__ = ["make_backend", "LOGICAL_DTYPES", "normalize_dtype"]
 
-LOGICAL_DTYPES = ("float32", "float16", "bfloat16", "int32", "int64", "uint8")
 _ALIASES = {
     "fp32": "float32", "f32": "float32", "float": "float32",
     "fp16": "float16", "f16": "float16", "half": "float16",
     "bf16": "bfloat16",
     "i32": "int32", "i64": "int64", "u8": "uint8", "byte": "uint8",
 }
-_BIG = 1 << 62
 
 
 def normalize_dtype(dtype, name="dtype"):
