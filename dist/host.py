@@ -10,6 +10,12 @@ reduced by a user-defined commutative ``MPI.Op`` that adds in float32 and rounds
 after each pairwise step (NCCL's arithmetic). bfloat16 host arrays are ``ml_dtypes.bfloat16``, or
 any 2-byte array with ``dtype="bfloat16"``.
 
+uint8 sums also go through a user-defined op (NumPy's wrapping ``uint8`` add): Open MPI's
+vectorised reduction component (``op/avx``, 4.1 and 5.0) *saturates* 8- and 16-bit integer sums
+(200 + 100 = 255, open-mpi/ompi#8045, closed "won't fix"), where C, MPICH and NCCL wrap
+(200 + 100 = 44). int32, int64 and the floating types use ``MPI.SUM``, which wraps / rounds the
+same way in every MPI we test (MPICH 4, Open MPI 4.1 and 5.0).
+
 Importing this module never imports mpi4py; the constructor does (and initialises MPI).
 """
 
@@ -25,6 +31,8 @@ __all__ = ["MpiHostCommunicator", "host_available"]
 
 _ITEMSIZE = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2, "int32": 4, "int64": 8, "uint8": 1}
 _HALF = ("float16", "bfloat16")
+# Logical dtypes summed by our own MPI.Op instead of MPI.SUM (see the module docstring).
+_OWN_SUM = _HALF + ("uint8",)
 
 _MPI = None  # the mpi4py.MPI module once imported
 _MPI_TYPE = {}  # logical dtype name -> MPI datatype (predefined; never freed)
@@ -161,6 +169,17 @@ class _ShmRecords:
         self._slots = None
 
 
+def _wrapping_sum(np_dtype):
+    """The body of the integer SUM op: inoutbuf += inbuf, wrapping modulo 2**bits."""
+
+    def fn(inbuf, inoutbuf, datatype):
+        a = np.frombuffer(inbuf, dtype=np_dtype)
+        b = np.frombuffer(inoutbuf, dtype=np_dtype)
+        np.add(a, b, out=b)
+
+    return fn
+
+
 def _half_sum(np_dtype):
     """The body of the float16/bfloat16 SUM op: inoutbuf = round(f32(inbuf) + f32(inoutbuf))."""
     f32 = np.float32
@@ -291,10 +310,14 @@ class MpiHostCommunicator(Communicator):
         return c
 
     def _sum_op(self, logical):
-        if logical not in _HALF:
+        if logical not in _OWN_SUM:
             return _MPI.SUM
         op = self._ops.get(logical)
         if op is None:
+            if logical == "uint8":
+                op = _MPI.Op.Create(_wrapping_sum(np.dtype(np.uint8)), commute=True)
+                self._ops[logical] = op
+                return op
             if logical == "float16":
                 np_dtype = np.dtype(np.float16)
             else:

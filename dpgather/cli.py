@@ -8,14 +8,13 @@ module imports neither MPI nor CuPy: each subcommand loads what it needs.
 import argparse
 import importlib.util
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-__all__ = ["main", "find_mpiexec", "launch_env"]
+__all__ = ["main"]
 
 _REPO = Path(__file__).resolve().parent.parent
 
@@ -34,62 +33,7 @@ Traces are JSON Lines, one step per line (docs/traces.md). Exit codes: 0 ok, 1 a
 failed, 2 invalid options or trace, 3 a rank crashed, 124 the time limit of `run` expired.
 """
 
-#: One-box MPICH settings (no ssh, loopback, yielding progress for oversubscribed ranks).
-_MPICH_ENV = {
-    "HYDRA_LAUNCHER": "fork",
-    "MPIR_CVAR_CH3_INTERFACE_HOSTNAME": "127.0.0.1",
-    "FI_PROVIDER": "tcp",
-    "MPIR_CVAR_POLLS_BEFORE_YIELD": "1",
-}
-_OMPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
-
-
-# -- helpers ------------------------------------------------------------------------------------
-
-def find_mpiexec():
-    """``mpiexec`` (or ``mpirun``) next to ``sys.executable`` first, then on ``PATH``; or None."""
-    here = Path(sys.executable).parent
-    for name in ("mpiexec", "mpirun"):
-        cand = here / name
-        if cand.is_file() and os.access(cand, os.X_OK):
-            return str(cand)
-    for name in ("mpiexec", "mpirun"):
-        found = shutil.which(name)
-        if found:
-            return found
-    return None
-
-
-def _mpi_flavor(mpiexec):
-    """``"openmpi"``, ``"mpich"`` or ``"unknown"`` from ``mpiexec --version``."""
-    try:
-        out = subprocess.run([mpiexec, "--version"], capture_output=True, text=True, timeout=15)
-        text = (out.stdout + out.stderr).lower()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    if "open mpi" in text or "openrte" in text or "open-mpi" in text:
-        return "openmpi"
-    if "hydra" in text or "mpich" in text:
-        return "mpich"
-    return "unknown"
-
-
-def launch_env(flavor, timeout=None):
-    """The environment and extra launcher flags for one-box runs of ``flavor``."""
-    env = dict(os.environ)
-    flags = []
-    if flavor == "openmpi":
-        env.update(_OMPI_ENV)
-        flags += ["--oversubscribe", "--bind-to", "none"]
-    else:
-        env.update(_MPICH_ENV)
-        if timeout:
-            env["MPIEXEC_TIMEOUT"] = str(max(1, int(timeout)))
-    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        env.setdefault(var, "1")  # one BLAS thread per rank: ranks already fill the cores
-    env["NCCL_NVLS_ENABLE"] = "0"
-    env["PYTHONUNBUFFERED"] = "1"
-    return env, flags
+from dpgather.tools.launch import detect, launch_env  # noqa: E402
 
 
 def _gpu_count():
@@ -110,8 +54,8 @@ def _launch(np_, pyargs, timeout):
     stdout/stderr are inherited, so output streams live. Returns the exit code (124 when the
     limit expired, 127 without mpiexec).
     """
-    mpiexec = find_mpiexec()
-    if mpiexec is None:
+    launcher = detect()
+    if launcher is None:
         print("dpgather: no mpiexec next to the Python interpreter or on PATH; install MPICH "
               "(`pip install mpich mpi4py`) or Open MPI", file=sys.stderr)
         if pyargs[:3] == ["-m", "dpgather.cli", "replay"]:
@@ -119,11 +63,10 @@ def _launch(np_, pyargs, timeout):
                   file=sys.stderr, flush=True)
             return main(pyargs[2:])
         return 127
-    flavor = _mpi_flavor(mpiexec)
-    env, flags = launch_env(flavor, timeout)
-    cmd = [mpiexec, *flags, "-n", str(np_), sys.executable, *pyargs]
+    env, flags = launch_env(launcher, timeout=timeout)
+    cmd = [launcher.path, *flags, "-n", str(np_), sys.executable, *pyargs]
     print("$ " + " ".join(cmd), flush=True)
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdin=subprocess.DEVNULL)
     try:
         return proc.wait(timeout=timeout + 10 if timeout else None)
     except subprocess.TimeoutExpired:
@@ -203,7 +146,10 @@ def _cmd_run(ns, extra):
     t0 = time.perf_counter()
     rc = _launch(np_, pyargs, ns.timeout)
     dt = time.perf_counter() - t0
-    if rc == 0:
+    verdict = _report_ok(out)
+    if rc == 0 and verdict is not True:
+        # Open MPI 4 returns 0 when ranks exit non-zero without aborting the job: the report decides.
+        rc = 1 if verdict is False else 3
         latest = Path("runs") / "latest"
         try:
             if Path(out).parent == Path("runs"):
@@ -214,7 +160,7 @@ def _cmd_run(ns, extra):
             pass
         print(f"\ndone in {dt:.1f} s. Open {os.path.join(out, 'memory.png')} and "
               f"{os.path.join(out, 'rows.png')}; every number is in {os.path.join(out, 'report.json')}.")
-    elif rc == 1 and _report_failed(out):
+    elif rc == 1 and verdict is False:
         print(f"\nverification FAILED (exit 1) after {dt:.1f} s; details in {os.path.join(out, 'report.json')}",
               file=sys.stderr)
     else:
@@ -222,14 +168,16 @@ def _cmd_run(ns, extra):
     return rc
 
 
-def _report_failed(out):
+def _report_ok(out):
+    """``ok`` of the run's report.json (True/False), or None when there is no readable report."""
     import json
 
     try:
         with open(os.path.join(out, "report.json")) as f:
-            return json.load(f).get("ok") is False
-    except (OSError, ValueError):
-        return False
+            ok = json.load(f).get("ok")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return ok if isinstance(ok, bool) else None
 
 
 _ABBR = {"IDLE": "idle", "DECODE": "dec", "EXTEND": "ext", "TARGET_VERIFY": "verify",
@@ -384,8 +332,8 @@ def _cmd_info(ns):
             lines.append(f"MPI:          {lib} (mpi4py {mpi4py.__version__}, MPI {'.'.join(map(str, MPI.Get_version()))})")
         except Exception as e:
             lines.append(f"MPI:          mpi4py fails to load: {e}")
-    mx = find_mpiexec()
-    lines.append(f"mpiexec:      {mx + ' (' + _mpi_flavor(mx) + ')' if mx else 'not found'}")
+    mx = detect()
+    lines.append(f"mpiexec:      {mx.path + ' (' + mx.label + ')' if mx else 'not found'}")
     for mod in ("numpy", "numba", "ml_dtypes", "matplotlib", "tqdm"):
         if importlib.util.find_spec(mod) is None:
             lines.append(f"{mod + ':':13s} missing")

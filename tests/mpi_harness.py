@@ -1,92 +1,88 @@
-"""Run scripts under ``mpiexec`` from pytest, time-limited and hang-proof; assert collectively.
+"""Run scripts under ``mpiexec`` from pytest, time-limited and hang-proof; results as JSON per rank.
 
 Two halves:
 
 - pytest side: :func:`run_mpi` / :func:`check_mpi` launch ``mpiexec -n N python SCRIPT ARGS...``
-  in its own process group with one-box MPICH settings, ``MPIEXEC_TIMEOUT`` and a hard
-  ``subprocess`` deadline (the whole group is killed if Hydra does not stop in time), and return
-  ``MpiRun(returncode, stdout, stderr)``. ``mpiexec_path`` / ``needs_mpiexec`` skip when no
-  ``mpiexec`` is found. Scripts live in ``tests/mpi/`` and take their parameters from ``argv``.
-- script side (under MPI): :func:`coll_assert` makes an assertion fail on every rank together
-  (a failure on some ranks only would leave the others waiting in the next collective).
+  in its own process group with the one-box settings of :mod:`dpgather.tools.launch` (MPICH or
+  Open MPI, detected from the launcher), ``MPIEXEC_TIMEOUT`` and a hard ``subprocess`` deadline
+  (the whole group is killed if the launcher does not stop in time). They return
+  :class:`MpiRun` with the exit code, the output and ``results``: the JSON object every rank
+  wrote with :func:`report`. Tests assert on ``results`` — exit codes alone are not enough (Open
+  MPI 4 returns 0 when ranks exit non-zero without aborting the job).
+- script side (under MPI): :func:`report` writes this rank's result; :func:`coll_assert` makes an
+  assertion fail on every rank together (a failure on some ranks only would leave the others
+  waiting in the next collective).
 
 ``run_mpi`` prepends this folder to ``PYTHONPATH`` so scripts can ``from mpi_harness import
-coll_assert``; pytest is not imported when the module is loaded outside pytest.
+report``; pytest is not imported when the module is loaded outside pytest.
 """
 
+import json
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
 __all__ = [
-    "HERE", "MPI_SCRIPTS", "MpiRun", "find_mpiexec", "mpi_env", "run_mpi", "check_mpi",
-    "coll_assert", "rank_markers",
+    "HERE", "MPI_SCRIPTS", "MpiRun", "find_mpiexec", "launcher", "run_mpi", "check_mpi",
+    "report", "coll_assert",
 ]
 
 HERE = Path(__file__).resolve().parent
 MPI_SCRIPTS = HERE / "mpi"
-
-#: One-box settings (mpi4py's .ci/env.mpich and env.openmpi): no ssh, loopback only, and
-#: yielding progress so oversubscribed ranks (4 ranks on 2 cores) do not spin each other out.
-ONE_BOX_ENV = {
-    "HYDRA_LAUNCHER": "fork",
-    "MPIR_CVAR_CH3_INTERFACE_HOSTNAME": "127.0.0.1",
-    "FI_PROVIDER": "tcp",
-    "UCX_TLS": "tcp,sm,self",
-    "MPIR_CVAR_POLLS_BEFORE_YIELD": "1",
-    "MPIR_CVAR_CH4_PROGRESS_THROTTLE": "true",
-    # Open MPI equivalents (ignored by MPICH)
-    "OMPI_MCA_rmaps_base_oversubscribe": "true",
-    "PRTE_MCA_rmaps_default_mapping_policy": ":oversubscribe",
-    "OMPI_ALLOW_RUN_AS_ROOT": "1",
-    "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-    "OMPI_MCA_mpi_yield_when_idle": "true",
-    "OPENBLAS_NUM_THREADS": "1",
-    "PYTHONUNBUFFERED": "1",
-}
+RESULTS_VAR = "DPGATHER_TEST_RESULTS"
 
 
 class MpiRun(NamedTuple):
-    """Result of one ``mpiexec`` run; ``timed_out`` is True when the hard deadline killed it."""
+    """Result of one ``mpiexec`` run.
+
+    Attributes:
+        returncode: the launcher's exit code (``-9`` when killed at the hard deadline).
+        stdout, stderr: the job's output. cmd: the command.
+        timed_out: the hard deadline killed the job.
+        results: ``{rank: dict}`` — what each rank passed to :func:`report` (ranks that wrote
+            nothing are missing).
+        wall_s: seconds from launch to the end of the job.
+    """
 
     returncode: int
     stdout: str
     stderr: str
     cmd: tuple = ()
     timed_out: bool = False
+    results: dict = {}
+    wall_s: float = 0.0
 
     def tail(self, lines=40):
-        """The last ``lines`` lines of stdout and stderr, formatted for an assertion message."""
+        """The last ``lines`` lines of stdout and stderr and the results, for an assertion message."""
         out = "\n".join(self.stdout.splitlines()[-lines:])
         err = "\n".join(self.stderr.splitlines()[-lines:])
-        head = f"$ {' '.join(self.cmd)}\nreturncode={self.returncode}"
+        head = f"$ {' '.join(self.cmd)}\nreturncode={self.returncode} wall={self.wall_s:.1f}s"
         if self.timed_out:
             head += " (killed at the hard deadline)"
-        return f"{head}\n--- stdout (tail) ---\n{out}\n--- stderr (tail) ---\n{err}"
+        res = json.dumps(self.results, indent=None, default=str)[-4000:]
+        return f"{head}\n--- results ---\n{res}\n--- stdout (tail) ---\n{out}\n--- stderr (tail) ---\n{err}"
+
+    def failures(self):
+        """Every failure message the ranks reported, prefixed with the rank."""
+        return [f"rank {r}: {m}" for r, res in sorted(self.results.items()) for m in res.get("failures", [])]
 
 
 def find_mpiexec():
-    """``mpiexec`` next to ``sys.executable`` (the venv's MPICH wheel), else on PATH, else None."""
-    from dpgather.cli import find_mpiexec as _find
+    """``mpiexec`` next to ``sys.executable`` (a venv's MPI wheel), else on PATH, else None."""
+    from dpgather.tools.launch import find_mpiexec as _find
 
     return _find()
 
 
-def mpi_env(env=None, timeout=None):
-    """``os.environ`` + one-box settings + ``MPIEXEC_TIMEOUT`` + this folder on ``PYTHONPATH``,
-    then ``env`` (wins)."""
-    full = dict(os.environ)
-    full.update(ONE_BOX_ENV)
-    if timeout is not None:
-        full["MPIEXEC_TIMEOUT"] = str(max(1, int(timeout)))
-    pp = full.get("PYTHONPATH", "")
-    full["PYTHONPATH"] = str(HERE) + (os.pathsep + pp if pp else "")
-    if env:
-        full.update({k: str(v) for k, v in env.items()})
-    return full
+def launcher(mpiexec=None):
+    """The detected :class:`dpgather.tools.launch.Launcher` (or None)."""
+    from dpgather.tools.launch import detect
+
+    return detect(mpiexec)
 
 
 def _python_args(args):
@@ -104,59 +100,118 @@ def _python_args(args):
     return args
 
 
-def run_mpi(args, nprocs, timeout=60, env=None, cwd=None, mpiexec=None, mpiexec_args=()):
+def run_mpi(args, nprocs, timeout=60, env=None, cwd=None, mpiexec=None, mpiexec_args=(), recovery=False):
     """Run ``mpiexec -n NPROCS python ARGS...`` and return :class:`MpiRun` (never hangs).
 
     Args:
         args: a script path, or a sequence ``[script, *argv]`` or ``["-m", module, *argv]``.
         nprocs: number of ranks.
-        timeout: seconds. Hydra gets ``MPIEXEC_TIMEOUT=timeout`` (it kills the job and exits
-            non-zero); the subprocess gets a hard deadline ``timeout + 15`` after which the whole
-            process group (mpiexec, proxies, ranks) is killed.
-        env: extra environment variables (override the defaults).
+        timeout: seconds. The launcher gets ``MPIEXEC_TIMEOUT=timeout`` where it reads it; the
+            subprocess gets a hard deadline ``timeout + 15`` after which the whole process group
+            (launcher, daemons, ranks) is killed.
+        env: extra environment variables (override everything else).
         cwd: working directory (default: the repository root).
         mpiexec: the launcher (default :func:`find_mpiexec`).
         mpiexec_args: extra launcher flags placed before ``-n``.
+        recovery: keep the job running when a rank dies (fault tests; see dpgather.tools.launch).
     """
-    launcher = mpiexec or find_mpiexec()
-    if launcher is None:
+    import time
+
+    from dpgather.tools.launch import detect, launch_env
+
+    found = detect(mpiexec)
+    if found is None:
         raise FileNotFoundError("no mpiexec next to sys.executable or on PATH")
-    cmd = [launcher, *map(str, mpiexec_args), "-n", str(int(nprocs)), sys.executable, *_python_args(args)]
+    full, flags = launch_env(found, timeout=timeout, recovery=recovery)
+    pp = full.get("PYTHONPATH", "")
+    full["PYTHONPATH"] = str(HERE) + (os.pathsep + pp if pp else "")
+    results_dir = tempfile.mkdtemp(prefix="dpg-results-")
+    full[RESULTS_VAR] = results_dir
+    if env:
+        full.update({k: str(v) for k, v in env.items()})
+    cmd = [found.path, *flags, *map(str, mpiexec_args), "-n", str(int(nprocs)), sys.executable,
+           *_python_args(args)]
+    t0 = time.monotonic()
     proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env=mpi_env(env, timeout), cwd=str(cwd or HERE.parent), start_new_session=True,
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+        env=full, cwd=str(cwd or HERE.parent), start_new_session=True,
     )
+    timed_out = False
     try:
         out, err = proc.communicate(timeout=timeout + 15)
-        return MpiRun(proc.returncode, out, err, tuple(cmd))
     except subprocess.TimeoutExpired:
+        timed_out = True
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
         out, err = proc.communicate()
-        return MpiRun(proc.returncode if proc.returncode is not None else -9, out, err, tuple(cmd), True)
+    wall = time.monotonic() - t0
+    results = {}
+    for name in sorted(os.listdir(results_dir)):
+        if name.startswith("rank") and name.endswith(".json"):
+            try:
+                with open(os.path.join(results_dir, name)) as f:
+                    results[int(name[4:-5])] = json.load(f)
+            except (OSError, ValueError):
+                pass
+        try:
+            os.unlink(os.path.join(results_dir, name))
+        except OSError:
+            pass
+    try:
+        os.rmdir(results_dir)
+    except OSError:
+        pass
+    rc = proc.returncode if proc.returncode is not None else -9
+    return MpiRun(rc, out, err, tuple(cmd), timed_out, results, wall)
 
 
-def check_mpi(args, nprocs, timeout=60, env=None, markers=None, **kw):
-    """:func:`run_mpi`, then assert exit code 0 (and ``markers``, see :func:`rank_markers`).
+def check_mpi(args, nprocs, timeout=60, env=None, **kw):
+    """:func:`run_mpi`, then assert: the job ended in time with exit code 0, every rank reported,
+    and every rank's result has ``ok`` true. Returns the :class:`MpiRun`.
 
-    The assertion message carries the command and the tails of stdout and stderr.
+    The assertion message carries the command, the results and the tails of stdout and stderr.
     """
     res = run_mpi(args, nprocs, timeout=timeout, env=env, **kw)
-    assert res.returncode == 0 and not res.timed_out, f"mpiexec -n {nprocs} failed\n{res.tail()}"
-    if markers is not None:
-        missing = [m for m in rank_markers(markers, nprocs) if m not in res.stdout]
-        assert not missing, f"missing markers {missing}\n{res.tail()}"
+    assert not res.timed_out, f"mpiexec -n {nprocs} hung\n{res.tail()}"
+    missing = [r for r in range(nprocs) if r not in res.results]
+    assert not missing, f"ranks {missing} reported no result\n{res.tail()}"
+    bad = res.failures() or [f"rank {r}: ok=false" for r, v in res.results.items() if not v.get("ok")]
+    assert not bad, "\n".join(bad[:40]) + f"\n{res.tail()}"
+    assert res.returncode == 0, f"mpiexec -n {nprocs} exited {res.returncode}\n{res.tail()}"
     return res
 
 
-def rank_markers(marker, nprocs):
-    """The per-rank pass lines scripts print: ``f"{marker} rank={r}/{nprocs}"``."""
-    return [f"{marker} rank={r}/{nprocs}" for r in range(nprocs)]
-
-
 # -- script side -------------------------------------------------------------------------------
+
+def report(rank=None, **fields):
+    """Write this rank's result (a JSON object) for the harness; ``ok`` defaults to no ``failures``.
+
+    Args:
+        rank: this rank (default: ``MPI.COMM_WORLD`` rank).
+        **fields: JSON-serialisable values; ``failures`` (a list of messages) and ``ok`` are
+            what :func:`check_mpi` asserts on.
+
+    Outside the harness (no ``DPGATHER_TEST_RESULTS``) the result is printed instead.
+    """
+    if rank is None:
+        from mpi4py import MPI
+
+        rank = MPI.COMM_WORLD.Get_rank()
+    fields.setdefault("failures", [])
+    fields.setdefault("ok", not fields["failures"])
+    fields["rank"] = int(rank)
+    text = json.dumps(fields, default=str)
+    folder = os.environ.get(RESULTS_VAR)
+    if not folder:
+        print(text, flush=True)
+        return
+    path = os.path.join(folder, f"rank{int(rank)}.json")
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
 
 def coll_assert(comm, ok, msg=""):
     """Collective assertion: raise ``AssertionError`` on *every* rank if ``ok`` is false on any.

@@ -156,13 +156,17 @@ def test_reserve_contains_stats_release():
 
 # -- DpAttention on a communicator of size 1 ---------------------------------------------------
 
-def _comms():
+@pytest.fixture(params=["COMM_SELF", "COMM_WORLD"])
+def comm(request):
+    """COMM_SELF, and COMM_WORLD of this (singleton) process. MPI is initialised here, when a test
+    runs, not at collection (an MPI singleton's runtime variables would otherwise leak into every
+    launcher a later test starts)."""
     from mpi4py import MPI
 
-    out = [pytest.param(MPI.COMM_SELF, id="COMM_SELF")]
-    if MPI.COMM_WORLD.Get_size() == 1:
-        out.append(pytest.param(MPI.COMM_WORLD, id="COMM_WORLD"))
-    return out
+    c = getattr(MPI, request.param)
+    if c.Get_size() != 1:
+        pytest.skip(f"{request.param} has {c.Get_size()} ranks")
+    return c
 
 
 def _dp(comm, **kw):
@@ -180,7 +184,6 @@ def _rows(n, w, dt, seed=0):
     return (rng.standard_normal((n, w)) * 3).astype(dt)
 
 
-@pytest.mark.parametrize("comm", _comms())
 def test_facade_outputs_are_exact_views_of_their_roles(comm):
     with _dp(comm, policy="max_len") as dp:
         p = dp.sync(dg.LocalBatch(M.EXTEND, 2, extend_tokens=9, logprob_tokens=3))
@@ -202,7 +205,6 @@ def test_facade_outputs_are_exact_views_of_their_roles(comm):
         np.testing.assert_array_equal(ls, L)
 
 
-@pytest.mark.parametrize("comm", _comms())
 def test_view_is_reused_by_the_next_call_of_its_role(comm):
     with _dp(comm) as dp:
         p = dp.sync(dg.LocalBatch(M.DECODE, 4))
@@ -216,7 +218,6 @@ def test_view_is_reused_by_the_next_call_of_its_role(comm):
         np.testing.assert_array_equal(G2, _rows(4, 6, F32, 2))
 
 
-@pytest.mark.parametrize("comm", _comms())
 def test_growth_then_steady_state(comm):
     with _dp(comm, hidden_size=16, dtype="bfloat16") as dp:
         def step(n):
@@ -244,7 +245,6 @@ def test_growth_then_steady_state(comm):
         assert after["gathered"]["peak_view_bytes"] == 64 * 16 * 2 <= after["gathered"]["reserved_bytes"]
 
 
-@pytest.mark.parametrize("comm", _comms())
 def test_all_idle_first_step_allocates_nothing(comm):
     # regression: a zero-row first request crashed (arena role without a buffer)
     with _dp(comm) as dp:
@@ -264,7 +264,6 @@ def test_all_idle_first_step_allocates_nothing(comm):
         assert st["total"]["allocations"] == 0 and st["total"]["reserved_bytes"] == 0
 
 
-@pytest.mark.parametrize("comm", _comms())
 @pytest.mark.parametrize("policy", ["auto", "sglang", "max_len", "sum_len", "varlen"])
 @pytest.mark.parametrize("buckets", [(), (4, 16, 32)])
 def test_preallocation_covers_every_step_up_to_the_limit(comm, policy, buckets):
@@ -302,7 +301,6 @@ def test_preallocation_covers_every_step_up_to_the_limit(comm, policy, buckets):
         assert st["gathered"]["requests"] > st0["gathered"]["requests"]
 
 
-@pytest.mark.parametrize("comm", _comms())
 @pytest.mark.parametrize("mode", ["max_len", "sum_len", "varlen", "sglang"])
 def test_single_rank_rows_and_padding(comm, mode):
     # T=1 reference: G = x clamped to n and zero-padded; scatter = Y's own slot, zero past n

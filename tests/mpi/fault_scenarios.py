@@ -1,15 +1,19 @@
 """Faults under mpiexec: every surviving rank must raise promptly and every process must end.
 
-    mpiexec -n T python fault_scenarios.py SCENARIO [--timeout S]
+    mpiexec -n T python fault_scenarios.py SCENARIO [--timeout S] [--attn-tp A]
 
 Scenarios (the faulty rank is the last one, F = T-1):
-  nosync   F never calls sync (it sleeps, then leaves): the others get CollectiveTimeout from sync.
+  nosync   F never calls sync (it sleeps, then leaves normally): the others get CollectiveTimeout
+           from sync.
   raise    F raises between sync and gather (an application error) and leaves: the others get
            CollectiveTimeout from gather/scatter.
-  exit     F exits abruptly (os._exit) right after sync: the others get CollectiveTimeout.
-After the timeout every survivor checks that the DpAttention refuses further use, prints
-``FAULT-OK rank=r/T elapsed=...`` and leaves with os._exit(0) (a pending MPI request would
-block MPI_Finalize). The faulty rank prints ``FAULT-SOURCE rank=F/T``.
+  exit     F dies (os._exit, no MPI_Finalize) right after sync: the others get CollectiveTimeout.
+
+Every rank reports with ``mpi_harness.report``: the survivors ``error`` (the exception class),
+``elapsed`` (seconds from the step's start to the error) and whether the aborted DpAttention
+refused further use; F reports ``role="fault"`` before it leaves. Survivors then leave normally,
+except after ``exit``: once a peer died without MPI_Finalize, MPICH's MPI_Finalize waits for it
+forever (measured with Hydra's -disable-auto-cleanup), so they leave with os._exit.
 """
 
 import argparse
@@ -21,6 +25,7 @@ import numpy as np
 from mpi4py import MPI
 
 import dpgather as dg
+from mpi_harness import report
 
 ap = argparse.ArgumentParser()
 ap.add_argument("scenario", choices=("nosync", "raise", "exit"))
@@ -40,38 +45,45 @@ G = dp.gather(x, plan)
 dp.scatter(G, plan)
 
 
-def leave(code, line):
-    print(line, flush=True)
+def flush_and_exit(code):
     sys.stdout.flush()
+    sys.stderr.flush()
     os._exit(code)
 
 
 if R == F:
+    report(R, role="fault", scenario=args.scenario)
     if args.scenario == "nosync":
         time.sleep(args.timeout * 3)
-        leave(0, f"FAULT-SOURCE rank={R}/{T}")
+        sys.exit(0)
     plan = dp.sync(batch)
     if args.scenario == "exit":
-        leave(0, f"FAULT-SOURCE rank={R}/{T}")
+        flush_and_exit(0)
     try:
         raise RuntimeError("application error between sync and gather")
     except RuntimeError:
-        leave(0, f"FAULT-SOURCE rank={R}/{T}")
+        flush_and_exit(0)
 
 t0 = time.monotonic()
+result = {"role": "survivor", "scenario": args.scenario}
 try:
     plan = dp.sync(batch)
     G = dp.gather(x, plan)
     dp.scatter(G, plan)
     dp.sync(batch)
-    leave(1, f"FAULT-MISSING rank={R}/{T}: no error")
+    result["failures"] = ["no error although the last rank failed"]
 except dg.CollectiveTimeout as e:
-    elapsed = time.monotonic() - t0
+    result["elapsed"] = time.monotonic() - t0
+    result["error"] = type(e).__name__
     try:
         dp.sync(batch)
-        leave(1, f"FAULT-REUSED rank={R}/{T}: the aborted DpAttention accepted another sync")
+        result["failures"] = ["the aborted DpAttention accepted another sync"]
     except dg.CollectiveTimeout as again:
-        reason = str(again)
-    if "aborted" not in reason:
-        leave(1, f"FAULT-UNCLEAR rank={R}/{T}: {reason}")
-    leave(0, f"FAULT-OK rank={R}/{T} elapsed={elapsed:.2f} error={type(e).__name__}")
+        result["refusal"] = str(again)
+        if "aborted" not in str(again):
+            result["failures"] = [f"unclear refusal: {again}"]
+except Exception as e:  # noqa: BLE001 - reported
+    result["failures"] = [f"{type(e).__name__}: {e}"]
+report(R, **result)
+if args.scenario == "exit":
+    flush_and_exit(0)

