@@ -327,6 +327,8 @@ cdef class Planner:
         self.policy = policy
         self.cost = cost
         A = topology.attn_tp_size
+        if graph_buckets is None:
+            graph_buckets = ()
         try:
             buckets = sorted(set(graph_buckets))
         except TypeError:
@@ -337,6 +339,9 @@ cdef class Planner:
                 raise ConfigError(
                     f"graph_buckets must be positive multiples of attn_tp_size={A}, got {b!r} "
                     f"in {tuple(graph_buckets)!r}")
+            if b > INT32_MAX:
+                raise ConfigError(
+                    f"graph_buckets must be <= {INT32_MAX} (token counts are int32), got {b!r}")
         self.graph_buckets = tuple(int(b) for b in buckets)
         self._buckets = np.array(self.graph_buckets or (0,), dtype=np.int64)
         self._nb = len(self.graph_buckets)
@@ -404,7 +409,11 @@ cdef class Planner:
         cdef int64_t d
         cdef int64_t* s
         if not isinstance(batches, (list, tuple)):
-            batches = list(batches)
+            try:
+                batches = list(batches)
+            except TypeError:
+                raise InputError(f"batches must be a sequence of dpgather.LocalBatch (one per DP replica), "
+                                 f"got {batches!r}") from None
         if len(batches) != D:
             raise InputError(
                 f"batches must hold one LocalBatch per DP replica: expected {D} "
@@ -431,7 +440,8 @@ cdef class Planner:
         """Plan from the gathered ``[world_size, RECORD_WIDTH]`` int32 record table.
 
         Row ``r`` is tp rank ``r``'s record. Each row is validated and the ``attn_tp_size``
-        rows of every replica must be identical.
+        rows of every replica must be identical. The array may be a strided view (e.g. the first
+        ``RECORD_WIDTH`` columns of a wider table).
 
         Raises:
             InputError: the table's type, dtype or shape is wrong, or a row is malformed
@@ -441,7 +451,7 @@ cdef class Planner:
         """
         cdef int64_t T = self.cfg.T, A = self.cfg.A, D = self.cfg.D
         cdef int64_t r, d, f, n = 0, l = 0, mode, bs, ext, lp, g
-        cdef const int32_t[:, ::1] t
+        cdef const int32_t[:, :] t
         cdef int64_t* s
         if (not isinstance(table, np.ndarray) or table.dtype != np.int32
                 or table.ndim != 2 or table.shape[0] != T or table.shape[1] != WIDTH):
@@ -449,9 +459,7 @@ cdef class Planner:
                 f"table must be an int32 array of shape ({T}, {WIDTH}) (world_size x RECORD_WIDTH), "
                 f"got {type(table).__name__} "
                 f"{getattr(table, 'dtype', '')} {getattr(table, 'shape', '')}")
-        if not table.flags.c_contiguous:
-            table = np.ascontiguousarray(table)
-        t = table
+        t = table  # any strides: DpAttention passes the planner's columns of its wider sync table
         for r in range(T):
             mode = t[r, F_MODE]
             bs = t[r, F_BS]

@@ -19,8 +19,22 @@ are skipped by every rank. The formulas of each mode's predicted gather + combin
 """
 
 import json
+import math
 
 from .errors import ConfigError
+
+
+def _finite(name, value, kind=float):
+    """``kind(value)`` for a finite number, else ConfigError naming ``name``."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{name} must be a number, got {value!r}")
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(v):
+        raise ConfigError(f"{name} must be finite, got {value!r}")
+    return kind(v)
 
 __all__ = ["CostModel", "COLLECTIVES"]
 
@@ -54,9 +68,9 @@ class CostModel:
     __slots__ = ("row_bytes", "copy_GBps", "mlp_row_us", "params")
 
     def __init__(self, row_bytes=14336, copy_GBps=2900.0, mlp_row_us=0.0, **collectives):
-        self.row_bytes = int(row_bytes)
-        self.copy_GBps = float(copy_GBps)
-        self.mlp_row_us = float(mlp_row_us)
+        self.row_bytes = _finite("row_bytes", row_bytes, int)
+        self.copy_GBps = _finite("copy_GBps", copy_GBps)
+        self.mlp_row_us = _finite("mlp_row_us", mlp_row_us)
         if self.row_bytes <= 0:
             raise ConfigError(f"row_bytes must be > 0, got {row_bytes}")
         if self.copy_GBps <= 0:
@@ -71,6 +85,8 @@ class CostModel:
                 a0, a1, beta = (float(v) for v in value)
             except (TypeError, ValueError):
                 raise ConfigError(f"{name} must be (a0_us, a1_us, beta_GBps), got {value!r}") from None
+            if not all(math.isfinite(v) for v in (a0, a1, beta)):
+                raise ConfigError(f"{name} must be finite numbers (a0_us, a1_us, beta_GBps), got {value!r}")
             if a0 < 0 or a1 < 0 or beta <= 0:
                 raise ConfigError(f"{name} needs a0 >= 0, a1 >= 0, beta > 0, got {value!r}")
             params[name] = (a0, a1, beta)

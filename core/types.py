@@ -173,6 +173,8 @@ class LocalBatch:
 
     def __init__(self, mode, batch_size=0, extend_tokens=0, logprob_tokens=None, can_run_graph=False):
         try:
+            if isinstance(mode, bool):  # True == 1 == DECODE: never what the caller meant
+                raise ValueError(mode)
             mode = ForwardMode(mode)
         except ValueError:
             raise InputError(
@@ -203,6 +205,15 @@ class LocalBatch:
         object.__setattr__(self, "batch_size", batch_size)
         object.__setattr__(self, "extend_tokens", extend_tokens)
         object.__setattr__(self, "logprob_tokens", logprob_tokens)
+        if not isinstance(can_run_graph, bool):
+            try:
+                import numpy as np
+
+                ok = isinstance(can_run_graph, np.bool_)
+            except ImportError:  # pragma: no cover
+                ok = False
+            if not ok:
+                raise InputError(f"can_run_graph must be True or False, got {can_run_graph!r}")
         object.__setattr__(self, "can_run_graph", bool(can_run_graph))
 
     def __setattr__(self, name, value):

@@ -1,39 +1,28 @@
-"""dpgather.dist: communicators (one protocol, two backends).
+"""dpgather.dist: communicators (one protocol, two backends), the per-step sync, the P2P transport.
 
+- :class:`Communicator` (:mod:`.base`): the protocol; checked methods plus trusted ``ops``.
 - :class:`MpiHostCommunicator` (:mod:`.host`): mpi4py on NumPy row buffers; ``host_available()``.
 - ``NcclCommunicator`` (:mod:`.nccl`): NCCL through CuPy on CuPy row buffers; ``nccl_available``.
-  Loaded lazily on first attribute access, so importing ``dpgather.dist`` never imports CuPy or
-  mpi4py and never fails on a CPU machine.
+- :class:`StepSync` (:mod:`.sync`): the per-step record exchange (shared memory on one node).
 
-The protocol is :class:`Communicator` (:mod:`.base`); docs/internals.md states it.
+Importing ``dpgather.dist`` imports neither CuPy nor mpi4py and never fails on a CPU machine;
+the NCCL module loads on first attribute access.
 """
 
-from .base import Communicator
+from .base import Communicator, Ops
 from .host import MpiHostCommunicator, host_available
+from .sync import StepSync
 
-__all__ = ["Communicator", "MpiHostCommunicator", "host_available", "NcclCommunicator", "nccl_available"]
+__all__ = ["Communicator", "Ops", "MpiHostCommunicator", "host_available", "StepSync", "NcclCommunicator",
+           "nccl_available"]
 
 _LAZY = ("NcclCommunicator", "nccl_available")
 
 
-def _nccl_unavailable():
-    """Fallback ``nccl_available`` when the NCCL module cannot be imported at all: False."""
-    return False
-
-
 def __getattr__(name):
     if name in _LAZY:
-        try:
-            from . import nccl
-        except ImportError as e:
-            if name == "nccl_available":
-                return _nccl_unavailable
-            from dpgather.core.errors import BackendUnavailable
+        from . import nccl
 
-            raise BackendUnavailable(
-                f"dpgather.dist.NcclCommunicator cannot be loaded ({e}); the CUDA backend needs "
-                'CuPy with NCCL: `pip install "cupy-cuda12x>=13"` (or `pip install dpgather[cuda]`)'
-            ) from e
         return getattr(nccl, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

@@ -1,25 +1,24 @@
 """NCCL communicator over CuPy arrays: the CUDA backend of the ``Communicator`` protocol.
 
-:class:`NcclCommunicator` implements the protocol of docs/internals.md ("Communicators")
-with one NCCL communicator per rank (one GPU per MPI process), bootstrapped over mpi4py.
+:class:`NcclCommunicator` implements the protocol of :mod:`dpgather.dist.base` with one NCCL
+communicator per rank (one GPU per MPI process), bootstrapped over mpi4py. Its trusted
+primitives (:class:`NcclOps`) call CuPy's own binding, ``cupy.cuda.nccl.NcclCommunicator``,
+directly: device pointers, element counts, the NCCL datatype of :data:`dpgather.core.dtypes.DTYPES`.
 
 Streams and completion
     Every collective is *enqueued* on the caller's stream -- the ``stream`` keyword (a
     ``cupy.cuda.Stream``/``ExternalStream`` or a raw ``cudaStream_t`` int), by default the
     current CuPy stream -- and returns immediately: no device->host synchronisation on the
     hot path, so collectives pipeline with the kernels around them and can be captured
-    into CUDA graphs. Work that follows on the same stream sees the result; other streams
-    must wait on an event. Completion is checked only by :meth:`NcclCommunicator.wait`
-    (or ``sync=True`` on a call), which polls a CUDA event and NCCL's async error state
-    against ``timeout_s``.
+    into CUDA graphs. Completion is checked only by :meth:`NcclCommunicator.wait`, which polls
+    a CUDA event and NCCL's async error state against ``timeout_s``.
 
 Timeouts and failure
-    A blocking operation (``wait``/``sync=True``, ``allgather_record``, ``barrier``,
-    ``split``, the construction handshake) that does not finish within ``timeout_s``
-    aborts the communicator (``ncclCommAbort``) and raises
-    :class:`~dpgather.core.errors.CollectiveTimeout` naming the operation. An NCCL error
-    (failed call or asynchronous error such as a lost peer) does the same. From then on
-    every call raises ``CollectiveTimeout("... communicator is broken")`` immediately.
+    A blocking operation (``wait``, ``barrier``, ``split``, the construction handshake) that does
+    not finish within ``timeout_s`` aborts the communicator (``ncclCommAbort``) and raises
+    :class:`~dpgather.core.errors.CollectiveTimeout` naming the operation. An NCCL error (failed
+    call or asynchronous error such as a lost peer) does the same. From then on every call raises
+    ``CollectiveTimeout("... communicator is broken")`` immediately.
 
 Variable-count collectives
     NCCL has no v-collectives. ``all_gatherv`` is one NCCL group of ``ncclBroadcast`` calls
@@ -29,12 +28,13 @@ Variable-count collectives
     same ones and the groups match.
 
 Teardown
-    :meth:`NcclCommunicator.close` destroys sub-communicators first, then this one, then
-    frees the MPI communicators. Destroy and abort run in a helper thread joined with a
-    time limit, so teardown never hangs; live communicators are closed by an ``atexit``
+    :meth:`NcclCommunicator.close` is local: it destroys sub-communicators first, then this one
+    (``ncclCommDestroy`` after a bounded wait for pending work when healthy, ``ncclCommAbort``
+    otherwise), then frees the MPI communicator. Destroy and abort run in a helper thread joined
+    with a time limit, so teardown never hangs; live communicators are closed by an ``atexit``
     hook (registered after mpi4py's, so it runs before ``MPI_Finalize``) that only aborts.
     CUDA graphs that captured NCCL calls hold references on the NCCL communicator:
-    destroy them *before* closing (see figures/gpu-probe-notes.md, exit hazard).
+    destroy them *before* closing (a process that still holds such a graph hangs at exit).
 
 Not thread-safe: use one communicator from one thread at a time.
 
@@ -45,40 +45,193 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import functools
 import threading
 import warnings
 
 import numpy
 
+from dpgather.core.dtypes import DTYPES
 from dpgather.core.errors import BackendUnavailable, CollectiveTimeout, ConfigError, InputError
 
-from . import _nccl
-from .base import Communicator, poll_until
+from .base import Communicator, Ops, check_split_args, parse_timeout, poll_until
 
-__all__ = ["NcclCommunicator", "nccl_available"]
+__all__ = ["NcclCommunicator", "NcclOps", "nccl_available", "nccl_version"]
 
-# NumPy dtype names whose NCCL reduction arithmetic is the dtype's own.
-_NATIVE_REDUCTION = ("float32", "float16", "int32", "int64", "uint8", "int8", "float64")
-# Storage dtypes accepted for the 2-byte floating names (CuPy has no bfloat16 dtype).
-_STORAGE_2B = ("uint16", "int16")
 # Bound on one NCCL teardown call when timeout_s means "wait forever", and at exit.
 _TEARDOWN_DEFAULT_S = 60.0
 _EXIT_LIMIT_S = 5.0
+# ncclCommSplit exists from NCCL 2.18.1 (version encoding major*10000 + minor*100 + patch).
+_COMM_SPLIT_VERSION = 21801
+_NCCL_SUM = 0  # ncclSum, fixed by the NCCL ABI (ncclRedOp_t)
 
 _registry: dict[int, "NcclCommunicator"] = {}
 _atexit_registered = False
 _exiting = False
 
 
+@functools.cache
+def _binding():
+    """``(cupy, cupy.cuda.nccl)``, or ``None`` when either cannot be imported or NCCL is missing."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # cupy.cuda.nccl warns when libnccl cannot be loaded
+            import cupy
+            from cupy.cuda import nccl
+    except Exception:
+        return None
+    if not getattr(nccl, "available", False) or not hasattr(nccl, "NcclCommunicator"):
+        return None
+    return cupy, nccl
+
+
+@functools.cache
 def nccl_available() -> bool:
-    """True iff CuPy imports, NCCL is loadable through it, and a GPU is visible."""
-    return _nccl.available()
+    """True iff CuPy imports, its NCCL binding loaded libnccl, and a GPU is visible."""
+    mods = _binding()
+    if mods is None:
+        return False
+    try:
+        return mods[0].cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+def _nccl():
+    if not nccl_available():
+        raise BackendUnavailable(
+            "NCCL is not usable here: the CUDA backend needs CuPy with its NCCL binding and a "
+            "visible GPU: `pip install cupy-cuda12x` (CUDA 12) or `pip install cupy-cuda13x` "
+            "(CUDA 13), and NCCL (`pip install nvidia-nccl-cu12`)")
+    return _binding()[1]
+
+
+def nccl_version() -> int:
+    """Runtime NCCL version as ``major*10000 + minor*100 + patch`` (2.28.9 -> 22809)."""
+    return int(_nccl().get_version())
 
 
 def _cupy():
     import cupy
 
     return cupy
+
+
+def _unique_id_forms(uid):
+    """The unique id in both CuPy generations' constructor forms (14+: bytes; older: tuple)."""
+    if isinstance(uid, (bytes, bytearray)):
+        return bytes(uid), tuple(b - 256 if b > 127 else b for b in uid)
+    return tuple(uid), bytes(b & 0xFF for b in uid)
+
+
+def _init_rank(nranks, uid, rank):
+    """``ncclCommInitRank`` on the current device; blocks until all ``nranks`` joined."""
+    ctor = _nccl().NcclCommunicator
+    forms = _unique_id_forms(uid)
+    try:
+        return ctor(int(nranks), forms[0], int(rank))
+    except TypeError:  # the other CuPy generation's commId type
+        return ctor(int(nranks), forms[1], int(rank))
+
+
+def _stream_ptr(stream):
+    """``(ptr, stream object or None)`` for a ``stream`` argument (None: the current stream)."""
+    if stream is None:
+        s = _cupy().cuda.get_current_stream()
+        return s.ptr, s
+    if isinstance(stream, int):
+        return stream, None
+    return int(stream.ptr), stream
+
+
+class NcclOps(Ops):
+    """Trusted NCCL primitives of one :class:`NcclCommunicator` (see
+    :class:`~dpgather.dist.base.Ops`): each call enqueues on the stream and returns."""
+
+    def __init__(self, owner, comm):
+        nccl = _nccl()
+        self._owner = owner
+        self._comm = comm
+        self._rank = owner.rank
+        self._size = owner.size
+        self._u8 = nccl.NCCL_UINT8
+        self._types = {name: int(getattr(nccl, d.nccl)) for name, d in DTYPES.items()}
+        self._group_start = nccl.groupStart
+        self._group_end = nccl.groupEnd
+        self._error = nccl.NcclError
+
+    def _issued(self, op, ptr, obj):
+        owner = self._owner
+        owner._last_op = op
+        if ptr not in owner._pending:
+            owner._pending[ptr] = obj
+
+    def _failed(self, op, exc):
+        if isinstance(exc, self._error):
+            self._owner._nccl_failed(op, exc)
+        raise exc
+
+    def all_gather(self, send, recv, logical, stream=None):
+        ptr, obj = _stream_ptr(stream)
+        try:
+            self._comm.allGather(send.data.ptr, recv.data.ptr, send.nbytes, self._u8, ptr)
+        except Exception as e:
+            self._failed("all_gather", e)
+        self._issued("all_gather", ptr, obj)
+
+    def all_gatherv(self, send, recv, counts, offsets, logical, stream=None):
+        ptr, obj = _stream_ptr(stream)
+        rb = send.shape[1] * send.dtype.itemsize
+        base, me, comm, u8 = recv.data.ptr, self._rank, self._comm, self._u8
+        try:
+            self._group_start()
+            try:
+                for r in range(self._size):
+                    c = counts[r]
+                    if c:
+                        dst = base + offsets[r] * rb
+                        comm.broadcast(send.data.ptr if r == me else dst, dst, c * rb, u8, r, ptr)
+            finally:
+                self._group_end()
+        except Exception as e:
+            self._failed("all_gatherv", e)
+        self._issued("all_gatherv", ptr, obj)
+
+    def all_reduce(self, send, recv, logical, stream=None):
+        ptr, obj = _stream_ptr(stream)
+        try:
+            self._comm.allReduce(send.data.ptr, recv.data.ptr, recv.size, self._types[logical],
+                                 _NCCL_SUM, ptr)
+        except Exception as e:
+            self._failed("all_reduce", e)
+        self._issued("all_reduce", ptr, obj)
+
+    def reduce_scatter(self, send, recv, logical, stream=None):
+        ptr, obj = _stream_ptr(stream)
+        try:
+            self._comm.reduceScatter(send.data.ptr, recv.data.ptr, recv.size, self._types[logical],
+                                     _NCCL_SUM, ptr)
+        except Exception as e:
+            self._failed("reduce_scatter", e)
+        self._issued("reduce_scatter", ptr, obj)
+
+    def reduce_scatterv(self, send, recv, counts, offsets, logical, stream=None):
+        ptr, obj = _stream_ptr(stream)
+        w = send.shape[1]
+        rb = w * send.dtype.itemsize
+        base, out, comm, t = send.data.ptr, recv.data.ptr, self._comm, self._types[logical]
+        try:
+            self._group_start()
+            try:
+                for r in range(self._size):
+                    c = counts[r]
+                    if c:
+                        comm.reduce(base + offsets[r] * rb, out, c * w, t, _NCCL_SUM, r, ptr)
+            finally:
+                self._group_end()
+        except Exception as e:
+            self._failed("reduce_scatterv", e)
+        self._issued("reduce_scatterv", ptr, obj)
 
 
 class NcclCommunicator(Communicator):
@@ -89,14 +242,14 @@ class NcclCommunicator(Communicator):
             ``MPI.COMM_WORLD``). It is duplicated, so dpgather's host messages never mix
             with the caller's. Construction is collective over it.
         timeout_s: limit in seconds for every blocking operation (see module docstring);
-            ``None`` or ``<= 0`` waits forever (teardown calls stay bounded).
+            ``None`` or ``0`` waits forever (teardown calls stay bounded).
         device: CUDA device ordinal for this rank. Default: the node-local rank
             (``Split_type(COMM_TYPE_SHARED)``) modulo the visible device count. The device
             becomes the calling thread's current CuPy device.
 
     Attributes:
         rank, size: this rank and the number of ranks (same as the MPI communicator's).
-        timeout_s: the limit above. device: the CUDA device ordinal in use.
+        timeout_s: the limit above. device: the CUDA device ordinal in use. ops: :class:`NcclOps`.
 
     Raises:
         BackendUnavailable: no CuPy/NCCL/GPU, or mpi4py is missing.
@@ -108,14 +261,13 @@ class NcclCommunicator(Communicator):
     """
 
     def __init__(self, mpi_comm=None, timeout_s: float = 60.0, device=None):
-        if not _nccl.available():
-            _nccl.lib()  # raises BackendUnavailable with the reason
+        _nccl()  # raises BackendUnavailable with the reason
         try:
             from mpi4py import MPI
         except ImportError as exc:
             raise BackendUnavailable(
-                f"NcclCommunicator bootstraps over MPI and needs mpi4py ({exc})"
-            ) from exc
+                f"NcclCommunicator bootstraps over MPI and needs mpi4py ({exc}): "
+                '`pip install "mpi4py>=4" mpich`') from exc
         cupy = _cupy()
         self._init_state(timeout_s)
         parent = MPI.COMM_WORLD if mpi_comm is None else mpi_comm
@@ -126,11 +278,10 @@ class NcclCommunicator(Communicator):
             cupy.cuda.Device(dev).use()
             self.device = dev
             self._mpi = mpi
-            uid = _nccl.getUniqueId() if mpi.Get_rank() == 0 else None
+            uid = _nccl().get_unique_id() if mpi.Get_rank() == 0 else None
             uid = self._bcast_unique_id(mpi, uid, "NcclCommunicator init")
             with cupy.cuda.Device(dev):
-                comm = self._call("ncclCommInitRank", _nccl.commInitRank, mpi.Get_size(), uid,
-                                  mpi.Get_rank())
+                comm = self._call("ncclCommInitRank", _init_rank, mpi.Get_size(), uid, mpi.Get_rank())
         except BaseException:
             self._mpi = None
             if not MPI.Is_finalized() and not self._orphans:
@@ -141,28 +292,19 @@ class NcclCommunicator(Communicator):
     # ------------------------------------------------------------------ construction
 
     def _init_state(self, timeout_s) -> None:
-        try:
-            timeout_s = 0.0 if timeout_s is None else float(timeout_s)
-        except (TypeError, ValueError):
-            raise InputError(
-                f"timeout_s must be a number of seconds (or None), got {timeout_s!r}"
-            ) from None
-        if timeout_s != timeout_s:
-            raise InputError("timeout_s must be a number of seconds (or None), got nan")
-        self.timeout_s = timeout_s
+        self.timeout_s = parse_timeout(timeout_s, error=InputError)
         self._comm = None
         self._mpi = None
         self._broken = None
         self._closed = False
         self._children = []
-        self._host = None  # MpiHostCommunicator over the same MPI comm, for allgather_record
         self._pending = {}  # stream ptr -> stream object, enqueued since the last wait
         self._orphans = []  # MPI requests abandoned on timeout, with their buffers
         self._last_op = None
-        self._nccl_error = None
         self.rank = 0
         self.size = 1
         self.device = None
+        self.ops = None
 
     def _setup(self, mpi, comm, device) -> None:
         global _atexit_registered
@@ -172,9 +314,7 @@ class NcclCommunicator(Communicator):
         self.device = device
         self.rank = mpi.Get_rank()
         self.size = mpi.Get_size()
-        self._u8 = _nccl.datatype("uint8")
-        self._sum = _nccl.NCCL_SUM
-        self._nccl_error = _nccl.error_type()
+        self.ops = NcclOps(self, comm)
         with cupy.cuda.Device(device):
             self._event = cupy.cuda.Event(block=False, disable_timing=True)
         _registry[id(self)] = self
@@ -215,12 +355,31 @@ class NcclCommunicator(Communicator):
         self._mpi_wait(mpi.Ibcast(buf, root=0), op, buf)
         return bytes(int(x) & 0xFF for x in buf)
 
-    # ------------------------------------------------------------------ helpers
+    # ------------------------------------------------------------------ checks and failures
 
     def _check_usable(self, op: str) -> None:
         super()._check_usable(op)
         if self._comm is None:
             raise BackendUnavailable(f"{op}: this NcclCommunicator is closed")
+
+    def _buffer(self, op, name, arr, writable=False):
+        cupy = _cupy()
+        if not isinstance(arr, cupy.ndarray):
+            if not hasattr(arr, "__cuda_array_interface__"):
+                raise InputError(f"{op}: {name} must be a CuPy array (or expose __cuda_array_interface__), "
+                                 f"got {type(arr).__name__}")
+            arr = cupy.asarray(arr)
+        if arr.ndim != 2:
+            raise InputError(f"{op}: {name} must be a 2-D [rows, width] array, got shape {arr.shape}")
+        if not arr.flags.c_contiguous:
+            raise InputError(f"{op}: {name} must be C-contiguous, got strides {arr.strides}")
+        if arr.data.device_id != self.device:
+            raise InputError(f"{op}: {name} is on device {arr.data.device_id}, the communicator on {self.device}")
+        return arr
+
+    def _overlap(self, a, b):
+        pa, pb = a.data.ptr, b.data.ptr
+        return pa < pb + b.nbytes and pb < pa + a.nbytes
 
     def _timeout(self, op: str, detail: str = ""):
         """Mark broken, abort NCCL, raise ``CollectiveTimeout`` for ``op``."""
@@ -241,272 +400,21 @@ class NcclCommunicator(Communicator):
         try:
             return fn(*args)
         except Exception as exc:
-            if isinstance(exc, self._nccl_error or _nccl.error_type()):
+            if isinstance(exc, _nccl().NcclError):
                 self._nccl_failed(op, exc)
             raise
 
-    def _check_async(self, op: str) -> None:
+    def check_async_error(self, op="async error check") -> None:
+        """Raise ``CollectiveTimeout`` (and abort) if NCCL reported an asynchronous error."""
         comm = self._comm
         if comm is not None:
-            self._call(op, _nccl.commGetAsyncError, comm)
+            self._call(op, comm.check_async_error)
 
     def _mpi_wait(self, req, op: str, *keep) -> None:
         if not poll_until(req.Test, self.timeout_s):
             # MPI may still write into the buffers: keep them alive with the request.
             self._orphans.append((req, keep))
             self._timeout(op, "(host exchange over MPI)")
-
-    def _stream(self, stream):
-        """(ptr, stream object or None) for the ``stream`` argument."""
-        if stream is None:
-            s = _cupy().cuda.get_current_stream()
-            return s.ptr, s
-        if isinstance(stream, int):
-            return stream, None
-        return int(stream.ptr), stream
-
-    def _stream_obj(self, ptr, obj):
-        if obj is not None:
-            return obj
-        return _cupy().cuda.ExternalStream(ptr, self.device)
-
-    def _buf(self, arr, name: str):
-        cupy = _cupy()
-        if not isinstance(arr, cupy.ndarray):
-            if not hasattr(arr, "__cuda_array_interface__"):
-                raise InputError(
-                    f"{name}: expected a CuPy array (or __cuda_array_interface__), got "
-                    f"{type(arr).__name__}"
-                )
-            arr = cupy.asarray(arr)
-        if arr.ndim != 2:
-            raise InputError(f"{name}: expected a 2-D [rows, width] array, got shape {arr.shape}")
-        if not arr.flags.c_contiguous:
-            raise InputError(f"{name}: expected a C-contiguous array, got strides {arr.strides}")
-        if arr.data.device_id != self.device:
-            raise InputError(
-                f"{name}: array is on device {arr.data.device_id}, the communicator on "
-                f"{self.device}"
-            )
-        return arr
-
-    @staticmethod
-    def _row_bytes(arr) -> int:
-        return arr.shape[1] * arr.itemsize
-
-    def _same_rows(self, op, send, recv) -> int:
-        rb = self._row_bytes(send)
-        if self._row_bytes(recv) != rb:
-            raise InputError(
-                f"{op}: send rows are {send.shape[1]} x {send.dtype} = {rb} bytes, recv rows "
-                f"{recv.shape[1]} x {recv.dtype} = {self._row_bytes(recv)} bytes; they must match"
-            )
-        return rb
-
-    def _check_move_dtype(self, dtype, *arrays) -> None:
-        if dtype is None:
-            return
-        size = _nccl.DTYPE_NAMES.get(dtype)
-        if size is None:
-            raise InputError(
-                f"dtype: unknown {dtype!r}; expected one of {sorted(_nccl.DTYPE_NAMES)}"
-            )
-        for a in arrays:
-            if a.itemsize != size:
-                raise InputError(
-                    f"dtype: {dtype!r} has {size}-byte items, the array has dtype {a.dtype}"
-                )
-
-    def _reduction_type(self, op, dtype, send, recv) -> int:
-        if send.dtype != recv.dtype:
-            raise InputError(f"{op}: send dtype {send.dtype} differs from recv dtype {recv.dtype}")
-        stored = send.dtype.name
-        name = stored if dtype is None else dtype
-        if dtype is None and stored not in _NATIVE_REDUCTION:
-            raise InputError(
-                f"{op}: cannot sum dtype {stored} without a logical dtype; pass "
-                "dtype='bfloat16' (or 'float16') for 2-byte float storage"
-            )
-        if name not in _nccl.DTYPE_NAMES:
-            raise InputError(
-                f"dtype: unknown {name!r}; expected one of {sorted(_nccl.DTYPE_NAMES)}"
-            )
-        ok = stored == name or (name in ("bfloat16", "float16") and stored in _STORAGE_2B)
-        if not ok:
-            raise InputError(
-                f"{op}: dtype={name!r} does not describe arrays of dtype {stored}; bfloat16 "
-                "and float16 may be stored as uint16/int16, other dtypes must match"
-            )
-        return _nccl.datatype(name)
-
-    def _counts(self, op, counts):
-        c = numpy.asarray(counts)
-        if c.shape != (self.size,) or c.dtype.kind not in "iu":
-            raise InputError(
-                f"{op}: counts must be {self.size} integers (one per rank), got shape "
-                f"{c.shape} dtype {c.dtype}"
-            )
-        if (c < 0).any():
-            raise InputError(f"{op}: counts must be >= 0, got {c.tolist()}")
-        c = [int(x) for x in c]
-        offsets = [0]
-        for x in c:
-            offsets.append(offsets[-1] + x)
-        return c, offsets
-
-    def _enqueued(self, op, ptr, obj, stream, sync) -> None:
-        self._last_op = op
-        self._pending[ptr] = obj
-        self._check_async(op)
-        if sync:
-            self.wait(stream)
-
-    # ------------------------------------------------------------------ collectives
-
-    def all_gather(self, send, recv, *, dtype=None, stream=None, sync=False):
-        """Enqueue ``recv[r*m:(r+1)*m] = send of rank r`` for every rank (``ncclAllGather``).
-
-        Args:
-            send: ``[m, w]`` rows of this rank. recv: ``[size*m, w']`` with the same row
-                bytes (in place allowed: ``send`` is ``recv[rank*m:(rank+1)*m]``).
-            dtype: optional logical dtype name (checked against the item size; data moves
-                as bytes). stream: see module docstring. sync: wait for completion.
-        """
-        op = "all_gather"
-        self._check_usable(op)
-        send, recv = self._buf(send, "send"), self._buf(recv, "recv")
-        rb = self._same_rows(op, send, recv)
-        m = send.shape[0]
-        if recv.shape[0] != self.size * m:
-            raise InputError(
-                f"{op}: recv has {recv.shape[0]} rows, expected size*m = {self.size}*{m}"
-            )
-        self._check_move_dtype(dtype, send, recv)
-        ptr, obj = self._stream(stream)
-        self._call(op, _nccl.allGather, self._comm, send.data.ptr, recv.data.ptr, m * rb,
-                   self._u8, ptr)
-        self._enqueued(op, ptr, obj, stream, sync)
-
-    def all_gatherv(self, send, recv, counts, *, dtype=None, stream=None, sync=False):
-        """Enqueue the variable-count all-gather as one group of ``ncclBroadcast`` calls.
-
-        Args:
-            send: ``[>= counts[rank], w]``; its first ``counts[rank]`` rows are sent.
-            recv: ``[>= sum(counts), w']`` with the same row bytes; rows
-                ``[off_r, off_r + counts[r])`` receive rank ``r``'s rows, ``off`` being the
-                exclusive prefix sum; rows past ``sum(counts)`` are not touched.
-            counts: ``size`` non-negative integers, identical on every rank.
-            dtype, stream, sync: as :meth:`all_gather`.
-        """
-        op = "all_gatherv"
-        self._check_usable(op)
-        send, recv = self._buf(send, "send"), self._buf(recv, "recv")
-        rb = self._same_rows(op, send, recv)
-        c, off = self._counts(op, counts)
-        if send.shape[0] < c[self.rank]:
-            raise InputError(
-                f"{op}: send has {send.shape[0]} rows, counts[{self.rank}] = {c[self.rank]}"
-            )
-        if recv.shape[0] < off[-1]:
-            raise InputError(f"{op}: recv has {recv.shape[0]} rows, sum(counts) = {off[-1]}")
-        self._check_move_dtype(dtype, send, recv)
-        ptr, obj = self._stream(stream)
-        base = recv.data.ptr
-        calls = []
-        for r in range(self.size):
-            if c[r] == 0:
-                continue
-            dst = base + off[r] * rb
-            src = send.data.ptr if r == self.rank else dst
-            calls.append((self._comm, src, dst, c[r] * rb, self._u8, r, ptr))
-        self._group(op, _nccl.broadcast, calls)
-        self._enqueued(op, ptr, obj, stream, sync)
-
-    def all_reduce(self, send, recv, *, dtype=None, stream=None, sync=False):
-        """Enqueue ``recv = sum over ranks of send`` (``ncclAllReduce``, sum).
-
-        ``send`` and ``recv`` have the same shape and dtype; ``send`` may be ``recv``.
-        ``dtype`` is required for 2-byte float storage (``"bfloat16"``/``"float16"``).
-        """
-        op = "all_reduce"
-        self._check_usable(op)
-        send, recv = self._buf(send, "send"), self._buf(recv, "recv")
-        if send.shape != recv.shape:
-            raise InputError(f"{op}: send shape {send.shape} differs from recv shape {recv.shape}")
-        nccl_type = self._reduction_type(op, dtype, send, recv)
-        ptr, obj = self._stream(stream)
-        self._call(op, _nccl.allReduce, self._comm, send.data.ptr, recv.data.ptr, send.size,
-                   nccl_type, self._sum, ptr)
-        self._enqueued(op, ptr, obj, stream, sync)
-
-    def reduce_scatter(self, send, recv, *, dtype=None, stream=None, sync=False):
-        """Enqueue ``recv = sum over ranks of send[rank*m:(rank+1)*m]`` (``ncclReduceScatter``).
-
-        ``send`` is ``[size*m, w]``, ``recv`` ``[m, w]``, same dtype.
-        """
-        op = "reduce_scatter"
-        self._check_usable(op)
-        send, recv = self._buf(send, "send"), self._buf(recv, "recv")
-        if send.shape[1] != recv.shape[1] or send.shape[0] != self.size * recv.shape[0]:
-            raise InputError(
-                f"{op}: send shape {send.shape} must be [size*m, w] for recv shape "
-                f"{recv.shape} (size {self.size})"
-            )
-        nccl_type = self._reduction_type(op, dtype, send, recv)
-        ptr, obj = self._stream(stream)
-        self._call(op, _nccl.reduceScatter, self._comm, send.data.ptr, recv.data.ptr,
-                   recv.size, nccl_type, self._sum, ptr)
-        self._enqueued(op, ptr, obj, stream, sync)
-
-    def reduce_scatterv(self, send, recv, counts, *, dtype=None, stream=None, sync=False):
-        """Enqueue the variable-count reduce-scatter as one group of ``ncclReduce`` calls.
-
-        Args:
-            send: ``[>= sum(counts), w]``; rows ``[off_r, off_r + counts[r])`` are summed
-                over all ranks into rank ``r``.
-            recv: ``[>= counts[rank], w]``, same dtype; its first ``counts[rank]`` rows get
-                the sum, the rest are not touched.
-            counts, dtype, stream, sync: as :meth:`all_gatherv` / :meth:`all_reduce`.
-        """
-        op = "reduce_scatterv"
-        self._check_usable(op)
-        send, recv = self._buf(send, "send"), self._buf(recv, "recv")
-        if send.shape[1] != recv.shape[1]:
-            raise InputError(f"{op}: send width {send.shape[1]} differs from recv {recv.shape[1]}")
-        c, off = self._counts(op, counts)
-        if send.shape[0] < off[-1]:
-            raise InputError(f"{op}: send has {send.shape[0]} rows, sum(counts) = {off[-1]}")
-        if recv.shape[0] < c[self.rank]:
-            raise InputError(
-                f"{op}: recv has {recv.shape[0]} rows, counts[{self.rank}] = {c[self.rank]}"
-            )
-        nccl_type = self._reduction_type(op, dtype, send, recv)
-        ptr, obj = self._stream(stream)
-        rb = self._row_bytes(send)
-        w = send.shape[1]
-        calls = []
-        for r in range(self.size):
-            if c[r] == 0:
-                continue
-            calls.append((self._comm, send.data.ptr + off[r] * rb, recv.data.ptr, c[r] * w,
-                          nccl_type, self._sum, r, ptr))
-        self._group(op, _nccl.reduce, calls)
-        self._enqueued(op, ptr, obj, stream, sync)
-
-    def _group(self, op, fn, calls) -> None:
-        # Arguments are validated before groupStart: a Python error inside the group would
-        # leave this rank's sequence different from the others'.
-        try:
-            _nccl.groupStart()
-            try:
-                for args in calls:
-                    fn(*args)
-            finally:
-                _nccl.groupEnd()
-        except Exception as exc:
-            if isinstance(exc, self._nccl_error):
-                self._nccl_failed(op, exc)
-            raise
 
     # ------------------------------------------------------------------ completion
 
@@ -520,23 +428,23 @@ class NcclCommunicator(Communicator):
         """
         op = f"wait ({self._last_op or 'no collective'})"
         self._check_usable(op)
-        ptr, obj = self._stream(stream)
+        ptr, obj = _stream_ptr(stream)
         self._wait_stream(op, ptr, obj)
 
     def _wait_stream(self, op, ptr, obj) -> None:
-        s = self._stream_obj(ptr, obj)
+        s = obj if obj is not None else _cupy().cuda.ExternalStream(ptr, self.device)
         if s.is_capturing():
             return
         self._event.record(s)
         event = self._event
 
         def finished():
-            self._check_async(op)  # raises (and aborts) on an NCCL async error
+            self.check_async_error(op)  # raises (and aborts) on an NCCL async error
             return event.done
 
         if not poll_until(finished, self.timeout_s):
             self._timeout(op)
-        self._check_async(op)
+        self.check_async_error(op)
         self._pending.pop(ptr, None)
 
     def _drain(self, op) -> None:
@@ -545,44 +453,6 @@ class NcclCommunicator(Communicator):
             self._wait_stream(op, ptr, obj)
 
     # ------------------------------------------------------------------ host-side ops
-
-    def allgather_record(self, record, table=None):
-        """Gather one int32 record per rank on the host: ``table[r] = record of rank r``.
-
-        Args:
-            record: NumPy int32 ``[W]``. table: NumPy int32 ``[size, W]`` output (allocated
-                when ``None``).
-
-        Returns: ``table``. Goes over MPI on host memory (``MPI_Iallgather`` polled against
-        ``timeout_s``); it never touches the GPU, so it adds no device synchronisation.
-        """
-        op = "allgather_record"
-        self._check_usable(op)
-        rec = numpy.asarray(record)
-        if rec.dtype != numpy.int32 or rec.ndim != 1:
-            raise InputError(f"{op}: record must be a 1-D int32 array, got {rec.dtype} {rec.shape}")
-        rec = numpy.ascontiguousarray(rec)
-        if table is None:
-            table = numpy.empty((self.size, rec.shape[0]), dtype=numpy.int32)
-        if (not isinstance(table, numpy.ndarray) or table.dtype != numpy.int32
-                or table.shape != (self.size, rec.shape[0]) or not table.flags.c_contiguous
-                or not table.flags.writeable):
-            raise InputError(
-                f"{op}: table must be a writable C-contiguous int32 array of shape "
-                f"{(self.size, rec.shape[0])}, got {getattr(table, 'dtype', type(table))} "
-                f"{getattr(table, 'shape', '')}"
-            )
-        host = self._host
-        if host is None:
-            from .host import MpiHostCommunicator
-
-            host = self._host = MpiHostCommunicator(self._mpi, timeout_s=self.timeout_s)
-        try:
-            host.allgather_record(rec, table)  # shared-memory window on one node, else MPI
-        except CollectiveTimeout:
-            self._orphans.append(host)  # its pending request may still reference the MPI comm
-            self._timeout(op)
-        return table
 
     def barrier(self) -> None:
         """Host barrier over MPI (``MPI_Ibarrier`` polled against ``timeout_s``); no GPU sync."""
@@ -607,41 +477,32 @@ class NcclCommunicator(Communicator):
         self._check_usable(op)
         from mpi4py import MPI
 
-        for name, v in (("color", color), ("key", key)):
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, numpy.integer))):
-                raise InputError(f"split: {name} must be an int, got {v!r}")
-        if color is not None and color < 0:
-            raise InputError(f"split: color must be >= 0 or None, got {color}")
-        if key is None:
-            raise InputError("split: key must be an int, got None")
-        mine = numpy.array([-1 if color is None else int(color), int(key),
-                            int(_nccl.has_comm_split())], dtype=numpy.int64)
+        color, key = check_split_args(color, key)
+        nccl = _nccl()
+        has_split = hasattr(nccl.NcclCommunicator, "commSplit") and nccl_version() >= _COMM_SPLIT_VERSION
+        mine = numpy.array([-1 if color is None else color, key, int(has_split)], dtype=numpy.int64)
         table = numpy.empty((self.size, 3), dtype=numpy.int64)
-        self._mpi_wait(self._mpi.Iallgather([mine, MPI.INT64_T], [table, MPI.INT64_T]), op,
-                       mine, table)
+        self._mpi_wait(self._mpi.Iallgather([mine, MPI.INT64_T], [table, MPI.INT64_T]), op, mine, table)
         use_nccl_split = bool(table[:, 2].all())
         self._drain(op)
-        sub_mpi = self._mpi.Split(MPI.UNDEFINED if color is None else int(color), int(key))
+        sub_mpi = self._mpi.Split(MPI.UNDEFINED if color is None else color, key)
         try:
             if use_nccl_split:
                 # NCCL_SPLIT_NOCOLOR (-1) opts out, as MPI.UNDEFINED does above.
-                sub = self._call(op, _nccl.commSplit, self._comm,
-                                 -1 if color is None else int(color), int(key))
+                sub = self._call(op, self._comm.commSplit, -1 if color is None else color, key)
             elif sub_mpi == MPI.COMM_NULL:
                 sub = None
             else:
-                uid = _nccl.getUniqueId() if sub_mpi.Get_rank() == 0 else None
+                uid = nccl.get_unique_id() if sub_mpi.Get_rank() == 0 else None
                 uid = self._bcast_unique_id(sub_mpi, uid, op)
                 with _cupy().cuda.Device(self.device):
-                    sub = self._call(op, _nccl.commInitRank, sub_mpi.Get_size(), uid,
-                                     sub_mpi.Get_rank())
+                    sub = self._call(op, _init_rank, sub_mpi.Get_size(), uid, sub_mpi.Get_rank())
             if (sub is None) != (sub_mpi == MPI.COMM_NULL) or (
                     sub is not None and sub.rank_id() != sub_mpi.Get_rank()):
                 raise ConfigError(
                     f"split: NCCL and MPI disagree on rank {self.rank}'s sub-rank "
                     f"({None if sub is None else sub.rank_id()} vs "
-                    f"{None if sub_mpi == MPI.COMM_NULL else sub_mpi.Get_rank()})"
-                )
+                    f"{None if sub_mpi == MPI.COMM_NULL else sub_mpi.Get_rank()})")
         except BaseException:
             if sub_mpi != MPI.COMM_NULL:
                 sub_mpi.Free()
@@ -671,13 +532,13 @@ class NcclCommunicator(Communicator):
         comm, self._comm = self._comm, None
         self._pending.clear()
         if comm is not None:
-            _run_bounded(_nccl.commAbort, comm, self._teardown_limit(), "ncclCommAbort")
+            _run_bounded(lambda c: c.abort(), comm, self._teardown_limit(), "ncclCommAbort")
 
     def _teardown_limit(self) -> float:
         return self.timeout_s if self.timeout_s > 0 else _TEARDOWN_DEFAULT_S
 
     def close(self) -> None:
-        """Release the NCCL and MPI resources; idempotent; later calls raise.
+        """Release the NCCL and MPI resources; local, idempotent; later calls raise.
 
         Order: sub-communicators, then a bounded wait for work still pending on the
         streams this communicator used, then ``ncclCommDestroy`` (``ncclCommAbort`` if
@@ -700,13 +561,10 @@ class NcclCommunicator(Communicator):
         self._pending.clear()
         if comm is not None:
             if destroy:
-                _run_bounded(_nccl.commDestroy, comm, self._teardown_limit(), "ncclCommDestroy")
+                _run_bounded(lambda c: c.destroy(), comm, self._teardown_limit(), "ncclCommDestroy")
             else:
-                _run_bounded(_nccl.commAbort, comm, self._teardown_limit(), "ncclCommAbort")
+                _run_bounded(lambda c: c.abort(), comm, self._teardown_limit(), "ncclCommAbort")
         self._mark_broken("close() was called")
-        host, self._host = self._host, None
-        if host is not None:
-            host.close()
         self._free_mpi()
         _registry.pop(id(self), None)
 

@@ -1,13 +1,18 @@
 """dpgather: exact, fast gathered buffers for data-parallel attention inference, without PyTorch.
 
-Quick start (see README.md and DESIGN.md)::
+Quick start (README.md; the contract is docs/design.md)::
 
     import dpgather as dg
     topo = dg.Topology(world_size=8, attn_tp_size=2)
     p = dg.plan([dg.LocalBatch(dg.ForwardMode.DECODE, 5)] * 4, topo)
     p.mode, p.slot_offsets, p.gathered_rows
 
-Importing never touches a GPU, MPI or CuPy; backends load when first used.
+    dp = dg.DpAttention(hidden_size=7168, dtype="bfloat16")      # under mpirun
+    plan = dp.sync(dg.LocalBatch(dg.ForwardMode.DECODE, 37))
+    g = dp.gather(x, plan)
+    y = dp.scatter(mlp(g), plan)[:plan.num_tokens[dp.dp_rank]]
+
+Importing never touches a GPU, MPI or CuPy; backends load when a ``DpAttention`` is made.
 """
 
 __version__ = "0.1.0"
@@ -34,21 +39,19 @@ from .core import (
     count_tokens,
     plan,
 )
+from ._facade import DpAttention, InconsistentStepError
+from ._graph import GraphRunner
 
 __all__ = [
-    "BackendUnavailable", "CollectiveTimeout", "ConfigError", "CostModel", "DpGatherError",
-    "ForwardMode", "InconsistentBatchError", "InputError", "LocalBatch", "POLICIES", "PaddingMode",
-    "Plan", "Planner", "RECORD_FIELDS", "RECORD_MAGIC", "RECORD_WIDTH", "SpecConfig", "Topology",
-    "count_tokens", "plan", "__version__",
+    "BackendUnavailable", "CollectiveTimeout", "ConfigError", "CostModel", "DpAttention", "DpGatherError",
+    "ForwardMode", "GraphRunner", "InconsistentBatchError", "InconsistentStepError", "InputError",
+    "LocalBatch", "POLICIES", "PaddingMode", "Plan", "Planner", "RECORD_FIELDS", "RECORD_MAGIC",
+    "RECORD_WIDTH", "SpecConfig", "Topology", "count_tokens", "plan", "__version__",
 ]
 
 
 def __getattr__(name):
-    if name == "DpAttention":
-        from ._facade import DpAttention
-
-        return DpAttention
-    if name == "calibrate":
+    if name == "calibrate":  # the measuring tool; imports MPI and CuPy only when called
         from ._calibrate import calibrate
 
         return calibrate

@@ -9,6 +9,8 @@ A view stays valid until the next request of the same role: the caller must not 
 buffer across the next ``gather`` (copy it if needed).
 """
 
+from dpgather.core.errors import InputError
+
 __all__ = ["Arena", "ROLES"]
 
 #: Roles, in the order memory_stats() reports them.
@@ -49,14 +51,30 @@ class Arena:
         self._roles = {r: _Role() for r in ROLES}
 
     def reserve(self, role, nbytes):
-        """Make ``role`` hold at least ``nbytes`` (start-up preallocation)."""
+        """Make ``role`` hold at least ``nbytes`` (start-up preallocation, or growth).
+
+        Raises:
+            InputError: the allocation failed (out of memory, or a size no allocator takes); the
+                role keeps its previous buffer, so the arena stays usable.
+        """
         st = self._roles[role]
         if nbytes > st.reserved:
-            st.buf = None
+            want = _round_up(nbytes, _ALIGN)
+            old, st.buf = st.buf, None  # let the old buffer go first: peak memory = the new one
+            try:
+                buf = self._alloc(want)
+            except Exception as e:  # MemoryError, CuPy's OutOfMemoryError, ValueError for absurd sizes
+                st.buf = old
+                raise InputError(
+                    f"this step needs {want / 2**20:.1f} MiB for dpgather's '{role}' buffer "
+                    f"(it holds {st.reserved / 2**20:.1f} MiB), which could not be allocated: "
+                    f"{type(e).__name__}: {e}. Split the step (fewer tokens per replica) or free "
+                    "memory; the previous buffers stay usable") from None
+            del old
+            st.buf = buf
             st.cache = {}
-            st.buf = self._alloc(_round_up(nbytes, _ALIGN))
-            st.reserved = int(st.buf.nbytes)
-            st.ptr = _data_ptr(st.buf)
+            st.reserved = int(buf.nbytes)
+            st.ptr = _data_ptr(buf)
             st.allocations += 1
 
     def views(self, role, specs):

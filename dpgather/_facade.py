@@ -1,15 +1,23 @@
-"""``DpAttention``: the per-step data plane of DP attention (DESIGN sections 4-6).
+"""``DpAttention``: the per-step data plane of DP attention — configuration, agreement, lifecycle.
 
 One object per process (one rank of the TP group). Each step::
 
-    plan = dp.sync(batch)                               # one host all-gather + plan
+    plan = dp.sync(batch)                               # the step's one host collective + plan
     g = dp.gather(x, plan, contribution="partial")      # [plan.gathered_rows, H] on every rank
-    y = dp.scatter(mlp(g), plan, reduce=True)           # [plan.slot_rows[own], H]
+    y = dp.scatter(mlp(g), plan, reduce=True)           # this replica's rows, summed over TP
 
-The algorithm below is written once for both backends; the backend supplies arrays, kernels
-and the communicator. Every decision that selects a collective depends only on the plan and
-the configuration (identical on every rank); per-rank data (row counts, ``out=`` shapes) only
-changes local copies.
+This module owns what is not row movement: checking arguments once at the public API, the
+agreement between ranks (at construction, and per step through the sync record), the step's
+layouts and descriptor, the arenas, and the order of teardown. Rows move in
+:mod:`dpgather._dataplane`; layouts come from :mod:`dpgather._layout`; the per-step exchange is
+:class:`dpgather.dist.sync.StepSync`.
+
+The step record every rank sends at ``sync()`` is the planner's record (``RECORD_WIDTH`` fields)
+followed by four control fields: the step sequence number, a hash and a count of the data-plane
+calls this rank issued since its previous ``sync()``, and a status (a call of the previous step
+failed its checks here; the P2P transport reported a device error). So one host collective per
+step also tells every rank whether all ranks issued the same operations on the same plans — see
+docs/reliability.md for the exact guarantee.
 """
 
 import atexit
@@ -19,72 +27,55 @@ import numpy as np
 
 from dpgather.core import (
     POLICIES,
+    RECORD_WIDTH,
     CollectiveTimeout,
     ConfigError,
     CostModel,
+    InconsistentBatchError,
     InputError,
     LocalBatch,
-    PaddingMode,
     Plan,
     Planner,
-    RECORD_WIDTH,
     SpecConfig,
     Topology,
 )
+from dpgather.core.dtypes import BF16_STORAGE, DTYPES, normalize_dtype
 
 from ._arena import Arena
-from ._backends import make_backend, normalize_dtype
+from ._backends import make_backend
+from ._dataplane import DataPlane
+from ._layout import (
+    OP_GATHER,
+    OP_GATHER_LOGITS,
+    OP_GRAPH,
+    OP_MASK,
+    OP_SCATTER,
+    OP_SCATTER_LOGITS,
+    Descriptor,
+    Layout,
+    signature,
+)
 
-__all__ = ["DpAttention"]
+__all__ = ["DpAttention", "InconsistentStepError"]
 
-_BIG = 1 << 62
-_MAX, _SUM, _VAR = PaddingMode.MAX_LEN, PaddingMode.SUM_LEN, PaddingMode.VARLEN
-
-# Descriptor entries of one layout (4 int64 each; see kernels' copy_rows).
-_PACK, _CHUNK, _SUMW, _UNPACK, _OUTCOPY, _ZTAIL = range(6)
-_PER_LAYOUT = 6
-_HIDDEN, _LOGITS = 0, _PER_LAYOUT
-_MASK_AT = 4 * 2 * _PER_LAYOUT  # int offset of the (offset, n, slot_rows) x D mask triples
-
-# Error codes of the collective input check (strict mode).
-_OK, _BAD_INPUT = 0, 1
+# Control fields after the planner's record.
+_C_SEQ, _C_OPS, _C_NOPS, _C_STATUS = range(RECORD_WIDTH, RECORD_WIDTH + 4)
+SYNC_WIDTH = RECORD_WIDTH + 4
+# Status codes of the control field.
+_ST_OK, _ST_INPUT, _ST_DEVICE = 0, 1, 2
+_DEFAULT_TIMEOUT_S = 60.0
 
 
-class _Layout:
-    """One rank's view of one layout of a plan: the hidden-state gather or the logits gather."""
+class InconsistentStepError(InconsistentBatchError):
+    """The ranks issued different data-plane operations (or plans, or numbers of ``sync()``) in
+    one step. Raised on every rank at the next ``sync()``; the ``DpAttention`` is aborted (its
+    communicators may hold mismatched collectives)."""
 
-    __slots__ = ("mode", "total", "slot", "n", "off", "counts", "tp_counts", "attn_counts",
-                 "chunk_off", "chunk_len", "base", "M")
 
-    def __init__(self, mode, n_arr, slot_arr, off_arr, total, d, a, A, base, desc):
-        self.mode = mode
-        self.total = int(total)
-        self.base = base
-        n = int(n_arr[d])
-        slot = int(slot_arr[d])
-        off = int(off_arr[d])
-        self.n, self.slot, self.off = n, slot, off
-        self.M = int(slot_arr[0]) if len(slot_arr) else 0
-        self.counts = np.ascontiguousarray(slot_arr, dtype=np.int64)
-        if mode == _MAX:
-            c = slot // A
-            self.chunk_off, self.chunk_len = a * c, c
-            self.tp_counts = self.attn_counts = None
-        else:
-            q, r = np.divmod(np.asarray(slot_arr, dtype=np.int64), A)
-            idx = np.arange(A, dtype=np.int64)
-            chunks = q[:, None] + (idx[None, :] < r[:, None])
-            self.tp_counts = np.ascontiguousarray(chunks.reshape(-1))
-            self.attn_counts = np.ascontiguousarray(chunks[d])
-            self.chunk_off = a * int(q[d]) + min(a, int(r[d]))
-            self.chunk_len = int(chunks[d, a])
-        b = 4 * base
-        desc[b + 4 * _PACK: b + 4 * _PACK + 4] = (0, n, 0, slot)
-        desc[b + 4 * _CHUNK: b + 4 * _CHUNK + 4] = (self.chunk_off, n - self.chunk_off, 0, self.chunk_len)
-        desc[b + 4 * _SUMW: b + 4 * _SUMW + 4] = (0, n, off, slot)
-        desc[b + 4 * _UNPACK: b + 4 * _UNPACK + 4] = (off, n, 0, _BIG)
-        desc[b + 4 * _OUTCOPY: b + 4 * _OUTCOPY + 4] = (0, n, 0, _BIG)
-        desc[b + 4 * _ZTAIL: b + 4 * _ZTAIL + 4] = (0, 0, n, _BIG)
+class _Step:
+    """One step on this rank: the plan, its layouts, and the descriptor (host and device)."""
+
+    __slots__ = ("plan", "hidden", "logits", "desc", "desc_host", "sigs")
 
 
 class _Guard:
@@ -104,17 +95,12 @@ class _Guard:
         return False
 
 
-class _Step:
-    """Everything one plan needs on this rank: layouts and the uploaded descriptor."""
-
-    __slots__ = ("plan", "hidden", "logits", "desc", "desc_host")
-
-
 class DpAttention:
     """The DP-attention data plane of one rank.
 
     Args:
-        comm: an mpi4py communicator spanning the TP group (default ``MPI.COMM_WORLD``).
+        comm: an mpi4py communicator spanning the TP group (default ``MPI.COMM_WORLD``). dpgather
+            works on a private duplicate, so its messages never mix with the caller's.
         attn_tp_size: ranks per DP replica (``A``); must divide ``comm.size``.
         hidden_size: row width ``H`` of gathered hidden states.
         dtype: ``"bfloat16"`` (default), ``"float16"``, ``"float32"``, ``"int32"``, ``"int64"``,
@@ -123,14 +109,19 @@ class DpAttention:
         spec: :class:`SpecConfig` for speculative decoding.
         policy: padding policy (``"auto"``, ``"sglang"``, ``"max_len"``, ``"sum_len"``,
             ``"varlen"``).
-        graph_buckets: per-replica token capacities with captured graphs.
-        max_tokens_per_rank: preallocate the arenas for this many tokens per replica.
-        timeout_s: bound of every collective and of the sync (``CollectiveTimeout`` after it).
+        graph_buckets: per-replica token capacities with captured graphs (``None`` or ``()``:
+            no graphs).
+        max_tokens_per_rank: preallocate the arenas for this many tokens per replica (positive
+            int or None).
+        timeout_s: bound in seconds of every collective, of the sync and of the construction
+            (``CollectiveTimeout`` after it); a positive number (``float("inf")``: no bound).
         cost: :class:`CostModel` for ``"auto"`` (default: built-in constants; ``row_bytes`` is
             set from ``hidden_size`` and ``dtype``).
-        strict: check inputs collectively: a bad argument on any rank raises on every rank
-            before any data moves (one small host all-gather per call). With ``strict=False``
-            only the offending rank raises and its peers see ``CollectiveTimeout``.
+        strict: debug option. Every data-plane call first agrees with every rank over the host
+            (one small exchange per call): a bad argument on any rank then raises on every rank
+            *at that call* and nothing moves anywhere. Without it (default) a bad argument raises
+            at once on its rank, the rank still issues the step's collectives (with zero rows) so
+            no peer is left waiting, and every rank raises at the next ``sync()``.
 
     Views returned by ``gather``/``scatter``/``gather_logits``/``scatter_logits`` live in
     per-role arenas and stay valid until the next call that uses the same role (gather ->
@@ -138,127 +129,116 @@ class DpAttention:
     ``logits_output``); copy them to keep them longer.
 
     Raises:
-        ConfigError: invalid sizes, policy, buckets, or ranks configured differently (raised on
-            every rank, naming the field and the ranks).
-        BackendUnavailable: the requested backend cannot run here.
+        ConfigError: invalid arguments on any rank, or ranks configured differently (raised on
+            every rank, naming the field, the values and the ranks).
+        CollectiveTimeout: some rank did not construct its DpAttention within ``timeout_s``.
+        BackendUnavailable: the requested backend cannot run here (with the install command).
     """
 
     def __init__(self, comm=None, attn_tp_size=1, hidden_size=None, dtype="bfloat16",
                  backend="auto", spec=None, policy="auto", graph_buckets=(),
-                 max_tokens_per_rank=None, timeout_s=60.0, cost=None, strict=True):
-        if comm is None:
-            from mpi4py import MPI
+                 max_tokens_per_rank=None, timeout_s=60.0, cost=None, strict=False):
+        from dpgather.dist.host import load_mpi
 
-            comm = MPI.COMM_WORLD
-        self._mpi = comm
-        self._backend = None
-        self._attn = None
+        MPI = load_mpi()
         self._closed = False
         self._aborted = None
+        self._backend = None
+        self._tp = self._attn = None
+        self._sync = None
         self._runners = []
         self._arena = None
-        # Agree first, on the raw arguments: a rank that raised on its own before this collective
-        # would leave the others blocked in it. Past it, every rank validates identical values.
-        self._check_config_agreement(attn_tp_size, hidden_size, dtype, backend, spec, policy,
-                                     graph_buckets, cost, strict)
-        if isinstance(hidden_size, bool) or not isinstance(hidden_size, (int, np.integer)) or hidden_size <= 0:
-            raise ConfigError(f"hidden_size must be a positive int, got {hidden_size!r}")
-        try:
-            timeout_s = float(timeout_s)
-        except (TypeError, ValueError):
-            raise ConfigError(f"timeout_s must be a number of seconds, got {timeout_s!r}") from None
-        if not timeout_s > 0:
-            raise ConfigError(f"timeout_s must be > 0, got {timeout_s}")
-        try:
-            self.dtype = normalize_dtype(dtype)
-        except InputError as e:
-            raise ConfigError(str(e)) from None
-        self.hidden_size = int(hidden_size)
-        self.topology = Topology(comm.Get_size(), attn_tp_size)
-        self.rank = comm.Get_rank()
-        A = self.topology.attn_tp_size
-        self.dp_rank = self.rank // A
-        self.attn_tp_rank = self.rank % A
-        self.strict = bool(strict)
-        self.timeout_s = timeout_s
-        if policy not in POLICIES:
-            raise ConfigError(f"policy must be one of {POLICIES}, got {policy!r}")
-        if spec is not None and not isinstance(spec, SpecConfig):
-            raise ConfigError(f"spec must be a dpgather.SpecConfig or None, got {spec!r}")
-        self._backend = make_backend(backend, comm, timeout_s)
-        self.backend = self._backend.name
-        self._storage = self._backend.storage_dtype(self.dtype)
-        if cost is None:
-            cost = CostModel()
-        if not isinstance(cost, CostModel):
-            raise ConfigError(f"cost must be a dpgather.CostModel, got {cost!r}")
-        cost = cost.with_row_bytes(self.hidden_size * self._storage.itemsize)
-        self.planner = Planner(self.topology, spec=spec, policy=policy,
-                               graph_buckets=graph_buckets, cost=cost)
-        tp = self._backend.tp
-        self._tp = tp
-        if A > 1:
-            self._attn = tp.split(self.dp_rank, self.attn_tp_rank)
-        self._arena = Arena(self._backend.alloc)
-        self._record = np.zeros(RECORD_WIDTH, dtype=np.int32)
-        self._table = np.zeros((self.topology.world_size, RECORD_WIDTH), dtype=np.int32)
-        self._chk = np.zeros(2, dtype=np.int32)
-        self._chk_table = np.zeros((self.topology.world_size, 2), dtype=np.int32)
-        self._step = None
-        self._desc_host = np.zeros(_MASK_AT + 3 * self.topology.dp_size, dtype=np.int64)
-        if max_tokens_per_rank:
-            self._preallocate(int(max_tokens_per_rank))
+        self._private = None
+        if comm is None:
+            comm = MPI.COMM_WORLD
+        if not isinstance(comm, MPI.Intracomm) or comm == MPI.COMM_NULL:
+            raise ConfigError(f"comm must be an mpi4py intra-communicator such as MPI.COMM_WORLD, got {comm!r}")
+        # Every argument is checked locally first, without raising: a rank that raised before the
+        # agreement below would leave its peers waiting in it.
+        canon, errors = _canonical_config(comm.Get_size(), attn_tp_size, hidden_size, dtype, backend,
+                                          spec, policy, graph_buckets, max_tokens_per_rank, timeout_s,
+                                          cost, strict)
+        bound = canon["timeout_s"] if "timeout_s" not in errors else _DEFAULT_TIMEOUT_S
+        from dpgather.dist.shm import bounded_wait
+        from dpgather.dist.sync import StepSync
+
+        orphans = []
+        private, req = comm.Idup()
+        bounded_wait(req, bound, "DpAttention construction (duplicating comm)", orphans, private)
+        self._private = private
+        self._sync = StepSync(private, SYNC_WIDTH, bound)
+        objects = {k: canon.pop(k) for k in _PRIVATE_KEYS if k in canon}  # not sent: compared via repr
+        everyone = self._sync.allgather_obj((canon, errors), "DpAttention construction (configuration agreement)")
+        _raise_if_disagree(everyone)
+        self._configure(MPI, {**canon, **objects})
         _register_at_exit(self)
 
     # -- set-up ---------------------------------------------------------------------------
-    def _check_config_agreement(self, attn_tp_size, hidden_size, dtype, backend, spec, policy,
-                                graph_buckets, cost, strict):
-        """One object all-gather of the (canonicalised, not yet validated) arguments."""
-        import dpgather
-
-        mine = {
-            "version": dpgather.__version__,
-            "world_size": self._mpi.Get_size(),
-            "attn_tp_size": _canon(_as_int, attn_tp_size),
-            "hidden_size": _canon(_as_int, hidden_size),
-            "dtype": _canon(normalize_dtype, dtype),
-            "backend": repr(backend),
-            "spec": repr(spec),
-            "policy": repr(policy),
-            "graph_buckets": _canon(lambda b: tuple(sorted(int(v) for v in b)), graph_buckets),
-            # "auto" plans depend on the cost model: ranks must plan alike
-            "cost": _canon(lambda c: (CostModel() if c is None else c).to_dict(), cost),
-            "strict": repr(bool(strict)),  # strict mode adds a collective to every call
-        }
-        everyone = self._mpi.allgather(mine)
-        diffs = []
-        for key in mine:
-            values = {}
-            for r, cfg in enumerate(everyone):
-                values.setdefault(repr(cfg.get(key)), []).append(r)
-            if len(values) > 1:
-                diffs.append(f"{key}: " + "; ".join(f"{v} on ranks {rs}" for v, rs in values.items()))
-        if diffs:
-            raise ConfigError("ranks were configured differently: " + " | ".join(diffs)
-                              + ". Every rank must construct DpAttention with the same arguments")
+    def _configure(self, MPI, c):
+        """Build backend, communicators, planner and arenas from the agreed configuration ``c``."""
+        self.timeout_s = c["timeout_s"]
+        self.hidden_size = c["hidden_size"]
+        self.dtype = c["dtype"]
+        self.strict = c["strict"]
+        self.topology = Topology(c["world_size"], c["attn_tp_size"])
+        self.rank = self._private.Get_rank()
+        A = self.topology.attn_tp_size
+        self.dp_rank, self.attn_tp_rank = self.rank // A, self.rank % A
+        be = self._backend = make_backend(c["backend"])
+        self.backend = be.name
+        self._storage = be.storage_dtype(self.dtype)
+        self._row_bytes = self.hidden_size * self._storage.itemsize
+        self._tp = be.communicator(self._private, self.timeout_s)
+        if A > 1:
+            self._attn = self._tp.split(self.dp_rank, self.attn_tp_rank)
+        cost = (c["cost_model"] or CostModel()).with_row_bytes(self._row_bytes)
+        self.planner = Planner(self.topology, spec=c["spec_obj"], policy=c["policy"],
+                               graph_buckets=c["graph_buckets"], cost=cost)
+        self._desc_layout = Descriptor(self.topology.dp_size, A)
+        self._plane = DataPlane(be, self._tp, self._attn, None, self._desc_layout, self.attn_tp_rank, A,
+                                self.dtype, self._storage)
+        self._arena = Arena(be.alloc)
+        self._record = np.zeros(SYNC_WIDTH, dtype=np.int32)
+        self._step = None
+        self._layouts = {}  # plan fingerprint -> (hidden, logits, sigs): steady state repeats plans
+        self._seq = 0
+        self._ophash = 0
+        self._nops = 0
+        self._status = _ST_OK
+        self._status_msg = None
+        self._dtype_code = DTYPES[self.dtype].code
+        self._empty = be.xp.empty((0, self.hidden_size), dtype=self._storage)
+        if c["max_tokens_per_rank"]:
+            self._preallocate(c["max_tokens_per_rank"])
 
     def _preallocate(self, tokens):
-        D, A, H = self.topology.dp_size, self.topology.attn_tp_size, self.hidden_size
-        item = self._storage.itemsize
+        """Reserve every role for ``tokens`` per replica; agreed, so every rank raises alike."""
+        D, A, row = self.topology.dp_size, self.topology.attn_tp_size, self._row_bytes
         M = -(-tokens // A) * A
         buckets = self.planner.graph_buckets
         if buckets:
             M = max(M, buckets[-1])
-        row = H * item
-        self._arena.reserve("gathered", D * M * row)
-        self._arena.reserve("staging", 2 * M * row + 1024)
-        self._arena.reserve("combine", D * M * row + 1024)
-        self._arena.reserve("output", M * row)
-        self._arena.reserve("logits", D * M * row)
+        sizes = {"gathered": D * M * row, "staging": 2 * M * row + 1024, "combine": D * M * row + 1024,
+                 "output": M * row, "logits": D * M * row}
+        error = None
+        try:
+            for role, nbytes in sizes.items():
+                self._arena.reserve(role, nbytes)
+        except (MemoryError, ValueError, OverflowError) as e:
+            error = f"rank {self.rank}: {type(e).__name__}: {e}"
+        except Exception as e:  # CuPy's OutOfMemoryError and friends
+            error = f"rank {self.rank}: {type(e).__name__}: {e}"
+        errors = [m for m in self._sync.allgather_obj(error, "DpAttention construction (preallocation)") if m]
+        if errors:
+            total = sum(sizes.values())
+            raise ConfigError(
+                f"max_tokens_per_rank={tokens} needs {total / 2**20:.1f} MiB of arenas per rank "
+                f"({D} replicas x {M} rows x {row} bytes per row), which could not be allocated: "
+                + "; ".join(errors) + ". Lower max_tokens_per_rank or leave it None (grow on demand)")
 
     # -- the per-step sync ----------------------------------------------------------------
     def sync(self, batch):
-        """Exchange this rank's batch with every rank (one host all-gather) and plan the step.
+        """Exchange this rank's batch with every rank (one host collective) and plan the step.
 
         Args:
             batch: this rank's :class:`LocalBatch`; the ``attn_tp_size`` ranks of a replica must
@@ -269,257 +249,295 @@ class DpAttention:
 
         Raises:
             InconsistentBatchError: the ranks of a replica disagree (on every rank).
-            InputError: a malformed record table (ranks running different versions).
-            CollectiveTimeout: some rank did not reach ``sync`` within ``timeout_s``.
+            InputError: a rank passed an invalid batch, or a data-plane call of the previous step
+                failed its checks on some rank (on every rank, naming the rank and the error; the
+                previous step's outputs are invalid everywhere, this step is not planned, call
+                ``sync()`` again).
+            InconsistentStepError: ranks issued different calls or plans in the previous step, or
+                called ``sync()`` a different number of times (on every rank; aborts).
+            CollectiveTimeout: some rank did not reach ``sync`` within ``timeout_s``, or a device
+                transfer of the previous step failed (aborts).
         """
         self._check_open()
-        error = None
+        rec = self._record
+        batch_error = None
         try:
             if not isinstance(batch, LocalBatch):
                 raise InputError(f"batch must be a dpgather.LocalBatch, got {batch!r}")
-            self.planner.record(batch, out=self._record)
+            self.planner.record(batch, out=rec[:RECORD_WIDTH])
         except Exception as e:
-            error = e
-            self._record[:] = 0  # magic 0 marks "this rank's batch failed"; field 1 says how
-            self._record[1] = 2 if isinstance(e, ConfigError) else 1
-        with self._guard("sync"):
-            self._tp.allgather_record(self._record, self._table)
-        failed = np.flatnonzero(self._table[:, 0] == 0)
+            batch_error = e
+            rec[:RECORD_WIDTH] = 0  # magic 0 marks "this rank's batch failed"; field 1 says how
+            rec[1] = 2 if isinstance(e, ConfigError) else 1
+        self._seq = (self._seq + 1) & 0x7FFFFFFF
+        rec[_C_SEQ] = self._seq
+        rec[_C_OPS] = self._ophash - (1 << 32) if self._ophash >= 1 << 31 else self._ophash
+        rec[_C_NOPS] = self._nops
+        rec[_C_STATUS] = self._status
+        msg = self._status_msg
+        self._ophash = self._nops = 0
+        self._status, self._status_msg = _ST_OK, None
+        with _Guard(self, "sync"):
+            table = self._sync.exchange(rec)
+        ctl = table[:, RECORD_WIDTH:]
+        if (ctl[:, 0] != self._seq).any() or (ctl[:, 1] != ctl[0, 1]).any() or (ctl[:, 2] != ctl[0, 2]).any() \
+                or ctl[:, 3].any():
+            self._step_failed(ctl, msg)
+        failed = np.flatnonzero(table[:, 0] == 0)
         if failed.size:  # every rank sees it: share the message, raise the same class everywhere
-            msgs = self._mpi.allgather(None if error is None else f"{type(error).__name__}: {error}")
-            if error is not None:
-                raise error
-            cls = ConfigError if (self._table[failed, 1] == 2).any() else InputError
+            msgs = self._sync.allgather_obj(None if batch_error is None else f"{type(batch_error).__name__}: {batch_error}",
+                                            "sync (sharing an invalid batch's error)")
+            if batch_error is not None:
+                raise batch_error
+            cls = ConfigError if (table[failed, 1] == 2).any() else InputError
             raise cls(f"rank(s) {failed.tolist()} passed an invalid batch to sync(); nothing was planned. "
                       f"rank {failed[0]}: {msgs[failed[0]]}")
-        plan = self.planner.plan_table(self._table)
+        plan = self.planner.plan_table(table[:, :RECORD_WIDTH])
         self._prepare(plan)
         return plan
 
+    def _step_failed(self, ctl, msg):
+        """Raise the same error on every rank for a previous step that went wrong somewhere."""
+        msgs = self._sync.allgather_obj(msg, "sync (sharing the previous step's errors)")
+        T = ctl.shape[0]
+        seq = ctl[:, 0].tolist()
+        if len(set(seq)) > 1:
+            self.abort("ranks called sync() a different number of times")
+            raise InconsistentStepError(
+                f"ranks called sync() a different number of times (sync count per rank: {seq}); "
+                "every rank must call sync() once per step. The DpAttention is aborted")
+        status = ctl[:, 3].tolist()
+        bad = [r for r in range(T) if status[r]]
+        detail = "; ".join(f"rank {r}: {msgs[r]}" for r in bad if msgs[r])
+        if any(s == _ST_DEVICE for s in status):
+            self.abort(f"a device transfer failed ({detail})")
+            raise CollectiveTimeout(f"a device transfer of the previous step failed on rank(s) "
+                                    f"{[r for r in bad if status[r] == _ST_DEVICE]}: {detail}. "
+                                    "The DpAttention is aborted")
+        if (ctl[:, 1] != ctl[0, 1]).any() or (ctl[:, 2] != ctl[0, 2]).any():
+            calls = ctl[:, 2].tolist()
+            self.abort("ranks issued different data-plane calls")
+            raise InconsistentStepError(
+                "in the previous step the ranks issued different data-plane calls (operation, plan, "
+                f"contribution/reduce, dtype or width): calls per rank {calls}, call hashes "
+                f"{[int(h) & 0xFFFFFFFF for h in ctl[:, 1].tolist()]}"
+                + (f"; {detail}" if detail else "")
+                + ". Every rank must issue the same calls with the plan of its latest sync(). "
+                  "The DpAttention is aborted (mismatched collectives may be pending)")
+        raise InputError(f"a data-plane call of the previous step failed its checks on rank(s) {bad}: "
+                         f"{detail}. That step's outputs are invalid on every rank; this sync() planned "
+                         "nothing: call sync() again")
+
     def _prepare(self, plan):
-        """Layouts and descriptors of ``plan`` for this rank; uploads the descriptor once."""
+        """Layouts and descriptor of ``plan`` for this rank; uploads the descriptor once."""
         st = _Step()
         st.plan = plan
-        d, a, A = self.dp_rank, self.attn_tp_rank, self.topology.attn_tp_size
-        desc = self._desc_host
-        st.hidden = _Layout(plan.mode, plan.num_tokens, plan.slot_rows, plan.slot_offsets,
-                            plan.gathered_rows, d, a, A, _HIDDEN, desc)
-        st.logits = _Layout(plan.logits_mode, plan.logits_tokens, plan.logits_slot_rows,
-                            plan.logits_offsets, plan.logits_rows, d, a, A, _LOGITS, desc)
-        D = self.topology.dp_size
-        tri = desc[_MASK_AT:_MASK_AT + 3 * D].reshape(D, 3)
-        tri[:, 0] = plan.slot_offsets[:D]
-        tri[:, 1] = plan.num_tokens
-        tri[:, 2] = plan.slot_rows
-        st.desc_host = desc
-        st.desc = self._backend.upload(desc)
+        fp = plan.fingerprint
+        hit = self._layouts.get(fp)
+        if hit is None:
+            d, a = self.dp_rank, self.attn_tp_rank
+            hidden, logits = Layout.hidden(plan, d, a), Layout.logits(plan, d, a)
+            sigs = {"gather_replicate": signature(OP_GATHER, fp, 0, self._dtype_code, self.hidden_size),
+                    "gather_partial": signature(OP_GATHER, fp, 1, self._dtype_code, self.hidden_size),
+                    "combine": signature(OP_SCATTER, fp, 1, self._dtype_code, self.hidden_size),
+                    "logits": signature(OP_GATHER_LOGITS, fp, 0, self._dtype_code, self.hidden_size)}
+            desc = np.zeros(self._desc_layout.size, dtype=np.int64)
+            self._desc_layout.write(desc, plan, hidden, logits, self.rank, sigs)
+            desc.flags.writeable = False
+            if len(self._layouts) > 256:
+                self._layouts.clear()
+            hit = self._layouts[fp] = (hidden, logits, sigs, desc)
+        st.hidden, st.logits, st.sigs, st.desc_host = hit
+        prev = self._step
+        if prev is not None and prev.plan.fingerprint == fp:
+            st.desc = prev.desc  # same layout: the device copy is already right
+        else:
+            st.desc = self._backend.upload(st.desc_host)
         self._step = st
         return st
 
-    def _state(self, plan):
-        if not isinstance(plan, Plan):
-            raise InputError(f"plan must be a dpgather.Plan (from sync() or dpgather.plan()), got {plan!r}")
+    # -- the checks of every call ---------------------------------------------------------
+    def _check_open(self):
+        if self._closed:
+            raise InputError("this DpAttention is closed")
+        if self._aborted is not None:
+            raise CollectiveTimeout(f"this DpAttention was aborted: {self._aborted}; create a new one on every rank")
+
+    def _current(self, plan):
+        """The current step for ``plan``, or raise InputError (a plan of another step)."""
         st = self._step
         if st is not None and st.plan is plan:
             return st
-        if (plan.dp_size != self.topology.dp_size or plan.attn_tp_size != self.topology.attn_tp_size):
+        if not isinstance(plan, Plan):
+            raise InputError(f"plan must be a dpgather.Plan (from sync()), got {plan!r}")
+        if st is None:
+            raise InputError("no step is open: call sync() first and pass the plan it returned")
+        if plan.fingerprint != st.plan.fingerprint or plan.dp_size != self.topology.dp_size \
+                or plan.attn_tp_size != self.topology.attn_tp_size:
             raise InputError(
-                f"plan is for dp_size={plan.dp_size}, attn_tp_size={plan.attn_tp_size}; this "
-                f"DpAttention has dp_size={self.topology.dp_size}, attn_tp_size={self.topology.attn_tp_size}")
-        return self._prepare(plan)
+                f"plan is not the plan of this step (fingerprint {plan.fingerprint:#x}, this step "
+                f"{st.plan.fingerprint:#x}): pass the plan returned by the latest sync()")
+        return st
 
-    # -- input checks ---------------------------------------------------------------------
-    def _check_open(self):
-        if self._aborted is not None:
-            raise CollectiveTimeout(f"this DpAttention was aborted after {self._aborted}; every rank must "
-                                    f"create a new one (and new communicators) to continue")
-        if self._closed:
-            raise InputError("this DpAttention is closed; create a new one")
+    def _rows(self, x, name, width=None):
+        """``x`` as a C-contiguous 2-D backend array in the configured storage (no copy)."""
+        arr, _ = self._backend.wrap(x, name)
+        if arr.dtype != self._storage:
+            if self.dtype == "bfloat16" and arr.dtype == BF16_STORAGE:
+                arr = arr.view(self._storage)  # the documented bfloat16 storage on NumPy too
+            else:
+                raise InputError(_dtype_message(name, arr.dtype, self.dtype))
+        if arr.ndim != 2:
+            raise InputError(f"{name} must be 2-D [rows, {width or 'width'}], got shape {tuple(arr.shape)}")
+        if width is not None and arr.shape[1] != width:
+            raise InputError(f"{name} must have {width} columns (hidden_size), got shape {tuple(arr.shape)}")
+        if not arr.flags.c_contiguous:
+            raise InputError(f"{name} must be C-contiguous, got shape {tuple(arr.shape)} with strides "
+                             f"{tuple(arr.strides)}; pass a contiguous copy")
+        return arr
 
-    def abort(self, reason="abort() was called"):
-        """Abort the communicators (NCCL: ``ncclCommAbort``, freeing kernels stuck on a lost peer)
-        and refuse further use. Local: it never kills the process. Called automatically when a
-        collective or the sync times out."""
-        if self._aborted is None:
-            self._aborted = reason
-        for comm in (self._attn, self._tp if self._backend is not None else None):
-            if comm is not None:
-                try:
-                    comm.abort()
-                except Exception:
-                    pass
+    def _any_rows(self, a, name):
+        arr, _ = self._backend.wrap(a, name)
+        if arr.dtype.name not in DTYPES and arr.dtype.name not in ("uint16", "int16", "float64"):
+            raise InputError(f"{name} has unsupported dtype {arr.dtype}")
+        if arr.ndim != 2:
+            raise InputError(f"{name} must be 2-D [rows, width], got shape {tuple(arr.shape)}")
+        if not arr.flags.c_contiguous:
+            raise InputError(f"{name} must be C-contiguous; pass a contiguous copy")
+        return arr
 
-    def wait(self):
-        """Block until this rank's enqueued work has finished, within ``timeout_s``.
+    def _no_alias(self, a, name, roles):
+        """``a`` must not overlap the buffers of ``roles`` (the call writes them)."""
+        role = self._arena.contains(self._backend.ptr(a), a.nbytes)
+        if role in roles:
+            raise InputError(f"{name} overlaps dpgather's '{role}' buffer, which this call writes; "
+                             "pass a copy (views returned earlier are reused by later calls)")
 
-        CUDA backend: polls an event on the current stream together with NCCL's async error
-        state; on timeout the communicators are aborted and ``CollectiveTimeout`` raised. Host
-        backend: collectives are already complete when they return; this is a no-op. Not needed
-        for correctness (stream order is kept); call it at a step boundary to bound device hangs.
+    def _overlap(self, a, b):
+        be = self._backend
+        pa, pb = be.ptr(a), be.ptr(b)
+        return a.nbytes > 0 and b.nbytes > 0 and pa < pb + b.nbytes and pb < pa + a.nbytes
+
+    def _call(self, op, plan, flag, width, check, run, dummy=None):
+        """One data-plane call: record it in the step's hash, check, then run (see ``strict``).
+
+        ``check()`` validates and returns the arguments of ``run(*args)``. On an ``InputError``
+        the rank still issues the step's collectives through ``dummy(step)`` (zero rows; outputs
+        only in dpgather's own buffers), records the failure for the next ``sync()`` and raises.
         """
         self._check_open()
-        waiter = getattr(self._tp, "wait", None)
-        if waiter is not None and self._backend.name == "cuda":
-            with self._guard("wait"):
-                waiter()
+        st = self._step
+        # What this rank issues: the current step's collectives (a call with another plan fails its
+        # checks and issues the current step's collectives with zero rows), so ranks that issue the
+        # same collectives hash alike whatever a failing call was passed.
+        sig = signature(op, 0 if st is None else st.plan.fingerprint, flag, self._dtype_code, width)
+        self._ophash = ((self._ophash ^ sig) * 0x01000193) & 0xFFFFFFFF
+        self._nops += 1
+        error = None
+        try:
+            args = check()
+        except InputError as e:
+            error = e
+        if self.strict:
+            self._agree_call(op, sig, error)
+        if error is None:
+            try:
+                with _Guard(self, _OP_NAMES[op]):
+                    return run(*args)
+            except InputError as e:  # a buffer could not grow: raised before any collective
+                error = e
+        self._status = _ST_INPUT
+        self._status_msg = f"{type(error).__name__}: {error}"
+        if dummy is not None and st is not None:
+            with _Guard(self, _OP_NAMES[op]):
+                try:
+                    dummy(st)
+                except InputError:
+                    pass  # the dummy could not run either (e.g. out of memory): peers time out
+        raise error
 
-    def _guard(self, op):
-        return _Guard(self, op)
-
-    def _rows(self, x, name, width, logical=None):
-        """Validate a caller's 2-D row array; returns it as a backend array (no copy)."""
-        logical = logical or self.dtype
-        storage = self._storage if logical == self.dtype else self._backend.storage_dtype(logical)
-        x = self._backend.as_rows(x, name, storage, logical)
-        if x.ndim != 2:
-            raise InputError(f"{name} must be 2-D [rows, {width if width else 'width'}], got shape {tuple(x.shape)}")
-        if width is not None and x.shape[1] != width:
-            raise InputError(f"{name} must have hidden size {width} (shape [rows, {width}]), got shape {tuple(x.shape)}")
-        if not x.flags.c_contiguous:
-            raise InputError(f"{name} must be C-contiguous (got strides {x.strides} for shape {tuple(x.shape)}); "
-                             f"pass a contiguous copy")
-        return x
-
-    def _no_alias(self, x, name, roles):
-        role = self._arena.contains(self._backend.ptr(x), x.nbytes)
-        if role in roles:
-            raise InputError(
-                f"{name} aliases dpgather's '{role}' buffer that this call writes (a view returned by "
-                f"an earlier call); copy it first")
-
-    def _agree(self, error):
-        """Strict mode: every rank learns whether any rank's arguments were bad; all raise."""
-        if not self.strict:
+    def _agree_call(self, op, sig, error):
+        """strict=True: one small exchange per call; every rank raises if any rank failed or the
+        ranks disagree on the call."""
+        rec = np.zeros(SYNC_WIDTH, dtype=np.int32)
+        rec[0] = 0 if error is None else 1
+        rec[1] = sig - (1 << 32) if sig >= 1 << 31 else sig
+        with _Guard(self, _OP_NAMES[op]):
+            table = self._sync.exchange(rec)
+        bad = np.flatnonzero(table[:, 0]).tolist()
+        mismatch = bool((table[:, 1] != table[0, 1]).any())
+        if not bad and not mismatch:
+            return
+        msgs = self._sync.allgather_obj(None if error is None else f"{type(error).__name__}: {error}",
+                                        f"{_OP_NAMES[op]} (strict agreement)")
+        if bad:
             if error is not None:
                 raise error
-            return
-        self._chk[0] = _OK if error is None else _BAD_INPUT
-        self._chk[1] = self.rank
-        with self._guard("the input check"):
-            self._tp.allgather_record(self._chk, self._chk_table)
-        bad = np.flatnonzero(self._chk_table[:, 0])
-        if not bad.size:
-            return
-        # every rank is here (all saw the same table): share the offending ranks' messages
-        msgs = self._mpi.allgather(None if error is None else str(error))
-        if error is not None:
-            raise error
-        raise InputError(f"rank(s) {bad.tolist()} passed invalid arguments to this call; nothing was "
-                         f"written on any rank. rank {bad[0]}: {msgs[bad[0]]}")
-
-    def _validated(self, fn):
-        try:
-            result = fn()
-        except InputError as e:
-            self._agree(e)
-            raise
-        self._agree(None)
-        return result
+            raise InputError(f"{_OP_NAMES[op]}() failed its checks on rank(s) {bad}: "
+                             + "; ".join(f"rank {r}: {msgs[r]}" for r in bad) + ". Nothing was moved")
+        raise InconsistentStepError(
+            f"{_OP_NAMES[op]}(): the ranks called different operations or passed different plans, "
+            f"contributions, dtypes or widths (call signatures {[int(v) & 0xFFFFFFFF for v in table[:, 1]]}). "
+            "Nothing was moved")
 
     # -- gather ---------------------------------------------------------------------------
     def gather(self, x, plan, contribution="replicate"):
-        """Gather every replica's rows into the gathered buffer (identical on all T ranks).
+        """Gather every replica's rows into one buffer (DESIGN section 4).
 
         Args:
-            x: ``[rows, hidden_size]`` this rank's token rows (any ``rows``: rows past
-                ``plan.num_tokens[own]`` are ignored, missing rows read as zero). Never modified.
-            plan: the step's plan (from :meth:`sync`).
-            contribution: ``"replicate"`` (every rank of the replica holds the same rows; attn_tp
-                rank 0's count) or ``"partial"`` (rows are summands over the replica's ranks).
+            x: this rank's ``[rows, hidden_size]`` (rows beyond ``plan.num_tokens[own]`` are
+                ignored, missing rows count as zero). Never modified.
+            plan: the plan returned by this step's :meth:`sync`.
+            contribution: ``"replicate"`` (the replica's ranks hold the same rows; attn rank 0's
+                are used) or ``"partial"`` (they hold summands).
 
         Returns:
-            ``G``: ``[plan.gathered_rows, hidden_size]`` view of the ``gathered`` arena, replica
+            ``[plan.gathered_rows, hidden_size]`` view of the ``gathered`` arena, replica
             ``d``'s rows at ``plan.slot_offsets[d]``, padding rows zero.
         """
-        self._check_open()
+        partial = contribution == "partial"
 
         def check():
-            st = self._state(plan)
+            st = self._current(plan)
             if contribution not in ("replicate", "partial"):
                 raise InputError(f"contribution must be 'replicate' or 'partial', got {contribution!r}")
             xr = self._rows(x, "x", self.hidden_size)
             self._no_alias(xr, "x", ("gathered", "staging"))
             return st, xr
 
-        st, xr = self._validated(check)
-        with self._guard("gather"):
-            return self._gather_into(self._arena, xr, st, st.hidden, contribution == "partial")
+        def run(st, xr):
+            return self._plane.gather(self._arena, xr, st.hidden, st.desc, partial, False)
+
+        def dummy(st):
+            self._plane.gather(self._arena, self._empty, st.hidden, st.desc, partial, False)
+
+        # the flag hashed is what this rank issues (an invalid contribution issues "replicate")
+        return self._call(OP_GATHER, plan, int(partial), self.hidden_size, check, run, dummy)
 
     def gather_logits(self, h, plan):
         """Replicate-gather the rows that reach the LM head over the logits layout.
 
         Args:
-            h: ``[rows, width]`` pruned hidden states of this replica (replicated over attn_tp),
-                any supported dtype of the configured one.
+            h: ``[rows, hidden_size]`` pruned hidden states of this replica (replicated over
+                attn_tp), in the configured dtype.
 
         Returns:
-            ``[plan.logits_rows, width]`` view of the ``logits`` arena.
+            ``[plan.logits_rows, hidden_size]`` view of the ``logits`` arena.
         """
-        self._check_open()
 
         def check():
-            st = self._state(plan)
+            st = self._current(plan)
             hr = self._rows(h, "h", self.hidden_size)
             self._no_alias(hr, "h", ("logits", "staging"))
             return st, hr
 
-        st, hr = self._validated(check)
-        with self._guard("gather_logits"):
-            return self._gather_into(self._arena, hr, st, st.logits, False, "logits")
+        def run(st, hr):
+            return self._plane.gather(self._arena, hr, st.logits, st.desc, False, False, "logits")
 
-    def _gather_into(self, arena, x, st, L, partial, role="gathered"):
-        """The gather algorithm (DESIGN mode table) on ``arena``'s buffers; see :meth:`gather`."""
-        be, tp, attn, A = self._backend, self._tp, self._attn, self.topology.attn_tp_size
-        H = x.shape[1]
-        dt = x.dtype
-        desc, base = st.desc, L.base
-        logical = self.dtype if dt == self._storage else None
-        G = arena.view(role, L.total, H, dt)
-        if L.total == 0:
-            return G
-        if L.mode == _MAX:
-            M, c = L.slot, L.chunk_len
-            if A == 1:
-                send = arena.view("staging", M, H, dt)
-                be.copy_rows(x, send, desc, base + _PACK)
-                tp.all_gather(send, G, dtype=logical)
-            elif partial:
-                send, chunk = arena.views("staging", ((M, H, dt), (c, H, dt)))
-                be.copy_rows(x, send, desc, base + _PACK)
-                attn.reduce_scatter(send, chunk, dtype=logical)
-                tp.all_gather(chunk, G, dtype=logical)
-            else:
-                chunk = arena.view("staging", c, H, dt)
-                be.copy_rows(x, chunk, desc, base + _CHUNK)
-                tp.all_gather(chunk, G, dtype=logical)
-        elif L.mode == _SUM:
-            be.zero(G)
-            if partial or self.attn_tp_rank == 0:
-                be.copy_rows(x, G, desc, base + _SUMW)
-            tp.all_reduce(G, G, dtype=logical)
-        else:
-            n = L.n
-            if A == 1:
-                if x.shape[0] >= n:
-                    send = x
-                else:
-                    send = arena.view("staging", n, H, dt)
-                    be.copy_rows(x, send, desc, base + _PACK)
-                tp.all_gatherv(send, G, L.tp_counts, dtype=logical)
-            elif partial:
-                send, chunk = arena.views("staging", ((n, H, dt), (L.chunk_len, H, dt)))
-                be.copy_rows(x, send, desc, base + _PACK)
-                attn.reduce_scatterv(send, chunk, L.attn_counts, dtype=logical)
-                tp.all_gatherv(chunk, G, L.tp_counts, dtype=logical)
-            else:
-                lo, hi = L.chunk_off, L.chunk_off + L.chunk_len
-                if x.shape[0] >= hi:
-                    send = x[lo:hi]
-                else:
-                    send = arena.view("staging", L.chunk_len, H, dt)
-                    be.copy_rows(x, send, desc, base + _CHUNK)
-                tp.all_gatherv(send, G, L.tp_counts, dtype=logical)
-        return G
+        def dummy(st):
+            self._plane.gather(self._arena, self._empty, st.logits, st.desc, False, False, "logits")
+
+        return self._call(OP_GATHER_LOGITS, plan, 0, self.hidden_size, check, run, dummy)
 
     # -- scatter --------------------------------------------------------------------------
     def scatter(self, Y, plan, reduce=True, out=None):
@@ -529,35 +547,44 @@ class DpAttention:
             Y: ``[>= plan.gathered_rows, hidden_size]``: TP-partial (``reduce=True``, a
                 row-parallel MLP's output before its all-reduce) or already replicated
                 (``reduce=False``). Never modified.
-            reduce: sum ``Y`` over all T ranks (True) or copy (False).
+            reduce: sum ``Y`` over all T ranks (True) or copy (False); a bool.
             out: optional ``[R, hidden_size]`` destination (any ``R``: rows past
                 ``num_tokens[own]`` are zeroed, rows past ``R`` dropped).
 
         Returns:
             ``y``: ``out``, or a ``[plan.slot_rows[own], hidden_size]`` view of the ``output``
             arena; ``y[i] = sum_t Y_t[slot_offsets[own] + i]`` for ``i < num_tokens[own]``, zero
-            after.
+            after. Slice ``y[:plan.num_tokens[own]]`` for this replica's tokens.
         """
-        self._check_open()
+        valid = isinstance(reduce, (bool, np.bool_))
+        flag = int(reduce) if valid else 1  # an invalid reduce issues the reduction (dummy below)
 
         def check():
-            st = self._state(plan)
+            st = self._current(plan)
+            if not valid:
+                raise InputError(f"reduce must be True or False, got {reduce!r}")
             Yr = self._rows(Y, "Y", self.hidden_size)
             if Yr.shape[0] < st.hidden.total:
-                raise InputError(f"Y must have at least plan.gathered_rows={st.hidden.total} rows, "
-                                 f"got {Yr.shape[0]}")
+                raise InputError(f"Y must have at least plan.gathered_rows={st.hidden.total} rows, got {Yr.shape[0]}")
             self._no_alias(Yr, "Y", ("combine", "output"))
             o = None
             if out is not None:
                 o = self._rows(out, "out", self.hidden_size)
                 self._no_alias(o, "out", ("combine", "staging"))
-                if _overlap(self._backend, Yr, o):
+                if self._overlap(Yr, o):
                     raise InputError("out must not alias Y (the input is never written)")
             return st, Yr, o
 
-        st, Yr, o = self._validated(check)
-        with self._guard("scatter"):
-            return self._scatter_into(self._arena, Yr, st, st.hidden, bool(reduce), o)
+        def run(st, Yr, o):
+            return self._plane.combine(self._arena, Yr, st.hidden, st.desc, bool(flag), o, False)
+
+        def dummy(st):
+            if flag:
+                Z = self._arena.view("staging", st.hidden.total, self.hidden_size, self._storage)
+                self._backend.zero(Z)
+                self._plane.combine(self._arena, Z, st.hidden, st.desc, True, None, False)
+
+        return self._call(OP_SCATTER, plan, flag, self.hidden_size, check, run, dummy)
 
     def scatter_logits(self, L_rows, plan, out=None):
         """Copy this replica's logits rows out of the gathered logits (no collective).
@@ -568,13 +595,11 @@ class DpAttention:
             out: optional ``[R, W]`` destination, same dtype as ``L_rows``.
 
         Returns:
-            ``[plan.logits_slot_rows[own], W]`` (or ``out``), rows past
-            ``logits_tokens[own]`` zero.
+            ``[plan.logits_slot_rows[own], W]`` (or ``out``), rows past ``logits_tokens[own]``
+            zero.
         """
-        self._check_open()
-
         def check():
-            st = self._state(plan)
+            st = self._current(plan)
             Lr = self._any_rows(L_rows, "L")
             if Lr.shape[0] < st.logits.total:
                 raise InputError(f"L must have at least plan.logits_rows={st.logits.total} rows, got {Lr.shape[0]}")
@@ -585,81 +610,15 @@ class DpAttention:
                 if o.dtype != Lr.dtype or o.shape[1] != Lr.shape[1]:
                     raise InputError(f"out must be [rows, {Lr.shape[1]}] of dtype {Lr.dtype}, got "
                                      f"{tuple(o.shape)} {o.dtype}")
-                if _overlap(self._backend, Lr, o):
+                if self._overlap(Lr, o):
                     raise InputError("out must not alias L (the input is never written)")
             return st, Lr, o
 
-        st, Lr, o = self._validated(check)
-        L = st.logits
-        y = o if o is not None else self._arena.view("logits_output", L.slot, Lr.shape[1], Lr.dtype)
-        self._backend.copy_rows(Lr, y, st.desc, L.base + _UNPACK)
-        return y
+        def run(st, Lr, o):
+            y = o if o is not None else self._arena.view("logits_output", st.logits.slot, Lr.shape[1], Lr.dtype)
+            return self._plane.unpack_logits(Lr, y, st.desc)
 
-    def _any_rows(self, a, name):
-        a = self._backend.wrap(a, name)
-        logical = a.dtype.name
-        if logical not in ("float32", "float16", "bfloat16", "int32", "int64", "uint8", "uint16", "int16", "float64"):
-            raise InputError(f"{name} has unsupported dtype {a.dtype}")
-        if a.ndim != 2:
-            raise InputError(f"{name} must be 2-D [rows, width], got shape {tuple(a.shape)}")
-        if not a.flags.c_contiguous:
-            raise InputError(f"{name} must be C-contiguous; pass a contiguous copy")
-        return a
-
-    def _scatter_into(self, arena, Y, st, L, reduce, out):
-        """The combine algorithm (DESIGN mode table) on ``arena``'s buffers; see :meth:`scatter`."""
-        be, tp, attn, A = self._backend, self._tp, self._attn, self.topology.attn_tp_size
-        H = Y.shape[1]
-        dt = Y.dtype
-        logical = self.dtype
-        desc, base = st.desc, L.base
-        y = out if out is not None else arena.view("output", L.slot, H, dt)
-        direct = y.shape[0] == L.slot
-        if L.total == 0:
-            if y.shape[0]:
-                be.copy_rows(y, y, desc, base + _ZTAIL)
-            return y
-        Yv = Y[:L.total] if Y.shape[0] != L.total else Y
-        if not reduce:
-            be.copy_rows(Yv, y, desc, base + _UNPACK)
-            return y
-        if L.mode == _MAX:
-            M = L.slot
-            if A == 1:
-                dst = y if direct else arena.view("combine", M, H, dt)
-                tp.reduce_scatter(Yv, dst, dtype=logical)
-            else:
-                if direct:
-                    chunk = arena.view("combine", L.chunk_len, H, dt)
-                    dst = y
-                else:
-                    chunk, dst = arena.views("combine", ((L.chunk_len, H, dt), (M, H, dt)))
-                tp.reduce_scatter(Yv, chunk, dtype=logical)
-                attn.all_gather(chunk, dst, dtype=logical)
-            if direct:
-                be.copy_rows(y, y, desc, base + _ZTAIL)
-            else:
-                be.copy_rows(dst, y, desc, base + _OUTCOPY)
-        elif L.mode == _SUM:
-            full = arena.view("combine", L.total, H, dt)
-            tp.all_reduce(Yv, full, dtype=logical)
-            be.copy_rows(full, y, desc, base + _UNPACK)
-        else:
-            n = L.n
-            if A == 1:
-                dst = y if direct else arena.view("combine", n, H, dt)
-                tp.reduce_scatterv(Yv, dst, L.tp_counts, dtype=logical)
-            else:
-                if direct:
-                    chunk = arena.view("combine", L.chunk_len, H, dt)
-                    dst = y
-                else:
-                    chunk, dst = arena.views("combine", ((L.chunk_len, H, dt), (n, H, dt)))
-                tp.reduce_scatterv(Yv, chunk, L.tp_counts, dtype=logical)
-                attn.all_gatherv(chunk, dst, L.attn_counts, dtype=logical)
-            if not direct:
-                be.copy_rows(dst, y, desc, base + _OUTCOPY)
-        return y
+        return self._call(OP_SCATTER_LOGITS, plan, 0, 0, check, run)
 
     # -- MoE routing mask -----------------------------------------------------------------
     def mask_topk_ids(self, topk_ids, plan, fill=-1):
@@ -668,18 +627,16 @@ class DpAttention:
         Args:
             topk_ids: ``[>= plan.gathered_rows, k]`` int32 or int64 expert ids of the gathered rows.
             fill: the id written into every padding row (rows of a slot past
-                ``plan.num_tokens[d]``); ``-1`` makes the MoE skip them.
+                ``plan.num_tokens[d]``), an int that fits the dtype; ``-1`` makes the MoE skip them.
 
         Returns:
             ``topk_ids`` (modified in place; counts are read from device memory on the CUDA
             backend, so the call can be captured in a graph).
         """
-        self._check_open()
 
         def check():
-            st = self._state(plan)
-            be = self._backend
-            ids = be.wrap(topk_ids, "topk_ids")
+            st = self._current(plan)
+            ids, _ = self._backend.wrap(topk_ids, "topk_ids")
             if ids.dtype not in (np.int32, np.int64):
                 raise InputError(f"topk_ids must be int32 or int64, got {ids.dtype}")
             if ids.ndim != 2 or not ids.flags.c_contiguous:
@@ -687,25 +644,37 @@ class DpAttention:
             if ids.shape[0] < st.hidden.total:
                 raise InputError(f"topk_ids must have at least plan.gathered_rows={st.hidden.total} rows, "
                                  f"got {ids.shape[0]}")
+            if isinstance(fill, (bool, np.bool_)) or not isinstance(fill, (int, np.integer)):
+                raise InputError(f"fill must be an int, got {fill!r}")
+            info = np.iinfo(ids.dtype)
+            if not info.min <= int(fill) <= info.max:
+                raise InputError(f"fill={fill} does not fit topk_ids' dtype {ids.dtype} [{info.min}, {info.max}]")
             return st, ids
 
-        st, ids = self._validated(check)
-        self._backend.mask_rows(ids, st.desc, _MASK_AT, self.topology.dp_size, int(fill))
-        return topk_ids
+        def run(st, ids):
+            self._plane.mask(ids, st.desc, int(fill))
+            return topk_ids
+
+        return self._call(OP_MASK, plan, 0, 0, check, run)
 
     # -- graphs ---------------------------------------------------------------------------
     def graph_runner(self, fn, contribution="replicate", reduce=True):
         """Capture ``pack -> gather -> fn(G) -> combine -> unpack`` for every graph bucket.
 
-        Returns a :class:`~dpgather._graph.GraphRunner` whose ``run(x, plan)`` replays the
-        bucket of ``plan`` (``plan.graph`` must be True) with no per-step allocation. On the host
-        backend it runs eagerly with the same API. Closed by :meth:`close` (graphs are destroyed
-        before the communicators).
+        Returns a :class:`~dpgather.GraphRunner` whose ``run(x, plan)`` replays the bucket of
+        ``plan`` (``plan.graph`` must be True) with no per-step allocation. On the host backend it
+        runs eagerly with the same API. Closed by :meth:`close` (graphs are destroyed before the
+        communicators).
         """
         self._check_open()
-        from ._graph import GraphRunner
+        from ._graph import GraphRunner, RunnerContext
 
-        runner = GraphRunner(self, fn, contribution=contribution, reduce=reduce)
+        ctx = RunnerContext(plane=self._plane, backend=self._backend, planner=self.planner,
+                            descriptor=self._desc_layout, rank=self.rank, dp_rank=self.dp_rank,
+                            attn_tp_rank=self.attn_tp_rank, hidden_size=self.hidden_size,
+                            storage=self._storage, rows=self._rows, current=self._current, call=self._call,
+                            guard=lambda op: _Guard(self, op), empty=self._empty)
+        runner = GraphRunner(ctx, fn, contribution=contribution, reduce=reduce)
         self._runners.append(runner)
         return runner
 
@@ -715,8 +684,29 @@ class DpAttention:
         ``requests``; plus ``total``."""
         return self._arena.stats()
 
+    def wait(self, stream=None):
+        """Block until this rank's data-plane work on ``stream`` finished, within ``timeout_s``
+        (the CUDA backend's collectives are asynchronous; the host backend's are not)."""
+        self._check_open()
+        with _Guard(self, "wait"):
+            self._tp.wait(stream)
+            if self._attn is not None:
+                self._attn.wait(stream)
+
+    def abort(self, reason="abort() was called"):
+        """Abort the communicators (local, immediate) and refuse further use on this rank."""
+        if self._aborted is None:
+            self._aborted = reason
+        for c in (self._attn, self._tp):
+            if c is not None:
+                try:
+                    c.abort()
+                except Exception:
+                    pass
+
     def close(self):
-        """Release arenas and communicators (sub-communicator first). Idempotent."""
+        """Release graphs, arenas, communicators and the sync, in that order. Local (it never waits
+        for a peer, so it is safe after any error) and idempotent."""
         if self._closed:
             return
         self._closed = True
@@ -726,11 +716,14 @@ class DpAttention:
         self._runners = []
         if self._arena is not None:
             self._arena.release()
-        if self._attn is not None:
-            self._attn.close()
-            self._attn = None
+        for c in (self._attn, self._tp):
+            if c is not None:
+                c.close()
+        self._attn = self._tp = None
         if self._backend is not None:
             self._backend.close()
+        if self._sync is not None:
+            self._sync.close()
 
     def __enter__(self):
         return self
@@ -740,9 +733,151 @@ class DpAttention:
         return False
 
     def __repr__(self):
-        return (f"DpAttention(rank={self.rank}, {self.topology}, hidden_size={self.hidden_size}, "
-                f"dtype={self.dtype}, backend={getattr(self, 'backend', None)}, policy={self.planner.policy})")
+        return (f"DpAttention(rank={getattr(self, 'rank', '?')}, {getattr(self, 'topology', '')}, "
+                f"hidden_size={getattr(self, 'hidden_size', '?')}, dtype={getattr(self, 'dtype', '?')}, "
+                f"backend={getattr(self, 'backend', None)})")
 
+
+_OP_NAMES = {OP_GATHER: "gather", OP_GATHER_LOGITS: "gather_logits", OP_SCATTER: "scatter",
+             OP_SCATTER_LOGITS: "scatter_logits", OP_MASK: "mask_topk_ids", OP_GRAPH: "GraphRunner.run"}
+
+
+def _dtype_message(name, got, logical):
+    hint = ""
+    if logical == "bfloat16":
+        hint = ("; bfloat16 data is ml_dtypes.bfloat16 or uint16 storage on the host backend, uint16 "
+                "storage (or a torch bfloat16 tensor) on the CUDA backend"
+                + ("; if these int16 values are bfloat16 bits, pass x.view(uint16)" if str(got) == "int16" else ""))
+    return f"{name} must have dtype {logical} (this DpAttention's dtype), got {got}{hint}"
+
+
+# -- configuration: local canonicalisation and the agreement ---------------------------------------
+
+def _canonical_config(world_size, attn_tp_size, hidden_size, dtype, backend, spec, policy, graph_buckets,
+                      max_tokens_per_rank, timeout_s, cost, strict):
+    """``(canonical values, {field: error message})`` of the constructor's arguments on this rank.
+
+    Nothing raises: every rank exchanges both, so a value that is invalid on one rank only makes
+    every rank raise the same ConfigError.
+    """
+    import dpgather
+
+    canon = {"version": dpgather.__version__, "world_size": int(world_size)}
+    errors = {}
+
+    def field(key, fn, raw):
+        try:
+            canon[key] = fn(raw)
+        except Exception as e:
+            errors[key] = f"{key}={raw!r}: {e}"
+            canon[key] = f"invalid {raw!r}"
+
+    def pos_int(v, what):
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)) or v <= 0:
+            raise ValueError(f"{what} must be a positive int")
+        return int(v)
+
+    field("attn_tp_size", lambda v: pos_int(v, "attn_tp_size"), attn_tp_size)
+    field("hidden_size", lambda v: pos_int(v, "hidden_size"), hidden_size)
+    field("dtype", lambda v: normalize_dtype(v, error=ValueError), dtype)
+    field("backend", lambda v: v if v in ("auto", "host", "cuda") else _raise(
+        "backend must be 'auto', 'host' or 'cuda'"), backend)
+    field("policy", lambda v: v if isinstance(v, str) and v in POLICIES else _raise(f"policy must be one of {POLICIES}"), policy)
+
+    def spec_fn(v):
+        if v is not None and not isinstance(v, SpecConfig):
+            raise ValueError("spec must be a dpgather.SpecConfig or None")
+        canon["spec_obj"] = v
+        return repr(v)
+
+    field("spec", spec_fn, spec)
+
+    def buckets_fn(v):
+        if v is None:
+            return ()
+        if isinstance(v, (str, bytes)):
+            raise ValueError("graph_buckets must be an iterable of positive ints (or None)")
+        out = tuple(sorted(set(pos_int(b, "every graph bucket") for b in v)))
+        for b in out:
+            if b >= 2**31:
+                raise ValueError(f"graph buckets must be < 2**31 (the per-step record is int32), got {b}")
+        return out
+
+    field("graph_buckets", buckets_fn, graph_buckets)
+
+    def max_tokens_fn(v):
+        if v is None:
+            return None
+        v = pos_int(v, "max_tokens_per_rank")
+        if v >= 2**31:
+            raise ValueError("max_tokens_per_rank must be < 2**31 (the per-step record is int32)")
+        return v
+
+    field("max_tokens_per_rank", max_tokens_fn, max_tokens_per_rank)
+
+    def timeout_fn(v):
+        if isinstance(v, (bool, np.bool_)) or v is None:
+            raise ValueError("timeout_s must be a positive number of seconds")
+        f = float(v)
+        if not f > 0:  # also NaN
+            raise ValueError("timeout_s must be a positive number of seconds (float('inf'): no limit)")
+        return 0.0 if f == float("inf") else f
+
+    field("timeout_s", timeout_fn, timeout_s)
+
+    def cost_fn(v):
+        if v is None:
+            canon["cost_model"] = None
+            return CostModel().to_dict()
+        if not isinstance(v, CostModel):
+            raise ValueError("cost must be a dpgather.CostModel or None")
+        canon["cost_model"] = v
+        return v.to_dict()
+
+    field("cost", cost_fn, cost)
+    field("strict", lambda v: v if isinstance(v, (bool, np.bool_)) else _raise("strict must be True or False"), strict)
+    if "strict" in canon:
+        canon["strict"] = bool(canon["strict"]) if "strict" not in errors else canon["strict"]
+    if "attn_tp_size" not in errors and int(world_size) % canon["attn_tp_size"]:
+        errors["attn_tp_size"] = (f"attn_tp_size={attn_tp_size!r} must divide the number of ranks "
+                                  f"{world_size}")
+    if "graph_buckets" not in errors and "attn_tp_size" not in errors:
+        bad = [b for b in canon["graph_buckets"] if b % canon["attn_tp_size"]]
+        if bad:
+            errors["graph_buckets"] = f"graph_buckets={graph_buckets!r}: {bad} are not multiples of attn_tp_size={attn_tp_size}"
+    return canon, errors
+
+
+def _raise(msg):
+    raise ValueError(msg)
+
+
+_PRIVATE_KEYS = ("spec_obj", "cost_model")
+
+
+def _raise_if_disagree(everyone):
+    """Raise one ConfigError, the same on every rank, for invalid or differing configurations."""
+    errors = [(r, key, msg) for r, (_, errs) in enumerate(everyone) for key, msg in sorted(errs.items())]
+    if errors:
+        by_msg = {}
+        for r, key, msg in errors:
+            by_msg.setdefault(msg, []).append(r)
+        raise ConfigError("invalid DpAttention arguments: " + "; ".join(
+            f"{msg} (rank{'s' if len(rs) > 1 else ''} {rs if len(rs) > 1 else rs[0]})" for msg, rs in by_msg.items()))
+    keys = list(everyone[0][0])
+    diffs = []
+    for key in keys:
+        values = {}
+        for r, (cfg, _) in enumerate(everyone):
+            values.setdefault(repr(cfg.get(key)), []).append(r)
+        if len(values) > 1:
+            diffs.append(f"{key}: " + "; ".join(f"{v} on ranks {rs}" for v, rs in values.items()))
+    if diffs:
+        raise ConfigError("ranks were configured differently: " + " | ".join(diffs)
+                          + ". Every rank must construct DpAttention with the same arguments")
+
+
+# -- closing at exit ---------------------------------------------------------------------------------
 
 _LIVE = weakref.WeakSet()
 _HOOKED = False
@@ -757,29 +892,11 @@ def _close_all():
 
 
 def _register_at_exit(dp):
-    """Close every live DpAttention at interpreter exit, before mpi4py finalizes MPI (atexit
-    runs handlers in reverse order and mpi4py registered its own when MPI was imported)."""
+    """Close every live DpAttention at interpreter exit, before mpi4py finalizes MPI (atexit runs
+    handlers in reverse order and mpi4py registered its own when MPI was imported). Closing is
+    local, so a rank whose peers are gone exits promptly."""
     global _HOOKED
     _LIVE.add(dp)
     if not _HOOKED:
         atexit.register(_close_all)
         _HOOKED = True
-
-
-def _as_int(v):
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-        raise TypeError(v)
-    return int(v)
-
-
-def _canon(fn, value):
-    """``repr(fn(value))``, or a marker naming the raw value when ``fn`` rejects it."""
-    try:
-        return repr(fn(value))
-    except Exception:
-        return f"invalid {value!r}"
-
-
-def _overlap(be, a, b):
-    pa, pb = be.ptr(a), be.ptr(b)
-    return a.nbytes > 0 and b.nbytes > 0 and pa < pb + b.nbytes and pb < pa + a.nbytes

@@ -5,27 +5,54 @@ static buffers: one input buffer of ``max(bucket)`` rows, one gathered/staging/c
 sized for the largest bucket that every bucket's graph views a prefix of (the deferred
 allocation of SGLang #8277, taken further: no buffer is allocated per step, and all buckets share
 one allocation). The copy kernels read the step's counts from a static device descriptor that
-``run`` refreshes with one asynchronous upload from pinned memory, so a replay serves any counts
-up to its bucket. On the host backend ``run`` executes the same steps eagerly on the same static
-buffers, so code written against the runner is portable and CI-tested.
+``run`` refreshes with one device-to-device copy, so a replay serves any counts up to its bucket.
+On the host backend ``run`` executes the same steps eagerly on the same static buffers, so code
+written against the runner is portable and CI-tested.
 
 ``fn`` receives the gathered buffer ``G`` (``[D*b, H]``, padding rows zero) and returns ``Y`` of
 the same shape (the MLP output, TP-partial when ``reduce=True``). On CUDA ``fn`` is run once
 eagerly per bucket (warm-up) and then captured; it must be capturable (no host syncs, no
 allocation sizes that depend on data). CuPy refuses cuBLAS calls during stream capture
 (``NotImplementedError``), so ``G @ W`` with CuPy cannot be captured: call cuBLAS directly with a
-handle whose stream and workspace are set before capture (``bench/_cublas.py`` shows how), or use
-elementwise / RawKernel code. Its intermediate arrays come from a private CuPy memory
-pool owned by the runner, kept alive with the graphs.
+handle whose stream and workspace are set before capture (``dpgather.tools.cublas`` does it), or
+use elementwise / RawKernel code. Its intermediate arrays come from a private CuPy memory pool
+owned by the runner, kept alive with the graphs.
 """
+
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
-from dpgather.core import InputError, LocalBatch, ForwardMode
+from dpgather.core import ForwardMode, InputError, LocalBatch
 
 from ._arena import Arena
+from ._layout import OP_GRAPH, Layout
 
-__all__ = ["GraphRunner"]
+__all__ = ["GraphRunner", "RunnerContext"]
+
+
+class RunnerContext(NamedTuple):
+    """What a :class:`GraphRunner` needs from its ``DpAttention`` (built by
+    ``DpAttention.graph_runner``): the data plane, the backend, the planner and descriptor layout,
+    this rank's place, the configured row format, and the owner's checks: ``rows(x, name, width)``
+    (an input in the configured storage), ``current(plan)`` (the step of ``plan`` or InputError),
+    ``call(op, plan, flag, width, check, run, dummy)`` (the owner's call protocol: hashing,
+    strict agreement, failure handling), ``guard(op)`` (aborts the owner on a timeout)."""
+
+    plane: Any
+    backend: Any
+    planner: Any
+    descriptor: Any
+    rank: int
+    dp_rank: int
+    attn_tp_rank: int
+    hidden_size: int
+    storage: Any
+    rows: Callable
+    current: Callable
+    call: Callable
+    guard: Callable
+    empty: Any
 
 
 class GraphRunner:
@@ -34,74 +61,69 @@ class GraphRunner:
     Made by :meth:`DpAttention.graph_runner`; see the module docstring.
 
     Args:
-        dp: the owning :class:`DpAttention` (its ``graph_buckets`` must be non-empty).
+        ctx: the :class:`RunnerContext` of the owning ``DpAttention`` (its ``graph_buckets``
+            must be non-empty).
         fn: ``fn(G) -> Y`` on backend arrays.
         contribution: ``"replicate"`` or ``"partial"`` (as for ``gather``).
         reduce: combine with a sum over ranks (True) or a copy (False).
     """
 
-    def __init__(self, dp, fn, contribution="replicate", reduce=True):
-        from ._facade import _Step, _Layout, _HIDDEN, _MASK_AT
-
-        buckets = dp.planner.graph_buckets
+    def __init__(self, ctx, fn, contribution="replicate", reduce=True):
+        buckets = ctx.planner.graph_buckets
         if not buckets:
             raise InputError("graph_runner needs DpAttention(graph_buckets=...) with at least one bucket")
         if contribution not in ("replicate", "partial"):
             raise InputError(f"contribution must be 'replicate' or 'partial', got {contribution!r}")
+        if not isinstance(reduce, (bool, np.bool_)):
+            raise InputError(f"reduce must be True or False, got {reduce!r}")
         if not callable(fn):
             raise InputError(f"fn must be callable, got {fn!r}")
-        self._dp = dp
+        self._ctx = ctx
         self._fn = fn
         self._partial = contribution == "partial"
         self._reduce = bool(reduce)
+        self._flag = 2 * int(self._partial) + int(self._reduce)
         self.buckets = buckets
         self._closed = False
-        be = dp._backend
-        self._be = be
-        D, H, A = dp.topology.dp_size, dp.hidden_size, dp.topology.attn_tp_size
-        bmax = buckets[-1]
-        row = H * dp._storage.itemsize
+        be = self._be = ctx.backend
+        D = ctx.planner.topology.dp_size
+        H, bmax = ctx.hidden_size, buckets[-1]
+        row = H * ctx.storage.itemsize
         self._arena = Arena(be.alloc)
         self._arena.reserve("gathered", D * bmax * row)
         self._arena.reserve("staging", 2 * bmax * row + 1024)
         self._arena.reserve("combine", 2 * bmax * row + 1024)
         self._arena.reserve("output", bmax * row)
         self._in_buf = be.alloc(bmax * row)
-        self._input = self._in_buf.view(dp._storage).reshape(bmax, H)
-        self._desc_host = np.zeros(_MASK_AT + 3 * D, dtype=np.int64)
-        self._desc_dev = be.upload(self._desc_host) if be.name == "host" else be.xp.zeros(self._desc_host.size, dtype=be.xp.int64)
+        self._input = self._in_buf.view(ctx.storage).reshape(bmax, H)
+        size = ctx.descriptor.size
+        self._desc_dev = be.xp.zeros(size, dtype=be.xp.int64)
         self._layouts = {}
+        for b in buckets:
+            plan = ctx.planner.plan_batches([LocalBatch(ForwardMode.DECODE, b)] * D)
+            self._layouts[b] = Layout.hidden(plan, ctx.dp_rank, ctx.attn_tp_rank)
         self._outputs = {}
         self._graphs = {}
         self._pool = None
         self._stream = None
-        for b in buckets:
-            plan = dp.planner.plan_batches([LocalBatch(ForwardMode.DECODE, b)] * D)
-            st = _Step()
-            st.plan = plan
-            st.desc_host = self._desc_host
-            st.desc = self._desc_dev
-            st.hidden = _Layout(plan.mode, plan.num_tokens, plan.slot_rows, plan.slot_offsets,
-                                plan.gathered_rows, dp.dp_rank, dp.attn_tp_rank, A, _HIDDEN,
-                                np.zeros_like(self._desc_host))
-            st.logits = None
-            self._layouts[b] = st
         if be.name == "cuda":
             self._capture()
 
     # -- the step, as captured or run eagerly ----------------------------------------------
     def _body(self, b):
-        dp, st = self._dp, self._layouts[b]
-        x = self._input[:b]
-        G = dp._gather_into(self._arena, x, st, st.hidden, self._partial)
+        ctx, L = self._ctx, self._layouts[b]
+        G = ctx.plane.gather(self._arena, self._input[:b], L, self._desc_dev, self._partial, False)
         Y = self._fn(G)
-        Yr = dp._rows(Y, "fn(G)", dp.hidden_size)
+        Yr = ctx.rows(Y, "fn(G)", ctx.hidden_size)
         if Yr.shape[0] < G.shape[0]:
             raise InputError(f"fn(G) must return at least {G.shape[0]} rows, got {Yr.shape[0]}")
-        return dp._scatter_into(self._arena, Yr, st, st.hidden, self._reduce, None)
+        return ctx.plane.combine(self._arena, Yr, L, self._desc_dev, self._reduce, None, False)
 
     def _capture(self):
+        from dpgather.kernels import _cuda
+
         cupy = self._be.cupy
+        _cuda.warm()
         self._pool = cupy.cuda.MemoryPool()
         self._stream = cupy.cuda.Stream(non_blocking=True)
         with cupy.cuda.using_allocator(self._pool.malloc), self._stream:
@@ -139,16 +161,31 @@ class GraphRunner:
             ``[plan.bucket, H]`` view of the runner's static output (valid until the next
             ``run``): rows ``< num_tokens[own]`` hold the combined MLP output, the rest zero.
         """
-        dp = self._dp
-        self._check(plan)
-        b = plan.bucket
-        st = dp._state(plan)
-        if x is not None:
-            xr = dp._rows(x, "x", dp.hidden_size)
-            self._be.copy_rows(xr, self._input, st.desc, 0)
+        ctx = self._ctx
+
+        def check():
+            self._check(plan)
+            st = ctx.current(plan)
+            xr = None if x is None else ctx.rows(x, "x", ctx.hidden_size)
+            return st, xr
+
+        def replay(st, xr):
+            if xr is not None:
+                ctx.plane.copy_input(xr, self._input, st.desc)
+            return self._replay(st)
+
+        def dummy(st):
+            if getattr(plan, "graph", False) and plan.bucket in self._layouts and plan is st.plan:
+                ctx.plane.copy_input(ctx.empty, self._input, st.desc)
+                self._replay(st)
+
+        return ctx.call(OP_GRAPH, plan, self._flag, ctx.hidden_size, check, replay, dummy)
+
+    def _replay(self, st):
+        b = st.plan.bucket
         be = self._be
         if be.name == "host":
-            self._desc_host[:] = st.desc_host
+            self._desc_dev[...] = st.desc_host
             return self._body(b)
         stream = be.cupy.cuda.get_current_stream()
         self._desc_dev.data.copy_from_device_async(st.desc.data, st.desc_host.nbytes, stream)
@@ -174,12 +211,15 @@ class GraphRunner:
         return s
 
     def close(self):
-        """Destroy the graphs (before the communicators they captured). Idempotent."""
+        """Destroy the graphs (before the communicators they captured). Local and idempotent."""
         if self._closed:
             return
         self._closed = True
         if self._stream is not None:
-            self._stream.synchronize()
+            try:
+                self._stream.synchronize()
+            except Exception:
+                pass
         self._graphs.clear()
         self._outputs.clear()
         self._arena.release()
@@ -192,3 +232,4 @@ class GraphRunner:
     def __exit__(self, *exc):
         self.close()
         return False
+

@@ -150,6 +150,7 @@ def _cmd_run(ns, extra):
     if rc == 0 and verdict is not True:
         # Open MPI 4 returns 0 when ranks exit non-zero without aborting the job: the report decides.
         rc = 1 if verdict is False else 3
+    if rc == 0:
         latest = Path("runs") / "latest"
         try:
             if Path(out).parent == Path("runs"):

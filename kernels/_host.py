@@ -23,7 +23,8 @@ import numpy as np
 
 from dpgather.core.errors import BackendUnavailable, InputError
 
-__all__ = ["copy_rows", "mask_rows", "copy_rows_ref", "mask_rows_ref", "numba_available"]
+__all__ = ["copy_rows", "copy_rows_unchecked", "mask_rows", "copy_rows_ref", "mask_rows_ref",
+           "numba_available", "require_numba"]
 
 _I64 = np.dtype(np.int64)
 _ID_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))
@@ -90,6 +91,11 @@ def _build():
 
     _kernels = (copy_kernel, mask_kernel)
     return _kernels
+
+
+def require_numba():
+    """Compile (or load from Numba's cache) the kernels now; raise BackendUnavailable without Numba."""
+    return _kernels or _build()
 
 
 def _check_rows(name, a, op, writable=False):
@@ -164,6 +170,16 @@ def copy_rows(src, dst, desc, i, stream=None):
     k = _kernels or _build()
     if rb:
         k[0](_flat_u8(src), _flat_u8(dst), rb, src.shape[0], dst.shape[0], desc, 4 * i)
+    return dst
+
+
+def copy_rows_unchecked(src, dst, desc, i, stream=None):
+    """:func:`copy_rows` without argument checks, for callers that validated already (the data
+    plane): ``src``/``dst`` C-contiguous 2-D NumPy arrays with equal row bytes, ``desc`` a host
+    int64 array holding record ``i``."""
+    rb = dst.shape[1] * dst.dtype.itemsize
+    if rb:
+        (_kernels or _build())[0](_flat_u8(src), _flat_u8(dst), rb, src.shape[0], dst.shape[0], desc, 4 * i)
     return dst
 
 

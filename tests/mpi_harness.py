@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 __all__ = [
-    "HERE", "MPI_SCRIPTS", "MpiRun", "find_mpiexec", "launcher", "run_mpi", "check_mpi",
-    "report", "coll_assert",
+    "HERE", "MPI_SCRIPTS", "MpiRun", "find_mpiexec", "launcher", "run_mpi", "run_local", "check_mpi",
+    "assert_ok", "report", "coll_assert",
 ]
 
 HERE = Path(__file__).resolve().parent
@@ -147,6 +147,35 @@ def run_mpi(args, nprocs, timeout=60, env=None, cwd=None, mpiexec=None, mpiexec_
             pass
         out, err = proc.communicate()
     wall = time.monotonic() - t0
+    rc = proc.returncode if proc.returncode is not None else -9
+    return MpiRun(rc, out, err, tuple(cmd), timed_out, _collect(results_dir), wall)
+
+
+def run_local(args, timeout=300, env=None):
+    """Run ``python ARGS...`` as one process (no launcher) with the same result collection as
+    :func:`run_mpi` (a script's :func:`report` lands in ``results[0]``)."""
+    import time
+
+    results_dir = tempfile.mkdtemp(prefix="dpg-results-")
+    full = dict(os.environ)
+    pp = full.get("PYTHONPATH", "")
+    full["PYTHONPATH"] = str(HERE) + (os.pathsep + pp if pp else "")
+    full[RESULTS_VAR] = results_dir
+    full.update({k: str(v) for k, v in (env or {}).items()})
+    cmd = [sys.executable, *_python_args(args)]
+    t0 = time.monotonic()
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full,
+                           cwd=str(HERE.parent), stdin=subprocess.DEVNULL)
+        rc, out, err, timed_out = p.returncode, p.stdout, p.stderr, False
+    except subprocess.TimeoutExpired as e:
+        rc, out, err, timed_out = -9, e.stdout or "", e.stderr or "", True
+    return MpiRun(rc, out if isinstance(out, str) else out.decode(), err if isinstance(err, str) else err.decode(),
+                  tuple(cmd), timed_out, _collect(results_dir), time.monotonic() - t0)
+
+
+def _collect(results_dir):
+    """``{rank: result}`` from the JSON files ranks wrote; removes the folder."""
     results = {}
     for name in sorted(os.listdir(results_dir)):
         if name.startswith("rank") and name.endswith(".json"):
@@ -163,8 +192,17 @@ def run_mpi(args, nprocs, timeout=60, env=None, cwd=None, mpiexec=None, mpiexec_
         os.rmdir(results_dir)
     except OSError:
         pass
-    rc = proc.returncode if proc.returncode is not None else -9
-    return MpiRun(rc, out, err, tuple(cmd), timed_out, results, wall)
+    return results
+
+
+def assert_ok(res, nprocs, what):
+    """Assert a run ended in time, every rank reported, and no rank reported a failure."""
+    assert not res.timed_out, f"{what} hung\n{res.tail()}"
+    missing = [r for r in range(nprocs) if r not in res.results]
+    assert not missing, f"ranks {missing} reported no result\n{res.tail()}"
+    bad = res.failures() or [f"rank {r}: ok=false" for r, v in res.results.items() if not v.get("ok")]
+    assert not bad, "\n".join(bad[:40]) + f"\n{res.tail()}"
+    assert res.returncode == 0, f"{what} exited {res.returncode}\n{res.tail()}"
 
 
 def check_mpi(args, nprocs, timeout=60, env=None, **kw):
@@ -174,12 +212,7 @@ def check_mpi(args, nprocs, timeout=60, env=None, **kw):
     The assertion message carries the command, the results and the tails of stdout and stderr.
     """
     res = run_mpi(args, nprocs, timeout=timeout, env=env, **kw)
-    assert not res.timed_out, f"mpiexec -n {nprocs} hung\n{res.tail()}"
-    missing = [r for r in range(nprocs) if r not in res.results]
-    assert not missing, f"ranks {missing} reported no result\n{res.tail()}"
-    bad = res.failures() or [f"rank {r}: ok=false" for r, v in res.results.items() if not v.get("ok")]
-    assert not bad, "\n".join(bad[:40]) + f"\n{res.tail()}"
-    assert res.returncode == 0, f"mpiexec -n {nprocs} exited {res.returncode}\n{res.tail()}"
+    assert_ok(res, nprocs, f"mpiexec -n {nprocs}")
     return res
 
 

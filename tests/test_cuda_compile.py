@@ -104,7 +104,7 @@ def test_unknown_specialisation_is_rejected(nvrtc):
 
 def test_import_needs_no_cupy_and_no_gpu():
     code = (
-        "import sys, dpgather.kernels._cuda, dpgather.dist._nccl, dpgather.dist.nccl; "
+        "import sys, dpgather.kernels._cuda, dpgather.dist.nccl, dpgather.dist.nccl; "
         "bad = [m for m in ('cupy', 'mpi4py', 'torch') if m in sys.modules]; "
         "assert not bad, bad; print('clean')"
     )

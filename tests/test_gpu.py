@@ -1,8 +1,9 @@
 """CUDA backend tests: run only where CuPy sees GPUs (one rank per GPU); skipped with a reason on CPU CI.
 
-They drive the GPU scripts of ``tests/gpu/`` (kernels against NumPy twins, every NCCL
-collective, the whole DpAttention data plane incl. graph replay == eager, and prompt exit after
-a captured NCCL graph) under ``mpirun`` with a hard time limit each.
+They drive the GPU scripts of ``tests/gpu/`` (kernels against NumPy twins, the whole DpAttention
+data plane incl. graph replay == eager) and the communicator protocol suite bound to NCCL
+(tests/comm_suite.py via tests/mpi/comm_scenarios.py: every collective, a timeout, a captured
+graph, prompt exit after a captured NCCL graph) under ``mpirun`` with a hard time limit each.
 """
 
 import os
@@ -12,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from mpi_harness import check_mpi, find_mpiexec
+from mpi_harness import MPI_SCRIPTS, assert_ok, check_mpi, find_mpiexec, run_local
 
 GPU_DIR = Path(__file__).parent / "gpu"
+COMM = MPI_SCRIPTS / "comm_scenarios.py"
 
 
 def _gpu_count():
@@ -42,16 +44,21 @@ def _ranks():
 
 
 def test_kernels_against_numpy_twins():
-    res = subprocess.run([sys.executable, str(GPU_DIR / "gpu_selftest.py")], capture_output=True,
-                         text=True, timeout=600, env={**os.environ, **ENV})
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert " 0 failed" in res.stdout
+    res = run_local([str(GPU_DIR / "gpu_selftest.py")], timeout=600, env=ENV)
+    assert_ok(res, 1, "gpu_selftest")
 
 
 @pytest.mark.skipif(find_mpiexec() is None, reason="no mpirun/mpiexec on PATH")
 @pytest.mark.parametrize("nranks", _ranks())
-def test_nccl_collectives(nranks):
-    check_mpi([str(GPU_DIR / "nccl_selftest.py")], nranks, timeout=400, env=ENV)
+def test_protocol_suite_nccl(nranks):
+    check_mpi([COMM, "collectives", "--backend", "cuda"], nranks, timeout=400, env=ENV)
+
+
+@pytest.mark.skipif(find_mpiexec() is None, reason="no mpirun/mpiexec on PATH")
+def test_nccl_timeout_and_graph():
+    n = _ranks()[-1]
+    check_mpi([COMM, "timeout", "all_reduce", "3.0", "--backend", "cuda"], n, timeout=120, env=ENV)
+    check_mpi([COMM, "graph", "--backend", "cuda"], n, timeout=120, env=ENV)
 
 
 @pytest.mark.skipif(find_mpiexec() is None, reason="no mpirun/mpiexec on PATH")
@@ -59,13 +66,14 @@ def test_nccl_collectives(nranks):
                                           if t == _ranks()[-1] or d == "bfloat16"])
 def test_facade_cuda(nranks, dtype):
     """Every divisor A, every policy and forward mode (incl. DRAFT_EXTEND with fewer real rows),
-    both contributions, logits, masks, and graph replay == eager; bf16 at every rank count."""
+    both contributions, logits, masks, and graph replay == eager with zero allocations per replay;
+    bf16 at every rank count."""
     steps = os.environ.get("DPGATHER_GPU_STEPS", "4")
     res = check_mpi([str(GPU_DIR / "facade_smoke.py"), "--backend", "cuda", "--dtype", dtype, "--graphs",
                      "--steps", steps], nranks, timeout=500, env=ENV)
-    assert " 0 failed" in res.stdout
+    assert all(r["passed"] > 0 for r in res.results.values()), res.results
 
 
 @pytest.mark.skipif(find_mpiexec() is None, reason="no mpirun/mpiexec on PATH")
 def test_process_exits_after_captured_nccl_graph():
-    check_mpi([str(GPU_DIR / "nccl_selftest.py"), "--exit-hazard"], _ranks()[-1], timeout=120, env=ENV)
+    check_mpi([COMM, "exit-hazard", "--backend", "cuda"], _ranks()[-1], timeout=120, env=ENV)

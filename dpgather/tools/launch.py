@@ -114,7 +114,7 @@ def detect(mpiexec=None):
     low = text.lower()
     if "open mpi" in low or "openrte" in low or "open-mpi" in low:
         flavor = "openmpi"
-        m = re.search(r"\(open mpi\)\s*(\d+)\.(\d+)", low) or re.search(r"open mpi\D*(\d+)\.(\d+)", low)
+        m = re.search(r"\((?:open mpi|openrte)\)\s*(\d+)\.(\d+)", low) or re.search(r"(\d+)\.(\d+)\.\d+", low)
     elif "hydra" in low or "mpich" in low:
         flavor = "mpich"
         m = re.search(r"version:\s*(\d+)\.(\d+)", low)

@@ -5,8 +5,10 @@
 
 Every rank derives every rank's inputs from seeds and checks every row of ``gather``,
 ``scatter`` (reduce and copy), ``gather_logits``/``scatter_logits`` and ``mask_topk_ids``
-against a NumPy reference; with ``--graphs`` also the graph runner (replay == eager). Outputs
-are poisoned first. Prints ``N passed, M failed`` on rank 0; exit 1 on any failure.
+against a NumPy reference; with ``--graphs`` also the graph runner (replay == eager) and zero
+allocations over 100 replays of random counts (dpgather's arenas and CuPy's default pool; where
+the pool changes, the replay index and the change are reported). Each rank reports its failures
+with ``mpi_harness.report``.
 """
 
 import argparse
@@ -16,6 +18,7 @@ import numpy as np
 from mpi4py import MPI
 
 import dpgather as dg
+from mpi_harness import report
 
 comm = MPI.COMM_WORLD
 RANK, T = comm.rank, comm.size
@@ -55,18 +58,16 @@ else:
     NPDT = np.dtype(args.dtype)
 TOL = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 1e-1}.get(args.dtype, 0)
 H = args.hidden
-passed = failed = 0
+passed = 0
+failures = []
 
 
 def check(name, ok):
-    global passed, failed
-    oks = comm.allgather(bool(ok))
-    if all(oks):
+    global passed
+    if ok:
         passed += 1
     else:
-        failed += 1
-        if RANK == 0:
-            print(f"FAIL {name}: ranks {[r for r, o in enumerate(oks) if not o]}", flush=True)
+        failures.append(name)
 
 
 def close(a, b):
@@ -184,6 +185,7 @@ for A in [a for a in range(1, T + 1) if T % a == 0]:
                         rs["total"]["reserved_bytes"])
 
             stats0 = allocs()
+            pool_changes = []
             for step in range(100):
                 rng = np.random.default_rng(9000 + step)
                 bs = int(rng.integers(0, A * 32 // 4 + 1, size=D)[d])
@@ -195,15 +197,19 @@ for A in [a for a in range(1, T + 1) if T % a == 0]:
                 else:
                     view[:real] = host_rows[:real]
                 runner.run(None, plan)
+                if args.backend == "cuda":
+                    now = (pool.used_bytes(), pool.total_bytes())
+                    if now != pool0 and len(pool_changes) < 5:
+                        pool_changes.append((step, now[0] - pool0[0], now[1] - pool0[1]))
             if args.backend == "cuda":
                 xp.cuda.Device().synchronize()
-                check(f"graph A={A} {contrib}: CuPy pool unchanged over 100 replays",
+                check(f"graph A={A} {contrib}: CuPy pool unchanged over 100 replays "
+                      f"(replay, used delta, total delta): {pool_changes}",
                       (pool.used_bytes(), pool.total_bytes()) == pool0)
             check(f"graph A={A} {contrib}: no arena allocation over 100 replays",
                   allocs() == stats0)
             runner.close()
         dp.close()
 
-if RANK == 0:
-    print(f"facade_smoke backend={args.backend} dtype={args.dtype} T={T}: {passed} passed, {failed} failed", flush=True)
-sys.exit(1 if failed else 0)
+report(RANK, failures=failures[:50], nfailures=len(failures), passed=passed,
+       backend=args.backend, dtype=args.dtype, T=T)

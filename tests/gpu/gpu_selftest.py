@@ -10,7 +10,8 @@ errors. Every output buffer is poisoned and surrounded by guard bytes that must 
 
     python tests/gpu/gpu_selftest.py [--cases 400] [--seed 1] [--device 0] [-v]
 
-Prints ``N passed, M failed`` last; exit status 1 if anything failed.
+Prints ``N passed, M failed`` last and reports it (``mpi_harness.report``); exit status 1 if
+anything failed.
 """
 
 from __future__ import annotations
@@ -319,6 +320,10 @@ def main(argv=None) -> int:
                   f"counts {res.widths}")
     print(f"# vector paths exercised: {dict(sorted(res.widths.items()))}")
     print(f"{res.passed} passed, {res.failed} failed")
+    from mpi_harness import report
+
+    report(0, failures=[f"{res.failed} kernel checks failed (see the output)"] if res.failed else [],
+           passed=res.passed)
     return 1 if res.failed else 0
 
 

@@ -15,20 +15,22 @@ Scenarios (options after the name; see ``--help``):
               steps; then memory_stats(): no arena allocation over the second half (after a
               max-size warm-up step, or with --prealloc: max_tokens_per_rank, where nothing but
               logits_output may allocate at all), and the request counters grew.
-    badinput  one bad argument on ONE rank (the last), the others valid: every rank must raise the
-              named error, the offending rank's message must name the argument and the value,
-              nothing may be written (poisoned out=, arena bytes, memory_stats() unchanged), and
-              the next valid step must still work. ``--part data`` (call arguments), ``--part
-              config`` (constructor arguments; a rank failing alone must not leave the others in
-              the constructor's agreement collective).
+    badinput  one bad argument on ONE rank (the last), the others valid. ``--part data`` (call
+              arguments, default mode): the offending rank raises the named error at the call,
+              naming the argument and the value, and writes nothing of the caller's (poisoned
+              out=, topk_ids); the others' calls return; at the next sync() every rank raises
+              InputError naming the offending rank and the argument; the next step works.
+              ``--part strict`` (strict=True): every rank raises at the call itself and nothing
+              moves (arena bytes and memory_stats() unchanged). ``--part step`` (ranks disagree on
+              the step: a stale plan, another contribution, another operation): every rank raises
+              by the next sync() and nothing hangs. ``--part config`` (constructor arguments: a
+              value invalid or different on one rank raises the same ConfigError on every rank).
 
 Inputs are a pure function of (seed, tag), so every rank builds every rank's inputs and the full
 reference locally. Every output (arena views and out= buffers) is poisoned with 0x7B bytes before
 each call (the arena's allocator is wrapped so fresh memory is poisoned too), so a row that is not
-written shows up. Failures are collected per rank, printed one line each (``FAIL rank=r/T ...``),
-and agreed collectively at the end (``mpi_harness.coll_assert``): every rank exits 1 on any
-failure, and prints ``FACADE_OK rank=r/T <scenario>`` on success. An unexpected exception prints
-``FACADE_ERROR`` with the traceback and aborts the job.
+written shows up. Failures are collected per rank and reported with ``mpi_harness.report`` (the
+test asserts on every rank's result). An unexpected exception is reported with its traceback.
 """
 
 import argparse
@@ -42,7 +44,7 @@ import numpy as np
 from mpi4py import MPI
 
 import dpgather as dg
-from mpi_harness import coll_assert
+from mpi_harness import report
 
 WORLD = MPI.COMM_WORLD
 RANK = WORLD.Get_rank()
@@ -185,19 +187,10 @@ class Checker:
 CHK = Checker()
 
 
-def finish(scenario, extra=""):
-    """Print this rank's failures, agree collectively, exit 1 on every rank on any failure."""
-    for line in CHK.fails[:MAX_FAIL_LINES]:
-        say(line)
-    if len(CHK.fails) > MAX_FAIL_LINES:
-        say(f"FAIL rank={RANK}/{T} ... and {len(CHK.fails) - MAX_FAIL_LINES} more failures")
-    counts = WORLD.allgather(len(CHK.fails))
-    try:
-        coll_assert(WORLD, not CHK.fails, f"{len(CHK.fails)} failures")
-    except AssertionError:
-        say(f"FACADE_FAIL rank={RANK}/{T} {scenario} failures per rank={counts}")
-        sys.exit(1)
-    say(f"FACADE_OK rank={RANK}/{T} {scenario} checks={CHK.checks} {extra}")
+def finish(scenario, extra=None):
+    """Report this rank's failures (the harness asserts on every rank's result)."""
+    report(RANK, failures=CHK.fails[:MAX_FAIL_LINES], nfailures=len(CHK.fails), checks=CHK.checks,
+           scenario=scenario, **(extra or {}))
 
 
 # -- configurations and batches ----------------------------------------------------------------
@@ -458,7 +451,7 @@ def scenario_matrix():
     CHK.ctx = "matrix coverage"
     CHK.ok(ARGS.steps < 10 or len(modes_seen) == 6, f"not every forward mode ran: {modes_seen}")
     CHK.ok(ARGS.steps < 10 or (graph_seen and skip_seen), f"graph steps {graph_seen}, skip steps {skip_seen}")
-    finish("matrix", f"configs={nconf} steps={nsteps} graph_steps={graph_seen}")
+    finish("matrix", {"configs": nconf, "steps": nsteps, "graph_steps": graph_seen})
 
 
 def soak_step(g, cfg, maxn):
@@ -536,8 +529,8 @@ def scenario_soak():
         CHK.ok(end[role]["requests"] > stats_mid[role]["requests"],
                f"role {role!r}: requests did not grow over the second half ({stats_mid[role]} -> {end[role]})")
     dp.close()
-    finish("soak", f"{label} modes={modes} ms_per_step={dt / max(ARGS.steps, 1) * 1e3:.1f} "
-                   f"reserved={end['total']['reserved_bytes']} allocations={end['total']['allocations']}")
+    finish("soak", {"label": label, "modes": modes, "ms_per_step": dt / max(ARGS.steps, 1) * 1e3,
+                    "reserved": end["total"]["reserved_bytes"], "allocations": end["total"]["allocations"]})
 
 
 # -- badinput ----------------------------------------------------------------------------------
@@ -608,8 +601,8 @@ class _Ctx:
     pass
 
 
-def bad_data_case(dp, cfg, s, name, make_bad, exc, must):
-    """One case: valid step state, then the bad argument on rank BAD only."""
+def bad_data_case(dp, cfg, s, name, make_bad, exc, must, strict):
+    """One case: a valid step, then the bad argument on rank BAD only (see the module docstring)."""
     batches = [dg.LocalBatch(M_DEC, 3 + d) for d in range(cfg.D)]
     p = dp.sync(batches[cfg.d])
     x = rand_rows(("bx", s, cfg.d), int(p.num_tokens[cfg.d]), cfg.H, cfg.dt)
@@ -637,18 +630,29 @@ def bad_data_case(dp, cfg, s, name, make_bad, exc, must):
         fn = lambda: dp.mask_topk_ids(args["ids"], args["plan"])  # noqa: E731
     if callable(must):
         must = must(c)
-    err = expect_raise(name, exc, fn, must=must, peer_must=(f"{BAD}",))
-    if err is not None and RANK != BAD:
-        # the peers' error should say what was wrong too, not only who (DESIGN section 8)
-        CHK.ok(must[0] in str(err), f"{name}: peer message does not name the argument {must[0]!r}: {str(err)!r}")
-    CHK.ok(dp.memory_stats() == stats, lambda: f"{name}: memory_stats changed: {stats} -> {dp.memory_stats()}")
-    after = arena_bytes(dp)
-    changed = [r for r in snap if (snap[r] is None) != (after[r] is None)
-               or (snap[r] is not None and not np.array_equal(snap[r], after[r]))]
-    CHK.ok(not changed, f"{name}: arena role(s) {changed} written by a call that raised")
-    if out_before is not None:
-        CHK.ok(same_bytes(args["out"], out_before), f"{name}: out= was written by a call that raised")
-    CHK.ok(np.array_equal(args["ids"], ids_before), f"{name}: topk_ids was modified by a call that raised")
+    if strict or RANK == BAD:
+        err = expect_raise(name, exc, fn, must=must, peer_must=(f"{BAD}", must[0]))
+        if strict:
+            CHK.ok(dp.memory_stats() == stats, lambda: f"{name}: memory_stats changed: {stats} -> {dp.memory_stats()}")
+            after = arena_bytes(dp)
+            changed = [r for r in snap if (snap[r] is None) != (after[r] is None)
+                       or (snap[r] is not None and not np.array_equal(snap[r], after[r]))]
+            CHK.ok(not changed, f"{name}: arena role(s) {changed} written by a strict call that raised")
+    else:
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - reported
+            CHK.fail(f"{name}: a valid call on rank {RANK} raised {type(e).__name__}: {e}")
+        err = None
+    if err is not None:
+        if out_before is not None:
+            CHK.ok(same_bytes(args["out"], out_before), f"{name}: out= was written by a call that raised")
+        CHK.ok(np.array_equal(args["ids"], ids_before), f"{name}: topk_ids was modified by a call that raised")
+    if not strict:
+        # every rank learns at the next sync(): InputError naming the offending rank and the argument
+        expect_raise(f"{name}: the next sync()", dg.InputError, lambda: dp.sync(batches[cfg.d]),
+                     must=(f"[{BAD}]", must[0]), peer_must=(f"[{BAD}]", must[0]))
+    return err
 
 
 def recovery_step(dp, cfg, s, name):
@@ -657,15 +661,15 @@ def recovery_step(dp, cfg, s, name):
     full_step(dp, cfg, ("recover", cfg.key, s), batches, xrows, hrows)
 
 
-def scenario_badinput_data():
+def scenario_badinput_data(strict):
     dtname = ARGS.dtypes.split(",")[0]
     for A in divisors(T):
         cfg = Cfg(A, "auto", False, dtname, ARGS.hidden)
-        dp = cfg.make()
+        dp = cfg.make(strict=strict)
         s = 0
         for name, make_bad, exc, must in data_cases(cfg):
-            CHK.ctx = f"badinput {cfg} {name!r}"
-            bad_data_case(dp, cfg, s, name, make_bad, exc, must)
+            CHK.ctx = f"badinput {cfg} strict={strict} {name!r}"
+            bad_data_case(dp, cfg, s, name, make_bad, exc, must, strict)
             recovery_step(dp, cfg, s, name)
             s += 1
         # sync: attn_tp ranks of one replica disagree (A > 1) -> InconsistentBatchError everywhere
@@ -684,6 +688,9 @@ def scenario_badinput_data():
         recovery_step(dp, cfg, s, name)
         s += 1
         dp.close()
+    if strict:
+        finish("badinput-strict")
+        return
     # speculative mode without a SpecConfig: ConfigError on every rank
     for A in divisors(T):
         cfg = Cfg(A, "auto", False, dtname, ARGS.hidden)
@@ -707,7 +714,82 @@ def scenario_badinput_data():
             ref = np.concatenate([rand_rows(("ns", d), 2, cfg.H, cfg.dt) for d in range(T // A)])
             CHK.exact("gather after the spec error", G, ref)
         dp.close()
+    # a step too large to allocate: InputError naming the size, the arena stays usable
+    cfg = Cfg(1, "varlen", False, dtname, ARGS.hidden)
+    dp = cfg.make()
+    dp._arena._alloc = _failing_alloc(dp._arena._alloc, limit=1 << 20)  # test only: a small "device"
+    name = "step too large for memory"
+    CHK.ctx = f"badinput {name!r}"
+    p = dp.sync(dg.LocalBatch(M_DEC, 100000))
+    expect_raise(name, dg.InputError, lambda: dp.gather(rand_rows(("huge",), 100000, cfg.H, cfg.dt), p),
+                 must=("MiB", "gathered"), peer_must=("MiB", "gathered"))
+    expect_raise(f"{name}: the next sync()", dg.InputError, lambda: dp.sync(dg.LocalBatch(M_DEC, 2)),
+                 must=("MiB",), peer_must=("MiB",))
+    recovery_step(dp, cfg, 0, name)
+    dp.close()
     finish("badinput-data")
+
+
+def _failing_alloc(alloc, limit):
+    def f(nbytes):
+        if nbytes > limit:
+            raise MemoryError(f"Unable to allocate {nbytes} bytes (test limit {limit})")
+        return alloc(nbytes)
+    return f
+
+
+def scenario_badinput_step():
+    """Ranks disagree on the step: every rank must raise by the next sync(), nothing may hang."""
+    dtname = ARGS.dtypes.split(",")[0]
+    for A in divisors(T):
+        cfg = Cfg(A, "varlen", False, dtname, ARGS.hidden)
+        cases = [
+            # (name, what BAD does, the errors every rank may end with): a call whose collectives
+            # match the peers' is caught by the next sync(); one whose collectives differ (another
+            # contribution at A > 1) leaves the peers in a collective that times out at the call
+            ("stale plan", "stale", (dg.InputError,)),
+            ("another contribution", "contribution",
+             (dg.InconsistentStepError,) if A == 1 else (dg.InconsistentStepError, dg.CollectiveTimeout)),
+            ("scatter_logits where the others mask", "op", (dg.InconsistentStepError,)),
+        ]
+        for i, (name, what, allowed) in enumerate(cases):
+            dp = cfg.make()
+            CHK.ctx = f"badinput-step A={A} {name!r}"
+            old = dp.sync(dg.LocalBatch(M_DEC, 1 + cfg.d))
+            p = dp.sync(dg.LocalBatch(M_DEC, 3 + cfg.d))
+            x = rand_rows(("st", i, cfg.d), 3 + cfg.d, cfg.H, cfg.dt)
+            t0 = time.monotonic()
+            raised = None
+            try:
+                if what == "stale":
+                    dp.gather(x, old if RANK == BAD else p)
+                elif what == "contribution":
+                    dp.gather(x, p, contribution="partial" if RANK == BAD else "replicate")
+                else:
+                    if RANK == BAD:
+                        dp.scatter_logits(np.zeros((int(p.logits_rows), 3), np.float32), p)
+                    else:
+                        dp.mask_topk_ids(np.zeros((int(p.gathered_rows), 2), np.int32), p)
+            except dg.DpGatherError as e:
+                raised = e
+                CHK.ok(RANK == BAD and what == "stale" or isinstance(e, dg.CollectiveTimeout),
+                       f"{name}: rank {RANK} raised at the call: {type(e).__name__}: {e}")
+            if raised is None or (what == "stale" and isinstance(raised, dg.InputError)):
+                try:
+                    dp.sync(dg.LocalBatch(M_DEC, 2))
+                    CHK.fail(f"{name}: the next sync() raised nothing")
+                except dg.DpGatherError as e:
+                    raised = e
+            CHK.ok(isinstance(raised, allowed), f"{name}: rank {RANK} ended with {type(raised).__name__}: {raised} "
+                                                f"(expected one of {[c.__name__ for c in allowed]})")
+            CHK.ok(time.monotonic() - t0 < ARGS.timeout + 3, f"{name}: took {time.monotonic() - t0:.1f} s")
+            if isinstance(raised, (dg.InconsistentStepError, dg.CollectiveTimeout)):
+                expect_raise(f"{name}: use after the abort", dg.CollectiveTimeout,
+                             lambda: dp.sync(dg.LocalBatch(M_DEC, 2)), must=("aborted",), peer_must=("aborted",))
+            else:
+                recovery_step(dp, cfg, i, name)
+            dp.close()
+    finish("badinput-step")
 
 
 def scenario_badinput_config():
@@ -729,12 +811,26 @@ def scenario_badinput_config():
         ("invalid hidden_size on one rank", dict(hidden_size=0), dict(), ("hidden_size", "0")),
         ("different policy on one rank", dict(policy="varlen"), dict(), ("policy", "varlen", f"ranks [{BAD}]")),
         ("unknown policy on one rank", dict(policy="fastest"), dict(), ("policy", "fastest")),
+        ("timeout_s 0 on one rank", dict(timeout_s=0), dict(), ("timeout_s", "0")),
+        ("timeout_s -5 on one rank", dict(timeout_s=-5), dict(), ("timeout_s", "-5")),
+        ("timeout_s nan on one rank", dict(timeout_s=float("nan")), dict(), ("timeout_s", "nan")),
+        ("timeout_s 'abc' on one rank", dict(timeout_s="abc"), dict(), ("timeout_s", "abc")),
+        ("timeout_s None on one rank", dict(timeout_s=None), dict(), ("timeout_s", "None")),
+        ("max_tokens_per_rank 'x' on one rank", dict(max_tokens_per_rank="x"), dict(), ("max_tokens_per_rank", "'x'")),
+        ("max_tokens_per_rank 1.5 on one rank", dict(max_tokens_per_rank=1.5), dict(), ("max_tokens_per_rank", "1.5")),
+        ("max_tokens_per_rank 2**40 on one rank", dict(max_tokens_per_rank=2**40), dict(),
+         ("max_tokens_per_rank", str(2**40))),
+        ("graph_buckets 2**61 on every rank", dict(graph_buckets=(2**61,)), dict(graph_buckets=(2**61,)),
+         ("graph_buckets",)),
+        ("strict 'yes' on one rank", dict(strict="yes"), dict(), ("strict", "'yes'")),
     ]
     for i, (name, bad_kw, good_kw, must) in enumerate(cases):
         CHK.ctx = f"badinput-config {name!r}"
         over = bad_kw if RANK == BAD else good_kw
         # every rank raises the same ConfigError (the agreement runs before any local check)
+        t0 = time.monotonic()
         expect_raise(name, dg.ConfigError, lambda: ctor(**over), must=must, peer_must=must)
+        CHK.ok(time.monotonic() - t0 < 5, f"{name}: took {time.monotonic() - t0:.1f} s")
         # the next valid construction and step still work on every rank
         CHK.ctx = f"badinput-config after {name!r}"
         A = divisors(T)[i % len(divisors(T))]
@@ -743,6 +839,10 @@ def scenario_badinput_config():
         batches, xrows, hrows = matrix_step(cfg, i)
         full_step(dp, cfg, ("cfg-recover", i), batches, xrows, hrows)
         dp.close()
+    CHK.ctx = "badinput-config graph_buckets=None"
+    dp = ctor(graph_buckets=None)
+    CHK.ok(dp.planner.graph_buckets == (), f"graph_buckets=None gave {dp.planner.graph_buckets}")
+    dp.close()
     finish("badinput-config")
 
 
@@ -763,7 +863,8 @@ def main():
     ap.add_argument("--graph", type=int, default=0, help="soak: 1 = graph buckets (A, 4A, maxn)")
     ap.add_argument("--check-every", dest="check_every", type=int, default=1,
                     help="soak: check every call each N steps (gather/scatter are checked every step)")
-    ap.add_argument("--part", choices=("data", "config"), default="data", help="badinput: which cases")
+    ap.add_argument("--part", choices=("data", "strict", "step", "config"), default="data",
+                    help="badinput: which cases")
     ap.add_argument("--timeout", type=float, default=20.0, help="DpAttention timeout_s")
     ARGS = ap.parse_args()
     if ARGS.steps is None:
@@ -773,18 +874,16 @@ def main():
             scenario_matrix()
         elif ARGS.scenario == "soak":
             scenario_soak()
-        elif ARGS.part == "data":
-            scenario_badinput_data()
+        elif ARGS.part in ("data", "strict"):
+            scenario_badinput_data(ARGS.part == "strict")
+        elif ARGS.part == "step":
+            scenario_badinput_step()
         else:
             scenario_badinput_config()
-    except SystemExit:
+    except BaseException:  # noqa: BLE001 - reported; the harness asserts on it
+        CHK.fails.append(f"FACADE_ERROR at {CHK.ctx}:\n{traceback.format_exc()}")
+        finish(ARGS.scenario)
         raise
-    except BaseException:
-        for line in CHK.fails[:MAX_FAIL_LINES]:
-            say(line)
-        say(f"FACADE_ERROR rank={RANK}/{T} at {CHK.ctx}:\n{traceback.format_exc()}")
-        time.sleep(1.0)  # let the other ranks print their own error before the job dies
-        WORLD.Abort(1)
 
 
 if __name__ == "__main__":

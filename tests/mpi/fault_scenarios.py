@@ -5,9 +5,10 @@
 Scenarios (the faulty rank is the last one, F = T-1):
   nosync   F never calls sync (it sleeps, then leaves normally): the others get CollectiveTimeout
            from sync.
-  raise    F raises between sync and gather (an application error) and leaves: the others get
-           CollectiveTimeout from gather/scatter.
-  exit     F dies (os._exit, no MPI_Finalize) right after sync: the others get CollectiveTimeout.
+  raise    F raises an uncaught exception between sync and gather (an application error): its
+           interpreter exits through the traceback, the at-exit close (local: it must not wait
+           for the peers) and MPI_Finalize; the others get CollectiveTimeout from the step.
+  exit     F dies (os._exit(1), no MPI_Finalize) right after sync: the others get CollectiveTimeout.
 
 Every rank reports with ``mpi_harness.report``: the survivors ``error`` (the exception class),
 ``elapsed`` (seconds from the step's start to the error) and whether the aborted DpAttention
@@ -58,11 +59,8 @@ if R == F:
         sys.exit(0)
     plan = dp.sync(batch)
     if args.scenario == "exit":
-        flush_and_exit(0)
-    try:
-        raise RuntimeError("application error between sync and gather")
-    except RuntimeError:
-        flush_and_exit(0)
+        flush_and_exit(1)  # dies like a crashed process: no MPI_Finalize, non-zero status
+    raise RuntimeError("application error between sync and gather")
 
 t0 = time.monotonic()
 result = {"role": "survivor", "scenario": args.scenario}

@@ -1,0 +1,201 @@
+"""The data plane: DESIGN's gather and combine algorithms, written once for every backend.
+
+:class:`DataPlane` moves the rows of one step given the step's :class:`~dpgather._layout.Layout`
+and device descriptor, over the backend's kernels and the trusted communicator primitives
+(``comm.ops``) or the P2P transport. Nothing here validates arguments: ``DpAttention`` and the
+graph runner check them once at the public API. Every choice of a collective depends only on
+the layout and the call's flags (identical on every rank); this rank's own row counts only
+change local copies. The caller provides the buffers' arena, so the facade, graph runners and
+micro-batches each use their own.
+
+Gather (``partial`` = the replica's ``A`` ranks hold summands; else they hold the same rows):
+
+===========  ===============================================================================
+SUM_LEN      zero the gathered buffer, write the own slot (partial: every rank; replicate:
+             attn rank 0), all-reduce over tp
+MAX/VARLEN   A = 1: all-gather(v) of the own rows over tp (sent straight from the caller's
+             array when it holds every row and no padding is needed)
+             A > 1, replicate: all-gather(v) over tp of the own chunk
+             A > 1, partial: reduce-scatter(v) over attn of the packed own rows into the own
+             chunk, then all-gather(v) over tp
+P2P          one pull collective (docs/p2p.md): exact rows, padding zeroed locally
+===========  ===============================================================================
+
+MAX_LEN is VARLEN with equal counts: the same code, with the non-v collectives.
+
+Host-side decisions use only a layout's capacities (``slot``, ``total``, chunk sizes, ``equal``),
+never its real counts: a graph runner passes the layout of its bucket (every count = the bucket)
+and the step's real counts arrive through the descriptor, which the kernels read. The one
+exception, sending the caller's rows without a copy, needs ``x`` to hold every real row and is
+only taken for VARLEN layouts, which graphs never use.
+
+Combine (``reduce``: ``Y`` is TP-partial; else replicated and only copied):
+
+===========  ===============================================================================
+SUM_LEN      all-reduce over tp, copy the own slot out
+MAX/VARLEN   reduce-scatter(v) over tp of the chunks (A > 1: then all-gather(v) of the
+             replica's chunks over attn), rows past ``n`` zeroed
+P2P          one pull collective summing the own rows of every rank's ``Y``
+===========  ===============================================================================
+"""
+
+from dpgather.core import PaddingMode
+
+from ._layout import Descriptor
+
+__all__ = ["DataPlane"]
+
+_SUM = PaddingMode.SUM_LEN
+_H, _L = Descriptor.HIDDEN, Descriptor.LOGITS
+_rec = Descriptor.record
+_PACK, _CHUNK, _SUMW, _UNPACK, _OUTCOPY, _ZTAIL = (_rec(0, n) for n in
+                                                   ("pack", "chunk", "sumw", "unpack", "outcopy", "ztail"))
+_PER = _rec(1, "pack")  # records per layout
+
+
+class DataPlane:
+    """Row movement of one rank (see the module docstring).
+
+    Args:
+        backend: the array backend (``_backends``): kernels ``copy_rows``/``mask_rows``, ``zero``.
+        tp: the tp communicator (all T ranks). attn: the attn-TP communicator, or None when A = 1.
+        p2p: the P2P transport, or None. descriptor: the :class:`Descriptor` of the topology.
+        attn_tp_rank, attn_tp_size: this rank's place in its replica. logical: the configured
+            logical dtype (reductions of the configured dtype use it; other dtypes move as bytes).
+    """
+
+    def __init__(self, backend, tp, attn, p2p, descriptor, attn_tp_rank, attn_tp_size, logical, storage):
+        self.be = backend
+        self.tp = tp.ops
+        self.attn = attn.ops if attn is not None else None
+        self.p2p = p2p
+        self.desc_layout = descriptor
+        self.a = attn_tp_rank
+        self.A = attn_tp_size
+        self.logical = logical
+        self.storage = storage
+
+    # -- gather ----------------------------------------------------------------------------
+    def gather(self, arena, x, L, desc, partial, p2p, role="gathered"):
+        """Gather ``x`` (this rank's rows, ``[rows, W]``) over layout ``L`` into ``role``'s buffer.
+
+        Returns ``G``: ``[L.total, W]``, replica ``d``'s rows at ``L.offsets[d]``, padding zero.
+        ``p2p``: use the P2P transport (the plan's transport). ``desc``: the step descriptor
+        (backend array).
+        """
+        be, A = self.be, self.A
+        W, dt = x.shape[1], x.dtype
+        base = 0 if role == "gathered" else _PER
+        logical = self.logical if dt == self.storage else "uint8"
+        G = arena.view(role, L.total, W, dt)
+        if L.total == 0:
+            return G
+        if p2p:
+            name = "logits" if role != "gathered" else ("gather_partial" if partial else "gather_replicate")
+            self.p2p.pull(x, G, desc, self.desc_layout.p2p[name], row_bytes=W * dt.itemsize,
+                          dtype=logical)
+            return G
+        tp = self.tp
+        if L.mode == _SUM:
+            be.zero(G)
+            if partial or self.a == 0:
+                be.copy_rows(x, G, desc, base + _SUMW)
+            tp.all_reduce(G, G, logical)
+            return G
+        n, equal = L.n, L.equal
+        if A == 1:
+            if not equal and x.shape[0] >= n:
+                send = x
+            else:
+                send = arena.view("staging", L.slot, W, dt)
+                be.copy_rows(x, send, desc, base + _PACK)
+        elif partial:
+            send, chunk = arena.views("staging", ((L.slot, W, dt), (L.chunk_len, W, dt)))
+            be.copy_rows(x, send, desc, base + _PACK)
+            if equal:
+                self.attn.reduce_scatter(send, chunk, logical)
+            else:
+                self.attn.reduce_scatterv(send, chunk, L.attn_counts, L.attn_offsets, logical)
+            send = chunk
+        else:
+            lo, hi = L.chunk_off, L.chunk_off + L.chunk_len
+            if not equal and x.shape[0] >= hi and lo < hi:  # MAX_LEN chunks may reach into padding
+                send = x[lo:hi]
+            else:
+                send = arena.view("staging", L.chunk_len, W, dt)
+                be.copy_rows(x, send, desc, base + _CHUNK)
+        if equal:
+            tp.all_gather(send, G, logical)
+        else:
+            tp.all_gatherv(send, G, L.tp_counts, L.tp_offsets, logical)
+        return G
+
+    # -- combine ---------------------------------------------------------------------------
+    def combine(self, arena, Y, L, desc, reduce, out, p2p):
+        """Bring ``Y`` (``[>= L.total, W]``) back to this replica's rows.
+
+        Returns ``y``: ``out``, or a ``[L.slot, W]`` view of the ``output`` role;
+        ``y[i] = sum over tp ranks of Y[L.off + i]`` (``reduce``) or ``Y[L.off + i]`` for
+        ``i < L.n``, zero after.
+        """
+        be, A = self.be, self.A
+        W, dt = Y.shape[1], Y.dtype
+        logical = self.logical if dt == self.storage else "uint8"
+        y = out if out is not None else arena.view("output", L.slot, W, dt)
+        if L.total == 0:
+            if y.shape[0]:
+                be.copy_rows(y, y, desc, _ZTAIL)
+            return y
+        Yv = Y[:L.total] if Y.shape[0] != L.total else Y
+        if not reduce:
+            be.copy_rows(Yv, y, desc, _UNPACK)
+            return y
+        if p2p:
+            self.p2p.pull(Yv, y, desc, self.desc_layout.p2p["combine"], row_bytes=W * dt.itemsize,
+                          dtype=logical)
+            return y
+        tp = self.tp
+        if L.mode == _SUM:
+            full = arena.view("combine", L.total, W, dt)
+            tp.all_reduce(Yv, full, logical)
+            be.copy_rows(full, y, desc, _UNPACK)
+            return y
+        direct = y.shape[0] == L.slot
+        if A == 1:
+            dst = y if direct else arena.view("combine", L.slot, W, dt)
+            if L.equal:
+                tp.reduce_scatter(Yv, dst, logical)
+            else:
+                tp.reduce_scatterv(Yv, dst, L.tp_counts, L.tp_offsets, logical)
+        else:
+            if direct:
+                chunk, dst = arena.view("combine", L.chunk_len, W, dt), y
+            else:
+                chunk, dst = arena.views("combine", ((L.chunk_len, W, dt), (L.slot, W, dt)))
+            if L.equal:
+                tp.reduce_scatter(Yv, chunk, logical)
+                self.attn.all_gather(chunk, dst, logical)
+            else:
+                tp.reduce_scatterv(Yv, chunk, L.tp_counts, L.tp_offsets, logical)
+                self.attn.all_gatherv(chunk, dst, L.attn_counts, L.attn_offsets, logical)
+        if direct:
+            if L.equal:  # padding rows of the slot got sums too; n comes from the descriptor (graphs)
+                be.copy_rows(y, y, desc, _ZTAIL)
+        else:
+            be.copy_rows(dst, y, desc, _OUTCOPY)
+        return y
+
+    # -- local copies ----------------------------------------------------------------------
+    def unpack_logits(self, Lrows, y, desc):
+        """``y[i] = Lrows[logits_offsets[own] + i]`` for ``i < logits_tokens[own]``, zero after."""
+        self.be.copy_rows(Lrows, y, desc, _PER + _UNPACK)
+        return y
+
+    def mask(self, ids, desc, fill):
+        """Set the padding rows of every slot of ``ids`` to ``fill`` (in place)."""
+        self.be.mask_rows(ids, desc, self.desc_layout.mask_at, self.desc_layout.D, fill)
+        return ids
+
+    def copy_input(self, x, dst, desc):
+        """``dst[:n] = x[:n]`` of the own rows, ``dst[n:slot]`` zero (the graph runner's input)."""
+        self.be.copy_rows(x, dst, desc, _PACK)
