@@ -49,7 +49,7 @@ def __getattr__(name):
 
         return DpAttention
     if name == "calibrate":
-        from ._calibrate import calibrate
+        from .tools.calibrate import calibrate
 
         return calibrate
     raise AttributeError(f"module 'dpgather' has no attribute {name!r}")

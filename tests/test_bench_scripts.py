@@ -19,7 +19,7 @@ from dpgather.core.cost import COLLECTIVES, CostModel
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ["bench/collective_bench.py", "bench/graph_bench.py", "bench/_cublas.py",
-           "dpgather/_calibrate.py"]
+           "dpgather/tools/calibrate.py"]
 
 
 @pytest.mark.parametrize("path", SCRIPTS)
@@ -30,7 +30,7 @@ def test_compiles(path, tmp_path):
 @pytest.mark.parametrize("args", [
     ["bench/collective_bench.py", "--help"],
     ["bench/graph_bench.py", "--help"],
-    ["-m", "dpgather._calibrate", "--help"],
+    ["-m", "dpgather.tools.calibrate", "--help"],
 ])
 def test_help(args):
     res = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
@@ -59,7 +59,7 @@ def _synthetic(name, a0, a1, beta, groups):
 
 @pytest.mark.parametrize("name", COLLECTIVES)
 def test_fit_recovers_constants(name):
-    from dpgather._calibrate import fit_collective
+    from dpgather.tools.calibrate import fit_collective
 
     groups = [(4, [1, 2, 3, 4])] if name in ("gatherv", "reduce_scatterv") else [(4, [4]), (2, [2])]
     (a0, a1, beta), info = fit_collective(name, _synthetic(name, 9.0, 3.5, 280.0, groups))
@@ -70,7 +70,7 @@ def test_fit_recovers_constants(name):
 
 
 def test_fit_single_group_size_splits_like_defaults():
-    from dpgather._calibrate import fit_collective
+    from dpgather.tools.calibrate import fit_collective
 
     (a0, a1, beta), info = fit_collective("all_gather", _synthetic("all_gather", 15.0, 5.0, 300.0, [(4, [4])]),
                                           default=(12.0, 4.0, 300.0))
@@ -81,7 +81,7 @@ def test_fit_single_group_size_splits_like_defaults():
 
 
 def test_fit_noisy_data_stays_valid():
-    from dpgather._calibrate import fit_collective
+    from dpgather.tools.calibrate import fit_collective
 
     (a0, a1, beta), _ = fit_collective("gatherv", [(2, 1, 100.0, 30.0), (2, 2, 200.0, 10.0),
                                                    (2, 1, 400.0, 9.0), (2, 2, 800.0, 20.0)])
@@ -125,7 +125,7 @@ def test_calibrate_host_backend_api(tmp_path):
 @needs_mpiexec
 def test_calibrate_cli_host_backend(tmp_path):
     out = tmp_path / "cli.json"
-    res = check_mpi(["-m", "dpgather._calibrate", "--backend", "host", "--out", str(out),
+    res = check_mpi(["-m", "dpgather.tools.calibrate", "--backend", "host", "--out", str(out),
                      "--sizes", "1,2", "--hidden", "32", "--reps", "2"], 2, timeout=60)
     assert "wrote" in res.stdout and "all_gather" in res.stdout
     _check_model_file(out, 32, 2)

@@ -8,8 +8,8 @@ import pytest
 
 from mpi_harness import HERE, needs_mpiexec, run_mpi
 
-from dpgather.cli import main
-from dpgather.traces import save_trace, synthetic
+from dpgather.tools.cli import main
+from dpgather.tools.traces import save_trace, synthetic
 
 REPO = HERE.parent
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -94,17 +94,17 @@ def test_info_and_python_m():
     assert res.returncode == 0, res.stderr
     for key in ("dpgather 0.1.0", "backend auto:", "devices:", "MPI:", "mpiexec:", "numba:", "ml_dtypes:"):
         assert key in res.stdout, res.stdout
-    res = _py("-m", "dpgather.cli", "--help")
+    res = _py("-m", "dpgather.tools.cli", "--help")
     assert res.returncode == 0 and "replay" in res.stdout
 
 
 def test_calibrate_and_bench_explain(capsys):
     import importlib.util
 
-    if importlib.util.find_spec("dpgather._calibrate") is None:
+    if importlib.util.find_spec("dpgather.tools.calibrate") is None:
         assert main(["calibrate"]) == 2
         assert "calibration" in capsys.readouterr().out.lower()
-    from dpgather.cli import _gpu_count
+    from dpgather.tools.cli import _gpu_count
 
     if not _gpu_count():
         assert main(["bench"]) == 0
@@ -134,8 +134,8 @@ def test_reference_sizings_match_sglang_walkthrough():
     # graph's static buffer (no dynamic allocation).
     import dpgather as dg
     from dpgather.core import ForwardMode as M
-    from dpgather.replay import _prepare
-    from dpgather.traces import DEFAULT_SPEC, ReplicaStep, Trace
+    from dpgather.tools.replay import _prepare
+    from dpgather.tools.traces import DEFAULT_SPEC, ReplicaStep, Trace
 
     acc = {8: (3, 3, 2, 3, 1, 3, 3, 0), 5: (3, 2, 3, 3, 3), 7: (3, 3, 3, 1, 2, 3, 3)}
     step = tuple(ReplicaStep(M.DRAFT_EXTEND, b, can_run_graph=True, accept=acc[b]) if b else ReplicaStep(M.IDLE)
@@ -155,7 +155,7 @@ def test_reference_sizings_match_sglang_walkthrough():
 # -- under mpiexec -------------------------------------------------------------------------------
 
 def _replay(nprocs, *args, timeout=120, backend="host"):
-    return run_mpi(["-m", "dpgather.cli", "replay", "--progress", "off", "--backend", backend, *args],
+    return run_mpi(["-m", "dpgather.tools.cli", "replay", "--progress", "off", "--backend", backend, *args],
                    nprocs, timeout=timeout)
 
 
@@ -261,7 +261,7 @@ def test_example_tp_mlp_layer():
 
 
 def _gpus():
-    from dpgather.cli import _gpu_count
+    from dpgather.tools.cli import _gpu_count
 
     return _gpu_count()
 

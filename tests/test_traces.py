@@ -7,7 +7,7 @@ import pytest
 
 import dpgather as dg
 from dpgather.core import ForwardMode as M
-from dpgather.traces import (
+from dpgather.tools.traces import (
     DEFAULT_SPEC,
     FORMAT,
     GENERATORS,

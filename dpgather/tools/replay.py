@@ -61,7 +61,7 @@ from dpgather.core import (
     Topology,
     plan as pure_plan,
 )
-from dpgather.traces import GENERATORS, load_trace, synthetic
+from dpgather.tools.traces import GENERATORS, load_trace, synthetic
 
 __all__ = ["ReplayConfig", "replay", "DEFAULT_BUCKETS", "REPORT_FORMAT", "parse_buckets"]
 

@@ -1,4 +1,4 @@
-"""The ``dpgather`` command line (also ``python -m dpgather`` / ``python -m dpgather.cli``).
+"""The ``dpgather`` command line (also ``python -m dpgather`` / ``python -m dpgather.tools.cli``).
 
 Subcommands: ``run`` (what ``make run`` does), ``replay``, ``plans``, ``info``, ``bench``,
 ``bench-sync`` and ``calibrate``; ``dpgather COMMAND --help`` explains each. Importing this
@@ -16,7 +16,7 @@ from pathlib import Path
 
 __all__ = ["main"]
 
-_REPO = Path(__file__).resolve().parent.parent
+_REPO = Path(__file__).resolve().parents[2]
 
 _EPILOG = """\
 examples:
@@ -58,7 +58,7 @@ def _launch(np_, pyargs, timeout):
     if launcher is None:
         print("dpgather: no mpiexec next to the Python interpreter or on PATH; install MPICH "
               "(`pip install mpich mpi4py`) or Open MPI", file=sys.stderr)
-        if pyargs[:3] == ["-m", "dpgather.cli", "replay"]:
+        if pyargs[:3] == ["-m", "dpgather.tools.cli", "replay"]:
             print("dpgather: running the replay in this process instead (1 rank, no communication)",
                   file=sys.stderr, flush=True)
             return main(pyargs[2:])
@@ -104,7 +104,7 @@ def _positive_int(text):
 # -- subcommands --------------------------------------------------------------------------------
 
 def _add_trace_args(p, default_synthetic):
-    from dpgather.traces import GENERATORS
+    from dpgather.tools.traces import GENERATORS
 
     src = p.add_mutually_exclusive_group()
     src.add_argument("--trace", metavar="FILE", help="JSON Lines trace file (docs/traces.md)")
@@ -121,7 +121,7 @@ def _add_trace_args(p, default_synthetic):
 
 
 def _cmd_replay(ns):
-    from dpgather.replay import ReplayConfig, replay
+    from dpgather.tools.replay import ReplayConfig, replay
 
     return replay(ReplayConfig.from_args(ns))
 
@@ -138,7 +138,7 @@ def _cmd_run(ns, extra):
     out = ns.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
     progress = ["--progress", "on"] if sys.stderr.isatty() and "--progress" not in extra else []
     source = [] if {"--trace", "--synthetic"} & {a.split("=")[0] for a in extra} else ["--synthetic", "mixed"]
-    pyargs = ["-m", "dpgather.cli", "replay", *source, "--verify", "--out", out,
+    pyargs = ["-m", "dpgather.tools.cli", "replay", *source, "--verify", "--out", out,
               *backend, *progress, *extra]
     print(f"dpgather run: replaying a multi-replica serving trace on {np_} ranks "
           f"({'CUDA, one GPU per rank' if backend else 'host backend: NumPy + Numba + MPI'}), "
@@ -187,7 +187,7 @@ _ABBR = {"IDLE": "idle", "DECODE": "dec", "EXTEND": "ext", "TARGET_VERIFY": "ver
 def _scenario(D):
     """The built-in multi-replica scenario of ``dpgather plans`` (one ReplicaStep per replica)."""
     from dpgather.core import ForwardMode as M
-    from dpgather.traces import DEFAULT_SPEC, ReplicaStep as R, Trace
+    from dpgather.tools.traces import DEFAULT_SPEC, ReplicaStep as R, Trace
 
     def row(*reps):
         reps = list(reps)[:D]
@@ -219,8 +219,8 @@ def _scenario(D):
 
 def _cmd_plans(ns):
     import dpgather as dg
-    from dpgather.replay import _table, parse_buckets
-    from dpgather.traces import load_trace, synthetic
+    from dpgather.tools.replay import _table, parse_buckets
+    from dpgather.tools.traces import load_trace, synthetic
 
     A = ns.attn_tp
     try:
@@ -372,12 +372,7 @@ def _cmd_bench_sync(ns, extra):
 
 
 def _cmd_calibrate(ns, extra):
-    if importlib.util.find_spec("dpgather._calibrate") is None:
-        print("dpgather calibrate: this build has no calibration module (dpgather/_calibrate.py).\n"
-              "Calibration measures the alpha-beta constants of the 'auto' policy's cost model on "
-              "the current GPUs (docs/cost-model.md); without it the built-in H100 constants apply.")
-        return 2
-    from dpgather._calibrate import main as calibrate_main
+    from dpgather.tools.calibrate import main as calibrate_main
 
     return calibrate_main(list(extra)) or 0
 
@@ -399,7 +394,7 @@ def build_parser():
     r = sub.add_parser(
         "run", help="what `make run` does: launch a verified replay of the built-in trace under mpiexec",
         formatter_class=fmt, allow_abbrev=False,
-        description="Launch `mpiexec -n NP python -m dpgather.cli replay --synthetic mixed --verify "
+        description="Launch `mpiexec -n NP python -m dpgather.tools.cli replay --synthetic mixed --verify "
                     "--out runs/<timestamp>`\nwith one-box MPI settings and a time limit. On a GPU node "
                     "NP is the number of GPUs and the\nbackend is CUDA. Any other flag is passed to "
                     "`replay` (e.g. --policy varlen --steps 50).",
@@ -447,7 +442,7 @@ def build_parser():
         epilog="examples:\n  dpgather plans\n  dpgather plans --policy all --attn-tp 2\n"
                "  dpgather plans --synthetic prefill-burst --steps 10")
     src = pl.add_mutually_exclusive_group()
-    from dpgather.traces import GENERATORS
+    from dpgather.tools.traces import GENERATORS
 
     src.add_argument("--trace", metavar="FILE", help="plan a JSON Lines trace instead")
     src.add_argument("--synthetic", metavar="NAME", choices=sorted(GENERATORS),

@@ -21,7 +21,7 @@ describe the host backend, which is what ``policy="auto"`` plans for there.
 
 Command line (what ``dpgather calibrate`` runs)::
 
-    mpirun -n 4 python -m dpgather._calibrate --out cost.json [--sizes 1,8,64,...] [--hidden 7168]
+    mpirun -n 4 python -m dpgather.tools.calibrate --out cost.json [--sizes 1,8,64,...] [--hidden 7168]
         [--dtype bfloat16] [--backend auto|cuda|host] [--reps N]
 
 then ``DpAttention(..., cost=CostModel.load("cost.json"))``.
@@ -423,7 +423,7 @@ def _format(model, meta):
 
 
 def main(argv=None):
-    """``python -m dpgather._calibrate`` / ``dpgather calibrate``: calibrate and write JSON."""
+    """``python -m dpgather.tools.calibrate`` / ``dpgather calibrate``: calibrate and write JSON."""
     ap = argparse.ArgumentParser(prog="dpgather calibrate",
                                  description="Measure the cost model's constants of policy='auto' on "
                                              "this machine (run under mpirun, one rank per GPU).")
