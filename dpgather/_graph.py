@@ -14,7 +14,7 @@ the same shape (the MLP output, TP-partial when ``reduce=True``). On CUDA ``fn``
 eagerly per bucket (warm-up) and then captured; it must be capturable (no host syncs, no
 allocation sizes that depend on data). CuPy refuses cuBLAS calls during stream capture
 (``NotImplementedError``), so ``G @ W`` with CuPy cannot be captured: call cuBLAS directly with a
-handle whose stream and workspace are set before capture (``bench/_cublas.py`` shows how), or use
+handle whose stream and workspace are set before capture (:mod:`dpgather.tools.cublas` does), or use
 elementwise / RawKernel code. Its intermediate arrays come from a private CuPy memory
 pool owned by the runner, kept alive with the graphs.
 """
