@@ -176,8 +176,9 @@ def _cmd_run(ns, extra):
         rc = EXIT_CRASH  # a rank killed by a signal, the launcher's own failure codes
     if rc == EXIT_OK:
         _link_latest(out)
-        print(f"\ndone in {dt:.1f} s. Open {os.path.join(out, 'memory.png')} and "
-              f"{os.path.join(out, 'rows.png')}; every number is in {report}.")
+        plots = [os.path.join(out, f) for f in ("memory.png", "rows.png") if os.path.isfile(os.path.join(out, f))]
+        print(f"\ndone in {dt:.1f} s. " + (f"Open {' and '.join(plots)}; " if plots else "")
+              + f"every number is in {report}.")
     elif rc == EXIT_VERIFY:
         print(f"\nverification FAILED (exit 1) after {dt:.1f} s; details in {report}", file=sys.stderr)
     elif rc == EXIT_CRASH and verdict is None:
