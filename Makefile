@@ -56,15 +56,15 @@ test-unit: build
 	$(PYTHON) -m pytest -q -m "not mpi" $(PYTEST_ARGS) tests
 
 run: build
-	$(PYTHON) -m dpgather.cli run --np $(NP)
+	$(PYTHON) -m dpgather run --np $(NP)
 
 plans: build
-	$(PYTHON) -m dpgather.cli plans
+	$(PYTHON) -m dpgather plans
 
 bench: build
 	$(PYTHON) bench/plan_bench.py
-	$(PYTHON) -m dpgather.cli bench-sync --np 2
-	$(PYTHON) -m dpgather.cli bench-sync --np 4
+	$(PYTHON) -m dpgather bench-sync --np 2
+	$(PYTHON) -m dpgather bench-sync --np 4
 
 fuzz: build
 	DPGATHER_FUZZ_EXAMPLES=100000 $(PYTHON) -m pytest -q -x tests/test_planner.py

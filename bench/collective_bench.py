@@ -21,15 +21,17 @@ True)`` are timed with the plan forced to MAX_LEN, SUM_LEN and VARLEN (planners 
 policies) and with ``auto`` (the plan of ``dp.sync``; when its layout equals a forced mode's, that
 measurement is reused: it is the same sequence of kernels and collectives). Beside them:
 
-    nccl-raw     NcclCommunicator.all_gather of D*M/T rows per rank into D*M rows (M = the padded
+    nccl-raw     CuPy's NCCL binding (cupy.cuda.nccl, no dpgather in between): allGather of D*M/T
+                 rows per rank into D*M rows (M = the padded
                  slot) and reduce_scatter of the D*M rows: the padded bytes, no packing.
     torch SUM    (torch importable) SGLang's SUM_LEN recipe with torch.distributed (NCCL):
                  zero the sum-sized buffer, copy own slot, all_reduce; combine = all_reduce, copy
                  own slot (SGLang's choice for extend batches).
     torch MAX    (A=1) pad + all_gather_into_tensor; combine = reduce_scatter_tensor.
 
-Timing: for each operation, ``k`` back-to-back iterations (``k`` makes one repetition about
-``--target-us``; agreed over ranks) on one stream, inputs rotating over a few buffers, between CUDA
+Timing (the protocol of ``dpgather.tools.timing.Timer``, shared with the other benches and
+``dg.calibrate``): for each operation, ``k`` back-to-back iterations (``k`` makes one repetition
+about ``--target-us``; agreed over ranks) on one stream, inputs rotating over a few buffers, between CUDA
 events, after ``--warmup`` repetitions; per rank the median of ``--reps`` repetitions divided by
 ``k``; reported: the maximum over ranks. ``graph`` timings capture the ``k`` iterations into one
 CUDA graph (no Python launch cost: the collectives' own time); ``eager`` timings launch them from
@@ -41,9 +43,9 @@ the expected rows (inputs are small multiples of 1/8, so bfloat16 sums are exact
 and zero padding, and each mode's combine output with the exact sum over ranks. The torch recipes
 are checked the same way (combine: the real rows only).
 
-Columns: real(B) = real rows x row bytes; moved(B) = rows of the buffer the mode moves x row
-bytes; algbw = 2 x real(B) / total (gather and combine each move the real rows once); busbw =
-algbw x (T-1)/T.
+Columns (nccl-tests style): real(B) = real rows x row bytes; moved(B) = rows of the buffer the
+mode moves x row bytes; total = gather + combine; algbw = 2 x real(B) / total (gather and combine
+each move the real rows once); busbw = algbw x (T-1)/T (nccl-tests' all-gather factor).
 
 Targets (summary): (a) VARLEN total <= 1.05 x min(MAX_LEN, SUM_LEN) wherever VARLEN moves at
 most 70 % of the padded bytes (sum n <= 0.7 D M) and gather + combine move >= 4 MiB in total
@@ -55,13 +57,22 @@ fixed mode on every pattern; (c) on skew (A=1) our best mode >= 1.5x faster than
 import argparse
 import datetime
 import json
-import math
 import os
 import socket
-import statistics
 import sys
 
 import numpy as np
+
+from dpgather.tools.timing import (
+    Column,
+    CupyEvents,
+    Timer,
+    TorchEvents,
+    algbw_GBps,
+    busbw_factor,
+    nccl_columns,
+    print_table,
+)
 
 MODES = ("max_len", "sum_len", "varlen")
 MODE_NAME = {"max_len": "MAX_LEN", "sum_len": "SUM_LEN", "varlen": "VARLEN"}
@@ -166,131 +177,36 @@ def seed_y(pi, t, d):
     return 7_777_777 + 1_000_003 * (pi + 1) + 1009 * t + d
 
 
-# -- timing -----------------------------------------------------------------------------------
+# -- raw NCCL (CuPy's binding, no dpgather in between) ---------------------------------------------
 
-class Timer:
-    """CUDA-event timing of ``k`` back-to-back iterations; see the module docstring."""
+class RawNccl:
+    """``cupy.cuda.nccl.NcclCommunicator`` over the ranks of ``world`` (one GPU per rank, the
+    current device): the padded all-gather / reduce-scatter baseline, bf16, on a given stream."""
 
-    def __init__(self, cupy, MPI, world, stream, reps, warmup, target_us, use_graph):
-        self.cupy, self.MPI, self.world, self.stream = cupy, MPI, world, stream
-        self.reps, self.warmup, self.target_us = reps, warmup, target_us
-        self.use_graph = use_graph
-        self.graph_error = None
-        self.ev0 = cupy.cuda.Event()
-        self.ev1 = cupy.cuda.Event()
+    def __init__(self, world):
+        from cupy.cuda import nccl
 
-    def _max(self, v):
-        return float(self.world.allreduce(float(v), op=self.MPI.MAX))
+        self.nccl = nccl
+        uid = world.bcast(nccl.get_unique_id() if world.Get_rank() == 0 else None, root=0)
+        try:
+            self.comm = nccl.NcclCommunicator(world.Get_size(), uid, world.Get_rank())
+        except TypeError:  # unique id as bytes (CuPy >= 14) vs a tuple of signed bytes (older)
+            alt = (tuple(b - 256 if b > 127 else b for b in uid) if isinstance(uid, (bytes, bytearray))
+                   else bytes(b & 0xFF for b in uid))
+            self.comm = nccl.NcclCommunicator(world.Get_size(), alt, world.Get_rank())
+        self.bf16 = getattr(nccl, "NCCL_BFLOAT16", 9)  # ncclBfloat16; old CuPy lacks the name
 
-    def _elapsed_us(self):
-        return self.cupy.cuda.get_elapsed_time(self.ev0, self.ev1) * 1e3
+    def all_gather(self, send, recv, stream):
+        """``recv[T * n] <- send[n]`` of every rank (uint16 storage of bf16, C-contiguous)."""
+        self.comm.allGather(send.data.ptr, recv.data.ptr, send.size, self.bf16, stream.ptr)
 
-    def pick_k(self, body):
-        s = self.stream
-        with s:
-            body(0)
-            body(1)
-            s.synchronize()
-            self.world.Barrier()
-            self.ev0.record(s)
-            body(2)
-            self.ev1.record(s)
-            self.ev1.synchronize()
-        est = self._max(self._elapsed_us())
-        return max(1, min(KMAX, math.ceil(self.target_us / max(est, 1.0)))), est
+    def reduce_scatter(self, send, recv, stream):
+        """``recv[n] <- sum over ranks of send[rank * n:(rank + 1) * n]``."""
+        self.comm.reduceScatter(send.data.ptr, recv.data.ptr, recv.size, self.bf16,
+                                self.nccl.NCCL_SUM, stream.ptr)
 
-    def _time(self, launch, k):
-        s = self.stream
-        samples = []
-        with s:
-            for _ in range(self.warmup):
-                launch()
-            s.synchronize()
-            for _ in range(self.reps):
-                self.world.Barrier()
-                self.ev0.record(s)
-                launch()
-                self.ev1.record(s)
-                self.ev1.synchronize()
-                samples.append(self._elapsed_us() / k)
-        return self._max(statistics.median(samples))
-
-    def _capture(self, body, k):
-        s = self.stream
-        err, graph = None, None
-        with s:
-            s.synchronize()
-            try:
-                s.begin_capture()
-                try:
-                    for j in range(k):
-                        body(j)
-                finally:
-                    graph = s.end_capture()
-                if hasattr(graph, "upload"):
-                    graph.upload(s)
-            except Exception as e:  # noqa: BLE001 - reported and agreed on below
-                err, graph = f"{type(e).__name__}: {e}", None
-        errs = [e for e in self.world.allgather(err) if e]
-        if errs:
-            self.use_graph = False
-            self.graph_error = errs[0]
-            return None
-        return graph
-
-    def measure(self, body, graph=True):
-        """``{"k", "est_us", "eager", "graph"}`` (us per iteration; graph None when not run)."""
-        k, est = self.pick_k(body)
-        res = {"k": k, "est_us": est, "graph": None}
-        res["eager"] = self._time(lambda: [body(j) for j in range(k)], k)
-        if graph and self.use_graph:
-            g = self._capture(body, k)
-            if g is not None:
-                s = self.stream
-                res["graph"] = self._time(lambda: g.launch(s), k)
-                s.synchronize()
-                del g
-        return res
-
-
-class TorchTimer:
-    """Eager CUDA-event timing on torch's current stream (same protocol as :class:`Timer`)."""
-
-    def __init__(self, torch, MPI, world, reps, warmup, target_us):
-        self.torch, self.MPI, self.world = torch, MPI, world
-        self.reps, self.warmup, self.target_us = reps, warmup, target_us
-        self.ev0 = torch.cuda.Event(enable_timing=True)
-        self.ev1 = torch.cuda.Event(enable_timing=True)
-
-    def _max(self, v):
-        return float(self.world.allreduce(float(v), op=self.MPI.MAX))
-
-    def measure(self, body):
-        torch = self.torch
-        body(0)
-        body(1)
-        torch.cuda.synchronize()
-        self.world.Barrier()
-        self.ev0.record()
-        body(2)
-        self.ev1.record()
-        self.ev1.synchronize()
-        est = self._max(self.ev0.elapsed_time(self.ev1) * 1e3)
-        k = max(1, min(KMAX, math.ceil(self.target_us / max(est, 1.0))))
-        for _ in range(self.warmup):
-            for j in range(k):
-                body(j)
-        torch.cuda.synchronize()
-        samples = []
-        for _ in range(self.reps):
-            self.world.Barrier()
-            self.ev0.record()
-            for j in range(k):
-                body(j)
-            self.ev1.record()
-            self.ev1.synchronize()
-            samples.append(self.ev0.elapsed_time(self.ev1) * 1e3 / k)
-        return {"k": k, "est_us": est, "eager": self._max(statistics.median(samples)), "graph": None}
+    def close(self):
+        self.comm.destroy()
 
 
 # -- torch.distributed (optional) ---------------------------------------------------------------
@@ -494,9 +410,8 @@ def run_pattern(c, pi, pname, A):
             out = cupy.empty((per, H), dtype=cupy.uint16)
             stream.synchronize()
         raw = c.raw
-        tg = c.timer.measure(lambda j: raw.all_gather(send[j % nrot], recv, dtype="bfloat16", stream=stream))
-        tc = c.timer.measure(lambda j: raw.reduce_scatter(Y[j % nrot, :D * M], out, dtype="bfloat16",
-                                                         stream=stream))
+        tg = c.timer.measure(lambda j: raw.all_gather(send[j % nrot], recv, stream))
+        tc = c.timer.measure(lambda j: raw.reduce_scatter(Y[j % nrot, :D * M], out, stream))
         res["rows"].append({"mode": "nccl-raw", "chosen": "AG/RS(pad)", "how": "graph",
                             "moved_bytes": D * M * R, "gather": tg, "combine": tc, "wrong": None})
         c.say(f"#   nccl-raw gather {_fmt_t(tg)} combine {_fmt_t(tc)}")
@@ -618,15 +533,16 @@ def primary(t):
 
 
 def finish_row(row, res, T):
+    """Fill a row's times and bandwidths: gather + combine move the real rows once each, so
+    algbw = 2 x real(B) / total and busbw uses the all-gather / reduce-scatter factor (T-1)/T."""
     g, cm = row["gather"], row["combine"]
     row["how"] = "graph" if (g.get("graph") is not None and cm.get("graph") is not None) else "eager"
     row["gather_us"] = primary(g) if row["how"] == "graph" else g["eager"]
     row["combine_us"] = primary(cm) if row["how"] == "graph" else cm["eager"]
     row["total_us"] = row["gather_us"] + row["combine_us"]
     row["eager_total_us"] = g["eager"] + cm["eager"]
-    real = res["real_bytes"]
-    row["algbw_GBps"] = 2 * real / (row["total_us"] * 1e3) if row["total_us"] > 0 else 0.0
-    row["busbw_GBps"] = row["algbw_GBps"] * (T - 1) / T
+    row["algbw_GBps"] = algbw_GBps(2 * res["real_bytes"], row["total_us"])
+    row["busbw_GBps"] = row["algbw_GBps"] * busbw_factor("all_gather", T)
     return row
 
 
@@ -639,19 +555,22 @@ def label(row):
     return {"nccl-raw": "nccl-raw", "torch-sum": "torch-SUM", "torch-max": "torch-MAX"}.get(m, m)
 
 
-HEADER = (f"#{'pattern':>12} {'A':>2} {'mode':>15} {'how':>5} {'real(B)':>11} {'moved(B)':>11} "
-          f"{'gather(us)':>10} {'combine(us)':>11} {'total(us)':>10} {'algbw':>7} {'busbw':>7} "
-          f"{'eager(us)':>10} {'#wrong':>6}")
-UNITS = (f"#{'':>12} {'':>2} {'':>15} {'':>5} {'':>11} {'':>11} {'':>10} {'':>11} {'':>10} "
-         f"{'(GB/s)':>7} {'(GB/s)':>7} {'total':>10} {'':>6}")
+#: The result table: nccl-tests' columns (size = real bytes, time = gather + combine) around
+#: the bench's own.
+COLUMNS = nccl_columns(
+    lead=(Column("pattern", "pattern", width=12), Column("attn_tp", "A", "", "d"),
+          Column("label", "mode", width=15), Column("how", "how")),
+    size="real", size_key="real_bytes",
+    mid=(Column("moved_bytes", "moved", "(B)", "d"), Column("gather_us", "gather", "(us)", ".1f"),
+         Column("combine_us", "combine", "(us)", ".1f")),
+    time="total", time_key="total_us", time_fmt=".1f", bw_fmt=".1f",
+    tail=(Column("eager_total_us", "eager total", "(us)", ".1f"),))
 
 
-def fmt_row(res, row):
-    wrong = "-" if row.get("wrong") is None else str(row["wrong"])
-    return (f" {res['pattern']:>12} {res['attn_tp']:>2} {label(row):>15} {row['how']:>5} "
-            f"{res['real_bytes']:>11} {row['moved_bytes']:>11} {row['gather_us']:>10.1f} "
-            f"{row['combine_us']:>11.1f} {row['total_us']:>10.1f} {row['algbw_GBps']:>7.1f} "
-            f"{row['busbw_GBps']:>7.1f} {row['eager_total_us']:>10.1f} {wrong:>6}")
+def table_rows(results):
+    """One flat dict per measured row, for :data:`COLUMNS`."""
+    return [{"pattern": res["pattern"], "attn_tp": res["attn_tp"], "real_bytes": res["real_bytes"],
+             **row, "label": label(row)} for res in results for row in res["rows"]]
 
 
 def targets(results):
@@ -746,12 +665,11 @@ def main(argv=None):
         gpus = 0
     if not world.allreduce(gpus > 0, op=MPI.LAND):
         if rank == 0:
-            print("# collective_bench: needs CuPy with a GPU on every rank (none here); skipped")
-        return 0
+            print("collective_bench: needs CuPy with a GPU on every rank (none here)", file=sys.stderr)
+        return 2
 
     import dpgather as dg
-    from dpgather.dist import _nccl
-    from dpgather.dist.nccl import NcclCommunicator
+    from cupy.cuda import nccl
 
     c = Ctx()
     c.cupy, c.dg, c.MPI, c.world, c.rank, c.T = cupy, dg, MPI, world, rank, T
@@ -764,23 +682,24 @@ def main(argv=None):
                                   backend="cuda", policy="auto", strict=False, timeout_s=args.timeout)
     else:
         pats2 = []
-    c.raw = NcclCommunicator(world, timeout_s=args.timeout)
+    c.raw = RawNccl(world)
     from dpgather.kernels import _cuda as _kernels
 
     _kernels.warm()  # load the copy kernels before any capture
     dev = cupy.cuda.Device().id
     c.stream = cupy.cuda.Stream(non_blocking=True)
     c.gen = Gen(cupy)
-    c.timer = Timer(cupy, MPI, world, c.stream, args.reps, args.warmup, args.target_us,
-                    not args.no_graph)
+    c.timer = Timer(CupyEvents(c.stream), comm=world, reps=args.reps, warmup=args.warmup,
+                    target_us=args.target_us, kmax=KMAX, graph=not args.no_graph)
     c.torch, c.dist, torch_note = torch_setup(MPI, world, dev, not args.no_torch)
-    c.ttimer = TorchTimer(c.torch, MPI, world, args.reps, args.warmup, args.target_us) if c.torch else None
+    c.ttimer = (Timer(TorchEvents(c.torch), comm=world, reps=args.reps, warmup=args.warmup,
+                      target_us=args.target_us, kmax=KMAX) if c.torch else None)
     props = cupy.cuda.runtime.getDeviceProperties(dev)
     meta = {
         "bench": "collective_bench", "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "device": props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"]),
         "ranks": T, "hidden": args.hidden, "dtype": "bfloat16", "row_bytes": 2 * args.hidden,
-        "nccl": _nccl.getVersion(), "cupy": cupy.__version__, "reps": args.reps,
+        "nccl": int(nccl.get_version()), "cupy": cupy.__version__, "reps": args.reps,
         "warmup": args.warmup, "target_us": args.target_us, "torch": torch_note,
         "cost_model": dict(c.dps[1].planner.cost.to_dict()), "seed": args.seed,
     }
@@ -820,11 +739,7 @@ def main(argv=None):
               + (f"; graph capture failed: {c.timer.graph_error}" if c.timer.graph_error else ""))
         print("# algbw = 2 x real(B) / total; busbw = algbw x (T-1)/T; auto rows reuse the measurement "
               "of the forced mode whose layout they share")
-        print(HEADER)
-        print(UNITS)
-        for res in results:
-            for row in res["rows"]:
-                print(fmt_row(res, row))
+        print_table(table_rows(results), COLUMNS)
         print("#")
         print(f"# {'pattern':>12} {'A':>2} {'counts':>28} {'auto':>8} {'sglang':>8} "
               f"{'pred MAX/SUM/V (us)':>22} {'meas MAX/SUM/V (us)':>22}")

@@ -12,10 +12,11 @@ whole rows):
 - unpack:  ``copy_rows(G_j, L_j, desc, 1)`` with ``desc = (rows, rows, 0, rows)``
 
 ``j`` rotates over enough buffer sets that consecutive operations touch ~768 MB of distinct
-memory, so small sizes are not served from L2 (50 MB on H100). Timing: ``reps`` operations are
-captured into one CUDA graph (``--eager`` launches them from Python instead, adding the host
-cost of each call), timed with CUDA events around the launch after ``--warmup`` launches; the
-table shows the median over ``--iters`` launches divided by ``reps``. Bandwidth counts bytes
+memory, so small sizes are not served from L2 (50 MB on H100). Timing (``dpgather.tools.timing``,
+shared with the other benches): ``reps`` operations are captured into one CUDA graph
+(``--eager`` launches them from Python instead, adding the host cost of each call), timed with
+CUDA events around the launch after ``--warmup`` launches; the table shows the median over
+``--iters`` launches divided by ``reps``. Bandwidth counts bytes
 read + written (2x the row bytes). Every size is checked afterwards: the packed slot equals the
 source, the other slot keeps its poison, the unpacked rows equal the packed ones (#wrong).
 
@@ -36,6 +37,8 @@ import sys
 import time
 
 import numpy as np
+
+from dpgather.tools.timing import Column, CupyEvents, Timer, algbw_GBps, format_table
 
 ROTATE_BYTES = 768 << 20
 MAX_ROTATE = 1024
@@ -100,34 +103,19 @@ def make_ops(cupy, kernels, case, stream):
     return {"memcpy": memcpy, "pack": pack, "unpack": unpack}
 
 
-def time_op(cupy, op, reps, stream, iters, warmup, eager):
-    """Median microseconds per operation over ``iters`` timed launches of ``reps`` ops."""
+def time_op(timer, op, reps, eager):
+    """Median microseconds per operation: ``reps`` operations per launch (one CUDA graph, or
+    ``--eager`` Python launches), timed by ``timer`` (``--iters`` launches after ``--warmup``)."""
     if eager:
         def launch():
             for j in range(reps):
                 op(j)
     else:
-        with stream:
-            stream.begin_capture()
-            for j in range(reps):
-                op(j)
-            graph = stream.end_capture()
-
-        def launch():
-            graph.launch(stream)
-
-    start, end = cupy.cuda.Event(), cupy.cuda.Event()
-    for _ in range(warmup):
-        launch()
-    stream.synchronize()
-    samples = []
-    for _ in range(iters):
-        start.record(stream)
-        launch()
-        end.record(stream)
-        end.synchronize()
-        samples.append(cupy.cuda.get_elapsed_time(start, end) * 1e3 / reps)
-    return statistics.median(samples)
+        graph = timer.capture(op, reps)
+        if graph is None:
+            raise RuntimeError(f"graph capture failed: {timer.graph_error}")
+        launch = timer.clock.launcher(graph)
+    return timer.median_us(launch, reps)
 
 
 def host_cost_us(cupy, kernels, case, stream, calls=2000):
@@ -143,11 +131,12 @@ def host_cost_us(cupy, kernels, case, stream, calls=2000):
     return t
 
 
-def run_size(cupy, kernels, size, args, stream, dtype):
+def run_size(cupy, kernels, size, args, timer, dtype):
     width = args.hidden
     row_bytes = width * args.itemsize
     rows = max(1, size // row_bytes)
     case = Case(cupy, rows, width, dtype)
+    stream = timer.clock.stream
     ops = make_ops(cupy, kernels, case, stream)
     est_us = 2.5 + 2 * case.bytes / 2.0e6  # launch + ~2 TB/s of read+write traffic
     reps = max(1, min(MAX_ROTATE, math.ceil(TARGET_GRAPH_MS * 1e3 / est_us)))
@@ -155,23 +144,21 @@ def run_size(cupy, kernels, size, args, stream, dtype):
     row = {"size": case.bytes, "rows": rows, "reps": reps, "rotate": case.nrot,
            "vec": kernels.vector_bytes(row_bytes, case.local(0).data.ptr,
                                        case.gathered(0).data.ptr)}
-    row["memcpy_us"] = time_op(cupy, ops["memcpy"], reps, stream, args.iters, args.warmup,
-                               args.eager)
+    row["memcpy_us"] = time_op(timer, ops["memcpy"], reps, args.eager)
     case.G.fill(case.poison)
     stream.synchronize()
     cupy.cuda.Device().synchronize()
-    row["pack_us"] = time_op(cupy, ops["pack"], reps, stream, args.iters, args.warmup, args.eager)
+    row["pack_us"] = time_op(timer, ops["pack"], reps, args.eager)
     g0, l0 = case.gathered(0), case.local(0)
     wrong = int((g0[rows:] != l0).sum()) + int((g0[:rows] != case.poison).sum())
     saved = l0.copy()
     case.L.fill(0)
     cupy.cuda.Device().synchronize()
-    row["unpack_us"] = time_op(cupy, ops["unpack"], reps, stream, args.iters, args.warmup,
-                               args.eager)
+    row["unpack_us"] = time_op(timer, ops["unpack"], reps, args.eager)
     wrong += int((case.local(0) != saved).sum())
     row["wrong"] = wrong
     for k in ("memcpy", "pack", "unpack"):
-        row[f"{k}_gbps"] = 2 * case.bytes / (row[f"{k}_us"] * 1e3)
+        row[f"{k}_gbps"] = algbw_GBps(2 * case.bytes, row[f"{k}_us"])  # read + written
     row["pack_pct"] = 100.0 * row["memcpy_us"] / row["pack_us"]
     row["unpack_pct"] = 100.0 * row["memcpy_us"] / row["unpack_us"]
     row["overhead_us"] = row["pack_us"] - row["memcpy_us"]
@@ -180,18 +167,15 @@ def run_size(cupy, kernels, size, args, stream, dtype):
     return row
 
 
-HEADER = (f"#{'size(B)':>12} {'rows':>7} {'vec':>3} {'memcpy(us)':>10} {'pack(us)':>9} "
-          f"{'unpack(us)':>10} {'memcpy':>8} {'pack':>8} {'pack/mc':>7} {'unpk/mc':>7} "
-          f"{'ovh(us)':>7} {'#wrong':>6}")
-UNITS = (f"#{'':>12} {'':>7} {'(B)':>3} {'':>10} {'':>9} {'':>10} {'(GB/s)':>8} {'(GB/s)':>8} "
-         f"{'(%)':>7} {'(%)':>7} {'':>7} {'':>6}")
-
-
-def fmt(row):
-    return (f" {row['size']:>12} {row['rows']:>7} {row['vec']:>3} {row['memcpy_us']:>10.2f} "
-            f"{row['pack_us']:>9.2f} {row['unpack_us']:>10.2f} {row['memcpy_gbps']:>8.0f} "
-            f"{row['pack_gbps']:>8.0f} {row['pack_pct']:>7.1f} {row['unpack_pct']:>7.1f} "
-            f"{row['overhead_us']:>7.2f} {row['wrong']:>6}")
+#: The table (rows printed as each size is measured, so every column has a fixed width).
+COLUMNS = (
+    Column("size", "size", "(B)", "d", 12), Column("rows", "rows", "", "d", 7),
+    Column("vec", "vec", "(B)", "d", 3), Column("memcpy_us", "memcpy", "(us)", ".2f", 10),
+    Column("pack_us", "pack", "(us)", ".2f", 9), Column("unpack_us", "unpack", "(us)", ".2f", 10),
+    Column("memcpy_gbps", "memcpy", "(GB/s)", ".0f", 8), Column("pack_gbps", "pack", "(GB/s)", ".0f", 8),
+    Column("pack_pct", "pack/mc", "(%)", ".1f", 7), Column("unpack_pct", "unpk/mc", "(%)", ".1f", 7),
+    Column("overhead_us", "ovh", "(us)", ".2f", 7), Column("wrong", "#wrong", "", "d", 6),
+)
 
 
 def main(argv=None):
@@ -212,7 +196,15 @@ def main(argv=None):
     if args.iters < 20:
         ap.error("--iters must be >= 20 (median of at least 20 samples)")
 
-    import cupy
+    try:
+        import cupy
+
+        gpus = cupy.cuda.runtime.getDeviceCount()
+    except Exception:  # noqa: BLE001 - no CuPy, no driver
+        gpus = 0
+    if gpus <= args.device:
+        print(f"copy_bench: needs CuPy and GPU {args.device} (CuPy sees {gpus})", file=sys.stderr)
+        return 2
 
     from dpgather.kernels import _cuda as kernels
 
@@ -225,6 +217,7 @@ def main(argv=None):
                 else [kernels._BLOCKS_PER_SM])
     sizes = sizes_between(parse_size(args.min_bytes), parse_size(args.max_bytes))
     stream = cupy.cuda.Stream(non_blocking=True)
+    timer = Timer(CupyEvents(stream), reps=args.iters, warmup=args.warmup)
     meta = {
         "bench": "copy_bench", "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "device": name, "sm_count": props["multiProcessorCount"],
@@ -241,16 +234,15 @@ def main(argv=None):
     for bps in bps_list:
         kernels._BLOCKS_PER_SM = bps
         print(f"#\n# grid cap: {bps} blocks/SM x {kernels._THREADS} threads")
-        print(HEADER)
-        print(UNITS)
+        print("\n".join(format_table([], COLUMNS)))
         rows = []
         for size in sizes:
             if size < meta["row_bytes"]:
                 continue
-            row = run_size(cupy, kernels, size, args, stream, dtype)
+            row = run_size(cupy, kernels, size, args, timer, dtype)
             row["blocks_per_sm"] = bps
             rows.append(row)
-            print(fmt(row), flush=True)
+            print(format_table([row], COLUMNS, header=False)[0], flush=True)
         big = [r for r in rows if r["size"] >= FROM_BYTES]
         pack_avg = statistics.mean(r["pack_pct"] for r in big) if big else float("nan")
         unpack_avg = statistics.mean(r["unpack_pct"] for r in big) if big else float("nan")

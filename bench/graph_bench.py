@@ -16,13 +16,14 @@ replica decodes n tokens, so ``plan.graph`` holds and ``plan.bucket`` = the smal
 ``fn``: ``identity`` is ``G + 0`` on the uint16 storage (a bit-exact copy, capturable);
 ``mlp`` is one rank's slice of a SwiGLU MLP: ``gate_up = G @ W1[H, 2*I]``,
 ``act = silu(gate) * up`` (a CuPy ElementwiseKernel on bf16 bits, fp32 math),
-``Y = act @ W2[I, H]`` (``I = --inter`` per rank), the matmuls through ``bench/_cublas.py``
-(ctypes cuBLAS: CuPy refuses cuBLAS inside a stream capture). Both paths call the same ``fn``.
+``Y = act @ W2[I, H]`` (``I = --inter`` per rank), the matmuls through
+``dpgather.tools.cublas`` (ctypes cuBLAS: CuPy refuses cuBLAS inside a stream capture). Both paths call the same ``fn``.
 
-Step latency: ``k`` back-to-back steps (``k`` makes one repetition about ``--target-us``, agreed
-over ranks) between CUDA events on one stream, inputs rotating over a few buffers, after
-``--warmup`` repetitions; per rank the median of ``--reps`` repetitions / ``k``; reported: the
-maximum over ranks. A host barrier precedes each repetition. ``dp.sync`` is not timed (the
+Step latency, by the protocol of ``dpgather.tools.timing.Timer`` (eager launches): ``k``
+back-to-back steps (``k`` makes one repetition about ``--target-us``, agreed over ranks) between
+CUDA events on one stream, inputs rotating over a few buffers, after ``--warmup`` repetitions; per
+rank the median of ``--reps`` repetitions / ``k``; reported: the maximum over ranks. A host
+barrier precedes each repetition. ``dp.sync`` is not timed (the
 "sync-free" step; its cost is bench/sync_bench.py's subject). ``--strict`` times the eager path with
 DpAttention's collective argument check on (one host all-gather per call); off by default.
 
@@ -46,11 +47,11 @@ import argparse
 import datetime
 import json
 import math
-import os
-import statistics
 import sys
 
 import numpy as np
+
+from dpgather.tools.timing import Column, CupyEvents, Timer, print_table
 
 DEFAULT_BUCKETS = "1,2,4,8,16,32,64,128,256"
 KMAX = 256
@@ -123,47 +124,22 @@ def identity(G):
     return G + 0
 
 
-class Timer:
-    """CUDA-event timing of ``k`` back-to-back steps (see the module docstring)."""
-
-    def __init__(self, cupy, MPI, world, stream, reps, warmup, target_us):
-        self.cupy, self.MPI, self.world, self.stream = cupy, MPI, world, stream
-        self.reps, self.warmup, self.target_us = reps, warmup, target_us
-        self.ev0, self.ev1 = cupy.cuda.Event(), cupy.cuda.Event()
-
-    def _max(self, v):
-        return float(self.world.allreduce(float(v), op=self.MPI.MAX))
-
-    def _us(self):
-        return self.cupy.cuda.get_elapsed_time(self.ev0, self.ev1) * 1e3
-
-    def measure(self, step):
-        s = self.stream
-        with s:
-            step(0)
-            step(1)
-            s.synchronize()
-            self.world.Barrier()
-            self.ev0.record(s)
-            step(2)
-            self.ev1.record(s)
-            self.ev1.synchronize()
-            est = self._max(self._us())
-            k = max(1, min(KMAX, math.ceil(self.target_us / max(est, 1.0))))
-            for _ in range(self.warmup):
-                for j in range(k):
-                    step(j)
-            s.synchronize()
-            samples = []
-            for _ in range(self.reps):
-                self.world.Barrier()
-                self.ev0.record(s)
-                for j in range(k):
-                    step(j)
-                self.ev1.record(s)
-                self.ev1.synchronize()
-                samples.append(self._us() / k)
-        return {"us": self._max(statistics.median(samples)), "k": k, "est_us": est}
+#: Columns of the latency table (rows: the ``points`` of the JSON output).
+POINT_COLUMNS = (
+    Column("fn", "fn", width=9), Column("tokens", "tokens", "", "d"), Column("bucket", "bucket", "", "d"),
+    Column("eager_us", "eager", "(us)", ".1f"), Column("replay_us", "replay", "(us)", ".1f"),
+    Column("speedup", "speedup", "(x)", ".2f"), Column("wrong", "#wrong", "", "d"),
+    Column("bitdiff", "#bitdiff", "", "d"),
+)
+#: Columns of the memory table (one row per fn and path).
+MEMORY_COLUMNS = (
+    Column("fn", "fn", width=9), Column("path", "path"),
+    Column("alloc_bytes_per_step", "alloc", "(B/step)", ".0f"),
+    Column("alloc_calls_per_step", "allocs", "(/step)", ".2f"),
+    Column("pool_used_delta", "pool used", "(B)", "d"), Column("pool_total_delta", "pool total", "(B)", "d"),
+    Column("dp_reserved_delta", "dp arena", "(B)", "d"), Column("dp_allocations_delta", "dp allocs", "", "d"),
+    Column("runner_delta", "runner", "(B)", "d"), Column("sglang", "sglang<8277", "(B/step)", ".0f"),
+)
 
 
 class CountingAllocator:
@@ -249,8 +225,8 @@ def main(argv=None):
         gpus = 0
     if not world.allreduce(gpus > 0, op=MPI.LAND):
         if rank == 0:
-            print("# graph_bench: needs CuPy with a GPU on every rank (none here); skipped")
-        return 0
+            print("graph_bench: needs CuPy with a GPU on every rank (none here)", file=sys.stderr)
+        return 2
     A = args.attn_tp
     if A < 1 or T % A or any(b % A for b in buckets) or any(t % A for t in tokens):
         if rank == 0:
@@ -274,7 +250,8 @@ def main(argv=None):
     from dpgather.kernels import _cuda as _kernels
 
     _kernels.warm()  # load the copy kernels before any capture
-    timer = Timer(cupy, MPI, world, stream, args.reps, args.warmup, args.target_us)
+    timer = Timer(CupyEvents(stream), comm=world, reps=args.reps, warmup=args.warmup,
+                  target_us=args.target_us, kmax=KMAX)
     blas = None
     props = cupy.cuda.runtime.getDeviceProperties(dev)
     name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
@@ -299,8 +276,7 @@ def main(argv=None):
         for fname in fns:
             if fname == "mlp":
                 if blas is None:
-                    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-                    from _cublas import Cublas
+                    from dpgather.tools.cublas import Cublas
 
                     with stream:
                         blas = Cublas(cupy)
@@ -334,11 +310,12 @@ def main(argv=None):
                     wrong += _identity_wrong(cupy, ye, xs[0], n, T, A, world)
                 wrong = int(world.allreduce(wrong, op=MPI.SUM))
                 wrong_total += wrong
-                tr = timer.measure(lambda j: runner.run(xs[j % nrot], plan))
+                tr = timer.measure(lambda j: runner.run(xs[j % nrot], plan), graph=False)
                 te = timer.measure(lambda j: dp.scatter(fn(dp.gather(xs[j % nrot], plan, contribution=contrib)),
-                                                        plan, reduce=True))
-                pt = {"fn": fname, "tokens": n, "bucket": int(plan.bucket), "replay_us": tr["us"],
-                      "eager_us": te["us"], "speedup": te["us"] / tr["us"] if tr["us"] > 0 else 0.0,
+                                                        plan, reduce=True), graph=False)
+                pt = {"fn": fname, "tokens": n, "bucket": int(plan.bucket), "replay_us": tr["eager"],
+                      "eager_us": te["eager"],
+                      "speedup": te["eager"] / tr["eager"] if tr["eager"] > 0 else 0.0,
                       "k_replay": tr["k"], "k_eager": te["k"], "wrong": wrong, "bitdiff": bitdiff}
                 points.append(pt)
                 say(f"#   {fname:8s} n={n:4d} replay {tr['us']:8.1f} us  eager {te['us']:8.1f} us  "
@@ -360,24 +337,14 @@ def main(argv=None):
         print("#")
         print(f"# graph_bench results: {T} ranks (A={A}), {name}, hidden {H} bf16; step = "
               f"gather -> fn -> combine; time = max over ranks of the median per step")
-        print(f"#{'fn':>9} {'tokens':>6} {'bucket':>6} {'eager(us)':>10} {'replay(us)':>10} "
-              f"{'speedup':>7} {'#wrong':>6} {'#bitdiff':>8}")
-        for p in points:
-            print(f" {p['fn']:>9} {p['tokens']:>6} {p['bucket']:>6} {p['eager_us']:>10.1f} "
-                  f"{p['replay_us']:>10.1f} {p['speedup']:>7.2f} {p['wrong']:>6} {p['bitdiff']:>8}")
+        print_table(points, POINT_COLUMNS)
         print("#")
         print(f"# bytes allocated per step over {args.steps} steps of random counts (1..{buckets[-1]} "
               "per replica); pool/arena columns: deltas over the whole run")
-        print(f"#{'fn':>9} {'path':>8} {'alloc B/step':>13} {'allocs/step':>11} {'pool used':>10} "
-              f"{'pool total':>10} {'dp arena':>9} {'dp allocs':>9} {'runner':>8} {'sglang<8277 B/step':>19}")
-        for m in memory:
-            for path in ("replay", "eager"):
-                r = m[path]
-                print(f" {m['fn']:>9} {path:>8} {r['alloc_bytes_per_step']:>13.0f} "
-                      f"{r['alloc_calls_per_step']:>11.2f} {r['pool_used_delta']:>10} "
-                      f"{r['pool_total_delta']:>10} {r['dp_reserved_delta']:>9} "
-                      f"{r['dp_allocations_delta']:>9} {r['runner_delta']:>8} "
-                      f"{m['sglang_before_8277_bytes_per_step']:>19.0f}")
+        rows = [{"fn": m["fn"], "path": path, **m[path],
+                 "sglang": m["sglang_before_8277_bytes_per_step"]}
+                for m in memory for path in ("replay", "eager")]
+        print_table(rows, MEMORY_COLUMNS)
         print("#")
         print("# Targets")
         small = [p for p in points if p["tokens"] <= 64]

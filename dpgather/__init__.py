@@ -52,7 +52,7 @@ __all__ = [
 
 def __getattr__(name):
     if name == "calibrate":  # the measuring tool; imports MPI and CuPy only when called
-        from ._calibrate import calibrate
+        from .tools.calibrate import calibrate
 
         return calibrate
     raise AttributeError(f"module 'dpgather' has no attribute {name!r}")

@@ -1,8 +1,8 @@
-"""``python -m dpgather``: the ``dpgather`` command line (see :mod:`dpgather.cli`)."""
+"""``python -m dpgather``: the ``dpgather`` command line (see :mod:`dpgather.tools.cli`)."""
 
 import sys
 
-from dpgather.cli import main
+from dpgather.tools.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -195,6 +195,8 @@ class DpAttention:
         self.planner = Planner(self.topology, spec=c["spec_obj"], policy=c["policy"],
                                graph_buckets=c["graph_buckets"], cost=cost)
         self._desc_layout = Descriptor(self.topology.dp_size, A)
+        self._transport = "nccl" if be.name == "cuda" else "mpi"
+        self._transport_reason = "the P2P transport is not built into this version"
         self._plane = DataPlane(be, self._tp, self._attn, None, self._desc_layout, self.attn_tp_rank, A,
                                 self.dtype, self._storage)
         self._arena = Arena(be.alloc)
@@ -679,6 +681,20 @@ class DpAttention:
         return runner
 
     # -- bookkeeping ----------------------------------------------------------------------
+    def info(self):
+        """What this DpAttention runs on, as a dict: ``backend``, ``world_size``,
+        ``attn_tp_size``, ``dtype``, ``hidden_size``, ``policy``, ``strict``, ``sync`` (the
+        per-step exchange: ``"shm"`` or ``"mpi"``, known after the first ``sync()``), ``transport``
+        (``"p2p"`` where available, else ``"nccl"``/``"mpi"``) and ``transport_reason`` (why P2P is
+        not used, when it is not)."""
+        return {
+            "backend": self.backend, "world_size": self.topology.world_size,
+            "attn_tp_size": self.topology.attn_tp_size, "dtype": self.dtype,
+            "hidden_size": self.hidden_size, "policy": self.planner.policy, "strict": self.strict,
+            "sync": self._sync.transport if self._sync is not None else None,
+            "transport": self._transport, "transport_reason": self._transport_reason,
+        }
+
     def memory_stats(self):
         """Arena usage per role: ``reserved_bytes``, ``peak_view_bytes``, ``allocations``,
         ``requests``; plus ``total``."""

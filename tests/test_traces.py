@@ -7,7 +7,7 @@ import pytest
 
 import dpgather as dg
 from dpgather.core import ForwardMode as M
-from dpgather.traces import (
+from dpgather.tools.traces import (
     DEFAULT_SPEC,
     FORMAT,
     GENERATORS,
@@ -17,6 +17,7 @@ from dpgather.traces import (
     load_trace,
     parse_trace,
     save_trace,
+    schema,
     synthetic,
 )
 
@@ -100,6 +101,9 @@ def test_steps_and_parts():
         synthetic("nope", 2)
     with pytest.raises(dg.InputError):
         synthetic("eagle", 0)
+    with pytest.raises(dg.InputError, match="seed must be a non-negative int"):
+        synthetic("eagle", 2, seed=-1)
+    assert len(synthetic("eagle", 2, seed=2**70, steps=5)) == 5  # any non-negative int seeds
 
 
 # -- file format --------------------------------------------------------------------------------
@@ -137,38 +141,63 @@ def test_accept_defaults_to_full_acceptance(tmp_path):
 
 
 BROKEN = [
-    # (lines after the header, line number of the error, fragment of the message)
-    ([_step(0, {"mode": "IDLE"}, {"mode": "IDLE"}), '{"step": 1, "replicas": [}'], 3, "invalid JSON"),
-    ([_step(0, {"mode": "DECODE", "batch_size": 2, "bs": 1}, {"mode": "IDLE"})], 2, "unknown key"),
-    ([_step(0, {"mode": "IDLE"})], 2, "1 replicas, but the header's dp_size has 2"),
+    # (lines after the header, line number of the error, fragment of the message, whether the
+    # published schema states the rule too -- False: it spans lines or compares fields)
+    ([_step(0, {"mode": "IDLE"}, {"mode": "IDLE"}), '{"step": 1, "replicas": [}'], 3, "invalid JSON", None),
+    ([_step(0, {"mode": "DECODE", "batch_size": 2, "bs": 1}, {"mode": "IDLE"})], 2, "unknown key", True),
+    ([_step(0, {"mode": "IDLE"})], 2, "1 replicas, but the header's dp_size has 2", False),
     ([_step(0, {"mode": "IDLE"}, {"mode": "IDLE"}), _step(1, {"mode": "PREFILL"}, {"mode": "IDLE"})], 3,
-     "'mode' must be one of"),
+     "'mode' must be one of", True),
+    ([_step(0, {"mode": "\u0131dle"}, {"mode": "IDLE"})], 2, "'mode' must be one of", True),  # dotless i
     ([_step(0, {"mode": "EXTEND", "batch_size": 4, "extend_tokens": 2}, {"mode": "IDLE"})], 2,
-     "replica 0: extend_tokens must be >= batch_size"),
-    ([_step(0, {"mode": "IDLE"}, {"mode": "IDLE", "batch_size": 3})], 2, "replica 1: batch_size must be 0"),
+     "replica 0: extend_tokens must be >= batch_size", False),
+    ([_step(0, {"mode": "IDLE"}, {"mode": "IDLE", "batch_size": 3})], 2, "replica 1: batch_size must be 0", True),
+    ([_step(0, {"mode": "DECODE", "batch_size": 1, "extend_tokens": 3}, {"mode": "IDLE"})], 2,
+     "extend_tokens is for EXTEND only", True),
     ([_step(0, {"mode": "DRAFT_EXTEND", "batch_size": 2, "accept": [1]}, {"mode": "IDLE"})], 2,
-     "'accept' must be a list of batch_size=2"),
+     "'accept' must be a list of batch_size=2", False),
     ([_step(0, {"mode": "DRAFT_EXTEND", "batch_size": 1, "accept": [4]}, {"mode": "IDLE"})], 2,
-     "num_steps=3"),
+     "num_steps=3", False),
     ([_step(0, {"mode": "DECODE", "batch_size": 1, "accept": [1]}, {"mode": "IDLE"})], 2,
-     "DRAFT_EXTEND only"),
+     "DRAFT_EXTEND only", True),
     ([_step(3, {"mode": "IDLE"}, {"mode": "IDLE"}), _step(3, {"mode": "IDLE"}, {"mode": "IDLE"})], 3,
-     "must increase"),
-    ([_step(0, {"mode": "DECODE", "batch_size": -1}, {"mode": "IDLE"})], 2, "'batch_size' must be >= 0"),
-    ([_step(0, {"mode": "DECODE", "batch_size": 1.5}, {"mode": "IDLE"})], 2, "must be an integer"),
-    (["[1, 2]"], 2, "must be a JSON object"),
-    ([json.dumps({"replicas": []})], 2, "a step line is"),
-    ([_step(0, {"mode": "IDLE"}, {"mode": "IDLE"}), HEADER], 3, "only be the first line"),
+     "must increase", False),
+    ([_step(0, {"mode": "DECODE", "batch_size": -1}, {"mode": "IDLE"})], 2, "'batch_size' must be >= 0", True),
+    ([_step(0, {"mode": "DECODE", "batch_size": 1.5}, {"mode": "IDLE"})], 2, "must be an integer", True),
+    ([_step(0, {"mode": "DECODE", "batch_size": 2**31}, {"mode": "IDLE"})], 2,
+     "'batch_size' must be <= 2147483647", True),
+    ([_step(0, {"mode": "EXTEND", "batch_size": 1, "extend_tokens": 2**31}, {"mode": "IDLE"})], 2,
+     "'extend_tokens' must be <= 2147483647", True),
+    ([_step(2**63, {"mode": "IDLE"}, {"mode": "IDLE"})], 2, "'step' must be <= 9223372036854775807", True),
+    (["[1, 2]"], 2, "must be a JSON object", True),
+    ([json.dumps({"replicas": []})], 2, "a step line is", True),
+    ([_step(0, {"mode": "IDLE"}, {"mode": "IDLE"}), HEADER], 3, "only be the first line", False),
+    # hostile input: never a traceback, always FILE:LINE and one short line
+    (['{"step": 0, "replicas": [{"mode": "DECODE", "batch_size": ' + "9" * 5000 + '}, {"mode": "IDLE"}]}'],
+     2, "an integer literal with 5000 digits", None),
+    (["[" * 100_000], 2, "nested too deeply", None),
+    (['{"a": ' * 50_000], 2, "nested too deeply", None),
+    (['{"step": 0, "step": 1, "replicas": [{"mode": "IDLE"}, {"mode": "IDLE"}]}'], 2,
+     "duplicate key 'step'", None),
+    (['{"step": 0, "replicas": [{"mode": "IDLE", "mode": "DECODE"}, {"mode": "IDLE"}]}'], 2,
+     "duplicate key 'mode'", None),
+    (['{"step": 0, "replicas": [{"mode": "DECODE", "batch_size": NaN}, {"mode": "IDLE"}]}'], 2,
+     "NaN is not a JSON number", None),
+    (['{"step": 0, "replicas": [{"mode": "DECODE", "batch_size": Infinity}, {"mode": "IDLE"}]}'], 2,
+     "Infinity is not a JSON number", None),
+    ([_step(0, {"mode": "DECODE", "batch_size": "x" * 10_000}, {"mode": "IDLE"})], 2, "must be an integer", True),
 ]
 
 
-@pytest.mark.parametrize("lines,lineno,fragment", BROKEN)
-def test_broken_lines_name_file_and_line(tmp_path, lines, lineno, fragment):
+@pytest.mark.parametrize("lines,lineno,fragment,in_schema", BROKEN)
+def test_broken_lines_name_file_and_line(tmp_path, lines, lineno, fragment, in_schema):
     p = _write(tmp_path, [HEADER] + lines, "broken.jsonl")
     with pytest.raises(dg.InputError) as e:
         load_trace(p)
-    assert str(e.value).startswith(f"{p}:{lineno}:"), str(e.value)
-    assert fragment in str(e.value)
+    msg = str(e.value)
+    assert msg.startswith(f"{p}:{lineno}:"), msg
+    assert fragment in msg, msg
+    assert "\n" not in msg and len(msg) < len(str(p)) + 260, msg  # one short line
 
 
 def test_broken_header_and_files(tmp_path):
@@ -190,3 +219,71 @@ def test_head_and_mode_mix():
     tr = Trace(2, None, [(ReplicaStep(M.DECODE, 1), ReplicaStep(M.IDLE))] * 3, [0, 1, 2])
     assert len(tr.head(2)) == 2 and tr.head(None) is tr and tr.head(10) is tr
     assert tr.mode_mix() == {"IDLE": 3, "DECODE": 3}
+
+
+def test_broken_header_values(tmp_path):
+    for header, fragment in (({"name": 3}, "'name' must be a string"),
+                             ({"description": ["x"]}, "'description' must be a string"),
+                             ({"seed": -1}, "'seed' must be >= 0"),
+                             ({"dp_size": 2**31}, "'dp_size' must be <= 2147483647"),
+                             ({"spec": {"num_steps": 0, "topk": 1, "num_draft_tokens": 4}},
+                              "'spec.num_steps' must be >= 1")):
+        p = _write(tmp_path, [json.dumps({"format": FORMAT, **header}), _step(0, {"mode": "IDLE"})], "h.jsonl")
+        with pytest.raises(dg.InputError, match=r"h\.jsonl:1: " + fragment.replace(".", r"\.").replace("[", r"\[")):
+            load_trace(p)
+
+
+def test_extend_tokens_int32_max_loads(tmp_path):
+    # the largest count the record holds is a valid trace; the replay refuses it for memory
+    p = _write(tmp_path, [_step(0, {"mode": "EXTEND", "batch_size": 1, "extend_tokens": 2**31 - 1})])
+    assert load_trace(p).steps[0][0].counts(None) == (2**31 - 1, 1, 2**31 - 1)
+
+
+# -- the published schema ----------------------------------------------------------------------------
+
+def test_schema_is_packaged_and_names_every_mode():
+    sch = schema()
+    assert sch["$schema"].endswith("2020-12/schema") and sch["title"].startswith("dpgather trace line")
+    pattern = sch["$defs"]["replica"]["properties"]["mode"]["pattern"]
+    ci = lambda n: "".join(f"[{c}{c.lower()}]" if c.isalpha() else c for c in n)  # noqa: E731
+    assert pattern == "^(" + "|".join(ci(m.name) for m in M) + ")$"
+    assert sch["$defs"]["header"]["properties"]["format"]["const"] == FORMAT
+    assert sch["$defs"]["count"]["maximum"] == 2**31 - 1
+
+
+def _validator():
+    jsonschema = pytest.importorskip("jsonschema")
+    cls = jsonschema.Draft202012Validator
+    cls.check_schema(schema())
+    return cls(schema())
+
+
+@pytest.mark.parametrize("name", sorted(GENERATORS))
+def test_schema_accepts_every_line_the_loader_writes(tmp_path, name):
+    v = _validator()
+    p = tmp_path / "t.jsonl"
+    save_trace(synthetic(name, dp_size=3, seed=1), p)
+    for line in p.read_text().splitlines():
+        errors = list(v.iter_errors(json.loads(line)))
+        assert not errors, (line, [e.message for e in errors])
+
+
+def test_schema_accepts_what_the_loader_accepts(tmp_path):
+    v = _validator()
+    lines = [HEADER,
+             _step(0, {"mode": "decode", "batch_size": 2, "can_run_graph": True},
+                   {"mode": "Idle", "batch_size": 0, "extend_tokens": 0, "logprob_tokens": None, "accept": None}),
+             _step(1, {"mode": "EXTEND", "batch_size": 1, "extend_tokens": 9, "logprob_tokens": 3},
+                   {"mode": "draft_extend", "batch_size": 2, "accept": [0, 3]})]
+    load_trace(_write(tmp_path, lines))
+    for line in lines:
+        assert not list(v.iter_errors(json.loads(line))), line
+
+
+@pytest.mark.parametrize("lines,lineno,fragment,in_schema", [b for b in BROKEN if b[3] is not None])
+def test_schema_and_loader_agree_on_broken_lines(lines, lineno, fragment, in_schema):
+    """Per-line rules: the schema refuses the line too. Rules that span lines or compare fields:
+    each line alone is valid JSON Schema-wise, and only the loader refuses the file."""
+    v = _validator()
+    bad_line = ([HEADER] + lines)[lineno - 1]
+    assert bool(list(v.iter_errors(json.loads(bad_line)))) is in_schema, bad_line

@@ -45,7 +45,7 @@ collective)
 graph)
   run graph_bench ${T_GRAPH:-300} $MPI -n "$NG" python3 bench/graph_bench.py ;;
 calibrate)
-  run calibrate ${T_CAL:-120} $MPI -n "$NG" python3 -m dpgather._calibrate --out /tmp/cost.json -v ;;
+  run calibrate ${T_CAL:-120} $MPI -n "$NG" python3 -m dpgather.tools.calibrate --out /tmp/cost.json -v ;;
 bench)
   run copy_bench 300 python3 bench/copy_bench.py
   run collective_bench 400 $MPI -n "$NG" python3 bench/collective_bench.py

@@ -23,11 +23,19 @@ Generators (all reproducible from ``seed``; ``mixed`` is the default of ``make r
                           then a large batch that no graph bucket holds
 ``mixed``                 all of the above concatenated, plus two all-idle steps
 ========================  ===============================================================
+
+The format is published as a JSON Schema of one line (:func:`schema`, the file
+``trace.schema.json`` next to this module; docs/traces.md). :func:`load_trace` checks the same
+rules by hand -- plus those a schema cannot state (they span lines or compare fields) -- and
+reports the first violation as ``FILE:LINE: what was expected``. It never raises anything but
+:class:`dpgather.InputError` for a bad file: oversized integer literals, deep nesting,
+duplicate keys, NaN and counts past int32 are refused with a message like any other mistake.
 """
 
 import json
 import os
 from dataclasses import dataclass
+from importlib import resources
 
 import numpy as np
 
@@ -43,7 +51,7 @@ from dpgather.core import (
 
 __all__ = [
     "FORMAT", "GENERATORS", "DEFAULT_SPEC", "ACCEPT_P", "ReplicaStep", "Trace",
-    "load_trace", "parse_trace", "save_trace", "synthetic", "accept_pmf",
+    "load_trace", "parse_trace", "save_trace", "synthetic", "accept_pmf", "schema",
 ]
 
 #: The value of the header's ``format`` key.
@@ -57,6 +65,70 @@ _HEADER_KEYS = {"format", "dp_size", "spec", "name", "description", "seed"}
 _STEP_KEYS = {"step", "replicas"}
 _REPLICA_KEYS = {"mode", "batch_size", "extend_tokens", "logprob_tokens", "can_run_graph", "accept"}
 _SPEC_KEYS = ("num_steps", "topk", "num_draft_tokens")
+_INT32_MAX = 2**31 - 1      # counts: the per-step record is int32
+_INT64_MAX = 2**63 - 1      # step ids and seeds
+_MAX_DIGITS = 20            # longer integer literals are refused before Python converts them
+_SHOW = 60                  # characters of a bad value quoted in a message
+
+
+def schema():
+    """The JSON Schema (draft 2020-12) of one trace line, as a dict (``trace.schema.json``).
+
+    It states the per-line rules; :func:`load_trace` checks those and the rules that span lines
+    or compare fields (docs/traces.md lists both, docs/decisions.md says why the loader does not
+    use a schema library).
+    """
+    text = resources.files("dpgather.tools").joinpath("trace.schema.json").read_text(encoding="utf-8")
+    return json.loads(text)
+
+
+def _show(value):
+    """``repr(value)`` cut to a readable length (a message stays one short line)."""
+    text = repr(value)
+    return text if len(text) <= _SHOW else text[:_SHOW - 3] + "..."
+
+
+class _Refused(ValueError):
+    """A JSON text this format refuses, raised from the decoder's hooks."""
+
+
+def _int_literal(text):
+    digits = len(text) - (text[:1] == "-")
+    if digits > _MAX_DIGITS:
+        raise _Refused(f"an integer literal with {digits} digits (counts are at most {_INT32_MAX}, "
+                       f"step ids at most {_INT64_MAX})")
+    return int(text)
+
+
+def _no_constant(name):
+    raise _Refused(f"{name} is not a JSON number (this format has integers only)")
+
+
+def _object(pairs):
+    obj = {}
+    for key, value in pairs:
+        if key in obj:
+            raise _Refused(f"duplicate key {_show(key)} in one object")
+        obj[key] = value
+    return obj
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_object, parse_int=_int_literal,
+                            parse_constant=_no_constant)
+
+
+def _decode(text, where):
+    """One line's JSON value; every failure is an :class:`InputError` naming ``where``."""
+    try:
+        return _DECODER.decode(text)
+    except _Refused as e:
+        raise InputError(f"{where}: {e}") from None
+    except json.JSONDecodeError as e:
+        raise InputError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise InputError(f"{where}: nested too deeply (a trace line is at most 4 levels deep)") from None
+    except ValueError as e:  # anything else the decoder refuses
+        raise InputError(f"{where}: invalid JSON ({e})") from None
 
 
 @dataclass(frozen=True)
@@ -148,11 +220,13 @@ class Trace:
 
 # -- loading ----------------------------------------------------------------------------------
 
-def _int(value, what, where, minimum=0):
+def _int(value, what, where, minimum=0, maximum=_INT32_MAX):
     if isinstance(value, bool) or not isinstance(value, int):
-        raise InputError(f"{where}: {what} must be an integer, got {value!r}")
+        raise InputError(f"{where}: {what} must be an integer, got {_show(value)}")
     if value < minimum:
         raise InputError(f"{where}: {what} must be >= {minimum}, got {value}")
+    if value > maximum:
+        raise InputError(f"{where}: {what} must be <= {maximum}, got {value}")
     return value
 
 
@@ -160,13 +234,15 @@ def _parse_spec(obj, where):
     if obj is None:
         return None
     if not isinstance(obj, dict):
-        raise InputError(f"{where}: 'spec' must be an object with keys {list(_SPEC_KEYS)}, got {obj!r}")
+        raise InputError(f"{where}: 'spec' must be an object with keys {list(_SPEC_KEYS)}, got {_show(obj)}")
     extra = set(obj) - set(_SPEC_KEYS)
     missing = [k for k in _SPEC_KEYS if k not in obj]
     if extra or missing:
         raise InputError(f"{where}: 'spec' needs exactly the keys {list(_SPEC_KEYS)}"
                          + (f"; missing {missing}" if missing else "")
-                         + (f"; unknown {sorted(extra)}" if extra else ""))
+                         + (f"; unknown {_show(sorted(extra))}" if extra else ""))
+    for k in _SPEC_KEYS:
+        _int(obj[k], f"'spec.{k}'", where, 1)
     try:
         return SpecConfig(*(obj[k] for k in _SPEC_KEYS))
     except ConfigError as e:
@@ -174,17 +250,19 @@ def _parse_spec(obj, where):
 
 
 def _parse_mode(value, where):
-    if isinstance(value, str) and value.upper() in ForwardMode.__members__:
+    # ASCII only: str.upper() also maps non-ASCII letters (dotless i) onto these names
+    if isinstance(value, str) and value.isascii() and value.upper() in ForwardMode.__members__:
         return ForwardMode[value.upper()]
-    raise InputError(f"{where}: 'mode' must be one of {[m.name for m in ForwardMode]}, got {value!r}")
+    raise InputError(f"{where}: 'mode' must be one of {[m.name for m in ForwardMode]} (any case), "
+                     f"got {_show(value)}")
 
 
 def _parse_replica(obj, spec, where):
     if not isinstance(obj, dict):
-        raise InputError(f"{where}: a replica must be a JSON object, got {obj!r}")
+        raise InputError(f"{where}: a replica must be a JSON object, got {_show(obj)}")
     extra = set(obj) - _REPLICA_KEYS
     if extra:
-        raise InputError(f"{where}: unknown key(s) {sorted(extra)}; a replica has {sorted(_REPLICA_KEYS)}")
+        raise InputError(f"{where}: unknown key(s) {_show(sorted(extra))}; a replica has {sorted(_REPLICA_KEYS)}")
     if "mode" not in obj:
         raise InputError(f"{where}: missing 'mode'")
     mode = _parse_mode(obj["mode"], where)
@@ -195,14 +273,14 @@ def _parse_replica(obj, spec, where):
         lp = _int(lp, "'logprob_tokens'", where)
     graph = obj.get("can_run_graph", False)
     if not isinstance(graph, bool):
-        raise InputError(f"{where}: 'can_run_graph' must be true or false, got {graph!r}")
+        raise InputError(f"{where}: 'can_run_graph' must be true or false, got {_show(graph)}")
     accept = obj.get("accept")
     if accept is not None:
         if mode != ForwardMode.DRAFT_EXTEND:
             raise InputError(f"{where}: 'accept' is for DRAFT_EXTEND only, got it with {mode.name}")
         if not isinstance(accept, list) or len(accept) != bs:
             raise InputError(f"{where}: 'accept' must be a list of batch_size={bs} integers "
-                             f"(accepted draft tokens per request), got {accept!r}")
+                             f"(accepted draft tokens per request), got {_show(accept)}")
         top = spec.num_steps if spec is not None else None
         for a in accept:
             _int(a, "every 'accept' entry", where)
@@ -233,34 +311,36 @@ def parse_trace(lines, source="<trace>"):
         if not text:
             continue
         where = f"{source}:{lineno}"
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+        obj = _decode(text, where)
         if not isinstance(obj, dict):
             raise InputError(f"{where}: each line must be a JSON object, got {type(obj).__name__}")
         if first and "format" in obj:
             first = False
             if obj["format"] != FORMAT:
-                raise InputError(f"{where}: unsupported format {obj['format']!r}; this dpgather reads {FORMAT!r}")
+                raise InputError(f"{where}: unsupported format {_show(obj['format'])}; this dpgather reads {FORMAT!r}")
             extra = set(obj) - _HEADER_KEYS
             if extra:
-                raise InputError(f"{where}: unknown header key(s) {sorted(extra)}; the header has "
+                raise InputError(f"{where}: unknown header key(s) {_show(sorted(extra))}; the header has "
                                  f"{sorted(_HEADER_KEYS)}")
             header = obj
             if "dp_size" in obj:
                 dp_size = _int(obj["dp_size"], "'dp_size'", where, 1)
             spec = _parse_spec(obj.get("spec"), where)
-            if isinstance(obj.get("name"), str):
-                name = obj["name"]
+            for key in ("name", "description"):
+                if key in obj and not isinstance(obj[key], str):
+                    raise InputError(f"{where}: '{key}' must be a string, got {_show(obj[key])}")
+            if "seed" in obj:
+                _int(obj["seed"], "'seed'", where, 0, _INT64_MAX)
+            name = obj.get("name", name)
             continue
         first = False
         if "format" in obj:
             raise InputError(f"{where}: a header line ('format') may only be the first line")
         extra = set(obj) - _STEP_KEYS
         if extra or "replicas" not in obj or "step" not in obj:
-            raise InputError(f"{where}: a step line is {{\"step\": i, \"replicas\": [...]}}; got keys {sorted(obj)}")
-        sid = _int(obj["step"], "'step'", where)
+            raise InputError(f"{where}: a step line is {{\"step\": i, \"replicas\": [...]}}; got keys "
+                             f"{_show(sorted(obj))}")
+        sid = _int(obj["step"], "'step'", where, 0, _INT64_MAX)
         if ids and sid <= ids[-1]:
             raise InputError(f"{where}: 'step' must increase from line to line, got {sid} after {ids[-1]}")
         reps = obj["replicas"]
@@ -418,7 +498,7 @@ def synthetic(name="mixed", dp_size=4, seed=0, steps=None, spec=None):
         spec: SpecConfig of the EAGLE steps (default :data:`DEFAULT_SPEC`).
 
     Raises:
-        InputError: unknown name, or non-positive ``steps`` / ``dp_size``.
+        InputError: unknown name, non-positive ``steps`` / ``dp_size``, or a negative ``seed``.
     """
     if name not in GENERATORS:
         raise InputError(f"unknown synthetic trace {name!r}; choose one of {sorted(GENERATORS)}")
@@ -426,6 +506,9 @@ def synthetic(name="mixed", dp_size=4, seed=0, steps=None, spec=None):
         raise InputError(f"dp_size must be a positive int, got {dp_size!r}")
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         raise InputError(f"steps must be a positive int, got {steps!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise InputError(f"seed must be a non-negative int (numpy's SeedSequence takes no negative "
+                         f"entropy), got {seed!r}")
     spec = spec or DEFAULT_SPEC
     total = GENERATORS[name] if steps is None else steps
     # A seed sequence keyed by generator name: each part of "mixed" equals the stand-alone trace.

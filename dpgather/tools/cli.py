@@ -1,12 +1,25 @@
-"""The ``dpgather`` command line (also ``python -m dpgather`` / ``python -m dpgather.cli``).
+"""The ``dpgather`` command line (``dpgather`` console script, ``python -m dpgather``).
 
 Subcommands: ``run`` (what ``make run`` does), ``replay``, ``plans``, ``info``, ``bench``,
 ``bench-sync`` and ``calibrate``; ``dpgather COMMAND --help`` explains each. Importing this
 module imports neither MPI nor CuPy: each subcommand loads what it needs.
+
+Behaviour common to every subcommand:
+
+- Usage errors and help are printed once, by rank 0, on one line (under ``mpirun -n N`` every
+  rank parses the same arguments; see :class:`dpgather.tools._common.Parser`).
+- Exit codes: 0 ok, 1 a verification failed, 2 invalid options or input, or something missing
+  from the environment (an optional dependency -- the message names the pip command --, GPUs,
+  mpiexec, a repository file), 3 a rank crashed; ``run`` also returns 124 when its time limit
+  expired and 130 on Ctrl-C.
+- A reader that closes our output early (``dpgather plans | head``) ends the command quietly
+  with exit code 0.
+- Everything works from an installed wheel except ``dpgather bench``, whose GPU benchmark is a
+  repository script (it says so and exits 2).
 """
 
 import argparse
-import importlib.util
+import json
 import os
 import signal
 import subprocess
@@ -14,9 +27,27 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["main"]
+from ._common import (
+    EXIT_CRASH,
+    EXIT_OK,
+    EXIT_USAGE,
+    EXIT_VERIFY,
+    PIP,
+    Parser,
+    gpu_count,
+    missing,
+    nonneg_float,
+    nonneg_int,
+    positive_float,
+    positive_int,
+    say_error,
+)
+from .launch import detect, launch_env
 
-_REPO = Path(__file__).resolve().parent.parent
+__all__ = ["main", "build_parser"]
+
+#: Where a repository checkout would have bench/ (an installed wheel has none there).
+_REPO = Path(__file__).resolve().parents[2]
 
 _EPILOG = """\
 examples:
@@ -30,39 +61,29 @@ examples:
   dpgather bench-sync --np 4                 # per-step sync latency
 
 Traces are JSON Lines, one step per line (docs/traces.md). Exit codes: 0 ok, 1 a verification
-failed, 2 invalid options or trace, 3 a rank crashed, 124 the time limit of `run` expired.
+failed, 2 invalid options or input, or something missing (a dependency, GPUs, mpiexec), 3 a rank
+crashed, 124 the time limit of `run` expired.
 """
 
-from dpgather.tools.launch import detect, launch_env  # noqa: E402
-
-
-def _gpu_count():
-    """GPUs CuPy sees (0 without CuPy or a driver); never raises."""
-    if importlib.util.find_spec("cupy") is None:
-        return 0
-    try:
-        import cupy
-
-        return int(cupy.cuda.runtime.getDeviceCount())
-    except Exception:
-        return 0
+_REPLAY_MODULE = ["-m", "dpgather.tools.cli", "replay"]
 
 
 def _launch(np_, pyargs, timeout):
     """Run ``mpiexec -n NP python PYARGS`` in its own process group under a hard time limit.
 
     stdout/stderr are inherited, so output streams live. Returns the exit code (124 when the
-    limit expired, 127 without mpiexec).
+    limit expired, 130 on Ctrl-C). Without mpiexec a replay runs in this process (one rank);
+    anything else returns 2 with one line naming the pip command.
     """
     launcher = detect()
     if launcher is None:
-        print("dpgather: no mpiexec next to the Python interpreter or on PATH; install MPICH "
-              "(`pip install mpich mpi4py`) or Open MPI", file=sys.stderr)
-        if pyargs[:3] == ["-m", "dpgather.cli", "replay"]:
-            print("dpgather: running the replay in this process instead (1 rank, no communication)",
+        if pyargs[:3] == _REPLAY_MODULE:
+            print("dpgather: no mpiexec next to the Python interpreter or on PATH (" + PIP["mpi4py"]
+                  + "); running the replay in this process instead (1 rank, no communication)",
                   file=sys.stderr, flush=True)
             return main(pyargs[2:])
-        return 127
+        return say_error("dpgather", "no mpiexec next to the Python interpreter or on PATH; install "
+                                     f"MPICH ({PIP['mpi4py']}) or Open MPI")
     env, flags = launch_env(launcher, timeout=timeout)
     cmd = [launcher.path, *flags, "-n", str(np_), sys.executable, *pyargs]
     print("$ " + " ".join(cmd), flush=True)
@@ -71,7 +92,7 @@ def _launch(np_, pyargs, timeout):
         return proc.wait(timeout=timeout + 10 if timeout else None)
     except subprocess.TimeoutExpired:
         _kill_group(proc)
-        print(f"dpgather: the run did not finish within {timeout} s and was stopped", file=sys.stderr)
+        print(f"dpgather: the run did not finish within {timeout:g} s and was stopped", file=sys.stderr)
         return 124
     except KeyboardInterrupt:
         _kill_group(proc)
@@ -91,43 +112,44 @@ def _kill_group(proc):
             continue
 
 
-def _positive_int(text):
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
-
-
 # -- subcommands --------------------------------------------------------------------------------
 
 def _add_trace_args(p, default_synthetic):
-    from dpgather.traces import GENERATORS
+    from .traces import GENERATORS
 
     src = p.add_mutually_exclusive_group()
     src.add_argument("--trace", metavar="FILE", help="JSON Lines trace file (docs/traces.md)")
     src.add_argument("--synthetic", metavar="NAME", default=default_synthetic,
                      choices=sorted(GENERATORS),
                      help=f"built-in seeded trace: {', '.join(sorted(GENERATORS))} (default: %(default)s)")
-    p.add_argument("--steps", type=_positive_int, help="replay only the first N steps")
-    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic trace and the row data (default: 0)")
+    p.add_argument("--steps", type=positive_int, help="replay only the first N steps")
+    p.add_argument("--seed", type=nonneg_int, default=0,
+                   help="seed (>= 0) of the synthetic trace and the row data (default: 0)")
     p.add_argument("--graph-buckets", default="default", metavar="LIST",
                    help="per-replica graph capacities in tokens: 'default' (1,2,4,...,256 rounded up "
                         "to multiples of --attn-tp), 'none', or e.g. '8,16,32'")
-    p.add_argument("--attn-tp", type=_positive_int, default=1, metavar="A",
+    p.add_argument("--attn-tp", type=positive_int, default=1, metavar="A",
                    help="ranks per DP replica (must divide the number of ranks; default: 1)")
 
 
 def _cmd_replay(ns):
-    from dpgather.replay import ReplayConfig, replay
+    from .replay import ReplayConfig, replay
 
     return replay(ReplayConfig.from_args(ns))
 
 
 def _cmd_run(ns, extra):
-    gpus = _gpu_count()
+    """``dpgather run``: launch a verified replay under mpiexec and read its report."""
+    from dpgather.core import DpGatherError
+
+    from .report import check_out_dir
+
+    out = ns.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+    try:
+        check_out_dir(out)
+    except DpGatherError as e:
+        return say_error("dpgather run", e)
+    gpus = gpu_count()
     np_ = ns.np or 4
     backend = []
     if gpus and "--backend" not in extra:
@@ -135,46 +157,60 @@ def _cmd_run(ns, extra):
             print(f"note: {gpus} GPU(s) found: running one rank per GPU (--np {ns.np} ignored)")
         np_ = gpus
         backend = ["--backend", "cuda"]
-    out = ns.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
     progress = ["--progress", "on"] if sys.stderr.isatty() and "--progress" not in extra else []
     source = [] if {"--trace", "--synthetic"} & {a.split("=")[0] for a in extra} else ["--synthetic", "mixed"]
-    pyargs = ["-m", "dpgather.cli", "replay", *source, "--verify", "--out", out,
-              *backend, *progress, *extra]
+    pyargs = [*_REPLAY_MODULE, *source, "--verify", "--out", out, *backend, *progress, *extra]
     print(f"dpgather run: replaying a multi-replica serving trace on {np_} ranks "
           f"({'CUDA, one GPU per rank' if backend else 'host backend: NumPy + Numba + MPI'}), "
-          f"time limit {ns.timeout:.0f} s", flush=True)
+          f"time limit {ns.timeout:g} s", flush=True)
+    report = os.path.join(out, "report.json")
+    before = _mtime(report)
     t0 = time.perf_counter()
     rc = _launch(np_, pyargs, ns.timeout)
     dt = time.perf_counter() - t0
-    verdict = _report_ok(out)
-    if rc == 0 and verdict is not True:
+    verdict = _report_ok(report) if _mtime(report) != before else None
+    if rc == EXIT_OK:
         # Open MPI 4 returns 0 when ranks exit non-zero without aborting the job: the report decides.
-        rc = 1 if verdict is False else 3
-    if rc == 0:
-        latest = Path("runs") / "latest"
-        try:
-            if Path(out).parent == Path("runs"):
-                if latest.is_symlink() or latest.exists():
-                    latest.unlink()
-                latest.symlink_to(Path(out).name)
-        except OSError:
-            pass
-        print(f"\ndone in {dt:.1f} s. Open {os.path.join(out, 'memory.png')} and "
-              f"{os.path.join(out, 'rows.png')}; every number is in {os.path.join(out, 'report.json')}.")
-    elif rc == 1 and verdict is False:
-        print(f"\nverification FAILED (exit 1) after {dt:.1f} s; details in {os.path.join(out, 'report.json')}",
-              file=sys.stderr)
+        rc = EXIT_OK if verdict is True else EXIT_VERIFY if verdict is False else EXIT_CRASH
+    elif rc not in (EXIT_VERIFY, EXIT_USAGE, EXIT_CRASH, 124, 130):
+        rc = EXIT_CRASH  # a rank killed by a signal, the launcher's own failure codes
+    if rc == EXIT_OK:
+        _link_latest(out)
+        plots = [os.path.join(out, f) for f in ("memory.png", "rows.png") if os.path.isfile(os.path.join(out, f))]
+        print(f"\ndone in {dt:.1f} s. " + (f"Open {' and '.join(plots)}; " if plots else "")
+              + f"every number is in {report}.")
+    elif rc == EXIT_VERIFY:
+        print(f"\nverification FAILED (exit 1) after {dt:.1f} s; details in {report}", file=sys.stderr)
+    elif rc == EXIT_CRASH and verdict is None:
+        print(f"\ndpgather run failed after {dt:.1f} s: no report was written (exit 3)", file=sys.stderr)
     else:
         print(f"\ndpgather run failed with exit code {rc} after {dt:.1f} s", file=sys.stderr)
     return rc
 
 
-def _report_ok(out):
-    """``ok`` of the run's report.json (True/False), or None when there is no readable report."""
-    import json
-
+def _mtime(path):
     try:
-        with open(os.path.join(out, "report.json")) as f:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return None
+
+
+def _link_latest(out):
+    """Point ``runs/latest`` at ``out`` when ``out`` is a folder of ``runs/`` (best effort)."""
+    latest = Path("runs") / "latest"
+    try:
+        if Path(out).parent == Path("runs"):
+            if latest.is_symlink() or latest.exists():
+                latest.unlink()
+            latest.symlink_to(Path(out).name)
+    except OSError:
+        pass
+
+
+def _report_ok(path):
+    """``ok`` of a report.json (True/False), or None when there is no readable report."""
+    try:
+        with open(path) as f:
             ok = json.load(f).get("ok")
     except (OSError, ValueError, AttributeError):
         return None
@@ -188,7 +224,7 @@ _ABBR = {"IDLE": "idle", "DECODE": "dec", "EXTEND": "ext", "TARGET_VERIFY": "ver
 def _scenario(D):
     """The built-in multi-replica scenario of ``dpgather plans`` (one ReplicaStep per replica)."""
     from dpgather.core import ForwardMode as M
-    from dpgather.traces import DEFAULT_SPEC, ReplicaStep as R, Trace
+    from .traces import DEFAULT_SPEC, ReplicaStep as R, Trace
 
     def row(*reps):
         reps = list(reps)[:D]
@@ -219,9 +255,12 @@ def _scenario(D):
 
 
 def _cmd_plans(ns):
+    """``dpgather plans``: plan each step of a scenario or trace and print the layouts."""
     import dpgather as dg
-    from dpgather.replay import _table, parse_buckets
-    from dpgather.traces import load_trace, synthetic
+
+    from .replay import POLICIES, parse_buckets
+    from .report import text_table
+    from .traces import load_trace, synthetic
 
     A = ns.attn_tp
     try:
@@ -235,8 +274,8 @@ def _cmd_plans(ns):
         topo = dg.Topology(trace.dp_size * A, A)
         buckets = parse_buckets(ns.graph_buckets, A)
         cost = dg.CostModel(mlp_row_us=ns.mlp_row_us)
-        policies = ("auto", "sglang", "max_len", "sum_len", "varlen") if ns.policy == "all" else (ns.policy,)
-        compare = [p for p in policies] + ([] if "sglang" in policies else ["sglang"])
+        policies = POLICIES if ns.policy == "all" else (ns.policy,)
+        compare = list(policies) + ([] if "sglang" in policies else ["sglang"])
         rows = []
         for sid, step in zip(trace.step_ids, trace.steps):
             batches = [r.batch() for r in step]
@@ -252,8 +291,7 @@ def _cmd_plans(ns):
                               p.logits_rows]
             rows.append(cells)
     except dg.DpGatherError as e:
-        print(f"dpgather plans: error: {e}", file=sys.stderr)
-        return 2
+        return say_error("dpgather plans", e)
     head = ["step", "replicas (mode bs)", "tokens n", "logits l"]
     for pol in compare:
         head += [f"{pol}", "bucket", "rows", "logit rows"]
@@ -261,11 +299,11 @@ def _cmd_plans(ns):
           f"{','.join(map(str, buckets)) or 'none'}"
           + (f", EAGLE S={trace.spec.num_steps} topk={trace.spec.topk} N={trace.spec.num_draft_tokens}"
              if trace.spec else "") + "\n")
-    print(_table(rows, head, left=(0, 1)))
+    print(text_table(rows, head, left=(0, 1)))
     print("\nmode* = graph replay (MAX_LEN slots of `bucket` rows); rows = gathered rows, "
           "logit rows = logits gather rows; dext bs/real = draft extend with bs requests and "
           "real accepted rows. `dpgather plans --help` for other traces and policies.")
-    return 0
+    return EXIT_OK
 
 
 def _abbr(r):
@@ -280,18 +318,15 @@ def _abbr(r):
 
 
 def _cmd_info(ns):
+    """Backend, devices, MPI / NCCL versions and optional packages, one line each."""
     import platform
 
     import dpgather
 
     lines = [f"dpgather {dpgather.__version__} (Python {platform.python_version()}, {sys.executable})"]
-    try:
-        import dpgather.core._planner  # noqa: F401
-        lines.append("planner:      built (dpgather.core._planner)")
-    except ImportError as e:
-        lines.append(f"planner:      NOT built ({e}); run `make build`")
-    gpus = _gpu_count()
-    if importlib.util.find_spec("cupy") is None:
+    lines.append("planner:      built (dpgather.core imports)")
+    gpus = gpu_count()
+    if missing("cupy"):
         lines.append("backend auto: host (CuPy is not installed)")
         lines.append("devices:      CPU only")
     else:
@@ -319,8 +354,8 @@ def _cmd_info(ns):
             lines.append(f"NCCL:         {v // 10000}.{v // 100 % 100}.{v % 100}" if v >= 10000 else f"NCCL:         {v}")
         except Exception as e:
             lines.append(f"NCCL:         not available ({e}; pip install nvidia-nccl-cu12)")
-    if importlib.util.find_spec("mpi4py") is None:
-        lines.append("MPI:          mpi4py is not installed (pip install mpich mpi4py)")
+    if missing("mpi4py"):
+        lines.append(f"MPI:          mpi4py is not installed ({PIP['mpi4py']})")
     else:
         try:
             import mpi4py
@@ -336,8 +371,8 @@ def _cmd_info(ns):
     mx = detect()
     lines.append(f"mpiexec:      {mx.path + ' (' + mx.label + ')' if mx else 'not found'}")
     for mod in ("numpy", "numba", "ml_dtypes", "matplotlib", "tqdm"):
-        if importlib.util.find_spec(mod) is None:
-            lines.append(f"{mod + ':':13s} missing")
+        if missing(mod):
+            lines.append(f"{mod + ':':13s} missing ({PIP.get(mod, 'pip install ' + mod)})")
         else:
             try:
                 from importlib.metadata import version
@@ -350,49 +385,46 @@ def _cmd_info(ns):
 
 
 def _cmd_bench(ns, extra):
+    """``dpgather bench``: the GPU collective benchmark, a repository script."""
     script = _REPO / "bench" / "collective_bench.py"
-    gpus = _gpu_count()
-    if not gpus:
-        print("dpgather bench: the collective benchmarks need GPUs (CuPy + NCCL); none found here.\n"
-              "On this machine `make bench` runs the planner and sync benchmarks "
-              "(`dpgather bench-sync --np 4`).")
-        return 0
     if not script.is_file():
-        print(f"dpgather bench: {script} is not in this checkout; it needs GPUs and ships with the "
-              f"repository (make bench).")
-        return 2
+        return say_error("dpgather bench", "the collective benchmark is bench/collective_bench.py "
+                         "of the dpgather repository, not part of the installed package; run it "
+                         "from a checkout (make bench)")
+    gpus = gpu_count()
+    if not gpus:
+        return say_error("dpgather bench", "the collective benchmark needs GPUs (CuPy + NCCL) and "
+                         "CuPy sees none here; `dpgather bench-sync --np 4` runs on CPUs")
     return _launch(ns.np or gpus, [str(script), *extra], ns.timeout)
 
 
 def _cmd_bench_sync(ns, extra):
-    script = _REPO / "bench" / "sync_bench.py"
-    if not script.is_file():
-        print(f"dpgather bench-sync: {script} is not in this checkout", file=sys.stderr)
-        return 2
-    return _launch(ns.np, [str(script), *extra], ns.timeout)
+    """``dpgather bench-sync``: :mod:`dpgather.tools.sync_bench` under mpiexec."""
+    return _launch(ns.np, ["-m", "dpgather.tools.sync_bench", *extra], ns.timeout)
 
 
 def _cmd_calibrate(ns, extra):
-    if importlib.util.find_spec("dpgather._calibrate") is None:
-        print("dpgather calibrate: this build has no calibration module (dpgather/_calibrate.py).\n"
-              "Calibration measures the alpha-beta constants of the 'auto' policy's cost model on "
-              "the current GPUs (docs/cost-model.md); without it the built-in H100 constants apply.")
-        return 2
-    from dpgather._calibrate import main as calibrate_main
+    """``dpgather calibrate``: :func:`dpgather.tools.calibrate.main` in this process (run it
+    under mpirun, one rank per GPU)."""
+    from .calibrate import main as calibrate_main
 
-    return calibrate_main(list(extra)) or 0
+    return calibrate_main(list(extra), prog="dpgather calibrate")
 
 
 # -- parser -------------------------------------------------------------------------------------
 
 def build_parser():
-    p = argparse.ArgumentParser(
+    """The ``dpgather`` argument parser (help and errors on rank 0 only, errors on one line)."""
+    import dpgather
+
+    from .replay import DTYPES, POLICIES
+    from .traces import GENERATORS
+
+    p = Parser(
         prog="dpgather",
         description="dpgather: exact, fast gathered buffers for data-parallel attention inference.\n"
                     "Replay serving traces through the data plane, inspect plans, benchmark.",
         epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    import dpgather
-
     p.add_argument("--version", action="version", version=f"dpgather {dpgather.__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     fmt = argparse.RawDescriptionHelpFormatter
@@ -400,15 +432,15 @@ def build_parser():
     r = sub.add_parser(
         "run", help="what `make run` does: launch a verified replay of the built-in trace under mpiexec",
         formatter_class=fmt, allow_abbrev=False,
-        description="Launch `mpiexec -n NP python -m dpgather.cli replay --synthetic mixed --verify "
+        description="Launch `mpiexec -n NP python -m dpgather.tools.cli replay --synthetic mixed --verify "
                     "--out runs/<timestamp>`\nwith one-box MPI settings and a time limit. On a GPU node "
                     "NP is the number of GPUs and the\nbackend is CUDA. Any other flag is passed to "
                     "`replay` (e.g. --policy varlen --steps 50).",
         epilog="example:\n  dpgather run --np 4\n  dpgather run --np 2 --attn-tp 2 --synthetic eagle")
-    r.add_argument("--np", type=_positive_int, help="number of ranks (default: 4; GPUs on a GPU node)")
+    r.add_argument("--np", type=positive_int, help="number of ranks (default: 4; GPUs on a GPU node)")
     r.add_argument("--out", metavar="DIR", help="output folder (default: runs/<timestamp>)")
-    r.add_argument("--timeout", type=float, default=600.0, metavar="S",
-                   help="kill the run after S seconds (default: %(default)s)")
+    r.add_argument("--timeout", type=positive_float, default=600.0, metavar="S",
+                   help="kill the run after S seconds (default: %(default)g)")
 
     rp = sub.add_parser(
         "replay", help="replay a trace step by step through the data plane (run under mpirun)",
@@ -422,22 +454,24 @@ def build_parser():
                "  mpirun -n 8 dpgather replay --trace t.jsonl --attn-tp 2 --policy auto,varlen\n"
                "  dpgather replay --synthetic eagle --steps 20     # one process: T=1, no communication")
     _add_trace_args(rp, "mixed")
-    rp.add_argument("--hidden", type=_positive_int, help="hidden size H (default: 256 on host, 2048 on cuda; 7168 = DeepSeek-V3)")
-    rp.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="(default: bf16)")
+    rp.add_argument("--hidden", type=positive_int,
+                    help="hidden size H (default: 256 on host, 2048 on cuda; 7168 = DeepSeek-V3)")
+    rp.add_argument("--dtype", default="bfloat16", choices=list(DTYPES), metavar="DTYPE",
+                    help=f"row dtype: {', '.join(DTYPES)} (default: %(default)s)")
     rp.add_argument("--policy", default="all",
-                    help="auto, sglang, max_len, sum_len, varlen, a comma-separated list, or 'all' (default)")
+                    help=f"{', '.join(POLICIES)}, a comma-separated list, or 'all' (default)")
     rp.add_argument("--backend", default="auto", choices=["auto", "host", "cuda"], help="(default: auto)")
     rp.add_argument("--verify", action="store_true", help="check every row against a NumPy reference")
-    rp.add_argument("--out", metavar="DIR", help="write report.json and memory.png, rows.png, time.png here")
+    rp.add_argument("--out", metavar="DIR",
+                    help="write report.json and memory.png, rows.png, time.png in this folder")
     rp.add_argument("--progress", default="auto", choices=["auto", "on", "off"],
-                    help="progress bar on rank 0 (auto: when stderr is a terminal)")
-    rp.add_argument("--timeout", type=float, default=60.0, metavar="S",
-                    help="timeout_s of every collective (default: %(default)s)")
-    rp.add_argument("--mlp-row-us", type=float, default=0.3, metavar="US",
+                    help="progress bar on rank 0 (auto: when stderr is a terminal; needs tqdm)")
+    rp.add_argument("--timeout", type=positive_float, default=60.0, metavar="S",
+                    help="timeout_s of every collective, > 0 (default: %(default)g)")
+    rp.add_argument("--mlp-row-us", type=nonneg_float, default=0.3, metavar="US",
                     help="predicted MLP time of one padding row, for the auto policy's cost model "
                          "(default: %(default)s, a dense TP MLP at DeepSeek-V3 / Llama-70B scale on "
                          "H100; 0 for an MoE that masks padding rows)")
-    rp.add_argument("--corrupt-step", type=int, help=argparse.SUPPRESS)  # test hook
 
     pl = sub.add_parser(
         "plans", help="print the plans of a short multi-replica scenario (no MPI needed)",
@@ -448,56 +482,80 @@ def build_parser():
         epilog="examples:\n  dpgather plans\n  dpgather plans --policy all --attn-tp 2\n"
                "  dpgather plans --synthetic prefill-burst --steps 10")
     src = pl.add_mutually_exclusive_group()
-    from dpgather.traces import GENERATORS
-
     src.add_argument("--trace", metavar="FILE", help="plan a JSON Lines trace instead")
     src.add_argument("--synthetic", metavar="NAME", choices=sorted(GENERATORS),
                      help=f"plan a synthetic trace: {', '.join(sorted(GENERATORS))}")
-    pl.add_argument("--steps", type=_positive_int, help="only the first N steps")
-    pl.add_argument("--seed", type=int, default=0)
-    pl.add_argument("--dp", type=_positive_int, default=4, help="replicas of the scenario (default: 4)")
-    pl.add_argument("--attn-tp", type=_positive_int, default=1, metavar="A")
-    pl.add_argument("--policy", default="auto",
-                    choices=["auto", "sglang", "max_len", "sum_len", "varlen", "all"])
+    pl.add_argument("--steps", type=positive_int, help="only the first N steps")
+    pl.add_argument("--seed", type=nonneg_int, default=0)
+    pl.add_argument("--dp", type=positive_int, default=4, help="replicas of the scenario (default: 4)")
+    pl.add_argument("--attn-tp", type=positive_int, default=1, metavar="A")
+    pl.add_argument("--policy", default="auto", choices=[*POLICIES, "all"])
     pl.add_argument("--graph-buckets", default="default", metavar="LIST")
-    pl.add_argument("--mlp-row-us", type=float, default=0.3, metavar="US",
+    pl.add_argument("--mlp-row-us", type=nonneg_float, default=0.3, metavar="US",
                     help="MLP time of one padding row in the auto policy's cost model (default: %(default)s)")
 
     sub.add_parser("info", help="backend, devices, MPI / NCCL versions, optional packages",
                    description="What `backend='auto'` would pick here, the devices, the MPI library, "
                                "NCCL (when CuPy has it) and the optional packages.")
 
-    b = sub.add_parser("bench", help="collective benchmarks on GPUs (bench/collective_bench.py)",
-                       description="Launch bench/collective_bench.py with one rank per GPU; extra "
-                                   "flags go to the script.")
-    b.add_argument("--np", type=_positive_int, help="ranks (default: number of GPUs)")
-    b.add_argument("--timeout", type=float, default=600.0, metavar="S")
+    b = sub.add_parser("bench", help="collective benchmarks on GPUs (bench/collective_bench.py, "
+                                     "from a repository checkout)",
+                       description="Launch bench/collective_bench.py of the repository with one rank "
+                                   "per GPU; extra flags go to the script.")
+    b.add_argument("--np", type=positive_int, help="ranks (default: number of GPUs)")
+    b.add_argument("--timeout", type=positive_float, default=600.0, metavar="S")
 
-    bs = sub.add_parser("bench-sync", help="per-step sync latency under mpiexec (bench/sync_bench.py)",
-                        description="Launch bench/sync_bench.py under mpiexec -n NP; extra flags go "
-                                    "to the script (--iters, --attn-tp, --policy, --json).",
+    bs = sub.add_parser("bench-sync", help="per-step sync latency under mpiexec (dpgather.tools.sync_bench)",
+                        description="Launch `python -m dpgather.tools.sync_bench` under mpiexec -n NP; "
+                                    "extra flags go to it (--iters, --warmup, --attn-tp, --policy, --json).",
                         epilog="example:\n  dpgather bench-sync --np 4 --iters 500", formatter_class=fmt)
-    bs.add_argument("--np", type=_positive_int, default=2, help="ranks (default: 2)")
-    bs.add_argument("--timeout", type=float, default=300.0, metavar="S")
+    bs.add_argument("--np", type=positive_int, default=2, help="ranks (default: 2)")
+    bs.add_argument("--timeout", type=positive_float, default=300.0, metavar="S")
 
-    sub.add_parser("calibrate", help="measure the cost model's constants on this machine's GPUs",
-                   description="Measure the cost model constants of policy='auto' and write them as JSON. Run under mpirun with one rank per GPU: `mpirun -n 4 dpgather calibrate --out cost.json`; load with dpgather.CostModel.load(path).")
+    cal = sub.add_parser("calibrate", add_help=False,
+                   help="measure the cost model's constants on this machine's GPUs",
+                   description="Measure the cost model constants of policy='auto' and write them as "
+                               "JSON. Run under mpirun with one rank per GPU: `mpirun -n 4 dpgather "
+                               "calibrate --out cost.json`; load with dpgather.CostModel.load(path). "
+                               "`dpgather calibrate --help` lists its options.")
+    p.commands = {"run": r, "replay": rp, "plans": pl, "info": sub.choices["info"], "bench": b,
+                  "bench-sync": bs, "calibrate": cal}
     return p
 
 
 _PASSTHROUGH = {"run", "bench", "bench-sync", "calibrate"}
 
 
+def _quiet_stdout():
+    """Point fd 1 at /dev/null, so the interpreter's last flush cannot fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
 def main(argv=None):
-    """Entry point of the ``dpgather`` console script; returns the exit code."""
+    """Entry point of the ``dpgather`` console script and ``python -m dpgather``; returns the
+    exit code (see the module docstring)."""
+    try:
+        rc = _main(argv)
+        sys.stdout.flush()
+        return rc
+    except BrokenPipeError:  # the reader went away (`dpgather plans | head`): nothing to report
+        _quiet_stdout()
+        return EXIT_OK
+
+
+def _main(argv):
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     ns, extra = parser.parse_known_args(argv)
     if ns.command is None:
         parser.print_help()
-        return 2
+        return EXIT_USAGE
     if extra and ns.command not in _PASSTHROUGH:
-        parser.parse_args(argv)  # reports the unknown flags and exits 2
+        parser.commands[ns.command].error(f"unrecognized arguments: {' '.join(extra)}")
     if extra and extra[0] == "--":
         extra = extra[1:]
     if ns.command == "run":
@@ -515,7 +573,7 @@ def main(argv=None):
     if ns.command == "calibrate":
         return _cmd_calibrate(ns, extra)
     parser.error(f"unknown command {ns.command!r}")
-    return 2
+    return EXIT_USAGE
 
 
 if __name__ == "__main__":

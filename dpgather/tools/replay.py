@@ -23,24 +23,15 @@ per column), so every sum is exact in bfloat16 and the check is bit-exact whatev
 collectives add in.
 
 Rank 0 prints one table comparing the policies with the SGLang reference sizings, and with
-``--out`` writes ``report.json`` and PNG plots. Sizes are per rank (the gathered buffer is
-replicated on every rank) and count the hidden-state gather plus the logits gather:
+``--out`` writes ``report.json`` and PNG plots (:mod:`dpgather.tools.report` explains the sizes).
 
-- **ours**: ``plan.gathered_rows + plan.logits_rows`` rows of the policy's plan (in a graph step
-  the static bucket-sized buffer the graph replays on).
-- **SGLang before #8277**: a zeroed ``sum(n)`` buffer every forward, graph or not, plus logits
-  rows sized by the token counts (the speculative modes counted ``n`` logits rows, also in
-  DRAFT_EXTEND).
-- **SGLang after #8277/#8278**: the ``"sglang"`` policy's plan: counts aligned to ``attn_tp``,
-  MAX_LEN ``M*D`` or SUM_LEN ``sum(n)`` by the #8278 rule, graph buckets from ``max(n)``, and
-  ``sum(l)`` logits rows with ``l = bs`` in DRAFT_EXTEND.
-
-"wire/rank" estimates the bytes each rank receives with ring collectives (factor
-``f = (T-1)/T``): all-gather, reduce-scatter and their v-variants ``f*B``, all-reduce ``2f*B``;
-a MAX_LEN or VARLEN step moves ``2fB`` (gather + combine), a SUM_LEN step ``4fB``.
+Everything that can be wrong with the options is checked before any work starts, in two
+phases: :meth:`ReplayConfig.check` and the trace file before MPI is initialised, then what
+needs the number of ranks (``attn_tp`` divides it, the trace's replica count, the memory of the
+largest step) on every rank alike. Exit codes: 0 ok, 1 a verification failed, 2 invalid
+options, trace or environment, 3 a rank crashed (all ranks are aborted, none hangs).
 """
 
-import json
 import os
 import sys
 import time
@@ -48,7 +39,7 @@ import traceback
 
 import numpy as np
 
-import dpgather
+import dpgather as dg
 from dpgather.core import (
     BackendUnavailable,
     ConfigError,
@@ -61,28 +52,44 @@ from dpgather.core import (
     Topology,
     plan as pure_plan,
 )
-from dpgather.traces import GENERATORS, load_trace, synthetic
 
-__all__ = ["ReplayConfig", "replay", "DEFAULT_BUCKETS", "REPORT_FORMAT", "parse_buckets"]
+from . import report as _report
+from ._common import EXIT_CRASH, EXIT_OK, EXIT_USAGE, EXIT_VERIFY, PIP, gpu_count, require, say_error
+from .report import REPORT_FORMAT, check_out_dir, fmt_bytes
+from .traces import GENERATORS, load_trace, synthetic
 
-REPORT_FORMAT = "dpgather-report/1"
-ALL_POLICIES = ("auto", "sglang", "max_len", "sum_len", "varlen")
+__all__ = ["ReplayConfig", "replay", "DEFAULT_BUCKETS", "REPORT_FORMAT", "DTYPES", "POLICIES",
+           "parse_buckets"]
+
+#: The policies ``--policy all`` replays, in table order.
+POLICIES = ("auto", "sglang", "max_len", "sum_len", "varlen")
 #: Default per-replica graph capacities in tokens (rounded up to multiples of attn_tp).
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
-_DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
-           "fp32": "float32", "float32": "float32"}
+#: ``--dtype`` names: the API's names and their short forms.
+DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32",
+          "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 _VOCAB_SHARD = 32      # logits columns per rank (a vocabulary-parallel LM head shard)
 _NNZ = 4               # non-zeros per column of W
-_DSV3_ROW = 7168 * 2   # DeepSeek-V3 hidden row in bf16, for the scale-up line
+#: float32 [rows, H] arrays a step may hold at once per gathered row (G and its reference, the
+#: MLP's float32 input and output, y, the logits rows): the memory check's multiplier.
+_LIVE_F32 = 6
+_PROG = "dpgather replay"
 
 
 class ReplayConfig:
-    """Options of one replay (the ``dpgather replay`` flags, see ``dpgather replay --help``)."""
+    """Options of one replay (the ``dpgather replay`` flags, see ``dpgather replay --help``).
+
+    Attributes (all plain values): ``trace`` (path or None) / ``synthetic`` (generator name),
+    ``hidden`` (H, None: 256 on host, 2048 on CUDA), ``dtype`` (a :data:`DTYPES` key),
+    ``attn_tp``, ``policy`` (``"all"`` or comma-separated :data:`POLICIES`), ``steps`` (None:
+    all), ``seed`` (>= 0), ``backend`` (auto/host/cuda), ``verify``, ``out`` (folder or None),
+    ``graph_buckets`` (:func:`parse_buckets` text), ``progress`` (auto/on/off), ``timeout``
+    (seconds per collective, > 0), ``mlp_row_us`` (>= 0).
+    """
 
     def __init__(self, trace=None, synthetic="mixed", hidden=None, dtype="bf16", attn_tp=1,
                  policy="all", steps=None, seed=0, backend="auto", verify=False, out=None,
-                 graph_buckets="default", progress="auto", timeout=60.0, corrupt_step=None,
-                 mlp_row_us=0.3):
+                 graph_buckets="default", progress="auto", timeout=60.0, mlp_row_us=0.3):
         self.trace = trace
         self.synthetic = synthetic
         self.hidden = hidden
@@ -97,13 +104,54 @@ class ReplayConfig:
         self.graph_buckets = graph_buckets
         self.progress = progress
         self.timeout = timeout
-        self.corrupt_step = corrupt_step
         self.mlp_row_us = mlp_row_us
 
     @classmethod
     def from_args(cls, ns):
         keys = vars(cls()).keys()
         return cls(**{k: getattr(ns, k) for k in keys if hasattr(ns, k)})
+
+    def policies(self):
+        """The policies to replay, in order; raises :class:`ConfigError` for an unknown one."""
+        pols = POLICIES if self.policy == "all" else tuple(p.strip() for p in str(self.policy).split(","))
+        for p in pols:
+            if p not in POLICIES:
+                raise ConfigError(f"--policy must be 'all' or a comma-separated list of {', '.join(POLICIES)}; got {p!r}")
+        return pols
+
+    def check(self):
+        """Check the options that need neither MPI nor the trace; raises :class:`ConfigError`.
+
+        Called on every rank before MPI starts, so a bad option costs nothing and reads the
+        same everywhere. ``--out`` must be a writable folder (or creatable): an existing file
+        there is an error now, not after the replay.
+        """
+        def whole(v, name, lo):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
+                raise ConfigError(f"--{name} must be an integer >= {lo}, got {v!r}")
+
+        whole(self.attn_tp, "attn-tp", 1)
+        whole(self.seed, "seed", 0)
+        if self.steps is not None:
+            whole(self.steps, "steps", 1)
+        if self.hidden is not None:
+            whole(self.hidden, "hidden", 1)
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
+        if self.backend not in ("auto", "host", "cuda"):
+            raise ConfigError(f"--backend must be auto, host or cuda; got {self.backend!r}")
+        if self.progress not in ("auto", "on", "off"):
+            raise ConfigError(f"--progress must be auto, on or off; got {self.progress!r}")
+        if not (isinstance(self.timeout, (int, float)) and 0 < self.timeout < float("inf")):
+            raise ConfigError(f"--timeout must be a positive number of seconds, got {self.timeout!r}")
+        if not (isinstance(self.mlp_row_us, (int, float)) and 0 <= self.mlp_row_us < float("inf")):
+            raise ConfigError(f"--mlp-row-us must be a number >= 0, got {self.mlp_row_us!r}")
+        if not self.trace and self.synthetic not in GENERATORS:
+            raise ConfigError(f"--synthetic must be one of {', '.join(sorted(GENERATORS))}; got {self.synthetic!r}")
+        self.policies()
+        parse_buckets(self.graph_buckets, self.attn_tp)
+        if self.out:
+            check_out_dir(self.out)
 
 
 def parse_buckets(text, attn_tp):
@@ -338,7 +386,7 @@ def _verify_step(inp, st, plan, sid, rank, d_own, G, y, GL, out):
 
 
 def _run_policy(comm, cfg, policy, trace, prepared, topo, spec, buckets, H, dtype, backend_name,
-                inp, bar, warmup=False):
+                inp, bar):
     """Replay ``trace`` under ``policy``; returns (plans, times, bad rows, arena stats, graph stats).
 
     Eager steps call ``gather -> MLP -> scatter``; graph steps go through
@@ -346,13 +394,11 @@ def _run_policy(comm, cfg, policy, trace, prepared, topo, spec, buckets, H, dtyp
     host), so they allocate nothing. The LM-head rows take ``gather_logits`` /
     ``scatter_logits`` in both cases.
     """
-    from dpgather import DpAttention
-
     arrays = inp.arrays
     rank, A = comm.Get_rank(), topo.attn_tp_size
     d_own = rank // A
     contribution = "partial" if A > 1 else "replicate"
-    dp = DpAttention(comm, attn_tp_size=A, hidden_size=H, dtype=dtype, backend=backend_name,
+    dp = dg.DpAttention(comm, attn_tp_size=A, hidden_size=H, dtype=dtype, backend=backend_name,
                      spec=spec, policy=policy, graph_buckets=buckets, timeout_s=cfg.timeout,
                      cost=CostModel(mlp_row_us=cfg.mlp_row_us))
     xp = arrays.xp
@@ -368,8 +414,6 @@ def _run_policy(comm, cfg, policy, trace, prepared, topo, spec, buckets, H, dtyp
     def mlp(G):
         if xp is not np:  # may run inside a CUDA graph capture: no host work, no sync
             return arrays.from_f32(inp.mul_w(arrays.f32(G), rows=W_rows, w=W_vals))
-        if box.get("corrupt") and G.shape[0]:
-            G[0, 0] = G[0, 0] + 1  # test hook: a wrong row must fail verification
         if cfg.verify:
             box["G"] = G.copy()
         t = time.perf_counter()
@@ -385,7 +429,6 @@ def _run_policy(comm, cfg, policy, trace, prepared, topo, spec, buckets, H, dtyp
             rs = trace.steps[i][d_own]
             x = arrays.put(inp.rank_rows(sid, rank, st.real[d_own]))
             box.clear()
-            box["corrupt"] = cfg.corrupt_step == i and not warmup and rank == 0
             arrays.sync()
             t0 = time.perf_counter()
             plan = dp.sync(rs.batch())
@@ -434,134 +477,6 @@ def _run_policy(comm, cfg, policy, trace, prepared, topo, spec, buckets, H, dtyp
     return plans, times, bad, stats, gstats
 
 
-# -- reporting ------------------------------------------------------------------------------------
-
-def _fmt_bytes(b):
-    for unit, div in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if b >= div:
-            return f"{b / div:.1f} {unit}"
-    return f"{int(b)} B"
-
-
-def _fmt_rows(r):
-    if r >= 1e6:
-        return f"{r / 1e6:.2f}M"
-    if r >= 1e4:
-        return f"{r / 1e3:.1f}k"
-    return f"{int(round(r))}"
-
-
-def _summary(sizes, row_bytes, times=None, forward=None):
-    """Peak/mean bytes, rows moved, padding and wire bytes over the forward steps."""
-    fwd = [s for s, f in zip(sizes, forward) if f]
-    tot = [s["dyn_rows"] * row_bytes for s in fwd]
-    out = {
-        "forward_steps": len(fwd),
-        "rows_moved": int(sum(s["rows"] + s["logits_rows"] for s in fwd)),
-        "hidden_rows": int(sum(s["rows"] for s in fwd)),
-        "logits_rows": int(sum(s["logits_rows"] for s in fwd)),
-        "padding_rows": int(sum(s["padding"] for s in fwd)),
-        "wire_bytes_per_rank": float(sum(s["wire_rows"] for s in fwd) * row_bytes),
-        "peak_bytes": int(max(tot, default=0)),
-        "mean_bytes": float(np.mean(tot)) if tot else 0.0,
-        "graph_steps": int(sum(1 for s in fwd if s["graph"])),
-    }
-    if times is not None:
-        ft = times[np.asarray(forward, dtype=bool)] if len(times) else times
-        out["time_us_mean"] = float(ft.mean() * 1e6) if ft.size else 0.0
-        out["time_us_p50"] = float(np.percentile(ft, 50) * 1e6) if ft.size else 0.0
-        out["time_us_p99"] = float(np.percentile(ft, 99) * 1e6) if ft.size else 0.0
-    return out
-
-
-def _table(rows, header, left=(0,)):
-    """A fixed-width text table; columns in ``left`` are left-aligned, the others right-aligned."""
-    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
-
-    def line(r):
-        return "  ".join(str(c).ljust(w) if i in left else str(c).rjust(w)
-                         for i, (c, w) in enumerate(zip(r, widths))).rstrip()
-
-    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
-
-
-def _plots(outdir, trace, results, prepared, row_bytes, title):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    files = []
-    x = np.arange(len(prepared))
-    kib = row_bytes / 1024.0
-    before = np.array([s.before["dyn_rows"] * kib for s in prepared])
-    after = np.array([s.after["dyn_rows"] * kib for s in prepared])
-    fig, ax = plt.subplots(figsize=(11, 4.5))
-    pols = [p_ for p_ in results if p_ != "_ref"]
-    graph = [s["graph"] for s in results[pols[0]]["sizes"]]
-    for i, g in enumerate(graph):
-        if g:
-            ax.axvspan(i, i + 1, color="0.92", lw=0, label="graph replay" if i == graph.index(True) else None)
-    ax.step(x, before, where="post", color="tab:red", lw=1.3, label="SGLang before #8277")
-    ax.step(x, after, where="post", color="tab:orange", lw=1.3, label="SGLang after #8277/#8278")
-    main = "auto" if "auto" in pols else pols[0]
-    for pol in pols:
-        res = results[pol]
-        ours = np.array([s["dyn_rows"] * kib for s in res["sizes"]])
-        if pol == main:
-            ax.step(x, ours, where="post", color="tab:blue", lw=1.8, label=f"dpgather ({pol})")
-        else:
-            ax.step(x, ours, where="post", lw=0.7, alpha=0.6, label=f"dpgather ({pol})")
-    ax.set_xlabel("step")
-    ax.set_ylabel("dynamic gathered buffers per rank [KiB]\n(hidden + logits)")
-    ax.set_title(f"Gathered memory over the trace: {title}")
-    ax.legend(fontsize=8, ncol=2)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    p = os.path.join(outdir, "memory.png")
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    files.append(p)
-
-    names = pols + ["SGLang <#8277", "SGLang #8277+"]
-    sums = [results[p_]["summary"] for p_ in pols]
-    sums += [results["_ref"]["before"], results["_ref"]["after"]]
-    real = np.array([s["rows_moved"] - s["padding_rows"] for s in sums])
-    pad = np.array([s["padding_rows"] for s in sums])
-    fig, ax = plt.subplots(figsize=(9, 4.5))
-    ax.bar(names, real, color="tab:blue", label="real rows")
-    ax.bar(names, pad, bottom=real, color="tab:gray", label="padding rows")
-    for i, (r, q) in enumerate(zip(real, pad)):
-        ax.text(i, r + q, _fmt_rows(r + q), ha="center", va="bottom", fontsize=8)
-    ax.set_ylabel("rows moved over the trace\n(hidden + logits gathers)")
-    ax.tick_params(axis="x", labelrotation=20)
-    ax.set_title(f"Rows moved per policy: {title}")
-    ax.legend(fontsize=8)
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    p = os.path.join(outdir, "rows.png")
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    files.append(p)
-
-    fig, ax = plt.subplots(figsize=(11, 4.5))
-    for pol in pols:
-        t = results[pol]["times"] * 1e3
-        ax.plot(x, t, lw=0.9, label=pol)
-    ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("data-plane time per step [ms]\n(max over ranks)")
-    ax.set_title(f"Time per step: {title}")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    p = os.path.join(outdir, "time.png")
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    files.append(p)
-    return files
-
-
 # -- entry point ----------------------------------------------------------------------------------
 
 def _say(comm, *args, file=None):
@@ -584,48 +499,106 @@ class _NoBar:
 
 
 def _bar(comm, cfg, total):
+    """A tqdm progress bar on rank 0 when asked for (or stderr is a terminal); without tqdm, a
+    one-line note on stderr saying how to get it."""
     show = cfg.progress == "on" or (cfg.progress == "auto" and sys.stderr.isatty())
     if comm.Get_rank() != 0 or not show:
         return _NoBar()
     try:
         from tqdm import tqdm
     except ImportError:
+        print(f"note: no progress bar: tqdm is not installed ({PIP['tqdm']})", file=sys.stderr, flush=True)
         return _NoBar()
     return tqdm(total=total, file=sys.stderr, ncols=88, unit="step", leave=False,
                 mininterval=0.25, dynamic_ncols=False)
 
 
-def _setup(comm, cfg):
-    """Everything that can be wrong with the options or the trace, checked on every rank."""
-    from dpgather._backends import cuda_usable
+def _backend(cfg):
+    """``--backend`` resolved on this process: ``"cuda"`` or ``"host"``."""
+    if cfg.backend == "auto":
+        return "cuda" if gpu_count() else "host"
+    if cfg.backend == "cuda":
+        require(f"{_PROG} --backend cuda", "cupy")
+        if not gpu_count():
+            raise BackendUnavailable("--backend cuda: CuPy sees no GPU here; use --backend host (or auto)")
+    return cfg.backend
 
+
+def _before_mpi(cfg):
+    """Phase 1 (every process, MPI not started): options, dependencies and the trace file.
+
+    Returns ``(backend, dtype, trace or None)``; raises a :class:`DpGatherError`.
+    """
+    cfg.check()
+    backend = _backend(cfg)
+    dtype = DTYPES[cfg.dtype]
+    require(_PROG, "mpi4py")
+    if backend == "host":
+        require(f"{_PROG} on the host backend", "numba", *(["ml_dtypes"] if dtype == "bfloat16" else []))
+    trace = load_trace(cfg.trace) if cfg.trace else None
+    return backend, dtype, trace
+
+
+def _largest_step(trace, topo):
+    """``(step id, rows)`` of the step whose gathered buffers are largest under any policy:
+    hidden rows ``max(sum(n), D * max(n))`` (SUM_LEN or MAX_LEN, counts aligned to A) plus
+    logits rows likewise."""
+    A, D = topo.attn_tp_size, topo.dp_size
+    best = (None, 0)
+    for sid, step in zip(trace.step_ids, trace.steps):
+        counts = [r.counts(trace.spec) for r in step]
+        n = [-(-c[0] // A) * A for c in counts]
+        lg = [c[1] for c in counts]
+        rows = max(sum(n), D * max(n)) + max(sum(lg), D * max(lg))
+        if rows > best[1]:
+            best = (sid, rows)
+    return best
+
+
+def _available_bytes(backend, local_ranks):
+    """Bytes this rank may use: free device memory (CUDA), or the node's available memory
+    shared by its ``local_ranks`` ranks (host); None when unknown."""
+    if backend == "cuda":
+        try:
+            import cupy
+
+            return int(cupy.cuda.runtime.memGetInfo()[0])
+        except Exception:  # noqa: BLE001
+            return None
+    avail = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    if avail is None:
+        try:
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return None
+    return avail // max(1, local_ranks)
+
+
+def _setup(comm, cfg, backend, dtype, trace, local_ranks=1):
+    """Phase 2 (every rank, collectively): what needs the number of ranks; raises a
+    :class:`DpGatherError` on every rank alike (rank 0's memory budget is broadcast).
+
+    Returns ``(topo, dtype, backend, H, policies, buckets, trace, spec)``.
+    """
     T = comm.Get_size()
     A = cfg.attn_tp
-    if A < 1 or T % A:
+    if T % A:
         raise ConfigError(f"--attn-tp={A} must divide the number of ranks ({T}); valid: "
                           f"{[a for a in range(1, T + 1) if T % a == 0]}")
     topo = Topology(T, A)
     D = topo.dp_size
-    if cfg.dtype not in _DTYPES:
-        raise ConfigError(f"--dtype must be one of {sorted(_DTYPES)}, got {cfg.dtype!r}")
-    dtype = _DTYPES[cfg.dtype]
-    backend = cfg.backend
-    if backend == "auto":
-        backend = "cuda" if cuda_usable() else "host"
-    elif backend == "cuda" and not cuda_usable():
-        raise BackendUnavailable("--backend cuda: CuPy sees no GPU here; use --backend host (or auto)")
-    if not cfg.mlp_row_us >= 0:
-        raise ConfigError(f"--mlp-row-us must be >= 0, got {cfg.mlp_row_us}")
     H = cfg.hidden or (2048 if backend == "cuda" else 256)
-    if H < 1:
-        raise ConfigError(f"--hidden must be positive, got {H}")
-    policies = ALL_POLICIES if cfg.policy == "all" else tuple(cfg.policy.split(","))
-    for p in policies:
-        if p not in ALL_POLICIES:
-            raise ConfigError(f"--policy must be 'all' or one of {ALL_POLICIES}, got {p!r}")
+    policies = cfg.policies()
     buckets = parse_buckets(cfg.graph_buckets, A)
-    if cfg.trace:
-        trace = load_trace(cfg.trace)
+    if trace is not None:
         if trace.dp_size != D:
             raise InputError(
                 f"{cfg.trace}: the trace has {trace.dp_size} replicas per step but this run has "
@@ -633,12 +606,19 @@ def _setup(comm, cfg):
                 f"`mpirun -n {trace.dp_size * A} dpgather replay --trace {cfg.trace}"
                 + (f" --attn-tp {A}" if A > 1 else "") + "`")
     else:
-        if cfg.synthetic not in GENERATORS:
-            raise InputError(f"--synthetic must be one of {sorted(GENERATORS)}, got {cfg.synthetic!r}")
         trace = synthetic(cfg.synthetic, dp_size=D, seed=cfg.seed, steps=cfg.steps)
     trace = trace.head(cfg.steps)
     spec = trace.spec
     Planner(topo, spec=spec, policy="auto", graph_buckets=buckets)  # validates buckets
+    sid, rows = _largest_step(trace, topo)
+    budget = comm.bcast(_available_bytes(backend, local_ranks) if comm.Get_rank() == 0 else None, root=0)
+    need = rows * H * 4 * _LIVE_F32
+    if budget is not None and need > budget:
+        src = cfg.trace or f"synthetic trace {trace.name!r}"
+        raise InputError(
+            f"{src}: step {sid} would need about {fmt_bytes(need)} per rank ({rows} gathered rows "
+            f"of H={H}), more than the {fmt_bytes(budget)} available to each rank here; shorten "
+            "the step's batch, lower --hidden or run fewer ranks per node")
     return topo, dtype, backend, H, policies, buckets, trace, spec
 
 
@@ -679,33 +659,45 @@ def _limit_blas_threads(n):
 
 
 def replay(cfg, comm=None):
-    """Run the replay on every rank of ``comm``; returns the process exit code.
+    """Run the replay on every rank of ``comm`` (default ``MPI.COMM_WORLD``); returns the exit code.
 
     0: every check passed (or ``verify`` was off); 1: a verification failed on some rank;
-    2: invalid options or trace (the message is printed by rank 0).
+    2: invalid options or trace, a missing dependency, or the report could not be written (one
+    line on stderr, from rank 0); 3: a rank crashed (its traceback on stderr; the job is aborted
+    so no rank hangs). Every rank returns the same code.
     """
+    try:
+        backend, dtype, trace = _before_mpi(cfg)
+    except DpGatherError as e:
+        return say_error(_PROG, e, rank0=None if comm is None else comm.Get_rank() == 0)
     if comm is None:
         from mpi4py import MPI
 
         comm = MPI.COMM_WORLD
     rank, T = comm.Get_rank(), comm.Get_size()
+    local_ranks = 1
     if T > 1:
         local = comm.Split_type(_split_shared(), key=rank)
-        _limit_blas_threads(max(1, (os.cpu_count() or 1) // local.Get_size()))
+        local_ranks = local.Get_size()
+        _limit_blas_threads(max(1, (os.cpu_count() or 1) // local_ranks))
         local.Free()
     try:
-        topo, dtype, backend, H, policies, buckets, trace, spec = _setup(comm, cfg)
+        setup = _setup(comm, cfg, backend, dtype, trace, local_ranks)
     except DpGatherError as e:
-        _say(comm, f"dpgather replay: error: {e}", file=sys.stderr)
-        return 2
+        return say_error(_PROG, e, rank0=rank == 0)
     try:
-        return _replay(comm, cfg, topo, dtype, backend, H, policies, buckets, trace, spec)
+        return _replay(comm, cfg, *setup)
+    except BackendUnavailable as e:  # a backend that fails to start (CuPy without NCCL, ...)
+        print(f"{_PROG}: error: [rank {rank}/{T}] {e}", file=sys.stderr, flush=True)
+        if T > 1:
+            comm.Abort(EXIT_USAGE)
+        return EXIT_USAGE
     except Exception:
         sys.stderr.write(f"[rank {rank}/{T}] replay failed:\n{traceback.format_exc()}")
         sys.stderr.flush()
         if T > 1:
-            comm.Abort(3)
-        return 3
+            comm.Abort(EXIT_CRASH)
+        return EXIT_CRASH
 
 
 def _replay(comm, cfg, topo, dtype, backend, H, policies, buckets, trace, spec):
@@ -719,7 +711,7 @@ def _replay(comm, cfg, topo, dtype, backend, H, policies, buckets, trace, spec):
                    "launch more ranks:\n      mpirun -n 4 dpgather replay --synthetic mixed --verify"
                    " --out runs/demo      (or: make run)\n")
     mix = trace.mode_mix()
-    _say(comm, f"dpgather {dpgather.__version__} replay: {src}, {len(trace)} steps\n"
+    _say(comm, f"dpgather {dg.__version__} replay: {src}, {len(trace)} steps\n"
                f"  topology: T={T} ranks = D={D} replicas x attn_tp A={A}; backend {backend}; "
                f"H={H} {dtype} ({row_bytes} B/row)\n"
                f"  replica-steps: " + ", ".join(f"{k} {v}" for k, v in mix.items()) + "\n"
@@ -733,7 +725,7 @@ def _replay(comm, cfg, topo, dtype, backend, H, policies, buckets, trace, spec):
     first = next((i for i, f in enumerate(forward) if f), None)
     if first is not None:
         _run_policy(comm, cfg, policies[0], trace.head(first + 1), prepared[:first + 1], topo, spec,
-                    buckets, H, dtype, backend, inp, _NoBar(), warmup=True)
+                    buckets, H, dtype, backend, inp, _NoBar())
     bar = _bar(comm, cfg, len(policies) * len(trace))
     results = {}
     any_bad = False
@@ -741,7 +733,7 @@ def _replay(comm, cfg, topo, dtype, backend, H, policies, buckets, trace, spec):
         bar.set_description(policy)
         wall = time.perf_counter()
         plans, times, bad, stats, gstats = _run_policy(comm, cfg, policy, trace, prepared, topo, spec,
-                                               buckets, H, dtype, backend, inp, bar)
+                                                       buckets, H, dtype, backend, inp, bar)
         wall = time.perf_counter() - wall
         all_times = comm.gather(times, root=0)
         all_bad = comm.gather(bad, root=0)
@@ -755,8 +747,8 @@ def _replay(comm, cfg, topo, dtype, backend, H, policies, buckets, trace, spec):
         times = np.max(np.stack(all_times), axis=0)
         bad_rows = np.sum(np.stack(all_bad), axis=0)
         sizes = [_sizing(p, st, T) for p, st in zip(plans, prepared)]
-        summary = _summary(sizes, row_bytes, times, forward)
-        summary["modes"] = _mode_mix(plans)
+        summary = _report.summary(sizes, row_bytes, times, forward)
+        summary["modes"] = _report.mode_mix(plans)
         summary["wall_s"] = wall
         summary["bad_rows"] = int(bad_rows.sum()) if cfg.verify else None
         summary["verified"] = bool(cfg.verify)
@@ -766,155 +758,33 @@ def _replay(comm, cfg, topo, dtype, backend, H, policies, buckets, trace, spec):
         summary["arena_reserved_bytes_max"] = int(max(s["total"]["reserved_bytes"] for s in all_stats))
         results[policy] = {"plans": plans, "times": times, "bad": bad_rows, "sizes": sizes,
                            "summary": summary, "memory_stats": all_stats[0]}
-        status = "not verified" if not cfg.verify else (
-            "ok" if not nbad else f"FAILED ({nbad} bad rows, first at step {trace.step_ids[first_bad]})")
-        bar.write(f"  {policy:8s} {len(trace)} steps in {wall:4.1f} s, verification {status}")
+        if not cfg.verify:
+            status = "not verified (run with --verify)"
+        elif not nbad:
+            status = "verification ok"
+        else:
+            status = f"verification FAILED ({nbad} bad rows, first at step {trace.step_ids[first_bad]})"
+        bar.write(f"  {policy:8s} {len(trace)} steps in {wall:4.1f} s, {status}")
     bar.close()
+    rc = EXIT_VERIFY if any_bad else EXIT_OK
     if rank == 0:
         results["_ref"] = {
-            "before": _summary([s.before for s in prepared], row_bytes, None, forward),
-            "after": _summary([s.after for s in prepared], row_bytes, None, forward),
+            "before": _report.summary([s.before for s in prepared], row_bytes, None, forward),
+            "after": _report.summary([s.after for s in prepared], row_bytes, None, forward),
         }
-        _print_report(cfg, results, row_bytes, T, title, backend)
+        _report.print_report(cfg, results, row_bytes, T, title, backend)
         if cfg.out:
-            _write(cfg, results, trace, prepared, topo, dtype, backend, H, buckets, row_bytes,
-                   spec, title, forward)
+            try:
+                _report.write_report(cfg, results, trace, prepared, topo, dtype, backend, H, buckets,
+                                     row_bytes, spec, title, forward)
+            except OSError as e:
+                where = e.filename or cfg.out
+                say_error(_PROG, f"cannot write {where}: {e.strerror or e}", rank0=True)
+                rc = EXIT_USAGE
         elif T > 1:
             print("\n(add --out DIR to write report.json and plots)")
         if cfg.verify:
             print("\nverification: " + ("every row of every step matched the NumPy reference on every rank"
                                         if not any_bad else "FAILED: see bad_rows above / in report.json"))
-    comm.Barrier()
-    return 1 if any_bad else 0
-
-
-def _mode_mix(plans):
-    mix = {"skip": 0, "graph": 0, "MAX_LEN": 0, "SUM_LEN": 0, "VARLEN": 0}
-    for p in plans:
-        if p.skip:
-            mix["skip"] += 1
-        elif p.graph:
-            mix["graph"] += 1
-        else:
-            mix[p.mode.name] += 1
-    return mix
-
-
-def _print_report(cfg, results, row_bytes, T, title, backend="host"):
-    head = ["policy", "graph", "MAX", "SUM", "VAR", "rows moved", "padding", "wire/rank",
-            "peak/rank", "mean/rank", "ms/step", "allocs", "verify"]
-    rows = []
-    for pol, res in results.items():
-        if pol == "_ref":
-            continue
-        s, m = res["summary"], res["summary"]["modes"]
-        ver = "-" if not cfg.verify else ("ok" if not s["bad_rows"] else f"FAIL {s['bad_rows']}")
-        rows.append([pol, m["graph"], m["MAX_LEN"], m["SUM_LEN"], m["VARLEN"], _fmt_rows(s["rows_moved"]),
-                     _fmt_rows(s["padding_rows"]), _fmt_bytes(s["wire_bytes_per_rank"]),
-                     _fmt_bytes(s["peak_bytes"]), _fmt_bytes(s["mean_bytes"]),
-                     f"{s['time_us_mean'] / 1e3:.2f}", s["arena_allocations"], ver])
-    for label, key in (("SGLang <#8277", "before"), ("SGLang #8277+", "after")):
-        s = results["_ref"][key]
-        rows.append([label, s["graph_steps"] if key == "after" else "-", "", "", "",
-                     _fmt_rows(s["rows_moved"]), _fmt_rows(s["padding_rows"]),
-                     _fmt_bytes(s["wire_bytes_per_rank"]), _fmt_bytes(s["peak_bytes"]),
-                     _fmt_bytes(s["mean_bytes"]), "-", "-", "-"])
-    print(f"\n== {title} ==")
-    print("graph/MAX/SUM/VAR: forward steps per layout; rows moved and padding: hidden + logits gathers "
-          "over the trace;\nwire/rank: estimated bytes received per rank; peak/mean: gathered buffers "
-          "per rank; ms/step: data plane\n(sync + gather + scatter + logits), max over ranks; allocs: "
-          "arena allocations over the whole replay.\n")
-    print(_table(rows, head))
-    pols = [p for p in results if p != "_ref"]
-    main = "auto" if "auto" in pols else pols[0]
-    s = results[main]["summary"]
-    b, a = results["_ref"]["before"], results["_ref"]["after"]
-    keys = (("rows moved", "rows_moved"), ("padding rows", "padding_rows"),
-            ("wire bytes", "wire_bytes_per_rank"), ("peak memory", "peak_bytes"),
-            ("mean memory", "mean_bytes"))
-    print(f"\n{main} vs SGLang #8277+: " + ", ".join(f"{k} {_pct(s[f], a[f])}" for k, f in keys))
-    print(f"{main} vs SGLang <#8277: " + ", ".join(f"{k} {_pct(s[f], b[f])}" for k, f in keys))
-    scale = _DSV3_ROW / row_bytes
-    print(f"At DeepSeek-V3 width (H=7168 bf16) the peak / mean gathered memory per rank and layer "
-          f"would be {_fmt_bytes(s['peak_bytes'] * scale)} / {_fmt_bytes(s['mean_bytes'] * scale)} "
-          f"({main}), {_fmt_bytes(a['peak_bytes'] * scale)} / {_fmt_bytes(a['mean_bytes'] * scale)} "
-          f"(SGLang #8277+), {_fmt_bytes(b['peak_bytes'] * scale)} / {_fmt_bytes(b['mean_bytes'] * scale)} "
-          f"(SGLang <#8277).")
-    print("Memory counts the buffers allocated per step: graph steps replay on static buffers "
-          "(D x largest bucket, the same for all) and\n"
-          "allocate none, except SGLang <#8277 which "
-          "zeroed a sum(n) buffer every step. "
-          + ("Time is host MPI time, not GPU time." if backend == "host" else
-             "Times synchronize the device after each call; a CUDA graph step's time includes its MLP."))
-
-
-def _pct(ours, ref):
-    if not ref:
-        return "n/a" if ours else "same"
-    r = ours / ref - 1
-    if abs(r) < 0.005:
-        return "same"
-    return f"{r:+.0%}"
-
-
-def _write(cfg, results, trace, prepared, topo, dtype, backend, H, buckets, row_bytes, spec,
-           title, forward):
-    out = cfg.out
-    os.makedirs(out, exist_ok=True)
-    report = {
-        "format": REPORT_FORMAT,
-        "version": dpgather.__version__,
-        "config": {
-            "trace": cfg.trace, "synthetic": None if cfg.trace else cfg.synthetic,
-            "steps": len(trace), "seed": cfg.seed, "hidden": H, "dtype": dtype, "row_bytes": row_bytes,
-            "world_size": topo.world_size, "attn_tp": topo.attn_tp_size, "dp_size": topo.dp_size,
-            "backend": backend, "policies": [p for p in results if p != "_ref"],
-            "graph_buckets": list(buckets), "verify": bool(cfg.verify), "timeout_s": cfg.timeout,
-            "mlp_row_us": cfg.mlp_row_us,
-            "spec": None if spec is None else {"num_steps": spec.num_steps, "topk": spec.topk,
-                                               "num_draft_tokens": spec.num_draft_tokens},
-        },
-        "trace": {"name": trace.name, "steps": len(trace), "dp_size": trace.dp_size,
-                  "mode_mix": trace.mode_mix()},
-        "reference": {"sglang_before_8277": results["_ref"]["before"],
-                      "sglang_after_8277": results["_ref"]["after"]},
-        "policies": {},
-    }
-    ok = True
-    for pol, res in results.items():
-        if pol == "_ref":
-            continue
-        steps = []
-        for i, (sid, st, plan) in enumerate(zip(trace.step_ids, prepared, res["plans"])):
-            ours = res["sizes"][i]
-            nbad = [int(v) for v in res["bad"][i]]
-            steps.append({
-                "step": sid, "modes": st.modes, "forward": bool(forward[i]),
-                "real_rows": list(map(int, st.real)), "plan": plan.as_dict(),
-                "rows_moved": {"ours": ours["rows"] + ours["logits_rows"],
-                               "sglang_before": st.before["rows"] + st.before["logits_rows"],
-                               "sglang_after": st.after["rows"] + st.after["logits_rows"]},
-                "gathered_bytes": {"ours": ours["dyn_rows"] * row_bytes,
-                                   "sglang_before": st.before["dyn_rows"] * row_bytes,
-                                   "sglang_after": st.after["dyn_rows"] * row_bytes},
-                "padding_rows": ours["padding"],
-                "time_us": float(res["times"][i] * 1e6),
-                "verify": None if not cfg.verify else {
-                    "ok": not any(nbad),
-                    "bad_rows": dict(zip(("gathered", "output", "logits_gathered", "logits_output", "plan"), nbad)),
-                },
-            })
-        ok = ok and not res["summary"]["bad_rows"]
-        report["policies"][pol] = {"summary": res["summary"], "memory_stats": res["memory_stats"],
-                                   "steps": steps}
-    report["verified"] = bool(cfg.verify)
-    report["ok"] = bool(ok)
-    path = os.path.join(out, "report.json")
-    with open(path, "w") as f:
-        json.dump(report, f, indent=1)
-    print(f"\nreport written to {path}")
-    try:
-        files = _plots(out, trace, results, prepared, row_bytes, title)
-        print("plots written to " + ", ".join(files))
-    except ImportError as e:
-        print(f"(no plots: matplotlib is not installed: {e})")
+        sys.stdout.flush()
+    return int(comm.bcast(rc, root=0))

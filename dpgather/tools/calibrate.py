@@ -14,31 +14,32 @@ with ``k = 1..P`` non-empty roots. ``copy_GBps`` comes from a device-to-device c
 written). Each time is the median of ``reps`` repetitions of back-to-back calls, the maximum over
 ranks, so every rank fits the same samples and returns the same model.
 
-CUDA backend (CuPy sees a GPU on every rank): NCCL through :class:`~dpgather.dist.nccl.
-NcclCommunicator`, CUDA events. Host backend (anything else): the MPI host collectives of
-:class:`~dpgather.dist.host.MpiHostCommunicator` and ``time.perf_counter`` -- the constants then
-describe the host backend, which is what ``policy="auto"`` plans for there.
+CUDA backend (CuPy sees a GPU on every rank): NCCL through :class:`dpgather.dist.NcclCommunicator`,
+CUDA events. Host backend (anything else): the MPI host collectives of
+:class:`dpgather.dist.MpiHostCommunicator` and ``time.perf_counter`` -- the constants then
+describe the host backend, which is what ``policy="auto"`` plans for there. Both are timed by
+the protocol of :mod:`dpgather.tools.timing` (the benchmarks' own).
 
-Command line (what ``dpgather calibrate`` runs)::
+Command line (``dpgather calibrate`` is the same program)::
 
-    mpirun -n 4 python -m dpgather._calibrate --out cost.json [--sizes 1,8,64,...] [--hidden 7168]
+    mpirun -n 4 python -m dpgather.tools.calibrate --out cost.json [--sizes 1,8,64,...] [--hidden 7168]
         [--dtype bfloat16] [--backend auto|cuda|host] [--reps N]
 
 then ``DpAttention(..., cost=CostModel.load("cost.json"))``.
 """
 
-import argparse
 import datetime
-import math
 import platform
-import statistics
 import sys
 import time
 
 import numpy as np
 
-from dpgather.core.cost import COLLECTIVES, CostModel, _DEFAULTS
-from dpgather.core.errors import ConfigError
+from dpgather.core import ConfigError, CostModel, DpGatherError
+from dpgather.core.cost import COLLECTIVES
+
+from ._common import Parser, gpu_count, positive_int, require, say_error
+from .timing import Column, CupyEvents, HostClock, Timer, format_table
 
 __all__ = ["calibrate", "fit_collective", "main", "DEFAULT_SIZES_CUDA", "DEFAULT_SIZES_HOST"]
 
@@ -46,6 +47,7 @@ __all__ = ["calibrate", "fit_collective", "main", "DEFAULT_SIZES_CUDA", "DEFAULT
 DEFAULT_SIZES_CUDA = (1, 8, 64, 256, 1024, 4096, 16384)
 DEFAULT_SIZES_HOST = (1, 4, 16, 64)
 _ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4, "int32": 4, "int64": 8, "uint8": 1}
+_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 _STORAGE = {"bfloat16": np.uint16, "float16": np.float16, "float32": np.float32, "int32": np.int32,
             "int64": np.int64, "uint8": np.uint8}
 _TARGET_US = 1000.0  # aim of one repetition of back-to-back calls
@@ -90,7 +92,7 @@ def fit_collective(name, samples, default=None):
 
     Returns ``((a0, a1, beta), {"n", "rel_err_min", "rel_err_max", "note"})``.
     """
-    d0, d1, dbeta = default if default is not None else _DEFAULTS[name]
+    d0, d1, dbeta = default if default is not None else CostModel().params[name]
     f = _factor(name)
     S = [(int(P), int(k), float(B), float(t)) for P, k, B, t in samples if P > 1 and t > 0]
     if not S:
@@ -132,17 +134,18 @@ def fit_collective(name, samples, default=None):
 # -- timing ----------------------------------------------------------------------------------
 
 class _Cuda:
+    """NCCL through :class:`dpgather.dist.NcclCommunicator`, timed with CUDA events."""
+
     name = "cuda"
 
     def __init__(self, comm, timeout_s):
         import cupy
 
-        from dpgather.dist.nccl import NcclCommunicator
+        from dpgather.dist import NcclCommunicator
 
         self.cupy = cupy
         self.tp = NcclCommunicator(comm, timeout_s=timeout_s)
-        self.stream = cupy.cuda.Stream(non_blocking=True)
-        self.ev0, self.ev1 = cupy.cuda.Event(), cupy.cuda.Event()
+        self.clock = CupyEvents()
         self.comm = comm
 
     def empty(self, rows, width, dtype):
@@ -150,87 +153,67 @@ class _Cuda:
         self.cupy.cuda.Device().synchronize()  # made on the null stream, used on a non-blocking one
         return a
 
-    def run(self, fn, k):
-        s = self.stream
-        with s:
-            self.ev0.record(s)
-            for _ in range(k):
-                fn()
-            self.ev1.record(s)
-            self.ev1.synchronize()
-        return self.cupy.cuda.get_elapsed_time(self.ev0, self.ev1) * 1e3 / k
-
-    def warm(self, fn):
-        with self.stream:
-            fn()
-        self.stream.synchronize()
-
     def copy_GBps(self, nbytes=256 << 20, reps=10):
+        """Device-to-device ``cudaMemcpyAsync`` bandwidth, bytes read + written."""
         cupy = self.cupy
         src = cupy.ones(nbytes, dtype=cupy.uint8)
         dst = cupy.empty(nbytes, dtype=cupy.uint8)
         cupy.cuda.Device().synchronize()
         rt = cupy.cuda.runtime
-        s = self.stream
+        s = self.clock.stream
 
         def op():
             rt.memcpyAsync(dst.data.ptr, src.data.ptr, nbytes, rt.memcpyDeviceToDevice, s.ptr)
 
-        op()
-        s.synchronize()
-        us = statistics.median(self.run(op, 4) for _ in range(reps))
+        timer = Timer(self.clock, reps=reps, warmup=1, target_us=_TARGET_US, kmax=4)
+        us = timer.median_us(lambda: [op() for _ in range(4)], 4)
         return 2 * nbytes / (us * 1e3)
 
     def meta(self):
-        from dpgather.dist import _nccl
-
         cupy = self.cupy
         dev = cupy.cuda.Device().id
         props = cupy.cuda.runtime.getDeviceProperties(dev)
         name = props["name"]
         name = name.decode() if isinstance(name, bytes) else str(name)
-        return {"card": name, "nccl_version": _nccl.getVersion(),
+        try:
+            from cupy.cuda import nccl
+
+            version = int(nccl.get_version())
+        except Exception:  # noqa: BLE001 - the version is a label
+            version = None
+        return {"card": name, "nccl_version": version,
                 "visible_gpus": cupy.cuda.runtime.getDeviceCount(), "cupy": cupy.__version__}
 
     def sync(self):
-        self.stream.synchronize()
+        self.clock.synchronize()
 
     def close(self):
-        self.stream.synchronize()
+        self.clock.synchronize()
         self.tp.close()
 
 
 class _Host:
+    """The MPI host collectives of :class:`dpgather.dist.MpiHostCommunicator`, timed with
+    ``time.perf_counter``."""
+
     name = "host"
 
     def __init__(self, comm, timeout_s):
-        from dpgather.dist.host import MpiHostCommunicator
+        from dpgather.dist import MpiHostCommunicator
 
         self.tp = MpiHostCommunicator(comm, timeout_s=timeout_s)
+        self.clock = HostClock()
         self.comm = comm
 
     def empty(self, rows, width, dtype):
         return np.zeros((rows, width), dtype=dtype)
 
-    def run(self, fn, k):
-        t0 = time.perf_counter()
-        for _ in range(k):
-            fn()
-        return (time.perf_counter() - t0) * 1e6 / k
-
-    def warm(self, fn):
-        fn()
-
     def copy_GBps(self, nbytes=64 << 20, reps=10):
         src = np.ones(nbytes, dtype=np.uint8)
         dst = np.empty(nbytes, dtype=np.uint8)
-        np.copyto(dst, src)
-        samples = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            np.copyto(dst, src)
-            samples.append(time.perf_counter() - t0)
-        return 2 * nbytes / (statistics.median(samples) * 1e9)
+        timer = Timer(self.clock, reps=reps, warmup=1, target_us=_TARGET_US, kmax=1)
+        us = timer.median_us(lambda: np.copyto(dst, src), 1)
+        return 2 * nbytes / (us * 1e3)
 
     def meta(self):
         from mpi4py import MPI
@@ -245,21 +228,14 @@ class _Host:
         self.tp.close()
 
 
-def _time(be, comm, fn, reps, MPI):
-    """Median microseconds per call of ``fn`` (max over ranks): k back-to-back calls per rep."""
-    be.warm(fn)
-    comm.Barrier()
-    est = comm.allreduce(be.run(fn, 1), op=MPI.MAX)
-    k = max(1, min(_KMAX, math.ceil(_TARGET_US / max(est, 1.0))))
-    be.run(fn, k)  # warm-up repetition
-    samples = []
-    for _ in range(reps):
-        comm.Barrier()
-        samples.append(be.run(fn, k))
-    return float(comm.allreduce(statistics.median(samples), op=MPI.MAX))
+def _time(be, comm, fn, reps):
+    """Median microseconds per call of ``fn`` (max over ranks), by the protocol of
+    :class:`dpgather.tools.timing.Timer`: back-to-back calls, about 1 ms per repetition."""
+    timer = Timer(be.clock, comm=comm, reps=reps, warmup=1, target_us=_TARGET_US, kmax=_KMAX)
+    return timer.measure(lambda j: fn(), graph=False)["eager"]
 
 
-def _measure_group(be, comm, tp, rows, width, dtype, logical, reps, MPI, kinds, k_range):
+def _measure_group(be, comm, tp, rows, width, dtype, logical, reps, kinds, k_range):
     """Samples ``{collective: [(P, k, B, t)]}`` of one communicator ``tp`` (ranks of ``comm``
     that all call this together; sub-groups run concurrently)."""
     P = tp.size
@@ -270,13 +246,13 @@ def _measure_group(be, comm, tp, rows, width, dtype, logical, reps, MPI, kinds, 
     red = be.empty(P * rows, width, dtype)
     B = P * rows * R
     if "all_gather" in kinds:
-        t = _time(be, comm, lambda: tp.all_gather(part, full, dtype=logical), reps, MPI)
+        t = _time(be, comm, lambda: tp.all_gather(part, full, dtype=logical), reps)
         out["all_gather"].append((P, P, B, t))
     if "reduce_scatter" in kinds:
-        t = _time(be, comm, lambda: tp.reduce_scatter(full, part, dtype=logical), reps, MPI)
+        t = _time(be, comm, lambda: tp.reduce_scatter(full, part, dtype=logical), reps)
         out["reduce_scatter"].append((P, P, B, t))
     if "all_reduce" in kinds:
-        t = _time(be, comm, lambda: tp.all_reduce(full, red, dtype=logical), reps, MPI)
+        t = _time(be, comm, lambda: tp.all_reduce(full, red, dtype=logical), reps)
         out["all_reduce"].append((P, P, B, t))
     for k in k_range:
         counts = np.array([rows if r < k else 0 for r in range(P)], dtype=np.int64)
@@ -284,10 +260,10 @@ def _measure_group(be, comm, tp, rows, width, dtype, logical, reps, MPI, kinds, 
         recv = full[:total]
         Bk = total * R
         if "gatherv" in kinds:
-            t = _time(be, comm, lambda: tp.all_gatherv(part, recv, counts, dtype=logical), reps, MPI)
+            t = _time(be, comm, lambda: tp.all_gatherv(part, recv, counts, dtype=logical), reps)
             out["gatherv"].append((P, k, Bk, t))
         if "reduce_scatterv" in kinds:
-            t = _time(be, comm, lambda: tp.reduce_scatterv(recv, part, counts, dtype=logical), reps, MPI)
+            t = _time(be, comm, lambda: tp.reduce_scatterv(recv, part, counts, dtype=logical), reps)
             out["reduce_scatterv"].append((P, k, Bk, t))
     be.sync()
     return out
@@ -319,21 +295,14 @@ def calibrate(comm=None, out=None, sizes=None, hidden=7168, dtype="bfloat16", ba
 
     comm = MPI.COMM_WORLD if comm is None else comm
     rank, P = comm.Get_rank(), comm.Get_size()
-    dtype = str(dtype)
-    if dtype in ("bf16",):
-        dtype = "bfloat16"
+    dtype = _ALIASES.get(str(dtype), str(dtype))
     if dtype not in _ITEMSIZE:
         raise ConfigError(f"dtype must be one of {sorted(_ITEMSIZE)}, got {dtype!r}")
     if isinstance(hidden, bool) or not isinstance(hidden, (int, np.integer)) or hidden <= 0:
         raise ConfigError(f"hidden must be a positive int, got {hidden!r}")
     if backend not in ("auto", "cuda", "host"):
         raise ConfigError(f"backend must be 'auto', 'cuda' or 'host', got {backend!r}")
-    try:
-        from dpgather._backends import cuda_usable
-
-        gpu_here = cuda_usable()
-    except Exception:  # noqa: BLE001
-        gpu_here = False
+    gpu_here = gpu_count() > 0
     gpu_all = comm.allreduce(bool(gpu_here), op=MPI.LAND)
     if backend == "cuda" and not gpu_all:
         raise ConfigError("calibrate(backend='cuda'): CuPy sees no GPU on some rank; use backend='host'")
@@ -359,7 +328,7 @@ def calibrate(comm=None, out=None, sizes=None, hidden=7168, dtype="bfloat16", ba
         copy = float(comm.allreduce(be.copy_GBps(), op=MPI.MIN))
         if P > 1:
             for rows in sizes:
-                got = _measure_group(be, comm, be.tp, rows, width, storage, logical, reps, MPI,
+                got = _measure_group(be, comm, be.tp, rows, width, storage, logical, reps,
                                      COLLECTIVES, range(1, P + 1))
                 for c, v in got.items():
                     samples[c].extend(v)
@@ -369,7 +338,7 @@ def calibrate(comm=None, out=None, sizes=None, hidden=7168, dtype="bfloat16", ba
                 sub = be.tp.split(rank // 2, rank % 2)
                 try:
                     for rows in sizes:
-                        got = _measure_group(be, comm, sub, rows, width, storage, logical, reps, MPI,
+                        got = _measure_group(be, comm, sub, rows, width, storage, logical, reps,
                                              ("all_gather", "reduce_scatter", "all_reduce"), ())
                         for c, v in got.items():
                             samples[c].extend(v)
@@ -409,38 +378,63 @@ def calibrate(comm=None, out=None, sizes=None, hidden=7168, dtype="bfloat16", ba
 
 
 def _format(model, meta):
-    lines = [f"# cost model ({meta.get('backend')} backend, {meta.get('ranks')} ranks, {meta.get('card')}, "
-             f"{meta.get('seconds')} s)",
-             f"#{'collective':>16} {'a0(us)':>8} {'a1(us)':>8} {'beta(GB/s)':>10} {'fit err':>16}"]
+    """The fitted constants as a table (``#`` header lines, one row per collective)."""
+    rows = []
     for c in COLLECTIVES:
         a0, a1, beta = model.params[c]
         f = meta["fit"][c]
-        err = ("-" if f["rel_err_min"] is None else
+        err = (None if f["rel_err_min"] is None else
                f"{100 * f['rel_err_min']:+.0f}%..{100 * f['rel_err_max']:+.0f}%")
-        lines.append(f" {c:>16} {a0:>8.2f} {a1:>8.2f} {beta:>10.1f} {err:>16}")
-    lines.append(f"# copy_GBps {model.copy_GBps:.0f}, row_bytes {model.row_bytes}")
-    return "\n".join(lines)
+        rows.append({"collective": c, "a0": a0, "a1": a1, "beta": beta, "err": err})
+    cols = (Column("collective", left=True), Column("a0", "a0", "(us)", ".2f"),
+            Column("a1", "a1", "(us)", ".2f"), Column("beta", "beta", "(GB/s)", ".1f"),
+            Column("err", "fit err", "(rel)"))
+    head = (f"# cost model ({meta.get('backend')} backend, {meta.get('ranks')} ranks, "
+            f"{meta.get('card')}, {meta.get('seconds')} s)")
+    tail = f"# copy_GBps {model.copy_GBps:.0f}, row_bytes {model.row_bytes}"
+    return "\n".join([head, *format_table(rows, cols), tail])
 
 
-def main(argv=None):
-    """``python -m dpgather._calibrate`` / ``dpgather calibrate``: calibrate and write JSON."""
-    ap = argparse.ArgumentParser(prog="dpgather calibrate",
-                                 description="Measure the cost model's constants of policy='auto' on "
-                                             "this machine (run under mpirun, one rank per GPU).")
-    ap.add_argument("--out", default="cost-model.json", help="JSON file to write (rank 0)")
-    ap.add_argument("--sizes", default=None, help="rows per rank to time, comma-separated")
-    ap.add_argument("--hidden", type=int, default=7168)
-    ap.add_argument("--dtype", default="bfloat16")
+def build_parser(prog="python -m dpgather.tools.calibrate"):
+    ap = Parser(prog=prog, description="Measure the cost model's constants of policy='auto' on "
+                                       "this machine (run under mpirun, one rank per GPU).")
+    ap.add_argument("--out", default="cost-model.json", help="JSON file to write (rank 0; default: %(default)s)")
+    ap.add_argument("--sizes", default=None, metavar="LIST",
+                    help="rows per rank to time, comma-separated positive integers")
+    ap.add_argument("--hidden", type=positive_int, default=7168, help="row width in elements (default: %(default)s)")
+    ap.add_argument("--dtype", default="bfloat16", choices=sorted(_ITEMSIZE) + sorted(_ALIASES))
     ap.add_argument("--backend", default="auto", choices=("auto", "cuda", "host"))
-    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--reps", type=positive_int, default=None, help="timed repetitions per point")
     ap.add_argument("-v", "--verbose", action="store_true")
+    return ap
+
+
+def main(argv=None, prog="python -m dpgather.tools.calibrate"):
+    """``python -m dpgather.tools.calibrate`` / ``dpgather calibrate``: calibrate and write JSON.
+
+    Returns the exit code: 0, or 2 for invalid options, a missing mpi4py or a failed write.
+    """
+    ap = build_parser(prog)
     args = ap.parse_args(argv)
-    sizes = [int(s) for s in args.sizes.split(",") if s] if args.sizes else None
+    try:
+        sizes = [int(s) for s in args.sizes.split(",") if s.strip()] if args.sizes else None
+    except ValueError:
+        ap.error(f"argument --sizes: expected comma-separated positive integers, got {args.sizes!r}")
+    if sizes is not None and (not sizes or min(sizes) < 1):
+        ap.error(f"argument --sizes: expected comma-separated positive integers, got {args.sizes!r}")
+    try:
+        require(prog, "mpi4py")
+    except DpGatherError as e:
+        return say_error(prog, e)
     from mpi4py import MPI
 
-    model = calibrate(out=args.out, sizes=sizes, hidden=args.hidden, dtype=args.dtype,
-                      backend=args.backend, reps=args.reps, verbose=args.verbose)
-    if MPI.COMM_WORLD.Get_rank() == 0:
+    rank0 = MPI.COMM_WORLD.Get_rank() == 0
+    try:
+        model = calibrate(out=args.out, sizes=sizes, hidden=args.hidden, dtype=args.dtype,
+                          backend=args.backend, reps=args.reps, verbose=args.verbose)
+    except DpGatherError as e:
+        return say_error(prog, e, rank0=rank0)
+    if rank0:
         import json
 
         with open(args.out) as f:

@@ -1,23 +1,33 @@
-"""A minimal ctypes cuBLAS wrapper for bf16 matmuls that can be captured into CUDA graphs.
+"""Capturable bf16 GEMMs for :meth:`dpgather.DpAttention.graph_runner` functions: cuBLAS through ctypes.
 
-CuPy refuses cuBLAS while a stream is capturing (``NotImplementedError: calling cuBLAS API
-during stream capture is currently unsupported``, raised by its ``setStream``). This module
-calls ``libcublas`` directly: one handle per :class:`Cublas`, a preallocated workspace
+Why: a graph runner's ``fn`` (``gather -> fn -> combine``, captured once per bucket) usually
+holds the MLP's matmuls, and CuPy refuses cuBLAS while a stream is capturing
+(``NotImplementedError: calling cuBLAS API during stream capture is currently unsupported``,
+raised by its ``setStream``), so ``G @ W`` with CuPy cannot go into a CUDA graph. This module
+calls ``libcublas`` directly instead. It is a tool beside the data plane (no part of dpgather
+imports it) and it is what ``bench/graph_bench.py``'s SwiGLU MLP uses; docs/interop.md shows a
+complete ``fn``.
+
+How it stays capturable: one handle per :class:`Cublas`, a preallocated workspace
 (``cublasSetWorkspace_v2``) so cuBLAS never allocates, and ``cublasSetStream_v2`` issued only
-when the current CuPy stream changes -- i.e. during an eager warm-up on the capture stream,
-before ``begin_capture`` -- and followed by ``cublasSetWorkspace_v2`` again (``SetStream``
-resets the workspace to cuBLAS' own pool). Inside a capture :meth:`Cublas.matmul` therefore
-issues nothing but ``cublasGemmEx``.
+when the current CuPy stream changes -- i.e. during the eager warm-up on the capture stream,
+before ``begin_capture`` (the graph runner runs ``fn`` once eagerly per bucket first) -- and
+followed by ``cublasSetWorkspace_v2`` again (``SetStream`` resets the workspace to cuBLAS' own
+pool). Inside a capture :meth:`Cublas.matmul` therefore issues nothing but ``cublasGemmEx``.
 
-bfloat16 arrays are CuPy ``uint16`` storage. ``matmul(X, W)`` computes the row-major product
-``X[m, k] @ W[k, n] -> C[m, n]`` as the column-major ``C^T = W^T X^T``:
-``cublasGemmEx(N, N, n, m, k, 1, W, CUDA_R_16BF, n, X, CUDA_R_16BF, k, 0, C, CUDA_R_16BF, n,
-CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT)`` (fp32 accumulation, bf16 output).
+bfloat16 arrays are CuPy ``uint16`` storage (dpgather's CUDA convention). ``matmul(X, W)``
+computes the row-major product ``X[m, k] @ W[k, n] -> C[m, n]`` as the column-major
+``C^T = W^T X^T``: ``cublasGemmEx(N, N, n, m, k, 1, W, CUDA_R_16BF, n, X, CUDA_R_16BF, k, 0, C,
+CUDA_R_16BF, n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT)`` (fp32 accumulation, bf16 output).
 
 The library is found (first hit wins): ``$DPG_CUBLAS_LIB``; the ``libcublas.so*`` already
 mapped into this process once CuPy's own cuBLAS binding is imported (the same copy CuPy uses);
 ``cuda.pathfinder``; ``ctypes.util.find_library``; ``$CUDA_PATH``/``/usr/local/cuda*``; the
-``nvidia`` pip wheels' ``lib`` folders.
+``nvidia`` pip wheels' ``lib`` folders. Importing this module loads nothing; :class:`Cublas`
+does.
+
+Lifetime: create the :class:`Cublas` before the runner captures, :meth:`Cublas.close` it after
+``runner.close()`` (graphs that captured its GEMMs must go first).
 """
 
 import ctypes
