@@ -4,7 +4,7 @@
 
 Every rank runs the planner on the same gathered record table, so every rank computes the
 identical :class:`Plan` and issues the identical sequence of collectives. The planner is a pure
-function of (table, topology, spec, policy, graph buckets, cost model). See DESIGN.md sections
+function of (table, topology, spec, policy, graph buckets, cost model). See docs/design.md sections
 1-3 and ``docs/planner.md`` for the rules; ``docs/cost-model.md`` for the ``"auto"`` policy.
 """
 
@@ -130,7 +130,7 @@ cdef double coll_us(const Config* c, int coll, int64_t group, double nbytes, int
 
 cdef int count_one(const Config* c, int64_t mode, int64_t bs, int64_t ext, int64_t lp,
                    int64_t* n, int64_t* l) except -1:
-    """Token count ``n`` and logits rows ``l`` of one batch (DESIGN section 2)."""
+    """Token count ``n`` and logits rows ``l`` of one batch (docs/design.md section 2)."""
     if mode == IDLE:
         n[0] = 0
         l[0] = 0
@@ -653,7 +653,7 @@ def _raise_inconsistent(table, d, A):
 
 
 def count_tokens(batch, spec=None):
-    """Token count ``n`` and logits rows ``l`` of one replica's batch (DESIGN section 2).
+    """Token count ``n`` and logits rows ``l`` of one replica's batch (docs/design.md section 2).
 
     Returns:
         ``(n, l)``: rows this replica contributes to the gathered buffer (before any alignment)

@@ -12,8 +12,8 @@ is predicted to take::
 ``beta_c`` is the bus bandwidth in GB/s (nccl-tests' busbw). For the v-collectives (grouped
 broadcasts / reduces) ``alpha`` grows with the number of *non-empty* slots, because empty roots
 are skipped by every rank. The formulas of each mode's predicted gather + combine time are in
-``docs/cost-model.md``; the defaults below are fitted to ``figures/h100x4-nccl-probe.txt``
-(4x H100, NCCL 2.28) and checked against ``figures/h200x4-pattern-probe.txt``.
+``docs/cost-model.md``; the defaults below are fitted to a 4x H100 probe
+(NCCL 2.28; the figures are in BENCHMARKS.md) and checked against a 4x H200 pattern probe.
 ``dg.calibrate()`` measures the constants on the current machine and writes a JSON file that
 :meth:`CostModel.load` reads.
 """

@@ -10,7 +10,7 @@ from .errors import ConfigError, InputError
 
 __all__ = ["Topology", "ForwardMode", "PaddingMode", "SpecConfig", "LocalBatch", "POLICIES"]
 
-#: Padding policies accepted by the planner (DESIGN section 3).
+#: Padding policies accepted by the planner (docs/design.md section 3).
 POLICIES = ("auto", "sglang", "max_len", "sum_len", "varlen")
 _INT32_MAX = 2**31 - 1
 
@@ -111,7 +111,7 @@ class ForwardMode(IntEnum):
 
 
 class PaddingMode(IntEnum):
-    """Layout of the gathered buffer (DESIGN section 3, mode table)."""
+    """Layout of the gathered buffer (docs/design.md section 3, mode table)."""
 
     MAX_LEN = 0
     SUM_LEN = 1

@@ -1,4 +1,4 @@
-"""Per-role grow-only buffers that hand out exact-size views (DESIGN section 6).
+"""Per-role grow-only buffers that hand out exact-size views (docs/design.md section 6).
 
 Each *role* (``gathered``, ``staging``, ``combine``, ``output``, ``logits``, ``logits_output``)
 owns one flat byte buffer. A request for ``rows x width`` elements of a dtype returns a view of

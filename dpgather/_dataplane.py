@@ -1,4 +1,4 @@
-"""The data plane: DESIGN's gather and combine algorithms, written once for every backend.
+"""The data plane: docs/design.md's gather and combine algorithms, written once for every backend.
 
 :class:`DataPlane` moves the rows of one step given the step's :class:`~dpgather._layout.Layout`
 and device descriptor, over the backend's kernels and the trusted communicator primitives

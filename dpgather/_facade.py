@@ -22,6 +22,7 @@ docs/reliability.md for the exact guarantee.
 
 import atexit
 import weakref
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Literal, Optional, Union
 
 import numpy as np
 
@@ -44,6 +45,7 @@ from dpgather.core.dtypes import BF16_STORAGE, DTYPES, normalize_dtype
 from ._arena import Arena
 from ._backends import make_backend
 from ._dataplane import DataPlane
+from ._log import get_logger, set_rank
 from ._layout import (
     OP_GATHER,
     OP_GATHER_LOGITS,
@@ -57,6 +59,14 @@ from ._layout import (
 )
 
 __all__ = ["DpAttention", "InconsistentStepError"]
+
+if TYPE_CHECKING:
+    from ._graph import GraphRunner
+
+#: What ``dtype=`` accepts: a logical name or alias, or a NumPy dtype / type.
+DTypeLike = Union[str, "np.dtype[Any]", type]
+
+log = get_logger("facade")
 
 # Control fields after the planner's record.
 _C_SEQ, _C_OPS, _C_NOPS, _C_STATUS = range(RECORD_WIDTH, RECORD_WIDTH + 4)
@@ -135,9 +145,12 @@ class DpAttention:
         BackendUnavailable: the requested backend cannot run here (with the install command).
     """
 
-    def __init__(self, comm=None, attn_tp_size=1, hidden_size=None, dtype="bfloat16",
-                 backend="auto", spec=None, policy="auto", graph_buckets=(),
-                 max_tokens_per_rank=None, timeout_s=60.0, cost=None, strict=False):
+    def __init__(self, comm: Any = None, attn_tp_size: int = 1, hidden_size: Optional[int] = None,
+                 dtype: DTypeLike = "bfloat16", backend: Literal["auto", "host", "cuda"] = "auto",
+                 spec: Optional[SpecConfig] = None,
+                 policy: Literal["auto", "sglang", "max_len", "sum_len", "varlen"] = "auto",
+                 graph_buckets: Optional[Iterable[int]] = (), max_tokens_per_rank: Optional[int] = None,
+                 timeout_s: float = 60.0, cost: Optional[CostModel] = None, strict: bool = False) -> None:
         from dpgather.dist.host import load_mpi
 
         MPI = load_mpi()
@@ -182,6 +195,7 @@ class DpAttention:
         self.strict = c["strict"]
         self.topology = Topology(c["world_size"], c["attn_tp_size"])
         self.rank = self._private.Get_rank()
+        set_rank(self.rank, self.topology.world_size)
         A = self.topology.attn_tp_size
         self.dp_rank, self.attn_tp_rank = self.rank // A, self.rank % A
         be = self._backend = make_backend(c["backend"])
@@ -212,6 +226,9 @@ class DpAttention:
         self._empty = be.xp.empty((0, self.hidden_size), dtype=self._storage)
         if c["max_tokens_per_rank"]:
             self._preallocate(c["max_tokens_per_rank"])
+        log.info("DpAttention: %s backend, T=%d A=%d H=%d %s, policy %s, transport %s (%s)", be.name,
+                 self.topology.world_size, A, self.hidden_size, self.dtype, c["policy"], self._transport,
+                 self._transport_reason or "available")
 
     def _preallocate(self, tokens):
         """Reserve every role for ``tokens`` per replica; agreed, so every rank raises alike."""
@@ -239,7 +256,7 @@ class DpAttention:
                 + "; ".join(errors) + ". Lower max_tokens_per_rank or leave it None (grow on demand)")
 
     # -- the per-step sync ----------------------------------------------------------------
-    def sync(self, batch):
+    def sync(self, batch: LocalBatch) -> Plan:
         """Exchange this rank's batch with every rank (one host collective) and plan the step.
 
         Args:
@@ -483,8 +500,8 @@ class DpAttention:
             "Nothing was moved")
 
     # -- gather ---------------------------------------------------------------------------
-    def gather(self, x, plan, contribution="replicate"):
-        """Gather every replica's rows into one buffer (DESIGN section 4).
+    def gather(self, x: Any, plan: Plan, contribution: Literal["replicate", "partial"] = "replicate") -> Any:
+        """Gather every replica's rows into one buffer (docs/design.md section 4).
 
         Args:
             x: this rank's ``[rows, hidden_size]`` (rows beyond ``plan.num_tokens[own]`` are
@@ -516,7 +533,7 @@ class DpAttention:
         # the flag hashed is what this rank issues (an invalid contribution issues "replicate")
         return self._call(OP_GATHER, plan, int(partial), self.hidden_size, check, run, dummy)
 
-    def gather_logits(self, h, plan):
+    def gather_logits(self, h: Any, plan: Plan) -> Any:
         """Replicate-gather the rows that reach the LM head over the logits layout.
 
         Args:
@@ -542,7 +559,7 @@ class DpAttention:
         return self._call(OP_GATHER_LOGITS, plan, 0, self.hidden_size, check, run, dummy)
 
     # -- scatter --------------------------------------------------------------------------
-    def scatter(self, Y, plan, reduce=True, out=None):
+    def scatter(self, Y: Any, plan: Plan, reduce: bool = True, out: Any = None) -> Any:
         """Bring the MLP output back to this replica's rows.
 
         Args:
@@ -554,9 +571,10 @@ class DpAttention:
                 ``num_tokens[own]`` are zeroed, rows past ``R`` dropped).
 
         Returns:
-            ``y``: ``out``, or a ``[plan.slot_rows[own], hidden_size]`` view of the ``output``
-            arena; ``y[i] = sum_t Y_t[slot_offsets[own] + i]`` for ``i < num_tokens[own]``, zero
-            after. Slice ``y[:plan.num_tokens[own]]`` for this replica's tokens.
+            ``y``: a ``[plan.num_tokens[own], hidden_size]`` view of the ``output`` arena — this
+            replica's rows, ``y[i] = sum_t Y_t[slot_offsets[own] + i]`` (``reduce``) or
+            ``Y[slot_offsets[own] + i]`` — or ``out`` (rows past ``num_tokens[own]`` zeroed, rows
+            past its length dropped).
         """
         valid = isinstance(reduce, (bool, np.bool_))
         flag = int(reduce) if valid else 1  # an invalid reduce issues the reduction (dummy below)
@@ -578,7 +596,11 @@ class DpAttention:
             return st, Yr, o
 
         def run(st, Yr, o):
-            return self._plane.combine(self._arena, Yr, st.hidden, st.desc, bool(flag), o, False)
+            y = self._plane.combine(self._arena, Yr, st.hidden, st.desc, bool(flag), o, False)
+            L = st.hidden
+            if o is None and L.slot != L.n:  # this replica's own rows (a cached view, no copy)
+                y = self._arena.view("output", L.n, Yr.shape[1], Yr.dtype)
+            return y
 
         def dummy(st):
             if flag:
@@ -588,7 +610,7 @@ class DpAttention:
 
         return self._call(OP_SCATTER, plan, flag, self.hidden_size, check, run, dummy)
 
-    def scatter_logits(self, L_rows, plan, out=None):
+    def scatter_logits(self, L_rows: Any, plan: Plan, out: Any = None) -> Any:
         """Copy this replica's logits rows out of the gathered logits (no collective).
 
         Args:
@@ -617,13 +639,17 @@ class DpAttention:
             return st, Lr, o
 
         def run(st, Lr, o):
-            y = o if o is not None else self._arena.view("logits_output", st.logits.slot, Lr.shape[1], Lr.dtype)
-            return self._plane.unpack_logits(Lr, y, st.desc)
+            if o is not None:
+                return self._plane.unpack_logits(Lr, o, st.desc)
+            L = st.logits
+            y = self._arena.view("logits_output", L.slot, Lr.shape[1], Lr.dtype)
+            self._plane.unpack_logits(Lr, y, st.desc)
+            return y if L.slot == L.n else self._arena.view("logits_output", L.n, Lr.shape[1], Lr.dtype)
 
         return self._call(OP_SCATTER_LOGITS, plan, 0, 0, check, run)
 
     # -- MoE routing mask -----------------------------------------------------------------
-    def mask_topk_ids(self, topk_ids, plan, fill=-1):
+    def mask_topk_ids(self, topk_ids: Any, plan: Plan, fill: int = -1) -> Any:
         """Mark the padding rows of the gathered buffer in an MoE router's ``topk_ids``, in place.
 
         Args:
@@ -660,7 +686,8 @@ class DpAttention:
         return self._call(OP_MASK, plan, 0, 0, check, run)
 
     # -- graphs ---------------------------------------------------------------------------
-    def graph_runner(self, fn, contribution="replicate", reduce=True):
+    def graph_runner(self, fn: Callable[[Any], Any], contribution: Literal["replicate", "partial"] = "replicate",
+                     reduce: bool = True) -> "GraphRunner":
         """Capture ``pack -> gather -> fn(G) -> combine -> unpack`` for every graph bucket.
 
         Returns a :class:`~dpgather.GraphRunner` whose ``run(x, plan)`` replays the bucket of
@@ -681,7 +708,7 @@ class DpAttention:
         return runner
 
     # -- bookkeeping ----------------------------------------------------------------------
-    def info(self):
+    def info(self) -> Dict[str, Any]:
         """What this DpAttention runs on, as a dict: ``backend``, ``world_size``,
         ``attn_tp_size``, ``dtype``, ``hidden_size``, ``policy``, ``strict``, ``sync`` (the
         per-step exchange: ``"shm"`` or ``"mpi"``, known after the first ``sync()``), ``transport``
@@ -695,12 +722,12 @@ class DpAttention:
             "transport": self._transport, "transport_reason": self._transport_reason,
         }
 
-    def memory_stats(self):
+    def memory_stats(self) -> Dict[str, Dict[str, int]]:
         """Arena usage per role: ``reserved_bytes``, ``peak_view_bytes``, ``allocations``,
         ``requests``; plus ``total``."""
         return self._arena.stats()
 
-    def wait(self, stream=None):
+    def wait(self, stream: Any = None) -> None:
         """Block until this rank's data-plane work on ``stream`` finished, within ``timeout_s``
         (the CUDA backend's collectives are asynchronous; the host backend's are not)."""
         self._check_open()
@@ -709,10 +736,11 @@ class DpAttention:
             if self._attn is not None:
                 self._attn.wait(stream)
 
-    def abort(self, reason="abort() was called"):
+    def abort(self, reason: str = "abort() was called") -> None:
         """Abort the communicators (local, immediate) and refuse further use on this rank."""
         if self._aborted is None:
             self._aborted = reason
+            log.warning("DpAttention aborted: %s", reason)
         for c in (self._attn, self._tp):
             if c is not None:
                 try:
@@ -720,7 +748,7 @@ class DpAttention:
                 except Exception:
                     pass
 
-    def close(self):
+    def close(self) -> None:
         """Release graphs, arenas, communicators and the sync, in that order. Local (it never waits
         for a peer, so it is safe after any error) and idempotent."""
         if self._closed:

@@ -142,13 +142,13 @@ class GraphRunner:
             self._stream.synchronize()
 
     # -- public API -----------------------------------------------------------------------
-    def input_view(self, plan):
+    def input_view(self, plan: Any) -> Any:
         """The static input rows ``[plan.bucket, H]``: write this rank's rows there and call
         ``run(None, plan)`` to skip the input copy (rows past ``num_tokens[own]`` are ignored)."""
         self._check(plan)
         return self._input[:plan.bucket]
 
-    def run(self, x, plan):
+    def run(self, x: Any, plan: Any) -> Any:
         """Replay the step for ``plan`` (which must have ``plan.graph``).
 
         Args:
@@ -201,7 +201,7 @@ class GraphRunner:
         if plan.bucket not in self._layouts:
             raise InputError(f"plan.bucket={plan.bucket} is not a bucket of this runner {self.buckets}")
 
-    def memory_stats(self):
+    def memory_stats(self) -> dict:
         """Static buffers of the runner (allocated once at creation)."""
         s = self._arena.stats()
         s["input"] = {"reserved_bytes": int(self._in_buf.nbytes), "allocations": 1}
@@ -210,7 +210,7 @@ class GraphRunner:
                                "total_bytes": int(self._pool.total_bytes())}
         return s
 
-    def close(self):
+    def close(self) -> None:
         """Destroy the graphs (before the communicators they captured). Local and idempotent."""
         if self._closed:
             return

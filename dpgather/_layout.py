@@ -4,7 +4,7 @@ Pure functions of (plan, topology, this rank): no arrays of the backend, no comm
 
 :class:`Layout` is one layout of a plan as this rank sees it — the hidden-state gather
 (``plan.slot_rows`` / ``plan.slot_offsets``) or the logits gather (``plan.logits_*``) — with the
-chunking of DESIGN's attn-TP rule: slot ``d`` of ``s`` rows is split over its ``A`` ranks as evenly
+chunking of docs/design.md's attn-TP rule: slot ``d`` of ``s`` rows is split over its ``A`` ranks as evenly
 as possible, the first ``s % A`` ranks taking one extra row. MAX_LEN is the case where every
 slot has the same rows (a multiple of ``A``), so every chunk is equal and the non-v collectives
 serve (``Layout.equal``).

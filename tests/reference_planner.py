@@ -1,6 +1,6 @@
 """An independent, pure-Python reference of the dpgather planner.
 
-Written from DESIGN.md sections 1-3, docs/planner.md and docs/cost-model.md only: it imports nothing
+Written from docs/design.md sections 1-3, docs/planner.md and docs/cost-model.md only: it imports nothing
 from dpgather (not the Cython planner, not ``core.cost``, not even the enums), takes plain ints and
 tuples and returns a plain dict. ``tests/test_planner.py`` checks ``dpgather.plan()`` against it
 field by field; ``bench/plan_bench.py`` times it beside the real planner.
@@ -29,12 +29,12 @@ the ``auto`` choice matches bit for bit, ties included (ties: MAX_LEN, then SUM_
 logits ties: SUM_LEN).
 """
 
-# Forward modes (DESIGN section 2).
+# Forward modes (docs/design.md section 2).
 IDLE, DECODE, EXTEND, TARGET_VERIFY, DRAFT_DECODE, DRAFT_EXTEND = range(6)
 SPECULATIVE = (TARGET_VERIFY, DRAFT_DECODE, DRAFT_EXTEND)
 MODE_NAMES = ("IDLE", "DECODE", "EXTEND", "TARGET_VERIFY", "DRAFT_DECODE", "DRAFT_EXTEND")
 
-# Padding modes (DESIGN section 3).
+# Padding modes (docs/design.md section 3).
 MAX_LEN, SUM_LEN, VARLEN = 0, 1, 2
 PADDING_NAMES = ("MAX_LEN", "SUM_LEN", "VARLEN")
 
@@ -96,7 +96,7 @@ def check_batch(mode, bs, ext=0, lp=None):
 
 
 def count_tokens(mode, bs=0, ext=0, lp=None, spec=None):
-    """``(n, l)`` of one batch: DESIGN section 2's table."""
+    """``(n, l)`` of one batch: docs/design.md section 2's table."""
     if mode == IDLE:
         return 0, 0
     if mode == DECODE:

@@ -23,7 +23,7 @@ MARGIN_S = 3.0
 
 @pytest.mark.mpi
 @needs_mpiexec
-@pytest.mark.parametrize("nranks,scenario", [(t, s) for t in (2, 4) for s in ("nosync", "raise", "exit")]
+@pytest.mark.parametrize("nranks,scenario", [(t, s) for t in (2, 4) for s in ("noctor", "nosync", "raise", "exit")]
                          + [(8, "nosync"), (8, "exit")])
 def test_fault_gives_prompt_timeout_on_every_survivor(scenario, nranks):
     res = run_mpi(["fault_scenarios.py", scenario, "--timeout", str(TIMEOUT_S)], nranks, timeout=60,

@@ -186,3 +186,34 @@ def launch_env(launcher, *, base=None, timeout=None, recovery=False):
     env.setdefault("NCCL_NVLS_ENABLE", "0")
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env, flags
+
+
+def main(argv=None):
+    """``python -m dpgather.tools.launch -n N [--timeout S] [--recovery] SCRIPT|-m MODULE [ARGS...]``:
+    run ``mpiexec -n N python ...`` with the one-box settings above; returns the launcher's code."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m dpgather.tools.launch",
+                                 description="Run a Python program under this machine's mpiexec with "
+                                             "dpgather's one-box settings (MPICH or Open MPI).")
+    ap.add_argument("-n", "--np", type=int, required=True, help="ranks")
+    ap.add_argument("--timeout", type=float, default=0, help="seconds (the launcher kills the job after it)")
+    ap.add_argument("--recovery", action="store_true", help="keep the job running when a rank dies")
+    ap.add_argument("args", nargs="*", help="the program and its arguments (SCRIPT, -m MODULE or -c CODE)")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    i = 0  # our options come first; the program starts at the first other argument
+    while i < len(argv) and argv[i] in ("-n", "--np", "--timeout", "--recovery", "-h", "--help"):
+        i += 1 if argv[i] in ("--recovery", "-h", "--help") else 2
+    ns = ap.parse_args(argv[:i])
+    ns.args = argv[i:]
+    found = detect()
+    if found is None:
+        print("dpgather: no mpiexec next to the Python interpreter or on PATH", file=sys.stderr)
+        return 127
+    env, flags = launch_env(found, timeout=ns.timeout or None, recovery=ns.recovery)
+    cmd = [found.path, *flags, "-n", str(ns.np), sys.executable, *ns.args]
+    return subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL).returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -380,11 +380,11 @@ def full_step(dp, cfg, tag, batches, xrows, hrows, use_ref_plan=False, check_all
     CHK.summed("gather(partial)", G, G_acc, G_abs, A, dt)
     # scatter -------------------------------------------------------------------------------
     poison_arena(dp)
-    y = dp.scatter(mine["Y_part"], P, reduce=True)
-    CHK.summed("scatter(reduce=True)", y, y_acc, y_abs, T, dt)
+    y = dp.scatter(mine["Y_part"], P, reduce=True)  # this replica's own n rows
+    CHK.summed("scatter(reduce=True)", y, y_acc[:n_own], y_abs[:n_own], T, dt)
     poison_arena(dp)
     y = dp.scatter(mine["Y_rep"], P, reduce=False)
-    CHK.exact("scatter(reduce=False)", y, y_rep)
+    CHK.exact("scatter(reduce=False)", y, y_rep[:n_own])
     if check_all:
         for R in (s_own // 2, s_own, s_own + 3):  # same call count on every rank
             out = poison((R, H), dt)
@@ -404,7 +404,7 @@ def full_step(dp, cfg, tag, batches, xrows, hrows, use_ref_plan=False, check_all
         CHK.exact("gather_logits", g, Lg)
         poison_arena(dp)
         ls = dp.scatter_logits(mine["L"], P)
-        CHK.exact("scatter_logits", ls, Ls)
+        CHK.exact("scatter_logits", ls, Ls[:ln[d_own]])
         R = lslot[d_own] + 2
         out = poison((R, LOGIT_W), np.float32)
         dp.scatter_logits(mine["L"], P, out=out)
@@ -823,6 +823,8 @@ def scenario_badinput_config():
         ("graph_buckets 2**61 on every rank", dict(graph_buckets=(2**61,)), dict(graph_buckets=(2**61,)),
          ("graph_buckets",)),
         ("strict 'yes' on one rank", dict(strict="yes"), dict(), ("strict", "'yes'")),
+        ("preallocation too large for memory on every rank", dict(max_tokens_per_rank=2**31 - 1, hidden_size=4096),
+         dict(max_tokens_per_rank=2**31 - 1, hidden_size=4096), ("max_tokens_per_rank", "MiB")),
     ]
     for i, (name, bad_kw, good_kw, must) in enumerate(cases):
         CHK.ctx = f"badinput-config {name!r}"

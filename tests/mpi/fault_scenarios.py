@@ -3,6 +3,8 @@
     mpiexec -n T python fault_scenarios.py SCENARIO [--timeout S] [--attn-tp A]
 
 Scenarios (the faulty rank is the last one, F = T-1):
+  noctor   F never constructs its DpAttention (it sleeps, then leaves normally): the others get
+           CollectiveTimeout from the constructor, within timeout_s.
   nosync   F never calls sync (it sleeps, then leaves normally): the others get CollectiveTimeout
            from sync.
   raise    F raises an uncaught exception between sync and gather (an application error): its
@@ -29,7 +31,7 @@ import dpgather as dg
 from mpi_harness import report
 
 ap = argparse.ArgumentParser()
-ap.add_argument("scenario", choices=("nosync", "raise", "exit"))
+ap.add_argument("scenario", choices=("noctor", "nosync", "raise", "exit"))
 ap.add_argument("--timeout", type=float, default=2.0)
 ap.add_argument("--attn-tp", type=int, default=1)
 args = ap.parse_args()
@@ -37,6 +39,23 @@ args = ap.parse_args()
 comm = MPI.COMM_WORLD
 R, T = comm.rank, comm.size
 F = T - 1
+
+if args.scenario == "noctor":
+    if R == F:
+        report(R, role="fault", scenario=args.scenario)
+        time.sleep(args.timeout * 3)
+        sys.exit(0)
+    t0 = time.monotonic()
+    result = {"role": "survivor", "scenario": args.scenario}
+    try:
+        dg.DpAttention(comm, hidden_size=8, dtype="float32", backend="host", timeout_s=args.timeout)
+        result["failures"] = ["the constructor returned although the last rank never constructed"]
+    except dg.CollectiveTimeout as e:
+        result["elapsed"] = time.monotonic() - t0
+        result["error"] = type(e).__name__
+    report(R, **result)
+    sys.exit(0)
+
 dp = dg.DpAttention(comm, attn_tp_size=args.attn_tp, hidden_size=8, dtype="float32", backend="host",
                     timeout_s=args.timeout, policy="varlen")
 batch = dg.LocalBatch(dg.ForwardMode.DECODE, 3)
