@@ -15,7 +15,7 @@ from .errors import (
 from .types import POLICIES, ForwardMode, LocalBatch, PaddingMode, SpecConfig, Topology
 
 try:
-    from ._planner import RECORD_FIELDS, RECORD_MAGIC, RECORD_WIDTH, Plan, Planner, count_tokens, plan
+    from ._planner import RECORD_FIELDS, RECORD_MAGIC, RECORD_WIDTH, TRANSPORTS, Plan, Planner, count_tokens, plan
 except ImportError as _e:  # pragma: no cover - only without a built extension
     raise ImportError(
         "dpgather.core._planner (the Cython planner) is not built: run `make build` or "
@@ -26,5 +26,5 @@ __all__ = [
     "BackendUnavailable", "CollectiveTimeout", "ConfigError", "CostModel", "DpGatherError",
     "ForwardMode", "InconsistentBatchError", "InputError", "LocalBatch", "POLICIES", "PaddingMode",
     "Plan", "Planner", "RECORD_FIELDS", "RECORD_MAGIC", "RECORD_WIDTH", "SpecConfig", "Topology",
-    "count_tokens", "plan",
+    "TRANSPORTS", "count_tokens", "plan",
 ]

@@ -11,6 +11,7 @@ from .cost import CostModel
 from .types import LocalBatch, PaddingMode, SpecConfig, Topology
 
 __all__ = [
+    "TRANSPORTS",
     "RECORD_WIDTH",
     "RECORD_MAGIC",
     "RECORD_FIELDS",
@@ -21,6 +22,10 @@ __all__ = [
 ]
 
 _Policy = Literal["auto", "sglang", "max_len", "sum_len", "varlen"]
+_Transport = Literal["auto", "nccl", "p2p"]
+
+#: Transport preferences accepted by the planner.
+TRANSPORTS: Final[tuple[str, str, str]]
 _I64 = npt.NDArray[np.int64]
 _I32 = npt.NDArray[np.int32]
 
@@ -63,6 +68,10 @@ class Plan:
     @property
     def policy(self) -> str: ...
     @property
+    def transport(self) -> str: ...
+    @property
+    def predicted_p2p_us(self) -> float: ...
+    @property
     def num_tokens(self) -> _I64: ...
     @property
     def logits_tokens(self) -> _I64: ...
@@ -92,13 +101,19 @@ class Planner:
     def graph_buckets(self) -> tuple[int, ...]: ...
     @property
     def cost(self) -> CostModel: ...
+    @property
+    def transport(self) -> str: ...
+    @property
+    def p2p_rows(self) -> int: ...
     def __init__(
         self,
         topology: Topology,
         spec: SpecConfig | None = None,
         policy: _Policy = "auto",
-        graph_buckets: Iterable[int] = (),
+        graph_buckets: Iterable[int] | None = (),
         cost: CostModel | None = None,
+        transport: _Transport = "auto",
+        p2p_rows: int = 0,
     ) -> None: ...
     def record(self, batch: LocalBatch, out: _I32 | None = None) -> _I32: ...
     def plan_batches(self, batches: Iterable[LocalBatch]) -> Plan: ...
@@ -111,6 +126,8 @@ def plan(
     *,
     spec: SpecConfig | None = None,
     policy: _Policy = "auto",
-    graph_buckets: Iterable[int] = (),
+    graph_buckets: Iterable[int] | None = (),
     cost: CostModel | None = None,
+    transport: _Transport = "auto",
+    p2p_rows: int = 0,
 ) -> Plan: ...

@@ -22,6 +22,7 @@ from .types import POLICIES, ForwardMode, LocalBatch, PaddingMode, SpecConfig, T
 cnp.import_array()
 
 __all__ = [
+    "TRANSPORTS",
     "RECORD_WIDTH",
     "RECORD_MAGIC",
     "RECORD_FIELDS",
@@ -78,13 +79,23 @@ cdef enum:
     C_AR = 2
     C_GV = 3
     C_RSV = 4
+    C_P2P = 5
+
+cdef enum:
+    TR_AUTO = 0
+    TR_NCCL = 1
+    TR_P2P = 2
 
 cdef int64_t MAGIC = 0x44504731
 cdef int64_t INT32_MAX = 2147483647
 _PADDING = (PaddingMode.MAX_LEN, PaddingMode.SUM_LEN, PaddingMode.VARLEN)
 _POLICY_CODE = {"auto": POL_AUTO, "sglang": POL_SGLANG, "max_len": POL_MAX, "sum_len": POL_SUM,
                 "varlen": POL_VAR}
-_COLL_ORDER = ("all_gather", "reduce_scatter", "all_reduce", "gatherv", "reduce_scatterv")
+_COLL_ORDER = ("all_gather", "reduce_scatter", "all_reduce", "gatherv", "reduce_scatterv", "p2p")
+_TRANSPORT_CODE = {"auto": TR_AUTO, "nccl": TR_NCCL, "p2p": TR_P2P}
+_TRANSPORT_NAME = ("nccl", "p2p")
+#: Transport preferences accepted by the planner (docs/planner.md section 8).
+TRANSPORTS = ("auto", "nccl", "p2p")
 
 
 cdef struct Config:
@@ -99,9 +110,11 @@ cdef struct Config:
     double row_bytes
     double copy_bw
     double mlp_row_us
-    double a0[5]
-    double a1[5]
-    double beta[5]
+    int64_t p2p_rows
+    int transport
+    double a0[6]
+    double a1[6]
+    double beta[6]
 
 
 cdef inline int64_t align_up(int64_t x, int64_t a) noexcept nogil:
@@ -126,6 +139,16 @@ cdef double coll_us(const Config* c, int coll, int64_t group, double nbytes, int
     factor = 2.0 if coll == C_AR else 1.0
     return (c.a0[coll] + c.a1[coll] * (active - 1)
             + nbytes * factor * (group - 1) / group / (c.beta[coll] * 1e3))
+
+
+cdef double p2p_us(const Config* c, int64_t T, int64_t A, double S, double nmin, double nmax) noexcept nogil:
+    """Predicted gather + combine time over the P2P transport (docs/cost-model.md, "P2P")."""
+    cdef double a, R = c.row_bytes, bw = c.beta[C_P2P] * 1e3, cp = c.copy_bw * 1e3
+    if T <= 1:
+        return 0.0
+    a = c.a0[C_P2P] + c.a1[C_P2P] * (T - 1)
+    return (a + (A * S - nmin) * R / bw + nmax * R / cp
+            + a + (T - 1) * nmax * R / bw + S * R / cp)
 
 
 cdef int count_one(const Config* c, int64_t mode, int64_t bs, int64_t ext, int64_t lp,
@@ -193,7 +216,10 @@ cdef class Plan:
         logits_slot_rows, logits_offsets, logits_rows: the same for the logits gather.
         predicted_us: ``(MAX_LEN, SUM_LEN, VARLEN)`` predicted gather + combine time of the cost
             model (microseconds), whatever the policy.
-        fingerprint: 64-bit FNV-1a hash of everything above except ``predicted_us``.
+        transport: ``"nccl"`` (the backend's collectives: NCCL, or MPI on the host backend) or
+            ``"p2p"`` (the P2P transport: exact rows, counts read on the device).
+        predicted_p2p_us: predicted gather + combine time over P2P (0 without P2P).
+        fingerprint: 64-bit FNV-1a hash of everything above except the predictions.
     """
 
     cdef readonly object mode
@@ -209,7 +235,9 @@ cdef class Plan:
     cdef readonly int64_t world_size
     cdef readonly uint64_t fingerprint
     cdef readonly tuple predicted_us
+    cdef readonly double predicted_p2p_us
     cdef readonly str policy
+    cdef readonly str transport
     cdef object _buf
     cdef object _views
 
@@ -258,7 +286,7 @@ cdef class Plan:
             "slot_rows": self.slot_rows.tolist(), "slot_offsets": self.slot_offsets.tolist(),
             "gathered_rows": self.gathered_rows, "logits_slot_rows": self.logits_slot_rows.tolist(),
             "logits_offsets": self.logits_offsets.tolist(), "logits_rows": self.logits_rows,
-            "predicted_us": list(self.predicted_us), "policy": self.policy,
+            "predicted_us": list(self.predicted_us), "policy": self.policy, "transport": self.transport,
             "fingerprint": f"{self.fingerprint:016x}",
         }
 
@@ -270,14 +298,14 @@ cdef class Plan:
                 and self.logits_mode == o.logits_mode and self.graph == o.graph
                 and self.bucket == o.bucket and self.skip == o.skip
                 and self.is_extend_in_batch == o.is_extend_in_batch
-                and self.attn_tp_size == o.attn_tp_size
+                and self.attn_tp_size == o.attn_tp_size and self.transport == o.transport
                 and np.array_equal(self._buf, o._buf))
 
     def __hash__(self):
         return hash(self.fingerprint)
 
     def __repr__(self):
-        return (f"Plan(mode={self.mode.name}, graph={self.graph}, bucket={self.bucket}, "
+        return (f"Plan(mode={self.mode.name}, transport={self.transport}, graph={self.graph}, bucket={self.bucket}, "
                 f"skip={self.skip}, num_tokens={self.num_tokens.tolist()}, "
                 f"slot_rows={self.slot_rows.tolist()}, gathered_rows={self.gathered_rows}, "
                 f"logits_mode={self.logits_mode.name}, logits_rows={self.logits_rows}, "
@@ -295,6 +323,10 @@ cdef class Planner:
         graph_buckets: per-replica token capacities with captured graphs (positive multiples
             of ``attn_tp_size``).
         cost: a :class:`CostModel` (default: the built-in H100 constants).
+        transport: ``"auto"`` (the cost model decides per step), ``"nccl"`` or ``"p2p"`` (P2P
+            whenever the step fits ``p2p_rows``).
+        p2p_rows: rows of the configured width the P2P transport holds per collective (its
+            capacity), 0 when there is no P2P transport (docs/planner.md section 8).
 
     ``record(batch)`` encodes this rank's batch as ``RECORD_WIDTH`` int32 fields (see
     ``docs/internals.md``); ``plan_table(table)`` plans from the ``[world_size, RECORD_WIDTH]``
@@ -309,8 +341,11 @@ cdef class Planner:
     cdef readonly str policy
     cdef readonly tuple graph_buckets
     cdef readonly object cost
+    cdef readonly str transport
+    cdef readonly int64_t p2p_rows
 
-    def __init__(self, topology, spec=None, policy="auto", graph_buckets=(), cost=None):
+    def __init__(self, topology, spec=None, policy="auto", graph_buckets=(), cost=None, transport="auto",
+                 p2p_rows=0):
         cdef int i
         if not isinstance(topology, Topology):
             raise ConfigError(f"topology must be a dpgather.Topology, got {topology!r}")
@@ -355,6 +390,14 @@ cdef class Planner:
             self.cfg.K = spec.topk
             self.cfg.N = spec.num_draft_tokens
         self.cfg.policy = _POLICY_CODE[policy]
+        if not isinstance(transport, str) or transport not in _TRANSPORT_CODE:
+            raise ConfigError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
+        if isinstance(p2p_rows, bool) or not isinstance(p2p_rows, (int, np.integer)) or not 0 <= p2p_rows < 2**62:
+            raise ConfigError(f"p2p_rows must be an int >= 0 (0: no P2P transport), got {p2p_rows!r}")
+        self.transport = transport
+        self.p2p_rows = int(p2p_rows)
+        self.cfg.transport = _TRANSPORT_CODE[transport]
+        self.cfg.p2p_rows = self.p2p_rows
         self.cfg.row_bytes = cost.row_bytes
         self.cfg.copy_bw = cost.copy_GBps
         self.cfg.mlp_row_us = cost.mlp_row_us
@@ -506,8 +549,10 @@ cdef class Planner:
         cdef int64_t d, a, i, n = 0, l = 0, maxn = 0, maxl = 0, S = 0, L = 0, M, k_nonzero = 0
         cdef int64_t k_chunks = 0, k_logits = 0, bucket = 0, lbucket = 0, chunk, rem
         cdef bint skip = True, is_ext = False, graph, all_graph = True
-        cdef int pad, lpad
-        cdef double R = c.row_bytes, c_max, c_sum, c_var, l_sum, l_var
+        cdef int pad, lpad, tr = 0, p_pad, p_lpad
+        cdef int64_t nmin = -1, p_rows
+        cdef double R = c.row_bytes, c_max, c_sum, c_var, l_sum, l_var, c_p2p = 0.0, c_best
+        cdef bint p2p_ok = c.p2p_rows > 0 and c.transport != TR_NCCL and T > 1
         cdef cnp.npy_intp dims[1]
         dims[0] = 6 * D + 2
         cdef cnp.ndarray buf = cnp.PyArray_ZEROS(1, dims, cnp.NPY_INT64, 0)
@@ -529,6 +574,7 @@ cdef class Planner:
             lt[d] = l
             maxn = imax(maxn, n)
             maxl = imax(maxl, l)
+            nmin = n if nmin < 0 else imin(nmin, n)
             S += n
             L += l
             if n > 0:
@@ -569,6 +615,8 @@ cdef class Planner:
             for d in range(D):
                 sr[d] = bucket
                 lsr[d] = lbucket
+            if p2p_ok and D * bucket <= c.p2p_rows and D * lbucket <= c.p2p_rows:
+                tr = 1  # graph steps: exact rows on the wire whenever the windows hold the bucket
         else:
             if c.policy == POL_SGLANG:
                 if is_ext and D > 1:
@@ -597,6 +645,17 @@ cdef class Planner:
                 l_sum = coll_us(c, C_AR, T, L * R, T) + L * R / (c.copy_bw * 1e3)
                 l_var = coll_us(c, C_GV, T, L * R, k_logits)
                 lpad = PAD_VAR if l_var < l_sum else PAD_SUM
+            if p2p_ok:
+                # P2P moves exact rows whatever the layout; under "auto" it uses the exact layout
+                p_pad = PAD_VAR if c.policy == POL_AUTO else pad
+                p_lpad = PAD_VAR if c.policy == POL_AUTO else lpad
+                p_rows = D * M if p_pad == PAD_MAX else S
+                if p_rows <= c.p2p_rows and L <= c.p2p_rows:
+                    c_p2p = p2p_us(c, T, A, S, nmin, maxn)
+                    c_best = c_max if pad == PAD_MAX else (c_sum if pad == PAD_SUM else c_var)
+                    if c.transport == TR_P2P or c_p2p < c_best:
+                        tr = 1
+                        pad, lpad = p_pad, p_lpad
             for d in range(D):
                 sr[d] = M if pad == PAD_MAX else nt[d]
                 lsr[d] = lt[d]
@@ -623,6 +682,8 @@ cdef class Planner:
         plan.world_size = T
         plan.policy = self.policy
         plan.predicted_us = (c_max, c_sum, c_var)
+        plan.transport = _TRANSPORT_NAME[tr]
+        plan.predicted_p2p_us = c_p2p if tr else (p2p_us(c, T, A, S, nmin, maxn) if p2p_ok else 0.0)
         h = 0xcbf29ce484222325ULL
         h = fnv1a(h, pad)
         h = fnv1a(h, lpad)
@@ -632,6 +693,7 @@ cdef class Planner:
         h = fnv1a(h, is_ext)
         h = fnv1a(h, A)
         h = fnv1a(h, D)
+        h = fnv1a(h, tr)
         for i in range(6 * D + 2):
             h = fnv1a(h, p[i])
         plan.fingerprint = h
@@ -684,35 +746,37 @@ def count_tokens(batch, spec=None):
 _planner_cache = {}
 
 
-def plan(batches, topology, *, spec=None, policy="auto", graph_buckets=(), cost=None):
+def plan(batches, topology, *, spec=None, policy="auto", graph_buckets=(), cost=None, transport="auto",
+         p2p_rows=0):
     """Plan one step from one :class:`LocalBatch` per DP replica (pure function).
 
-    Equivalent to ``Planner(topology, spec=..., policy=..., graph_buckets=...,
-    cost=...).plan_batches(batches)``; planners of the default cost model are cached, so
-    calling this every step is cheap.
+    Equivalent to ``Planner(topology, spec=..., policy=..., graph_buckets=..., cost=...,
+    transport=..., p2p_rows=...).plan_batches(batches)``; planners of the default cost model are
+    cached, so calling this every step is cheap.
 
     Args:
         batches: ``topology.dp_size`` LocalBatch objects, replica order.
         topology: a :class:`Topology`.
-        spec, policy, graph_buckets, cost: as for :class:`Planner`.
+        spec, policy, graph_buckets, cost, transport, p2p_rows: as for :class:`Planner`.
 
     Returns:
         The :class:`Plan`, identical to what ``Planner.plan_table`` gives for the same step.
     """
     if cost is None:
         try:
-            graph_buckets = tuple(graph_buckets)  # an iterator must reach Planner() unconsumed
-            key = (topology, spec, policy, graph_buckets, tuple(map(type, graph_buckets)))
+            graph_buckets = tuple(graph_buckets) if graph_buckets is not None else ()
+            key = (topology, spec, policy, graph_buckets, tuple(map(type, graph_buckets)), transport, p2p_rows)
             planner = _planner_cache.get(key)
         except TypeError:
             key = None
             planner = None
         if planner is None:
-            planner = Planner(topology, spec=spec, policy=policy, graph_buckets=graph_buckets)
+            planner = Planner(topology, spec=spec, policy=policy, graph_buckets=graph_buckets,
+                              transport=transport, p2p_rows=p2p_rows)
             if key is not None:
                 if len(_planner_cache) > 256:
                     _planner_cache.clear()
                 _planner_cache[key] = planner
         return planner.plan_batches(batches)
-    return Planner(topology, spec=spec, policy=policy, graph_buckets=graph_buckets,
-                   cost=cost).plan_batches(batches)
+    return Planner(topology, spec=spec, policy=policy, graph_buckets=graph_buckets, cost=cost,
+                   transport=transport, p2p_rows=p2p_rows).plan_batches(batches)

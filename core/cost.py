@@ -39,7 +39,7 @@ def _finite(name, value, kind=float):
 __all__ = ["CostModel", "COLLECTIVES"]
 
 #: Collectives with their own (a0, a1, beta) triple.
-COLLECTIVES = ("all_gather", "reduce_scatter", "all_reduce", "gatherv", "reduce_scatterv")
+COLLECTIVES = ("all_gather", "reduce_scatter", "all_reduce", "gatherv", "reduce_scatterv", "p2p")
 
 _DEFAULTS = {
     # (a0 us, a1 us per extra rank, beta GB/s busbw); fitted on 4x H100, see docs/cost-model.md.
@@ -48,6 +48,9 @@ _DEFAULTS = {
     "all_reduce": (12.3, 4.1, 335.0),
     "gatherv": (32.0, 3.0, 254.0),
     "reduce_scatterv": (32.0, 3.0, 254.0),
+    # the P2P transport's pull collective (docs/p2p.md): latency per collective, per extra peer,
+    # and the pull bandwidth over NVLink; from the 2x H200 probe (4.7 us at 1 row, ~360 GB/s)
+    "p2p": (4.5, 0.5, 360.0),
 }
 
 

@@ -51,7 +51,11 @@ DEFAULT_COST = {
     "all_reduce": (12.3, 4.1, 335.0),
     "gatherv": (32.0, 3.0, 254.0),
     "reduce_scatterv": (32.0, 3.0, 254.0),
+    "p2p": (4.5, 0.5, 360.0),
 }
+
+NCCL, P2P = 0, 1
+TRANSPORT_NAMES = ("nccl", "p2p")
 
 FNV_OFFSET = 0xCBF29CE484222325
 FNV_PRIME = 0x100000001B3
@@ -151,6 +155,26 @@ def predicted_us(n, A, cost=None):
     return c_max, c_sum, c_var
 
 
+def p2p_us(n, A, cost=None):
+    """Predicted gather + combine us over the P2P transport (docs/cost-model.md, "P2P")."""
+    p = dict(DEFAULT_COST)
+    if cost:
+        p.update(cost)
+    D = len(n)
+    T = D * A
+    if T <= 1:
+        return 0.0
+    R = float(p["row_bytes"])
+    a0, a1, beta = p["p2p"]
+    bw = beta * 1e3
+    cp = float(p["copy_GBps"]) * 1e3
+    S = float(sum(n))
+    nmin, nmax = float(min(n)), float(max(n))
+    a = a0 + a1 * (T - 1)
+    return (a + (A * S - nmin) * R / bw + nmax * R / cp
+            + a + (T - 1) * nmax * R / bw + S * R / cp)
+
+
 def logits_us(l, A, cost=None):
     """``(SUM_LEN, VARLEN)`` predicted us of a replicate gather of the logits rows ``l``."""
     p = dict(DEFAULT_COST)
@@ -183,7 +207,7 @@ def _prefix(rows):
 
 
 def plan(batches, world_size, attn_tp_size=1, spec=None, policy="auto", graph_buckets=(), cost=None,
-         validate=True):
+         validate=True, transport="auto", p2p_rows=0):
     """The plan of one step as a dict (see the module docstring)."""
     T, A = int(world_size), int(attn_tp_size)
     if T < 1 or A < 1 or T % A:
@@ -216,6 +240,9 @@ def plan(batches, world_size, attn_tp_size=1, spec=None, policy="auto", graph_bu
     S = sum(n)
     M = align_up(maxn, A)
     pred = predicted_us(n, A, cost)
+    L = sum(l)
+    p2p_ok = p2p_rows > 0 and transport != "nccl" and T > 1
+    tr, c_p2p = NCCL, 0.0
 
     # 3. graph decision (checked first)
     graph = (bool(buckets) and not skip and not is_ext
@@ -227,6 +254,8 @@ def plan(batches, world_size, attn_tp_size=1, spec=None, policy="auto", graph_bu
         lbucket = min(b for b in buckets if b >= maxl)
         slot_rows = [bucket] * D
         logits_slot_rows = [lbucket] * D
+        if p2p_ok and D * bucket <= p2p_rows and D * lbucket <= p2p_rows:
+            tr = P2P
     else:
         # 4. padding mode
         if policy == "sglang":
@@ -252,13 +281,25 @@ def plan(batches, world_size, attn_tp_size=1, spec=None, policy="auto", graph_bu
                 pad = VARLEN
             l_sum, l_var = logits_us(l, A, cost)
             lpad = VARLEN if l_var < l_sum else SUM_LEN
+        # 4b. transport: P2P moves exact rows; under auto it also takes the exact layout
+        if p2p_ok:
+            p_pad = VARLEN if policy == "auto" else pad
+            p_lpad = VARLEN if policy == "auto" else lpad
+            p_rows = D * M if p_pad == MAX_LEN else S
+            if p_rows <= p2p_rows and L <= p2p_rows:
+                c_p2p = p2p_us(n, A, cost)
+                c_best = pred[pad]
+                if transport == "p2p" or c_p2p < c_best:
+                    tr, pad, lpad = P2P, p_pad, p_lpad
         # 5. layout
         slot_rows = [M] * D if pad == MAX_LEN else list(n)
         logits_slot_rows = list(l)
 
     slot_offsets = _prefix(slot_rows)
     logits_offsets = _prefix(logits_slot_rows)
-    fp = fnv1a64([pad, lpad, int(graph), bucket, int(skip), int(is_ext), A, D]
+    if tr == NCCL and p2p_ok:
+        c_p2p = p2p_us(n, A, cost)
+    fp = fnv1a64([pad, lpad, int(graph), bucket, int(skip), int(is_ext), A, D, tr]
                  + n + l + slot_rows + slot_offsets + logits_slot_rows + logits_offsets)
     return {
         "mode": pad,
@@ -276,5 +317,7 @@ def plan(batches, world_size, attn_tp_size=1, spec=None, policy="auto", graph_bu
         "logits_offsets": logits_offsets,
         "logits_rows": logits_offsets[-1],
         "predicted_us": pred,
+        "transport": TRANSPORT_NAMES[tr],
+        "predicted_p2p_us": c_p2p,
         "fingerprint": fp,
     }

@@ -265,6 +265,8 @@ def _check_model_file(path, hidden, ranks):
     for c in COLLECTIVES:
         a0, a1, beta = model.params[c]
         assert a0 >= 0 and a1 >= 0 and beta > 0
+        if c == "p2p" and not meta["fit"][c]["n"]:
+            continue  # measured only where the P2P transport runs
         assert meta["fit"][c]["n"] > 0
         assert len(meta["samples"][c]) == meta["fit"][c]["n"]
     return model, meta
@@ -299,9 +301,9 @@ def test_calibrate_cli_host_backend(tmp_path):
 
 @needs_mpiexec
 def test_calibrate_cli_errors_once(tmp_path):
-    res = run_mpi(["-m", "dpgather.tools.calibrate", "--sizes", "1,x"], 2, timeout=60)
-    assert res.returncode == 2 and not res.timed_out, res.tail()
-    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    res = run_mpi(["run_cli.py", "-m", "dpgather.tools.calibrate", "--sizes", "1,x"], 2, timeout=60)
+    assert not res.timed_out and [res.results[r]["rc"] for r in (0, 1)] == [2, 2], res.tail()
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("python -m dpgather")]  # not the launcher's
     assert len(lines) == 1 and "--sizes" in lines[0], res.stderr
 
 

@@ -63,6 +63,8 @@ def assert_plan_equals_reference(p, r):
     for f in ARRAYS:
         assert getattr(p, f).tolist() == r[f], f
     assert p.predicted_us == pytest.approx(r["predicted_us"], rel=1e-12)
+    assert p.transport == r["transport"]
+    assert p.predicted_p2p_us == pytest.approx(r["predicted_p2p_us"], rel=1e-12)
     assert p.fingerprint == r["fingerprint"]
 
 
@@ -122,7 +124,10 @@ def check_invariants(p, batches, topo, spec, policy, buckets):
         assert p.mode == forced[policy]
     if policy == "auto" and not graph:
         c = p.predicted_us
-        assert c[int(p.mode)] == min(c)
+        if p.transport == "p2p":  # P2P (forced, or beating the best collective mode): exact layout
+            assert p.mode == PM.VARLEN
+        else:
+            assert c[int(p.mode)] == min(c)
     if skip:
         assert p.gathered_rows == 0 and p.logits_rows == 0 and not graph
 
@@ -361,17 +366,27 @@ def scenario(draw, spec_modes_without_spec=False):
     return dg.Topology(T, A), spec, policy, tuple(buckets), batches
 
 
-def reference_for(topo, spec, policy, buckets, batches, cost=None):
+def reference_for(topo, spec, policy, buckets, batches, cost=None, transport="auto", p2p_rows=0):
     return ref.plan([as_tuple(b) for b in batches], topo.world_size, topo.attn_tp_size,
-                    spec=spec_tuple(spec), policy=policy, graph_buckets=buckets, cost=cost)
+                    spec=spec_tuple(spec), policy=policy, graph_buckets=buckets, cost=cost,
+                    transport=transport, p2p_rows=p2p_rows)
+
+
+#: (transport, P2P capacity in rows): none, a small window (decode only) and a large one
+TRANSPORT_ST = st.tuples(st.sampled_from(dg.core.TRANSPORTS), st.sampled_from((0, 64, 1 << 20)))
 
 
 @settings(max_examples=examples(2000), **PROPERTY)
-@given(scenario())
-def test_plan_matches_reference(sc):
+@given(scenario(), TRANSPORT_ST)
+def test_plan_matches_reference(sc, tr):
     topo, spec, policy, buckets, batches = sc
-    p = dg.plan(batches, topo, spec=spec, policy=policy, graph_buckets=buckets)
-    assert_plan_equals_reference(p, reference_for(*sc))
+    p = dg.plan(batches, topo, spec=spec, policy=policy, graph_buckets=buckets, transport=tr[0], p2p_rows=tr[1])
+    assert_plan_equals_reference(p, reference_for(*sc, transport=tr[0], p2p_rows=tr[1]))
+    assert p.transport == "nccl" or (tr[1] > 0 and tr[0] != "nccl" and topo.world_size > 1)
+    if p.transport == "p2p":
+        assert p.gathered_rows <= tr[1] and p.logits_rows <= tr[1]
+        if tr[0] == "auto" and not p.graph and policy == "auto":
+            assert p.predicted_p2p_us < min(p.predicted_us)
     assert p.policy == policy
     assert (p.dp_size, p.attn_tp_size, p.world_size) == (topo.dp_size, topo.attn_tp_size,
                                                           topo.world_size)
@@ -379,11 +394,11 @@ def test_plan_matches_reference(sc):
 
 
 @settings(max_examples=examples(600), **PROPERTY)
-@given(scenario())
-def test_all_entry_points_agree(sc):
+@given(scenario(), TRANSPORT_ST)
+def test_all_entry_points_agree(sc, tr):
     topo, spec, policy, buckets, batches = sc
-    p = dg.plan(batches, topo, spec=spec, policy=policy, graph_buckets=buckets)
-    planner = dg.Planner(topo, spec=spec, policy=policy, graph_buckets=buckets)
+    p = dg.plan(batches, topo, spec=spec, policy=policy, graph_buckets=buckets, transport=tr[0], p2p_rows=tr[1])
+    planner = dg.Planner(topo, spec=spec, policy=policy, graph_buckets=buckets, transport=tr[0], p2p_rows=tr[1])
     q = planner.plan_batches(batches)
     q2 = planner.plan_batches(iter(batches))  # any iterable
     t = table_of(planner, batches, topo.attn_tp_size)
@@ -458,8 +473,9 @@ def test_fingerprint_equal_iff_plans_equal(a, b):
     pa = dg.plan(a[4], a[0], spec=a[1], policy=a[2], graph_buckets=a[3])
     pb = dg.plan(b[4], b[0], spec=b[1], policy=b[2], graph_buckets=b[3])
     ra, rb = reference_for(*a), reference_for(*b)
-    same = {k: v for k, v in ra.items() if k != "predicted_us"} == {
-        k: v for k, v in rb.items() if k != "predicted_us"} and a[0] == b[0]
+    preds = ("predicted_us", "predicted_p2p_us")
+    same = {k: v for k, v in ra.items() if k not in preds} == {
+        k: v for k, v in rb.items() if k not in preds} and a[0] == b[0]
     assert (pa == pb) == same
     assert (pa.fingerprint == pb.fingerprint) == same  # 64-bit: a collision here is a bug
     if same:

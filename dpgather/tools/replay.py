@@ -372,8 +372,12 @@ def _verify_step(inp, st, plan, sid, rank, d_own, G, y, GL, out):
             GLref[loffs[d]:loffs[d] + len(idx)] = inp.mul_w(Gref[offs[d] + idx])
     o, s = int(offs[d_own]), int(plan.slot_rows[d_own])
     yref = inp.mul_w(Gref[o:o + s])
+    if y is not None and y.shape[0] == int(plan.num_tokens[d_own]):
+        yref = yref[:y.shape[0]]  # scatter() returns this replica's own rows; a graph runner the slot
     lo, ls = int(loffs[d_own]), int(plan.logits_slot_rows[d_own])
     oref = GLref[lo:lo + ls] @ inp.V[rank]
+    if out is not None and out.shape[0] == int(plan.logits_tokens[d_own]):
+        oref = oref[:out.shape[0]]
 
     def bad(a, ref):
         if a is None:  # not observable (a captured CUDA graph): checked through y
