@@ -11,8 +11,8 @@ set it already (``setdefault``), and only for the flavour that reads it.
 - Open MPI: running as root is allowed only when this process *is* root
   (``OMPI_ALLOW_RUN_AS_ROOT`` and its confirmation); oversubscription and no core binding
   (more ranks than cores is normal for tests and CPU replays); the job is not aborted when
-  one rank exits non-zero (4.x: ``orte_abort_on_non_zero_status=0``), so every rank can write
-  its result first. ``recovery=True`` also keeps the job running when a rank dies without
+  one rank exits non-zero (4.x: ``orte_abort_on_non_zero_status=0``, 5.x:
+  ``state_base_error_non_zero_exit=0``), so every rank can write its result first. ``recovery=True`` also keeps the job running when a rank dies without
   ``MPI_Finalize`` (4.x ``orte_enable_recovery``, 5.x ``--enable-recovery``): the fault tests
   use it to watch the survivors.
 - Every flavour: ``NCCL_NVLS_ENABLE=0`` unless set (NVLink multicast is never wanted here),
@@ -24,8 +24,8 @@ imported ``mpi4py.MPI``, or a rank of another job) inherits that job's runtime i
 ``mpirun`` then exits 1 without a word. :func:`launch_env` removes those identity variables
 (never settings such as ``OMPI_MCA_btl``) before starting a new job.
 
-Caveat: Open MPI 4.x with ``orte_abort_on_non_zero_status=0`` (or recovery) returns 0 even when
-a rank exits non-zero. Callers that need the outcome must read it from what the ranks wrote
+Caveat: Open MPI with these settings (4.x ``orte_abort_on_non_zero_status=0`` or recovery, 5.x
+``state_base_error_non_zero_exit=0``) returns 0 even when a rank exits non-zero. Callers that need the outcome must read it from what the ranks wrote
 (``dpgather run`` reads ``report.json``; the test harness reads one JSON result per rank).
 """
 
@@ -162,6 +162,7 @@ def launch_env(launcher, *, base=None, timeout=None, recovery=False):
         if major >= 5:  # PRRTE
             env.setdefault("PRTE_MCA_rmaps_default_mapping_policy", ":oversubscribe")
             env.setdefault("PRTE_MCA_hwloc_default_binding_policy", "none")
+            env.setdefault("PRTE_MCA_state_base_error_non_zero_exit", "0")
             if recovery:
                 flags.append("--enable-recovery")
         else:  # ORTE (4.x, the GPU image's)
