@@ -85,7 +85,7 @@ class InconsistentStepError(InconsistentBatchError):
 class _Step:
     """One step on this rank: the plan, its layouts, and the descriptor (host and device)."""
 
-    __slots__ = ("plan", "hidden", "logits", "desc", "desc_host", "sigs")
+    __slots__ = ("plan", "hidden", "logits", "desc", "desc_host", "sigs", "call_sigs")
 
 
 class _Guard:
@@ -215,6 +215,7 @@ class DpAttention:
                                 self.dtype, self._storage)
         self._arena = Arena(be.alloc)
         self._record = np.zeros(SYNC_WIDTH, dtype=np.int32)
+        self._ctl_expect = np.zeros(SYNC_WIDTH - RECORD_WIDTH, dtype=np.int32)
         self._step = None
         self._layouts = {}  # plan fingerprint -> (hidden, logits, sigs): steady state repeats plans
         self._seq = 0
@@ -296,14 +297,18 @@ class DpAttention:
         msg = self._status_msg
         self._ophash = self._nops = 0
         self._status, self._status_msg = _ST_OK, None
-        with _Guard(self, "sync"):
+        try:
             table = self._sync.exchange(rec)
+        except CollectiveTimeout as e:
+            self.abort(f"sync timed out ({e})")
+            raise
         ctl = table[:, RECORD_WIDTH:]
-        if (ctl[:, 0] != self._seq).any() or (ctl[:, 1] != ctl[0, 1]).any() or (ctl[:, 2] != ctl[0, 2]).any() \
-                or ctl[:, 3].any():
+        expect = self._ctl_expect
+        expect[0], expect[1], expect[2] = rec[_C_SEQ], rec[_C_OPS], rec[_C_NOPS]  # status expected 0
+        if (ctl != expect).any():  # a rank differs from this one, or reports a failure
             self._step_failed(ctl, msg)
-        failed = np.flatnonzero(table[:, 0] == 0)
-        if failed.size:  # every rank sees it: share the message, raise the same class everywhere
+        if not table[:, 0].all():  # a zero magic: every rank sees it, so all raise the same class
+            failed = np.flatnonzero(table[:, 0] == 0)
             msgs = self._sync.allgather_obj(None if batch_error is None else f"{type(batch_error).__name__}: {batch_error}",
                                             "sync (sharing an invalid batch's error)")
             if batch_error is not None:
@@ -365,8 +370,8 @@ class DpAttention:
             desc.flags.writeable = False
             if len(self._layouts) > 256:
                 self._layouts.clear()
-            hit = self._layouts[fp] = (hidden, logits, sigs, desc)
-        st.hidden, st.logits, st.sigs, st.desc_host = hit
+            hit = self._layouts[fp] = (hidden, logits, sigs, desc, {})
+        st.hidden, st.logits, st.sigs, st.desc_host, st.call_sigs = hit
         prev = self._step
         if prev is not None and prev.plan.fingerprint == fp:
             st.desc = prev.desc  # same layout: the device copy is already right
@@ -444,12 +449,19 @@ class DpAttention:
         the rank still issues the step's collectives through ``dummy(step)`` (zero rows; outputs
         only in dpgather's own buffers), records the failure for the next ``sync()`` and raises.
         """
-        self._check_open()
+        if self._closed or self._aborted is not None:
+            self._check_open()
         st = self._step
         # What this rank issues: the current step's collectives (a call with another plan fails its
         # checks and issues the current step's collectives with zero rows), so ranks that issue the
         # same collectives hash alike whatever a failing call was passed.
-        sig = signature(op, 0 if st is None else st.plan.fingerprint, flag, self._dtype_code, width)
+        if st is None:
+            sig = signature(op, 0, flag, self._dtype_code, width)
+        else:
+            cache = st.call_sigs
+            sig = cache.get((op, flag, width))
+            if sig is None:
+                sig = cache[(op, flag, width)] = signature(op, st.plan.fingerprint, flag, self._dtype_code, width)
         self._ophash = ((self._ophash ^ sig) * 0x01000193) & 0xFFFFFFFF
         self._nops += 1
         error = None
@@ -461,18 +473,22 @@ class DpAttention:
             self._agree_call(op, sig, error)
         if error is None:
             try:
-                with _Guard(self, _OP_NAMES[op]):
-                    return run(*args)
+                return run(*args)
+            except CollectiveTimeout as e:
+                self.abort(f"{_OP_NAMES[op]} timed out ({e})")
+                raise
             except InputError as e:  # a buffer could not grow: raised before any collective
                 error = e
         self._status = _ST_INPUT
         self._status_msg = f"{type(error).__name__}: {error}"
         if dummy is not None and st is not None:
-            with _Guard(self, _OP_NAMES[op]):
-                try:
-                    dummy(st)
-                except InputError:
-                    pass  # the dummy could not run either (e.g. out of memory): peers time out
+            try:
+                dummy(st)
+            except InputError:
+                pass  # the dummy could not run either (e.g. out of memory): peers time out
+            except CollectiveTimeout as e:
+                self.abort(f"{_OP_NAMES[op]} timed out ({e})")
+                raise
         raise error
 
     def _agree_call(self, op, sig, error):
