@@ -510,7 +510,7 @@ def max_blocks(device_id: int) -> int:
 def grid_size(in_rows: int, out_rows: int, row_bytes: int, cap_bytes: int, limit: int) -> int:
     """Blocks of one launch, from capacities only (graph-safe), at most ``limit``.
 
-    One block per 64 KiB (one 16-byte reduce tile of 256 threads x 4 vectors) of the
+    One block per 16 KiB (one 16-byte reduce tile: 256 threads x 4 vectors) of the
     larger of what a launch may write: ``out_rows`` rows pulled, or the input rows that fit
     in ``src``. At least 1; never more than ``limit`` (the SM count: co-residency).
     """
