@@ -89,8 +89,10 @@
  *  (st.volatile + __threadfence_system), and the block exits without pulling.
  *************************************************************************/
 
+#ifndef DPG_P2P_EMULATION
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
+#endif
 
 namespace dpg_p2p {
 
@@ -122,6 +124,9 @@ __device__ __forceinline__ long long clamp_index(long long x) {
     return x > kIndexMax ? kIndexMax : (x < -kIndexMax ? -kIndexMax : x);
 }
 
+// The PTX below has portable twins in tests/p2p_emu/emu.h, which runs this file as C++ on
+// the CPU (DPG_P2P_EMULATION, never defined by the loader) to test its logic.
+#ifndef DPG_P2P_EMULATION
 __device__ __forceinline__ unsigned long long globaltimer() {
     unsigned long long t;
     asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
@@ -184,6 +189,7 @@ __device__ __forceinline__ unsigned char ld_window<unsigned char>(const unsigned
     asm volatile("ld.volatile.global.u8 %0, [%1];" : "=r"(v) : "l"(p));
     return (unsigned char)v;
 }
+#endif  // DPG_P2P_EMULATION
 
 // Element arithmetic on raw bits: Bits is the storage of E, Acc the accumulator.
 template <typename E>
@@ -442,7 +448,7 @@ p2p_pull(const V* inp, long long in_rows, V* out, long long out_rows,
         }
     }
     __syncthreads();
-    if (s_last && threadIdx.x < nranks) {
+    if (s_last && (int)threadIdx.x < nranks) {
         __threadfence_system();
         unsigned long long* flag = reinterpret_cast<unsigned long long*>(windows[threadIdx.x]) +
                                    (long long)c.parity * nranks + me;
@@ -453,7 +459,7 @@ p2p_pull(const V* inp, long long in_rows, V* out, long long out_rows,
     {
         const unsigned long long* flags =
             reinterpret_cast<const unsigned long long*>(windows[me]) + (long long)c.parity * nranks;
-        bool seen = threadIdx.x >= nranks;
+        bool seen = (int)threadIdx.x >= nranks;
         const unsigned long long start = globaltimer();
         if (threadIdx.x == 0) s_code = 0;
         __syncthreads();
