@@ -107,7 +107,6 @@ class Cluster:
                                       self.layout.cap_bytes, 4) for r in range(t))
         descs = [np.ascontiguousarray(d, np.int64) for d in descs]
         offs = desc_off if isinstance(desc_off, (list, tuple)) else [desc_off] * t
-        keep = (inputs, outputs, descs)  # noqa: F841 - alive during the call
         rc = self.so.emu_launch(
             name.encode(), t, int(grid), _arr(launch, ctypes.c_int),
             _arr([a.ctypes.data for a in inputs], ctypes.c_void_p),
@@ -121,6 +120,7 @@ class Cluster:
             self.layout.data_off, self.layout.cap_bytes,
             _arr([e.ctypes.data for e in self.errors], ctypes.c_void_p), self.timeout_ns,
         )
+        del descs  # kept alive (by this frame) until the launch returned
         if rc != 0:
             raise RuntimeError(f"emu_launch({name}) returned {rc}")
         return [int(e[0]) for e in self.errors]
