@@ -59,6 +59,25 @@ def test_capacity_mismatch_is_a_config_error_everywhere(nprocs):
     check_mpi([SCRIPT, "config"], nprocs, timeout=60)
 
 
+@pytest.mark.mpi
+@needs_mpiexec
+def test_gpu_selftest_flow_on_the_host_twin(tmp_path):
+    # tests/gpu/p2p_selftest.py's own logic (matrix, timeout case, summary, exit code) on CPU
+    import json
+
+    from mpi_harness import HERE, run_mpi
+
+    out = tmp_path / "p2p.json"
+    res = run_mpi([HERE / "gpu" / "p2p_selftest.py", "--transport", "host", "--out", out,
+                   "--deadline", "120"], 2, timeout=150)
+    assert res.returncode == 0 and not res.timed_out, res.tail()
+    summary = json.loads(out.read_text())
+    assert summary["ok"] and summary["size"] == 2, res.tail()
+    ranks = summary["ranks"]
+    assert all(r["failed"] == 0 and r["passed"] > 400 for r in ranks), res.tail()
+    assert ranks[0]["phases"]["timeout"]["error"] == 1 and "OK" in res.stdout
+
+
 # -- the reference, by hand ----------------------------------------------------------------------
 
 def f32(rows):
