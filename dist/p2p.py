@@ -374,6 +374,7 @@ class HostP2P(_P2PBase):
 
     def __init__(self, mpi_comm, capacity_bytes, timeout_s, device=None, *, _epoch0=0):
         self._init_common(capacity_bytes, timeout_s, _epoch0)
+        self.device = None
         self._mm = None
         self._fd = None
         boot = _Bootstrap(self, mpi_comm)
@@ -847,11 +848,12 @@ class CudaP2P(_P2PBase):
         else:
             s = stream
         _p2p.launch(
+            dtype=dtype, vec=vec, grid=grid, device_id=self.device, stream=s,
             inp=inp.data.ptr, in_rows=inp.shape[0], out=out.data.ptr, out_rows=out.shape[0],
             desc=desc.data.ptr, desc_off=desc_off, desc_len=desc.shape[0], row_bytes=row_bytes,
-            dtype=dtype, windows=self._windows.data.ptr, rank=self.rank, nranks=self.size,
+            windows=self._windows.data.ptr, me=self.rank, nranks=self.size,
             data_off=lay.data_off, cap_bytes=lay.cap_bytes, host_err=self._host_err_dev,
-            timeout_ns=self._timeout_ns, grid=grid, vec=vec, device_id=self.device, stream=s,
+            timeout_ns=self._timeout_ns,
         )
         self._streams.setdefault(s.ptr, s)
 

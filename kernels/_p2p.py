@@ -45,6 +45,7 @@ __all__ = [
     "HEADER_WORDS",
     "ITEMSIZE",
     "JOB_WORDS",
+    "KERNEL_PARAMS",
     "MAX_RANKS",
     "NAME_EXPRESSIONS",
     "PACK_WORDS",
@@ -52,11 +53,15 @@ __all__ = [
     "combine_desc",
     "desc_words",
     "gather_desc",
+    "decode_desc",
     "grid_size",
+    "kernel_args",
+    "kernel_name",
     "kernel_source",
     "launch",
     "make_desc",
     "p2p_pull_ref",
+    "pick_vector",
     "round_capacity",
     "signature",
     "warm",
@@ -518,31 +523,58 @@ def grid_size(in_rows: int, out_rows: int, row_bytes: int, cap_bytes: int, limit
     return max(1, min(-(-work // _BYTES_PER_BLOCK), int(limit)))
 
 
-def launch(*, inp, in_rows, out, out_rows, desc, desc_off, desc_len, row_bytes, dtype,
-           windows, rank, nranks, data_off, cap_bytes, host_err, timeout_ns, grid, vec,
-           device_id, stream=None) -> None:
+#: The kernel's parameters in order, with their C types; :func:`kernel_args` packs values in
+#: this order and tests/test_cuda_compile.py checks it against the signature in ``p2p.cu``.
+KERNEL_PARAMS = (
+    ("inp", "const V*"), ("in_rows", "long long"), ("out", "V*"), ("out_rows", "long long"),
+    ("desc", "const long long*"), ("desc_off", "long long"), ("desc_len", "long long"),
+    ("row_bytes", "long long"), ("windows", "unsigned char* const*"), ("me", "int"),
+    ("nranks", "int"), ("data_off", "long long"), ("cap_bytes", "long long"),
+    ("host_err", "int*"), ("timeout_ns", "long long"),
+)
+_ARG_TYPES = {"long long": np.int64, "int": np.int32}
+
+
+def kernel_args(**values):
+    """The kernel's argument tuple (NumPy scalars in :data:`KERNEL_PARAMS` order).
+
+    Pointers (device addresses as ``int``) become ``uint64``, ``long long`` ``int64``, ``int``
+    ``int32``: CuPy passes NumPy scalars by value with exactly these sizes.
+
+    Raises:
+        InputError: a parameter is missing or unknown.
+    """
+    names = [n for n, _ in KERNEL_PARAMS]
+    if set(values) != set(names):
+        raise InputError(
+            f"kernel_args: expected exactly {names}, missing {sorted(set(names) - set(values))}, "
+            f"unknown {sorted(set(values) - set(names))}"
+        )
+    return tuple((np.uint64 if c.endswith("*") else _ARG_TYPES[c])(int(values[n]))
+                 for n, c in KERNEL_PARAMS)
+
+
+def kernel_name(dtype: str, vec: int) -> str:
+    """The name expression of the specialisation for logical ``dtype`` and ``vec``-byte vectors."""
+    return f"p2p_pull<{ELEM_CTYPES[dtype]}, {COPY_CTYPES[vec]}>"
+
+
+def launch(*, dtype, vec, grid, device_id, stream=None, **params) -> None:
     """Enqueue one ``p2p_pull<E, V>`` on ``stream`` (arguments already validated).
 
     Args:
-        inp, out: device pointers (int) of the C-contiguous input and output rows.
-        in_rows, out_rows: their row counts. desc: device pointer of the int64 descriptor
-            array; desc_off, desc_len: first entry and total entries of that array.
-        row_bytes: bytes per row. dtype: logical dtype (picks ``E``).
-        windows: device pointer of the ``nranks`` window base pointers (uint64).
-        rank, nranks: this rank and the transport size. data_off, cap_bytes: layout.
-        host_err: device pointer of the mapped host error word. timeout_ns: wait bound
-            (<= 0: forever). grid: blocks (see :func:`grid_size`). vec: vector bytes (``V``).
-        device_id: device of every pointer. stream: ``cupy.cuda.Stream`` or ``None``.
+        dtype: logical dtype (picks ``E``). vec: vector bytes (picks ``V``).
+        grid: blocks (see :func:`grid_size`). device_id: device of every pointer.
+        stream: ``cupy.cuda.Stream`` (``None``: the current stream).
+        **params: every kernel parameter of :data:`KERNEL_PARAMS` by name: ``inp``, ``out``,
+            ``desc``, ``windows``, ``host_err`` device addresses (``int``; ``windows`` holds the
+            ``nranks`` window base pointers, ``host_err`` is the mapped host error word);
+            ``in_rows``, ``out_rows`` their row counts; ``desc_off``, ``desc_len`` the first
+            entry and the length of the descriptor array; ``row_bytes``; ``me``, ``nranks``;
+            ``data_off``, ``cap_bytes`` (the layout); ``timeout_ns`` (``<= 0``: forever).
     """
-    u64, i64 = np.uint64, np.int64
-    kernel = _function(device_id, f"p2p_pull<{ELEM_CTYPES[dtype]}, {COPY_CTYPES[vec]}>")
-    kernel(
-        (int(grid),), (_THREADS,),
-        (u64(inp), i64(in_rows), u64(out), i64(out_rows), u64(desc), i64(desc_off),
-         i64(desc_len), i64(row_bytes), u64(windows), np.int32(rank), np.int32(nranks),
-         i64(data_off), i64(cap_bytes), u64(host_err), i64(timeout_ns)),
-        stream=stream,
-    )
+    kernel = _function(device_id, kernel_name(dtype, vec))
+    kernel((int(grid),), (_THREADS,), kernel_args(**params), stream=stream)
 
 
 def pick_vector(row_bytes: int, itemsize: int, *pointers: int) -> int:

@@ -25,7 +25,8 @@
  *
  * Window of every rank (byte offsets; identical layout on every rank)
  *      0                 flag[2][T]  uint64  (epoch << 32) | sig, written by peer t
- *      16*T              state[4]    uint64  epoch, arrive, depart, err (this rank only)
+ *      16*T              state[4]    uint64  epoch, arrive, depart, err (this rank only;
+ *                                            err: committed code | pending code << 32)
  *      data_off          src[2]      cap_bytes each (data_off = roundup(16*T + 32, 256))
  *
  * Descriptor (int64, device memory, at desc[desc_off], desc_len entries in the array):
@@ -50,9 +51,10 @@
  *  packing before any block of this rank pulls (the barrier waits on this rank's own flag).
  *
  * Launch: 1-D grid of blocks of exactly kThreads (256) threads (any other block size
- *  traps), gridDim.x <= number of SMs so that every block is resident at once (each block
- *  needs 256 threads, < 64 registers/thread and ~16 bytes of shared memory, so one per SM
- *  always fits): the arrive/wait barrier spins on the other blocks of the same grid, and
+ *  traps), gridDim.x <= number of SMs so that every block is resident at once (a block is
+ *  256 threads of at most 255 registers -- __launch_bounds__(256, 1); ptxas uses 150-220,
+ *  no spills -- and 16 bytes of shared memory, so one per SM always fits, and one per SM
+ *  is all the grid asks for): the arrive/wait barrier spins on the other blocks of the grid, and
  *  a block that could only start after a spinning one exits would deadlock until the
  *  timeout. Kernels running concurrently on other streams only delay our blocks. The host
  *  sizes the grid from capacities (out_rows, in_rows, cap_bytes), never from the counts,
@@ -82,11 +84,16 @@
  *    block has already counted.
  *
  * Errors (codes also in kernels/_p2p.py and docs/p2p.md): every block checks the device
- *  copy state.err at its start and returns at once when it is set (the transport refuses
- *  all later collectives). A wait longer than timeout_ns (%globaltimer; <= 0: forever)
- *  is error 1, a flag of epoch e whose signature differs from ours error 2. The first
- *  code wins (atomicCAS on state.err) and is stored into the pinned, mapped host word
- *  (st.volatile + __threadfence_system), and the block exits without pulling.
+ *  copy, the low 32 bits of state.err, at its start and returns at once when it is set (the
+ *  transport refuses all later collectives). A wait longer than timeout_ns (%globaltimer;
+ *  <= 0: forever) is error 1, a flag of epoch e whose signature differs from ours error 2.
+ *  A faulting block records its code in the high 32 bits of state.err (first code wins,
+ *  atomicCAS), skips the pull and departs; the last block to depart commits the code to
+ *  the low half and to the pinned, mapped host word (st.volatile + __threadfence_system)
+ *  instead of publishing the epoch. Committing only then matters: a block that starts after
+ *  a sibling faulted still packs, arrives and -- if it is the last to arrive -- signals the
+ *  peers, so a mismatch seen early on one rank is seen as a mismatch by the others too,
+ *  not as a timeout.
  *************************************************************************/
 
 #ifndef DPG_P2P_EMULATION
@@ -360,19 +367,15 @@ __device__ __forceinline__ Header read_header(const long long* desc, long long d
     return h;
 }
 
-// First thread of a block records error `code`; returns the code in force.
-__device__ __noinline__ int raise_error(unsigned long long* state, int* host_err, int code) {
-    const unsigned long long old = atomicCAS(&state[kErr], 0ull, (unsigned long long)code);
-    const int final_code = old ? (int)old : code;
-    *(volatile int*)host_err = final_code;
-    __threadfence_system();
-    return final_code;
+// The high half of state.err: the error of the running launch, committed by its last block.
+__device__ __forceinline__ unsigned int* pending_err(unsigned long long* state) {
+    return reinterpret_cast<unsigned int*>(&state[kErr]) + 1;  // little-endian: high word
 }
 
 }  // namespace dpg_p2p
 
 template <typename E, typename V>
-__global__ void __launch_bounds__(dpg_p2p::kThreads)
+__global__ void __launch_bounds__(dpg_p2p::kThreads, 1)
 p2p_pull(const V* inp, long long in_rows, V* out, long long out_rows,
          const long long* __restrict__ desc, long long desc_off, long long desc_len,
          long long row_bytes, unsigned char* const* __restrict__ windows, int me, int nranks,
@@ -388,7 +391,7 @@ p2p_pull(const V* inp, long long in_rows, V* out, long long out_rows,
         reinterpret_cast<unsigned long long*>(windows[me] + 16LL * nranks);
     if (threadIdx.x == 0) {
         s_epoch = (long long)ld_volatile_u64(&state[kEpoch]) + 1;
-        s_code = (int)ld_volatile_u64(&state[kErr]);
+        s_code = (int)(unsigned int)ld_volatile_u64(&state[kErr]);  // the committed half
     }
     __syncthreads();
     if (s_code != 0) return;  // refused: an earlier collective failed on this rank
@@ -456,6 +459,7 @@ p2p_pull(const V* inp, long long in_rows, V* out, long long out_rows,
     }
 
     // ---- 3. wait for flag[e & 1][t] == (e, sig) for every t; uniform exits only
+    bool faulted = false;
     {
         const unsigned long long* flags =
             reinterpret_cast<const unsigned long long*>(windows[me]) + (long long)c.parity * nranks;
@@ -482,8 +486,11 @@ p2p_pull(const V* inp, long long in_rows, V* out, long long out_rows,
             }
             const int pending = __syncthreads_count(!seen);
             if (__syncthreads_or(fault)) {
-                if (threadIdx.x == 0) raise_error(state, host_err, s_code);
-                return;
+                // Pending until the last block departs: a sibling that starts only now must
+                // not see a committed error and refuse, or it would never arrive and signal.
+                if (threadIdx.x == 0) atomicCAS(pending_err(state), 0u, (unsigned int)s_code);
+                faulted = true;
+                break;
             }
             if (pending == 0) break;
             if (polls > 64) __nanosleep(polls > 4096 ? 1000 : 64);
@@ -491,7 +498,7 @@ p2p_pull(const V* inp, long long in_rows, V* out, long long out_rows,
     }
 
     // ---- 4. pull + reduce: every job's tiles, numbered globally, dealt to blocks
-    {
+    if (!faulted) {
         long long t0 = 0;
         for (long long j = 0; j < h.n_jobs; ++j) {
             const long long* jd = h.jobs + 7 * j;
@@ -535,14 +542,21 @@ p2p_pull(const V* inp, long long in_rows, V* out, long long out_rows,
         }
     }
 
-    // ---- 5. depart; the last block publishes the epoch
+    // ---- 5. depart; the last block publishes the epoch, or commits the launch's error
     __syncthreads();
     if (threadIdx.x == 0) {
         __threadfence();
         const unsigned long long old = atomicAdd(&state[kDepart], 1ull);
         if (old == (unsigned long long)(gridDim.x - 1)) {
             st_volatile_u64(&state[kDepart], 0ull);
-            st_volatile_u64(&state[kEpoch], (unsigned long long)e);
+            const unsigned int code = atomicAdd(pending_err(state), 0u);
+            if (code == 0) {
+                st_volatile_u64(&state[kEpoch], (unsigned long long)e);
+            } else {
+                st_volatile_u64(&state[kErr], ((unsigned long long)code << 32) | code);
+                *(volatile int*)host_err = (int)code;
+                __threadfence_system();
+            }
         }
     }
 }

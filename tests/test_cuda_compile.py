@@ -219,3 +219,21 @@ def test_p2p_import_needs_no_cupy():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "clean" in out.stdout, out.stderr
+
+
+def test_p2p_kernel_params_match_the_signature():
+    # kernel_args packs values in KERNEL_PARAMS order and sizes: it must be the kernel's own
+    src = _p2p.kernel_source()
+    m = re.search(r"__global__ void __launch_bounds__\([^)]*\)\s*p2p_pull\(([^)]*)\)", src)
+    assert m, "p2p_pull signature not found"
+    params = []
+    for p in m.group(1).split(","):
+        p = " ".join(p.replace("__restrict__", "").split())
+        ctype, name = p.rsplit(" ", 1)
+        params.append((name, ctype.replace(" *", "*")))
+    assert tuple(params) == _p2p.KERNEL_PARAMS
+    args = _p2p.kernel_args(**{n: 1 for n, _ in _p2p.KERNEL_PARAMS})
+    sizes = [a.dtype.itemsize for a in args]
+    assert sizes == [4 if c == "int" else 8 for _, c in _p2p.KERNEL_PARAMS]
+    with pytest.raises(Exception, match="missing"):
+        _p2p.kernel_args(inp=1)

@@ -51,8 +51,13 @@ def test_kernel_matrix(so, nranks):
     cluster = p2p_emu.Cluster(so, nranks, pc.CAP_BYTES, timeout_s=60)
     fails = []
     for i, case in enumerate(cases):
-        # grids of 1..3 blocks: small jobs are dealt to different blocks, pack tiles too
-        errors, bad = run(cluster, case, seed, i, grid=1 + i % 3)
+        # grids of 1..3 blocks: small jobs are dealt to different blocks, pack tiles too;
+        # every 16th case with late blocks (the barrier must wait for them)
+        so.emu_set_stagger(2000 if i % 16 == 5 else 0)
+        try:
+            errors, bad = run(cluster, case, seed, i, grid=1 + i % 3)
+        finally:
+            so.emu_set_stagger(0)
         if any(errors):
             fails.append(f"{case.name}: error words {errors}")
         fails += [f"{case.name} [{case.dtype} w={case.width}] {b}" for b in bad]
@@ -125,7 +130,7 @@ def _tiny(cluster, sig=(7, 7), launch=None):
     ins = [p2p_emu.aligned_like(np.full((2, 4), r + 1, np.int32)) for r in range(t)]
     outs = [p2p_emu.aligned_like(np.full((2, 4), -5, np.int32)) for _ in range(t)]
     descs = [_p2p.make_desc(sig[r % len(sig)], [(0, 2, 0)], [(0, 2, 2, 0, 0, t, 1)]) for r in range(t)]
-    errors = cluster.pull(ins, outs, descs, 0, 16, "int32", launch=launch, grid=2)
+    errors = cluster.pull(ins, outs, descs, 0, 16, "int32", launch=launch, grid=4)
     return errors, outs
 
 
@@ -140,7 +145,7 @@ def test_timeout_sets_error_1_and_later_launches_refuse(so):
     el = time.monotonic() - t0
     assert errors == [1, 0] and 0.29 <= el < 5, (errors, el)
     assert (outs[0] == -5).all()  # nothing pulled
-    assert cluster.state(0)[3] == 1
+    assert cluster.state(0)[3] == 1 | 1 << 32  # committed | pending << 32
     # rank 1 arrives late: rank 0 refuses at once; rank 1 completes the epoch rank 0 signalled
     errors, outs = _tiny(cluster, launch=[1, 1])
     assert errors[0] == 1 and (outs[0] == -5).all()
@@ -150,7 +155,18 @@ def test_timeout_sets_error_1_and_later_launches_refuse(so):
     assert errors == [1, 1] and (outs[1] == -5).all()
 
 
-def test_signature_mismatch_sets_error_2_on_every_rank(so):
+@pytest.mark.parametrize("stagger_us", [0, 20000])
+def test_signature_mismatch_sets_error_2_on_every_rank(so, stagger_us):
+    # with staggered blocks, a rank's first block sees the mismatch before its last block
+    # started: that one must still arrive and signal, or the peers would only time out
+    so.emu_set_stagger(stagger_us)
+    try:
+        _mismatch(so)
+    finally:
+        so.emu_set_stagger(0)
+
+
+def _mismatch(so):
     cluster = p2p_emu.Cluster(so, 3, 4096, timeout_s=30)
     assert _tiny(cluster)[0] == [0, 0, 0]
     errors, outs = _tiny(cluster, sig=(7, 7, 8))
@@ -158,4 +174,4 @@ def test_signature_mismatch_sets_error_2_on_every_rank(so):
     assert all((o == -5).all() for o in outs)
     errors, outs = _tiny(cluster)  # refused: no waiting, nothing written
     assert errors == [2, 2, 2] and all((o == -5).all() for o in outs)
-    assert [cluster.state(r)[3] for r in range(3)] == [2, 2, 2]
+    assert [cluster.state(r)[3] for r in range(3)] == [2 | 2 << 32] * 3  # committed | pending

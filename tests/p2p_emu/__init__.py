@@ -43,9 +43,13 @@ def build(out_dir) -> ctypes.CDLL:
     so.emu_count.restype = ctypes.c_int
     so.emu_name.restype = ctypes.c_char_p
     so.emu_name.argtypes = [ctypes.c_int]
-    so.emu_launch.restype = ctypes.c_int
-    so.emu_launch.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.c_int, _P, _P, _P, _P, _P, _P,
-                              _P, _P, _LL, _P, _LL, _LL, _P, _LL]
+    so.emu_arity.restype = ctypes.c_int
+    so.emu_set_stagger.argtypes = [ctypes.c_longlong]
+    so.emu_launch_packed.restype = ctypes.c_int
+    so.emu_launch_packed.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.c_int, _P, _P]
+    if so.emu_arity() != len(_p2p.KERNEL_PARAMS):
+        raise RuntimeError(f"the kernel takes {so.emu_arity()} parameters, KERNEL_PARAMS lists "
+                           f"{len(_p2p.KERNEL_PARAMS)}")
     so.build_log = res.stderr
     return so
 
@@ -99,7 +103,7 @@ class Cluster:
         launch = [1] * t if launch is None else [int(bool(x)) for x in launch]
         ptrs = [a.ctypes.data for a in list(inputs) + list(outputs)]
         vec = _p2p.pick_vector(row_bytes, _p2p.ITEMSIZE[dtype], *ptrs)
-        name = f"p2p_pull<{_p2p.ELEM_CTYPES[dtype]}, {_p2p.COPY_CTYPES[vec]}>"
+        name = _p2p.kernel_name(dtype, vec)
         if grid is None:
             grid = self.grid
         if grid is None:
@@ -107,22 +111,25 @@ class Cluster:
                                       self.layout.cap_bytes, 4) for r in range(t))
         descs = [np.ascontiguousarray(d, np.int64) for d in descs]
         offs = desc_off if isinstance(desc_off, (list, tuple)) else [desc_off] * t
-        rc = self.so.emu_launch(
-            name.encode(), t, int(grid), _arr(launch, ctypes.c_int),
-            _arr([a.ctypes.data for a in inputs], ctypes.c_void_p),
-            _arr([a.shape[0] for a in inputs], ctypes.c_longlong),
-            _arr([a.ctypes.data for a in outputs], ctypes.c_void_p),
-            _arr([a.shape[0] for a in outputs], ctypes.c_longlong),
-            _arr([d.ctypes.data for d in descs], ctypes.c_void_p),
-            _arr([int(o) for o in offs], ctypes.c_longlong),
-            _arr([d.shape[0] for d in descs], ctypes.c_longlong),
-            int(row_bytes), _arr([w.ctypes.data for w in self.windows], ctypes.c_void_p),
-            self.layout.data_off, self.layout.cap_bytes,
-            _arr([e.ctypes.data for e in self.errors], ctypes.c_void_p), self.timeout_ns,
-        )
-        del descs  # kept alive (by this frame) until the launch returned
+        table = (ctypes.c_void_p * t)(*[w.ctypes.data for w in self.windows])
+        packed, values = [], []
+        for r in range(t):
+            # the very keywords CudaP2P.pull passes to _p2p.launch
+            args = _p2p.kernel_args(
+                inp=inputs[r].ctypes.data, in_rows=inputs[r].shape[0], out=outputs[r].ctypes.data,
+                out_rows=outputs[r].shape[0], desc=descs[r].ctypes.data, desc_off=int(offs[r]),
+                desc_len=descs[r].shape[0], row_bytes=row_bytes, windows=ctypes.addressof(table),
+                me=r, nranks=t, data_off=self.layout.data_off, cap_bytes=self.layout.cap_bytes,
+                host_err=self.errors[r].ctypes.data, timeout_ns=self.timeout_ns,
+            )
+            boxed = [np.array(a) for a in args]  # each value in its own buffer, as CuPy does
+            values.append(boxed)
+            packed.append((ctypes.c_void_p * len(boxed))(*[b.ctypes.data for b in boxed]))
+        params = (ctypes.c_void_p * t)(*[ctypes.addressof(p) for p in packed])
+        rc = self.so.emu_launch_packed(name.encode(), t, int(grid), _arr(launch, ctypes.c_int), params)
+        del descs, values, packed, table  # alive (in this frame) until the launch returned
         if rc != 0:
-            raise RuntimeError(f"emu_launch({name}) returned {rc}")
+            raise RuntimeError(f"emu_launch_packed({name}) returned {rc}")
         return [int(e[0]) for e in self.errors]
 
 

@@ -4,9 +4,11 @@
 //   g++ -std=c++17 -O1 -shared -fPIC -pthread -DDPG_P2P_EMULATION -I kernels
 //       tests/p2p_emu/emu_api.cpp -o libp2pemu.so
 //
-// emu_launch() runs one collective: for every rank r with launch[r] != 0, `grid` OS threads
-// (one per block) each run the 256 threads of their block as ucontext fibers. All ranks' blocks
-// run at the same time and are joined before it returns.
+// emu_launch_packed() runs one collective: for every rank r with launch[r] != 0, `grid` OS
+// threads (one per block) each run the 256 threads of their block as ucontext fibers. All ranks'
+// blocks run at the same time and are joined before it returns. Arguments arrive packed in the
+// kernel's parameter order, as built by dpgather.kernels._p2p.kernel_args for CuPy, so the
+// Python side's order and types are checked against the kernel's real signature.
 #include "emu.h"
 // the kernel under test, as the GPU compiles it (minus the PTX helpers emu.h replaces)
 #include "p2p.cu"
@@ -18,6 +20,8 @@
 #include <memory>
 #include <string>
 #include <thread>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
@@ -42,6 +46,7 @@ struct Block {
 };
 
 thread_local Block* tl_block = nullptr;
+std::atomic<long long> g_stagger_us{0};  // block b starts b * g_stagger_us later (late blocks)
 
 void fiber_entry() {
     Block* b = tl_block;
@@ -63,6 +68,7 @@ int barrier(int pred) {
 
 // Run `body` as the kThreads threads of block `bx` of a `grid`-block launch on this OS thread.
 void run_block(unsigned int bx, unsigned int grid, const std::function<void()>& body) {
+    if (const long long us = g_stagger_us.load()) std::this_thread::sleep_for(std::chrono::microseconds(us * bx));
     Block* b = new Block();
     b->stacks.reset(new char[kStack * kBlock]);
     b->body = body;
@@ -102,52 +108,50 @@ void run_block(unsigned int bx, unsigned int grid, const std::function<void()>& 
     delete b;
 }
 
-struct Launch {
-    const void* inp;
-    long long in_rows;
-    void* out;
-    long long out_rows;
-    const long long* desc;
-    long long desc_off, desc_len, row_bytes;
-    unsigned char* const* windows;
-    int me, nranks;
-    long long data_off, cap_bytes;
-    int* host_err;
-    long long timeout_ns;
-};
-
+// Packed arguments, as cuLaunchKernel (and CuPy) pass them: a[i] points at the value of the
+// kernel's i-th parameter. The types and the order come from the kernel's own signature.
+template <typename... Args>
+constexpr int arity(void (*)(Args...)) {
+    return (int)sizeof...(Args);
+}
+template <typename... Args, size_t... I>
+void invoke_packed(void (*fn)(Args...), void* const* a, std::index_sequence<I...>) {
+    fn(*static_cast<std::remove_reference_t<Args>*>(a[I])...);
+}
+template <typename... Args>
+void invoke_packed(void (*fn)(Args...), void* const* a) {
+    invoke_packed(fn, a, std::index_sequence_for<Args...>{});
+}
 template <typename E, typename V>
-void call(const Launch& a) {
-    p2p_pull<E, V>(static_cast<const V*>(a.inp), a.in_rows, static_cast<V*>(a.out), a.out_rows,
-                   a.desc, a.desc_off, a.desc_len, a.row_bytes, a.windows, a.me, a.nranks,
-                   a.data_off, a.cap_bytes, a.host_err, a.timeout_ns);
+void call_packed(void* const* a) {
+    invoke_packed(&p2p_pull<E, V>, a);
 }
 
-using Fn = void (*)(const Launch&);
+using PackedFn = void (*)(void* const*);
 
-#define DPG_ENTRY(E, V) {"p2p_pull<" #E ", " #V ">", &call<E, V>}
+#define DPG_ENTRY(E, V) {"p2p_pull<" #E ", " #V ">", &call_packed<E, V>}
 struct Entry {
     const char* name;
-    Fn fn;
+    PackedFn packed;
 };
 const Entry kTable[] = {
     DPG_ENTRY(float, uint4), DPG_ENTRY(float, uint2), DPG_ENTRY(float, unsigned int),
-    {"p2p_pull<__half, uint4>", &call<__half, uint4>},
-    {"p2p_pull<__half, uint2>", &call<__half, uint2>},
-    {"p2p_pull<__half, unsigned int>", &call<__half, unsigned int>},
-    {"p2p_pull<__half, unsigned short>", &call<__half, unsigned short>},
-    {"p2p_pull<__nv_bfloat16, uint4>", &call<__nv_bfloat16, uint4>},
-    {"p2p_pull<__nv_bfloat16, uint2>", &call<__nv_bfloat16, uint2>},
-    {"p2p_pull<__nv_bfloat16, unsigned int>", &call<__nv_bfloat16, unsigned int>},
-    {"p2p_pull<__nv_bfloat16, unsigned short>", &call<__nv_bfloat16, unsigned short>},
+    {"p2p_pull<__half, uint4>", &call_packed<__half, uint4>},
+    {"p2p_pull<__half, uint2>", &call_packed<__half, uint2>},
+    {"p2p_pull<__half, unsigned int>", &call_packed<__half, unsigned int>},
+    {"p2p_pull<__half, unsigned short>", &call_packed<__half, unsigned short>},
+    {"p2p_pull<__nv_bfloat16, uint4>", &call_packed<__nv_bfloat16, uint4>},
+    {"p2p_pull<__nv_bfloat16, uint2>", &call_packed<__nv_bfloat16, uint2>},
+    {"p2p_pull<__nv_bfloat16, unsigned int>", &call_packed<__nv_bfloat16, unsigned int>},
+    {"p2p_pull<__nv_bfloat16, unsigned short>", &call_packed<__nv_bfloat16, unsigned short>},
     DPG_ENTRY(int, uint4), DPG_ENTRY(int, uint2), DPG_ENTRY(int, unsigned int),
-    {"p2p_pull<long long, uint4>", &call<long long, uint4>},
-    {"p2p_pull<long long, uint2>", &call<long long, uint2>},
-    {"p2p_pull<unsigned char, uint4>", &call<unsigned char, uint4>},
-    {"p2p_pull<unsigned char, uint2>", &call<unsigned char, uint2>},
-    {"p2p_pull<unsigned char, unsigned int>", &call<unsigned char, unsigned int>},
-    {"p2p_pull<unsigned char, unsigned short>", &call<unsigned char, unsigned short>},
-    {"p2p_pull<unsigned char, unsigned char>", &call<unsigned char, unsigned char>},
+    {"p2p_pull<long long, uint4>", &call_packed<long long, uint4>},
+    {"p2p_pull<long long, uint2>", &call_packed<long long, uint2>},
+    {"p2p_pull<unsigned char, uint4>", &call_packed<unsigned char, uint4>},
+    {"p2p_pull<unsigned char, uint2>", &call_packed<unsigned char, uint2>},
+    {"p2p_pull<unsigned char, unsigned int>", &call_packed<unsigned char, unsigned int>},
+    {"p2p_pull<unsigned char, unsigned short>", &call_packed<unsigned char, unsigned short>},
+    {"p2p_pull<unsigned char, unsigned char>", &call_packed<unsigned char, unsigned char>},
 };
 
 }  // namespace
@@ -162,29 +166,29 @@ extern "C" {
 int emu_count() { return (int)(sizeof(kTable) / sizeof(kTable[0])); }
 const char* emu_name(int i) { return kTable[i].name; }
 
-// One collective of `nranks` ranks; every array argument has one entry per rank. Returns 0, or
-// -1 for an unknown specialisation name.
-int emu_launch(const char* name, int nranks, int grid, const int* launch, const void* const* inp,
-               const long long* in_rows, void* const* out, const long long* out_rows,
-               const long long* const* desc, const long long* desc_off, const long long* desc_len,
-               long long row_bytes, unsigned char* const* windows, long long data_off,
-               long long cap_bytes, int* const* host_err, long long timeout_ns) {
-    Fn fn = nullptr;
+// Delay the start of block b by b * us microseconds (0: no delay), to model late blocks.
+void emu_set_stagger(long long us) { g_stagger_us.store(us); }
+
+// Number of kernel parameters (what emu_launch_packed expects per rank).
+int emu_arity() { return arity(&p2p_pull<float, uint4>); }
+
+// One collective of `nranks` ranks: for every rank r with launch[r] != 0, `grid` blocks of
+// kernel `name` with the arguments packed as cuLaunchKernel takes them: params[r][i] points at
+// the value of parameter i. Returns 0, or -1 for an unknown specialisation name.
+int emu_launch_packed(const char* name, int nranks, int grid, const int* launch,
+                      void* const* const* params) {
+    PackedFn fn = nullptr;
     for (const Entry& e : kTable)
-        if (std::string(e.name) == name) fn = e.fn;
+        if (std::string(e.name) == name) fn = e.packed;
     if (!fn) return -1;
     std::vector<std::thread> threads;
-    std::vector<Launch> args(nranks);
     for (int r = 0; r < nranks; ++r) {
         if (!launch[r]) continue;
-        args[r] = Launch{inp[r], in_rows[r], out[r], out_rows[r], desc[r], desc_off[r], desc_len[r],
-                         row_bytes, windows, r, nranks, data_off, cap_bytes, host_err[r], timeout_ns};
-        for (int b = 0; b < grid; ++b) {
-            const Launch* a = &args[r];
+        void* const* a = params[r];
+        for (int b = 0; b < grid; ++b)
             threads.emplace_back([fn, a, b, grid] {
-                run_block((unsigned int)b, (unsigned int)grid, [fn, a] { fn(*a); });
+                run_block((unsigned int)b, (unsigned int)grid, [fn, a] { fn(a); });
             });
-        }
     }
     for (auto& t : threads) t.join();
     return 0;
