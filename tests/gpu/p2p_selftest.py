@@ -324,8 +324,9 @@ def phase_timing(run, be, timeout_s, rows_list, graph_n, reps):
                 break
             rng = np.random.default_rng([RANK, rows])
             send = be.put(rng.integers(0, 2**16, (rows, width), dtype=np.uint16))
-            out_p = cp.zeros((SIZE * rows, width), cp.uint16)
-            out_n = cp.zeros((SIZE * rows, width), cp.uint16)
+            with s:  # on the test stream: it does not synchronise with the legacy default stream
+                out_p = cp.zeros((SIZE * rows, width), cp.uint16)
+                out_n = cp.zeros((SIZE * rows, width), cp.uint16)
             sig = _p2p.signature("timed gather", rows, "bfloat16", ROW_BYTES_TIMED)
             desc = be.desc(_p2p.gather_desc(sig, rank=RANK, attn_tp=1, counts=[rows] * SIZE,
                                             slot_offsets=np.arange(SIZE + 1) * rows))
