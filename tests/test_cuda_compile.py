@@ -130,3 +130,110 @@ def test_use_without_gpu_raises_backend_unavailable():
     assert nccl.nccl_available() is False
     with pytest.raises(BackendUnavailable):
         nccl.NcclCommunicator()
+
+
+# -- kernels/p2p.cu (the P2P transport) --------------------------------------------------------
+
+from dpgather.kernels import _p2p  # noqa: E402
+
+
+def cuda_include_dir():
+    """A directory holding cuda_fp16.h / cuda_bf16.h (CuPy passes its own at run time)."""
+    import os
+
+    candidates = []
+    try:
+        from cuda.pathfinder import find_nvidia_header_directory
+
+        candidates.append(find_nvidia_header_directory("cudart"))
+    except Exception:
+        pass
+    for var in ("CUDA_PATH", "CUDA_HOME"):
+        if os.environ.get(var):
+            candidates.append(os.path.join(os.environ[var], "include"))
+    candidates.append("/usr/local/cuda/include")
+    for c in candidates:
+        if c and os.path.exists(os.path.join(c, "cuda_bf16.h")):
+            return c
+    return None
+
+
+def test_p2p_specialisation_list_covers_every_pair():
+    # every logical dtype with every vector at least as wide as its element
+    assert set(_p2p.ELEM_CTYPES) == {"float32", "float16", "bfloat16", "int32", "int64", "uint8"}
+    expect = {f"p2p_pull<{e}, {v}>" for n, e in _p2p.ELEM_CTYPES.items()
+              for w, v in _cuda.COPY_CTYPES.items() if w >= _p2p.ITEMSIZE[n]}
+    assert set(_p2p.NAME_EXPRESSIONS) == expect and len(expect) == 21
+
+
+def test_p2p_constants_match_the_source():
+    src = _p2p.kernel_source()
+
+    def const(name):
+        m = re.search(rf"\b{name} = (-?\d+)", src)
+        assert m, name
+        return int(m.group(1))
+
+    assert const("kThreads") == _p2p._THREADS
+    assert const("kErrTimeout") == _p2p.ERR_TIMEOUT and const("kErrSignature") == _p2p.ERR_SIGNATURE
+    assert const("kEpoch") == 0 and const("kErr") == 3
+    assert re.search(r"kIndexMax = 2147483647LL", src) and _p2p._INDEX_MAX == 2147483647
+    assert "constexpr int kMaxRanks = kThreads;" in src and _p2p.MAX_RANKS == _p2p._THREADS
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_p2p_cu_compiles_every_specialisation(nvrtc, arch):
+    inc = cuda_include_dir()
+    if inc is None:
+        pytest.skip("no CUDA headers (cuda_bf16.h) found: set CUDA_PATH or install the toolkit")
+    ok, log, lowered = compile_source(nvrtc, _p2p.kernel_source(), _p2p.NAME_EXPRESSIONS, arch,
+                                      options=_p2p.COMPILE_OPTIONS + (f"-I{inc}",))
+    assert ok, f"NVRTC rejected kernels/p2p.cu for {arch}:\n{log}"
+    assert set(lowered) == set(_p2p.NAME_EXPRESSIONS)
+    assert len(set(lowered.values())) == len(lowered), lowered
+
+
+def test_p2p_cu_compiles_with_nvcc(tmp_path):
+    import shutil
+
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc not on PATH")
+    lines = [_p2p.kernel_source(), "void dpg_instantiate_all() {"]
+    lines += [f"    (void)&{name};" for name in _p2p.NAME_EXPRESSIONS]
+    lines.append("}")
+    src = tmp_path / "p2p_all.cu"
+    src.write_text("\n".join(lines))
+    out = subprocess.run([nvcc, "-arch=sm_90", "-std=c++17", "-Xptxas", "-warn-spills", "-c",
+                          str(src), "-o", str(tmp_path / "p2p_all.o")],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert "spill" not in out.stderr.lower(), out.stderr
+
+
+def test_p2p_import_needs_no_cupy():
+    code = (
+        "import sys, dpgather.kernels._p2p, dpgather.dist.p2p; "
+        "bad = [m for m in ('cupy', 'mpi4py', 'numba', 'ml_dtypes', 'torch') if m in sys.modules]; "
+        "assert not bad, bad; print('clean')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "clean" in out.stdout, out.stderr
+
+
+def test_p2p_kernel_params_match_the_signature():
+    # kernel_args packs values in KERNEL_PARAMS order and sizes: it must be the kernel's own
+    src = _p2p.kernel_source()
+    m = re.search(r"__global__ void __launch_bounds__\([^)]*\)\s*p2p_pull\(([^)]*)\)", src)
+    assert m, "p2p_pull signature not found"
+    params = []
+    for p in m.group(1).split(","):
+        p = " ".join(p.replace("__restrict__", "").split())
+        ctype, name = p.rsplit(" ", 1)
+        params.append((name, ctype.replace(" *", "*")))
+    assert tuple(params) == _p2p.KERNEL_PARAMS
+    args = _p2p.kernel_args(**{n: 1 for n, _ in _p2p.KERNEL_PARAMS})
+    sizes = [a.dtype.itemsize for a in args]
+    assert sizes == [4 if c == "int" else 8 for _, c in _p2p.KERNEL_PARAMS]
+    with pytest.raises(Exception, match="missing"):
+        _p2p.kernel_args(inp=1)

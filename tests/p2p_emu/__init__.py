@@ -1,0 +1,137 @@
+"""kernels/p2p.cu executed on the CPU (emu.h + emu_api.cpp), driven from Python.
+
+:func:`build` compiles the kernel source with g++ into a shared library; :class:`Cluster` holds
+``T`` ranks' windows in ordinary memory (the layout of ``window_layout``, initialised like
+``CudaP2P``) and runs collectives with :meth:`Cluster.pull`: every launched rank's blocks run
+concurrently as OS threads, 256 fibers each. The kernel's own arguments, vector width and grid
+rules are the ones :mod:`dpgather.kernels._p2p` uses on the GPU.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import pathlib
+import shutil
+import subprocess
+
+import numpy as np
+
+from dpgather.dist.p2p import _initial_header
+from dpgather.kernels import _p2p
+
+HERE = pathlib.Path(__file__).resolve().parent
+KERNELS = HERE.parent.parent / "kernels"
+
+_P = ctypes.c_void_p
+_LL = ctypes.c_longlong
+
+
+def build(out_dir) -> ctypes.CDLL:
+    """Compile emu_api.cpp (which includes kernels/p2p.cu) and load it; needs g++."""
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        raise FileNotFoundError("no C++ compiler (g++) on PATH")
+    lib = pathlib.Path(out_dir) / "libp2pemu.so"
+    cmd = [cxx, "-std=c++17", "-O1", "-g0", "-shared", "-fPIC", "-pthread", "-Wall", "-Wno-unused-function",
+           "-Wno-unknown-pragmas",
+           "-DDPG_P2P_EMULATION", f"-I{KERNELS}", str(HERE / "emu_api.cpp"), "-o", str(lib)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if res.returncode != 0:
+        raise RuntimeError(f"emulator build failed:\n{' '.join(cmd)}\n{res.stderr}")
+    so = ctypes.CDLL(str(lib))
+    so.emu_count.restype = ctypes.c_int
+    so.emu_name.restype = ctypes.c_char_p
+    so.emu_name.argtypes = [ctypes.c_int]
+    so.emu_arity.restype = ctypes.c_int
+    so.emu_set_stagger.argtypes = [ctypes.c_longlong]
+    so.emu_launch_packed.restype = ctypes.c_int
+    so.emu_launch_packed.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.c_int, _P, _P]
+    if so.emu_arity() != len(_p2p.KERNEL_PARAMS):
+        raise RuntimeError(f"the kernel takes {so.emu_arity()} parameters, KERNEL_PARAMS lists "
+                           f"{len(_p2p.KERNEL_PARAMS)}")
+    so.build_log = res.stderr
+    return so
+
+
+def aligned(nbytes, align=256):
+    """A zeroed uint8 buffer of ``nbytes`` whose address is a multiple of ``align``."""
+    raw = np.zeros(nbytes + align, np.uint8)
+    off = (-raw.ctypes.data) % align
+    return raw[off : off + nbytes]
+
+
+def aligned_like(a, align=256, shift=0):
+    """A copy of the 2-D array ``a`` at an address ``shift`` bytes past an ``align`` boundary."""
+    buf = aligned(a.nbytes + shift, align)[shift:]
+    out = buf.view(a.dtype).reshape(a.shape) if a.size else np.empty(a.shape, a.dtype)
+    out[...] = a
+    return out
+
+
+def _arr(values, ctype):
+    return (ctype * len(values))(*values)
+
+
+class Cluster:
+    """``T`` emulated ranks sharing one process (one launch runs every rank's kernel)."""
+
+    def __init__(self, so, nranks, capacity_bytes, timeout_s=30.0, epoch0=0, grid=None):
+        self.so = so
+        self.t = int(nranks)
+        self.layout = _p2p.window_layout(self.t, capacity_bytes)
+        self.windows = []
+        for _ in range(self.t):
+            w = aligned(self.layout.window_bytes)
+            header = _initial_header(self.t, self.layout, epoch0)
+            w[: header.nbytes] = header.view(np.uint8)
+            self.windows.append(w)
+        self.errors = [np.zeros(1, np.int32) for _ in range(self.t)]
+        self.timeout_ns = int(timeout_s * 1e9) if timeout_s > 0 else 0
+        self.grid = grid
+
+    def state(self, r):
+        """``(epoch, arrive, depart, err)`` of rank ``r``'s window."""
+        lay = self.layout
+        return tuple(int(v) for v in self.windows[r][lay.state_off : lay.state_off + 32].view(np.uint64))
+
+    def pull(self, inputs, outputs, descs, desc_off, row_bytes, dtype, launch=None, grid=None):
+        """Run one collective; ``inputs``/``outputs``/``descs`` are per-rank NumPy arrays
+        (written in place); ``launch``: ranks that enter it (default all). Returns the host
+        error words."""
+        t = self.t
+        launch = [1] * t if launch is None else [int(bool(x)) for x in launch]
+        ptrs = [a.ctypes.data for a in list(inputs) + list(outputs)]
+        vec = _p2p.pick_vector(row_bytes, _p2p.ITEMSIZE[dtype], *ptrs)
+        name = _p2p.kernel_name(dtype, vec)
+        if grid is None:
+            grid = self.grid
+        if grid is None:
+            grid = max(_p2p.grid_size(inputs[r].shape[0], outputs[r].shape[0], row_bytes,
+                                      self.layout.cap_bytes, 4) for r in range(t))
+        descs = [np.ascontiguousarray(d, np.int64) for d in descs]
+        offs = desc_off if isinstance(desc_off, (list, tuple)) else [desc_off] * t
+        table = (ctypes.c_void_p * t)(*[w.ctypes.data for w in self.windows])
+        packed, values = [], []
+        for r in range(t):
+            # the very keywords CudaP2P.pull passes to _p2p.launch
+            args = _p2p.kernel_args(
+                inp=inputs[r].ctypes.data, in_rows=inputs[r].shape[0], out=outputs[r].ctypes.data,
+                out_rows=outputs[r].shape[0], desc=descs[r].ctypes.data, desc_off=int(offs[r]),
+                desc_len=descs[r].shape[0], row_bytes=row_bytes, windows=ctypes.addressof(table),
+                me=r, nranks=t, data_off=self.layout.data_off, cap_bytes=self.layout.cap_bytes,
+                host_err=self.errors[r].ctypes.data, timeout_ns=self.timeout_ns,
+            )
+            boxed = [np.array(a) for a in args]  # each value in its own buffer, as CuPy does
+            values.append(boxed)
+            packed.append((ctypes.c_void_p * len(boxed))(*[b.ctypes.data for b in boxed]))
+        params = (ctypes.c_void_p * t)(*[ctypes.addressof(p) for p in packed])
+        rc = self.so.emu_launch_packed(name.encode(), t, int(grid), _arr(launch, ctypes.c_int), params)
+        del descs, values, packed, table  # alive (in this frame) until the launch returned
+        if rc != 0:
+            raise RuntimeError(f"emu_launch_packed({name}) returned {rc}")
+        return [int(e[0]) for e in self.errors]
+
+
+def available():
+    return shutil.which("g++") is not None and os.uname().machine in ("x86_64", "AMD64")
