@@ -10,6 +10,7 @@ from .errors import (
     ConfigError,
     DpGatherError,
     InconsistentBatchError,
+    InconsistentStepError,
     InputError,
 )
 from .types import POLICIES, ForwardMode, LocalBatch, PaddingMode, SpecConfig, Topology
@@ -24,7 +25,7 @@ except ImportError as _e:  # pragma: no cover - only without a built extension
 
 __all__ = [
     "BackendUnavailable", "CollectiveTimeout", "ConfigError", "CostModel", "DpGatherError",
-    "ForwardMode", "InconsistentBatchError", "InputError", "LocalBatch", "POLICIES", "PaddingMode",
+    "ForwardMode", "InconsistentBatchError", "InconsistentStepError", "InputError", "LocalBatch", "POLICIES", "PaddingMode",
     "Plan", "Planner", "RECORD_FIELDS", "RECORD_MAGIC", "RECORD_WIDTH", "SpecConfig", "Topology",
     "TRANSPORTS", "count_tokens", "plan",
 ]

@@ -11,6 +11,7 @@ __all__ = [
     "ConfigError",
     "InputError",
     "InconsistentBatchError",
+    "InconsistentStepError",
     "CollectiveTimeout",
     "BackendUnavailable",
 ]
@@ -38,6 +39,16 @@ class InconsistentBatchError(DpGatherError):
 
     Raised on every rank, before any data collective of the step, so nothing is written and no
     rank is left waiting in a collective the others skipped.
+    """
+
+
+class InconsistentStepError(InconsistentBatchError):
+    """The ranks issued different data-plane operations in one step (operation, plan,
+    contribution/reduce, dtype or width).
+
+    Raised on every rank: at the call where the transport compares the ranks' operations (the
+    P2P transport's signature check), else at the next ``sync()`` from the step's call hash. The
+    ``DpAttention`` is aborted (its communicators may hold mismatched collectives).
     """
 
 

@@ -50,6 +50,7 @@ from dpgather.core.errors import (
     CollectiveTimeout,
     ConfigError,
     DpGatherError,
+    InconsistentStepError,
     InputError,
 )
 from dpgather.kernels import _p2p
@@ -279,7 +280,7 @@ class _P2PBase:
             )
         code = self.error()
         if code:
-            raise CollectiveTimeout(
+            raise (InconsistentStepError if code == ERR_SIGNATURE else CollectiveTimeout)(
                 f"{op} on rank {self.rank}/{self.size}: the {type(self).__name__} transport is "
                 f"broken after {self._error_text(code)} (timeout_s={self.timeout_s:g}); it "
                 "refuses every later collective; create a new one (every rank) to continue"
@@ -571,7 +572,7 @@ class HostP2P(_P2PBase):
         if bad:
             self._set_error(ERR_SIGNATURE)
             theirs = [hex(words[base + 2 * t]) for t in bad]
-            raise CollectiveTimeout(
+            raise InconsistentStepError(
                 f"pull (p2p epoch {e}) on rank {me}/{size}: ranks {bad} entered the same "
                 f"collective with signatures {theirs}, this rank with {sig:#x}: the ranks "
                 "issued different operations; the transport is now broken (error 2)"

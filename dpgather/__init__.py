@@ -29,6 +29,7 @@ from .core import (
     DpGatherError,
     ForwardMode,
     InconsistentBatchError,
+    InconsistentStepError,
     InputError,
     LocalBatch,
     PaddingMode,
@@ -39,7 +40,7 @@ from .core import (
     count_tokens,
     plan,
 )
-from ._facade import DpAttention, InconsistentStepError
+from ._facade import DpAttention
 from ._graph import GraphRunner
 
 __all__ = [

@@ -28,11 +28,14 @@ import numpy as np
 
 from dpgather.core import (
     POLICIES,
+    TRANSPORTS,
+    BackendUnavailable,
     RECORD_WIDTH,
     CollectiveTimeout,
     ConfigError,
     CostModel,
     InconsistentBatchError,
+    InconsistentStepError,
     InputError,
     LocalBatch,
     Plan,
@@ -58,7 +61,7 @@ from ._layout import (
     signature,
 )
 
-__all__ = ["DpAttention", "InconsistentStepError"]
+__all__ = ["DpAttention"]
 
 if TYPE_CHECKING:
     from ._graph import GraphRunner
@@ -72,20 +75,16 @@ log = get_logger("facade")
 _C_SEQ, _C_OPS, _C_NOPS, _C_STATUS = range(RECORD_WIDTH, RECORD_WIDTH + 4)
 SYNC_WIDTH = RECORD_WIDTH + 4
 # Status codes of the control field.
-_ST_OK, _ST_INPUT, _ST_DEVICE = 0, 1, 2
+_ST_OK, _ST_INPUT, _ST_DEVICE, _ST_MISMATCH = 0, 1, 2, 3
 _DEFAULT_TIMEOUT_S = 60.0
-
-
-class InconsistentStepError(InconsistentBatchError):
-    """The ranks issued different data-plane operations (or plans, or numbers of ``sync()``) in
-    one step. Raised on every rank at the next ``sync()``; the ``DpAttention`` is aborted (its
-    communicators may hold mismatched collectives)."""
+#: Per-replica rows the P2P windows hold at least (decode batches and EAGLE steps fit).
+P2P_DEFAULT_ROWS = 256
 
 
 class _Step:
     """One step on this rank: the plan, its layouts, and the descriptor (host and device)."""
 
-    __slots__ = ("plan", "hidden", "logits", "desc", "desc_host", "sigs", "call_sigs")
+    __slots__ = ("plan", "hidden", "logits", "desc", "desc_host", "sigs", "call_sigs", "p2p")
 
 
 class _Guard:
@@ -127,6 +126,10 @@ class DpAttention:
             (``CollectiveTimeout`` after it); a positive number (``float("inf")``: no bound).
         cost: :class:`CostModel` for ``"auto"`` (default: built-in constants; ``row_bytes`` is
             set from ``hidden_size`` and ``dtype``).
+        transport: ``"auto"`` (default: the plan picks NCCL or P2P per step, P2P where the ranks
+            share a node with peer access and it is predicted faster; graph steps use P2P
+            whenever it is available), ``"nccl"`` or ``"p2p"`` (P2P for every step that fits its
+            windows; ConfigError where it cannot run). On the host backend "nccl" means MPI.
         strict: debug option. Every data-plane call first agrees with every rank over the host
             (one small exchange per call): a bad argument on any rank then raises on every rank
             *at that call* and nothing moves anywhere. Without it (default) a bad argument raises
@@ -150,7 +153,8 @@ class DpAttention:
                  spec: Optional[SpecConfig] = None,
                  policy: Literal["auto", "sglang", "max_len", "sum_len", "varlen"] = "auto",
                  graph_buckets: Optional[Iterable[int]] = (), max_tokens_per_rank: Optional[int] = None,
-                 timeout_s: float = 60.0, cost: Optional[CostModel] = None, strict: bool = False) -> None:
+                 timeout_s: float = 60.0, cost: Optional[CostModel] = None, strict: bool = False,
+                 transport: Literal["auto", "nccl", "p2p"] = "auto") -> None:
         from dpgather.dist.host import load_mpi
 
         MPI = load_mpi()
@@ -158,6 +162,7 @@ class DpAttention:
         self._aborted = None
         self._backend = None
         self._tp = self._attn = None
+        self._p2p = None
         self._sync = None
         self._runners = []
         self._arena = None
@@ -170,7 +175,7 @@ class DpAttention:
         # agreement below would leave its peers waiting in it.
         canon, errors = _canonical_config(comm.Get_size(), attn_tp_size, hidden_size, dtype, backend,
                                           spec, policy, graph_buckets, max_tokens_per_rank, timeout_s,
-                                          cost, strict)
+                                          cost, strict, transport)
         bound = canon["timeout_s"] if "timeout_s" not in errors else _DEFAULT_TIMEOUT_S
         from dpgather.dist.shm import bounded_wait
         from dpgather.dist.sync import StepSync
@@ -205,13 +210,13 @@ class DpAttention:
         self._tp = be.communicator(self._private, self.timeout_s)
         if A > 1:
             self._attn = self._tp.split(self.dp_rank, self.attn_tp_rank)
+        p2p_rows = self._make_p2p(c)
         cost = (c["cost_model"] or CostModel()).with_row_bytes(self._row_bytes)
         self.planner = Planner(self.topology, spec=c["spec_obj"], policy=c["policy"],
-                               graph_buckets=c["graph_buckets"], cost=cost)
+                               graph_buckets=c["graph_buckets"], cost=cost, transport=c["transport"],
+                               p2p_rows=p2p_rows)
         self._desc_layout = Descriptor(self.topology.dp_size, A)
-        self._transport = "nccl" if be.name == "cuda" else "mpi"
-        self._transport_reason = "the P2P transport is not built into this version"
-        self._plane = DataPlane(be, self._tp, self._attn, None, self._desc_layout, self.attn_tp_rank, A,
+        self._plane = DataPlane(be, self._tp, self._attn, self._p2p, self._desc_layout, self.attn_tp_rank, A,
                                 self.dtype, self._storage)
         self._arena = Arena(be.alloc)
         self._record = np.zeros(SYNC_WIDTH, dtype=np.int32)
@@ -227,9 +232,48 @@ class DpAttention:
         self._empty = be.xp.empty((0, self.hidden_size), dtype=self._storage)
         if c["max_tokens_per_rank"]:
             self._preallocate(c["max_tokens_per_rank"])
-        log.info("DpAttention: %s backend, T=%d A=%d H=%d %s, policy %s, transport %s (%s)", be.name,
-                 self.topology.world_size, A, self.hidden_size, self.dtype, c["policy"], self._transport,
-                 self._transport_reason or "available")
+        log.info("DpAttention: %s backend, T=%d A=%d H=%d %s, policy %s, P2P %s", be.name,
+                 self.topology.world_size, A, self.hidden_size, self.dtype, c["policy"],
+                 "available" if self._p2p is not None else f"off ({self._transport_reason})")
+
+    def _make_p2p(self, c):
+        """The P2P transport where it can run (collective; the same outcome on every rank).
+
+        Its windows hold ``D x cap`` rows: ``cap`` is the largest of ``max_tokens_per_rank``, the
+        largest graph bucket and :data:`P2P_DEFAULT_ROWS` (per replica), so every decode-sized step
+        and every graph step fits; larger steps go over NCCL (the plan says which). Returns the
+        window's rows (0 without P2P) and records the reason in :meth:`info`.
+        """
+        self._transport_reason = None
+        want = c["transport"]
+        T, D, A = self.topology.world_size, self.topology.dp_size, self.topology.attn_tp_size
+        if want == "nccl":
+            self._transport_reason = "transport='nccl' was asked for"
+            return 0
+        if T == 1:
+            self._transport_reason = "one rank: nothing to move"
+            return 0
+        from dpgather.dist.p2p import CudaP2P, HostP2P, probe_p2p
+
+        cuda = self._backend.name == "cuda"
+        device = self._backend.device.id if cuda else None
+        ok, reason = probe_p2p(self._private, device, self.timeout_s, backend=self._backend.name)
+        if ok:
+            buckets = c["graph_buckets"]
+            cap = max(c["max_tokens_per_rank"] or 0, buckets[-1] if buckets else 0, P2P_DEFAULT_ROWS)
+            cap = -(-cap // A) * A
+            try:
+                self._p2p = (CudaP2P if cuda else HostP2P)(self._private, D * cap * self._row_bytes,
+                                                          self.timeout_s, device)
+                return D * cap
+            except (ConfigError, BackendUnavailable) as e:  # the same verdict on every rank
+                ok, reason = False, str(e)
+        self._transport_reason = f"P2P is not available: {reason}"
+        if want == "p2p":
+            raise ConfigError(f"transport='p2p' but {self._transport_reason}; use transport='auto' or 'nccl'")
+        log.info("%s; the step's collectives go over %s", self._transport_reason, self._backend.name == "cuda"
+                 and "NCCL" or "MPI")
+        return 0
 
     def _preallocate(self, tokens):
         """Reserve every role for ``tokens`` per replica; agreed, so every rank raises alike."""
@@ -295,6 +339,12 @@ class DpAttention:
         rec[_C_NOPS] = self._nops
         rec[_C_STATUS] = self._status
         msg = self._status_msg
+        if self._p2p is not None:
+            code = self._p2p.error()  # a read of the pinned error word: no CUDA call, no sync
+            if code:
+                rec[_C_STATUS] = _ST_MISMATCH if code == 2 else _ST_DEVICE
+                msg = f"the P2P transport reported error {code} on rank {self.rank} (1: a peer did not arrive " \
+                      f"within timeout_s, 2: the ranks issued different operations)"
         self._ophash = self._nops = 0
         self._status, self._status_msg = _ST_OK, None
         try:
@@ -333,6 +383,10 @@ class DpAttention:
         status = ctl[:, 3].tolist()
         bad = [r for r in range(T) if status[r]]
         detail = "; ".join(f"rank {r}: {msgs[r]}" for r in bad if msgs[r])
+        if any(s == _ST_MISMATCH for s in status):
+            self.abort(f"the ranks issued different operations ({detail})")
+            raise InconsistentStepError(f"the ranks issued different operations in the previous step (the P2P "
+                                        f"transport's signatures differ): {detail}. The DpAttention is aborted")
         if any(s == _ST_DEVICE for s in status):
             self.abort(f"a device transfer failed ({detail})")
             raise CollectiveTimeout(f"a device transfer of the previous step failed on rank(s) "
@@ -356,6 +410,7 @@ class DpAttention:
         """Layouts and descriptor of ``plan`` for this rank; uploads the descriptor once."""
         st = _Step()
         st.plan = plan
+        st.p2p = plan.transport == "p2p"
         fp = plan.fingerprint
         hit = self._layouts.get(fp)
         if hit is None:
@@ -474,8 +529,8 @@ class DpAttention:
         if error is None:
             try:
                 return run(*args)
-            except CollectiveTimeout as e:
-                self.abort(f"{_OP_NAMES[op]} timed out ({e})")
+            except (CollectiveTimeout, InconsistentStepError) as e:
+                self.abort(f"{_OP_NAMES[op]} failed ({e})")
                 raise
             except InputError as e:  # a buffer could not grow: raised before any collective
                 error = e
@@ -541,10 +596,10 @@ class DpAttention:
             return st, xr
 
         def run(st, xr):
-            return self._plane.gather(self._arena, xr, st.hidden, st.desc, partial, False)
+            return self._plane.gather(self._arena, xr, st.hidden, st.desc, partial, st.p2p)
 
         def dummy(st):
-            self._plane.gather(self._arena, self._empty, st.hidden, st.desc, partial, False)
+            self._plane.gather(self._arena, self._empty, st.hidden, st.desc, partial, st.p2p)
 
         # the flag hashed is what this rank issues (an invalid contribution issues "replicate")
         return self._call(OP_GATHER, plan, int(partial), self.hidden_size, check, run, dummy)
@@ -567,10 +622,10 @@ class DpAttention:
             return st, hr
 
         def run(st, hr):
-            return self._plane.gather(self._arena, hr, st.logits, st.desc, False, False, "logits")
+            return self._plane.gather(self._arena, hr, st.logits, st.desc, False, st.p2p, "logits")
 
         def dummy(st):
-            self._plane.gather(self._arena, self._empty, st.logits, st.desc, False, False, "logits")
+            self._plane.gather(self._arena, self._empty, st.logits, st.desc, False, st.p2p, "logits")
 
         return self._call(OP_GATHER_LOGITS, plan, 0, self.hidden_size, check, run, dummy)
 
@@ -612,7 +667,7 @@ class DpAttention:
             return st, Yr, o
 
         def run(st, Yr, o):
-            y = self._plane.combine(self._arena, Yr, st.hidden, st.desc, bool(flag), o, False)
+            y = self._plane.combine(self._arena, Yr, st.hidden, st.desc, bool(flag), o, st.p2p)
             L = st.hidden
             if o is None and L.slot != L.n:  # this replica's own rows (a cached view, no copy)
                 y = self._arena.view("output", L.n, Yr.shape[1], Yr.dtype)
@@ -622,7 +677,7 @@ class DpAttention:
             if flag:
                 Z = self._arena.view("staging", st.hidden.total, self.hidden_size, self._storage)
                 self._backend.zero(Z)
-                self._plane.combine(self._arena, Z, st.hidden, st.desc, True, None, False)
+                self._plane.combine(self._arena, Z, st.hidden, st.desc, True, None, st.p2p)
 
         return self._call(OP_SCATTER, plan, flag, self.hidden_size, check, run, dummy)
 
@@ -735,7 +790,9 @@ class DpAttention:
             "attn_tp_size": self.topology.attn_tp_size, "dtype": self.dtype,
             "hidden_size": self.hidden_size, "policy": self.planner.policy, "strict": self.strict,
             "sync": self._sync.transport if self._sync is not None else None,
-            "transport": self._transport, "transport_reason": self._transport_reason,
+            "transport": "p2p" if self._p2p is not None else ("nccl" if self.backend == "cuda" else "mpi"),
+            "transport_reason": self._transport_reason,
+            "p2p_rows": self.planner.p2p_rows,
         }
 
     def memory_stats(self) -> Dict[str, Dict[str, int]]:
@@ -753,7 +810,8 @@ class DpAttention:
                 self._attn.wait(stream)
 
     def abort(self, reason: str = "abort() was called") -> None:
-        """Abort the communicators (local, immediate) and refuse further use on this rank."""
+        """Abort the communicators (local, immediate) and refuse further use on this rank
+        (the P2P transport's kernels already refuse once its error word is set)."""
         if self._aborted is None:
             self._aborted = reason
             log.warning("DpAttention aborted: %s", reason)
@@ -774,6 +832,8 @@ class DpAttention:
         for runner in self._runners:
             runner.close()
         self._runners = []
+        if self._p2p is not None:  # after the graphs that captured its kernel, before the buffers
+            self._p2p.close()
         if self._arena is not None:
             self._arena.release()
         for c in (self._attn, self._tp):
@@ -814,7 +874,7 @@ def _dtype_message(name, got, logical):
 # -- configuration: local canonicalisation and the agreement ---------------------------------------
 
 def _canonical_config(world_size, attn_tp_size, hidden_size, dtype, backend, spec, policy, graph_buckets,
-                      max_tokens_per_rank, timeout_s, cost, strict):
+                      max_tokens_per_rank, timeout_s, cost, strict, transport):
     """``(canonical values, {field: error message})`` of the constructor's arguments on this rank.
 
     Nothing raises: every rank exchanges both, so a value that is invalid on one rank only makes
@@ -843,6 +903,8 @@ def _canonical_config(world_size, attn_tp_size, hidden_size, dtype, backend, spe
     field("backend", lambda v: v if v in ("auto", "host", "cuda") else _raise(
         "backend must be 'auto', 'host' or 'cuda'"), backend)
     field("policy", lambda v: v if isinstance(v, str) and v in POLICIES else _raise(f"policy must be one of {POLICIES}"), policy)
+    field("transport", lambda v: v if isinstance(v, str) and v in TRANSPORTS else _raise(
+        f"transport must be one of {TRANSPORTS}"), transport)
 
     def spec_fn(v):
         if v is not None and not isinstance(v, SpecConfig):

@@ -4,8 +4,9 @@ On the CUDA backend each graph bucket ``b`` is captured once (MAX_LEN, ``b`` row
 static buffers: one input buffer of ``max(bucket)`` rows, one gathered/staging/combine/output set
 sized for the largest bucket that every bucket's graph views a prefix of (the deferred
 allocation of SGLang #8277, taken further: no buffer is allocated per step, and all buckets share
-one allocation). The copy kernels read the step's counts from a static device descriptor that
-``run`` refreshes with one device-to-device copy, so a replay serves any counts up to its bucket.
+one allocation). The copy kernels (and, where the plan's transport is P2P, the P2P pull kernel) read the step's
+counts from a static device descriptor that ``run`` refreshes with one device-to-device copy, so
+a replay serves any counts up to its bucket — and over P2P moves only the real rows.
 On the host backend ``run`` executes the same steps eagerly on the same static buffers, so code
 written against the runner is portable and CI-tested.
 
@@ -99,9 +100,11 @@ class GraphRunner:
         size = ctx.descriptor.size
         self._desc_dev = be.xp.zeros(size, dtype=be.xp.int64)
         self._layouts = {}
+        self._p2p = {}  # bucket -> the graph step's transport is P2P (the planner's rule for graphs)
         for b in buckets:
-            plan = ctx.planner.plan_batches([LocalBatch(ForwardMode.DECODE, b)] * D)
+            plan = ctx.planner.plan_batches([LocalBatch(ForwardMode.DECODE, b, can_run_graph=True)] * D)
             self._layouts[b] = Layout.hidden(plan, ctx.dp_rank, ctx.attn_tp_rank)
+            self._p2p[b] = plan.transport == "p2p"
         self._outputs = {}
         self._graphs = {}
         self._pool = None
@@ -111,19 +114,21 @@ class GraphRunner:
 
     # -- the step, as captured or run eagerly ----------------------------------------------
     def _body(self, b):
-        ctx, L = self._ctx, self._layouts[b]
-        G = ctx.plane.gather(self._arena, self._input[:b], L, self._desc_dev, self._partial, False)
+        ctx, L, p2p = self._ctx, self._layouts[b], self._p2p[b]
+        G = ctx.plane.gather(self._arena, self._input[:b], L, self._desc_dev, self._partial, p2p)
         Y = self._fn(G)
         Yr = ctx.rows(Y, "fn(G)", ctx.hidden_size)
         if Yr.shape[0] < G.shape[0]:
             raise InputError(f"fn(G) must return at least {G.shape[0]} rows, got {Yr.shape[0]}")
-        return ctx.plane.combine(self._arena, Yr, L, self._desc_dev, self._reduce, None, False)
+        return ctx.plane.combine(self._arena, Yr, L, self._desc_dev, self._reduce, None, p2p)
 
     def _capture(self):
-        from dpgather.kernels import _cuda
+        from dpgather.kernels import _cuda, _p2p
 
         cupy = self._be.cupy
         _cuda.warm()
+        if any(self._p2p.values()):
+            _p2p.warm()
         self._pool = cupy.cuda.MemoryPool()
         self._stream = cupy.cuda.Stream(non_blocking=True)
         with cupy.cuda.using_allocator(self._pool.malloc), self._stream:

@@ -56,6 +56,14 @@ def test_matrix(nprocs, dtypes):
         assert (got["configs"], got["steps"]) == (configs, configs * 10), got
 
 
+@pytest.mark.parametrize("nprocs,transport,dtypes", [(2, "nccl", "float32,bfloat16"), (4, "nccl", "float16"),
+                                                     (3, "p2p", "bfloat16,int32")])
+def test_matrix_transport(nprocs, transport, dtypes):
+    # the default matrix runs transport="auto" (P2P for most small steps on one node): the
+    # collectives' path ("nccl": MPI on the host backend) and forced P2P get their own runs
+    _run(nprocs, "matrix", "--dtypes", dtypes, "--transport", transport, "--seed", 77 + nprocs)
+
+
 def test_matrix_T8_oversubscribed():
     # 8 ranks on 2 cores: every divisor A (1, 2, 4, 8), three policies, bfloat16
     _run(8, "matrix", "--dtypes", "bfloat16", "--policies", "auto,sglang,varlen", "--steps", "10",

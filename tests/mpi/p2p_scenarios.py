@@ -6,7 +6,7 @@
                          the same cases again on a transport whose epoch starts at 2^32 - 3,
                          so the 32-bit epoch in the flags wraps; both parities throughout
     mismatch             the last rank enters one collective with another signature: every
-                         rank raises CollectiveTimeout at once with error() == 2, then refuses
+                         rank raises InconsistentStepError at once with error() == 2, then refuses
     timeout [TIMEOUT_S]  rank 0 skips one collective: the others raise CollectiveTimeout within
                          timeout + margin (error 1); rank 0's late call completes (the others had
                          signalled that epoch), its next one times out as well
@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import p2p_cases as pc  # noqa: E402
 from mpi_harness import report  # noqa: E402
-from dpgather.core.errors import CollectiveTimeout, ConfigError, InputError  # noqa: E402
+from dpgather.core.errors import CollectiveTimeout, ConfigError, InconsistentStepError, InputError  # noqa: E402
 from dpgather.dist.p2p import ERR_SIGNATURE, ERR_TIMEOUT, HostP2P  # noqa: E402
 from dpgather.kernels import _p2p  # noqa: E402
 
@@ -129,7 +129,7 @@ def scenario_mismatch():
     try:
         _collective(t, sig=99 if RANK == SIZE - 1 else 7)
         fails.append("mismatched signatures were accepted")
-    except CollectiveTimeout as e:
+    except InconsistentStepError as e:
         el = time.monotonic() - t0
         if el > 5:
             fails.append(f"the mismatch took {el:.2f}s to detect (a timeout, not a check?)")
@@ -141,7 +141,7 @@ def scenario_mismatch():
     try:
         _collective(t)
         fails.append("a broken transport accepted another collective")
-    except CollectiveTimeout as e:
+    except InconsistentStepError as e:  # the refusal names the first error's class
         if time.monotonic() - t0 > 0.05 or "broken" not in str(e):
             fails.append(f"refusal was slow or unclear: {e}")
     t.close()
