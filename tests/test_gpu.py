@@ -61,17 +61,33 @@ def test_nccl_timeout_and_graph():
     check_mpi([COMM, "graph", "--backend", "cuda"], n, timeout=120, env=ENV)
 
 
+_FACADE = [(t, d, "auto") for t in _ranks() for d in ("bfloat16", "float16", "float32")
+           if t == _ranks()[-1] or d == "bfloat16"] + [(_ranks()[-1], "bfloat16", "nccl")]
+
+
 @pytest.mark.skipif(find_mpiexec() is None, reason="no mpirun/mpiexec on PATH")
-@pytest.mark.parametrize("nranks,dtype", [(t, d) for t in _ranks() for d in ("bfloat16", "float16", "float32")
-                                          if t == _ranks()[-1] or d == "bfloat16"])
-def test_facade_cuda(nranks, dtype):
+@pytest.mark.parametrize("nranks,dtype,transport", _FACADE)
+def test_facade_cuda(nranks, dtype, transport):
     """Every divisor A, every policy and forward mode (incl. DRAFT_EXTEND with fewer real rows),
     both contributions, logits, masks, and graph replay == eager with zero allocations per replay;
-    bf16 at every rank count."""
+    bf16 at every rank count. transport="auto" takes P2P where the GPUs share a node (small steps,
+    every graph step); "nccl" keeps every step on NCCL."""
     steps = os.environ.get("DPGATHER_GPU_STEPS", "4")
     res = check_mpi([str(GPU_DIR / "facade_smoke.py"), "--backend", "cuda", "--dtype", dtype, "--graphs",
-                     "--steps", steps], nranks, timeout=500, env=ENV)
+                     "--steps", steps, "--transport", transport], nranks, timeout=500, env=ENV)
     assert all(r["passed"] > 0 for r in res.results.values()), res.results
+    if transport == "nccl":
+        assert res.results[0]["transports_used"] == ["nccl"], res.results[0]
+
+
+@pytest.mark.skipif(find_mpiexec() is None, reason="no mpirun/mpiexec on PATH")
+def test_p2p_transport_selftest(tmp_path):
+    """CudaP2P against the NumPy reference for every descriptor shape the data plane uses, eager and
+    replayed from a CUDA graph with rewritten counts, plus a rank that skips a collective."""
+    n = _ranks()[-1]
+    if n < 2:
+        pytest.skip("the P2P transport needs 2 GPUs")
+    check_mpi([str(GPU_DIR / "p2p_selftest.py"), "--out", str(tmp_path / "p2p.json")], n, timeout=400, env=ENV)
 
 
 @pytest.mark.skipif(find_mpiexec() is None, reason="no mpirun/mpiexec on PATH")

@@ -2,7 +2,8 @@
 # One call on a GPU node. With no argument it runs exactly the README's test command, `make test`
 # (the system Python, its packages and the node's own MPI: VENV=none is auto-detected), and writes
 # its log and a one-line verdict under $OUT. Other phases, each under `timeout`:
-#   bash tests/gpu/device_run.sh [test] [gputest] [sanitize] [copy] [collective] [graph] [calibrate] [p2p]
+#   bash tests/gpu/device_run.sh [test] [build] [gputest] [p2p] [eager] [sanitize] [copy] [collective]
+#                                [graph] [calibrate]
 # Nothing is exported for the tests: every setting Open MPI needs (running as root, oversubscription)
 # comes from dpgather's own launcher settings, as it would for a user.
 set -u
@@ -19,6 +20,12 @@ run() {  # run NAME TIMEOUT CMD...
 }
 note "# $(date -u +%FT%TZ) $(nvidia-smi --query-gpu=name --format=csv,noheader | sort | uniq -c | tr -s ' ') GPUs=$NG $(git rev-parse --short HEAD 2>/dev/null) $(mpirun --version 2>/dev/null | head -1)"
 for p in $phases; do case $p in
+build)
+  run build 300 make build ;;
+p2p)
+  run p2p_selftest ${T_P2P:-300} python3 -m dpgather.tools.launch -n "$NG" --timeout 280 tests/gpu/p2p_selftest.py --out "$OUT/p2p.json" ;;
+eager)
+  run eager_bench ${T_EAGER:-240} python3 -m dpgather.tools.launch -n "$NG" --timeout 230 bench/eager_bench.py --json "$OUT/eager.json" ;;
 test)
   run make_test ${T_TEST:-590} make test ;;
 gputest)

@@ -28,6 +28,7 @@ ap.add_argument("--dtype", default="float32")
 ap.add_argument("--hidden", type=int, default=40)
 ap.add_argument("--steps", type=int, default=6)
 ap.add_argument("--graphs", action="store_true")
+ap.add_argument("--transport", choices=("auto", "nccl", "p2p"), default="auto")
 args = ap.parse_args()
 
 if args.backend == "cuda":
@@ -60,6 +61,7 @@ TOL = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 1e-1}.get(args.dtype, 0)
 H = args.hidden
 passed = 0
 failures = []
+USED = set()  # the plans' transports seen
 
 
 def check(name, ok):
@@ -88,7 +90,7 @@ for A in [a for a in range(1, T + 1) if T % a == 0]:
     D, d, a = T // A, RANK // A, RANK % A
     for policy in ("auto", "sglang", "max_len", "sum_len", "varlen"):
         dp = dg.DpAttention(comm, attn_tp_size=A, hidden_size=H, dtype=args.dtype, backend=args.backend,
-                            spec=spec, policy=policy)
+                            spec=spec, policy=policy, transport=args.transport)
         for step in range(args.steps):
             rng = np.random.default_rng(1000 * step + 7 * A)
             batches = []
@@ -101,6 +103,7 @@ for A in [a for a in range(1, T + 1) if T % a == 0]:
                 else:
                     batches.append(dg.LocalBatch(m, bs))
             plan = dp.sync(batches[d])
+            USED.add(plan.transport)
             n = plan.num_tokens
             real = [int(n[r]) - (int(rng.integers(0, max(1, int(n[r]) // 2) + 1)) if batches[r].mode == dg.ForwardMode.DRAFT_EXTEND else 0) for r in range(D)]
             tag = f"A={A} {policy} step {step} {plan.mode.name}"
@@ -150,7 +153,7 @@ for A in [a for a in range(1, T + 1) if T % a == 0]:
     if args.graphs:
         buckets = (A * 2, A * 8, A * 32)
         dp = dg.DpAttention(comm, attn_tp_size=A, hidden_size=H, dtype=args.dtype, backend=args.backend,
-                            graph_buckets=buckets, spec=spec)
+                            graph_buckets=buckets, spec=spec, transport=args.transport)
         # No cuBLAS here: CuPy refuses cuBLAS calls during stream capture (NotImplementedError);
         # bfloat16 travels as uint16 storage, so its stand-in MLP is a bit-exact copy.
         if args.dtype in ("float32", "float16"):
@@ -212,4 +215,4 @@ for A in [a for a in range(1, T + 1) if T % a == 0]:
         dp.close()
 
 report(RANK, failures=failures[:50], nfailures=len(failures), passed=passed,
-       backend=args.backend, dtype=args.dtype, T=T)
+       backend=args.backend, dtype=args.dtype, T=T, transport=args.transport, transports_used=sorted(USED))

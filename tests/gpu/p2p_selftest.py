@@ -493,6 +493,12 @@ def main(argv=None):
         run.res["failures"].append(f"final gather: {e}")
         run.res["ok"] = False
     ok = all(r.get("ok") for r in every) and len(every) == SIZE
+    try:  # under the test harness: this rank's result for the test to assert on
+        from mpi_harness import report
+
+        report(RANK, failures=list(run.res.get("failures", []))[:20] or ([] if run.res["ok"] else ["failed"]))
+    except ImportError:
+        pass
     if RANK == 0:
         summary = {"ok": ok, "transport": args.transport, "size": SIZE, "args": vars(args), "ranks": every}
         with open(args.out, "w") as f:
