@@ -17,9 +17,11 @@ T/A replicas; a pattern written for 4 replicas is cycled/truncated to D):
 
 With A=1 (``contribution="replicate"``) every pattern runs; with A=2 (``"partial"``) the
 ``--attn-tp2`` subset. For each pattern, ``DpAttention.gather`` and ``DpAttention.scatter(reduce=
-True)`` are timed with the plan forced to MAX_LEN, SUM_LEN and VARLEN (planners with those
-policies) and with ``auto`` (the plan of ``dp.sync``; when its layout equals a forced mode's, that
-measurement is reused: it is the same sequence of kernels and collectives). Beside them:
+True)`` are timed with the plan forced to MAX_LEN, SUM_LEN and VARLEN over NCCL, VARLEN over the
+P2P transport (``P2P``; left out where P2P cannot run) and with ``auto`` (transport and policy
+``auto``) -- one ``DpAttention`` per variant, each step's plan from its own ``sync``. When auto's
+layout and transport equal a forced variant's, that measurement is reused: it is the same sequence
+of kernels and collectives. Beside them:
 
     nccl-raw     CuPy's NCCL binding (cupy.cuda.nccl, no dpgather in between): allGather of D*M/T
                  rows per rank into D*M rows (M = the padded
@@ -50,7 +52,7 @@ each move the real rows once); busbw = algbw x (T-1)/T (nccl-tests' all-gather f
 Targets (summary): (a) VARLEN total <= 1.05 x min(MAX_LEN, SUM_LEN) wherever VARLEN moves at
 most 70 % of the padded bytes (sum n <= 0.7 D M) and gather + combine move >= 4 MiB in total
 (2 x real(B)); (b) auto <= 1.05 x the best
-fixed mode on every pattern; (c) on skew (A=1) our best mode >= 1.5x faster than torch SUM_LEN
+forced variant on every pattern; (c) on skew (A=1) our best mode >= 1.5x faster than torch SUM_LEN
 (eager against eager). Rank 0 prints progress, then the tables; ``--json`` writes everything.
 """
 
@@ -75,7 +77,9 @@ from dpgather.tools.timing import (
 )
 
 MODES = ("max_len", "sum_len", "varlen")
-MODE_NAME = {"max_len": "MAX_LEN", "sum_len": "SUM_LEN", "varlen": "VARLEN"}
+#: Forced variants: the three padding modes over NCCL, and VARLEN over the P2P transport.
+VARIANTS = MODES + ("p2p",)
+MODE_NAME = {"max_len": "MAX_LEN", "sum_len": "SUM_LEN", "varlen": "VARLEN", "p2p": "P2P"}
 ALL_PATTERNS = ("decode64", "decode256", "skew", "onehot", "random", "prefill-mix", "idle")
 ROTATE_BYTES = 256 << 20
 MAX_ROT = 8
@@ -119,7 +123,7 @@ def make_batch(dg, kind, n):
 
 
 def same_layout(p, q):
-    return (p.mode == q.mode and p.gathered_rows == q.gathered_rows
+    return (p.mode == q.mode and p.transport == q.transport and p.gathered_rows == q.gathered_rows
             and np.array_equal(p.num_tokens, q.num_tokens)
             and np.array_equal(p.slot_rows, q.slot_rows)
             and np.array_equal(p.slot_offsets, q.slot_offsets))
@@ -281,7 +285,7 @@ class Ctx:
 def run_pattern(c, pi, pname, A):
     """Measure every mode of one pattern at attn_tp ``A``; returns the result dict."""
     cupy, dg = c.cupy, c.dg
-    dp = c.dps[A]
+    dps = c.dps[A]
     T, rank = c.T, c.rank
     D = T // A
     d, a = rank // A, rank % A
@@ -291,23 +295,23 @@ def run_pattern(c, pi, pname, A):
     spec = pattern_counts(pname, D, c.seed + pi)
     batches = [make_batch(dg, k, n) for k, n in spec]
     counts = [n for _, n in spec]
-    plans = {m: dg.Planner(dp.topology, policy=m, cost=dp.planner.cost).plan_batches(batches)
-             for m in MODES}
-    plans["sglang"] = dg.Planner(dp.topology, policy="sglang", cost=dp.planner.cost).plan_batches(batches)
-    with c.stream:  # the plan's descriptor upload goes on the bench stream
-        auto = dp.sync(batches[d])
-    plans["auto"] = auto
+    with c.stream:  # the plans' descriptor uploads go on the bench stream
+        plans = {v: dp.sync(batches[d]) for v, dp in dps.items()}
+    auto = plans["auto"]
+    plans["sglang"] = dg.Planner(dps["auto"].topology, policy="sglang",
+                                 cost=dps["auto"].planner.cost).plan_batches(batches)
+    variants = [v for v in VARIANTS if v in dps and plans[v].transport == ("p2p" if v == "p2p" else "nccl")]
     pmax = plans["max_len"]
     M = int(pmax.slot_rows[0])
     S = int(sum(counts))
     n_own = counts[d]
     real_b, padded_b = S * R, D * M * R
     res = {"pattern": pname, "attn_tp": A, "dp": D, "counts": counts, "contribution": contrib,
-           "real_bytes": real_b, "padded_bytes": padded_b, "auto_mode": auto.mode.name,
+           "real_bytes": real_b, "padded_bytes": padded_b, "auto_mode": auto.mode.name + ("/p2p" if auto.transport == "p2p" else ""),
            "sglang_mode": plans["sglang"].mode.name,
            "predicted_us": dict(zip(("MAX_LEN", "SUM_LEN", "VARLEN"), auto.predicted_us)),
            "rows": []}
-    c.say(f"# [{pname} A={A}] counts {counts}: auto -> {auto.mode.name}, sglang -> "
+    c.say(f"# [{pname} A={A}] counts {counts}: auto -> {res['auto_mode']}, sglang -> "
           f"{plans['sglang'].mode.name}, predicted MAX/SUM/V "
           + "/".join(f"{t:.0f}" for t in auto.predicted_us) + " us")
 
@@ -361,20 +365,20 @@ def run_pattern(c, pi, pname, A):
         return int(c.world.allreduce(int(w), op=c.MPI.SUM))
 
     stream = c.stream
-    # warm every mode once (arena high-water marks, NCCL channels), then verify + time each
+    # warm every variant once (arena high-water marks, NCCL channels), then verify + time each
     with stream:
-        for m in MODES:
-            p = plans[m]
+        for m in variants + ["auto"]:
+            p, dp = plans[m], dps[m]
             dp.scatter(Y[0, :p.gathered_rows], p, reduce=True)
             dp.gather(xs[0], p, contribution=contrib)
         stream.synchronize()
 
     measured = {}
-    for m in MODES + ("auto",):
-        p = plans[m]
+    for m in variants + ["auto"]:
+        p, dp = plans[m], dps[m]
         reuse = None
         if m == "auto":
-            reuse = next((f for f in MODES if same_layout(p, plans[f])), None)
+            reuse = next((f for f in variants if same_layout(p, plans[f])), None)
         if reuse is not None:
             row = dict(measured[reuse])
             row.update(mode="auto", chosen=p.mode.name, reused=reuse)
@@ -390,9 +394,9 @@ def run_pattern(c, pi, pname, A):
             del Yv
         wrong = agree_wrong(wg + wc)
         rows = int(p.gathered_rows)
-        tg = c.timer.measure(lambda j: dp.gather(xs[j % nrot], p, contribution=contrib))
-        tc = c.timer.measure(lambda j: dp.scatter(Y[j % nrot, :rows], p, reduce=True))
-        row = {"mode": m if m != "auto" else "auto", "chosen": p.mode.name, "how": "graph",
+        tg = c.timer.measure(lambda j, dp=dp, p=p: dp.gather(xs[j % nrot], p, contribution=contrib))
+        tc = c.timer.measure(lambda j, dp=dp, p=p: dp.scatter(Y[j % nrot, :rows], p, reduce=True))
+        row = {"mode": m, "chosen": p.mode.name + ("/p2p" if p.transport == "p2p" else ""), "how": "graph",
                "moved_bytes": rows * R, "gather": tg, "combine": tc, "wrong": wrong,
                "wrong_gather": agree_wrong(wg), "wrong_combine": agree_wrong(wc)}
         measured[m] = row
@@ -598,7 +602,8 @@ def targets(results):
                    else f"gather + combine move {2 * res['real_bytes']} B < 4 MiB")
             lines.append(f"# (a) {tag:18s} not applicable ({why})")
         if "auto" in by:
-            best_m = min(MODES, key=lambda m: tot[m])
+            tot.update({v: by[v]["total_us"] for v in VARIANTS if v in by})
+            best_m = min((v for v in VARIANTS if v in tot), key=lambda m: tot[m])
             r = by["auto"]["total_us"] / tot[best_m]
             ok = r <= 1.05
             out["b"].append({"pattern": tag, "auto_mode": res["auto_mode"], "auto_us": by["auto"]["total_us"],
@@ -675,13 +680,26 @@ def main(argv=None):
     c.cupy, c.dg, c.MPI, c.world, c.rank, c.T = cupy, dg, MPI, world, rank, T
     c.hidden, c.seed = args.hidden, args.seed
     c.say = (lambda msg: print(msg, flush=True)) if rank == 0 else (lambda msg: None)
-    c.dps = {1: dg.DpAttention(world, attn_tp_size=1, hidden_size=args.hidden, dtype="bfloat16",
-                               backend="cuda", policy="auto", strict=False, timeout_s=args.timeout)}
-    if pats2 and T % 2 == 0 and T >= 4:
-        c.dps[2] = dg.DpAttention(world, attn_tp_size=2, hidden_size=args.hidden, dtype="bfloat16",
-                                  backend="cuda", policy="auto", strict=False, timeout_s=args.timeout)
-    else:
+    if not (pats2 and T % 2 == 0 and T >= 4):
         pats2 = []
+    # one DpAttention per variant (a plan belongs to the DpAttention whose sync made it); the
+    # P2P windows hold the largest pattern, so P2P and auto may pick P2P on every pattern
+    cap = max(n for p in pats + pats2 for _, n in pattern_counts(p, T, args.seed)) or 1
+    cap = max(cap, 2048)  # the random pattern's bound at any seed
+    c.dps = {}
+    for A in (1, 2) if pats2 else (1,):
+        c.dps[A] = {}
+        for v in VARIANTS + ("auto",):
+            policy = {"p2p": "varlen", "auto": "auto"}.get(v, v)
+            transport = {"p2p": "p2p", "auto": "auto"}.get(v, "nccl")
+            try:
+                c.dps[A][v] = dg.DpAttention(world, attn_tp_size=A, hidden_size=args.hidden, dtype="bfloat16",
+                                             backend="cuda", policy=policy, transport=transport,
+                                             max_tokens_per_rank=cap, timeout_s=args.timeout)
+            except dg.DpGatherError as e:  # the same outcome on every rank
+                if v in MODES + ("auto",):
+                    raise
+                c.say(f"# variant {v} A={A}: unavailable ({e})")
     c.raw = RawNccl(world)
     from dpgather.kernels import _cuda as _kernels
 
@@ -701,7 +719,7 @@ def main(argv=None):
         "ranks": T, "hidden": args.hidden, "dtype": "bfloat16", "row_bytes": 2 * args.hidden,
         "nccl": int(nccl.get_version()), "cupy": cupy.__version__, "reps": args.reps,
         "warmup": args.warmup, "target_us": args.target_us, "torch": torch_note,
-        "cost_model": dict(c.dps[1].planner.cost.to_dict()), "seed": args.seed,
+        "cost_model": dict(c.dps[1]["auto"].planner.cost.to_dict()), "seed": args.seed,
     }
     c.say(f"# collective_bench: {T} ranks on {meta['device']}, NCCL {meta['nccl']}, hidden "
           f"{args.hidden} bf16 ({2 * args.hidden} B rows), median of {args.reps}; torch: {torch_note}")
@@ -727,8 +745,9 @@ def main(argv=None):
         except Exception:  # noqa: BLE001
             pass
     c.raw.close()
-    for dp in c.dps.values():
-        dp.close()
+    for group in c.dps.values():
+        for dp in group.values():
+            dp.close()
 
     tlines, tdict = targets(results)
     wrong_total = sum(r["wrong"] or 0 for res in results for r in res["rows"] if r["mode"] != "auto")

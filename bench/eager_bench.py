@@ -56,6 +56,17 @@ def main(argv=None):
     H = args.hidden
     tokens = [int(t) for t in args.tokens.split(",")]
     nmax = max(tokens)
+    # DpAttention picks this rank's GPU: create it before any stream or array.
+    transports = [t for t in args.transports.split(",") if t]
+    dps = {}
+    for tr in transports:
+        try:
+            dps[tr] = dg.DpAttention(world, hidden_size=H, dtype="bfloat16", backend="cuda", policy="auto",
+                                     transport=tr, max_tokens_per_rank=nmax, timeout_s=120)
+        except dg.DpGatherError as e:
+            if rank == 0:
+                print(f"# transport {tr}: unavailable ({e})", flush=True)
+    rows, meta = [], {"ranks": T, "hidden": H, "tokens": tokens}
     stream = cupy.cuda.Stream(non_blocking=True)
     timer = Timer(CupyEvents(stream), comm=world, reps=args.reps, warmup=args.warmup,
                   target_us=args.target_us, graph=False)
@@ -69,16 +80,6 @@ def main(argv=None):
     def bf16_to_f32(a):
         return (a.astype(cupy.uint32) << 16).view(cupy.float32)
 
-    rows, meta = [], {"ranks": T, "hidden": H, "tokens": tokens}
-    transports = [t for t in args.transports.split(",") if t]
-    dps = {}
-    for tr in transports:
-        try:
-            dps[tr] = dg.DpAttention(world, hidden_size=H, dtype="bfloat16", backend="cuda", policy="auto",
-                                     transport=tr, max_tokens_per_rank=nmax, timeout_s=120)
-        except dg.DpGatherError as e:
-            if rank == 0:
-                print(f"# transport {tr}: unavailable ({e})", flush=True)
     for n in tokens:
         batch = dg.LocalBatch(dg.ForwardMode.DECODE, n)
         for tr, dp in dps.items():

@@ -3,7 +3,7 @@
     mpirun -n 4 python bench/graph_bench.py [--hidden 7168] [--inter 2048]
         [--buckets 1,2,4,8,16,32,64,128,256] [--tokens 1,2,4,...,256] [--fns identity,mlp]
         [--steps 1000] [--reps 20] [--warmup 3] [--target-us 2000] [--attn-tp 1] [--strict]
-        [--json PATH]
+        [--transport auto|nccl|p2p] [--json PATH]
 
 One rank per GPU, bfloat16 (2-byte storage) rows of ``--hidden``. ``DpAttention(graph_buckets=
 --buckets, max_tokens_per_rank=max bucket)``; for each ``fn`` a ``dp.graph_runner(fn)`` captures
@@ -127,6 +127,7 @@ def identity(G):
 #: Columns of the latency table (rows: the ``points`` of the JSON output).
 POINT_COLUMNS = (
     Column("fn", "fn", width=9), Column("tokens", "tokens", "", "d"), Column("bucket", "bucket", "", "d"),
+    Column("transport", "transport", ""),
     Column("eager_us", "eager", "(us)", ".1f"), Column("replay_us", "replay", "(us)", ".1f"),
     Column("speedup", "speedup", "(x)", ".2f"), Column("wrong", "#wrong", "", "d"),
     Column("bitdiff", "#bitdiff", "", "d"),
@@ -196,6 +197,8 @@ def main(argv=None):
     ap.add_argument("--target-us", type=float, default=2000.0)
     ap.add_argument("--attn-tp", type=int, default=1)
     ap.add_argument("--strict", action="store_true", help="DpAttention(strict=True) for the eager path")
+    ap.add_argument("--transport", default="auto", choices=("auto", "nccl", "p2p"),
+                    help="DpAttention(transport=...): auto runs graph steps over P2P where it can")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout", type=float, default=120.0)
     ap.add_argument("--json", metavar="PATH")
@@ -243,7 +246,7 @@ def main(argv=None):
     contrib = "partial" if A > 1 else "replicate"
     dp = dg.DpAttention(world, attn_tp_size=A, hidden_size=H, dtype="bfloat16", backend="cuda",
                         policy="auto", graph_buckets=buckets, max_tokens_per_rank=buckets[-1],
-                        strict=args.strict, timeout_s=args.timeout)
+                        strict=args.strict, timeout_s=args.timeout, transport=args.transport)
     dev = cupy.cuda.Device().id
     stream = cupy.cuda.Stream(non_blocking=True)
     kern = Kernels(cupy)
@@ -258,7 +261,8 @@ def main(argv=None):
     meta = {"bench": "graph_bench", "date": datetime.datetime.now().isoformat(timespec="seconds"),
             "device": name, "ranks": T, "attn_tp": A, "hidden": H, "inter": args.inter,
             "buckets": buckets, "tokens": tokens, "steps": args.steps, "reps": args.reps,
-            "warmup": args.warmup, "strict": args.strict, "cupy": cupy.__version__}
+            "warmup": args.warmup, "strict": args.strict, "cupy": cupy.__version__,
+            "transport": args.transport, "info": {k: str(v) for k, v in dp.info().items()}}
     say(f"# graph_bench: {T} ranks (A={A}) on {name}, hidden {H} bf16, buckets {buckets}, "
         f"median of {args.reps}")
 
@@ -315,12 +319,12 @@ def main(argv=None):
                 tr = timer.measure(lambda j: runner.run(xs[j % nrot], plan), graph=False)
                 te = timer.measure(lambda j: dp.scatter(fn(dp.gather(xs[j % nrot], plan, contribution=contrib)),
                                                         plan, reduce=True), graph=False)
-                pt = {"fn": fname, "tokens": n, "bucket": int(plan.bucket), "replay_us": tr["eager"],
+                pt = {"fn": fname, "tokens": n, "bucket": int(plan.bucket), "transport": plan.transport, "replay_us": tr["eager"],
                       "eager_us": te["eager"],
                       "speedup": te["eager"] / tr["eager"] if tr["eager"] > 0 else 0.0,
                       "k_replay": tr["k"], "k_eager": te["k"], "wrong": wrong, "bitdiff": bitdiff}
                 points.append(pt)
-                say(f"#   {fname:8s} n={n:4d} replay {tr['us']:8.1f} us  eager {te['us']:8.1f} us  "
+                say(f"#   {fname:8s} n={n:4d} {plan.transport:4s} replay {tr['us']:8.1f} us  eager {te['us']:8.1f} us  "
                     f"x{pt['speedup']:.2f}  #wrong {wrong}")
             memory.append(memory_run(cupy, MPI, world, dg, dp, runner, fn, fname, X, nrot, buckets,
                                      args.steps, args.seed, stream, H, D, A, d, contrib, say))

@@ -92,8 +92,8 @@ class DataPlane:
             return G
         if p2p:
             name = "logits" if role != "gathered" else ("gather_partial" if partial else "gather_replicate")
-            self.p2p.pull(x, G, desc, self.desc_layout.p2p[name], row_bytes=W * dt.itemsize,
-                          dtype=logical)
+            self.p2p.pull_trusted(x, G, desc, self.desc_layout.p2p[name], row_bytes=W * dt.itemsize,
+                                  dtype=logical)
             return G
         tp = self.tp
         if L.mode == _SUM:
@@ -151,8 +151,8 @@ class DataPlane:
             be.copy_rows(Yv, y, desc, _UNPACK)
             return y
         if p2p:
-            self.p2p.pull(Yv, y, desc, self.desc_layout.p2p["combine"], row_bytes=W * dt.itemsize,
-                          dtype=logical)
+            self.p2p.pull_trusted(Yv, y, desc, self.desc_layout.p2p["combine"], row_bytes=W * dt.itemsize,
+                                  dtype=logical)
             return y
         tp = self.tp
         if L.mode == _SUM:

@@ -111,6 +111,13 @@ constexpr int kMaxRanks = kThreads;
 constexpr int kEpoch = 0, kArrive = 1, kDepart = 2, kErr = 3;
 constexpr int kErrTimeout = 1, kErrSignature = 2;
 constexpr long long kIndexMax = 2147483647LL;
+// Bytes of a launch's real work (rows packed plus rows pulled or zeroed) per active block: the
+// grid is sized from capacities (graph-safe), a step may need fewer blocks; the others exit at
+// once, and one active block needs no grid-wide counter at all.
+#ifndef DPG_P2P_ACTIVE_BYTES
+#define DPG_P2P_ACTIVE_BYTES (64LL * 1024)
+#endif
+constexpr long long kActiveBytes = DPG_P2P_ACTIVE_BYTES;
 
 // Vectors in flight per thread: copies and zero fills keep 8 (16 for sub-word V) loads
 // before the stores, as kernels/copy.cu; reductions hold fp32 accumulators, so fewer.
@@ -159,6 +166,16 @@ __device__ __forceinline__ unsigned long long ld_volatile_u64(const unsigned lon
 __device__ __forceinline__ void st_volatile_u64(unsigned long long* p, unsigned long long v) {
     asm volatile("st.volatile.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
+
+// Release this thread's (and what it observed of other blocks') writes, acquire theirs.
+__device__ __forceinline__ unsigned long long atom_add_acq_rel_gpu(unsigned long long* p,
+                                                                   unsigned long long v) {
+    unsigned long long old;
+    asm volatile("atom.acq_rel.gpu.global.add.u64 %0, [%1], %2;" : "=l"(old) : "l"(p), "l"(v) : "memory");
+    return old;
+}
+
+__device__ __forceinline__ void fence_acq_rel_sys() { asm volatile("fence.acq_rel.sys;" ::: "memory"); }
 
 // Loads from a window (own or a peer's): ld.volatile, so a line cached in L1 by the
 // collective two epochs ago is never returned (NCCL reads peer buffers the same way).
@@ -412,7 +429,26 @@ p2p_pull(const V* inp, long long in_rows, V* out, long long out_rows,
     c.parity = (int)(e & 1);
     const Header h = read_header(desc, desc_off, desc_len);
     const long long vpr = row_bytes / (long long)sizeof(V);
-    const long long G = gridDim.x;
+
+    // ---- 0. active blocks: the same count on every block, from the descriptor
+    long long G;
+    {
+        long long work = 0;
+        for (long long i = 0; i < h.n_pack; ++i) {
+            const long long rows = nonneg(h.packs[3 * i + 1]);
+            const long long src_row = nonneg(h.packs[3 * i + 2]);
+            work += src_row < c.cap_rows ? min2(rows, c.cap_rows - src_row) : 0;
+        }
+        for (long long j = 0; j < h.n_jobs; ++j) {
+            const long long dst_row = nonneg(h.jobs[7 * j]);
+            const long long span = nonneg(h.jobs[7 * j + 2]);
+            work += dst_row < out_rows ? min2(span, out_rows - dst_row) : 0;
+        }
+        G = min2((long long)gridDim.x, ceil_div(work * row_bytes, kActiveBytes));
+        if (G < 1) G = 1;
+    }
+    if ((long long)blockIdx.x >= G) return;  // uniform per block: not needed for this step
+    const bool solo = G == 1;
 
     // ---- 1. pack: tiles of every segment, numbered globally, dealt round-robin to blocks
     {
@@ -439,20 +475,22 @@ p2p_pull(const V* inp, long long in_rows, V* out, long long out_rows,
         }
     }
 
-    // ---- 2. arrive; the last block signals every rank (own window included)
+    // ---- 2. arrive; the last block signals every rank (own window included). The arrive
+    // counter is an acq_rel atomic: the last block acquires every block's pack; one
+    // fence.acq_rel.sys then orders all of it before the release.sys flag stores.
     __syncthreads();
     if (threadIdx.x == 0) {
-        __threadfence();
-        const unsigned long long old = atomicAdd(&state[kArrive], 1ull);
-        s_last = old == (unsigned long long)(gridDim.x - 1);
-        if (s_last) {
-            st_volatile_u64(&state[kArrive], 0ull);
-            __threadfence_system();
+        if (solo) {
+            s_last = 1;
+        } else {
+            const unsigned long long old = atom_add_acq_rel_gpu(&state[kArrive], 1ull);
+            s_last = old == (unsigned long long)(G - 1);
+            if (s_last) st_volatile_u64(&state[kArrive], 0ull);
         }
+        if (s_last) fence_acq_rel_sys();
     }
     __syncthreads();
     if (s_last && (int)threadIdx.x < nranks) {
-        __threadfence_system();
         unsigned long long* flag = reinterpret_cast<unsigned long long*>(windows[threadIdx.x]) +
                                    (long long)c.parity * nranks + me;
         st_release_sys(flag, ((unsigned long long)(unsigned int)e << 32) | h.sig);
@@ -542,13 +580,13 @@ p2p_pull(const V* inp, long long in_rows, V* out, long long out_rows,
         }
     }
 
-    // ---- 5. depart; the last block publishes the epoch, or commits the launch's error
+    // ---- 5. depart; the last block publishes the epoch, or commits the launch's error (the
+    // acq_rel counter makes every block's pending error visible to the last one)
     __syncthreads();
     if (threadIdx.x == 0) {
-        __threadfence();
-        const unsigned long long old = atomicAdd(&state[kDepart], 1ull);
-        if (old == (unsigned long long)(gridDim.x - 1)) {
-            st_volatile_u64(&state[kDepart], 0ull);
+        const unsigned long long old = solo ? 0ull : atom_add_acq_rel_gpu(&state[kDepart], 1ull);
+        if (old == (unsigned long long)(G - 1)) {
+            if (!solo) st_volatile_u64(&state[kDepart], 0ull);
             const unsigned int code = atomicAdd(pending_err(state), 0u);
             if (code == 0) {
                 st_volatile_u64(&state[kEpoch], (unsigned long long)e);

@@ -17,9 +17,12 @@ from dpgather.kernels import _p2p
 pytestmark = pytest.mark.skipif(not p2p_emu.available(), reason="needs g++ on x86-64")
 
 
-@pytest.fixture(scope="module")
-def so(tmp_path_factory):
-    return p2p_emu.build(tmp_path_factory.mktemp("p2p_emu"))
+@pytest.fixture(scope="module", params=["every-block-active", "active-from-work"])
+def so(request, tmp_path_factory):
+    # every-block-active: all blocks of the grid take part (the multi-block arrive/depart
+    # barrier on every case); active-from-work: the kernel's own rule (small cases: one block)
+    return p2p_emu.build(tmp_path_factory.mktemp("p2p_emu"),
+                         active_bytes=1 if request.param == "every-block-active" else None)
 
 
 def run(cluster, case, seed, index, grid=None, launch=None, shift=0):

@@ -27,8 +27,12 @@ _P = ctypes.c_void_p
 _LL = ctypes.c_longlong
 
 
-def build(out_dir) -> ctypes.CDLL:
-    """Compile emu_api.cpp (which includes kernels/p2p.cu) and load it; needs g++."""
+def build(out_dir, active_bytes=None) -> ctypes.CDLL:
+    """Compile emu_api.cpp (which includes kernels/p2p.cu) and load it; needs g++.
+
+    ``active_bytes`` overrides the kernel's bytes of work per active block (a small value makes
+    every block of the grid active, so the multi-block barrier runs on the small test cases;
+    the default makes small cases take the one-block path)."""
     cxx = shutil.which("g++") or shutil.which("c++")
     if cxx is None:
         raise FileNotFoundError("no C++ compiler (g++) on PATH")
@@ -36,6 +40,8 @@ def build(out_dir) -> ctypes.CDLL:
     cmd = [cxx, "-std=c++17", "-O1", "-g0", "-shared", "-fPIC", "-pthread", "-Wall", "-Wno-unused-function",
            "-Wno-unknown-pragmas",
            "-DDPG_P2P_EMULATION", f"-I{KERNELS}", str(HERE / "emu_api.cpp"), "-o", str(lib)]
+    if active_bytes is not None:
+        cmd.insert(-4, f"-DDPG_P2P_ACTIVE_BYTES={int(active_bytes)}LL")
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     if res.returncode != 0:
         raise RuntimeError(f"emulator build failed:\n{' '.join(cmd)}\n{res.stderr}")

@@ -114,6 +114,11 @@ inline void __threadfence_system() { std::atomic_thread_fence(std::memory_order_
 inline void __nanosleep(unsigned int) { sched_yield(); }
 [[noreturn]] inline void __trap() { std::abort(); }
 
+inline unsigned long long atom_add_acq_rel_gpu(unsigned long long* p, unsigned long long v) {
+    return __atomic_fetch_add(p, v, __ATOMIC_ACQ_REL);
+}
+inline void fence_acq_rel_sys() { std::atomic_thread_fence(std::memory_order_acq_rel); }
+
 inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) {
     return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST);
 }
