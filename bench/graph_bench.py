@@ -324,7 +324,7 @@ def main(argv=None):
                       "speedup": te["eager"] / tr["eager"] if tr["eager"] > 0 else 0.0,
                       "k_replay": tr["k"], "k_eager": te["k"], "wrong": wrong, "bitdiff": bitdiff}
                 points.append(pt)
-                say(f"#   {fname:8s} n={n:4d} {plan.transport:4s} replay {tr['us']:8.1f} us  eager {te['us']:8.1f} us  "
+                say(f"#   {fname:8s} n={n:4d} {plan.transport:4s} replay {tr['eager']:8.1f} us  eager {te['eager']:8.1f} us  "
                     f"x{pt['speedup']:.2f}  #wrong {wrong}")
             memory.append(memory_run(cupy, MPI, world, dg, dp, runner, fn, fname, X, nrot, buckets,
                                      args.steps, args.seed, stream, H, D, A, d, contrib, say))

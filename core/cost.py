@@ -48,9 +48,10 @@ _DEFAULTS = {
     "all_reduce": (12.3, 4.1, 335.0),
     "gatherv": (32.0, 3.0, 254.0),
     "reduce_scatterv": (32.0, 3.0, 254.0),
-    # the P2P transport's pull collective (docs/p2p.md): latency per collective, per extra peer,
-    # and the pull bandwidth over NVLink; from the 2x H200 probe (4.7 us at 1 row, ~360 GB/s)
-    "p2p": (4.5, 0.5, 360.0),
+    # the P2P transport's pull collective (docs/p2p.md): latency per collective (pack, barrier,
+    # pull in one kernel), per extra peer, and the pull bandwidth over NVLink; fitted on 2x H200
+    # (9.5 us at 1 row per rank, 65 us at 1024 rows; gather + combine of [4096, 2048] rows)
+    "p2p": (9.0, 0.5, 315.0),
 }
 
 

@@ -97,17 +97,20 @@ class CudaBackend:
 
         self.cupy = cupy
         self.xp = cupy
-        self.device = cupy.cuda.Device()
+        self.device = None  # the communicator picks this rank's GPU (see communicator)
         self.copy_rows = _cuda.copy_rows_unchecked
         self.mask_rows = _cuda.mask_rows
         self._ring = []
         self._slot = 0
 
-    @staticmethod
-    def communicator(mpi_comm, timeout_s):
+    def communicator(self, mpi_comm, timeout_s):
+        """The NCCL communicator of ``mpi_comm``; it picks and makes current this rank's GPU,
+        which becomes :attr:`device` (the current device before it may be another rank's)."""
         from dpgather.dist.nccl import NcclCommunicator
 
-        return NcclCommunicator(mpi_comm, timeout_s=timeout_s)
+        comm = NcclCommunicator(mpi_comm, timeout_s=timeout_s)
+        self.device = self.cupy.cuda.Device(comm.device)
+        return comm
 
     @staticmethod
     def storage_dtype(logical):

@@ -62,6 +62,7 @@ H = args.hidden
 passed = 0
 failures = []
 USED = set()  # the plans' transports seen
+AVAILABLE = set()  # info()["transport"] of every DpAttention: the first in the process included
 
 
 def check(name, ok):
@@ -91,6 +92,7 @@ for A in [a for a in range(1, T + 1) if T % a == 0]:
     for policy in ("auto", "sglang", "max_len", "sum_len", "varlen"):
         dp = dg.DpAttention(comm, attn_tp_size=A, hidden_size=H, dtype=args.dtype, backend=args.backend,
                             spec=spec, policy=policy, transport=args.transport)
+        AVAILABLE.add(dp.info()["transport"])
         for step in range(args.steps):
             rng = np.random.default_rng(1000 * step + 7 * A)
             batches = []
@@ -220,5 +222,8 @@ for A in [a for a in range(1, T + 1) if T % a == 0]:
             runner.close()
         dp.close()
 
+check(f"every DpAttention of the process has the same transport (the first one too): {sorted(AVAILABLE)}",
+      len(AVAILABLE) == 1)
 report(RANK, failures=failures[:50], nfailures=len(failures), passed=passed,
-       backend=args.backend, dtype=args.dtype, T=T, transport=args.transport, transports_used=sorted(USED))
+       backend=args.backend, dtype=args.dtype, T=T, transport=args.transport, transports_used=sorted(USED),
+       transports_available=sorted(AVAILABLE))
