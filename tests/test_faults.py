@@ -52,3 +52,24 @@ def test_dead_rank_under_launcher_defaults_ends_the_job(nranks):
     if any(s is not None for s in survivors):  # the launcher let the survivors run: they must all time out
         for r, got in enumerate(survivors):
             assert got is not None and got.get("error") == "CollectiveTimeout", f"{label}: rank {r}: {got}"
+
+
+@pytest.mark.mpi
+@needs_mpiexec
+@pytest.mark.parametrize("mode,expect", [("ok", 0), ("exit3", 3), ("raise", 1), ("kill", None), ("osexit", 1)])
+def test_launcher_returns_the_ranks_exit_status(mode, expect):
+    """``python -m dpgather.tools.launch`` returns what the ranks did, under Open MPI too (whose
+    mpirun returns 0 for a failed rank with dpgather's settings)."""
+    import os
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(__file__), "mpi", "exit_status.py")
+    proc = subprocess.run([sys.executable, "-m", "dpgather.tools.launch", "-n", "2", "--timeout", "60", script, mode],
+                          capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    label = launcher().label
+    detail = f"{label}: rc {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+    if expect is None:
+        assert proc.returncode != 0, detail
+    else:
+        assert proc.returncode == expect, detail

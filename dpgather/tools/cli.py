@@ -42,7 +42,7 @@ from ._common import (
     positive_int,
     say_error,
 )
-from .launch import detect, launch_env
+from .launch import detect, launch_env, run_job
 
 __all__ = ["main", "build_parser"]
 
@@ -85,18 +85,20 @@ def _launch(np_, pyargs, timeout):
         return say_error("dpgather", "no mpiexec next to the Python interpreter or on PATH; install "
                                      f"MPICH ({PIP['mpi4py']}) or Open MPI")
     env, flags = launch_env(launcher, timeout=timeout)
-    cmd = [launcher.path, *flags, "-n", str(np_), sys.executable, *pyargs]
-    print("$ " + " ".join(cmd), flush=True)
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdin=subprocess.DEVNULL)
-    try:
-        return proc.wait(timeout=timeout + 10 if timeout else None)
-    except subprocess.TimeoutExpired:
-        _kill_group(proc)
-        print(f"dpgather: the run did not finish within {timeout:g} s and was stopped", file=sys.stderr)
-        return 124
-    except KeyboardInterrupt:
-        _kill_group(proc)
-        return 130
+    print("$ " + " ".join([launcher.path, *flags, "-n", str(np_), sys.executable, *pyargs]), flush=True)
+
+    def wait(proc):
+        try:
+            return proc.wait(timeout=timeout + 10 if timeout else None)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            print(f"dpgather: the run did not finish within {timeout:g} s and was stopped", file=sys.stderr)
+            return 124
+        except KeyboardInterrupt:
+            _kill_group(proc)
+            return 130
+
+    return run_job(launcher, np_, pyargs, env, flags, wait=wait)
 
 
 def _kill_group(proc):

@@ -24,9 +24,12 @@ imported ``mpi4py.MPI``, or a rank of another job) inherits that job's runtime i
 ``mpirun`` then exits 1 without a word. :func:`launch_env` removes those identity variables
 (never settings such as ``OMPI_MCA_btl``) before starting a new job.
 
-Caveat: Open MPI with these settings (4.x ``orte_abort_on_non_zero_status=0`` or recovery, 5.x
-``state_base_error_non_zero_exit=0``) returns 0 even when a rank exits non-zero. Callers that need the outcome must read it from what the ranks wrote
-(``dpgather run`` reads ``report.json``; the test harness reads one JSON result per rank).
+Exit status: Open MPI with these settings (4.x ``orte_abort_on_non_zero_status=0`` or recovery,
+5.x ``state_base_error_non_zero_exit=0``) returns 0 even when a rank exits non-zero. So
+:func:`run_job` (``python -m dpgather.tools.launch``, ``dpgather run/bench/bench-sync``) starts
+every rank through :mod:`dpgather.tools._rankexit`, which records each rank's exit code in a
+temporary directory, and returns the first non-zero code, or 1 when a rank recorded nothing
+(killed, ``os._exit``) -- whatever ``mpiexec`` said. The test harness reads one JSON result per rank.
 """
 
 import os
@@ -37,7 +40,8 @@ import sys
 from pathlib import Path
 from typing import NamedTuple
 
-__all__ = ["Launcher", "find_mpiexec", "detect", "launch_env", "scrub_job_identity"]
+__all__ = ["Launcher", "find_mpiexec", "detect", "launch_env", "scrub_job_identity", "run_job", "job_status",
+           "rank_command"]
 
 #: Variables that identify a *running* MPI job (its runtime daemon, namespace, ranks). A new job
 #: must not inherit them. Prefixes, then exact names.
@@ -189,6 +193,56 @@ def launch_env(launcher, *, base=None, timeout=None, recovery=False):
     return env, flags
 
 
+def rank_command(status_dir, pyargs):
+    """``[python, -m, dpgather.tools._rankexit, status_dir, *pyargs]``: one rank that records its
+    exit code in ``status_dir`` (see :func:`job_status`)."""
+    return [sys.executable, "-m", "dpgather.tools._rankexit", str(status_dir), *pyargs]
+
+
+def job_status(status_dir, nranks, rc):
+    """The job's exit code from ``mpiexec``'s ``rc`` and what the ranks recorded.
+
+    ``rc`` when it is non-zero (the launcher saw the failure itself); else the first non-zero
+    code a rank recorded, else 1 when a rank recorded nothing (it was killed or called
+    ``os._exit``; a message on stderr names it), else 0.
+    """
+    if rc != 0:
+        return rc
+    missing = []
+    for r in range(nranks):
+        try:
+            with open(os.path.join(status_dir, f"rank-{r}")) as f:
+                code = int(f.read().strip() or 1)
+        except (OSError, ValueError):
+            missing.append(r)
+            continue
+        if code != 0:
+            return code
+    if missing:
+        print(f"dpgather: rank(s) {missing} ended without an exit status (killed by a signal or "
+              "os._exit); mpiexec returned 0 regardless", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+def run_job(launcher, nranks, pyargs, env, flags, *, wait=None):
+    """Run ``mpiexec FLAGS -n NRANKS python PYARGS`` and return the job's real exit code.
+
+    Every rank runs through :func:`rank_command`; the code is :func:`job_status`'s. ``wait``
+    (``proc -> rc``) replaces ``proc.wait()`` for callers that bound or interrupt the job;
+    the process is started in its own session (process group) either way.
+    """
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="dpgather-job-") as status_dir:
+        cmd = [launcher.path, *flags, "-n", str(nranks), *rank_command(status_dir, pyargs)]
+        proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdin=subprocess.DEVNULL)
+        rc = proc.wait() if wait is None else wait(proc)
+        if rc in (124, 130):  # the caller stopped the job: no rank status to read
+            return rc
+        return job_status(status_dir, nranks, rc)
+
+
 def main(argv=None):
     """``python -m dpgather.tools.launch -n N [--timeout S] [--recovery] SCRIPT|-m MODULE [ARGS...]``:
     run ``mpiexec -n N python ...`` with the one-box settings above; returns the launcher's code."""
@@ -211,9 +265,10 @@ def main(argv=None):
     if found is None:
         print("dpgather: no mpiexec next to the Python interpreter or on PATH", file=sys.stderr)
         return 127
+    if not ns.args:
+        ap.error("no program given (SCRIPT, -m MODULE or -c CODE)")
     env, flags = launch_env(found, timeout=ns.timeout or None, recovery=ns.recovery)
-    cmd = [found.path, *flags, "-n", str(ns.np), sys.executable, *ns.args]
-    return subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL).returncode
+    return run_job(found, ns.np, ns.args, env, flags)
 
 
 if __name__ == "__main__":
