@@ -1,7 +1,7 @@
 """Eager small decode steps: dpgather's sync + gather + combine against SGLang's recipe in torch.
 
     mpirun -n T python bench/eager_bench.py [--hidden 7168] [--tokens 1,4,16,64]
-        [--transports nccl,p2p,auto] [--reps 20] [--json PATH]
+        [--transports nccl,p2p,auto] [--strict] [--reps 20] [--json PATH]
 
 One rank per GPU, bfloat16 rows of ``--hidden`` elements, every replica decoding ``n`` tokens
 (A = 1). A step is what an eager engine runs per layer and step, launched from Python:
@@ -43,6 +43,8 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--target-us", type=float, default=3000.0)
     ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--strict", action="store_true",
+                    help="also time the last transport with strict=True (one host all-gather per call)")
     ap.add_argument("--json", metavar="PATH")
     args = ap.parse_args(argv)
 
@@ -59,13 +61,15 @@ def main(argv=None):
     # DpAttention picks this rank's GPU: create it before any stream or array.
     transports = [t for t in args.transports.split(",") if t]
     dps = {}
-    for tr in transports:
+    variants = [(tr, False) for tr in transports] + ([(transports[-1], True)] if args.strict and transports else [])
+    for tr, strict in variants:
+        key = tr + (" strict" if strict else "")
         try:
-            dps[tr] = dg.DpAttention(world, hidden_size=H, dtype="bfloat16", backend="cuda", policy="auto",
-                                     transport=tr, max_tokens_per_rank=nmax, timeout_s=120)
+            dps[key] = dg.DpAttention(world, hidden_size=H, dtype="bfloat16", backend="cuda", policy="auto",
+                                      transport=tr, max_tokens_per_rank=nmax, timeout_s=120, strict=strict)
         except dg.DpGatherError as e:
             if rank == 0:
-                print(f"# transport {tr}: unavailable ({e})", flush=True)
+                print(f"# {key}: unavailable ({e})", flush=True)
     rows, meta = [], {"ranks": T, "hidden": H, "tokens": tokens}
     stream = cupy.cuda.Stream(non_blocking=True)
     timer = Timer(CupyEvents(stream), comm=world, reps=args.reps, warmup=args.warmup,

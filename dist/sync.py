@@ -53,6 +53,8 @@ class StepSync:
     Attributes:
         transport: ``"mpi"`` or ``"shm"`` (after the first exchange decided).
         rank, size: of ``comm``. broken: ``None`` or why the sync refuses further use.
+        host_collectives: host collectives issued so far (one per :meth:`exchange`, two per
+            :meth:`allgather_obj`): what "one host collective per step" is measured with.
     """
 
     def __init__(self, comm, width, timeout_s):
@@ -68,6 +70,7 @@ class StepSync:
         self.transport = "mpi"
         self.broken = None
         self._calls = 0
+        self.host_collectives = 0
         self._seg = None
         self._slots = None
         self._words = None
@@ -87,6 +90,7 @@ class StepSync:
         if self.broken is not None:
             raise CollectiveTimeout(f"the per-step sync on rank {self.rank} is broken after {self.broken}")
         self._calls = k = (self._calls + 1) & 0x7FFFFFFF or 1
+        self.host_collectives += 1
         if self._words is not None:
             if not self._shm_exchange(record, k):
                 raise self._timeout("the per-step sync (shared memory)")
@@ -157,6 +161,7 @@ class StepSync:
         error messages, never on the per-step path.
         """
         MPI = self._MPI
+        self.host_collectives += 2
         data = np.frombuffer(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL), dtype=np.uint8)
         mine = np.array([data.size], dtype=np.int64)
         sizes = np.zeros(self.size, dtype=np.int64)

@@ -784,7 +784,9 @@ class DpAttention:
         ``attn_tp_size``, ``dtype``, ``hidden_size``, ``policy``, ``strict``, ``sync`` (the
         per-step exchange: ``"shm"`` or ``"mpi"``, known after the first ``sync()``), ``transport``
         (``"p2p"`` where available, else ``"nccl"``/``"mpi"``) and ``transport_reason`` (why P2P is
-        not used, when it is not)."""
+        not used, when it is not), ``p2p_rows`` (rows the P2P windows hold per collective) and
+        ``host_collectives`` (host collectives issued so far: the per-step sync's exchanges plus
+        the agreements; one per step on the default path)."""
         return {
             "backend": self.backend, "world_size": self.topology.world_size,
             "attn_tp_size": self.topology.attn_tp_size, "dtype": self.dtype,
@@ -793,6 +795,7 @@ class DpAttention:
             "transport": "p2p" if self._p2p is not None else ("nccl" if self.backend == "cuda" else "mpi"),
             "transport_reason": self._transport_reason,
             "p2p_rows": self.planner.p2p_rows,
+            "host_collectives": self._sync.host_collectives if self._sync is not None else 0,
         }
 
     def memory_stats(self) -> Dict[str, Dict[str, int]]:

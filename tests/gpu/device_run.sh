@@ -3,7 +3,7 @@
 # (the system Python, its packages and the node's own MPI: VENV=none is auto-detected), and writes
 # its log and a one-line verdict under $OUT. Other phases, each under `timeout`:
 #   bash tests/gpu/device_run.sh [test] [build] [gputest] [p2p] [eager] [sanitize] [copy] [collective]
-#                                [graph] [calibrate]
+#                                [graph] [graphnccl] [calibrate]
 # Nothing is exported for the tests: every setting Open MPI needs (running as root, oversubscription)
 # comes from dpgather's own launcher settings, as it would for a user.
 set -u
@@ -25,7 +25,7 @@ build)
 p2p)
   run p2p_selftest ${T_P2P:-300} python3 -m dpgather.tools.launch -n "$NG" --timeout 280 tests/gpu/p2p_selftest.py --out "$OUT/p2p.json" ;;
 eager)
-  run eager_bench ${T_EAGER:-240} python3 -m dpgather.tools.launch -n "$NG" --timeout 230 bench/eager_bench.py --json "$OUT/eager.json" ;;
+  run eager_bench ${T_EAGER:-240} python3 -m dpgather.tools.launch -n "$NG" --timeout 230 bench/eager_bench.py --strict --json "$OUT/eager.json" ;;
 test)
   run make_test ${T_TEST:-590} make test ;;
 gputest)
@@ -37,7 +37,9 @@ copy)
 collective)
   run collective_bench ${T_COLL:-300} python3 -m dpgather bench --np "$NG" ;;
 graph)
-  run graph_bench ${T_GRAPH:-300} python3 -m dpgather.tools.launch -n "$NG" bench/graph_bench.py ;;
+  run graph_bench ${T_GRAPH:-300} python3 -m dpgather.tools.launch -n "$NG" bench/graph_bench.py --json "$OUT/graph.json" ;;
+graphnccl)
+  run graph_bench_nccl ${T_GRAPH:-300} python3 -m dpgather.tools.launch -n "$NG" bench/graph_bench.py --transport nccl --json "$OUT/graph_nccl.json" ;;
 calibrate)
   run calibrate ${T_CAL:-120} python3 -m dpgather.tools.launch -n "$NG" -m dpgather.tools.calibrate --out "$OUT/cost.json" ;;
 *) note "unknown phase $p" ;;

@@ -502,6 +502,7 @@ def scenario_soak():
     half = ARGS.steps // 2
     stats_mid = None
     modes = {}
+    hc0 = dp.info()["host_collectives"]
     t0 = time.perf_counter()
     for s in range(ARGS.steps):
         if s == half:
@@ -514,6 +515,9 @@ def scenario_soak():
     dt = time.perf_counter() - t0
     end = dp.memory_stats()
     CHK.ctx = label
+    # the default path: one host collective per step (sync + gather + scatter + logits + masks)
+    hc = dp.info()["host_collectives"] - hc0
+    CHK.ok(dp.strict or hc == ARGS.steps, f"{hc} host collectives over {ARGS.steps} steps (expected one per step)")
     for role, st in end.items():
         if role == "total":
             continue
@@ -535,7 +539,8 @@ def scenario_soak():
                f"role {role!r}: requests did not grow over the second half ({stats_mid[role]} -> {end[role]})")
     dp.close()
     finish("soak", {"label": label, "modes": modes, "ms_per_step": dt / max(ARGS.steps, 1) * 1e3,
-                    "reserved": end["total"]["reserved_bytes"], "allocations": end["total"]["allocations"]})
+                    "reserved": end["total"]["reserved_bytes"], "allocations": end["total"]["allocations"],
+                    "host_collectives_per_step": hc / max(ARGS.steps, 1)})
 
 
 # -- badinput ----------------------------------------------------------------------------------
