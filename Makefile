@@ -90,6 +90,7 @@ bench: build
 	$(PYTHON) bench/plan_bench.py
 	$(PYTHON) -m dpgather bench-sync --np 2
 	$(PYTHON) -m dpgather bench-sync --np 4
+	$(PYTHON) -m dpgather.tools.launch -n 4 --timeout 300 bench/host_progress_bench.py
 
 fuzz: build
 	DPGATHER_FUZZ_EXAMPLES=100000 $(PYTHON) -m pytest -q -x tests/test_planner.py

@@ -24,8 +24,8 @@ from dpgather.core.cost import COLLECTIVES, CostModel
 from dpgather.tools import timing
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPTS = ["bench/collective_bench.py", "bench/graph_bench.py", "bench/copy_bench.py",
-           "bench/sync_bench.py", "dpgather/tools/cublas.py", "dpgather/tools/calibrate.py",
+SCRIPTS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "bench").glob("*.py")) + [
+           "dpgather/tools/cublas.py", "dpgather/tools/calibrate.py",
            "dpgather/tools/sync_bench.py", "dpgather/tools/timing.py"]
 
 
@@ -39,6 +39,8 @@ def test_compiles(path, tmp_path):
     ["bench/graph_bench.py", "--help"],
     ["bench/copy_bench.py", "--help"],
     ["bench/sync_bench.py", "--help"],
+    ["bench/eager_bench.py", "--help"],
+    ["bench/host_progress_bench.py", "--help"],
     ["-m", "dpgather.tools.sync_bench", "--help"],
     ["-m", "dpgather.tools.calibrate", "--help"],
 ])
