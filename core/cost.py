@@ -20,6 +20,8 @@ are skipped by every rank. The formulas of each mode's predicted gather + combin
 
 import json
 import math
+import os
+import re
 
 from .errors import ConfigError
 
@@ -36,7 +38,7 @@ def _finite(name, value, kind=float):
         raise ConfigError(f"{name} must be finite, got {value!r}")
     return kind(v)
 
-__all__ = ["CostModel", "COLLECTIVES"]
+__all__ = ["CostModel", "COLLECTIVES", "cache_dir", "cache_path"]
 
 #: Collectives with their own (a0, a1, beta) triple.
 COLLECTIVES = ("all_gather", "reduce_scatter", "all_reduce", "gatherv", "reduce_scatterv", "p2p")
@@ -143,3 +145,22 @@ class CostModel:
 
     def __repr__(self):
         return f"CostModel({self.to_dict()})"
+
+
+def cache_dir():
+    """Where calibrated cost models are cached: ``$DPGATHER_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/dpgather``, else ``~/.cache/dpgather``."""
+    explicit = os.environ.get("DPGATHER_CACHE_DIR")
+    if explicit:
+        return explicit
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "dpgather")
+
+
+def cache_path(card, ranks, nccl_version):
+    """The cache file of one machine shape: GPU model, ranks (one GPU each) and NCCL version,
+    e.g. ``cost-nvidia-h200-2gpu-nccl22809.json`` under :func:`cache_dir`. ``dpgather
+    calibrate`` writes it; ``DpAttention(cost=None)`` reads it (rank 0's copy, sent to every
+    rank). The constants are per byte, so one file serves every row width."""
+    slug = re.sub(r"[^a-z0-9]+", "-", str(card).lower()).strip("-") or "gpu"
+    return os.path.join(cache_dir(), f"cost-{slug}-{int(ranks)}gpu-nccl{nccl_version}.json")

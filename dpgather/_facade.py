@@ -124,7 +124,8 @@ class DpAttention:
             int or None).
         timeout_s: bound in seconds of every collective, of the sync and of the construction
             (``CollectiveTimeout`` after it); a positive number (``float("inf")``: no bound).
-        cost: :class:`CostModel` for ``"auto"`` (default: built-in constants; ``row_bytes`` is
+        cost: :class:`CostModel` for ``"auto"`` (default: the calibration `dpgather calibrate` cached for
+            this machine, else built-in constants; ``row_bytes`` is
             set from ``hidden_size`` and ``dtype``).
         transport: ``"auto"`` (default: the plan picks NCCL or P2P per step, P2P where the ranks
             share a node with peer access and it is predicted faster; graph steps use P2P
@@ -211,7 +212,11 @@ class DpAttention:
         if A > 1:
             self._attn = self._tp.split(self.dp_rank, self.attn_tp_rank)
         p2p_rows = self._make_p2p(c)
-        cost = (c["cost_model"] or CostModel()).with_row_bytes(self._row_bytes)
+        model = c["cost_model"]
+        self._cost_source = "given (cost=...)"
+        if model is None:
+            model, self._cost_source = self._cached_cost()
+        cost = model.with_row_bytes(self._row_bytes)
         self.planner = Planner(self.topology, spec=c["spec_obj"], policy=c["policy"],
                                graph_buckets=c["graph_buckets"], cost=cost, transport=c["transport"],
                                p2p_rows=p2p_rows)
@@ -235,6 +240,42 @@ class DpAttention:
         log.info("DpAttention: %s backend, T=%d A=%d H=%d %s, policy %s, P2P %s", be.name,
                  self.topology.world_size, A, self.hidden_size, self.dtype, c["policy"],
                  "available" if self._p2p is not None else f"off ({self._transport_reason})")
+
+    def _cached_cost(self):
+        """The cost model ``dpgather calibrate`` cached for this machine (CUDA, T > 1), else the
+        defaults; returns ``(model, source)``. Rank 0 reads its cache file and sends the
+        constants to every rank (one object exchange at construction), so all ranks plan alike.
+        ``DPGATHER_NO_COST_CACHE=1`` on rank 0 keeps the defaults."""
+        if self._backend.name != "cuda" or self.topology.world_size == 1:
+            return CostModel(), "defaults"
+        payload = None
+        if self.rank == 0:
+            import os
+
+            from dpgather.core.cost import cache_path
+
+            if os.environ.get("DPGATHER_NO_COST_CACHE", "") not in ("", "0"):
+                payload = (None, "defaults (DPGATHER_NO_COST_CACHE is set)")
+            else:
+                try:
+                    from cupy.cuda import nccl
+
+                    props = self._backend.cupy.cuda.runtime.getDeviceProperties(self._backend.device.id)
+                    name = props["name"]
+                    name = name.decode() if isinstance(name, bytes) else str(name)
+                    path = cache_path(name, self.topology.world_size, int(nccl.get_version()))
+                    if os.path.isfile(path):
+                        payload = (CostModel.load(path).to_dict(), f"calibrated ({path})")
+                    else:
+                        payload = (None, f"defaults (no calibration cached at {path}; run `dpgather calibrate`)")
+                except Exception as e:  # noqa: BLE001 - an unreadable cache never stops construction
+                    payload = (None, f"defaults (the cached calibration could not be read: {e})")
+        data, source = self._sync.allgather_obj(payload, "DpAttention construction (cost model)")[0]
+        if data is None:
+            log.info("cost model: %s", source)
+            return CostModel(), source
+        log.info("cost model: %s", source)
+        return CostModel.from_dict(data), source
 
     def _make_p2p(self, c):
         """The P2P transport where it can run (collective; the same outcome on every rank).
@@ -786,7 +827,8 @@ class DpAttention:
         (``"p2p"`` where available, else ``"nccl"``/``"mpi"``) and ``transport_reason`` (why P2P is
         not used, when it is not), ``p2p_rows`` (rows the P2P windows hold per collective) and
         ``host_collectives`` (host collectives issued so far: the per-step sync's exchanges plus
-        the agreements; one per step on the default path)."""
+        the agreements; one per step on the default path) and ``cost_model`` (where the
+        planner's constants come from: given, calibrated with the cache file, or defaults)."""
         return {
             "backend": self.backend, "world_size": self.topology.world_size,
             "attn_tp_size": self.topology.attn_tp_size, "dtype": self.dtype,
@@ -796,6 +838,7 @@ class DpAttention:
             "transport_reason": self._transport_reason,
             "p2p_rows": self.planner.p2p_rows,
             "host_collectives": self._sync.host_collectives if self._sync is not None else 0,
+            "cost_model": self._cost_source,
         }
 
     def memory_stats(self) -> Dict[str, Dict[str, int]]:

@@ -318,3 +318,22 @@ def test_sync_bench_runs_from_the_package(tmp_path):
     got = json.loads(out.read_text())
     assert got["ranks"] == 2 and got["iters"] == 60 and got["wrong"] == 0
     assert 0 < got["p50_us"] <= got["p99_us"] and got["speedup_p50"] > 0
+
+
+def test_cost_cache_path(monkeypatch, tmp_path):
+    """One cache file per machine shape (GPU model, ranks, NCCL version), under DPGATHER_CACHE_DIR,
+    else XDG_CACHE_HOME/dpgather; a saved model loads back equal."""
+    from dpgather.core import CostModel
+    from dpgather.core.cost import cache_dir, cache_path
+
+    monkeypatch.setenv("DPGATHER_CACHE_DIR", str(tmp_path / "c"))
+    p = cache_path("NVIDIA H200", 2, 22809)
+    assert p == str(tmp_path / "c" / "cost-nvidia-h200-2gpu-nccl22809.json")
+    assert cache_path("NVIDIA H200", 4, 22809) != p and cache_path("NVIDIA H100 80GB HBM3", 2, 22809) != p
+    monkeypatch.delenv("DPGATHER_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
+    assert cache_dir() == str(tmp_path / "x" / "dpgather")
+    m = CostModel(p2p=(8.0, 0.25, 300.0))
+    (tmp_path / "c").mkdir()
+    m.save(p, meta={"card": "NVIDIA H200"})
+    assert CostModel.load(p) == m

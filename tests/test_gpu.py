@@ -93,3 +93,16 @@ def test_p2p_transport_selftest(tmp_path):
 @pytest.mark.skipif(find_mpiexec() is None, reason="no mpirun/mpiexec on PATH")
 def test_process_exits_after_captured_nccl_graph():
     check_mpi([COMM, "exit-hazard", "--backend", "cuda"], _ranks()[-1], timeout=120, env=ENV)
+
+
+@pytest.mark.skipif(find_mpiexec() is None, reason="no mpirun/mpiexec on PATH")
+def test_calibration_is_cached_and_loaded(tmp_path):
+    """``dg.calibrate`` (graph-timed, P2P included where it runs) writes this machine's cache and a
+    new ``DpAttention(cost=None)`` plans with it on every rank."""
+    n = _ranks()[-1]
+    if n < 2:
+        pytest.skip("calibration needs 2 GPUs")
+    res = check_mpi([str(GPU_DIR / "calibrate_cache.py")], n, timeout=300,
+                    env={**ENV, "DPGATHER_CACHE_DIR": str(tmp_path)})
+    assert all(r["cost_model"].startswith("calibrated") for r in res.results.values()), res.results
+

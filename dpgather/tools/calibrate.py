@@ -29,6 +29,7 @@ then ``DpAttention(..., cost=CostModel.load("cost.json"))``.
 """
 
 import datetime
+import os
 import platform
 import sys
 import time
@@ -36,7 +37,7 @@ import time
 import numpy as np
 
 from dpgather.core import ConfigError, CostModel, DpGatherError
-from dpgather.core.cost import COLLECTIVES
+from dpgather.core.cost import COLLECTIVES, cache_path
 
 from ._common import Parser, gpu_count, positive_int, require, say_error
 from .timing import Column, CupyEvents, HostClock, Timer, format_table
@@ -230,9 +231,70 @@ class _Host:
 
 def _time(be, comm, fn, reps):
     """Median microseconds per call of ``fn`` (max over ranks), by the protocol of
-    :class:`dpgather.tools.timing.Timer`: back-to-back calls, about 1 ms per repetition."""
-    timer = Timer(be.clock, comm=comm, reps=reps, warmup=1, target_us=_TARGET_US, kmax=_KMAX)
-    return timer.measure(lambda j: fn(), graph=False)["eager"]
+    :class:`dpgather.tools.timing.Timer`: back-to-back calls, about 1 ms per repetition. On
+    CUDA the calls are captured into one CUDA graph and replayed (the collectives' own time,
+    what graph steps pay and what eager steps pay once launched); eager timing is the fallback
+    when capture fails on some rank."""
+    timer = Timer(be.clock, comm=comm, reps=reps, warmup=1, target_us=_TARGET_US, kmax=_KMAX,
+                  graph=be.name == "cuda")
+    res = timer.measure(lambda j: fn(), graph=be.name == "cuda")
+    return res["graph"] if res["graph"] is not None else res["eager"]
+
+
+#: Rows per rank of the P2P samples (the windows are sized for the largest).
+P2P_SIZES = (1, 8, 64, 256, 1024, 4096)
+
+
+def _measure_p2p(comm, rows_list, width, dtype, storage, reps, timeout_s, copy_GBps):
+    """Samples ``[(P, k, B, t)]`` of the P2P transport, in :func:`fit_collective`'s form.
+
+    Times ``DpAttention(transport="p2p", policy="varlen")`` gather + combine (reduce) of ``rows``
+    rows per rank on every rank (graph-timed), i.e. the cost model's P2P step with
+    ``S = P*rows``, ``nmin = nmax = rows``: ``t = 2a + 2(P-1) rows R / bw + (P+1) rows R / cp``.
+    Each sample is turned into one collective ``t' = t/2 - (P+1) rows R / (2 cp)`` of ``B =
+    P rows R`` bytes, so :func:`fit_collective` fits ``a`` and ``bw``. Returns ``([], reason)``
+    where P2P cannot run.
+    """
+    import cupy
+
+    from dpgather import DpAttention, ForwardMode, LocalBatch
+
+    P = comm.Get_size()
+    R = width * np.dtype(storage).itemsize
+    try:
+        dp = DpAttention(comm, hidden_size=width, dtype=dtype, backend="cuda", policy="varlen",
+                         transport="p2p", max_tokens_per_rank=max(rows_list), timeout_s=timeout_s)
+    except ConfigError as e:  # the same verdict on every rank
+        return [], str(e)
+    out = []
+    clock = CupyEvents()
+    try:
+        for rows in rows_list:
+            x = cupy.zeros((rows, width), dtype=storage)
+            cupy.cuda.Device().synchronize()  # made on the null stream, used on the timing stream
+            with clock.stream:
+                plan = dp.sync(LocalBatch(ForwardMode.DECODE, rows))
+                G = dp.gather(x, plan)
+                Y = cupy.zeros(G.shape, dtype=storage)
+                dp.scatter(Y, plan, reduce=True)
+            clock.synchronize()
+            if plan.transport != "p2p":
+                continue
+
+            def step(plan=plan, x=x, Y=Y):
+                dp.gather(x, plan)
+                dp.scatter(Y, plan, reduce=True)
+
+            timer = Timer(clock, comm=comm, reps=reps, warmup=1, target_us=_TARGET_US, kmax=_KMAX)
+            res = timer.measure(lambda j: step(), graph=True)
+            t = res["graph"] if res["graph"] is not None else res["eager"]
+            t1 = t / 2 - (P + 1) * rows * R / (2 * copy_GBps * 1e3)
+            out.append((P, P, P * rows * R, max(t1, 1e-3)))
+            clock.synchronize()
+    finally:
+        clock.synchronize()
+        dp.close()
+    return out, None
 
 
 def _measure_group(be, comm, tp, rows, width, dtype, logical, reps, kinds, k_range):
@@ -270,7 +332,7 @@ def _measure_group(be, comm, tp, rows, width, dtype, logical, reps, kinds, k_ran
 
 
 def calibrate(comm=None, out=None, sizes=None, hidden=7168, dtype="bfloat16", backend="auto",
-              reps=None, timeout_s=120.0, verbose=False):
+              reps=None, timeout_s=120.0, verbose=False, cache=True):
     """Measure the cost model's constants on this machine (collective over ``comm``).
 
     Args:
@@ -283,6 +345,9 @@ def calibrate(comm=None, out=None, sizes=None, hidden=7168, dtype="bfloat16", ba
         backend: ``"auto"`` (CUDA when CuPy sees a GPU on every rank), ``"cuda"`` or ``"host"``.
         reps: timed repetitions per point (default 15 on CUDA, 5 on the host).
         verbose: rank 0 prints each measured point.
+        cache: on CUDA, rank 0 also writes the model to this machine's cache
+            (:func:`dpgather.core.cost.cache_path`: GPU model, rank count, NCCL version), which
+            ``DpAttention(cost=None)`` then loads by itself.
 
     Returns:
         The fitted :class:`CostModel` (the same on every rank).
@@ -349,6 +414,13 @@ def calibrate(comm=None, out=None, sizes=None, hidden=7168, dtype="bfloat16", ba
         info = be.meta()
     finally:
         be.close()
+    p2p_note = None
+    if kind == "cuda" and P > 1:
+        p2p_rows = [r for r in sizes if r <= P2P_SIZES[-1]] or list(P2P_SIZES[:1])
+        got, p2p_note = _measure_p2p(comm, p2p_rows, width, dtype, storage, reps, timeout_s, copy)
+        samples["p2p"].extend(got)
+        for s_ in got:
+            say(f"# calibrate {'p2p':16s} P={s_[0]} k={s_[1]} B={s_[2]:>11.0f} {s_[3]:9.1f} us")
 
     params, fits = {}, {}
     for c in COLLECTIVES:
@@ -363,6 +435,7 @@ def calibrate(comm=None, out=None, sizes=None, hidden=7168, dtype="bfloat16", ba
         "samples": {c: [list(s) for s in v] for c, v in samples.items()},
         "seconds": round(time.perf_counter() - t_start, 1),
         "note": ("single rank: collectives cost nothing (t(1, B) = 0); defaults kept" if P == 1 else None),
+        "p2p": p2p_note or ("measured" if samples["p2p"] else "not measured (host backend or one rank)"),
     }
     if out is not None:
         err = None
@@ -374,6 +447,16 @@ def calibrate(comm=None, out=None, sizes=None, hidden=7168, dtype="bfloat16", ba
         err = comm.bcast(err, root=0)
         if err:
             raise ConfigError(err)
+    if cache and kind == "cuda" and P > 1 and rank == 0:
+        path = cache_path(info.get("card"), P, info.get("nccl_version"))
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.{os.getpid()}.tmp"
+            model.save(tmp, meta={**meta, "cache": path})
+            os.replace(tmp, path)
+            say(f"# cached for this machine: {path}")
+        except OSError as e:  # a cache is a convenience: say so, never fail the calibration
+            print(f"dpgather calibrate: could not write the cache {path!r}: {e}", file=sys.stderr)
     return model
 
 
