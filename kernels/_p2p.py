@@ -27,6 +27,7 @@ import functools
 import importlib.resources
 import os
 import pathlib
+import re
 import zlib
 from typing import NamedTuple
 
@@ -91,6 +92,23 @@ NAME_EXPRESSIONS = tuple(
 
 #: NVRTC options; CuPy adds the CUDA include directory (cuda_fp16.h, cuda_bf16.h) itself.
 COMPILE_OPTIONS = ("-std=c++17",)
+#: Tuning switches of p2p.cu for experiments, ``NAME=VALUE`` pairs separated by commas, names
+#: starting with ``DPG_P2P_`` (e.g. ``DPG_P2P_FLAG_FENCE=0,DPG_P2P_RELAXED_POLL=1``).
+_DEFINES_VAR = "DPGATHER_P2P_DEFINES"
+
+
+def compile_options():
+    """:data:`COMPILE_OPTIONS` plus ``-D`` options from ``DPGATHER_P2P_DEFINES``."""
+    extra = []
+    for item in os.environ.get(_DEFINES_VAR, "").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        name, _, value = item.partition("=")
+        if not re.fullmatch(r"DPG_P2P_[A-Z0-9_]+", name) or not re.fullmatch(r"-?[0-9]+", value or "1"):
+            raise InputError(f"{_DEFINES_VAR}: expected NAME=INT pairs with names DPG_P2P_*, got {item!r}")
+        extra.append(f"-D{name}={value or '1'}")
+    return COMPILE_OPTIONS + tuple(extra)
 
 #: Error codes in the device copy ``state.err`` and the host error word.
 ERR_OK = 0
@@ -472,7 +490,7 @@ def kernel_source() -> str:
 @functools.cache
 def _module(device_id: int):
     cupy = _cupy()
-    return cupy.RawModule(code=kernel_source(), options=COMPILE_OPTIONS,
+    return cupy.RawModule(code=kernel_source(), options=compile_options(),
                           name_expressions=NAME_EXPRESSIONS)
 
 

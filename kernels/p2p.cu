@@ -118,6 +118,23 @@ constexpr long long kIndexMax = 2147483647LL;
 #define DPG_P2P_ACTIVE_BYTES (64LL * 1024)
 #endif
 constexpr long long kActiveBytes = DPG_P2P_ACTIVE_BYTES;
+// Tuning switches (kernels/_p2p.py passes DPGATHER_P2P_DEFINES through; docs/p2p.md): each
+// setting is correct under the PTX memory model, they differ only in speed.
+//  DPG_P2P_FLAG_FENCE   1: fence.acq_rel.sys before the st.release.sys flag stores (redundant
+//                       with the release stores' own cumulativity; kept as the default until
+//                       measured otherwise).
+//  DPG_P2P_RELAXED_POLL 1: poll the flags with ld.relaxed.sys and fence once per thread after
+//                       its flag matched (the acquire pattern), instead of ld.acquire.sys polls.
+//  DPG_P2P_SLEEP_AFTER  polls before __nanosleep backs off (a large value: spin).
+#ifndef DPG_P2P_FLAG_FENCE
+#define DPG_P2P_FLAG_FENCE 1
+#endif
+#ifndef DPG_P2P_RELAXED_POLL
+#define DPG_P2P_RELAXED_POLL 0
+#endif
+#ifndef DPG_P2P_SLEEP_AFTER
+#define DPG_P2P_SLEEP_AFTER 64
+#endif
 
 // Vectors in flight per thread: copies and zero fills keep 8 (16 for sub-word V) loads
 // before the stores, as kernels/copy.cu; reductions hold fp32 accumulators, so fewer.
@@ -150,6 +167,12 @@ __device__ __forceinline__ unsigned long long globaltimer() {
 __device__ __forceinline__ unsigned long long ld_acquire_sys(const unsigned long long* p) {
     unsigned long long v;
     asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+    return v;
+}
+
+__device__ __forceinline__ unsigned long long ld_relaxed_sys(const unsigned long long* p) {
+    unsigned long long v;
+    asm volatile("ld.relaxed.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
     return v;
 }
 
@@ -487,7 +510,9 @@ p2p_pull(const V* inp, long long in_rows, V* out, long long out_rows,
             s_last = old == (unsigned long long)(G - 1);
             if (s_last) st_volatile_u64(&state[kArrive], 0ull);
         }
+#if DPG_P2P_FLAG_FENCE
         if (s_last) fence_acq_rel_sys();
+#endif
     }
     __syncthreads();
     if (s_last && (int)threadIdx.x < nranks) {
@@ -508,8 +533,15 @@ p2p_pull(const V* inp, long long in_rows, V* out, long long out_rows,
         for (unsigned int polls = 0;; ++polls) {
             int fault = 0;
             if (!seen) {
+#if DPG_P2P_RELAXED_POLL
+                const unsigned long long f = ld_relaxed_sys(&flags[threadIdx.x]);
+#else
                 const unsigned long long f = ld_acquire_sys(&flags[threadIdx.x]);
+#endif
                 if ((unsigned int)(f >> 32) == (unsigned int)e) {
+#if DPG_P2P_RELAXED_POLL
+                    fence_acq_rel_sys();  // with the relaxed load: the acquire pattern
+#endif
                     seen = true;
                     if ((unsigned int)f != h.sig) {
                         atomicCAS(&s_code, 0, kErrSignature);
@@ -531,7 +563,7 @@ p2p_pull(const V* inp, long long in_rows, V* out, long long out_rows,
                 break;
             }
             if (pending == 0) break;
-            if (polls > 64) __nanosleep(polls > 4096 ? 1000 : 64);
+            if (polls > DPG_P2P_SLEEP_AFTER) __nanosleep(polls > 4096 + DPG_P2P_SLEEP_AFTER ? 1000 : 64);
         }
     }
 

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from dpgather.core.errors import BackendUnavailable
+from dpgather.core.errors import BackendUnavailable, InputError
 from dpgather.kernels import _cuda
 
 ARCHS = ("compute_80", "compute_90")
@@ -191,6 +191,23 @@ def test_p2p_cu_compiles_every_specialisation(nvrtc, arch):
     assert ok, f"NVRTC rejected kernels/p2p.cu for {arch}:\n{log}"
     assert set(lowered) == set(_p2p.NAME_EXPRESSIONS)
     assert len(set(lowered.values())) == len(lowered), lowered
+
+
+def test_p2p_tuning_switches_compile(nvrtc, monkeypatch):
+    """DPGATHER_P2P_DEFINES reaches NVRTC as -D options; the non-default switches compile; a
+    malformed value is an InputError naming the variable."""
+    inc = cuda_include_dir()
+    if inc is None:
+        pytest.skip("no CUDA headers (cuda_bf16.h) found: set CUDA_PATH or install the toolkit")
+    monkeypatch.setenv("DPGATHER_P2P_DEFINES", "DPG_P2P_FLAG_FENCE=0,DPG_P2P_RELAXED_POLL=1,DPG_P2P_SLEEP_AFTER=100000")
+    opts = _p2p.compile_options()
+    assert "-DDPG_P2P_RELAXED_POLL=1" in opts and "-DDPG_P2P_FLAG_FENCE=0" in opts
+    ok, log, lowered = compile_source(nvrtc, _p2p.kernel_source(), _p2p.NAME_EXPRESSIONS, ARCHS[-1],
+                                      options=opts + (f"-I{inc}",))
+    assert ok, log
+    monkeypatch.setenv("DPGATHER_P2P_DEFINES", "FOO=1")
+    with pytest.raises(InputError, match="DPGATHER_P2P_DEFINES"):
+        _p2p.compile_options()
 
 
 def test_p2p_cu_compiles_with_nvcc(tmp_path):

@@ -17,12 +17,18 @@ from dpgather.kernels import _p2p
 pytestmark = pytest.mark.skipif(not p2p_emu.available(), reason="needs g++ on x86-64")
 
 
-@pytest.fixture(scope="module", params=["every-block-active", "active-from-work"])
+#: The tuning switches of p2p.cu other than the defaults (docs/p2p.md), tested as a build.
+TUNED = ("DPG_P2P_FLAG_FENCE=0", "DPG_P2P_RELAXED_POLL=1", "DPG_P2P_SLEEP_AFTER=100000")
+
+
+@pytest.fixture(scope="module", params=["every-block-active", "active-from-work", "tuned-switches"])
 def so(request, tmp_path_factory):
     # every-block-active: all blocks of the grid take part (the multi-block arrive/depart
-    # barrier on every case); active-from-work: the kernel's own rule (small cases: one block)
+    # barrier on every case); active-from-work: the kernel's own rule (small cases: one block);
+    # tuned-switches: every block active with the non-default tuning switches
     return p2p_emu.build(tmp_path_factory.mktemp("p2p_emu"),
-                         active_bytes=1 if request.param == "every-block-active" else None)
+                         active_bytes=None if request.param == "active-from-work" else 1,
+                         defines=TUNED if request.param == "tuned-switches" else ())
 
 
 def run(cluster, case, seed, index, grid=None, launch=None, shift=0):

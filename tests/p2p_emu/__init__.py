@@ -27,7 +27,7 @@ _P = ctypes.c_void_p
 _LL = ctypes.c_longlong
 
 
-def build(out_dir, active_bytes=None) -> ctypes.CDLL:
+def build(out_dir, active_bytes=None, defines=()) -> ctypes.CDLL:
     """Compile emu_api.cpp (which includes kernels/p2p.cu) and load it; needs g++.
 
     ``active_bytes`` overrides the kernel's bytes of work per active block (a small value makes
@@ -42,6 +42,8 @@ def build(out_dir, active_bytes=None) -> ctypes.CDLL:
            "-DDPG_P2P_EMULATION", f"-I{KERNELS}", str(HERE / "emu_api.cpp"), "-o", str(lib)]
     if active_bytes is not None:
         cmd.insert(-4, f"-DDPG_P2P_ACTIVE_BYTES={int(active_bytes)}LL")
+    for d in defines:  # e.g. "DPG_P2P_RELAXED_POLL=1"
+        cmd.insert(-4, f"-D{d}")
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     if res.returncode != 0:
         raise RuntimeError(f"emulator build failed:\n{' '.join(cmd)}\n{res.stderr}")

@@ -148,6 +148,9 @@ inline unsigned long long globaltimer() {
 inline unsigned long long ld_acquire_sys(const unsigned long long* p) {
     return __atomic_load_n(p, __ATOMIC_ACQUIRE);
 }
+inline unsigned long long ld_relaxed_sys(const unsigned long long* p) {
+    return __atomic_load_n(p, __ATOMIC_RELAXED);
+}
 inline void st_release_sys(unsigned long long* p, unsigned long long v) {
     __atomic_store_n(p, v, __ATOMIC_RELEASE);
 }
