@@ -110,6 +110,7 @@ cdef struct Config:
     double row_bytes
     double copy_bw
     double mlp_row_us
+    double mode_us[3]
     int64_t p2p_rows
     int transport
     double a0[6]
@@ -401,6 +402,8 @@ cdef class Planner:
         self.cfg.row_bytes = cost.row_bytes
         self.cfg.copy_bw = cost.copy_GBps
         self.cfg.mlp_row_us = cost.mlp_row_us
+        for i in range(3):
+            self.cfg.mode_us[i] = cost.mode_us[i]
         for i, name in enumerate(_COLL_ORDER):
             a0, a1, beta = cost.params[name]
             self.cfg.a0[i] = a0
@@ -598,6 +601,10 @@ cdef class Planner:
                  + coll_us(c, C_GV, T, S * R, k_chunks)
                  + coll_us(c, C_RSV, T, S * R, k_chunks)
                  + coll_us(c, C_GV, A, maxn * R, imin(maxn, A)))
+        if T > 1:  # dpgather's own kernels per gather + combine (CostModel.mode_us)
+            c_max += c.mode_us[0]
+            c_sum += c.mode_us[1]
+            c_var += c.mode_us[2]
 
         graph = (self._nb > 0 and not skip and not is_ext and all_graph
                  and maxn <= self._buckets[self._nb - 1])

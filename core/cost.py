@@ -67,13 +67,19 @@ class CostModel:
             SUM_LEN memset of the gathered buffer.
         mlp_row_us: optional cost of one padding row in the MLP/MoE (0 by default: padding rows
             are masked out of routing).
+        mode_us: ``(MAX_LEN, SUM_LEN, VARLEN)`` fixed microseconds of dpgather's own kernels
+            (pack, unpack, zero fill) per gather + combine over NCCL, added to each mode's
+            prediction when T > 1; ``(0, 0, 0)`` by default (the default constants were fitted to
+            eagerly timed collectives, whose launch cost covers it); ``dpgather calibrate``
+            measures it beside its graph-timed collectives.
         **collectives: ``name=(a0_us, a1_us, beta_GBps)`` overrides for any of
             :data:`COLLECTIVES`.
     """
 
-    __slots__ = ("row_bytes", "copy_GBps", "mlp_row_us", "params")
+    __slots__ = ("row_bytes", "copy_GBps", "mlp_row_us", "mode_us", "params")
 
-    def __init__(self, row_bytes=14336, copy_GBps=2900.0, mlp_row_us=0.0, **collectives):
+    def __init__(self, row_bytes=14336, copy_GBps=2900.0, mlp_row_us=0.0, mode_us=(0.0, 0.0, 0.0),
+                 **collectives):
         self.row_bytes = _finite("row_bytes", row_bytes, int)
         self.copy_GBps = _finite("copy_GBps", copy_GBps)
         self.mlp_row_us = _finite("mlp_row_us", mlp_row_us)
@@ -83,6 +89,15 @@ class CostModel:
             raise ConfigError(f"copy_GBps must be > 0, got {copy_GBps}")
         if self.mlp_row_us < 0:
             raise ConfigError(f"mlp_row_us must be >= 0, got {mlp_row_us}")
+        try:
+            modes = tuple(mode_us)
+        except TypeError:
+            raise ConfigError(f"mode_us must be (max_len_us, sum_len_us, varlen_us), got {mode_us!r}") from None
+        if len(modes) != 3:
+            raise ConfigError(f"mode_us must be (max_len_us, sum_len_us, varlen_us), got {mode_us!r}")
+        self.mode_us = tuple(_finite("mode_us", v) for v in modes)
+        if min(self.mode_us) < 0:
+            raise ConfigError(f"mode_us must be >= 0, got {mode_us!r}")
         params = dict(_DEFAULTS)
         for name, value in collectives.items():
             if name not in _DEFAULTS:
@@ -100,7 +115,7 @@ class CostModel:
 
     def with_row_bytes(self, row_bytes):
         """A copy of this model for rows of ``row_bytes`` bytes."""
-        return CostModel(row_bytes, self.copy_GBps, self.mlp_row_us, **self.params)
+        return CostModel(row_bytes, self.copy_GBps, self.mlp_row_us, self.mode_us, **self.params)
 
     def time_us(self, collective, group_size, nbytes, active=None):
         """Predicted time of one collective (microseconds); ``active`` = non-empty roots (v only)."""
@@ -116,13 +131,14 @@ class CostModel:
             "row_bytes": self.row_bytes,
             "copy_GBps": self.copy_GBps,
             "mlp_row_us": self.mlp_row_us,
+            "mode_us": list(self.mode_us),
             **{k: list(v) for k, v in self.params.items()},
         }
 
     @classmethod
     def from_dict(cls, data):
         data = dict(data)
-        base = {k: data.pop(k) for k in ("row_bytes", "copy_GBps", "mlp_row_us") if k in data}
+        base = {k: data.pop(k) for k in ("row_bytes", "copy_GBps", "mlp_row_us", "mode_us") if k in data}
         data.pop("meta", None)
         return cls(**base, **data)
 

@@ -63,11 +63,13 @@
  *  concurrent p2p_pull on the same window would share its counters and epoch.
  *
  * Memory ordering (why this is enough; PTX memory model terms)
- *  - pack -> signal: each block ends its pack with __syncthreads, then thread 0 runs
- *    fence.sc.gpu (__threadfence) and a relaxed atomicAdd on state.arrive. The block that
- *    reads arrive == gridDim.x - 1 observed every other block's fenced increment, so every
- *    pack store of this rank happens-before its fence.sc.sys (__threadfence_system) and the
- *    st.release.sys flag stores to the peers that follow it.
+ *  - pack -> signal: each block ends its pack with __syncthreads (its threads' stores
+ *    happen-before thread 0's next operation), then thread 0 adds to state.arrive with an
+ *    atom.acq_rel.gpu. The block that reads arrive == G - 1 acquired every other block's
+ *    released increment, so every pack store of this rank happens-before the st.release.sys
+ *    flag stores to the peers that follow (release is cumulative: it orders what the storing
+ *    thread observed, at system scope). One active block skips the counter: __syncthreads is
+ *    the whole chain.
  *  - signal -> pull: a peer's ld.acquire.sys that reads the flag synchronizes with that
  *    release; __syncthreads extends it to the whole block, so every later load of the
  *    block (ld.volatile, never served from a stale L1 line) sees the packed rows.
@@ -121,13 +123,13 @@ constexpr long long kActiveBytes = DPG_P2P_ACTIVE_BYTES;
 // Tuning switches (kernels/_p2p.py passes DPGATHER_P2P_DEFINES through; docs/p2p.md): each
 // setting is correct under the PTX memory model, they differ only in speed.
 //  DPG_P2P_FLAG_FENCE   1: fence.acq_rel.sys before the st.release.sys flag stores (redundant
-//                       with the release stores' own cumulativity; kept as the default until
-//                       measured otherwise).
+//                       with the release stores' own cumulativity). Default 0: 9.5 -> 8.7 us
+//                       per 1-row collective on 2x H200 (BENCHMARKS.md).
 //  DPG_P2P_RELAXED_POLL 1: poll the flags with ld.relaxed.sys and fence once per thread after
 //                       its flag matched (the acquire pattern), instead of ld.acquire.sys polls.
 //  DPG_P2P_SLEEP_AFTER  polls before __nanosleep backs off (a large value: spin).
 #ifndef DPG_P2P_FLAG_FENCE
-#define DPG_P2P_FLAG_FENCE 1
+#define DPG_P2P_FLAG_FENCE 0
 #endif
 #ifndef DPG_P2P_RELAXED_POLL
 #define DPG_P2P_RELAXED_POLL 0

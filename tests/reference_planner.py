@@ -46,6 +46,7 @@ DEFAULT_COST = {
     "row_bytes": 14336,
     "copy_GBps": 2900.0,
     "mlp_row_us": 0.0,
+    "mode_us": (0.0, 0.0, 0.0),
     "all_gather": (12.0, 4.0, 300.0),
     "reduce_scatter": (10.2, 3.4, 295.0),
     "all_reduce": (12.3, 4.1, 335.0),
@@ -152,6 +153,9 @@ def predicted_us(n, A, cost=None):
              + coll_us(p, "gatherv", T, S * R, k)
              + coll_us(p, "reduce_scatterv", T, S * R, k)
              + coll_us(p, "gatherv", A, maxn * R, min(maxn, A)))
+    if T > 1:
+        mo = [float(v) for v in p["mode_us"]]
+        c_max, c_sum, c_var = c_max + mo[0], c_sum + mo[1], c_var + mo[2]
     return c_max, c_sum, c_var
 
 

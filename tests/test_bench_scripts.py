@@ -337,3 +337,21 @@ def test_cost_cache_path(monkeypatch, tmp_path):
     (tmp_path / "c").mkdir()
     m.save(p, meta={"card": "NVIDIA H200"})
     assert CostModel.load(p) == m
+
+
+@pytest.mark.parametrize("bad", [(1.0, 2.0), (float("nan"), 0, 0), (-1.0, 0, 0), "abc", 3, (0, 0, float("inf"))])
+def test_cost_model_rejects_bad_mode_us(bad):
+    from dpgather.core import ConfigError, CostModel
+
+    with pytest.raises(ConfigError, match="mode_us"):
+        CostModel(mode_us=bad)
+
+
+def test_cost_model_mode_us_round_trips(tmp_path):
+    from dpgather.core import CostModel
+
+    m = CostModel(mode_us=(11.0, 20.5, 23.0))
+    m.save(tmp_path / "c.json")
+    got = CostModel.load(tmp_path / "c.json")
+    assert got == m and got.mode_us == (11.0, 20.5, 23.0) and got.with_row_bytes(8).mode_us == m.mode_us
+    assert CostModel.from_dict({"row_bytes": 8}).mode_us == (0.0, 0.0, 0.0)  # files from before mode_us

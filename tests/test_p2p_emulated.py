@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(not p2p_emu.available(), reason="needs g++ on x8
 
 
 #: The tuning switches of p2p.cu other than the defaults (docs/p2p.md), tested as a build.
-TUNED = ("DPG_P2P_FLAG_FENCE=0", "DPG_P2P_RELAXED_POLL=1", "DPG_P2P_SLEEP_AFTER=100000")
+TUNED = ("DPG_P2P_FLAG_FENCE=1", "DPG_P2P_RELAXED_POLL=1", "DPG_P2P_SLEEP_AFTER=100000")
 
 
 @pytest.fixture(scope="module", params=["every-block-active", "active-from-work", "tuned-switches"])

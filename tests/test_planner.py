@@ -427,15 +427,16 @@ def test_all_entry_points_agree(sc, tr):
 
 @settings(max_examples=examples(300), **PROPERTY)
 @given(scenario(), st.floats(0, 2), st.integers(1, 65536),
-       st.tuples(st.floats(0, 50), st.floats(0, 10), st.floats(1, 1000)))
-def test_custom_cost_matches_reference(sc, mlp_row_us, row_bytes, gv):
+       st.tuples(st.floats(0, 50), st.floats(0, 10), st.floats(1, 1000)),
+       st.tuples(st.floats(0, 40), st.floats(0, 40), st.floats(0, 40)))
+def test_custom_cost_matches_reference(sc, mlp_row_us, row_bytes, gv, mode_us):
     topo, spec, policy, buckets, batches = sc
     cost = dg.CostModel(row_bytes=row_bytes, copy_GBps=1000.0, mlp_row_us=mlp_row_us, gatherv=gv,
-                        all_reduce=(1.0, 0.5, 100.0))
+                        all_reduce=(1.0, 0.5, 100.0), mode_us=mode_us)
     p = dg.plan(batches, topo, spec=spec, policy=policy, graph_buckets=buckets, cost=cost)
     r = reference_for(*sc, cost={"row_bytes": row_bytes, "copy_GBps": 1000.0,
                                  "mlp_row_us": mlp_row_us, "gatherv": gv,
-                                 "all_reduce": (1.0, 0.5, 100.0)})
+                                 "all_reduce": (1.0, 0.5, 100.0), "mode_us": mode_us})
     assert_plan_equals_reference(p, r)
 
 

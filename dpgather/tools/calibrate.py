@@ -245,26 +245,18 @@ def _time(be, comm, fn, reps):
 P2P_SIZES = (1, 8, 64, 256, 1024, 4096)
 
 
-def _measure_p2p(comm, rows_list, width, dtype, storage, reps, timeout_s, copy_GBps):
-    """Samples ``[(P, k, B, t)]`` of the P2P transport, in :func:`fit_collective`'s form.
-
-    Times ``DpAttention(transport="p2p", policy="varlen")`` gather + combine (reduce) of ``rows``
-    rows per rank on every rank (graph-timed), i.e. the cost model's P2P step with
-    ``S = P*rows``, ``nmin = nmax = rows``: ``t = 2a + 2(P-1) rows R / bw + (P+1) rows R / cp``.
-    Each sample is turned into one collective ``t' = t/2 - (P+1) rows R / (2 cp)`` of ``B =
-    P rows R`` bytes, so :func:`fit_collective` fits ``a`` and ``bw``. Returns ``([], reason)``
-    where P2P cannot run.
-    """
+def _facade_steps(comm, rows_list, width, dtype, storage, reps, timeout_s, policy, transport, cost=None):
+    """Graph-timed gather + combine (reduce) of ``DpAttention(policy=..., transport=...)`` with
+    ``rows`` tokens on every rank; returns ``([(rows, t_us, plan)], None)`` or ``([], reason)``
+    when such a DpAttention cannot be built (e.g. no P2P here; the same verdict on every rank)."""
     import cupy
 
     from dpgather import DpAttention, ForwardMode, LocalBatch
 
-    P = comm.Get_size()
-    R = width * np.dtype(storage).itemsize
     try:
-        dp = DpAttention(comm, hidden_size=width, dtype=dtype, backend="cuda", policy="varlen",
-                         transport="p2p", max_tokens_per_rank=max(rows_list), timeout_s=timeout_s)
-    except ConfigError as e:  # the same verdict on every rank
+        dp = DpAttention(comm, hidden_size=width, dtype=dtype, backend="cuda", policy=policy, cost=cost,
+                         transport=transport, max_tokens_per_rank=max(rows_list), timeout_s=timeout_s)
+    except ConfigError as e:
         return [], str(e)
     out = []
     clock = CupyEvents()
@@ -278,8 +270,6 @@ def _measure_p2p(comm, rows_list, width, dtype, storage, reps, timeout_s, copy_G
                 Y = cupy.zeros(G.shape, dtype=storage)
                 dp.scatter(Y, plan, reduce=True)
             clock.synchronize()
-            if plan.transport != "p2p":
-                continue
 
             def step(plan=plan, x=x, Y=Y):
                 dp.gather(x, plan)
@@ -287,14 +277,50 @@ def _measure_p2p(comm, rows_list, width, dtype, storage, reps, timeout_s, copy_G
 
             timer = Timer(clock, comm=comm, reps=reps, warmup=1, target_us=_TARGET_US, kmax=_KMAX)
             res = timer.measure(lambda j: step(), graph=True)
-            t = res["graph"] if res["graph"] is not None else res["eager"]
-            t1 = t / 2 - (P + 1) * rows * R / (2 * copy_GBps * 1e3)
-            out.append((P, P, P * rows * R, max(t1, 1e-3)))
+            out.append((rows, res["graph"] if res["graph"] is not None else res["eager"], plan))
             clock.synchronize()
     finally:
         clock.synchronize()
         dp.close()
     return out, None
+
+
+def _measure_p2p(comm, rows_list, width, dtype, storage, reps, timeout_s, copy_GBps):
+    """Samples ``[(P, k, B, t)]`` of the P2P transport, in :func:`fit_collective`'s form.
+
+    Times ``DpAttention(transport="p2p", policy="varlen")`` gather + combine (reduce) of ``rows``
+    rows per rank on every rank (graph-timed), i.e. the cost model's P2P step with
+    ``S = P*rows``, ``nmin = nmax = rows``: ``t = 2a + 2(P-1) rows R / bw + (P+1) rows R / cp``.
+    Each sample is turned into one collective ``t' = t/2 - (P+1) rows R / (2 cp)`` of ``B =
+    P rows R`` bytes, so :func:`fit_collective` fits ``a`` and ``bw``. Returns ``([], reason)``
+    where P2P cannot run.
+    """
+    P = comm.Get_size()
+    R = width * np.dtype(storage).itemsize
+    steps, why = _facade_steps(comm, rows_list, width, dtype, storage, reps, timeout_s, "varlen", "p2p")
+    out = []
+    for rows, t, plan in steps:
+        if plan.transport == "p2p":
+            t1 = t / 2 - (P + 1) * rows * R / (2 * copy_GBps * 1e3)
+            out.append((P, P, P * rows * R, max(t1, 1e-3)))
+    return out, why
+
+
+#: Rows per rank at which each NCCL mode's own-kernel cost (CostModel.mode_us) is measured.
+MODE_SIZES = (1, 64)
+
+
+def _measure_modes(comm, width, dtype, storage, reps, timeout_s, model):
+    """``CostModel.mode_us``: per NCCL padding mode, the median over :data:`MODE_SIZES` of the
+    graph-timed DpAttention gather + combine minus ``model``'s prediction of its collectives
+    (clipped at 0): what dpgather's own pack / unpack / zero-fill kernels add to each mode."""
+    out = []
+    for policy, i in (("max_len", 0), ("sum_len", 1), ("varlen", 2)):
+        steps, _ = _facade_steps(comm, MODE_SIZES, width, dtype, storage, reps, timeout_s, policy, "nccl",
+                                 cost=model)
+        extra = [t - float(plan.predicted_us[i]) for _, t, plan in steps]
+        out.append(max(0.0, float(np.median(extra))) if extra else 0.0)
+    return tuple(out)
 
 
 def _measure_group(be, comm, tp, rows, width, dtype, logical, reps, kinds, k_range):
@@ -428,6 +454,11 @@ def calibrate(comm=None, out=None, sizes=None, hidden=7168, dtype="bfloat16", ba
     model = CostModel(row_bytes=row_bytes, copy_GBps=copy, mlp_row_us=0.0, **params)
     # every rank fitted the same (max-over-ranks) samples; broadcast anyway so all agree bit for bit
     model = CostModel.from_dict(comm.bcast(model.to_dict(), root=0))
+    if kind == "cuda" and P > 1:  # graph-timed collectives leave out dpgather's own kernels
+        mode_us = _measure_modes(comm, width, dtype, storage, reps, timeout_s, model)
+        say("# calibrate mode_us (MAX_LEN, SUM_LEN, VARLEN) " + " ".join(f"{v:.1f}" for v in mode_us))
+        model = CostModel.from_dict({**model.to_dict(), "mode_us": list(mode_us)})
+        model = CostModel.from_dict(comm.bcast(model.to_dict(), root=0))
     meta = {
         **info, "backend": kind, "ranks": P, "gpu_count": P if kind == "cuda" else 0,
         "date": datetime.datetime.now().isoformat(timespec="seconds"), "hidden": width,
@@ -474,7 +505,8 @@ def _format(model, meta):
             Column("err", "fit err", "(rel)"))
     head = (f"# cost model ({meta.get('backend')} backend, {meta.get('ranks')} ranks, "
             f"{meta.get('card')}, {meta.get('seconds')} s)")
-    tail = f"# copy_GBps {model.copy_GBps:.0f}, row_bytes {model.row_bytes}"
+    tail = (f"# copy_GBps {model.copy_GBps:.0f}, row_bytes {model.row_bytes}, mode_us (MAX/SUM/VAR) "
+            + "/".join(f"{v:.1f}" for v in model.mode_us))
     return "\n".join([head, *format_table(rows, cols), tail])
 
 
