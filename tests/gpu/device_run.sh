@@ -48,6 +48,8 @@ graphnccl)
   run graph_bench_nccl ${T_GRAPH:-300} python3 -m dpgather.tools.launch -n "$NG" bench/graph_bench.py --transport nccl --json "$OUT/graph_nccl.json" ;;
 calibrate)
   run calibrate ${T_CAL:-120} python3 -m dpgather.tools.launch -n "$NG" -m dpgather.tools.calibrate --out "$OUT/cost.json" ;;
+pack)  # one archive of every log and JSON (the device tool returns a few files per call)
+  (cd "$OUT" && tar czf logs.tgz --exclude=logs.tgz --exclude=summary.txt * && find . -maxdepth 1 -type f ! -name logs.tgz ! -name summary.txt -delete) ;;
 *) note "unknown phase $p" ;;
 esac; done
 cat "$summary"
