@@ -61,6 +61,8 @@ Wd = w.standard_normal((F, H), dtype=np.float32) / F ** 0.5
 heads = slice(a * H // A, (a + 1) * H // A)      # q/k/v columns and o_proj rows of this rank
 cols = slice(rank * F // T, (rank + 1) * F // T)  # gate/up columns and down rows of this rank
 mine = [xp.asarray(m) for m in (Wqkv[:, :, heads], Wo[heads], Wg[:, cols], Wu[:, cols], Wd[cols])]
+if xp is not np:
+    xp.cuda.Device().synchronize()  # copied on the default stream; used on the non-blocking ones
 
 
 def attention(x, lens, wqkv, wo, m=np):
@@ -104,10 +106,10 @@ for step in range(args.steps):
     half = (len(lens) + 1) // 2
     mb = [lens[:half], lens[half:]]                                   # requests of micro-batch 0 and 1
     rows = [slice(0, sum(mb[0])), slice(sum(mb[0]), sum(lens))]
-    xs = [xp.asarray(x[r]) for r in rows]
 
     # -- the overlapped step ------------------------------------------------------------------
     with on(compute):
+        xs = [xp.asarray(x[r]) for r in rows]                             # copied on the compute stream
         plans = [dp.sync(batch_of(mb[i]), micro_batch=i) for i in (0, 1)]  # one host all-gather each
         gathers = []
         for i in (0, 1):

@@ -251,7 +251,8 @@ for A in [a for a in (1, 2) if T % a == 0]:
             with on(COMPUTE):
                 plans = [dp.sync(bl[i][d], micro_batch=i) for i in (0, 1)]
             USED.update(p.transport for p in plans)
-            ms = [Micro(p, step, i, A, contrib) for i, p in enumerate(plans)]
+            with on(COMPUTE):  # device inputs made on the compute stream (the comm stream forks from it)
+                ms = [Micro(p, step, i, A, contrib) for i, p in enumerate(plans)]
             got = overlapped(dp, ms, contrib)
             ref = serialized(ser, bl, ms, contrib, d)
             for i, (m, r, s) in enumerate(zip(ms, got, ref)):
