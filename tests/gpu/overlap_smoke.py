@@ -237,10 +237,10 @@ for A in [a for a in (1, 2) if T % a == 0]:
     buckets = (A * 2, A * 8, A * 32)
     kw = dict(attn_tp_size=A, hidden_size=H, dtype=args.dtype, backend=args.backend, spec=spec,
               graph_buckets=buckets, transport=args.transport, timeout_s=args.timeout)
+    dp = dg.DpAttention(comm, micro_batches=2, **kw)
+    ser = dg.DpAttention(comm, **kw)
+    AVAILABLE.add(dp.info()["transport"])
     for contrib in ("replicate", "partial"):
-        dp = dg.DpAttention(comm, micro_batches=2, **kw)
-        ser = dg.DpAttention(comm, **kw)
-        AVAILABLE.add(dp.info()["transport"])
         with on(COMPUTE):
             r2 = dp.graph_runner(fn, contribution=contrib, micro_batches=2)
             r1 = ser.graph_runner(fn, contribution=contrib)
@@ -353,8 +353,8 @@ for A in [a for a in (1, 2) if T % a == 0]:
                 check(f"A={A} {contrib}: no arena allocation over 40 overlapped steps ({st0} -> {st1})", st0 == st1)
         r2.close()
         r1.close()
-        dp.close()
-        ser.close()
+    dp.close()
+    ser.close()
 
 check(f"every DpAttention of the process has the same transport: {sorted(AVAILABLE)}", len(AVAILABLE) == 1)
 if failures:
