@@ -3,7 +3,7 @@
 # (the system Python, its packages and the node's own MPI: VENV=none is auto-detected), and writes
 # its log and a one-line verdict under $OUT. Other phases, each under `timeout`:
 #   bash tests/gpu/device_run.sh [test] [build] [gputest] [p2p] [eager] [sanitize] [copy] [collective]
-#                                [graph] [calibrate]
+#                                [graph] [calibrate] [overlap] [overlapbench]
 # Nothing is exported for the tests: every setting Open MPI needs (running as root, oversubscription)
 # comes from dpgather's own launcher settings, as it would for a user.
 set -u
@@ -38,6 +38,10 @@ collective)
   run collective_bench ${T_COLL:-300} python3 -m dpgather bench --np "$NG" ;;
 graph)
   run graph_bench ${T_GRAPH:-300} python3 -m dpgather.tools.launch -n "$NG" bench/graph_bench.py ;;
+overlap)
+  run overlap_tests ${T_OVL:-300} python3 -m pytest -q -rs tests/test_gpu.py -k overlap ;;
+overlapbench)
+  run overlap_bench ${T_OVLB:-300} python3 -m dpgather.tools.launch -n "$NG" --timeout 280 bench/overlap_bench.py --json "$OUT/overlap.json" ;;
 calibrate)
   run calibrate ${T_CAL:-120} python3 -m dpgather.tools.launch -n "$NG" -m dpgather.tools.calibrate --out "$OUT/cost.json" ;;
 *) note "unknown phase $p" ;;
