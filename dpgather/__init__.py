@@ -12,6 +12,9 @@ Quick start (README.md; the contract is docs/design.md)::
     g = dp.gather(x, plan)
     y = dp.scatter(mlp(g), plan)[:plan.num_tokens[dp.dp_rank]]
 
+    h = dp.gather_async(x, plan, stream=comm_stream)           # docs/overlap.md
+    g = h.wait()                                               # current stream ordered after it
+
 Importing never touches a GPU, MPI or CuPy; backends load when a ``DpAttention`` is made.
 """
 
@@ -42,9 +45,11 @@ from .core import (
 )
 from ._facade import DpAttention
 from ._graph import GraphRunner
+from ._handle import AsyncHandle
 
 __all__ = [
-    "BackendUnavailable", "CollectiveTimeout", "ConfigError", "CostModel", "DpAttention", "DpGatherError",
+    "AsyncHandle", "BackendUnavailable", "CollectiveTimeout", "ConfigError", "CostModel", "DpAttention",
+    "DpGatherError",
     "ForwardMode", "GraphRunner", "InconsistentBatchError", "InconsistentStepError", "InputError",
     "LocalBatch", "POLICIES", "PaddingMode", "Plan", "Planner", "RECORD_FIELDS", "RECORD_MAGIC",
     "RECORD_WIDTH", "SpecConfig", "Topology", "count_tokens", "plan", "__version__",

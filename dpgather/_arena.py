@@ -6,7 +6,11 @@ exactly that size at the start of the buffer; the buffer is reallocated only whe
 larger than what it holds (its high-water mark), so a warm arena allocates nothing per step.
 
 A view stays valid until the next request of the same role: the caller must not keep a gathered
-buffer across the next ``gather`` (copy it if needed).
+buffer across the next ``gather`` (copy it if needed). :meth:`Arena.generation` counts a role's
+requests, so an asynchronous handle can tell whether its view was handed out again since.
+
+Each micro-batch of a ``DpAttention`` has its own arena, so the views of one micro-batch are
+never overwritten by the calls of another.
 """
 
 from dpgather.core.errors import InputError
@@ -43,11 +47,16 @@ class Arena:
         alloc: ``alloc(nbytes) -> 1-D uint8 array`` of the backend (NumPy or CuPy).
         growth: when a role must grow, it grows to ``max(request, growth * reserved)`` so that a
             slowly rising high-water mark does not reallocate every step.
+        retire: ``retire(old_buffer)`` is called with a role's previous buffer when it grows
+            (instead of dropping it): with work on several streams the owner keeps it until the
+            device finished every operation that may still read it (a stream-ordered memory
+            pool would otherwise hand it to an allocation on another stream). None: drop it.
     """
 
-    def __init__(self, alloc, growth=1.25):
+    def __init__(self, alloc, growth=1.25, retire=None):
         self._alloc = alloc
         self._growth = growth
+        self._retire = retire
         self._roles = {r: _Role() for r in ROLES}
 
     def reserve(self, role, nbytes):
@@ -70,6 +79,8 @@ class Arena:
                     f"(it holds {st.reserved / 2**20:.1f} MiB), which could not be allocated: "
                     f"{type(e).__name__}: {e}. Split the step (fewer tokens per replica) or free "
                     "memory; the previous buffers stay usable") from None
+            if old is not None and self._retire is not None:
+                self._retire(old)
             del old
             st.buf = buf
             st.cache = {}
@@ -125,6 +136,11 @@ class Arena:
     def view(self, role, rows, width, dtype):
         """One exact-size view (see :meth:`views`)."""
         return self.views(role, ((rows, width, dtype),))[0]
+
+    def generation(self, role):
+        """How many requests ``role`` served so far (a view handed out at generation ``g`` is
+        still the role's latest one while ``generation(role) == g``)."""
+        return self._roles[role].requests
 
     def contains(self, ptr, nbytes):
         """The role whose buffer overlaps ``[ptr, ptr + nbytes)``, or None."""

@@ -59,7 +59,7 @@ class HostBackend:
         return a.__array_interface__["data"][0]
 
     @staticmethod
-    def upload(desc, out=None):
+    def upload(desc, out=None, ring=0):
         if out is None:
             return desc
         out[...] = desc
@@ -68,6 +68,15 @@ class HostBackend:
     @staticmethod
     def zero(a):
         a.view(np.uint8).fill(0)
+
+    @staticmethod
+    def stream(value, name="stream"):
+        """The host backend has no streams: any ``stream=`` argument is accepted and ignored."""
+        return None
+
+    @staticmethod
+    def current_stream():
+        return None
 
     def synchronize(self):
         pass
@@ -80,7 +89,9 @@ class CudaBackend:
     """CuPy arrays, CUDA RawModule kernels, NCCL collectives on the current CuPy stream.
 
     bfloat16 travels as 2-byte storage (CuPy has no bfloat16 dtype); descriptors are uploaded
-    from a ring of pinned host buffers so the upload never synchronises the device.
+    from rings of pinned host buffers so the upload never synchronises the device: one ring per
+    micro-batch, so a micro-batch's descriptor (reused while its plan repeats) is never
+    overwritten by another micro-batch's uploads.
     """
 
     name = "cuda"
@@ -100,8 +111,7 @@ class CudaBackend:
         self.device = None  # the communicator picks this rank's GPU (see communicator)
         self.copy_rows = _cuda.copy_rows_unchecked
         self.mask_rows = _cuda.mask_rows
-        self._ring = []
-        self._slot = 0
+        self._rings = {}  # ring key (micro-batch) -> [slots, next slot]
 
     def communicator(self, mpi_comm, timeout_s):
         """The NCCL communicator of ``mpi_comm``; it picks and makes current this rank's GPU,
@@ -153,20 +163,23 @@ class CudaBackend:
     def ptr(a):
         return a.data.ptr
 
-    def upload(self, desc, out=None):
-        """Copy the int64 host descriptor to the device (async, pinned, ring-buffered); into
-        ``out`` (a device array) when given."""
+    def upload(self, desc, out=None, ring=0):
+        """Copy the int64 host descriptor to the device (async, pinned, ring-buffered) on the
+        current stream; into ``out`` (a device array) when given. ``ring``: which ring of
+        :attr:`_RING` device slots (one per micro-batch)."""
         cupy = self.cupy
         n = desc.size
-        if not self._ring or self._ring[0][1].size < n:
-            self._ring = []
+        r = self._rings.get(ring)
+        if r is None or r[0][0][1].size < n:
+            slots = []
             for _ in range(self._RING):
                 mem = cupy.cuda.alloc_pinned_memory(max(n, 64) * 8)
                 host = np.frombuffer(mem, dtype=np.int64, count=max(n, 64))
                 dev = cupy.empty(max(n, 64), dtype=cupy.int64)
-                self._ring.append([mem, host, dev, None])
-        slot = self._ring[self._slot]
-        self._slot = (self._slot + 1) % self._RING
+                slots.append([mem, host, dev, None])
+            r = self._rings[ring] = [slots, 0]
+        slot = r[0][r[1]]
+        r[1] = (r[1] + 1) % self._RING
         mem, host, dev, ev = slot
         if ev is not None:
             ev.synchronize()  # the upload issued RING steps ago has long finished
@@ -182,11 +195,29 @@ class CudaBackend:
     def zero(self, a):
         self.cupy.cuda.runtime.memsetAsync(a.data.ptr, 0, a.nbytes, self.cupy.cuda.get_current_stream().ptr)
 
+    def current_stream(self):
+        return self.cupy.cuda.get_current_stream()
+
+    def stream(self, value, name="stream"):
+        """A ``stream=`` argument as a CuPy stream: None (the current stream), a
+        ``cupy.cuda.Stream`` / ``ExternalStream``, a raw ``cudaStream_t`` int, or an object with
+        an int ``cuda_stream`` attribute (``torch.cuda.Stream``). Raises InputError otherwise."""
+        cupy = self.cupy
+        if value is None:
+            return cupy.cuda.get_current_stream()
+        if hasattr(value, "ptr") and hasattr(value, "wait_event") and hasattr(value, "__enter__"):
+            return value  # cupy.cuda.Stream / ExternalStream (the base class name changed over versions)
+        raw = getattr(value, "cuda_stream", value)
+        if isinstance(raw, (int, np.integer)) and not isinstance(raw, (bool, np.bool_)) and raw >= 0:
+            return cupy.cuda.ExternalStream(int(raw), self.device.id if self.device is not None else -1)
+        raise InputError(f"{name} must be None (the current stream), a cupy.cuda.Stream / ExternalStream, "
+                         f"a raw cudaStream_t int or a torch.cuda.Stream, got {value!r}")
+
     def synchronize(self):
         self.cupy.cuda.get_current_stream().synchronize()
 
     def close(self):
-        self._ring = []
+        self._rings = {}
 
 
 def cuda_usable():

@@ -8,6 +8,11 @@ the layout and the call's flags (identical on every rank); this rank's own row c
 change local copies. The caller provides the buffers' arena, so the facade, graph runners and
 micro-batches each use their own.
 
+Ordering: every ``gather`` and ``combine`` is one operation of the launch chain
+(:mod:`dpgather._chain`): it runs on the current stream after the previous operation of this data
+plane, whatever stream that one ran on, so NCCL collectives on one communicator and P2P pulls on
+one window never run concurrently (asynchronous calls on a communication stream included).
+
 Gather (``partial`` = the replica's ``A`` ranks hold summands; else they hold the same rows):
 
 ===========  ===============================================================================
@@ -41,6 +46,7 @@ P2P          one pull collective summing the own rows of every rank's ``Y``
 
 from dpgather.core import PaddingMode
 
+from ._chain import NullChain
 from ._layout import Descriptor
 
 __all__ = ["DataPlane"]
@@ -74,9 +80,19 @@ class DataPlane:
         self.A = attn_tp_size
         self.logical = logical
         self.storage = storage
+        #: the launch chain (:mod:`dpgather._chain`); the facade sets a StreamChain on CUDA
+        self.chain = NullChain()
 
     # -- gather ----------------------------------------------------------------------------
     def gather(self, arena, x, L, desc, partial, p2p, role="gathered"):
+        """Gather ``x`` as one operation of the launch chain (see :meth:`_gather`)."""
+        chain = self.chain
+        s, cap = chain.enter()
+        G = self._gather(arena, x, L, desc, partial, p2p, role)
+        chain.leave(s, cap)
+        return G
+
+    def _gather(self, arena, x, L, desc, partial, p2p, role="gathered"):
         """Gather ``x`` (this rank's rows, ``[rows, W]``) over layout ``L`` into ``role``'s buffer.
 
         Returns ``G``: ``[L.total, W]``, replica ``d``'s rows at ``L.offsets[d]``, padding zero.
@@ -132,6 +148,14 @@ class DataPlane:
 
     # -- combine ---------------------------------------------------------------------------
     def combine(self, arena, Y, L, desc, reduce, out, p2p):
+        """Combine ``Y`` as one operation of the launch chain (see :meth:`_combine`)."""
+        chain = self.chain
+        s, cap = chain.enter()
+        y = self._combine(arena, Y, L, desc, reduce, out, p2p)
+        chain.leave(s, cap)
+        return y
+
+    def _combine(self, arena, Y, L, desc, reduce, out, p2p):
         """Bring ``Y`` (``[>= L.total, W]``) back to this replica's rows.
 
         Returns ``y``: ``out``, or a ``[L.slot, W]`` view of the ``output`` role;

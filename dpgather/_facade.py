@@ -8,14 +8,16 @@ One object per process (one rank of the TP group). Each step::
 
 This module owns what is not row movement: checking arguments once at the public API, the
 agreement between ranks (at construction, and per step through the sync record), the step's
-layouts and descriptor, the arenas, and the order of teardown. Rows move in
+layouts and descriptor, the arenas, the asynchronous calls and their handles
+(:class:`~dpgather.AsyncHandle`), micro-batches, and the order of teardown. Rows move in
 :mod:`dpgather._dataplane`; layouts come from :mod:`dpgather._layout`; the per-step exchange is
 :class:`dpgather.dist.sync.StepSync`.
 
 The step record every rank sends at ``sync()`` is the planner's record (``RECORD_WIDTH`` fields)
-followed by four control fields: the step sequence number, a hash and a count of the data-plane
-calls this rank issued since its previous ``sync()``, and a status (a call of the previous step
-failed its checks here; the P2P transport reported a device error). So one host collective per
+followed by five control fields: the step sequence number, a hash and a count of the data-plane
+calls this rank issued since its previous ``sync()``, a status (a call of the previous step
+failed its checks here; the P2P transport reported a device error) and the micro-batch this
+``sync()`` plans. So one host collective per
 step also tells every rank whether all ranks issued the same operations on the same plans — see
 docs/reliability.md for the exact guarantee.
 """
@@ -47,7 +49,9 @@ from dpgather.core.dtypes import BF16_STORAGE, DTYPES, normalize_dtype
 
 from ._arena import Arena
 from ._backends import make_backend
+from ._chain import EventPool, StreamChain
 from ._dataplane import DataPlane
+from ._handle import AsyncHandle
 from ._log import get_logger, set_rank
 from ._layout import (
     OP_GATHER,
@@ -61,7 +65,7 @@ from ._layout import (
     signature,
 )
 
-__all__ = ["DpAttention"]
+__all__ = ["DpAttention", "MAX_MICRO_BATCHES"]
 
 if TYPE_CHECKING:
     from ._graph import GraphRunner
@@ -72,19 +76,22 @@ DTypeLike = Union[str, "np.dtype[Any]", type]
 log = get_logger("facade")
 
 # Control fields after the planner's record.
-_C_SEQ, _C_OPS, _C_NOPS, _C_STATUS = range(RECORD_WIDTH, RECORD_WIDTH + 4)
-SYNC_WIDTH = RECORD_WIDTH + 4
+_C_SEQ, _C_OPS, _C_NOPS, _C_STATUS, _C_MB = range(RECORD_WIDTH, RECORD_WIDTH + 5)
+SYNC_WIDTH = RECORD_WIDTH + 5
 # Status codes of the control field.
 _ST_OK, _ST_INPUT, _ST_DEVICE, _ST_MISMATCH = 0, 1, 2, 3
 _DEFAULT_TIMEOUT_S = 60.0
 #: Per-replica rows the P2P windows hold at least (decode batches and EAGLE steps fit).
 P2P_DEFAULT_ROWS = 256
+#: The largest ``micro_batches`` (each micro-batch has its own arenas).
+MAX_MICRO_BATCHES = 16
 
 
 class _Step:
-    """One step on this rank: the plan, its layouts, and the descriptor (host and device)."""
+    """One step of one micro-batch on this rank: the plan, its layouts, the descriptor (host and
+    device) and the micro-batch's arena."""
 
-    __slots__ = ("plan", "hidden", "logits", "desc", "desc_host", "sigs", "call_sigs", "p2p")
+    __slots__ = ("plan", "hidden", "logits", "desc", "desc_host", "sigs", "call_sigs", "p2p", "mb", "arena")
 
 
 class _Guard:
@@ -136,11 +143,22 @@ class DpAttention:
             *at that call* and nothing moves anywhere. Without it (default) a bad argument raises
             at once on its rank, the rank still issues the step's collectives (with zero rows) so
             no peer is left waiting, and every rank raises at the next ``sync()``.
+        micro_batches: how many micro-batches may be in flight at once (default 1; at most
+            :data:`MAX_MICRO_BATCHES`). Each has its own arenas (``max_tokens_per_rank`` reserves
+            every one of them) and its own current plan: ``sync(batch, micro_batch=i)`` plans
+            micro-batch ``i``, and a call with that plan writes only micro-batch ``i``'s buffers,
+            so two-batch overlap (one micro-batch's MLP beside the other's gather or combine, see
+            :meth:`gather_async`) never overwrites a view still in use. docs/overlap.md.
 
     Views returned by ``gather``/``scatter``/``gather_logits``/``scatter_logits`` live in
-    per-role arenas and stay valid until the next call that uses the same role (gather ->
-    ``gathered``, scatter -> ``output``, gather_logits -> ``logits``, scatter_logits ->
-    ``logits_output``); copy them to keep them longer.
+    per-role arenas of the plan's micro-batch and stay valid until the next call that uses the
+    same role on that micro-batch (gather -> ``gathered``, scatter -> ``output``, gather_logits ->
+    ``logits``, scatter_logits -> ``logits_output``); copy them to keep them longer.
+
+    Streams (CUDA backend): a synchronous call runs on the current CuPy stream, an asynchronous
+    one on its ``stream=``. Every gather and combine of this DpAttention runs after the previous
+    one, whatever streams they were issued on (an event chain: NCCL collectives on one
+    communicator and P2P pulls on one window never run concurrently).
 
     Raises:
         ConfigError: invalid arguments on any rank, or ranks configured differently (raised on
@@ -155,7 +173,7 @@ class DpAttention:
                  policy: Literal["auto", "sglang", "max_len", "sum_len", "varlen"] = "auto",
                  graph_buckets: Optional[Iterable[int]] = (), max_tokens_per_rank: Optional[int] = None,
                  timeout_s: float = 60.0, cost: Optional[CostModel] = None, strict: bool = False,
-                 transport: Literal["auto", "nccl", "p2p"] = "auto") -> None:
+                 transport: Literal["auto", "nccl", "p2p"] = "auto", micro_batches: int = 1) -> None:
         from dpgather.dist.host import load_mpi
 
         MPI = load_mpi()
@@ -167,6 +185,7 @@ class DpAttention:
         self._sync = None
         self._runners = []
         self._arena = None
+        self._arenas = []
         self._private = None
         if comm is None:
             comm = MPI.COMM_WORLD
@@ -176,7 +195,7 @@ class DpAttention:
         # agreement below would leave its peers waiting in it.
         canon, errors = _canonical_config(comm.Get_size(), attn_tp_size, hidden_size, dtype, backend,
                                           spec, policy, graph_buckets, max_tokens_per_rank, timeout_s,
-                                          cost, strict, transport)
+                                          cost, strict, transport, micro_batches)
         bound = canon["timeout_s"] if "timeout_s" not in errors else _DEFAULT_TIMEOUT_S
         from dpgather.dist.shm import bounded_wait
         from dpgather.dist.sync import StepSync
@@ -223,10 +242,21 @@ class DpAttention:
         self._desc_layout = Descriptor(self.topology.dp_size, A)
         self._plane = DataPlane(be, self._tp, self._attn, self._p2p, self._desc_layout, self.attn_tp_rank, A,
                                 self.dtype, self._storage)
-        self._arena = Arena(be.alloc)
+        N = self.micro_batches = c["micro_batches"]
+        self._events = None
+        self._retired = []  # (event, buffer): arena buffers replaced while the device may still read them
+        if be.name == "cuda":
+            self._plane.chain = StreamChain(be.cupy)
+            self._events = EventPool(be.cupy)
+            if N > 1:
+                self._plane.chain.start()
+        self._arenas = [Arena(be.alloc, retire=self._retire) for _ in range(N)]
+        self._arena = self._arenas[0]
         self._record = np.zeros(SYNC_WIDTH, dtype=np.int32)
         self._ctl_expect = np.zeros(SYNC_WIDTH - RECORD_WIDTH, dtype=np.int32)
-        self._step = None
+        self._steps = [None] * N  # the current step of each micro-batch
+        self._prev_fp = [None] * N  # the fingerprint of each micro-batch's previous plan
+        self._last_mb = 0  # the micro-batch of the latest sync()
         self._layouts = {}  # plan fingerprint -> (hidden, logits, sigs): steady state repeats plans
         self._seq = 0
         self._ophash = 0
@@ -327,46 +357,62 @@ class DpAttention:
                  "output": M * row, "logits": D * M * row}
         error = None
         try:
-            for role, nbytes in sizes.items():
-                self._arena.reserve(role, nbytes)
+            for arena in self._arenas:
+                for role, nbytes in sizes.items():
+                    arena.reserve(role, nbytes)
         except (MemoryError, ValueError, OverflowError) as e:
             error = f"rank {self.rank}: {type(e).__name__}: {e}"
         except Exception as e:  # CuPy's OutOfMemoryError and friends
             error = f"rank {self.rank}: {type(e).__name__}: {e}"
         errors = [m for m in self._sync.allgather_obj(error, "DpAttention construction (preallocation)") if m]
         if errors:
-            total = sum(sizes.values())
+            total = sum(sizes.values()) * len(self._arenas)
             raise ConfigError(
                 f"max_tokens_per_rank={tokens} needs {total / 2**20:.1f} MiB of arenas per rank "
-                f"({D} replicas x {M} rows x {row} bytes per row), which could not be allocated: "
+                f"({D} replicas x {M} rows x {row} bytes per row, {len(self._arenas)} micro-batch(es)), "
+                "which could not be allocated: "
                 + "; ".join(errors) + ". Lower max_tokens_per_rank or leave it None (grow on demand)")
 
     # -- the per-step sync ----------------------------------------------------------------
-    def sync(self, batch: LocalBatch) -> Plan:
+    def sync(self, batch: LocalBatch, micro_batch: int = 0) -> Plan:
         """Exchange this rank's batch with every rank (one host collective) and plan the step.
 
         Args:
             batch: this rank's :class:`LocalBatch`; the ``attn_tp_size`` ranks of a replica must
                 pass equal batches.
+            micro_batch: which micro-batch this plans, ``0 <= micro_batch < micro_batches``
+                (every rank passes the same). The plan replaces that micro-batch's previous one
+                and binds the calls made with it to that micro-batch's arenas; the other
+                micro-batches' plans stay current.
 
         Returns:
             The step's :class:`Plan`, identical on every rank.
 
         Raises:
             InconsistentBatchError: the ranks of a replica disagree (on every rank).
-            InputError: a rank passed an invalid batch, or a data-plane call of the previous step
-                failed its checks on some rank (on every rank, naming the rank and the error; the
-                previous step's outputs are invalid everywhere, this step is not planned, call
-                ``sync()`` again).
-            InconsistentStepError: ranks issued different calls or plans in the previous step, or
-                called ``sync()`` a different number of times (on every rank; aborts).
+            InputError: a rank passed an invalid batch or micro_batch, or a data-plane call since
+                the previous ``sync()`` failed its checks on some rank (on every rank, naming the
+                rank and the error; the outputs of those calls are invalid everywhere, this step
+                is not planned, call ``sync()`` again).
+            InconsistentStepError: ranks issued different calls or plans since the previous
+                ``sync()``, called ``sync()`` a different number of times or for different
+                micro-batches (on every rank; aborts).
             CollectiveTimeout: some rank did not reach ``sync`` within ``timeout_s``, or a device
                 transfer of the previous step failed (aborts).
         """
         self._check_open()
         rec = self._record
         batch_error = None
+        mb = micro_batch
+        N = self.micro_batches
         try:
+            if isinstance(mb, (bool, np.bool_)) or not isinstance(mb, (int, np.integer)) or not 0 <= mb < N:
+                mb = -1
+                raise InputError(
+                    f"micro_batch must be an int in [0, {N}) (this DpAttention has micro_batches={N}), got "
+                    f"{micro_batch!r}; pass " + ("micro_batch=0 (or construct DpAttention(micro_batches=K))"
+                                                 if N == 1 else f"one of 0..{N - 1}"))
+            mb = int(mb)
             if not isinstance(batch, LocalBatch):
                 raise InputError(f"batch must be a dpgather.LocalBatch, got {batch!r}")
             self.planner.record(batch, out=rec[:RECORD_WIDTH])
@@ -379,6 +425,7 @@ class DpAttention:
         rec[_C_OPS] = self._ophash - (1 << 32) if self._ophash >= 1 << 31 else self._ophash
         rec[_C_NOPS] = self._nops
         rec[_C_STATUS] = self._status
+        rec[_C_MB] = mb
         msg = self._status_msg
         if self._p2p is not None:
             code = self._p2p.error()  # a read of the pinned error word: no CUDA call, no sync
@@ -395,9 +442,16 @@ class DpAttention:
             raise
         ctl = table[:, RECORD_WIDTH:]
         expect = self._ctl_expect
-        expect[0], expect[1], expect[2] = rec[_C_SEQ], rec[_C_OPS], rec[_C_NOPS]  # status expected 0
+        expect[0], expect[1], expect[2], expect[4] = rec[_C_SEQ], rec[_C_OPS], rec[_C_NOPS], mb  # status 0
         if (ctl != expect).any():  # a rank differs from this one, or reports a failure
-            self._step_failed(ctl, msg)
+            if (ctl[:, :4] != expect[:4]).any():
+                self._step_failed(ctl, msg)
+            mbs = ctl[:, 4]
+            if (mbs >= 0).all():  # (an invalid micro_batch is an invalid batch: below)
+                self.abort("ranks called sync() for different micro-batches")
+                raise InconsistentStepError(
+                    f"ranks called sync() for different micro-batches (micro_batch per rank: {mbs.tolist()}); "
+                    "every rank must sync the same micro-batch at the same point. The DpAttention is aborted")
         if not table[:, 0].all():  # a zero magic: every rank sees it, so all raise the same class
             failed = np.flatnonzero(table[:, 0] == 0)
             msgs = self._sync.allgather_obj(None if batch_error is None else f"{type(batch_error).__name__}: {batch_error}",
@@ -408,7 +462,9 @@ class DpAttention:
             raise cls(f"rank(s) {failed.tolist()} passed an invalid batch to sync(); nothing was planned. "
                       f"rank {failed[0]}: {msgs[failed[0]]}")
         plan = self.planner.plan_table(table[:, :RECORD_WIDTH])
-        self._prepare(plan)
+        self._prepare(plan, mb)
+        if self._retired:
+            self._release_retired()
         return plan
 
     def _step_failed(self, ctl, msg):
@@ -447,10 +503,13 @@ class DpAttention:
                          f"{detail}. That step's outputs are invalid on every rank; this sync() planned "
                          "nothing: call sync() again")
 
-    def _prepare(self, plan):
-        """Layouts and descriptor of ``plan`` for this rank; uploads the descriptor once."""
+    def _prepare(self, plan, mb=0):
+        """Layouts and descriptor of ``plan`` for this rank's micro-batch ``mb``; uploads the
+        descriptor once (into the micro-batch's own ring of device descriptors)."""
         st = _Step()
         st.plan = plan
+        st.mb = mb
+        st.arena = self._arenas[mb]
         st.p2p = plan.transport == "p2p"
         fp = plan.fingerprint
         hit = self._layouts.get(fp)
@@ -468,13 +527,41 @@ class DpAttention:
                 self._layouts.clear()
             hit = self._layouts[fp] = (hidden, logits, sigs, desc, {})
         st.hidden, st.logits, st.sigs, st.desc_host, st.call_sigs = hit
-        prev = self._step
+        prev = self._steps[mb]
         if prev is not None and prev.plan.fingerprint == fp:
             st.desc = prev.desc  # same layout: the device copy is already right
         else:
-            st.desc = self._backend.upload(st.desc_host)
-        self._step = st
+            st.desc = self._backend.upload(st.desc_host, ring=mb)
+        if prev is not None:
+            self._prev_fp[mb] = prev.plan.fingerprint
+        self._steps[mb] = st
+        self._last_mb = mb
         return st
+
+    def _retire(self, buf):
+        """An arena's replaced buffer (its role grew). While every operation ran on one stream the
+        memory pool reuses it in stream order: drop it. Otherwise keep it until an event recorded
+        now -- after the chain's previous operations -- has completed."""
+        chain = self._plane.chain
+        if not chain.chained:
+            return
+        s = self._backend.current_stream()
+        if s.is_capturing():  # no event can be queried later: keep it until close()
+            self._retired.append((None, buf))
+            return
+        ev = self._events.get()
+        ev.record(s)
+        self._retired.append((ev, buf))
+
+    def _release_retired(self):
+        """Drop the retired buffers whose event completed (a query each: no synchronisation)."""
+        keep = []
+        for ev, buf in self._retired:
+            if ev is not None and ev.done:
+                self._events.put(ev)
+            else:
+                keep.append((ev, buf))
+        self._retired = keep
 
     # -- the checks of every call ---------------------------------------------------------
     def _check_open(self):
@@ -484,20 +571,55 @@ class DpAttention:
             raise CollectiveTimeout(f"this DpAttention was aborted: {self._aborted}; create a new one on every rank")
 
     def _current(self, plan):
-        """The current step for ``plan``, or raise InputError (a plan of another step)."""
-        st = self._step
-        if st is not None and st.plan is plan:
-            return st
+        """The current step for ``plan`` (of the micro-batch whose latest ``sync()`` returned it,
+        or an equal plan), or raise InputError (a plan of another step)."""
+        for st in self._steps:
+            if st is not None and st.plan is plan:
+                return st
         if not isinstance(plan, Plan):
             raise InputError(f"plan must be a dpgather.Plan (from sync()), got {plan!r}")
-        if st is None:
+        steps = [st for st in self._steps if st is not None]
+        if not steps:
             raise InputError("no step is open: call sync() first and pass the plan it returned")
-        if plan.fingerprint != st.plan.fingerprint or plan.dp_size != self.topology.dp_size \
-                or plan.attn_tp_size != self.topology.attn_tp_size:
+        same = [st for st in steps if plan.fingerprint == st.plan.fingerprint
+                and plan.dp_size == self.topology.dp_size and plan.attn_tp_size == self.topology.attn_tp_size]
+        if len(same) == 1:
+            return same[0]
+        if same:
+            raise InputError(
+                f"plan equals the current plans of micro-batches {[st.mb for st in same]}, so it does not say "
+                "which one it is for: pass the Plan object returned by sync(batch, micro_batch=i)")
+        if self.micro_batches == 1:
             raise InputError(
                 f"plan is not the plan of this step (fingerprint {plan.fingerprint:#x}, this step "
-                f"{st.plan.fingerprint:#x}): pass the plan returned by the latest sync()")
-        return st
+                f"{steps[0].plan.fingerprint:#x}): pass the plan returned by the latest sync()")
+        stale = [i for i, fp in enumerate(self._prev_fp) if fp == plan.fingerprint]
+        raise InputError(
+            f"plan is not the current plan of any micro-batch (fingerprint {plan.fingerprint:#x}"
+            + (f", an earlier plan of micro-batch {stale[0]}" if stale else "")
+            + "): pass the plan returned by the latest sync(batch, micro_batch=i) of the micro-batch")
+
+    def _lookup(self, plan):
+        """The step a call with ``plan`` issues collectives for, without raising: the step of
+        ``plan``; for a plan that fails its checks, the step its peers most likely use (the
+        micro-batch an earlier plan with its fingerprint belonged to, else the latest one synced),
+        so the failing rank still issues the step's collectives with zero rows. None before the
+        first sync()."""
+        steps = self._steps
+        for st in steps:
+            if st is not None and st.plan is plan:
+                return st
+        if len(steps) == 1:
+            return steps[0]
+        fp = getattr(plan, "fingerprint", None) if isinstance(plan, Plan) else None
+        if fp is not None:
+            for st in steps:
+                if st is not None and st.plan.fingerprint == fp:
+                    return st
+            for i, prev in enumerate(self._prev_fp):
+                if prev == fp and steps[i] is not None:
+                    return steps[i]
+        return steps[self._last_mb]
 
     def _rows(self, x, name, width=None):
         """``x`` as a C-contiguous 2-D backend array in the configured storage (no copy)."""
@@ -526,11 +648,13 @@ class DpAttention:
             raise InputError(f"{name} must be C-contiguous; pass a contiguous copy")
         return arr
 
-    def _no_alias(self, a, name, roles):
-        """``a`` must not overlap the buffers of ``roles`` (the call writes them)."""
-        role = self._arena.contains(self._backend.ptr(a), a.nbytes)
+    def _no_alias(self, a, name, roles, st):
+        """``a`` must not overlap the buffers of ``roles`` of ``st``'s micro-batch (the call writes
+        them)."""
+        role = st.arena.contains(self._backend.ptr(a), a.nbytes)
         if role in roles:
-            raise InputError(f"{name} overlaps dpgather's '{role}' buffer, which this call writes; "
+            where = f" of micro-batch {st.mb}" if self.micro_batches > 1 else ""
+            raise InputError(f"{name} overlaps dpgather's '{role}' buffer{where}, which this call writes; "
                              "pass a copy (views returned earlier are reused by later calls)")
 
     def _overlap(self, a, b):
@@ -538,26 +662,31 @@ class DpAttention:
         pa, pb = be.ptr(a), be.ptr(b)
         return a.nbytes > 0 and b.nbytes > 0 and pa < pb + b.nbytes and pb < pa + a.nbytes
 
-    def _call(self, op, plan, flag, width, check, run, dummy=None):
+    def _call(self, op, plan, flag, width, check, run, dummy=None, extra=0):
         """One data-plane call: record it in the step's hash, check, then run (see ``strict``).
 
         ``check()`` validates and returns the arguments of ``run(*args)``. On an ``InputError``
         the rank still issues the step's collectives through ``dummy(step)`` (zero rows; outputs
         only in dpgather's own buffers), records the failure for the next ``sync()`` and raises.
+        ``extra``: a 32-bit value mixed into the call's signature (what ``plan`` does not say).
         """
         if self._closed or self._aborted is not None:
             self._check_open()
-        st = self._step
-        # What this rank issues: the current step's collectives (a call with another plan fails its
-        # checks and issues the current step's collectives with zero rows), so ranks that issue the
-        # same collectives hash alike whatever a failing call was passed.
+        st = self._lookup(plan)
+        # What this rank issues: the step's collectives (a call with another plan fails its checks
+        # and issues the collectives of the step its peers most likely use, with zero rows), so
+        # ranks that issue the same collectives hash alike whatever a failing call was passed. The
+        # micro-batch is part of the signature: the ranks must interleave micro-batches alike.
         if st is None:
             sig = signature(op, 0, flag, self._dtype_code, width)
         else:
             cache = st.call_sigs
-            sig = cache.get((op, flag, width))
+            key = (op, flag, width, st.mb)
+            sig = cache.get(key)
             if sig is None:
-                sig = cache[(op, flag, width)] = signature(op, st.plan.fingerprint, flag, self._dtype_code, width)
+                sig = cache[key] = signature(op, st.plan.fingerprint, flag + (st.mb << 8), self._dtype_code, width)
+        if extra:
+            sig = ((sig ^ (extra & 0xFFFFFFFF)) * 0x01000193) & 0xFFFFFFFF
         self._ophash = ((self._ophash ^ sig) * 0x01000193) & 0xFFFFFFFF
         self._nops += 1
         error = None
@@ -611,6 +740,42 @@ class DpAttention:
             f"contributions, dtypes or widths (call signatures {[int(v) & 0xFFFFFFFF for v in table[:, 1]]}). "
             "Nothing was moved")
 
+    # -- asynchronous calls ---------------------------------------------------------------
+    def _async(self, name, st, s, work, refs, role):
+        """Run ``work()`` (one call's copies and collectives) on stream ``s`` after the work
+        enqueued so far on the current stream, and return its :class:`AsyncHandle`.
+
+        ``refs``: the caller's arrays the handle keeps until ``wait()``; ``role``: the arena role
+        the result is a view of (None: the caller's ``out=``). On the host backend (``s`` None)
+        ``work()`` completes here.
+        """
+        arena = st.arena if role is not None else None
+        if s is None:
+            return AsyncHandle(self, name, st.mb, st.plan, None, None, work(), refs, arena, role)
+        chain = self._plane.chain
+        if not chain.chained:
+            chain.start()
+        events = self._events
+        cur = self._backend.current_stream()
+        if cur.ptr != s.ptr:  # the inputs (and the sync's descriptor upload) were enqueued on cur
+            ev = events.get()
+            ev.record(cur)
+            s.wait_event(ev)
+            events.put(ev)  # safe: the wait above was issued with the current record
+        with s:
+            res = work()
+        done = events.get()
+        done.record(s)
+        return AsyncHandle(self, name, st.mb, st.plan, s, done, res, refs, arena, role)
+
+    @staticmethod
+    def _on(s, fn):
+        """``fn()`` with ``s`` as the current stream (``s`` None: as it is)."""
+        if s is None:
+            return fn()
+        with s:
+            return fn()
+
     # -- gather ---------------------------------------------------------------------------
     def gather(self, x: Any, plan: Plan, contribution: Literal["replicate", "partial"] = "replicate") -> Any:
         """Gather every replica's rows into one buffer (docs/design.md section 4).
@@ -618,29 +783,61 @@ class DpAttention:
         Args:
             x: this rank's ``[rows, hidden_size]`` (rows beyond ``plan.num_tokens[own]`` are
                 ignored, missing rows count as zero). Never modified.
-            plan: the plan returned by this step's :meth:`sync`.
+            plan: the plan returned by this step's :meth:`sync` (of the micro-batch to gather).
             contribution: ``"replicate"`` (the replica's ranks hold the same rows; attn rank 0's
                 are used) or ``"partial"`` (they hold summands).
 
         Returns:
-            ``[plan.gathered_rows, hidden_size]`` view of the ``gathered`` arena, replica
-            ``d``'s rows at ``plan.slot_offsets[d]``, padding rows zero.
+            ``[plan.gathered_rows, hidden_size]`` view of the micro-batch's ``gathered`` arena,
+            replica ``d``'s rows at ``plan.slot_offsets[d]``, padding rows zero.
         """
+        return self._gather(x, plan, contribution, False, None)
+
+    def gather_async(self, x: Any, plan: Plan, contribution: Literal["replicate", "partial"] = "replicate",
+                     stream: Any = None) -> AsyncHandle:
+        """:meth:`gather` enqueued on ``stream``; returns an :class:`AsyncHandle` at once.
+
+        Args:
+            x, plan, contribution: as for :meth:`gather`. The handle holds ``x`` until ``wait()``.
+            stream: where the gather runs (CUDA backend): None (the current stream), a
+                ``cupy.cuda.Stream`` / ``ExternalStream``, a raw ``cudaStream_t`` int or a
+                ``torch.cuda.Stream``. It first waits for the work enqueued so far on the current
+                stream (which produced ``x``), then runs after the previous gather/combine of this
+                DpAttention, whatever stream that used. Ignored on the host backend, where the
+                gather completes before this returns.
+
+        Returns:
+            A handle: ``h.wait(stream=None)`` orders ``stream`` after the gather and returns the
+            result, the view :meth:`gather` returns (also ``h.result`` after ``wait()``).
+            docs/overlap.md has the rules.
+        """
+        return self._gather(x, plan, contribution, True, stream)
+
+    def _gather(self, x, plan, contribution, asynchronous, stream):
         partial = contribution == "partial"
+        box = [None]  # the call's stream once checked (asynchronous calls on CUDA)
 
         def check():
             st = self._current(plan)
             if contribution not in ("replicate", "partial"):
                 raise InputError(f"contribution must be 'replicate' or 'partial', got {contribution!r}")
             xr = self._rows(x, "x", self.hidden_size)
-            self._no_alias(xr, "x", ("gathered", "staging"))
+            self._no_alias(xr, "x", ("gathered", "staging"), st)
+            if asynchronous:
+                box[0] = self._backend.stream(stream, "stream")
             return st, xr
 
-        def run(st, xr):
-            return self._plane.gather(self._arena, xr, st.hidden, st.desc, partial, st.p2p)
+        def work(st, xr):
+            return self._plane.gather(st.arena, xr, st.hidden, st.desc, partial, st.p2p)
+
+        if asynchronous:
+            def run(st, xr):
+                return self._async("gather", st, box[0], lambda: work(st, xr), (x,), "gathered")
+        else:
+            run = work
 
         def dummy(st):
-            self._plane.gather(self._arena, self._empty, st.hidden, st.desc, partial, st.p2p)
+            self._on(box[0], lambda: self._plane.gather(st.arena, self._empty, st.hidden, st.desc, partial, st.p2p))
 
         # the flag hashed is what this rank issues (an invalid contribution issues "replicate")
         return self._call(OP_GATHER, plan, int(partial), self.hidden_size, check, run, dummy)
@@ -653,20 +850,38 @@ class DpAttention:
                 attn_tp), in the configured dtype.
 
         Returns:
-            ``[plan.logits_rows, hidden_size]`` view of the ``logits`` arena.
+            ``[plan.logits_rows, hidden_size]`` view of the micro-batch's ``logits`` arena.
         """
+        return self._gather_logits(h, plan, False, None)
+
+    def gather_logits_async(self, h: Any, plan: Plan, stream: Any = None) -> AsyncHandle:
+        """:meth:`gather_logits` enqueued on ``stream`` (as :meth:`gather_async`); returns an
+        :class:`AsyncHandle` whose result is the view :meth:`gather_logits` returns."""
+        return self._gather_logits(h, plan, True, stream)
+
+    def _gather_logits(self, h, plan, asynchronous, stream):
+        box = [None]
 
         def check():
             st = self._current(plan)
             hr = self._rows(h, "h", self.hidden_size)
-            self._no_alias(hr, "h", ("logits", "staging"))
+            self._no_alias(hr, "h", ("logits", "staging"), st)
+            if asynchronous:
+                box[0] = self._backend.stream(stream, "stream")
             return st, hr
 
-        def run(st, hr):
-            return self._plane.gather(self._arena, hr, st.logits, st.desc, False, st.p2p, "logits")
+        def work(st, hr):
+            return self._plane.gather(st.arena, hr, st.logits, st.desc, False, st.p2p, "logits")
+
+        if asynchronous:
+            def run(st, hr):
+                return self._async("gather_logits", st, box[0], lambda: work(st, hr), (h,), "logits")
+        else:
+            run = work
 
         def dummy(st):
-            self._plane.gather(self._arena, self._empty, st.logits, st.desc, False, st.p2p, "logits")
+            self._on(box[0], lambda: self._plane.gather(st.arena, self._empty, st.logits, st.desc, False, st.p2p,
+                                                        "logits"))
 
         return self._call(OP_GATHER_LOGITS, plan, 0, self.hidden_size, check, run, dummy)
 
@@ -683,13 +898,24 @@ class DpAttention:
                 ``num_tokens[own]`` are zeroed, rows past ``R`` dropped).
 
         Returns:
-            ``y``: a ``[plan.num_tokens[own], hidden_size]`` view of the ``output`` arena — this
-            replica's rows, ``y[i] = sum_t Y_t[slot_offsets[own] + i]`` (``reduce``) or
-            ``Y[slot_offsets[own] + i]`` — or ``out`` (rows past ``num_tokens[own]`` zeroed, rows
-            past its length dropped).
+            ``y``: a ``[plan.num_tokens[own], hidden_size]`` view of the micro-batch's ``output``
+            arena -- this replica's rows, ``y[i] = sum_t Y_t[slot_offsets[own] + i]``
+            (``reduce``) or ``Y[slot_offsets[own] + i]`` -- or ``out`` (rows past
+            ``num_tokens[own]`` zeroed, rows past its length dropped).
         """
+        return self._scatter(Y, plan, reduce, out, False, None)
+
+    def scatter_async(self, Y: Any, plan: Plan, reduce: bool = True, out: Any = None,
+                      stream: Any = None) -> AsyncHandle:
+        """:meth:`scatter` enqueued on ``stream`` (as :meth:`gather_async`: after the current
+        stream's work so far, which produced ``Y``); returns an :class:`AsyncHandle` whose result
+        is what :meth:`scatter` returns. The handle holds ``Y`` and ``out`` until ``wait()``."""
+        return self._scatter(Y, plan, reduce, out, True, stream)
+
+    def _scatter(self, Y, plan, reduce, out, asynchronous, stream):
         valid = isinstance(reduce, (bool, np.bool_))
         flag = int(reduce) if valid else 1  # an invalid reduce issues the reduction (dummy below)
+        box = [None]
 
         def check():
             st = self._current(plan)
@@ -698,27 +924,39 @@ class DpAttention:
             Yr = self._rows(Y, "Y", self.hidden_size)
             if Yr.shape[0] < st.hidden.total:
                 raise InputError(f"Y must have at least plan.gathered_rows={st.hidden.total} rows, got {Yr.shape[0]}")
-            self._no_alias(Yr, "Y", ("combine", "output"))
+            self._no_alias(Yr, "Y", ("combine", "output"), st)
             o = None
             if out is not None:
                 o = self._rows(out, "out", self.hidden_size)
-                self._no_alias(o, "out", ("combine", "staging"))
+                self._no_alias(o, "out", ("combine", "staging"), st)
                 if self._overlap(Yr, o):
                     raise InputError("out must not alias Y (the input is never written)")
+            if asynchronous:
+                box[0] = self._backend.stream(stream, "stream")
             return st, Yr, o
 
-        def run(st, Yr, o):
-            y = self._plane.combine(self._arena, Yr, st.hidden, st.desc, bool(flag), o, st.p2p)
+        def work(st, Yr, o):
+            y = self._plane.combine(st.arena, Yr, st.hidden, st.desc, bool(flag), o, st.p2p)
             L = st.hidden
             if o is None and L.slot != L.n:  # this replica's own rows (a cached view, no copy)
-                y = self._arena.view("output", L.n, Yr.shape[1], Yr.dtype)
+                y = st.arena.view("output", L.n, Yr.shape[1], Yr.dtype)
             return y
+
+        if asynchronous:
+            def run(st, Yr, o):
+                return self._async("scatter", st, box[0], lambda: work(st, Yr, o), (Y, out),
+                                   "output" if o is None else None)
+        else:
+            run = work
 
         def dummy(st):
             if flag:
-                Z = self._arena.view("staging", st.hidden.total, self.hidden_size, self._storage)
-                self._backend.zero(Z)
-                self._plane.combine(self._arena, Z, st.hidden, st.desc, True, None, st.p2p)
+                def zeros():
+                    Z = st.arena.view("staging", st.hidden.total, self.hidden_size, self._storage)
+                    self._backend.zero(Z)
+                    self._plane.combine(st.arena, Z, st.hidden, st.desc, True, None, st.p2p)
+
+                self._on(box[0], zeros)
 
         return self._call(OP_SCATTER, plan, flag, self.hidden_size, check, run, dummy)
 
@@ -734,12 +972,23 @@ class DpAttention:
             ``[plan.logits_slot_rows[own], W]`` (or ``out``), rows past ``logits_tokens[own]``
             zero.
         """
+        return self._scatter_logits(L_rows, plan, out, False, None)
+
+    def scatter_logits_async(self, L_rows: Any, plan: Plan, out: Any = None, stream: Any = None) -> AsyncHandle:
+        """:meth:`scatter_logits` enqueued on ``stream`` (as :meth:`gather_async`; a local copy,
+        no collective); returns an :class:`AsyncHandle` whose result is what
+        :meth:`scatter_logits` returns."""
+        return self._scatter_logits(L_rows, plan, out, True, stream)
+
+    def _scatter_logits(self, L_rows, plan, out, asynchronous, stream):
+        box = [None]
+
         def check():
             st = self._current(plan)
             Lr = self._any_rows(L_rows, "L")
             if Lr.shape[0] < st.logits.total:
                 raise InputError(f"L must have at least plan.logits_rows={st.logits.total} rows, got {Lr.shape[0]}")
-            self._no_alias(Lr, "L", ("logits_output",))
+            self._no_alias(Lr, "L", ("logits_output",), st)
             o = None
             if out is not None:
                 o = self._any_rows(out, "out")
@@ -748,15 +997,24 @@ class DpAttention:
                                      f"{tuple(o.shape)} {o.dtype}")
                 if self._overlap(Lr, o):
                     raise InputError("out must not alias L (the input is never written)")
+            if asynchronous:
+                box[0] = self._backend.stream(stream, "stream")
             return st, Lr, o
 
-        def run(st, Lr, o):
+        def work(st, Lr, o):
             if o is not None:
                 return self._plane.unpack_logits(Lr, o, st.desc)
             L = st.logits
-            y = self._arena.view("logits_output", L.slot, Lr.shape[1], Lr.dtype)
+            y = st.arena.view("logits_output", L.slot, Lr.shape[1], Lr.dtype)
             self._plane.unpack_logits(Lr, y, st.desc)
-            return y if L.slot == L.n else self._arena.view("logits_output", L.n, Lr.shape[1], Lr.dtype)
+            return y if L.slot == L.n else st.arena.view("logits_output", L.n, Lr.shape[1], Lr.dtype)
+
+        if asynchronous:
+            def run(st, Lr, o):
+                return self._async("scatter_logits", st, box[0], lambda: work(st, Lr, o), (L_rows, out),
+                                   "logits_output" if o is None else None)
+        else:
+            run = work
 
         return self._call(OP_SCATTER_LOGITS, plan, 0, 0, check, run)
 
@@ -770,8 +1028,8 @@ class DpAttention:
                 ``plan.num_tokens[d]``), an int that fits the dtype; ``-1`` makes the MoE skip them.
 
         Returns:
-            ``topk_ids`` (modified in place; counts are read from device memory on the CUDA
-            backend, so the call can be captured in a graph).
+            ``topk_ids`` (modified in place on the current stream; counts are read from device
+            memory on the CUDA backend, so the call can be captured in a graph).
         """
 
         def check():
@@ -799,13 +1057,19 @@ class DpAttention:
 
     # -- graphs ---------------------------------------------------------------------------
     def graph_runner(self, fn: Callable[[Any], Any], contribution: Literal["replicate", "partial"] = "replicate",
-                     reduce: bool = True) -> "GraphRunner":
+                     reduce: bool = True, micro_batches: int = 1) -> "GraphRunner":
         """Capture ``pack -> gather -> fn(G) -> combine -> unpack`` for every graph bucket.
 
         Returns a :class:`~dpgather.GraphRunner` whose ``run(x, plan)`` replays the bucket of
         ``plan`` (``plan.graph`` must be True) with no per-step allocation. On the host backend it
         runs eagerly with the same API. Closed by :meth:`close` (graphs are destroyed before the
         communicators).
+
+        ``micro_batches=N > 1`` captures the *overlapped* step of ``N`` micro-batches instead: one
+        graph per bucket in which the gathers and combines run on a second stream forked from the
+        capture stream, each micro-batch's ``fn`` on the capture stream overlapping the next
+        micro-batch's gather and the previous one's combine; ``run(xs, plans)`` takes one input
+        and one plan (from ``sync(batch, micro_batch=i)``) per micro-batch. docs/overlap.md.
         """
         self._check_open()
         from ._graph import GraphRunner, RunnerContext
@@ -815,7 +1079,7 @@ class DpAttention:
                             attn_tp_rank=self.attn_tp_rank, hidden_size=self.hidden_size,
                             storage=self._storage, rows=self._rows, current=self._current, call=self._call,
                             guard=lambda op: _Guard(self, op), empty=self._empty)
-        runner = GraphRunner(ctx, fn, contribution=contribution, reduce=reduce)
+        runner = GraphRunner(ctx, fn, contribution=contribution, reduce=reduce, micro_batches=micro_batches)
         self._runners.append(runner)
         return runner
 
@@ -824,11 +1088,12 @@ class DpAttention:
         """What this DpAttention runs on, as a dict: ``backend``, ``world_size``,
         ``attn_tp_size``, ``dtype``, ``hidden_size``, ``policy``, ``strict``, ``sync`` (the
         per-step exchange: ``"shm"`` or ``"mpi"``, known after the first ``sync()``), ``transport``
-        (``"p2p"`` where available, else ``"nccl"``/``"mpi"``) and ``transport_reason`` (why P2P is
-        not used, when it is not), ``p2p_rows`` (rows the P2P windows hold per collective) and
-        ``host_collectives`` (host collectives issued so far: the per-step sync's exchanges plus
-        the agreements; one per step on the default path) and ``cost_model`` (where the
-        planner's constants come from: given, calibrated with the cache file, or defaults)."""
+        (``"p2p"`` where available, else ``"nccl"``/``"mpi"``), ``transport_reason`` (why P2P is
+        not used, when it is not), ``p2p_rows`` (rows the P2P windows hold per collective),
+        ``micro_batches``, ``host_collectives`` (host collectives issued so far: the per-step
+        sync's exchanges plus the agreements; one per step on the default path) and
+        ``cost_model`` (where the planner's constants come from: given, calibrated with the
+        cache file, or defaults)."""
         return {
             "backend": self.backend, "world_size": self.topology.world_size,
             "attn_tp_size": self.topology.attn_tp_size, "dtype": self.dtype,
@@ -839,12 +1104,32 @@ class DpAttention:
             "p2p_rows": self.planner.p2p_rows,
             "host_collectives": self._sync.host_collectives if self._sync is not None else 0,
             "cost_model": self._cost_source,
+            "micro_batches": self.micro_batches,
         }
 
-    def memory_stats(self) -> Dict[str, Dict[str, int]]:
+    def memory_stats(self, micro_batch: Optional[int] = None) -> Dict[str, Dict[str, int]]:
         """Arena usage per role: ``reserved_bytes``, ``peak_view_bytes``, ``allocations``,
-        ``requests``; plus ``total``."""
-        return self._arena.stats()
+        ``requests``; plus ``total``. Summed over the micro-batches' arenas, or of one
+        (``micro_batch=i``)."""
+        if micro_batch is not None:
+            N = self.micro_batches
+            if isinstance(micro_batch, (bool, np.bool_)) or not isinstance(micro_batch, (int, np.integer)) \
+                    or not 0 <= micro_batch < N:
+                raise InputError(f"micro_batch must be None or an int in [0, {N}), got {micro_batch!r}")
+            return self._arenas[int(micro_batch)].stats()
+        if len(self._arenas) == 1:
+            return self._arena.stats()
+        out = None
+        for arena in self._arenas:
+            st = arena.stats()
+            if out is None:
+                out = st
+                continue
+            for role, v in st.items():
+                acc = out[role]
+                for k, n in v.items():
+                    acc[k] += n
+        return out
 
     def wait(self, stream: Any = None) -> None:
         """Block until this rank's data-plane work on ``stream`` finished, within ``timeout_s``
@@ -874,14 +1159,15 @@ class DpAttention:
         if self._closed:
             return
         self._closed = True
-        self._step = None
+        self._steps = [None] * len(self._steps) if getattr(self, "_steps", None) else []
         for runner in self._runners:
             runner.close()
         self._runners = []
         if self._p2p is not None:  # after the graphs that captured its kernel, before the buffers
             self._p2p.close()
-        if self._arena is not None:
-            self._arena.release()
+        for arena in self._arenas:
+            arena.release()
+        self._retired = []
         for c in (self._attn, self._tp):
             if c is not None:
                 c.close()
@@ -920,7 +1206,7 @@ def _dtype_message(name, got, logical):
 # -- configuration: local canonicalisation and the agreement ---------------------------------------
 
 def _canonical_config(world_size, attn_tp_size, hidden_size, dtype, backend, spec, policy, graph_buckets,
-                      max_tokens_per_rank, timeout_s, cost, strict, transport):
+                      max_tokens_per_rank, timeout_s, cost, strict, transport, micro_batches=1):
     """``(canonical values, {field: error message})`` of the constructor's arguments on this rank.
 
     Nothing raises: every rank exchanges both, so a value that is invalid on one rank only makes
@@ -944,6 +1230,14 @@ def _canonical_config(world_size, attn_tp_size, hidden_size, dtype, backend, spe
         return int(v)
 
     field("attn_tp_size", lambda v: pos_int(v, "attn_tp_size"), attn_tp_size)
+
+    def micro_fn(v):
+        v = pos_int(v, "micro_batches")
+        if v > MAX_MICRO_BATCHES:
+            raise ValueError(f"micro_batches must be at most {MAX_MICRO_BATCHES} (each has its own arenas)")
+        return v
+
+    field("micro_batches", micro_fn, micro_batches)
     field("hidden_size", lambda v: pos_int(v, "hidden_size"), hidden_size)
     field("dtype", lambda v: normalize_dtype(v, error=ValueError), dtype)
     field("backend", lambda v: v if v in ("auto", "host", "cuda") else _raise(

@@ -37,6 +37,7 @@ def test_compiles(path, tmp_path):
 @pytest.mark.parametrize("args", [
     ["bench/collective_bench.py", "--help"],
     ["bench/graph_bench.py", "--help"],
+    ["bench/overlap_bench.py", "--help"],
     ["bench/copy_bench.py", "--help"],
     ["bench/sync_bench.py", "--help"],
     ["bench/eager_bench.py", "--help"],
@@ -59,6 +60,37 @@ def test_copy_bench_without_gpu_says_so_in_one_line():
         pytest.skip("a GPU is visible: the bench ran")
     assert res.returncode == 2 and res.stderr.strip().count("\n") == 0, res.stderr
     assert "needs CuPy and GPU 0" in res.stderr
+
+
+def test_overlap_bench_without_gpu_says_so_in_one_line():
+    res = subprocess.run([sys.executable, "bench/overlap_bench.py", "--tokens", "256"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    if res.returncode == 0:
+        pytest.skip("a GPU is visible: the bench ran")
+    assert res.returncode == 2 and res.stderr.strip().count("\n") == 0, res.stderr
+    assert "needs CuPy with a GPU" in res.stderr
+
+
+@pytest.mark.parametrize("argv,what", [(["--tokens", "3"], "--tokens"), (["--modes", "fast"], "--modes"),
+                                       (["--reps", "5"], "--reps")])
+def test_overlap_bench_rejects_bad_arguments(argv, what):
+    res = subprocess.run([sys.executable, "bench/overlap_bench.py", *argv], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60)
+    assert res.returncode == 2 and what in res.stderr, res.stderr
+
+
+@needs_mpiexec
+def test_overlap_bench_host_smoke(tmp_path):
+    """The bench's code path (async calls, micro-batches, both graph runners, the checks before
+    timing) on the host backend with a NumPy MLP: no timing value, but the GPU run only swaps the
+    arrays, the MLP and the clock."""
+    out = tmp_path / "overlap.json"
+    res = run_mpi(["bench/overlap_bench.py", "--backend", "host", "--hidden", "16", "--inter", "8",
+                   "--tokens", "8", "--target-us", "50", "--warmup", "0", "--json", str(out)], 2, timeout=120)
+    assert res.returncode == 0 and not res.timed_out, res.tail()
+    got = json.loads(out.read_text())
+    assert got["wrong"] == 0 and [p["mode"] for p in got["points"]] == ["eager", "graph"], got
+    assert all(p["bitdiff"] == 0 and p["allocs"] == 0 for p in got["points"]), got
 
 
 def test_gpu_parts_import_without_cupy():

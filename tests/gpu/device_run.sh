@@ -3,7 +3,7 @@
 # (the system Python, its packages and the node's own MPI: VENV=none is auto-detected), and writes
 # its log and a one-line verdict under $OUT. Other phases, each under `timeout`:
 #   bash tests/gpu/device_run.sh [test] [build] [gputest] [p2p] [eager] [sanitize] [copy] [collective]
-#                                [graph] [graphnccl] [calibrate]
+#                                [graph] [graphnccl] [calibrate] [overlap] [overlapbench] [pack]
 # Nothing is exported for the tests: every setting Open MPI needs (running as root, oversubscription)
 # comes from dpgather's own launcher settings, as it would for a user.
 set -u
@@ -46,6 +46,10 @@ graph)
   run graph_bench ${T_GRAPH:-300} python3 -m dpgather.tools.launch -n "$NG" bench/graph_bench.py --json "$OUT/graph.json" ;;
 graphnccl)
   run graph_bench_nccl ${T_GRAPH:-300} python3 -m dpgather.tools.launch -n "$NG" bench/graph_bench.py --transport nccl --json "$OUT/graph_nccl.json" ;;
+overlap)
+  run overlap_tests ${T_OVL:-300} python3 -m pytest -q -rs tests/test_gpu.py -k overlap ;;
+overlapbench)
+  run overlap_bench ${T_OVLB:-300} python3 -m dpgather.tools.launch -n "$NG" --timeout 280 bench/overlap_bench.py --json "$OUT/overlap.json" ;;
 calibrate)
   run calibrate ${T_CAL:-120} python3 -m dpgather.tools.launch -n "$NG" -m dpgather.tools.calibrate --out "$OUT/cost.json" ;;
 pack)  # one archive of every log and JSON (the device tool returns a few files per call)
