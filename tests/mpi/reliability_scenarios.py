@@ -12,7 +12,7 @@ Parts:
                returns (F issued the step's collectives with zero rows); their next step raises
                CollectiveTimeout. F reports from an ``atexit`` handler registered before dpgather's,
                so its report (``exited``) proves the at-exit close returned.
-  exit-graph   the same with a wrong-dtype ``x`` to ``GraphRunner.run``.
+  exit-graph   the same with a wrong-dtype ``x`` to ``GraphRunner.run``. ``--attn-tp A`` for both.
   ctor-exit    F leaves before constructing its DpAttention (``sys.exit(0)`` at once, an ordinary
                exit through MPI_Finalize): the others get CollectiveTimeout from the constructor.
   ctor         two cases in one job. ``bad comm``: F passes ``comm="not-a-communicator"`` (ConfigError
@@ -135,10 +135,10 @@ def make(A=1, **kw):
 
 def part_exit(kind):
     graph = kind == "exit-graph"
-    dp = make(policy="varlen", graph_buckets=(4 * T,) if graph else ())
+    dp = make(ARGS.attn_tp, policy="varlen", graph_buckets=(4 * T,) if graph else ())
     runner = dp.graph_runner(lambda G: G) if graph else None
     batch = dg.LocalBatch(FM.DECODE, 3, can_run_graph=graph)
-    x = x_of(0, R, 3)
+    x = x_of(0, R // ARGS.attn_tp, 3)
 
     def step(xx):
         plan = dp.sync(batch)
@@ -423,6 +423,7 @@ def main():
     ap.add_argument("part", choices=("exit-badarg", "exit-graph", "ctor-exit", "ctor", "step", "data"))
     ap.add_argument("--timeout", type=float, default=2.0, help="DpAttention timeout_s")
     ap.add_argument("--transport", default="", help="DpAttention transport (default: its default)")
+    ap.add_argument("--attn-tp", dest="attn_tp", type=int, default=1, help="exit-*: attn_tp_size")
     ARGS = ap.parse_args()
     if T < 2 and ARGS.part in ("exit-badarg", "exit-graph", "ctor-exit", "ctor"):
         ap.error(f"{ARGS.part} needs a faulty rank beside the others: run it with T >= 2")
