@@ -4,6 +4,7 @@ These are small immutable objects that users build every step; the Cython planne
 (:mod:`dpgather.core._planner`) reads their fields.
 """
 
+import numbers
 from enum import IntEnum
 
 from .errors import ConfigError, InputError
@@ -173,7 +174,8 @@ class LocalBatch:
 
     def __init__(self, mode, batch_size=0, extend_tokens=0, logprob_tokens=None, can_run_graph=False):
         try:
-            if isinstance(mode, bool):  # True == 1 == DECODE: never what the caller meant
+            # True == 1.0 == 1 == DECODE: never what the caller meant
+            if isinstance(mode, bool) or not isinstance(mode, numbers.Integral):
                 raise ValueError(mode)
             mode = ForwardMode(mode)
         except ValueError:

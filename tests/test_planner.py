@@ -552,6 +552,7 @@ def test_bad_topology_values(T, A, arg, val):
         (dict(mode=FM.DECODE, batch_size=2, extend_tokens=5), "extend_tokens", "5"),
         (dict(mode=FM.DECODE, batch_size=2, logprob_tokens=2), "logprob_tokens", "2"),
         (dict(mode=9, batch_size=2), "mode", "9"),
+        (dict(mode=1.0, batch_size=2), "mode", "1.0"),  # 1.0 == DECODE: not an int
         (dict(mode=FM.DECODE, batch_size=2.5), "batch_size", "2.5"),
     ],
 )
