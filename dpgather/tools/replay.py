@@ -54,7 +54,8 @@ from dpgather.core import (
 )
 
 from . import report as _report
-from ._common import EXIT_CRASH, EXIT_OK, EXIT_USAGE, EXIT_VERIFY, PIP, gpu_count, require, say_error
+from ._common import (EXIT_CRASH, EXIT_OK, EXIT_USAGE, EXIT_VERIFY, PIP, gpu_count, require, require_mpi,
+                      say_error)
 from .report import REPORT_FORMAT, check_out_dir, fmt_bytes
 from .traces import GENERATORS, load_trace, synthetic
 
@@ -544,6 +545,12 @@ def _before_mpi(cfg):
     return backend, dtype, trace
 
 
+def preflight(cfg):
+    """What ``dpgather run`` checks before it launches ranks: options, dependencies, the trace
+    (:func:`replay`'s first phase, which needs no MPI). Raises a :class:`DpGatherError`."""
+    _before_mpi(cfg)
+
+
 def _largest_step(trace, topo):
     """``(step id, rows)`` of the step whose gathered buffers are largest under any policy:
     hidden rows ``max(sum(n), D * max(n))`` (SUM_LEN or MAX_LEN, counts aligned to A) plus
@@ -676,9 +683,10 @@ def replay(cfg, comm=None):
     except DpGatherError as e:
         return say_error(_PROG, e, rank0=None if comm is None else comm.Get_rank() == 0)
     if comm is None:
-        from mpi4py import MPI
-
-        comm = MPI.COMM_WORLD
+        try:
+            comm = require_mpi(_PROG).COMM_WORLD
+        except DpGatherError as e:
+            return say_error(_PROG, e)
     rank, T = comm.Get_rank(), comm.Get_size()
     local_ranks = 1
     if T > 1:
