@@ -348,6 +348,56 @@ def test_report_json_is_written_atomically(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []  # nothing rather than a truncated report
 
 
+def _plot_inputs(steps=40):
+    """Replay results where every policy's curve equals SGLang's (the case where lines hid each other)."""
+    import types
+
+    import numpy as np
+
+    rows = [8 * (1 + (i % 5)) for i in range(steps)]
+    prepared = [types.SimpleNamespace(before={"dyn_rows": r + 3}, after={"dyn_rows": r}) for r in rows]
+    summ = {"rows_moved": 1000, "padding_rows": 100}
+    results = {pol: {"sizes": [{"dyn_rows": r, "graph": i % 3 == 0} for i, r in enumerate(rows)],
+                     "summary": dict(summ), "times": np.full(steps, 1e-3)} for pol in POLICIES}
+    results["_ref"] = {"before": dict(summ), "after": dict(summ)}
+    return prepared, results
+
+
+def test_plots_are_legible():
+    pytest.importorskip("matplotlib", reason="plots need matplotlib (it is in the test extra)")
+    import matplotlib.pyplot as plt
+
+    prepared, results = _plot_inputs()
+    figs = report.figures(None, results, prepared, 1024, "test")
+    assert sorted(figs) == ["memory.png", "rows.png", "time.png"]
+    try:
+        for name, fig in figs.items():
+            (ax,) = fig.axes
+            fig.canvas.draw()
+            lines = [ln for ln in ax.get_lines() if not ln.get_label().startswith("_")]
+            styles = [(ln.get_linestyle(), ln.get_marker()) for ln in lines]
+            assert len({m for _, m in styles}) == len(lines), (name, styles)  # each series its own marker
+            assert len({ls for ls, _ in styles}) >= min(4, len(lines)), (name, styles)  # and line styles vary
+            if name == "memory.png":
+                assert len(lines) == 2 + len(POLICIES), [ln.get_label() for ln in lines]
+            legend = ax.get_legend()
+            assert legend is not None, name
+            lb, axb = legend.get_window_extent(), ax.get_window_extent()
+            assert lb.x0 >= axb.x1, f"{name}: the legend overlaps the axes ({lb} vs {axb})"
+    finally:
+        for fig in figs.values():
+            plt.close(fig)
+
+
+def test_plots_written_whole(tmp_path):
+    pytest.importorskip("matplotlib", reason="plots need matplotlib (it is in the test extra)")
+    prepared, results = _plot_inputs(10)
+    files = report.plots(str(tmp_path), None, results, prepared, 512, "t")
+    assert [os.path.basename(f) for f in files] == ["memory.png", "rows.png", "time.png"]
+    for f in files:
+        assert open(f, "rb").read(8) == PNG
+
+
 # -- the other subcommands --------------------------------------------------------------------------
 
 def test_plans(capsys):
