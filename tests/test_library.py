@@ -59,6 +59,17 @@ def test_graph_buckets_none_means_no_graphs_and_scatter_returns_own_rows(self_co
         assert y.shape == (3, 4) and np.array_equal(y, x)  # this replica's own rows, not slot_rows
 
 
+def test_scatter_and_scatter_logits_return_own_rows_also_from_graph_slots(self_comm):
+    with _dp(self_comm, dtype="float32", graph_buckets=(8,), policy="sglang") as dp:
+        p = dp.sync(dg.LocalBatch(M.DECODE, 3, can_run_graph=True))
+        assert p.graph and p.slot_rows[0] == 8 and p.logits_slot_rows[0] == 8  # padded slots
+        x = np.arange(12, dtype=np.float32).reshape(3, 4)
+        assert dp.scatter(dp.gather(x, p), p).shape == (3, 4)
+        L = np.arange(p.logits_rows * 5, dtype=np.float32).reshape(p.logits_rows, 5)
+        own = dp.scatter_logits(L, p)
+        assert own.shape == (3, 5) and np.array_equal(own, L[:3])
+
+
 def test_defaults_are_the_documented_decisions():
     params = inspect.signature(dg.DpAttention).parameters
     assert params["strict"].default is False  # docs/decisions.md, "bad arguments"
