@@ -89,9 +89,10 @@ def test_python_m_build_with_its_default_outdir_leaves_dist_untouched():
 
 
 _LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+_REPO_PATH = re.compile(r"`((?:core|kernels|dist|dpgather|tests|bench|docs|examples|build_backend|\.ci)/[A-Za-z0-9_./-]*)`")
 
 
-def test_every_relative_link_in_readme_and_docs_resolves():
+def test_every_relative_link_and_repository_path_in_readme_and_docs_resolves():
     files = [ROOT / "README.md", ROOT / "BENCHMARKS.md", *sorted((ROOT / "docs").glob("*.md"))]
     bad = []
     for f in files:
@@ -104,6 +105,9 @@ def test_every_relative_link_in_readme_and_docs_resolves():
             path = (f.parent / target.split("#")[0]).resolve()
             if not path.exists():
                 bad.append(f"{f.relative_to(ROOT)}: {target}")
+        for target in _REPO_PATH.findall(text):  # `tests/test_cli.py`, `docs/p2p.md`, `bench/`
+            if not (ROOT / target.rstrip("/")).exists():
+                bad.append(f"{f.relative_to(ROOT)}: `{target}`")
     assert not bad, bad
 
 
