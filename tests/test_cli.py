@@ -124,7 +124,8 @@ def test_usage_errors_and_help_only_on_rank_0(var, capsys, monkeypatch, rank0_en
 
 @pytest.mark.parametrize("name,expect", [("bfloat16", "bfloat16"), ("float16", "float16"),
                                          ("float32", "float32"), ("bf16", "bfloat16"),
-                                         ("fp16", "float16"), ("fp32", "float32")])
+                                         ("fp16", "float16"), ("fp32", "float32"), ("half", "float16"),
+                                         ("f32", "float32"), ("float", "float32")])
 def test_dtype_accepts_api_names_and_short_forms(name, expect):
     from dpgather.tools.replay import DTYPES, ReplayConfig
 
