@@ -17,8 +17,9 @@ __all__ = list(_setuptools.__all__)
 SOURCE_DIST = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "dist")
 
 
-class BuildIntoSourceFolder(RuntimeError):
-    """A build was asked to write into ``dist/``, a source folder of dpgather."""
+class BuildIntoSourceFolder(SystemExit):
+    """A build was asked to write into ``dist/``, a source folder of dpgather (a SystemExit: the
+    build frontend shows the message alone, without a traceback)."""
 
 
 def check_output_dir(directory):
