@@ -96,3 +96,24 @@ def test_cpu_setup_pulls_no_cuda_wheels_unless_cuda_check():
     plain, checked = _make_n(), _make_n("CUDA_CHECK=1")
     assert '".[test]"' in plain and "cuda-check" not in plain, plain
     assert '".[test,cuda-check]"' in checked, checked
+
+
+_MISSING = """
+import sys
+sys.modules[sys.argv[1]] = None  # not installed
+import dpgather as dg
+try:
+    dp = dg.DpAttention(hidden_size=8, dtype=sys.argv[2], backend="host")
+except dg.BackendUnavailable as e:
+    print("BackendUnavailable:", e)
+"""
+
+
+@pytest.mark.parametrize("module,dtype,pip", [("mpi4py", "float32", 'pip install "dpgather[host]"'),
+                                              ("numba", "float32", "pip install numba"),
+                                              ("ml_dtypes", "bfloat16", "pip install ml_dtypes")])
+def test_missing_package_raises_backend_unavailable_with_the_pip_command(module, dtype, pip):
+    res = subprocess.run([sys.executable, "-c", _MISSING, module, dtype], capture_output=True, text=True,
+                         timeout=120, cwd=str(ROOT))
+    assert res.returncode == 0 and res.stdout.startswith("BackendUnavailable:"), res.stdout + res.stderr
+    assert pip in res.stdout and module.replace("_", "") in res.stdout.lower().replace("_", ""), res.stdout
