@@ -100,6 +100,7 @@ fuzz: build
 	DPGATHER_FUZZ_EXAMPLES=1 $(PYTHON) -m pytest -q -x tests/test_facade_mpi.py -k soak_500
 
 wheel: $(STAMP)
+	rm -rf build/lib.*  # a module removed from the sources must not ship from an old build
 	$(PYTHON) -m pip wheel --no-build-isolation --no-deps -w wheelhouse .
 
 clean:

@@ -21,4 +21,9 @@ extensions = [
     )
 ]
 
-setup(ext_modules=cythonize(extensions, compiler_directives=_directives))
+# `python setup.py sdist` / `bdist_wheel` default to dist/, a source folder here (dpgather.dist):
+# their output goes to wheelhouse/ unless --dist-dir says otherwise (the PEP 517 backend,
+# build_backend/dpgather_build.py, always passes its own folder and refuses dist/).
+_OUT = {"dist_dir": "wheelhouse"}
+setup(ext_modules=cythonize(extensions, compiler_directives=_directives),
+      options={"sdist": dict(_OUT), "bdist": dict(_OUT), "bdist_wheel": dict(_OUT)})

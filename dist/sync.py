@@ -11,7 +11,8 @@ control fields of ``DpAttention``) and every rank receives the table of all reco
   through that segment with no MPI call at all: each rank writes its record and a sequence
   number into its slot and polls the others' sequence numbers. MPI's progress engine cost
   45-53 us p50 per exchange at 4 oversubscribed ranks; the segment 16-22 us (BENCHMARKS.md).
-  ``DPGATHER_NO_SHM_SYNC=1`` keeps the MPI path (as do ranks spread over several nodes).
+  ``DPGATHER_NO_SHM_SYNC=1`` (any value but empty or ``0``) keeps the MPI path (as do ranks
+  spread over several nodes).
 
 Slot layout: ``slots[parity, rank] = (sequence, field 0 .. field W-1)`` int32. Call ``k``
 (counted identically on every rank) writes this rank's fields into ``slots[k % 2, rank]``, then
@@ -39,6 +40,11 @@ from .shm import bounded_wait, node_segment
 __all__ = ["StepSync"]
 
 _X86 = platform.machine().lower() in ("x86_64", "amd64")
+
+
+def shm_sync_disabled():
+    """True when ``DPGATHER_NO_SHM_SYNC`` asks for the MPI path (any value but empty and ``0``)."""
+    return os.environ.get("DPGATHER_NO_SHM_SYNC", "").strip() not in ("", "0")
 
 
 class StepSync:
@@ -117,7 +123,7 @@ class StepSync:
         """Collective: move later exchanges to a shared segment if every rank can map it."""
         stride = 1 + self.width
         nbytes = 2 * self.size * stride * 4
-        want = _X86 and not os.environ.get("DPGATHER_NO_SHM_SYNC")
+        want = _X86 and not shm_sync_disabled()
         try:
             seg = node_segment(self._comm, nbytes if want else 0, self.timeout_s, self._orphans,
                                tag="dpgather-sync")

@@ -969,8 +969,8 @@ class DpAttention:
             out: optional ``[R, W]`` destination, same dtype as ``L_rows``.
 
         Returns:
-            ``[plan.logits_slot_rows[own], W]`` (or ``out``), rows past ``logits_tokens[own]``
-            zero.
+            ``[plan.logits_tokens[own], W]``: this replica's own logits rows (or ``out``, rows past
+            ``logits_tokens[own]`` zero).
         """
         return self._scatter_logits(L_rows, plan, out, False, None)
 

@@ -1,6 +1,8 @@
 """The library as users install it: sdist contents, no build into dist/, links that resolve in a
 clone, and a typed public API that mypy checks user code against."""
 
+import importlib.util
+import os
 import re
 import shutil
 import subprocess
@@ -14,19 +16,42 @@ ROOT = Path(__file__).resolve().parent.parent
 TYPING = Path(__file__).resolve().parent / "typing"
 
 
-def test_sdist_is_complete_and_dist_untouched(tmp_path):
-    before = sorted(p.name for p in (ROOT / "dist").iterdir())
-    out = subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path)], cwd=ROOT,
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert sorted(p.name for p in (ROOT / "dist").iterdir()) == before, "the build wrote into dist/"
-    (tarball,) = tmp_path.glob("*.tar.gz")
-    with tarfile.open(tarball) as tf:
+def _dist_listing():
+    return sorted(p.name for p in (ROOT / "dist").iterdir())
+
+
+def _have_build():
+    return importlib.util.find_spec("build") is not None
+
+
+@pytest.fixture(scope="module")
+def sdist(tmp_path_factory):
+    """The sdist, built as the docs say (``python -m build --sdist --outdir ...``; ``setup.py
+    sdist -d`` where the ``build`` package is not installed); dist/ must stay as it was."""
+    out = tmp_path_factory.mktemp("wheelhouse")
+    before = _dist_listing()
+    if _have_build():
+        cmd = [sys.executable, "-m", "build", "--sdist", "--no-isolation", "--outdir", str(out)]
+    else:
+        cmd = [sys.executable, "setup.py", "-q", "sdist", "-d", str(out)]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert _dist_listing() == before, "the build wrote into dist/"
+    (tarball,) = out.glob("*.tar.gz")
+    return tarball
+
+
+def test_sdist_is_complete_and_dist_untouched(sdist):
+    with tarfile.open(sdist) as tf:
         names = {n.split("/", 1)[1] for n in tf.getnames() if "/" in n}
-    for must in ("LICENSE", "README.md", "docs/design.md", "docs/reliability.md", "examples/tp_mlp_layer.py",
-                 "core/_planner.pyx", "core/_planner.pyi", "kernels/copy.cu", "dist/sync.py",
-                 "dpgather/tools/trace.schema.json", "dpgather/py.typed"):
-        assert must in names, f"{must} missing from the sdist"
+    must = ["LICENSE", "README.md", "BENCHMARKS.md", "pyproject.toml", "setup.py", "MANIFEST.in",
+            "build_backend/dpgather_build.py", "core/_planner.pyx", "core/_planner.pyi", "kernels/copy.cu",
+            "kernels/p2p.cu", "dist/sync.py", "dpgather/tools/trace.schema.json", "dpgather/py.typed",
+            "core/py.typed"]
+    must += [str(p.relative_to(ROOT)) for d in ("docs", "examples", "bench") for p in (ROOT / d).iterdir()
+             if p.suffix in (".md", ".py")]
+    missing = [m for m in must if m not in names]
+    assert not missing, f"missing from the sdist: {missing}"
     assert not [n for n in names if n.endswith((".so", ".whl"))], "binaries in the sdist"
 
 
@@ -37,10 +62,37 @@ def test_dist_is_a_source_folder():
     assert "-w wheelhouse" in text or "--outdir wheelhouse" in text
 
 
+def test_build_backend_refuses_dist():
+    sys.path.insert(0, str(ROOT / "build_backend"))
+    try:
+        import dpgather_build as backend
+    finally:
+        sys.path.pop(0)
+    for bad in (ROOT / "dist", ROOT / "dist" / "sub", ROOT / "core" / ".." / "dist"):
+        with pytest.raises(backend.BuildIntoSourceFolder, match="--outdir wheelhouse"):
+            backend.build_sdist(str(bad))
+        with pytest.raises(backend.BuildIntoSourceFolder):
+            backend.build_wheel(str(bad))
+    backend.check_output_dir(str(ROOT / "wheelhouse"))
+    backend.check_output_dir(str(ROOT / "distx"))
+    assert set(backend.__all__) >= {"build_sdist", "build_wheel", "build_editable", "get_requires_for_build_wheel"}
+
+
+@pytest.mark.skipif(not _have_build(), reason="the `build` package is not installed (it is in the test extra)")
+def test_python_m_build_with_its_default_outdir_leaves_dist_untouched():
+    before = _dist_listing()
+    res = subprocess.run([sys.executable, "-m", "build", "--sdist", "--no-isolation"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0, res.stdout[-2000:]
+    assert "refusing to write build output into" in res.stdout + res.stderr and "--outdir wheelhouse" in res.stdout + res.stderr
+    assert _dist_listing() == before
+
+
 _LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+_REPO_PATH = re.compile(r"`((?:core|kernels|dist|dpgather|tests|bench|docs|examples|build_backend|\.ci)/[A-Za-z0-9_./-]*)`")
 
 
-def test_every_relative_link_in_readme_and_docs_resolves():
+def test_every_relative_link_and_repository_path_in_readme_and_docs_resolves():
     files = [ROOT / "README.md", ROOT / "BENCHMARKS.md", *sorted((ROOT / "docs").glob("*.md"))]
     bad = []
     for f in files:
@@ -53,6 +105,9 @@ def test_every_relative_link_in_readme_and_docs_resolves():
             path = (f.parent / target.split("#")[0]).resolve()
             if not path.exists():
                 bad.append(f"{f.relative_to(ROOT)}: {target}")
+        for target in _REPO_PATH.findall(text):  # `tests/test_cli.py`, `docs/p2p.md`, `bench/`
+            if not (ROOT / target.rstrip("/")).exists():
+                bad.append(f"{f.relative_to(ROOT)}: `{target}`")
     assert not bad, bad
 
 
@@ -93,3 +148,122 @@ def test_public_api_is_visible():
                  "SpecConfig", "CostModel", "DpGatherError", "InputError", "ConfigError", "CollectiveTimeout",
                  "InconsistentBatchError", "InconsistentStepError", "BackendUnavailable", "plan", "count_tokens"):
         assert name in dg.__all__ and name in dir(dg) and getattr(dg, name) is not None, name
+
+
+# -- a user's fresh virtual environment ------------------------------------------------------------
+
+_SNIPPET_PRELUDE = '''\
+import numpy as np
+
+
+def _rows_for(dp, plan):
+    """This rank's hidden rows for the snippet's ``hidden`` (small integers: exact in bfloat16)."""
+    import ml_dtypes
+
+    n = int(plan.num_tokens[dp.dp_rank])
+    dt = ml_dtypes.bfloat16 if dp.dtype == "bfloat16" else np.dtype(dp.dtype)
+    return ((np.arange(n * dp.hidden_size) % 7).reshape(n, dp.hidden_size) + dp.dp_rank).astype(dt)
+
+
+def mlp(g):
+    return g
+'''
+
+_SNIPPET_CHECKS = '''
+n = int(plan.num_tokens[dp.dp_rank])
+assert g.shape == (plan.gathered_rows, dp.hidden_size), g.shape
+assert y.shape == (n, dp.hidden_size), ("scatter returns this replica's own rows", y.shape, n)
+print(f"snippet ok on rank {dp.rank}: {n} own rows of {plan.gathered_rows}", flush=True)
+'''
+
+
+def readme_snippet():
+    """The README's embedding snippet (its first Python block that makes a DpAttention), made
+    runnable: ``hidden`` is this rank's rows (defined just before the first gather), ``mlp`` the
+    identity; checks on the outputs follow it."""
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    block = next((b for b in blocks if "DpAttention(" in b and ".gather(" in b), None)
+    assert block is not None, "README.md shows no embedding snippet (a Python block with DpAttention(...) and gather)"
+    lines = block.splitlines()
+    i = next(k for k, ln in enumerate(lines) if ".gather(" in ln)
+    indent = lines[i][: len(lines[i]) - len(lines[i].lstrip())]
+    lines.insert(i, f"{indent}hidden = _rows_for(dp, plan)")
+    return _SNIPPET_PRELUDE + "\n".join(lines) + "\n" + _SNIPPET_CHECKS
+
+
+def _pip_reaches_an_index(pip, tmp):
+    res = subprocess.run([*pip, "download", "--no-deps", "-q", "-d", str(tmp / "probe"), "numpy>=1.26"],
+                         capture_output=True, text=True, timeout=300)
+    return res.returncode == 0
+
+
+def _outer_mpi_flavor():
+    from dpgather.tools.launch import detect
+
+    found = detect()
+    return found.flavor if found else None
+
+
+@pytest.mark.mpi
+@pytest.mark.skipif(_outer_mpi_flavor() != "mpich",
+                    reason="the fresh-venv install brings its own MPICH; it runs once, under `make test` (MPI=mpich)")
+def test_fresh_venv_pip_install_host_extra_runs_the_readme_snippet(sdist, tmp_path):
+    """What issue 14 asks of a new user: ``pip install "dpgather[host]"`` (here: the sdist, built
+    in pip's isolated build environment, with the [host] extra from the package index) into a
+    fresh virtual environment, then ``mpiexec -n 2 python app.py`` with the README's snippet and
+    the CLI from the installed package. Skipped when no package index is reachable."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    py = venv / "bin" / "python"
+    pip = [sys.executable, "-m", "pip", "--python", str(py)]
+    res = subprocess.run([*pip, "install", "-q", f"{sdist}[host]"], capture_output=True, text=True, timeout=900)
+    if res.returncode != 0:
+        if not _pip_reaches_an_index([sys.executable, "-m", "pip"], tmp_path):
+            pytest.skip("no package index reachable: the fresh-venv install needs the network")
+        pytest.fail(f"pip install {sdist.name}[host] failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
+    work = tmp_path / "app"
+    work.mkdir()
+    (work / "app.py").write_text(readme_snippet())
+    from dpgather.tools.launch import detect, launch_env
+
+    mpiexec = venv / "bin" / "mpiexec"
+    assert mpiexec.is_file(), "the [host] extra brought no mpiexec (MPICH from PyPI)"
+    env, flags = launch_env(detect(str(mpiexec)), timeout=120)
+    env.pop("PYTHONPATH", None)  # nothing of the checkout: only what pip installed
+    env["DPGATHER_LOG_LEVEL"] = "INFO"
+    res = subprocess.run([str(mpiexec), *flags, "-n", "2", str(py), "app.py"], cwd=work, env=env,
+                         capture_output=True, text=True, timeout=180)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    for r in (0, 1):
+        assert f"snippet ok on rank {r}:" in res.stdout, res.stdout
+        # logging: the rank in every record, the level from DPGATHER_LOG_LEVEL
+        assert f"[dpgather rank {r}/2] INFO dpgather." in res.stderr, res.stderr
+    site = subprocess.run([str(py), "-c", "import dpgather, sys; print(dpgather.__file__)"], cwd=work, env=env,
+                          capture_output=True, text=True, timeout=60).stdout
+    assert str(venv) in site and str(ROOT) not in site, site
+
+    # the command line from the installed package (no checkout, no matplotlib / tqdm in [host])
+    cli = str(venv / "bin" / "dpgather")
+    res = subprocess.run([cli, "info"], cwd=work, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "MPICH" in res.stdout and "mpiexec:" in res.stdout, res.stdout + res.stderr
+    res = subprocess.run(f"'{cli}' plans --synthetic eagle --steps 200 --policy all | head -n 3", shell=True,
+                         cwd=work, env=env, capture_output=True, text=True, timeout=120)
+    assert res.stdout.startswith("Plans of eagle") and res.stderr == "", res.stderr
+    res = subprocess.run([cli, "run", "--np", "2", "--steps", "3", "--policy", "varlen", "--timeout", "120",
+                          "--dtype", "bfloat16"], cwd=work, env=env, capture_output=True, text=True, timeout=180)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "plots skipped: matplotlib is not installed (pip install matplotlib)" in res.stdout
+    res = subprocess.run([cli, "bench-sync", "--np", "2", "--", "--iters", "20", "--warmup", "5"], cwd=work,
+                         env=env, capture_output=True, text=True, timeout=180)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    res = subprocess.run([cli, "bench"], cwd=work, env=env, capture_output=True, text=True, timeout=120)
+    err = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.returncode == 2 and len(err) == 1 and "bench/collective_bench.py" in err[0], res.stderr
+
+    # what mypy needs to check user code against the installed package (mypy itself runs on a
+    # staged layout of the same files: test_mypy_checks_user_code_against_the_public_api)
+    res = subprocess.run([str(py), "-c", "import importlib.resources as r; print(*(r.files(m).joinpath(f).is_file() "
+                          "for m, f in (('dpgather', 'py.typed'), ('dpgather.core', 'py.typed'), "
+                          "('dpgather.core', '_planner.pyi'))))"], cwd=work, env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert res.stdout.split() == ["True"] * 3, res.stdout + res.stderr

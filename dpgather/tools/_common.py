@@ -20,7 +20,7 @@ import sys
 __all__ = [
     "EXIT_OK", "EXIT_VERIFY", "EXIT_USAGE", "EXIT_CRASH", "PIP", "Parser", "launcher_rank",
     "is_rank0", "say_error", "positive_int", "nonneg_int", "positive_float", "nonneg_float",
-    "missing", "require", "gpu_count",
+    "missing", "require", "require_mpi", "gpu_count",
 ]
 
 EXIT_OK, EXIT_VERIFY, EXIT_USAGE, EXIT_CRASH = 0, 1, 2, 3
@@ -157,6 +157,22 @@ def require(what, *modules):
 
         cmds = "; ".join(PIP.get(m, f"pip install {m}") for m in gone)
         raise BackendUnavailable(f"{what} needs {', '.join(gone)}, which is not installed: {cmds}")
+
+
+def require_mpi(what):
+    """``mpi4py.MPI`` (importing it initialises MPI), or :class:`dpgather.BackendUnavailable`
+    naming the pip command when mpi4py is missing or cannot load an MPI library (mpi4py without
+    MPICH / Open MPI raises ``RuntimeError: cannot load MPI library``)."""
+    require(what, "mpi4py")
+    try:
+        from mpi4py import MPI
+    except (ImportError, RuntimeError, OSError) as e:
+        from dpgather.core import BackendUnavailable
+
+        cause = " ".join(str(e).split())
+        raise BackendUnavailable(f"{what} needs an MPI library that mpi4py can load ({cause}): "
+                                 f"{PIP['mpi4py']}") from None
+    return MPI
 
 
 def gpu_count():

@@ -39,7 +39,7 @@ import numpy as np
 from dpgather.core import ConfigError, CostModel, DpGatherError
 from dpgather.core.cost import COLLECTIVES, cache_path
 
-from ._common import Parser, gpu_count, positive_int, require, say_error
+from ._common import Parser, gpu_count, positive_int, require_mpi, say_error
 from .timing import Column, CupyEvents, HostClock, Timer, format_table
 
 __all__ = ["calibrate", "fit_collective", "main", "DEFAULT_SIZES_CUDA", "DEFAULT_SIZES_HOST"]
@@ -538,11 +538,9 @@ def main(argv=None, prog="python -m dpgather.tools.calibrate"):
     if sizes is not None and (not sizes or min(sizes) < 1):
         ap.error(f"argument --sizes: expected comma-separated positive integers, got {args.sizes!r}")
     try:
-        require(prog, "mpi4py")
+        MPI = require_mpi(prog)
     except DpGatherError as e:
         return say_error(prog, e)
-    from mpi4py import MPI
-
     rank0 = MPI.COMM_WORLD.Get_rank() == 0
     try:
         model = calibrate(out=args.out, sizes=sizes, hidden=args.hidden, dtype=args.dtype,

@@ -40,6 +40,7 @@ from ._common import (
     nonneg_int,
     positive_float,
     positive_int,
+    require,
     say_error,
 )
 from .launch import detect, launch_env, run_job
@@ -161,7 +162,16 @@ def _cmd_run(ns, extra):
         backend = ["--backend", "cuda"]
     progress = ["--progress", "on"] if sys.stderr.isatty() and "--progress" not in extra else []
     source = [] if {"--trace", "--synthetic"} & {a.split("=")[0] for a in extra} else ["--synthetic", "mixed"]
-    pyargs = [*_REPLAY_MODULE, *source, "--verify", "--out", out, *backend, *progress, *extra]
+    replay_args = [*source, "--verify", "--out", out, *backend, *progress, *extra]
+    # The replay's own checks (options, mpi4py / Numba / ml_dtypes / CuPy, the trace) here, once,
+    # before any rank starts: a missing package is one line and exit 2, not one per rank.
+    from .replay import ReplayConfig, preflight
+
+    try:
+        preflight(ReplayConfig.from_args(build_parser().parse_args(["replay", *replay_args])))
+    except DpGatherError as e:
+        return say_error("dpgather run", e)
+    pyargs = [*_REPLAY_MODULE, *replay_args]
     print(f"dpgather run: replaying a multi-replica serving trace on {np_} ranks "
           f"({'CUDA, one GPU per rank' if backend else 'host backend: NumPy + Numba + MPI'}), "
           f"time limit {ns.timeout:g} s", flush=True)
@@ -183,6 +193,8 @@ def _cmd_run(ns, extra):
               + f"every number is in {report}.")
     elif rc == EXIT_VERIFY:
         print(f"\nverification FAILED (exit 1) after {dt:.1f} s; details in {report}", file=sys.stderr)
+    elif rc == EXIT_USAGE:
+        pass  # rank 0 of the job has said why, on one line
     elif rc == EXIT_CRASH and verdict is None:
         print(f"\ndpgather run failed after {dt:.1f} s: no report was written (exit 3)", file=sys.stderr)
     else:
@@ -369,7 +381,8 @@ def _cmd_info(ns):
             lib = MPI.Get_library_version().strip().splitlines()[0]
             lines.append(f"MPI:          {lib} (mpi4py {mpi4py.__version__}, MPI {'.'.join(map(str, MPI.Get_version()))})")
         except Exception as e:
-            lines.append(f"MPI:          mpi4py fails to load: {e}")
+            lines.append(f"MPI:          mpi4py cannot load an MPI library ({' '.join(str(e).split())}; "
+                         f"{PIP['mpi4py']})")
     mx = detect()
     lines.append(f"mpiexec:      {mx.path + ' (' + mx.label + ')' if mx else 'not found'}")
     for mod in ("numpy", "numba", "ml_dtypes", "matplotlib", "tqdm"):
@@ -402,6 +415,12 @@ def _cmd_bench(ns, extra):
 
 def _cmd_bench_sync(ns, extra):
     """``dpgather bench-sync``: :mod:`dpgather.tools.sync_bench` under mpiexec."""
+    from dpgather.core import DpGatherError
+
+    try:
+        require("dpgather bench-sync", "mpi4py", "numba")  # before any rank starts
+    except DpGatherError as e:
+        return say_error("dpgather bench-sync", e)
     return _launch(ns.np, ["-m", "dpgather.tools.sync_bench", *extra], ns.timeout)
 
 

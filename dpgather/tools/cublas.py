@@ -20,7 +20,7 @@ computes the row-major product ``X[m, k] @ W[k, n] -> C[m, n]`` as the column-ma
 ``C^T = W^T X^T``: ``cublasGemmEx(N, N, n, m, k, 1, W, CUDA_R_16BF, n, X, CUDA_R_16BF, k, 0, C,
 CUDA_R_16BF, n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT)`` (fp32 accumulation, bf16 output).
 
-The library is found (first hit wins): ``$DPG_CUBLAS_LIB``; the ``libcublas.so*`` already
+The library is found (first hit wins): ``$DPGATHER_CUBLAS_LIB``; the ``libcublas.so*`` already
 mapped into this process once CuPy's own cuBLAS binding is imported (the same copy CuPy uses);
 ``cuda.pathfinder``; ``ctypes.util.find_library``; ``$CUDA_PATH``/``/usr/local/cuda*``; the
 ``nvidia`` pip wheels' ``lib`` folders. Importing this module loads nothing; :class:`Cublas`
@@ -68,7 +68,7 @@ def _mapped_libcublas():
 
 
 def _candidates():
-    env = os.environ.get("DPG_CUBLAS_LIB")
+    env = os.environ.get("DPGATHER_CUBLAS_LIB")
     if env:
         yield env
     for mod in ("cupy_backends.cuda.libs.cublas", "cupy.cuda.cublas"):
@@ -115,7 +115,7 @@ def find_libcublas():
             return lib, path
         except (OSError, AttributeError):
             continue
-    raise OSError(f"libcublas not found (tried {tried or 'nothing'}); set DPG_CUBLAS_LIB=/path/libcublas.so")
+    raise OSError(f"libcublas not found (tried {tried or 'nothing'}); set DPGATHER_CUBLAS_LIB=/path/libcublas.so")
 
 
 class Cublas:

@@ -3,7 +3,7 @@
 Used by ``dpgather run`` / ``bench-sync`` / ``bench`` and by the test harness, so that a job
 starts the same way under MPICH (Hydra) and Open MPI (ORTE in 4.x, PRRTE in 5.x).
 
-Settings (docs/launching.md has the table): every variable is set only when the user has not
+Settings (docs/environment.md has the table): every variable is set only when the user has not
 set it already (``setdefault``), and only for the flavour that reads it.
 
 - MPICH / Hydra: ``HYDRA_LAUNCHER=fork`` (no ssh on one box), ``FI_PROVIDER=tcp`` and the

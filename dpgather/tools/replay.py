@@ -52,9 +52,11 @@ from dpgather.core import (
     Topology,
     plan as pure_plan,
 )
+from dpgather.core.dtypes import ALIASES as _DTYPE_ALIASES
 
 from . import report as _report
-from ._common import EXIT_CRASH, EXIT_OK, EXIT_USAGE, EXIT_VERIFY, PIP, gpu_count, require, say_error
+from ._common import (EXIT_CRASH, EXIT_OK, EXIT_USAGE, EXIT_VERIFY, PIP, gpu_count, require, require_mpi,
+                      say_error)
 from .report import REPORT_FORMAT, check_out_dir, fmt_bytes
 from .traces import GENERATORS, load_trace, synthetic
 
@@ -66,8 +68,10 @@ POLICIES = ("auto", "sglang", "max_len", "sum_len", "varlen")
 #: Default per-replica graph capacities in tokens (rounded up to multiples of attn_tp).
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
 #: ``--dtype`` names: the API's names and their short forms.
-DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32",
-          "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+#: ``--dtype``: the API's floating-point dtype names and their short forms (dpgather.core.dtypes),
+#: name -> logical dtype (the stand-in MLP computes in floating point).
+DTYPES = {**{n: n for n in ("bfloat16", "float16", "float32")},
+          **{a: n for a, n in _DTYPE_ALIASES.items() if n in ("bfloat16", "float16", "float32")}}
 _VOCAB_SHARD = 32      # logits columns per rank (a vocabulary-parallel LM head shard)
 _NNZ = 4               # non-zeros per column of W
 #: float32 [rows, H] arrays a step may hold at once per gathered row (G and its reference, the
@@ -544,6 +548,12 @@ def _before_mpi(cfg):
     return backend, dtype, trace
 
 
+def preflight(cfg):
+    """What ``dpgather run`` checks before it launches ranks: options, dependencies, the trace
+    (:func:`replay`'s first phase, which needs no MPI). Raises a :class:`DpGatherError`."""
+    _before_mpi(cfg)
+
+
 def _largest_step(trace, topo):
     """``(step id, rows)`` of the step whose gathered buffers are largest under any policy:
     hidden rows ``max(sum(n), D * max(n))`` (SUM_LEN or MAX_LEN, counts aligned to A) plus
@@ -676,9 +686,10 @@ def replay(cfg, comm=None):
     except DpGatherError as e:
         return say_error(_PROG, e, rank0=None if comm is None else comm.Get_rank() == 0)
     if comm is None:
-        from mpi4py import MPI
-
-        comm = MPI.COMM_WORLD
+        try:
+            comm = require_mpi(_PROG).COMM_WORLD
+        except DpGatherError as e:
+            return say_error(_PROG, e)
     rank, T = comm.Get_rank(), comm.Get_size()
     local_ranks = 1
     if T > 1:

@@ -147,83 +147,108 @@ def text_table(rows, header, left=(0,)):
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
-def plots(outdir, trace, results, prepared, row_bytes, title):
-    """memory.png, rows.png and time.png in ``outdir`` (see docs/traces.md); returns their paths."""
+#: Line styles of the plots' series, one per series, so that identical curves stay visible (a
+#: dashed line over a solid one, markers at different steps) and each is named by its style too.
+_STYLES = (("-", "o"), ("--", "s"), ("-.", "^"), (":", "D"), ((0, (5, 1, 1, 1)), "v"), ((0, (1, 2)), "P"),
+           ((0, (8, 2)), "X"))
+
+
+def _styled(ax, kind, x, y, i, n, **kw):
+    """Series ``i`` of ``n`` on ``ax`` with its own line style and markers (staggered, so markers
+    of overlapping series fall on different steps)."""
+    ls, marker = _STYLES[i % len(_STYLES)]
+    every = max(n, len(x) // 12)  # at least one step per series: no two series mark the same step
+    offset = (i * every // max(1, n)) % every
+    draw = ax.step if kind == "step" else ax.plot
+    extra = {"where": "post"} if kind == "step" else {}
+    return draw(x, y, linestyle=ls, marker=marker, markersize=4, markevery=(offset, every), **extra, **kw)
+
+
+def _legend_outside(ax):
+    """The legend to the right of the axes, never over the data."""
+    return ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0,
+                     frameon=False)
+
+
+def figures(trace, results, prepared, row_bytes, title):
+    """The replay's figures ``{"memory.png": fig, "rows.png": fig, "time.png": fig}`` (matplotlib,
+    Agg backend); :func:`plots` saves them. Every series has its own line style and marker, and
+    every legend sits outside its axes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    files = []
+    figs = {}
     x = np.arange(len(prepared))
     kib = row_bytes / 1024.0
     before = np.array([s.before["dyn_rows"] * kib for s in prepared])
     after = np.array([s.after["dyn_rows"] * kib for s in prepared])
-    fig, ax = plt.subplots(figsize=(11, 4.5))
+    fig, ax = plt.subplots(figsize=(12, 4.5))
     pols = [p_ for p_ in results if p_ != "_ref"]
     graph = [s["graph"] for s in results[pols[0]]["sizes"]]
     for i, g in enumerate(graph):
         if g:
             ax.axvspan(i, i + 1, color="0.92", lw=0, label="graph replay" if i == graph.index(True) else None)
-    ax.step(x, before, where="post", color="tab:red", lw=1.3, label="SGLang before #8277")
-    ax.step(x, after, where="post", color="tab:orange", lw=1.3, label="SGLang after #8277/#8278")
     main = "auto" if "auto" in pols else pols[0]
+    series = [("SGLang before #8277", before, dict(color="tab:red", lw=1.4)),
+              ("SGLang after #8277/#8278", after, dict(color="tab:orange", lw=1.4))]
+    others = iter(["tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"])
     for pol in pols:
-        res = results[pol]
-        ours = np.array([s["dyn_rows"] * kib for s in res["sizes"]])
-        if pol == main:
-            ax.step(x, ours, where="post", color="tab:blue", lw=1.8, label=f"dpgather ({pol})")
-        else:
-            ax.step(x, ours, where="post", lw=0.7, alpha=0.6, label=f"dpgather ({pol})")
+        ours = np.array([s["dyn_rows"] * kib for s in results[pol]["sizes"]])
+        style = dict(color="tab:blue", lw=1.8) if pol == main else dict(color=next(others, "tab:gray"), lw=1.1)
+        series.append((f"dpgather ({pol})", ours, style))
+    for i, (label, y, style) in enumerate(series):
+        _styled(ax, "step", x, y, i, len(series), label=label, **style)
     ax.set_xlabel("step")
     ax.set_ylabel("dynamic gathered buffers per rank [KiB]\n(hidden + logits)")
     ax.set_title(f"Gathered memory over the trace: {title}")
-    ax.legend(fontsize=8, ncol=2)
+    _legend_outside(ax)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    p = os.path.join(outdir, "memory.png")
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    files.append(p)
+    figs["memory.png"] = fig
 
     names = pols + ["SGLang <#8277", "SGLang #8277+"]
     sums = [results[p_]["summary"] for p_ in pols]
     sums += [results["_ref"]["before"], results["_ref"]["after"]]
     real = np.array([s["rows_moved"] - s["padding_rows"] for s in sums])
     pad = np.array([s["padding_rows"] for s in sums])
-    fig, ax = plt.subplots(figsize=(9, 4.5))
+    fig, ax = plt.subplots(figsize=(10, 4.5))
     ax.bar(names, real, color="tab:blue", label="real rows")
-    ax.bar(names, pad, bottom=real, color="tab:gray", label="padding rows")
+    ax.bar(names, pad, bottom=real, color="tab:gray", hatch="//", edgecolor="white", label="padding rows")
     for i, (r, q) in enumerate(zip(real, pad)):
         ax.text(i, r + q, fmt_rows(r + q), ha="center", va="bottom", fontsize=8)
     ax.set_ylabel("rows moved over the trace\n(hidden + logits gathers)")
     ax.tick_params(axis="x", labelrotation=20)
     ax.set_title(f"Rows moved per policy: {title}")
-    ax.legend(fontsize=8)
+    ax.margins(y=0.12)  # room for the value labels above the bars
+    _legend_outside(ax)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    p = os.path.join(outdir, "rows.png")
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    files.append(p)
+    figs["rows.png"] = fig
 
-    fig, ax = plt.subplots(figsize=(11, 4.5))
-    for pol in pols:
-        t = results[pol]["times"] * 1e3
-        ax.plot(x, t, lw=0.9, label=pol)
+    fig, ax = plt.subplots(figsize=(12, 4.5))
+    for i, pol in enumerate(pols):
+        _styled(ax, "line", x, results[pol]["times"] * 1e3, i, len(pols), lw=0.9, label=pol)
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("data-plane time per step [ms]\n(max over ranks)")
     ax.set_title(f"Time per step: {title}")
-    ax.legend(fontsize=8)
+    _legend_outside(ax)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    p = os.path.join(outdir, "time.png")
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    files.append(p)
-    return files
+    figs["time.png"] = fig
+    return figs
 
+
+def plots(outdir, trace, results, prepared, row_bytes, title):
+    """memory.png, rows.png and time.png in ``outdir`` (see docs/traces.md); returns their paths."""
+    import matplotlib.pyplot as plt
+
+    files = []
+    for name, fig in figures(trace, results, prepared, row_bytes, title).items():
+        p = os.path.join(outdir, name)
+        fig.savefig(p, dpi=110, bbox_inches="tight")  # the figure grows to hold the outside legend
+        plt.close(fig)
+        files.append(p)
+    return files
 
 
 def mode_mix(plans):

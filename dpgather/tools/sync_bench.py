@@ -31,7 +31,8 @@ import numpy as np
 
 from dpgather.core import POLICIES, ForwardMode, LocalBatch
 
-from ._common import EXIT_OK, EXIT_USAGE, EXIT_VERIFY, Parser, nonneg_int, positive_int, require, say_error
+from ._common import (EXIT_OK, EXIT_USAGE, EXIT_VERIFY, Parser, nonneg_int, positive_int, require, require_mpi,
+                      say_error)
 from .timing import Column, format_table, percentile
 
 __all__ = ["main", "make_batches", "baseline_info", "baseline_plan"]
@@ -133,11 +134,10 @@ def main(argv=None, prog=_PROG):
     """Run the benchmark on every rank of ``MPI.COMM_WORLD``; returns the exit code."""
     args = build_parser(prog).parse_args(argv)
     try:
-        require(prog, "mpi4py")
+        require(prog, "mpi4py", "numba")  # DpAttention on the host backend
+        MPI = require_mpi(prog)
     except Exception as e:  # BackendUnavailable
         return say_error(prog, e)
-    from mpi4py import MPI
-
     from dpgather import DpAttention
 
     world = MPI.COMM_WORLD
