@@ -259,7 +259,9 @@ _RUN = ("run", "--np", "2", "--steps", "3", "--policy", "varlen", "--timeout", "
 @pytest.mark.parametrize("module,argv", [
     ("mpi4py", _RUN), ("mpi4py", ("replay", "--steps", "3")), ("mpi4py", ("calibrate",)),
     ("mpi4py", ("bench-sync", "--np", "2")),
-    ("numba", _RUN), ("numba", ("replay", "--steps", "3")), ("numba", ("bench-sync", "--np", "2")),
+    # the host backend needs Numba; on a GPU node `run` and `replay` pick CUDA, which does not
+    ("numba", (*_RUN, "--backend", "host")), ("numba", ("replay", "--steps", "3", "--backend", "host")),
+    ("numba", ("bench-sync", "--np", "2")),
     ("ml_dtypes", _RUN),
 ])
 def test_missing_dependency_one_line_exit_2_before_any_rank_starts(module, argv, tmp_path):

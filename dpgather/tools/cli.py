@@ -406,6 +406,12 @@ def _cmd_bench(ns, extra):
         return say_error("dpgather bench", "the collective benchmark is bench/collective_bench.py "
                          "of the dpgather repository, not part of the installed package; run it "
                          "from a checkout (make bench)")
+    from dpgather.core import DpGatherError
+
+    try:
+        require("dpgather bench", "mpi4py")  # before any rank starts
+    except DpGatherError as e:
+        return say_error("dpgather bench", e)
     gpus = gpu_count()
     if not gpus:
         return say_error("dpgather bench", "the collective benchmark needs GPUs (CuPy + NCCL) and "

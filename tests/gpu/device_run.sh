@@ -34,6 +34,17 @@ eager)
   run eager_bench ${T_EAGER:-240} python3 -m dpgather.tools.launch -n "$NG" --timeout 230 bench/eager_bench.py --strict --json "$OUT/eager.json" ;;
 test)
   run make_test ${T_TEST:-590} make test ;;
+diag)  # the suite split for diagnosis: the CPU part verbose in the background, each GPU test alone
+  ( timeout -k 5 ${T_CPU:-450} python3 -m pytest -v -rfE --tb=short --durations=40 -p no:cacheprovider \
+      --ignore=tests/test_gpu.py tests > "$OUT/cpu_suite.log" 2>&1; echo "rc=$?" >> "$OUT/cpu_suite.log" ) &
+  for t in $(python3 -m pytest --collect-only -q -p no:cacheprovider tests/test_gpu.py | grep '::'); do
+    t0=$(date +%s)
+    timeout -k 5 ${T_ONE:-110} python3 -m pytest -q -rfE --tb=short -p no:cacheprovider "$t" > "$OUT/one.log" 2>&1; rc=$?
+    { echo "=== $t rc=$rc $(( $(date +%s) - t0 ))s"; tail -n 40 "$OUT/one.log"; } >> "$OUT/gpu_each.log"
+    note "[gpu] rc=$rc $(( $(date +%s) - t0 ))s $t"
+  done
+  rm -f "$OUT/one.log"; wait
+  note "[cpu_suite] $(tail -n 2 "$OUT/cpu_suite.log" | tr '\n' ' ')" ;;
 gputest)
   run gputest ${T_GPUTEST:-400} python3 -m pytest -q -rs tests/test_gpu.py ;;
 sanitize)
