@@ -75,7 +75,7 @@ install: $(STAMP)
 build: .stamp-build
 
 test: build
-	$(PYTHON) -m pytest -q $(PYTEST_ARGS) tests
+	$(PYTHON) tests/parallel.py $(PYTEST_ARGS)
 
 test-unit: build
 	$(PYTHON) -m pytest -q -m "not mpi" $(PYTEST_ARGS) tests

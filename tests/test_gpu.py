@@ -92,7 +92,8 @@ def test_overlap_cuda(transport, dtype):
     n = _ranks()[-1]
     steps = os.environ.get("DPGATHER_GPU_STEPS", "4")
     res = check_mpi([str(GPU_DIR / "overlap_smoke.py"), "--backend", "cuda", "--transport", transport,
-                     "--dtype", dtype, "--steps", steps], n, timeout=400, env=ENV)
+                     "--dtype", dtype, "--steps", steps, "--timeout", "20", "--watchdog", "100"],
+                    n, timeout=150, env=ENV)
     r0 = res.results[0]
     assert all(r["passed"] > 0 and r["runner_steps"] > 0 for r in res.results.values()), res.results
     if transport == "nccl":

@@ -46,7 +46,19 @@ ap.add_argument("--hidden", type=int, default=48)
 ap.add_argument("--steps", type=int, default=4)
 ap.add_argument("--transport", choices=("auto", "nccl", "p2p"), default="auto")
 ap.add_argument("--timeout", type=float, default=60.0)
+ap.add_argument("--watchdog", type=float, default=0.0,
+                help="seconds: dump every thread's stack and exit 3 when the script outlives them (0: off)")
 args = ap.parse_args()
+if args.watchdog > 0:
+    import faulthandler
+
+    faulthandler.dump_traceback_later(args.watchdog, exit=True)
+
+
+def phase(msg):
+    """A progress line on stderr (a run that is killed shows where it was)."""
+    sys.stderr.write(f"[overlap_smoke rank {comm.rank}] {msg}\n")
+    sys.stderr.flush()
 
 CUDA = args.backend == "cuda"
 if args.dtype == "bfloat16":
@@ -240,13 +252,16 @@ for A in [a for a in (1, 2) if T % a == 0]:
     dp = dg.DpAttention(comm, micro_batches=2, **kw)
     ser = dg.DpAttention(comm, **kw)
     AVAILABLE.add(dp.info()["transport"])
+    phase(f"A={A}: transport {dp.info()['transport']}")
     for contrib in ("replicate", "partial"):
+        phase(f"A={A} {contrib}: capturing the runners")
         with on(COMPUTE):
             r2 = dp.graph_runner(fn, contribution=contrib, micro_batches=2)
             r1 = ser.graph_runner(fn, contribution=contrib)
         for step in range(args.steps):
             graph = step % 2 == 1
             tag = f"A={A} {contrib} step {step}{' graph' if graph else ''}"
+            phase(tag)
             bl = [batches_of(step, i, D, A, graph) for i in (0, 1)]
             with on(COMPUTE):
                 plans = [dp.sync(bl[i][d], micro_batch=i) for i in (0, 1)]
@@ -284,6 +299,7 @@ for A in [a for a in (1, 2) if T % a == 0]:
                         same(t, o, so)
                     else:
                         check(f"{t} serialized runner == reference", close(so, want))
+        phase(f"A={A} {contrib}: a bad stream=")
         # a bad stream= on every rank: InputError naming it; the next sync raises; recovery
         with on(COMPUTE):
             plans = [dp.sync(dg.LocalBatch(dg.ForwardMode.DECODE, 2), micro_batch=i) for i in (0, 1)]
@@ -301,6 +317,7 @@ for A in [a for a in (1, 2) if T % a == 0]:
                     check("the sync after a bad stream= raised InputError", True)
         # steady state: overlapped eager steps and overlapped replays allocate nothing
         if args.steps >= 2:
+            phase(f"A={A} {contrib}: steady state")
             with on(COMPUTE):
                 big = [dp.sync(dg.LocalBatch(dg.ForwardMode.DECODE, A * 32, can_run_graph=True), micro_batch=i)
                        for i in (0, 1)]
