@@ -7,7 +7,7 @@ With fewer than 16 usable cores (a CI box, a laptop) it is exactly ``python -m p
 PYTEST_ARGS tests``. On a GPU node with many cores it runs ``DPGATHER_TEST_JOBS`` (default:
 cores // 8, at most 4) pytest processes over round-robin slices of the CPU tests, plus one
 process for the GPU tests (they need the GPUs to themselves), at the same time; each writes its
-log under ``build/test-logs/``; the summary line of each is printed as it ends, the failures of
+log under ``build/test-logs/`` (pytest's temporary folders outside the checkout); the summary line of each is printed as it ends, the failures of
 a failed shard in full at the end. The exit status is the worst of the shards'.
 ``DPGATHER_TEST_JOBS=1`` forces the single process.
 """
@@ -15,6 +15,7 @@ a failed shard in full at the end. The exit status is the worst of the shards'.
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -38,13 +39,14 @@ def main(argv):
     shards = [f"{k}/{jobs}" for k in range(jobs)] + ["gpu"]
     print(f"tests/parallel.py: {len(shards)} pytest processes at once ({jobs} CPU shards + the GPU tests), "
           f"logs in {logs.relative_to(ROOT)}/", flush=True)
+    tmp = Path(tempfile.mkdtemp(prefix="dpgather-tests-"))  # outside the checkout: tests look for it in paths
     procs = {}
     t0 = time.monotonic()
     for s in shards:
         name = "gpu" if s == "gpu" else f"shard{s.split('/')[0]}"
         log = open(logs / f"{name}.log", "w")
         env = dict(os.environ, DPGATHER_TEST_SHARD=s)
-        cmd = [*base, "-p", "no:cacheprovider", f"--basetemp={logs / ('tmp-' + name)}", "tests"]
+        cmd = [*base, "-p", "no:cacheprovider", f"--basetemp={tmp / name}", "tests"]
         procs[name] = (subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log)
     worst = 0
     failed = []

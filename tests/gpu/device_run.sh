@@ -33,7 +33,8 @@ p2pvariants)  # the kernel's tuning switches (kernels/p2p.cu), timed by the self
 eager)
   run eager_bench ${T_EAGER:-240} python3 -m dpgather.tools.launch -n "$NG" --timeout 230 bench/eager_bench.py --strict --json "$OUT/eager.json" ;;
 test)
-  run make_test ${T_TEST:-590} make test ;;
+  run make_test ${T_TEST:-590} make test
+  for f in build/test-logs/*.log; do [ -f "$f" ] && cp "$f" "$OUT/test-$(basename "$f")"; done ;;
 diag)  # the suite split for diagnosis: the CPU part verbose in the background, each GPU test alone
   ( timeout -k 5 ${T_CPU:-450} python3 -m pytest -v -rfE --tb=short --durations=40 -p no:cacheprovider \
       --ignore=tests/test_gpu.py tests > "$OUT/cpu_suite.log" 2>&1; echo "rc=$?" >> "$OUT/cpu_suite.log" ) &
@@ -68,7 +69,7 @@ graphnccl)
 overlap)
   run overlap_tests ${T_OVL:-300} python3 -m pytest -q -rs tests/test_gpu.py -k overlap ;;
 overlapbench)
-  run overlap_bench ${T_OVLB:-300} python3 -m dpgather.tools.launch -n "$NG" --timeout 280 bench/overlap_bench.py --json "$OUT/overlap.json" ;;
+  run overlap_bench ${T_OVLB:-300} python3 -m dpgather.tools.launch -n "$NG" --timeout 280 bench/overlap_bench.py --json "$OUT/overlap.json" ${OVLB_ARGS:-} ;;
 calibrate)
   run calibrate ${T_CAL:-120} python3 -m dpgather.tools.launch -n "$NG" -m dpgather.tools.calibrate --out "$OUT/cost.json" ;;
 pack)  # one archive of every log and JSON (the device tool returns a few files per call)
