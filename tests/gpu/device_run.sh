@@ -50,13 +50,13 @@ gputest)
   run gputest ${T_GPUTEST:-400} python3 -m pytest -q -rs tests/test_gpu.py ;;
 sanitize)
   run sanitizer ${T_SAN:-300} compute-sanitizer --tool memcheck --error-exitcode 9 python3 tests/gpu/sanitize_replay.py ;;
-sanitize2)  # the P2P kernel, the copy kernels and the overlapped async path at 2+ ranks, under each tool
+sanitize2)  # the overlapped two-batch layer (async calls, P2P and NCCL, copy kernels) at every GPU, under each tool
   for tool in memcheck racecheck synccheck; do
     PYTHONPATH=tests OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 NCCL_NVLS_ENABLE=0 \
       run "sanitizer_$tool" ${T_SAN2:-150} mpirun --bind-to none -n "$NG" \
       compute-sanitizer --tool "$tool" --error-exitcode 9 --print-limit 20 \
-      python3 tests/gpu/overlap_smoke.py --transport p2p --steps 1 --timeout 120
-    grep -ho "ERROR SUMMARY.*\|RACECHECK SUMMARY.*\|\"ok\": [a-z]*\|Error: .*" "$OUT/sanitizer_$tool.log" | sort | uniq -c | head -8 | sed "s/^/[$tool] /" | tee -a "$summary"
+      python3 examples/two_batch_overlap.py --backend cuda --steps 2
+    grep -ho "ERROR SUMMARY.*\|RACECHECK SUMMARY.*\|bit for bit: [a-z]*\|Error: .*" "$OUT/sanitizer_$tool.log" | sort | uniq -c | head -8 | sed "s/^/[$tool] /" | tee -a "$summary"
   done ;;
 copy)
   run copy_bench ${T_COPY:-120} python3 bench/copy_bench.py ;;
