@@ -286,6 +286,20 @@ def test_commands_that_need_no_optional_package_run_without_any(tmp_path):
     assert res.returncode == 2 and "dpgather bench: error:" in _one_line(res.stderr)
 
 
+def test_info_with_a_cupy_that_fails_to_import(tmp_path):
+    """A CuPy that is installed but cannot import (on a GPU node without ml_dtypes, CuPy's own
+    import raises AttributeError) is one line of `info`, not a traceback."""
+    fake = tmp_path / "fake" / "cupy"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise AttributeError(\"'NoneType' object has no attribute 'bfloat16'\")\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(fake.parent), str(REPO)]))
+    res = subprocess.run([sys.executable, "-m", "dpgather", "info"], capture_output=True, text=True, timeout=120,
+                         env=env, cwd=tmp_path)
+    assert res.returncode == 0 and res.stderr == "", res.stderr
+    assert "backend auto: host (CuPy is installed but fails to import: AttributeError: 'NoneType' object " \
+           "has no attribute 'bfloat16')" in res.stdout, res.stdout
+
+
 @pytest.mark.mpi
 @needs_mpiexec
 def test_run_without_matplotlib_and_tqdm_succeeds_with_one_note_each(tmp_path):

@@ -340,6 +340,7 @@ def _cmd_info(ns):
     lines = [f"dpgather {dpgather.__version__} (Python {platform.python_version()}, {sys.executable})"]
     lines.append("planner:      built (dpgather.core imports)")
     gpus = gpu_count()
+    cupy = None
     if missing("cupy"):
         lines.append("backend auto: host (CuPy is not installed)")
         lines.append("devices:      CPU only")
@@ -347,8 +348,13 @@ def _cmd_info(ns):
         import warnings
 
         warnings.filterwarnings("ignore", module="cupy")
-        import cupy
-
+        try:
+            import cupy
+        except Exception as e:  # CuPy installed but broken (e.g. it needs ml_dtypes, which is missing)
+            lines.append(f"backend auto: host (CuPy is installed but fails to import: "
+                         f"{type(e).__name__}: {' '.join(str(e).split())})")
+            lines.append("devices:      CPU only (without CuPy)")
+    if cupy is not None:
         lines.append(f"backend auto: {'cuda' if gpus else 'host'} (CuPy {cupy.__version__} sees {gpus} GPU(s))")
         names = []
         for i in range(gpus):

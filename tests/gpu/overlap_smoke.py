@@ -78,8 +78,7 @@ if CUDA:
         h = xp.asnumpy(a)
         return h.view(like) if like is not None and h.dtype != like else h
 
-    COMPUTE = xp.cuda.Stream(non_blocking=True)
-    COMM = xp.cuda.Stream(non_blocking=True)
+    COMPUTE = COMM = None  # made after the first DpAttention, which makes this rank's GPU current
 else:
     xp = np
 
@@ -251,6 +250,9 @@ for A in [a for a in (1, 2) if T % a == 0]:
               graph_buckets=buckets, transport=args.transport, timeout_s=args.timeout)
     dp = dg.DpAttention(comm, micro_batches=2, **kw)
     ser = dg.DpAttention(comm, **kw)
+    if CUDA and COMPUTE is None:  # a stream made before belongs to device 0 on every rank
+        COMPUTE = xp.cuda.Stream(non_blocking=True)
+        COMM = xp.cuda.Stream(non_blocking=True)
     AVAILABLE.add(dp.info()["transport"])
     phase(f"A={A}: transport {dp.info()['transport']}")
     for contrib in ("replicate", "partial"):
