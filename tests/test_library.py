@@ -3,6 +3,7 @@ storage is never read as bfloat16 unless the caller says so, ``graph_buckets=Non
 ``strict=False``, own rows from ``scatter``) and a CPU set-up without CUDA wheels."""
 
 import inspect
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -78,8 +79,12 @@ def test_defaults_are_the_documented_decisions():
 
 
 def _make_n(*args):
+    # A clean make: under `make test CUDA_CHECK=1` (CI) the outer make passes its command-line
+    # variables down through MAKEFLAGS, and CUDA_CHECK / MPI may be in the environment.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES", "CUDA_CHECK", "MPI", "VENV")}
     res = subprocess.run(["make", "-n", "-B", "VENV=/nonexistent/venv", *args, "install"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=60)
+                         capture_output=True, text=True, timeout=60, env=env)
     assert res.returncode == 0, res.stderr
     return res.stdout
 
