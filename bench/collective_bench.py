@@ -72,6 +72,7 @@ from dpgather.tools.timing import (
     TorchEvents,
     algbw_GBps,
     busbw_factor,
+    gpus_on_every_rank,
     nccl_columns,
     print_table,
 )
@@ -662,16 +663,10 @@ def main(argv=None):
 
     world = MPI.COMM_WORLD
     rank, T = world.Get_rank(), world.Get_size()
-    try:
-        import cupy
-
-        gpus = cupy.cuda.runtime.getDeviceCount()
-    except Exception:  # noqa: BLE001
-        gpus = 0
-    if not world.allreduce(gpus > 0, op=MPI.LAND):
-        if rank == 0:
-            print("collective_bench: needs CuPy with a GPU on every rank (none here)", file=sys.stderr)
+    if not gpus_on_every_rank(world, "collective_bench"):
         return 2
+
+    import cupy
 
     import dpgather as dg
     from cupy.cuda import nccl

@@ -38,7 +38,7 @@ import time
 
 import numpy as np
 
-from dpgather.tools.timing import Column, CupyEvents, Timer, algbw_GBps, format_table
+from dpgather.tools.timing import Column, CupyEvents, Timer, algbw_GBps, format_table, gpu_count
 
 ROTATE_BYTES = 768 << 20
 MAX_ROTATE = 1024
@@ -196,15 +196,12 @@ def main(argv=None):
     if args.iters < 20:
         ap.error("--iters must be >= 20 (median of at least 20 samples)")
 
-    try:
-        import cupy
-
-        gpus = cupy.cuda.runtime.getDeviceCount()
-    except Exception:  # noqa: BLE001 - no CuPy, no driver
-        gpus = 0
+    gpus = gpu_count()
     if gpus <= args.device:
         print(f"copy_bench: needs CuPy and GPU {args.device} (CuPy sees {gpus})", file=sys.stderr)
         return 2
+
+    import cupy
 
     from dpgather.kernels import _cuda as kernels
 

@@ -51,7 +51,7 @@ import sys
 
 import numpy as np
 
-from dpgather.tools.timing import Column, CupyEvents, Timer, print_table
+from dpgather.tools.timing import Column, CupyEvents, Timer, gpus_on_every_rank, print_table
 
 DEFAULT_BUCKETS = "1,2,4,8,16,32,64,128,256"
 KMAX = 256
@@ -220,16 +220,11 @@ def main(argv=None):
 
     world = MPI.COMM_WORLD
     rank, T = world.Get_rank(), world.Get_size()
-    try:
-        import cupy
-
-        gpus = cupy.cuda.runtime.getDeviceCount()
-    except Exception:  # noqa: BLE001
-        gpus = 0
-    if not world.allreduce(gpus > 0, op=MPI.LAND):
-        if rank == 0:
-            print("graph_bench: needs CuPy with a GPU on every rank (none here)", file=sys.stderr)
+    if not gpus_on_every_rank(world, "graph_bench"):
         return 2
+
+    import cupy
+
     A = args.attn_tp
     if A < 1 or T % A or any(b % A for b in buckets) or any(t % A for t in tokens):
         if rank == 0:

@@ -48,7 +48,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from dpgather.tools.timing import Column, CupyEvents, HostClock, Timer, print_table  # noqa: E402
+from dpgather.tools.timing import Column, CupyEvents, HostClock, Timer, gpus_on_every_rank, print_table  # noqa: E402
 
 KMAX = 256
 NROT = 4
@@ -214,18 +214,9 @@ def main(argv=None):
 
     world = MPI.COMM_WORLD
     rank, T = world.Get_rank(), world.Get_size()
-    if args.backend == "cuda":
-        try:
-            import cupy
-
-            gpus = cupy.cuda.runtime.getDeviceCount()
-        except Exception:  # noqa: BLE001
-            gpus = 0
-        if not world.allreduce(gpus > 0, op=MPI.LAND):
-            if rank == 0:
-                print("overlap_bench: needs CuPy with a GPU on every rank (none here); --backend host runs a CPU "
-                      "smoke test", file=sys.stderr)
-            return 2
+    if args.backend == "cuda" and not gpus_on_every_rank(world, "overlap_bench",
+                                                         "; --backend host runs a CPU smoke test"):
+        return 2
     A = args.attn_tp
     micro = sorted({t // 2 for t in tokens})
     if A < 1 or T % A or any(m % A for m in micro):

@@ -44,13 +44,32 @@ collectives' own time. ``eager`` timing launches them from Python.
 import contextlib
 import math
 import statistics
+import sys
 import time
+
+from ._common import gpu_count
 
 __all__ = [
     "median", "percentile", "summarize", "BUSBW_FACTORS", "busbw_factor", "algbw_GBps",
     "busbw_GBps", "Column", "nccl_columns", "format_table", "print_table", "HostClock",
-    "CupyEvents", "TorchEvents", "Timer",
+    "CupyEvents", "TorchEvents", "Timer", "gpu_count", "gpus_on_every_rank",
 ]
+
+
+# -- the benchmarks' start ---------------------------------------------------------------------
+
+def gpus_on_every_rank(comm, prog, hint=""):
+    """True when CuPy sees a GPU on every rank of ``comm`` (one ``allreduce``; every rank gets
+    the same answer). Otherwise rank 0 prints ``PROG: needs CuPy with a GPU on every rank (none
+    here)HINT`` on stderr and every rank gets False (the benchmark then exits 2).
+    :func:`gpu_count` (GPUs CuPy sees here, 0 without CuPy or a driver) never raises."""
+    from mpi4py import MPI
+
+    if comm.allreduce(gpu_count() > 0, op=MPI.LAND):
+        return True
+    if comm.Get_rank() == 0:
+        print(f"{prog}: needs CuPy with a GPU on every rank (none here){hint}", file=sys.stderr)
+    return False
 
 
 # -- statistics --------------------------------------------------------------------------------
