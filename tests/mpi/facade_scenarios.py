@@ -34,23 +34,19 @@ test asserts on every rank's result). An unexpected exception is reported with i
 """
 
 import argparse
-import sys
 import time
 import traceback
-import zlib
 
-import ml_dtypes
 import numpy as np
 from mpi4py import MPI
 
 import dpgather as dg
-from mpi_harness import report
+from scenario_kit import BF16, CHK, POISON, bits, finish, poison, poisoned_alloc, rand_rows, rng, set_seed
 
 WORLD = MPI.COMM_WORLD
 RANK = WORLD.Get_rank()
 T = WORLD.Get_size()
 
-BF16 = np.dtype(ml_dtypes.bfloat16)
 DTYPES = {
     "float32": np.dtype(np.float32),
     "float16": np.dtype(np.float16),
@@ -60,48 +56,15 @@ DTYPES = {
 SPEC = dg.SpecConfig(num_steps=3, topk=2, num_draft_tokens=4)
 M_IDLE, M_DEC, M_EXT, M_TV, M_DD, M_DE = (dg.ForwardMode(i) for i in range(6))
 MODES = (M_IDLE, M_DEC, M_EXT, M_TV, M_DD, M_DE)
-POISON = 0x7B
 LOGIT_W = 7  # a vocabulary shard width different from hidden_size
-MAX_FAIL_LINES = 40
 
 ARGS = None
 
 
 # -- small helpers ---------------------------------------------------------------------------
 
-def say(line):
-    """One write per line, so lines of different ranks do not interleave."""
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
-
-
 def divisors(n):
     return [a for a in range(1, n + 1) if n % a == 0]
-
-
-def rng(*tag):
-    return np.random.default_rng([ARGS.seed & 0xFFFFFFFF, zlib.crc32(repr(tag).encode())])
-
-
-def rand_rows(tag, rows, width, dt):
-    """Deterministic non-zero values of dtype dt (floats ~N(0, 2), ints in +-[1, 1000])."""
-    g = rng(*tag)
-    if dt.kind in "iu":
-        v = g.integers(1, 1001, size=(rows, width)) * g.choice(np.array([-1, 1]), size=(rows, width))
-        return v.astype(dt)
-    v = g.standard_normal((rows, width)) * 2.0
-    v[np.abs(v) < 1e-3] = 0.5
-    return v.astype(dt)
-
-
-def poison(shape, dt):
-    a = np.empty(shape, dtype=dt)
-    a.view(np.uint8)[...] = POISON
-    return a
-
-
-def poisoned_alloc(nbytes):
-    return np.full(nbytes, POISON, dtype=np.uint8)
 
 
 def poison_arena(dp):
@@ -117,80 +80,7 @@ def arena_bytes(dp):
 
 def same_bytes(a, b):
     return (a.shape == b.shape and a.dtype == b.dtype
-            and np.array_equal(np.ascontiguousarray(a).view(np.uint8), np.ascontiguousarray(b).view(np.uint8)))
-
-
-def fmt_row(r):
-    return np.array2string(np.asarray(r, dtype=np.float64), precision=4, max_line_width=200, threshold=12)
-
-
-def eps_of(dt):
-    return float(ml_dtypes.finfo(dt).eps) if dt == BF16 else float(np.finfo(dt).eps)
-
-
-def tiny_of(dt):
-    return float(ml_dtypes.finfo(dt).smallest_subnormal) if dt == BF16 else float(np.finfo(dt).smallest_subnormal)
-
-
-class Checker:
-    """Collects failures of this rank; ``ctx`` is prefixed to each line."""
-
-    def __init__(self):
-        self.fails = []
-        self.ctx = ""
-        self.checks = 0
-
-    def fail(self, msg):
-        self.fails.append(f"FAIL rank={RANK}/{T} {self.ctx}: {msg}")
-
-    def ok(self, cond, msg):
-        self.checks += 1
-        if not cond:
-            self.fail(msg() if callable(msg) else msg)
-        return bool(cond)
-
-    def shape(self, what, got, shape, dt):
-        return self.ok(isinstance(got, np.ndarray) and got.shape == tuple(shape) and got.dtype == dt,
-                       lambda: f"{what}: expected shape {tuple(shape)} {dt}, got "
-                               f"{getattr(got, 'shape', type(got))} {getattr(got, 'dtype', '')}")
-
-    def exact(self, what, got, ref):
-        """Every row equal (values; -0.0 == 0.0)."""
-        if not self.shape(what, got, ref.shape, ref.dtype):
-            return False
-        if got.size == 0:
-            return True
-        eq = got == ref if got.dtype.kind in "iu" else (got.astype(np.float64) == ref.astype(np.float64))
-        bad = np.flatnonzero(~eq.reshape(eq.shape[0], -1).all(axis=1))
-        return self.ok(bad.size == 0, lambda: f"{what}: {bad.size}/{got.shape[0]} rows differ, first row "
-                                              f"{bad[0]}: got {fmt_row(got[bad[0]])} expected {fmt_row(ref[bad[0]])}")
-
-    def summed(self, what, got, acc, absum, nterms, dt):
-        """A sum of nterms inputs: exact for ints; floats within nterms*eps*sum|x| (+eps*|ref|);
-        elements whose inputs are all zero (padding) must be exactly zero."""
-        if not self.shape(what, got, acc.shape, dt):
-            return False
-        if got.size == 0:
-            return True
-        if dt.kind in "iu":
-            return self.exact(what, got, acc.astype(dt))
-        g = got.astype(np.float64)
-        eps = eps_of(dt)
-        tol = nterms * eps * absum + eps * np.abs(acc) + nterms * tiny_of(dt)
-        good = np.where(absum == 0, g == 0, np.abs(g - acc) <= tol)
-        bad = np.flatnonzero(~good.all(axis=1))
-        return self.ok(bad.size == 0, lambda: f"{what}: {bad.size}/{got.shape[0]} rows off the "
-                                              f"reference, first row {bad[0]}: got {fmt_row(got[bad[0]])} "
-                                              f"expected {fmt_row(acc[bad[0]])}")
-
-
-CHK = Checker()
-
-
-def finish(scenario, extra=None):
-    """Report this rank's failures (the harness asserts on every rank's result)."""
-    report(RANK, failures=CHK.fails[:MAX_FAIL_LINES], nfailures=len(CHK.fails), checks=CHK.checks,
-           scenario=scenario, **(extra or {}))
+            and np.array_equal(bits(a), bits(b)))
 
 
 # -- configurations and batches ----------------------------------------------------------------
@@ -880,6 +770,7 @@ def main():
     ap.add_argument("--transport", choices=("auto", "nccl", "p2p"), default="auto",
                     help="DpAttention(transport=...): 'nccl' means MPI collectives on the host backend")
     ARGS = ap.parse_args()
+    set_seed(ARGS.seed)
     if ARGS.steps is None:
         ARGS.steps = {"matrix": 10, "soak": 200}.get(ARGS.scenario, 0)
     try:

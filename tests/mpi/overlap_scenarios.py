@@ -36,59 +36,25 @@ references locally. Failures are collected per rank and reported with ``mpi_harn
 """
 
 import argparse
-import sys
 import traceback
-import zlib
 
-import ml_dtypes
 import numpy as np
 from mpi4py import MPI
 
 import dpgather as dg
-from mpi_harness import report
+from scenario_kit import BF16, CHK, POISON, bits, finish, poison, poisoned_alloc, rand_rows, rng, set_seed
 
 WORLD = MPI.COMM_WORLD
 RANK = WORLD.Get_rank()
 T = WORLD.Get_size()
-BF16 = np.dtype(ml_dtypes.bfloat16)
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": BF16, "int32": np.dtype(np.int32),
           "float16": np.dtype(np.float16)}
 SPEC = dg.SpecConfig(num_steps=3, topk=2, num_draft_tokens=4)
 M = dg.ForwardMode
 MODES = (M.IDLE, M.DECODE, M.EXTEND, M.TARGET_VERIFY, M.DRAFT_DECODE, M.DRAFT_EXTEND)
-POISON = 0x7B
 LOGIT_W = 7
 BAD = T - 1
 ARGS = None
-
-
-def say(line):
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
-
-
-def rng(*tag):
-    return np.random.default_rng([ARGS.seed & 0xFFFFFFFF, zlib.crc32(repr(tag).encode())])
-
-
-def rand_rows(tag, rows, width, dt):
-    g = rng(*tag)
-    if dt.kind in "iu":
-        v = g.integers(1, 1001, size=(rows, width)) * g.choice(np.array([-1, 1]), size=(rows, width))
-        return v.astype(dt)
-    v = g.standard_normal((rows, width)) * 2.0
-    v[np.abs(v) < 1e-3] = 0.5
-    return v.astype(dt)
-
-
-def poison(shape, dt):
-    a = np.empty(shape, dtype=dt)
-    a.view(np.uint8)[...] = POISON
-    return a
-
-
-def poisoned_alloc(nbytes):
-    return np.full(nbytes, POISON, dtype=np.uint8)
 
 
 def poison_arenas(arenas):
@@ -96,84 +62,6 @@ def poison_arenas(arenas):
         for st in arena._roles.values():  # test only: internal access
             if st.buf is not None:
                 st.buf[...] = POISON
-
-
-def bits(a):
-    return np.ascontiguousarray(a).view(np.uint8)
-
-
-def fmt_row(r):
-    return np.array2string(np.asarray(r, dtype=np.float64), precision=4, max_line_width=200, threshold=12)
-
-
-def eps_of(dt):
-    return float(ml_dtypes.finfo(dt).eps) if dt == BF16 else float(np.finfo(dt).eps)
-
-
-def tiny_of(dt):
-    return float(ml_dtypes.finfo(dt).smallest_subnormal) if dt == BF16 else float(np.finfo(dt).smallest_subnormal)
-
-
-class Checker:
-    def __init__(self):
-        self.fails, self.ctx, self.checks = [], "", 0
-
-    def fail(self, msg):
-        self.fails.append(f"FAIL rank={RANK}/{T} {self.ctx}: {msg}")
-
-    def ok(self, cond, msg):
-        self.checks += 1
-        if not cond:
-            self.fail(msg() if callable(msg) else msg)
-        return bool(cond)
-
-    def shape(self, what, got, shape, dt):
-        return self.ok(isinstance(got, np.ndarray) and got.shape == tuple(shape) and got.dtype == dt,
-                       lambda: f"{what}: expected shape {tuple(shape)} {dt}, got "
-                               f"{getattr(got, 'shape', type(got))} {getattr(got, 'dtype', '')}")
-
-    def exact(self, what, got, ref):
-        if not self.shape(what, got, ref.shape, ref.dtype):
-            return False
-        if got.size == 0:
-            return True
-        eq = got == ref if got.dtype.kind in "iu" else (got.astype(np.float64) == ref.astype(np.float64))
-        bad = np.flatnonzero(~eq.reshape(eq.shape[0], -1).all(axis=1))
-        return self.ok(bad.size == 0, lambda: f"{what}: {bad.size}/{got.shape[0]} rows differ, first row "
-                                              f"{bad[0]}: got {fmt_row(got[bad[0]])} expected {fmt_row(ref[bad[0]])}")
-
-    def summed(self, what, got, acc, absum, nterms, dt):
-        """A sum of nterms inputs: exact for ints; floats within nterms*eps*sum|x|; rows whose
-        inputs are all zero (padding) exactly zero."""
-        if not self.shape(what, got, acc.shape, dt):
-            return False
-        if got.size == 0:
-            return True
-        if dt.kind in "iu":
-            return self.exact(what, got, acc.astype(dt))
-        g = got.astype(np.float64)
-        eps = eps_of(dt)
-        tol = nterms * eps * absum + eps * np.abs(acc) + nterms * tiny_of(dt)
-        good = np.where(absum == 0, g == 0, np.abs(g - acc) <= tol)
-        bad = np.flatnonzero(~good.all(axis=1))
-        return self.ok(bad.size == 0, lambda: f"{what}: {bad.size}/{got.shape[0]} rows off the reference, first "
-                                              f"row {bad[0]}: got {fmt_row(got[bad[0]])} "
-                                              f"expected {fmt_row(acc[bad[0]])}")
-
-    def same(self, what, got, ser):
-        """Bit-exact equality of an overlapped result and its serialized twin."""
-        ok = (isinstance(got, np.ndarray) and got.shape == ser.shape and got.dtype == ser.dtype
-              and np.array_equal(bits(got), bits(ser)))
-        return self.ok(ok, lambda: f"{what}: overlapped result differs from the serialized one "
-                                   f"({getattr(got, 'shape', None)} vs {ser.shape})")
-
-
-CHK = Checker()
-
-
-def finish(scenario, extra=None):
-    report(RANK, failures=CHK.fails[:40], nfailures=len(CHK.fails), checks=CHK.checks, scenario=scenario,
-           **(extra or {}))
 
 
 # -- batches and references ------------------------------------------------------------------------
@@ -609,7 +497,7 @@ def scenario_badinput():
         CHK.ctx = f"badinput A={A} stale plan"
         ps, xs = valid_step(dp, A, H, dt, "h2")
         old = ps[0]
-        p0 = dp.sync(dg.LocalBatch(M.DECODE, 1), micro_batch=0)
+        dp.sync(dg.LocalBatch(M.DECODE, 1), micro_batch=0)
         expect_raise("a stale plan of micro-batch 0", dg.InputError, lambda: dp.gather_async(xs[0], old),
                      must=("plan", "micro-batch 0"))
         expect_raise("the next sync() after the stale plan", dg.InputError,
@@ -706,6 +594,7 @@ def main():
     ap.add_argument("--hidden", type=int, default=5)
     ap.add_argument("--timeout", type=float, default=20.0)
     ARGS = ap.parse_args()
+    set_seed(ARGS.seed)
     try:
         if ARGS.scenario == "matrix":
             scenario_matrix()
