@@ -112,6 +112,7 @@ cdef struct Config:
     double mlp_row_us
     double mode_us[3]
     int64_t p2p_rows
+    int64_t p2p_node
     int transport
     double a0[6]
     double a1[6]
@@ -147,9 +148,20 @@ cdef double p2p_us(const Config* c, int64_t T, int64_t A, double S, double nmin,
     cdef double a, R = c.row_bytes, bw = c.beta[C_P2P] * 1e3, cp = c.copy_bw * 1e3
     if T <= 1:
         return 0.0
-    a = c.a0[C_P2P] + c.a1[C_P2P] * (T - 1)
-    return (a + (A * S - nmin) * R / bw + nmax * R / cp
-            + a + (T - 1) * nmax * R / bw + S * R / cp)
+    cdef int64_t L = c.p2p_node if 0 < c.p2p_node < T else T
+    cdef int64_t nodes = T // L
+    cdef double pulled
+    a = c.a0[C_P2P] + c.a1[C_P2P] * (L - 1)
+    if nodes == 1:
+        return (a + (A * S - nmin) * R / bw + nmax * R / cp
+                + a + (T - 1) * nmax * R / bw + S * R / cp)
+    # several nodes: pulls inside the node (about a node's share of the rows), and the node blocks
+    # all-gathered / reduce-scattered over the `nodes` ranks at each place (docs/cost-model.md)
+    pulled = A * S / nodes - nmin
+    if pulled < 0:
+        pulled = 0
+    return (a + pulled * R / bw + nmax * R / cp + coll_us(c, C_GV, nodes, S * R, nodes)
+            + coll_us(c, C_RSV, nodes, S * R, nodes) + a + (L - 1) * nmax * R / bw + S * R / cp)
 
 
 cdef int count_one(const Config* c, int64_t mode, int64_t bs, int64_t ext, int64_t lp,
@@ -328,6 +340,9 @@ cdef class Planner:
             whenever the step fits ``p2p_rows``).
         p2p_rows: rows of the configured width the P2P transport holds per collective (its
             capacity), 0 when there is no P2P transport (docs/planner.md section 8).
+        p2p_node_size: ranks of one P2P group when the transport runs inside each of several
+            nodes, NCCL carrying the node blocks between them (docs/p2p.md, "Several nodes");
+            0 (default): one group of every rank. Only the cost of P2P steps depends on it.
 
     ``record(batch)`` encodes this rank's batch as ``RECORD_WIDTH`` int32 fields (see
     ``docs/internals.md``); ``plan_table(table)`` plans from the ``[world_size, RECORD_WIDTH]``
@@ -344,9 +359,10 @@ cdef class Planner:
     cdef readonly object cost
     cdef readonly str transport
     cdef readonly int64_t p2p_rows
+    cdef readonly int64_t p2p_node_size
 
     def __init__(self, topology, spec=None, policy="auto", graph_buckets=(), cost=None, transport="auto",
-                 p2p_rows=0):
+                 p2p_rows=0, p2p_node_size=0):
         cdef int i
         if not isinstance(topology, Topology):
             raise ConfigError(f"topology must be a dpgather.Topology, got {topology!r}")
@@ -395,10 +411,18 @@ cdef class Planner:
             raise ConfigError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
         if isinstance(p2p_rows, bool) or not isinstance(p2p_rows, (int, np.integer)) or not 0 <= p2p_rows < 2**62:
             raise ConfigError(f"p2p_rows must be an int >= 0 (0: no P2P transport), got {p2p_rows!r}")
+        if (isinstance(p2p_node_size, bool) or not isinstance(p2p_node_size, (int, np.integer))
+                or p2p_node_size < 0 or (p2p_node_size and (topology.world_size % p2p_node_size
+                                                             or p2p_node_size % topology.attn_tp_size))):
+            raise ConfigError(f"p2p_node_size must be 0 (one group) or a multiple of attn_tp_size="
+                              f"{topology.attn_tp_size} dividing world_size={topology.world_size}, "
+                              f"got {p2p_node_size!r}")
         self.transport = transport
         self.p2p_rows = int(p2p_rows)
+        self.p2p_node_size = int(p2p_node_size)
         self.cfg.transport = _TRANSPORT_CODE[transport]
         self.cfg.p2p_rows = self.p2p_rows
+        self.cfg.p2p_node = self.p2p_node_size
         self.cfg.row_bytes = cost.row_bytes
         self.cfg.copy_bw = cost.copy_GBps
         self.cfg.mlp_row_us = cost.mlp_row_us
@@ -754,7 +778,7 @@ _planner_cache = {}
 
 
 def plan(batches, topology, *, spec=None, policy="auto", graph_buckets=(), cost=None, transport="auto",
-         p2p_rows=0):
+         p2p_rows=0, p2p_node_size=0):
     """Plan one step from one :class:`LocalBatch` per DP replica (pure function).
 
     Equivalent to ``Planner(topology, spec=..., policy=..., graph_buckets=..., cost=...,
@@ -764,7 +788,7 @@ def plan(batches, topology, *, spec=None, policy="auto", graph_buckets=(), cost=
     Args:
         batches: ``topology.dp_size`` LocalBatch objects, replica order.
         topology: a :class:`Topology`.
-        spec, policy, graph_buckets, cost, transport, p2p_rows: as for :class:`Planner`.
+        spec, policy, graph_buckets, cost, transport, p2p_rows, p2p_node_size: as for :class:`Planner`.
 
     Returns:
         The :class:`Plan`, identical to what ``Planner.plan_table`` gives for the same step.
@@ -772,18 +796,21 @@ def plan(batches, topology, *, spec=None, policy="auto", graph_buckets=(), cost=
     if cost is None:
         try:
             graph_buckets = tuple(graph_buckets) if graph_buckets is not None else ()
-            key = (topology, spec, policy, graph_buckets, tuple(map(type, graph_buckets)), transport, p2p_rows)
+            key = (topology, spec, policy, graph_buckets, tuple(map(type, graph_buckets)), transport, p2p_rows,
+                   p2p_node_size)
             planner = _planner_cache.get(key)
         except TypeError:
             key = None
             planner = None
         if planner is None:
             planner = Planner(topology, spec=spec, policy=policy, graph_buckets=graph_buckets,
-                              transport=transport, p2p_rows=p2p_rows)
+                              transport=transport, p2p_rows=p2p_rows,
+                              p2p_node_size=p2p_node_size)
             if key is not None:
                 if len(_planner_cache) > 256:
                     _planner_cache.clear()
                 _planner_cache[key] = planner
         return planner.plan_batches(batches)
     return Planner(topology, spec=spec, policy=policy, graph_buckets=graph_buckets, cost=cost,
-                   transport=transport, p2p_rows=p2p_rows).plan_batches(batches)
+                   transport=transport, p2p_rows=p2p_rows,
+                              p2p_node_size=p2p_node_size).plan_batches(batches)

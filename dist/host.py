@@ -132,16 +132,16 @@ class MpiOps(Ops):
 
     def all_gather(self, send, recv, logical, stream=None):
         n = send.nbytes
-        self._wait(self._comm.Iallgather([send, n, self._byte], [recv, n, self._byte]),
-                   "all_gather", send, recv)
+        sb = _MPI.IN_PLACE if _at(send, recv, self._owner.rank * n) else [send, n, self._byte]
+        self._wait(self._comm.Iallgather(sb, [recv, n, self._byte]), "all_gather", send, recv)
 
     def all_gatherv(self, send, recv, counts, offsets, logical, stream=None):
         rb = send.shape[1] * send.dtype.itemsize
+        me = self._owner.rank
         c = np.array(counts, dtype=np.int64) * rb
         d = np.array(offsets[:-1], dtype=np.int64) * rb
-        mine = counts[self._owner.rank] * rb
-        self._wait(self._comm.Iallgatherv([send, mine, self._byte], [recv, (c, d), self._byte]),
-                   "all_gatherv", send, recv, c, d)
+        sb = _MPI.IN_PLACE if _at(send, recv, int(d[me])) else [send, counts[me] * rb, self._byte]
+        self._wait(self._comm.Iallgatherv(sb, [recv, (c, d), self._byte]), "all_gatherv", send, recv, c, d)
 
     def all_reduce(self, send, recv, logical, stream=None):
         mt, n = self._types[logical], recv.size
@@ -169,6 +169,13 @@ class MpiOps(Ops):
         for op in self._sums.values():
             op.Free()
         self._sums.clear()
+
+
+def _at(send, recv, byte_offset):
+    """Whether ``send`` is ``recv``'s own block at ``byte_offset`` (an in-place all-gather: MPI
+    forbids aliased buffers, ``MPI_IN_PLACE`` says it instead)."""
+    return (send.size > 0 and send.__array_interface__["data"][0]
+            == recv.__array_interface__["data"][0] + byte_offset)
 
 
 class MpiHostCommunicator(Communicator):

@@ -59,7 +59,7 @@ from dpgather.core.dtypes import LOGICAL_DTYPES
 
 from .base import poll_until
 
-__all__ = ["CudaP2P", "HostP2P", "probe_p2p", "ERR_OK", "ERR_TIMEOUT", "ERR_SIGNATURE"]
+__all__ = ["CudaP2P", "HostP2P", "probe_p2p", "node_size", "host_id", "ERR_OK", "ERR_TIMEOUT", "ERR_SIGNATURE"]
 
 ERR_OK, ERR_TIMEOUT, ERR_SIGNATURE = _p2p.ERR_OK, _p2p.ERR_TIMEOUT, _p2p.ERR_SIGNATURE
 
@@ -111,6 +111,51 @@ def _host_id() -> int:
         boot = ""
     digest = hashlib.blake2b(f"{socket.gethostname()}|{boot}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little")
+
+
+def node_size(hosts, pretend, A):
+    """Ranks per node for the P2P transport: ``(L, "")``, or ``(0, reason)`` when it cannot run.
+
+    Args:
+        hosts: every rank's :func:`host_id`, in rank order.
+        pretend: ``DPGATHER_P2P_NODES`` as rank 0 read it (``""``: unset): split the ranks into
+            that many pretend nodes of consecutive ranks (on one machine too), to test the
+            several-node path (docs/p2p.md, "Several nodes").
+        A: ranks per replica (a node must hold whole replicas).
+
+    Nodes must be runs of consecutive ranks, all of one size ``L`` that is a multiple of ``A``
+    (the layout ``mpirun`` gives by default): then every node holds whole replicas, and a node
+    block of the gathered buffer is contiguous. Pure: no communication.
+    """
+    T = len(hosts)
+    node = list(hosts)
+    if pretend not in ("", None):
+        try:
+            n = int(pretend)
+        except ValueError:
+            n = 0
+        if n < 1 or T % n:
+            return 0, f"DPGATHER_P2P_NODES={pretend!r} must be a positive divisor of the {T} ranks"
+        node = [(h, r // (T // n)) for r, h in enumerate(hosts)]
+    runs = [0]
+    for r in range(1, T):
+        if node[r] != node[r - 1]:
+            if node[r] in node[:r]:
+                return 0, f"the ranks of a node are not consecutive (rank {r} returns to an earlier node)"
+            runs.append(r)
+    runs.append(T)
+    sizes = {runs[i + 1] - runs[i] for i in range(len(runs) - 1)}
+    if len(sizes) > 1:
+        return 0, f"the nodes hold different numbers of ranks ({sorted(sizes)})"
+    L = sizes.pop()
+    if L % A:
+        return 0, f"a node's {L} ranks do not hold whole replicas of attn_tp_size={A}"
+    return L, ""
+
+
+def host_id() -> int:
+    """64-bit identity of this node (see :func:`node_size`)."""
+    return _host_id()
 
 
 def _is_x86_64() -> bool:

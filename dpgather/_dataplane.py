@@ -23,7 +23,9 @@ MAX/VARLEN   A = 1: all-gather(v) of the own rows over tp (sent straight from th
              A > 1, replicate: all-gather(v) over tp of the own chunk
              A > 1, partial: reduce-scatter(v) over attn of the packed own rows into the own
              chunk, then all-gather(v) over tp
-P2P          one pull collective (docs/p2p.md): exact rows, padding zeroed locally
+P2P          one pull collective (docs/p2p.md): exact rows, padding zeroed locally; over
+             several nodes, the pull covers the own node's replicas, then an all-gather(v)
+             over ``inter`` (the ranks of the same place in every node) of the node blocks
 ===========  ===============================================================================
 
 MAX_LEN is VARLEN with equal counts: the same code, with the non-v collectives.
@@ -40,8 +42,15 @@ Combine (``reduce``: ``Y`` is TP-partial; else replicated and only copied):
 SUM_LEN      all-reduce over tp, copy the own slot out
 MAX/VARLEN   reduce-scatter(v) over tp of the chunks (A > 1: then all-gather(v) of the
              replica's chunks over attn), rows past ``n`` zeroed
-P2P          one pull collective summing the own rows of every rank's ``Y``
+P2P          one pull collective summing the own rows of every rank's ``Y``; over several
+             nodes, first a reduce-scatter(v) over ``inter`` of the node blocks of ``Y`` into
+             the ``combine`` staging buffer, then the pull within the node sums the staged rows
 ===========  ===============================================================================
+
+A node block is the rows of a node's replicas, contiguous in the gathered buffer (a node holds
+whole replicas: its ranks are consecutive and a multiple of ``A``). Its size comes from the layout's
+slot offsets, so in a graph step the inter-node collectives carry the bucket's rows (counts are
+fixed at capture) while the pulls inside each node move exactly the real rows.
 """
 
 from dpgather.core import PaddingMode
@@ -65,13 +74,21 @@ class DataPlane:
     Args:
         backend: the array backend (``_backends``): kernels ``copy_rows``/``mask_rows``, ``zero``.
         tp: the tp communicator (all T ranks). attn: the attn-TP communicator, or None when A = 1.
-        p2p: the P2P transport, or None. descriptor: the :class:`Descriptor` of the topology.
+        p2p: the P2P transport (over this rank's node), or None. descriptor: the
+            :class:`Descriptor` of the topology (its ``node_size`` is the P2P group's).
+        inter: with P2P over several nodes, the communicator of the ranks at this rank's place in
+            every node (ordered by node), else None.
         attn_tp_rank, attn_tp_size: this rank's place in its replica. logical: the configured
             logical dtype (reductions of the configured dtype use it; other dtypes move as bytes).
     """
 
-    def __init__(self, backend, tp, attn, p2p, descriptor, attn_tp_rank, attn_tp_size, logical, storage):
+    def __init__(self, backend, tp, attn, p2p, descriptor, attn_tp_rank, attn_tp_size, logical, storage,
+                 inter=None):
         self.be = backend
+        self.inter = inter.ops if inter is not None else None
+        #: node of this rank and replicas per node (the node blocks of a layout: offsets[::step])
+        self.node = inter.rank if inter is not None else 0
+        self.node_step = descriptor.node_replicas
         self.tp = tp.ops
         self.attn = attn.ops if attn is not None else None
         self.p2p = p2p
@@ -110,6 +127,15 @@ class DataPlane:
             name = "logits" if role != "gathered" else ("gather_partial" if partial else "gather_replicate")
             self.p2p.pull_trusted(x, G, desc, self.desc_layout.p2p[name], row_bytes=W * dt.itemsize,
                                   dtype=logical)
+            if self.inter is not None:
+                o = L.offsets[::self.node_step]
+                k = self.node
+                counts = tuple(o[i + 1] - o[i] for i in range(len(o) - 1))
+                send = G[o[k]:o[k + 1]]  # in place: the own node's block is already in G
+                if L.equal:
+                    self.inter.all_gather(send, G, logical)
+                else:
+                    self.inter.all_gatherv(send, G, counts, o, logical)
             return G
         tp = self.tp
         if L.mode == _SUM:
@@ -175,6 +201,16 @@ class DataPlane:
             be.copy_rows(Yv, y, desc, _UNPACK)
             return y
         if p2p:
+            if self.inter is not None:
+                o = L.offsets[::self.node_step]
+                k = self.node
+                stage = arena.view("combine", o[k + 1] - o[k], W, dt)
+                if L.equal:
+                    self.inter.reduce_scatter(Yv, stage, logical)
+                else:
+                    counts = tuple(o[i + 1] - o[i] for i in range(len(o) - 1))
+                    self.inter.reduce_scatterv(Yv, stage, counts, o, logical)
+                Yv = stage
             self.p2p.pull_trusted(Yv, y, desc, self.desc_layout.p2p["combine"], row_bytes=W * dt.itemsize,
                                   dtype=logical)
             return y

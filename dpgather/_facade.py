@@ -180,7 +180,7 @@ class DpAttention:
         self._closed = False
         self._aborted = None
         self._backend = None
-        self._tp = self._attn = None
+        self._tp = self._attn = self._inter = None
         self._p2p = None
         self._sync = None
         self._runners = []
@@ -238,10 +238,10 @@ class DpAttention:
         cost = model.with_row_bytes(self._row_bytes)
         self.planner = Planner(self.topology, spec=c["spec_obj"], policy=c["policy"],
                                graph_buckets=c["graph_buckets"], cost=cost, transport=c["transport"],
-                               p2p_rows=p2p_rows)
-        self._desc_layout = Descriptor(self.topology.dp_size, A)
+                               p2p_rows=p2p_rows, p2p_node_size=self._node_size if p2p_rows else 0)
+        self._desc_layout = Descriptor(self.topology.dp_size, A, self._node_size)
         self._plane = DataPlane(be, self._tp, self._attn, self._p2p, self._desc_layout, self.attn_tp_rank, A,
-                                self.dtype, self._storage)
+                                self.dtype, self._storage, self._inter)
         N = self.micro_batches = c["micro_batches"]
         self._events = None
         self._retired = []  # (event, buffer): arena buffers replaced while the device may still read them
@@ -314,8 +314,16 @@ class DpAttention:
         largest graph bucket and :data:`P2P_DEFAULT_ROWS` (per replica), so every decode-sized step
         and every graph step fits; larger steps go over NCCL (the plan says which). Returns the
         window's rows (0 without P2P) and records the reason in :meth:`info`.
+
+        Over several nodes (real ones, or ``DPGATHER_P2P_NODES`` pretend ones) the transport runs
+        inside each node and ``self._inter`` (the ranks at the same place of every node) carries
+        the node blocks between them (docs/p2p.md, "Several nodes"); ``self._node_size`` is the
+        ranks per node (all ranks on one node).
         """
+        import os
+
         self._transport_reason = None
+        self._node_size = self.topology.world_size
         want = c["transport"]
         T, D, A = self.topology.world_size, self.topology.dp_size, self.topology.attn_tp_size
         if want == "nccl":
@@ -324,21 +332,46 @@ class DpAttention:
         if T == 1:
             self._transport_reason = "one rank: nothing to move"
             return 0
-        from dpgather.dist.p2p import CudaP2P, HostP2P, probe_p2p
+        from dpgather.dist.p2p import CudaP2P, HostP2P, host_id, node_size, probe_p2p
 
         cuda = self._backend.name == "cuda"
         device = self._backend.device.id if cuda else None
-        ok, reason = probe_p2p(self._private, device, self.timeout_s, backend=self._backend.name)
-        if ok:
-            buckets = c["graph_buckets"]
-            cap = max(c["max_tokens_per_rank"] or 0, buckets[-1] if buckets else 0, P2P_DEFAULT_ROWS)
-            cap = -(-cap // A) * A
-            try:
-                self._p2p = (CudaP2P if cuda else HostP2P)(self._private, D * cap * self._row_bytes,
-                                                          self.timeout_s, device)
-                return D * cap
-            except (ConfigError, BackendUnavailable) as e:  # the same verdict on every rank
-                ok, reason = False, str(e)
+        facts = self._sync.allgather_obj((host_id(), os.environ.get("DPGATHER_P2P_NODES", "")),
+                                         "DpAttention construction (nodes)")
+        L, reason = node_size([h for h, _ in facts], facts[0][1], A)
+        ok = L > 0
+        node_comm = self._private
+        if ok and L < T:
+            node_comm = self._private.Split(self.rank // L, self.rank % L)
+        try:
+            if ok:
+                ok, reason = probe_p2p(node_comm, device, self.timeout_s, backend=self._backend.name)
+                if L < T:  # each node probed its own ranks: every rank takes the first failure
+                    ok, reason = _first_verdict(self._sync.allgather_obj(
+                        (ok, reason), "DpAttention construction (P2P probe verdicts)"))
+            if ok:
+                buckets = c["graph_buckets"]
+                cap = max(c["max_tokens_per_rank"] or 0, buckets[-1] if buckets else 0, P2P_DEFAULT_ROWS)
+                cap = -(-cap // A) * A
+                try:
+                    self._p2p = (CudaP2P if cuda else HostP2P)(node_comm, D * cap * self._row_bytes,
+                                                              self.timeout_s, device)
+                except (ConfigError, BackendUnavailable) as e:  # the same verdict on every rank of the node
+                    ok, reason = False, str(e)
+                if L < T:
+                    ok, reason = _first_verdict(self._sync.allgather_obj(
+                        (ok, reason), "DpAttention construction (P2P windows)"))
+                if ok:
+                    if L < T:
+                        self._inter = self._tp.split(self.rank % L, self.rank // L)
+                        self._node_size = L
+                    return D * cap
+                if self._p2p is not None:  # another node failed: every rank goes without P2P
+                    self._p2p.close()
+                    self._p2p = None
+        finally:
+            if node_comm is not self._private:
+                node_comm.Free()
         self._transport_reason = f"P2P is not available: {reason}"
         if want == "p2p":
             raise ConfigError(f"transport='p2p' but {self._transport_reason}; use transport='auto' or 'nccl'")
@@ -1090,8 +1123,10 @@ class DpAttention:
         per-step exchange: ``"shm"`` or ``"mpi"``, known after the first ``sync()``), ``transport``
         (``"p2p"`` where available, else ``"nccl"``/``"mpi"``), ``transport_reason`` (why P2P is
         not used, when it is not), ``p2p_rows`` (rows the P2P windows hold per collective),
-        ``micro_batches``, ``host_collectives`` (host collectives issued so far: the per-step
-        sync's exchanges plus the agreements; one per step on the default path) and
+        ``p2p_node_size`` (ranks of one P2P group: the world size on one node; with P2P over
+        several nodes, the ranks per node, NCCL carrying the node blocks between them; 0
+        without P2P), ``micro_batches``, ``host_collectives`` (host collectives issued so far:
+        the per-step sync's exchanges plus the agreements; one per step on the default path) and
         ``cost_model`` (where the planner's constants come from: given, calibrated with the
         cache file, or defaults)."""
         return {
@@ -1102,6 +1137,7 @@ class DpAttention:
             "transport": "p2p" if self._p2p is not None else ("nccl" if self.backend == "cuda" else "mpi"),
             "transport_reason": self._transport_reason,
             "p2p_rows": self.planner.p2p_rows,
+            "p2p_node_size": self._node_size if self._p2p is not None else 0,
             "host_collectives": self._sync.host_collectives if self._sync is not None else 0,
             "cost_model": self._cost_source,
             "micro_batches": self.micro_batches,
@@ -1136,9 +1172,9 @@ class DpAttention:
         (the CUDA backend's collectives are asynchronous; the host backend's are not)."""
         self._check_open()
         with _Guard(self, "wait"):
-            self._tp.wait(stream)
-            if self._attn is not None:
-                self._attn.wait(stream)
+            for c in (self._tp, self._attn, self._inter):
+                if c is not None:
+                    c.wait(stream)
 
     def abort(self, reason: str = "abort() was called") -> None:
         """Abort the communicators (local, immediate) and refuse further use on this rank
@@ -1146,7 +1182,7 @@ class DpAttention:
         if self._aborted is None:
             self._aborted = reason
             log.warning("DpAttention aborted: %s", reason)
-        for c in (self._attn, self._tp):
+        for c in (self._inter, self._attn, self._tp):
             if c is not None:
                 try:
                     c.abort()
@@ -1168,10 +1204,10 @@ class DpAttention:
         for arena in self._arenas:
             arena.release()
         self._retired = []
-        for c in (self._attn, self._tp):
+        for c in (self._inter, self._attn, self._tp):
             if c is not None:
                 c.close()
-        self._attn = self._tp = None
+        self._inter = self._attn = self._tp = None
         if self._backend is not None:
             self._backend.close()
         if self._sync is not None:
@@ -1188,6 +1224,14 @@ class DpAttention:
         return (f"DpAttention(rank={getattr(self, 'rank', '?')}, {getattr(self, 'topology', '')}, "
                 f"hidden_size={getattr(self, 'hidden_size', '?')}, dtype={getattr(self, 'dtype', '?')}, "
                 f"backend={getattr(self, 'backend', None)})")
+
+
+def _first_verdict(verdicts):
+    """``(ok, reason)`` of every rank -> ``(True, "")`` or the first failure, named by its rank."""
+    for r, (ok, reason) in enumerate(verdicts):
+        if not ok:
+            return False, reason if reason.startswith("rank ") else f"rank {r}: {reason}"
+    return True, ""
 
 
 _OP_NAMES = {OP_GATHER: "gather", OP_GATHER_LOGITS: "gather_logits", OP_SCATTER: "scatter",

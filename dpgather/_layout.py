@@ -124,22 +124,33 @@ class Descriptor:
 
     Args:
         D, A: replicas and ranks per replica.
+        node_size: ranks of one P2P group (a node: ``docs/p2p.md``, "Several nodes"), a multiple
+            of ``A`` dividing ``D * A``; default all ranks. The P2P descriptors then cover the
+            replicas of this rank's node only, with sources numbered inside the node, and the
+            combine's input is the node's block of rows (``offsets`` of the node's first replica
+            subtracted), which the inter-node reduce-scatter leaves in a staging buffer.
 
     Attributes:
         size: entries. ``record(layout_index, name)``: the copy-record index of a record.
         mask_at: entry of the first mask triple. p2p: ``{name: entry}`` of the P2P descriptors
         (``"gather_replicate"``, ``"gather_partial"``, ``"combine"``, ``"logits"``).
+        node_size, node_replicas: ranks and replicas of one P2P group.
     """
 
     HIDDEN, LOGITS = 0, 1
 
-    def __init__(self, D, A):
+    def __init__(self, D, A, node_size=None):
         self.D, self.A, self.T = D, A, D * A
+        L = self.T if node_size is None else int(node_size)
+        if L < A or L % A or self.T % L:
+            raise ValueError(f"node_size={node_size} must be a multiple of A={A} dividing T={self.T}")
+        self.node_size, self.node_replicas = L, L // A
+        DN = self.node_replicas
         self.mask_at = 4 * 2 * _PER_LAYOUT
         at = self.mask_at + 3 * D
         self.p2p = {}
-        for name, npack, njobs in (("gather_replicate", 1, D), ("gather_partial", 1, D),
-                                   ("combine", D, 1), ("logits", 1, D)):
+        for name, npack, njobs in (("gather_replicate", 1, DN), ("gather_partial", 1, DN),
+                                   ("combine", DN, 1), ("logits", 1, DN)):
             self.p2p[name] = at
             at += 4 + 3 * npack + 7 * njobs
         self.size = at
@@ -156,26 +167,30 @@ class Descriptor:
             plan: the step's Plan. hidden, logits: its :class:`Layout` objects on this rank.
             rank: this tp rank. sigs: ``{p2p name: 32-bit signature}`` of the step's operations.
         """
-        D, A, T = self.D, self.A, self.T
+        D, A = self.D, self.A
         out[0:24] = hidden.copy_records()
         out[24:48] = logits.copy_records()
         m = self.mask_at
         for d in range(D):
             out[m + 3 * d: m + 3 * d + 3] = (hidden.offsets[d], hidden.counts[d], hidden.slots[d])
         d_own = rank // A
+        L, DN = self.node_size, self.node_replicas
+        r0 = (rank // L) * L  # the node's first rank: P2P sources are numbered from it
+        d0 = r0 // A  # the node's first replica
         for name, lay, count in (("gather_replicate", hidden, 1), ("gather_partial", hidden, A),
                                  ("logits", logits, 1)):
             at = self.p2p[name]
-            out[at:at + 7] = (sigs[name], 1, D, 0, 0, lay.n, 0)
+            out[at:at + 7] = (sigs[name], 1, DN, 0, 0, lay.n, 0)
             at += 7
-            for d in range(D):
-                out[at:at + 7] = (lay.offsets[d], lay.counts[d], lay.slots[d], 0, d * A, count, 1)
+            for d in range(d0, d0 + DN):
+                out[at:at + 7] = (lay.offsets[d], lay.counts[d], lay.slots[d], 0, d * A - r0, count, 1)
                 at += 7
+        base = hidden.offsets[d0]
         at = self.p2p["combine"]
-        out[at:at + 4] = (sigs["combine"], D, 1, 0)
+        out[at:at + 4] = (sigs["combine"], DN, 1, 0)
         at += 4
-        for d in range(D):
-            out[at:at + 3] = (hidden.offsets[d], hidden.counts[d], hidden.offsets[d])
+        for d in range(d0, d0 + DN):
+            out[at:at + 3] = (hidden.offsets[d] - base, hidden.counts[d], hidden.offsets[d] - base)
             at += 3
-        out[at:at + 7] = (0, hidden.counts[d_own], _BIG, hidden.offsets[d_own], 0, T, 1)
+        out[at:at + 7] = (0, hidden.counts[d_own], _BIG, hidden.offsets[d_own] - base, 0, L, 1)
         return out

@@ -284,3 +284,19 @@ if "pytest" in sys.modules or "_pytest" in sys.modules:
         if reason is not None:
             pytest.skip(reason)
         return find_mpiexec()
+
+
+def transports_as_expected(seen, T, backend, transport):
+    """Check the smoke scripts' DpAttention transports: ``seen`` holds ``(A, info()["transport"],
+    info()["p2p_node_size"])`` of every DpAttention of the process, the first included. The transport
+    depends only on A: P2P where the machine has it (some DpAttention got it) and a node holds
+    whole replicas (``DPGATHER_P2P_NODES`` pretends several nodes), else the collectives.
+    Returns ``(ok, message)``."""
+    nodes = int(os.environ.get("DPGATHER_P2P_NODES") or 1)
+    here = any(t == "p2p" for _, t, _ in seen)
+    want = set()
+    for A in sorted({a for a, _, _ in seen}):
+        ok = here and transport != "nccl" and T > 1 and (T // nodes) % A == 0
+        want.add((A, "p2p" if ok else ("nccl" if backend == "cuda" else "mpi"), T // nodes if ok else 0))
+    return set(seen) == want, f"DpAttention transports per A: got {sorted(seen)}, want {sorted(want)}"
+

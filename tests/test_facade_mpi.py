@@ -64,6 +64,17 @@ def test_matrix_transport(nprocs, transport, dtypes):
     _run(nprocs, "matrix", "--dtypes", dtypes, "--transport", transport, "--seed", 77 + nprocs)
 
 
+@pytest.mark.parametrize("nprocs,nodes,A", [(4, 2, "1,2"), (2, 2, "1")], ids=["T4-2nodes", "T2-2nodes"])
+def test_matrix_p2p_pretend_nodes(nprocs, nodes, A):
+    # P2P inside each (pretend) node, the node blocks over the inter-node communicator: every
+    # policy, graph buckets off/on, every forward mode, every row against the reference
+    res = check_mpi([SCRIPT, "matrix", "--dtypes", "bfloat16,int32", "--A", A, "--transport", "p2p",
+                     "--seed", 4242 + nprocs], nprocs, timeout=150, env={"DPGATHER_P2P_NODES": nodes})
+    configs = len(A.split(",")) * 5 * 2 * 2
+    for got in res.results.values():
+        assert (got["configs"], got["steps"]) == (configs, configs * 10), got
+
+
 def test_matrix_T8_oversubscribed():
     # 8 ranks on 2 cores: every divisor A (1, 2, 4, 8), three policies, bfloat16
     _run(8, "matrix", "--dtypes", "bfloat16", "--policies", "auto,sglang,varlen", "--steps", "10",

@@ -35,7 +35,7 @@ import numpy as np
 from mpi4py import MPI
 
 import dpgather as dg
-from mpi_harness import report
+from mpi_harness import report, transports_as_expected
 
 comm = MPI.COMM_WORLD
 RANK, T = comm.rank, comm.size
@@ -253,7 +253,7 @@ for A in [a for a in (1, 2) if T % a == 0]:
     if CUDA and COMPUTE is None:  # a stream made before belongs to device 0 on every rank
         COMPUTE = xp.cuda.Stream(non_blocking=True)
         COMM = xp.cuda.Stream(non_blocking=True)
-    AVAILABLE.add(dp.info()["transport"])
+    AVAILABLE.add((A, dp.info()["transport"], dp.info()["p2p_node_size"]))
     phase(f"A={A}: transport {dp.info()['transport']}")
     for contrib in ("replicate", "partial"):
         phase(f"A={A} {contrib}: capturing the runners")
@@ -375,10 +375,11 @@ for A in [a for a in (1, 2) if T % a == 0]:
     dp.close()
     ser.close()
 
-check(f"every DpAttention of the process has the same transport: {sorted(AVAILABLE)}", len(AVAILABLE) == 1)
+ok, msg = transports_as_expected(AVAILABLE, T, args.backend, args.transport)
+check(msg, ok)
 if failures:
     sys.stdout.write(f"rank {RANK}: {len(failures)} failures, first: {failures[:3]}\n")
 report(RANK, failures=failures[:50], nfailures=len(failures), passed=passed, bitdiffs=bitdiffs,
        runner_steps=runner_steps,
        backend=args.backend, dtype=args.dtype, T=T, transport=args.transport, transports_used=sorted(USED),
-       transports_available=sorted(AVAILABLE))
+       transports_available=sorted({t for _, t, _ in AVAILABLE}))

@@ -34,6 +34,7 @@ test asserts on every rank's result). An unexpected exception is reported with i
 """
 
 import argparse
+import os
 import time
 import traceback
 
@@ -188,9 +189,12 @@ def expect_graph(cfg, batches):
 
 def check_plan(cfg, p, batches, dp):
     ref = dg.plan(batches, cfg.topo, spec=SPEC, policy=cfg.policy, graph_buckets=cfg.buckets, cost=cfg.cost,
-                  transport=dp.planner.transport, p2p_rows=dp.planner.p2p_rows)
+                  transport=dp.planner.transport, p2p_rows=dp.planner.p2p_rows,
+                  p2p_node_size=dp.planner.p2p_node_size)
     if ARGS.transport == "p2p" and cfg.T > 1:
         CHK.ok(dp.info()["transport"] == "p2p", lambda: f"transport='p2p' but info() says {dp.info()}")
+        want = cfg.T // int(os.environ.get("DPGATHER_P2P_NODES") or 1)
+        CHK.ok(dp.info()["p2p_node_size"] == want, lambda: f"p2p_node_size {dp.info()['p2p_node_size']} != {want}")
     CHK.ok(isinstance(p, dg.Plan), lambda: f"sync returned {type(p).__name__}, not a Plan")
     CHK.ok(p == ref, lambda: f"sync plan {p!r} != dg.plan(...) {ref!r}")
     CHK.ok(p.as_dict() == ref.as_dict(), lambda: f"sync plan as_dict {p.as_dict()} != dg.plan {ref.as_dict()}")

@@ -360,7 +360,7 @@ def one_step(dp, ser, cfg, s, runners, modes):
         p = dp.sync(batches[RANK // A], micro_batch=i)
         ref = dg.plan(batches, dg.Topology(T, A), spec=SPEC, policy=cfg.policy, graph_buckets=cfg.buckets,
                       cost=dg.CostModel().with_row_bytes(cfg.H * cfg.dt.itemsize), transport=dp.planner.transport,
-                      p2p_rows=dp.planner.p2p_rows)
+                      p2p_rows=dp.planner.p2p_rows, p2p_node_size=dp.planner.p2p_node_size)
         CHK.ok(p == ref, lambda: f"micro-batch {i}: sync plan {p!r} != dg.plan {ref!r}")
         mi = Micro(cfg, (cfg.key, s, i), batches, xrows, hrows, p)
         micro.append((batches, xrows, hrows, mi))
@@ -508,7 +508,8 @@ def scenario_badinput():
         pa = dp.sync(b, micro_batch=0)
         pb = dp.sync(b, micro_batch=1)
         local = dg.plan([b] * D, dg.Topology(T, A), cost=dg.CostModel().with_row_bytes(H * 4),
-                        transport=dp.planner.transport, p2p_rows=dp.planner.p2p_rows)
+                        transport=dp.planner.transport, p2p_rows=dp.planner.p2p_rows,
+                        p2p_node_size=dp.planner.p2p_node_size)
         CHK.ok(local == pa == pb, "equal batches did not give equal plans")
         expect_raise("a plan equal to both micro-batches' plans", dg.InputError,
                      lambda: dp.gather(np.zeros((2, H), dt), local), must=("micro-batches [0, 1]",))
