@@ -82,22 +82,23 @@ def test_facade_cuda(nranks, dtype, transport):
 
 @pytest.mark.skipif(find_mpiexec() is None, reason="no mpirun/mpiexec on PATH")
 def test_facade_cuda_p2p_over_pretend_nodes():
-    """P2P over several nodes on one machine: DPGATHER_P2P_NODES splits the GPUs into as many
-    pretend nodes as there are GPUs (one rank each, a multiple of 2 when 4 or more), so each step
+    """P2P over several nodes on one machine: DPGATHER_P2P_NODES splits the GPUs into pretend
+    nodes (one GPU each on 2 or 3 GPUs, two each on 4 or more), so each step
     pulls inside the node and NCCL all-gathers / reduce-scatters the node blocks between them;
-    transport auto (P2P for every graph step), every policy and forward mode, graph replay == eager,
+    forced P2P at every A a node holds, every policy and forward mode, graph replay == eager,
     every row checked."""
     n = _ranks()[-1]
     if n < 2:
         pytest.skip("pretend nodes need 2 GPUs")
     nodes = n if n < 4 else n // 2
+    A = ",".join(str(a) for a in range(1, n // nodes + 1) if (n // nodes) % a == 0)
     steps = os.environ.get("DPGATHER_GPU_STEPS", "4")
     res = check_mpi([str(GPU_DIR / "facade_smoke.py"), "--backend", "cuda", "--dtype", "bfloat16", "--graphs",
-                     "--steps", steps, "--transport", "auto"], n, timeout=300,
+                     "--steps", steps, "--transport", "p2p", "--A", A], n, timeout=300,
                     env={**ENV, "DPGATHER_P2P_NODES": str(nodes)})
     r0 = res.results[0]
     assert all(r["passed"] > 0 for r in res.results.values()), res.results
-    assert "p2p" in r0["transports_used"], r0
+    assert r0["transports_used"] == ["p2p"], r0
 
 
 @pytest.mark.skipif(find_mpiexec() is None, reason="no mpirun/mpiexec on PATH")

@@ -29,6 +29,7 @@ ap.add_argument("--hidden", type=int, default=40)
 ap.add_argument("--steps", type=int, default=6)
 ap.add_argument("--graphs", action="store_true")
 ap.add_argument("--transport", choices=("auto", "nccl", "p2p"), default="auto")
+ap.add_argument("--A", default="", help="comma-separated attn_tp sizes (default: every divisor of T)")
 args = ap.parse_args()
 
 if args.backend == "cuda":
@@ -87,7 +88,7 @@ spec = dg.SpecConfig(3, 2, 4)
 MODES = [dg.ForwardMode.IDLE, dg.ForwardMode.DECODE, dg.ForwardMode.EXTEND, dg.ForwardMode.TARGET_VERIFY,
          dg.ForwardMode.DRAFT_DECODE, dg.ForwardMode.DRAFT_EXTEND]
 
-for A in [a for a in range(1, T + 1) if T % a == 0]:
+for A in [int(a) for a in args.A.split(",")] if args.A else [a for a in range(1, T + 1) if T % a == 0]:
     D, d, a = T // A, RANK // A, RANK % A
     for policy in ("auto", "sglang", "max_len", "sum_len", "varlen"):
         dp = dg.DpAttention(comm, attn_tp_size=A, hidden_size=H, dtype=args.dtype, backend=args.backend,
