@@ -159,8 +159,9 @@ def predicted_us(n, A, cost=None):
     return c_max, c_sum, c_var
 
 
-def p2p_us(n, A, cost=None):
-    """Predicted gather + combine us over the P2P transport (docs/cost-model.md, "P2P")."""
+def p2p_us(n, A, cost=None, node_size=0):
+    """Predicted gather + combine us over the P2P transport (docs/cost-model.md, "P2P"; over
+    several nodes of ``node_size`` ranks, its "Several nodes" formula)."""
     p = dict(DEFAULT_COST)
     if cost:
         p.update(cost)
@@ -174,9 +175,15 @@ def p2p_us(n, A, cost=None):
     cp = float(p["copy_GBps"]) * 1e3
     S = float(sum(n))
     nmin, nmax = float(min(n)), float(max(n))
-    a = a0 + a1 * (T - 1)
-    return (a + (A * S - nmin) * R / bw + nmax * R / cp
-            + a + (T - 1) * nmax * R / bw + S * R / cp)
+    L = node_size if 0 < node_size < T else T
+    N = T // L
+    a = a0 + a1 * (L - 1)
+    if N == 1:
+        return (a + (A * S - nmin) * R / bw + nmax * R / cp
+                + a + (T - 1) * nmax * R / bw + S * R / cp)
+    return (a + max(A * S / N - nmin, 0.0) * R / bw + nmax * R / cp
+            + coll_us(p, "gatherv", N, S * R, N) + coll_us(p, "reduce_scatterv", N, S * R, N)
+            + a + (L - 1) * nmax * R / bw + S * R / cp)
 
 
 def logits_us(l, A, cost=None):
@@ -211,7 +218,7 @@ def _prefix(rows):
 
 
 def plan(batches, world_size, attn_tp_size=1, spec=None, policy="auto", graph_buckets=(), cost=None,
-         validate=True, transport="auto", p2p_rows=0):
+         validate=True, transport="auto", p2p_rows=0, p2p_node_size=0):
     """The plan of one step as a dict (see the module docstring)."""
     T, A = int(world_size), int(attn_tp_size)
     if T < 1 or A < 1 or T % A:
@@ -291,7 +298,7 @@ def plan(batches, world_size, attn_tp_size=1, spec=None, policy="auto", graph_bu
             p_lpad = VARLEN if policy == "auto" else lpad
             p_rows = D * M if p_pad == MAX_LEN else S
             if p_rows <= p2p_rows and L <= p2p_rows:
-                c_p2p = p2p_us(n, A, cost)
+                c_p2p = p2p_us(n, A, cost, p2p_node_size)
                 c_best = pred[pad]
                 if transport == "p2p" or c_p2p < c_best:
                     tr, pad, lpad = P2P, p_pad, p_lpad
@@ -302,7 +309,7 @@ def plan(batches, world_size, attn_tp_size=1, spec=None, policy="auto", graph_bu
     slot_offsets = _prefix(slot_rows)
     logits_offsets = _prefix(logits_slot_rows)
     if tr == NCCL and p2p_ok:
-        c_p2p = p2p_us(n, A, cost)
+        c_p2p = p2p_us(n, A, cost, p2p_node_size)
     fp = fnv1a64([pad, lpad, int(graph), bucket, int(skip), int(is_ext), A, D, tr]
                  + n + l + slot_rows + slot_offsets + logits_slot_rows + logits_offsets)
     return {

@@ -86,8 +86,8 @@ SOAK = [
     # without graph buckets; A fixed per run (random divisor from the seed at T=8)
     (4, ("--A-soak", 2, "--prealloc", 0, "--graph", 0, "--dtypes", "bfloat16")),
     (4, ("--A-soak", 1, "--prealloc", 1, "--graph", 1, "--dtypes", "float16")),
-    (8, ("--steps", 100, "--prealloc", 0, "--graph", 1, "--dtypes", "bfloat16", "--seed", 88)),
-    (8, ("--steps", 100, "--prealloc", 1, "--graph", 0, "--dtypes", "float32", "--seed", 7)),
+    (8, ("--steps", 60, "--prealloc", 0, "--graph", 1, "--dtypes", "bfloat16", "--seed", 88)),
+    (8, ("--steps", 60, "--prealloc", 1, "--graph", 0, "--dtypes", "float32", "--seed", 7)),
 ]
 
 

@@ -26,9 +26,11 @@ def so(request, tmp_path_factory):
     # every-block-active: all blocks of the grid take part (the multi-block arrive/depart
     # barrier on every case); active-from-work: the kernel's own rule (small cases: one block);
     # tuned-switches: every block active with the non-default tuning switches
-    return p2p_emu.build(tmp_path_factory.mktemp("p2p_emu"),
-                         active_bytes=None if request.param == "active-from-work" else 1,
-                         defines=TUNED if request.param == "tuned-switches" else ())
+    so = p2p_emu.build(tmp_path_factory.mktemp("p2p_emu"),
+                       active_bytes=None if request.param == "active-from-work" else 1,
+                       defines=TUNED if request.param == "tuned-switches" else ())
+    so.variant = request.param
+    return so
 
 
 def run(cluster, case, seed, index, grid=None, launch=None, shift=0):
@@ -55,6 +57,14 @@ def test_every_specialisation_is_built(so):
 
 @pytest.mark.parametrize("nranks", [1, 2, 3, 4])
 def test_kernel_matrix(so, nranks):
+    if so.variant == "tuned-switches" and nranks in (2, 4):
+        # the switches change memory-order primitives only (their portable twins here); 1 and 3
+        # ranks run the whole matrix through them
+        pytest.skip("tuned switches: the matrix runs at 1 and 3 ranks")
+    if so.variant == "every-block-active" and nranks == 4:
+        # the multi-block barrier of every case runs at 1-3 ranks; 4 ranks run the kernel's own
+        # block rule (active-from-work), whose larger cases take several blocks too
+        pytest.skip("every block active: the matrix runs at 1-3 ranks")
     seed = 4321
     cases = pc.build_cases(nranks, seed)
     cluster = p2p_emu.Cluster(so, nranks, pc.CAP_BYTES, timeout_s=60)

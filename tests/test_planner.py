@@ -366,22 +366,31 @@ def scenario(draw, spec_modes_without_spec=False):
     return dg.Topology(T, A), spec, policy, tuple(buckets), batches
 
 
-def reference_for(topo, spec, policy, buckets, batches, cost=None, transport="auto", p2p_rows=0):
+def reference_for(topo, spec, policy, buckets, batches, cost=None, transport="auto", p2p_rows=0, p2p_node_size=0):
     return ref.plan([as_tuple(b) for b in batches], topo.world_size, topo.attn_tp_size,
                     spec=spec_tuple(spec), policy=policy, graph_buckets=buckets, cost=cost,
-                    transport=transport, p2p_rows=p2p_rows)
+                    transport=transport, p2p_rows=p2p_rows, p2p_node_size=p2p_node_size)
 
 
-#: (transport, P2P capacity in rows): none, a small window (decode only) and a large one
-TRANSPORT_ST = st.tuples(st.sampled_from(dg.core.TRANSPORTS), st.sampled_from((0, 64, 1 << 20)))
+#: (transport, P2P capacity in rows, nodes): none, a small window (decode only) and a large one;
+#: the ranks in 1 or 2 P2P nodes (2 where a half of the ranks holds whole replicas)
+TRANSPORT_ST = st.tuples(st.sampled_from(dg.core.TRANSPORTS), st.sampled_from((0, 64, 1 << 20)),
+                         st.sampled_from((1, 2)))
 
 
-@settings(max_examples=examples(2000), **PROPERTY)
+def node_size(topo, nodes):
+    L = topo.world_size // nodes
+    return L if nodes > 1 and topo.world_size % nodes == 0 and L % topo.attn_tp_size == 0 else 0
+
+
+@settings(max_examples=examples(1200), **PROPERTY)
 @given(scenario(), TRANSPORT_ST)
 def test_plan_matches_reference(sc, tr):
     topo, spec, policy, buckets, batches = sc
-    p = dg.plan(batches, topo, spec=spec, policy=policy, graph_buckets=buckets, transport=tr[0], p2p_rows=tr[1])
-    assert_plan_equals_reference(p, reference_for(*sc, transport=tr[0], p2p_rows=tr[1]))
+    ns = node_size(topo, tr[2])
+    p = dg.plan(batches, topo, spec=spec, policy=policy, graph_buckets=buckets, transport=tr[0], p2p_rows=tr[1],
+                p2p_node_size=ns)
+    assert_plan_equals_reference(p, reference_for(*sc, transport=tr[0], p2p_rows=tr[1], p2p_node_size=ns))
     assert p.transport == "nccl" or (tr[1] > 0 and tr[0] != "nccl" and topo.world_size > 1)
     if p.transport == "p2p":
         assert p.gathered_rows <= tr[1] and p.logits_rows <= tr[1]
@@ -393,12 +402,15 @@ def test_plan_matches_reference(sc, tr):
     check_invariants(p, batches, topo, spec, policy, buckets)
 
 
-@settings(max_examples=examples(600), **PROPERTY)
+@settings(max_examples=examples(400), **PROPERTY)
 @given(scenario(), TRANSPORT_ST)
 def test_all_entry_points_agree(sc, tr):
     topo, spec, policy, buckets, batches = sc
-    p = dg.plan(batches, topo, spec=spec, policy=policy, graph_buckets=buckets, transport=tr[0], p2p_rows=tr[1])
-    planner = dg.Planner(topo, spec=spec, policy=policy, graph_buckets=buckets, transport=tr[0], p2p_rows=tr[1])
+    ns = node_size(topo, tr[2])
+    p = dg.plan(batches, topo, spec=spec, policy=policy, graph_buckets=buckets, transport=tr[0], p2p_rows=tr[1],
+                p2p_node_size=ns)
+    planner = dg.Planner(topo, spec=spec, policy=policy, graph_buckets=buckets, transport=tr[0], p2p_rows=tr[1],
+                         p2p_node_size=ns)
     q = planner.plan_batches(batches)
     q2 = planner.plan_batches(iter(batches))  # any iterable
     t = table_of(planner, batches, topo.attn_tp_size)

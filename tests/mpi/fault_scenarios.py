@@ -43,7 +43,7 @@ F = T - 1
 if args.scenario == "noctor":
     if R == F:
         report(R, role="fault", scenario=args.scenario)
-        time.sleep(args.timeout * 3)
+        time.sleep(args.timeout + 1.0)
         sys.exit(0)
     t0 = time.monotonic()
     result = {"role": "survivor", "scenario": args.scenario}
@@ -74,7 +74,7 @@ def flush_and_exit(code):
 if R == F:
     report(R, role="fault", scenario=args.scenario)
     if args.scenario == "nosync":
-        time.sleep(args.timeout * 3)
+        time.sleep(args.timeout + 1.0)
         sys.exit(0)
     plan = dp.sync(batch)
     if args.scenario == "exit":
