@@ -3,7 +3,7 @@
 - ``matrix``: every divisor A of T x every policy x graph buckets off/on x dtype, every forward
   mode mixed per replica; every row of every output of sync / gather / scatter / gather_logits /
   scatter_logits / mask_topk_ids checked against a NumPy reference built from all ranks' inputs.
-  Split per T and dtype so one ``mpiexec`` run stays well under a minute on a 2-core box.
+  One mpiexec run per T (two at T=4), each well under a minute on a 2-core box.
 - ``soak``: 200 random steps (T=4; fewer at T=8 oversubscribed): rows checked every step, no arena
   allocation in the second half (after a max-size warm-up step, or with ``max_tokens_per_rank``).
 - ``badinput``: a bad argument on one rank raises the named error on that rank at the call and
@@ -33,16 +33,13 @@ def _run(nprocs, *argv, timeout=150):
     return res
 
 
-# (T, dtypes): T=1 and T=2 are cheap; T=3 and T=4 are split so each run stays short.
+# (T, dtypes): T=4 is split in two so each run stays short (one mpiexec run costs ~1 s of start-up).
 MATRIX = [
     (1, "float32,float16,bfloat16,int32"),
     (2, "float32,float16,bfloat16,int32"),
-    (3, "float32,int32"),
-    (3, "float16,bfloat16"),
-    (4, "float32"),
-    (4, "float16"),
-    (4, "bfloat16"),
-    (4, "int32"),
+    (3, "float32,int32,float16,bfloat16"),
+    (4, "float32,float16"),
+    (4, "bfloat16,int32"),
 ]
 
 
@@ -109,8 +106,8 @@ def test_soak_500_steps_per_policy(policy):
 
 
 @pytest.mark.parametrize("nprocs", [2, 4])
-@pytest.mark.parametrize("part", ["data", "strict", "step", "config"])
+@pytest.mark.parametrize("part", ["data,strict,config", "step"])
 def test_badinput(nprocs, part):
     # --timeout: a desynchronised rank turns into CollectiveTimeout (a failure) well before the
-    # harness deadline
-    _run(nprocs, "badinput", "--part", part, "--timeout", 3 if part == "step" else 10, timeout=90)
+    # harness deadline; the step part desynchronises ranks on purpose, so it runs with a short one
+    _run(nprocs, "badinput", "--part", part, "--timeout", 3 if part == "step" else 10, timeout=120)

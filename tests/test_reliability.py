@@ -83,7 +83,7 @@ def test_bad_comm_and_late_rank_in_the_constructor():
         got = res.results[r]
         for case in ("bad_comm", "late"):
             assert got[case]["error"] == "CollectiveTimeout", f"rank {r} {case}: {got[case]}"
-            # the late rank comes 2 * timeout_s + 3 s late: nobody waits for it
+            # the late rank comes timeout_s + 3.5 s late: nobody waits for it
             assert got[case]["elapsed"] < TIMEOUT_S + MARGIN_S, f"rank {r} {case} took {got[case]['elapsed']:.1f} s"
 
 

@@ -768,8 +768,8 @@ def main():
     ap.add_argument("--graph", type=int, default=0, help="soak: 1 = graph buckets (A, 4A, maxn)")
     ap.add_argument("--check-every", dest="check_every", type=int, default=1,
                     help="soak: check every call each N steps (gather/scatter are checked every step)")
-    ap.add_argument("--part", choices=("data", "strict", "step", "config"), default="data",
-                    help="badinput: which cases")
+    ap.add_argument("--part", default="data",
+                    help="badinput: which cases, comma-separated: data, strict, step, config")
     ap.add_argument("--timeout", type=float, default=20.0, help="DpAttention timeout_s")
     ap.add_argument("--transport", choices=("auto", "nccl", "p2p"), default="auto",
                     help="DpAttention(transport=...): 'nccl' means MPI collectives on the host backend")
@@ -782,12 +782,14 @@ def main():
             scenario_matrix()
         elif ARGS.scenario == "soak":
             scenario_soak()
-        elif ARGS.part in ("data", "strict"):
-            scenario_badinput_data(ARGS.part == "strict")
-        elif ARGS.part == "step":
-            scenario_badinput_step()
         else:
-            scenario_badinput_config()
+            parts = {"data": lambda: scenario_badinput_data(False), "strict": lambda: scenario_badinput_data(True),
+                     "step": scenario_badinput_step, "config": scenario_badinput_config}
+            for part in ARGS.part.split(","):
+                if part not in parts:
+                    ap.error(f"--part: {part!r} is not one of {sorted(parts)}")
+            for part in ARGS.part.split(","):
+                parts[part]()
     except BaseException:  # noqa: BLE001 - reported; the harness asserts on it
         CHK.fails.append(f"FACADE_ERROR at {CHK.ctx}:\n{traceback.format_exc()}")
         finish(ARGS.scenario)
