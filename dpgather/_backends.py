@@ -24,7 +24,7 @@ class HostBackend:
     def __init__(self):
         from dpgather.kernels import _host
 
-        _host.require_numba()
+        _host.check_numba()  # loaded on the first kernel call
         self.xp = np
         self.copy_rows = _host.copy_rows_unchecked
         self.mask_rows = _host.mask_rows

@@ -202,8 +202,10 @@ def test_p2p_tuning_switches_compile(nvrtc, monkeypatch):
     monkeypatch.setenv("DPGATHER_P2P_DEFINES", "DPG_P2P_FLAG_FENCE=0,DPG_P2P_RELAXED_POLL=1,DPG_P2P_SLEEP_AFTER=100000")
     opts = _p2p.compile_options()
     assert "-DDPG_P2P_RELAXED_POLL=1" in opts and "-DDPG_P2P_FLAG_FENCE=0" in opts
-    ok, log, lowered = compile_source(nvrtc, _p2p.kernel_source(), _p2p.NAME_EXPRESSIONS, ARCHS[-1],
-                                      options=opts + (f"-I{inc}",))
+    # the switches change the barrier, which every specialisation shares: two of them suffice
+    # (every specialisation compiles with the defaults above)
+    some = tuple(_p2p.NAME_EXPRESSIONS)[:2]
+    ok, log, lowered = compile_source(nvrtc, _p2p.kernel_source(), some, ARCHS[-1], options=opts + (f"-I{inc}",))
     assert ok, log
     monkeypatch.setenv("DPGATHER_P2P_DEFINES", "FOO=1")
     with pytest.raises(InputError, match="DPGATHER_P2P_DEFINES"):
