@@ -28,6 +28,11 @@ MARGIN_S = 3.0
 def test_fault_gives_prompt_timeout_on_every_survivor(scenario, nranks):
     res = run_mpi(["fault_scenarios.py", scenario, "--timeout", str(TIMEOUT_S)], nranks, timeout=60,
                   recovery=True)
+    _assert_prompt_timeouts(res, nranks)
+
+
+def _assert_prompt_timeouts(res, nranks):
+    """The last rank was the faulty one; every other rank got CollectiveTimeout within the margin."""
     assert not res.timed_out, f"the job hung\n{res.tail()}"
     assert res.results.get(nranks - 1, {}).get("role") == "fault", res.tail()
     for r in range(nranks - 1):
@@ -36,6 +41,18 @@ def test_fault_gives_prompt_timeout_on_every_survivor(scenario, nranks):
         assert got["ok"] and got.get("error") == "CollectiveTimeout", f"rank {r}: {got}\n{res.tail()}"
         assert got["elapsed"] < TIMEOUT_S + MARGIN_S, f"rank {r} took {got['elapsed']:.1f} s"
     assert res.wall_s < 50, f"processes took {res.wall_s:.0f} s to finish"
+
+
+@pytest.mark.mpi
+@needs_mpiexec
+@pytest.mark.parametrize("scenario", ["raise", "exit"])
+def test_fault_over_p2p_in_pretend_nodes(scenario):
+    # P2P inside 2 pretend nodes of 2 ranks, MPI between them: a rank that raises or dies
+    # mid-step gives CollectiveTimeout on every survivor, through the pulls or the inter-node
+    # collectives, whichever it reaches first
+    res = run_mpi(["fault_scenarios.py", scenario, "--timeout", str(TIMEOUT_S), "--transport", "p2p"], 4,
+                  timeout=60, recovery=True, env={"DPGATHER_P2P_NODES": "2"})
+    _assert_prompt_timeouts(res, 4)
 
 
 @pytest.mark.mpi

@@ -34,6 +34,7 @@ ap = argparse.ArgumentParser()
 ap.add_argument("scenario", choices=("noctor", "nosync", "raise", "exit"))
 ap.add_argument("--timeout", type=float, default=2.0)
 ap.add_argument("--attn-tp", type=int, default=1)
+ap.add_argument("--transport", choices=("auto", "nccl", "p2p"), default="auto")
 args = ap.parse_args()
 
 comm = MPI.COMM_WORLD
@@ -57,7 +58,7 @@ if args.scenario == "noctor":
     sys.exit(0)
 
 dp = dg.DpAttention(comm, attn_tp_size=args.attn_tp, hidden_size=8, dtype="float32", backend="host",
-                    timeout_s=args.timeout, policy="varlen")
+                    timeout_s=args.timeout, policy="varlen", transport=args.transport)
 batch = dg.LocalBatch(dg.ForwardMode.DECODE, 3)
 x = np.ones((3, 8), np.float32)
 plan = dp.sync(batch)  # one good step first: everyone is alive and agrees
