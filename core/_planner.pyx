@@ -804,13 +804,11 @@ def plan(batches, topology, *, spec=None, policy="auto", graph_buckets=(), cost=
             planner = None
         if planner is None:
             planner = Planner(topology, spec=spec, policy=policy, graph_buckets=graph_buckets,
-                              transport=transport, p2p_rows=p2p_rows,
-                              p2p_node_size=p2p_node_size)
+                              transport=transport, p2p_rows=p2p_rows, p2p_node_size=p2p_node_size)
             if key is not None:
                 if len(_planner_cache) > 256:
                     _planner_cache.clear()
                 _planner_cache[key] = planner
         return planner.plan_batches(batches)
     return Planner(topology, spec=spec, policy=policy, graph_buckets=graph_buckets, cost=cost,
-                   transport=transport, p2p_rows=p2p_rows,
-                              p2p_node_size=p2p_node_size).plan_batches(batches)
+                   transport=transport, p2p_rows=p2p_rows, p2p_node_size=p2p_node_size).plan_batches(batches)

@@ -102,7 +102,7 @@ def _load_mpi():
     return MPI
 
 
-def _host_id() -> int:
+def host_id() -> int:
     """64-bit identity of this node: hostname and kernel boot id (NCCL's host hash idea)."""
     try:
         with open("/proc/sys/kernel/random/boot_id") as f:
@@ -151,11 +151,6 @@ def node_size(hosts, pretend, A):
     if L % A:
         return 0, f"a node's {L} ranks do not hold whole replicas of attn_tp_size={A}"
     return L, ""
-
-
-def host_id() -> int:
-    """64-bit identity of this node (see :func:`node_size`)."""
-    return _host_id()
 
 
 def _is_x86_64() -> bool:
@@ -441,7 +436,7 @@ class HostP2P(_P2PBase):
         total = self._win * size
 
         rec = np.zeros((), _REC)
-        rec["host"], rec["cap"], rec["epoch0"] = _host_id(), self.capacity_bytes, self._epoch0
+        rec["host"], rec["cap"], rec["epoch0"] = host_id(), self.capacity_bytes, self._epoch0
         if not _is_x86_64():
             _fail(rec, _FAIL_UNAVAILABLE,
                   f"the host twin needs x86-64 (TSO store order), this is {platform.machine()}")
@@ -735,7 +730,7 @@ class CudaP2P(_P2PBase):
     def _construct(self, boot, device):
         rank, size = self.rank, self.size
         rec = np.zeros((), _REC)
-        rec["host"], rec["cap"], rec["epoch0"] = _host_id(), self.capacity_bytes, self._epoch0
+        rec["host"], rec["cap"], rec["epoch0"] = host_id(), self.capacity_bytes, self._epoch0
         cupy = None
         try:
             from dpgather.kernels._cuda import _cupy
@@ -1037,7 +1032,7 @@ def probe_p2p(mpi_comm, device=None, timeout_s=60.0, *, backend="cuda"):
     try:
         rank, size = boot.rank, boot.size
         rec = np.zeros((), _REC)
-        rec["host"] = _host_id()
+        rec["host"] = host_id()
         rt = None
         dev = -1
         try:

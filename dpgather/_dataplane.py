@@ -128,10 +128,8 @@ class DataPlane:
             self.p2p.pull_trusted(x, G, desc, self.desc_layout.p2p[name], row_bytes=W * dt.itemsize,
                                   dtype=logical)
             if self.inter is not None:
-                o = L.offsets[::self.node_step]
-                k = self.node
-                counts = tuple(o[i + 1] - o[i] for i in range(len(o) - 1))
-                send = G[o[k]:o[k + 1]]  # in place: the own node's block is already in G
+                counts, o = self._node_blocks(L)
+                send = G[o[self.node]:o[self.node + 1]]  # in place: the own node's block is already in G
                 if L.equal:
                     self.inter.all_gather(send, G, logical)
                 else:
@@ -202,13 +200,11 @@ class DataPlane:
             return y
         if p2p:
             if self.inter is not None:
-                o = L.offsets[::self.node_step]
-                k = self.node
-                stage = arena.view("combine", o[k + 1] - o[k], W, dt)
+                counts, o = self._node_blocks(L)
+                stage = arena.view("combine", counts[self.node], W, dt)
                 if L.equal:
                     self.inter.reduce_scatter(Yv, stage, logical)
                 else:
-                    counts = tuple(o[i + 1] - o[i] for i in range(len(o) - 1))
                     self.inter.reduce_scatterv(Yv, stage, counts, o, logical)
                 Yv = stage
             self.p2p.pull_trusted(Yv, y, desc, self.desc_layout.p2p["combine"], row_bytes=W * dt.itemsize,
@@ -244,6 +240,12 @@ class DataPlane:
         else:
             be.copy_rows(dst, y, desc, _OUTCOPY)
         return y
+
+    def _node_blocks(self, L):
+        """``(counts, offsets)`` of the node blocks of layout ``L`` (rows of each node's replicas,
+        contiguous in the gathered buffer; ``offsets`` has one entry per node plus the end)."""
+        o = L.offsets[::self.node_step]
+        return tuple(o[i + 1] - o[i] for i in range(len(o) - 1)), o
 
     # -- local copies ----------------------------------------------------------------------
     def unpack_logits(self, Lrows, y, desc):

@@ -346,9 +346,8 @@ class DpAttention:
         try:
             if ok:
                 ok, reason = probe_p2p(node_comm, device, self.timeout_s, backend=self._backend.name)
-                if L < T:  # each node probed its own ranks: every rank takes the first failure
-                    ok, reason = _first_verdict(self._sync.allgather_obj(
-                        (ok, reason), "DpAttention construction (P2P probe verdicts)"))
+                if L < T:
+                    ok, reason = self._node_verdict(ok, reason, "P2P probe verdicts")
             if ok:
                 buckets = c["graph_buckets"]
                 cap = max(c["max_tokens_per_rank"] or 0, buckets[-1] if buckets else 0, P2P_DEFAULT_ROWS)
@@ -359,8 +358,7 @@ class DpAttention:
                 except (ConfigError, BackendUnavailable) as e:  # the same verdict on every rank of the node
                     ok, reason = False, str(e)
                 if L < T:
-                    ok, reason = _first_verdict(self._sync.allgather_obj(
-                        (ok, reason), "DpAttention construction (P2P windows)"))
+                    ok, reason = self._node_verdict(ok, reason, "P2P windows")
                 if ok:
                     if L < T:
                         self._inter = self._tp.split(self.rank % L, self.rank // L)
@@ -378,6 +376,16 @@ class DpAttention:
         log.info("%s; the step's collectives go over %s", self._transport_reason, self._backend.name == "cuda"
                  and "NCCL" or "MPI")
         return 0
+
+    def _node_verdict(self, ok, reason, what):
+        """Each node decided ``(ok, reason)`` over its own ranks (whose messages number ranks within
+        the node); one object exchange gives every rank the first failure, named by the global
+        rank that saw it, or ``(True, "")``."""
+        for r, (ok_r, reason_r) in enumerate(self._sync.allgather_obj(
+                (ok, reason), f"DpAttention construction ({what})")):
+            if not ok_r:
+                return False, f"on the node of rank {r}: {reason_r}"
+        return True, ""
 
     def _preallocate(self, tokens):
         """Reserve every role for ``tokens`` per replica; agreed, so every rank raises alike."""
@@ -1224,14 +1232,6 @@ class DpAttention:
         return (f"DpAttention(rank={getattr(self, 'rank', '?')}, {getattr(self, 'topology', '')}, "
                 f"hidden_size={getattr(self, 'hidden_size', '?')}, dtype={getattr(self, 'dtype', '?')}, "
                 f"backend={getattr(self, 'backend', None)})")
-
-
-def _first_verdict(verdicts):
-    """``(ok, reason)`` of every rank -> ``(True, "")`` or the first failure, named by its rank."""
-    for r, (ok, reason) in enumerate(verdicts):
-        if not ok:
-            return False, reason if reason.startswith("rank ") else f"rank {r}: {reason}"
-    return True, ""
 
 
 _OP_NAMES = {OP_GATHER: "gather", OP_GATHER_LOGITS: "gather_logits", OP_SCATTER: "scatter",

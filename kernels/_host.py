@@ -24,7 +24,7 @@ import numpy as np
 from dpgather.core.errors import BackendUnavailable, InputError
 
 __all__ = ["copy_rows", "copy_rows_unchecked", "mask_rows", "copy_rows_ref", "mask_rows_ref",
-           "numba_available", "check_numba", "require_numba"]
+           "numba_available", "check_numba"]
 
 _I64 = np.dtype(np.int64)
 _ID_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))
@@ -56,12 +56,12 @@ def check_numba():
     import importlib.util
     import sys
 
-    if "numba" in sys.modules:
-        if sys.modules["numba"] is None:
-            raise _missing("importing it failed with: import of numba halted; None in sys.modules")
-        return
-    if importlib.util.find_spec("numba") is None:
-        raise _missing("importing it failed with: No module named 'numba'")
+    if "numba" in sys.modules:  # imported already, or blocked (None)
+        installed = sys.modules["numba"] is not None
+    else:
+        installed = importlib.util.find_spec("numba") is not None
+    if not installed:
+        raise _missing("it is not installed")
 
 
 def _build():
@@ -110,11 +110,6 @@ def _build():
 
     _kernels = (copy_kernel, mask_kernel)
     return _kernels
-
-
-def require_numba():
-    """Compile (or load from Numba's cache) the kernels now; raise BackendUnavailable without Numba."""
-    return _kernels or _build()
 
 
 def _check_rows(name, a, op, writable=False):

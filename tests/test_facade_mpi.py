@@ -27,8 +27,8 @@ SCRIPT = MPI_SCRIPTS / "facade_scenarios.py"
 pytestmark = [pytest.mark.mpi, needs_mpiexec]
 
 
-def _run(nprocs, *argv, timeout=150):
-    res = check_mpi([SCRIPT, *map(str, argv)], nprocs, timeout=timeout)
+def _run(nprocs, *argv, timeout=150, env=None):
+    res = check_mpi([SCRIPT, *map(str, argv)], nprocs, timeout=timeout, env=env)
     print(res.results[0])
     return res
 
@@ -65,8 +65,8 @@ def test_matrix_transport(nprocs, transport, dtypes):
 def test_matrix_p2p_pretend_nodes(nprocs, nodes, A):
     # P2P inside each (pretend) node, the node blocks over the inter-node communicator: every
     # policy, graph buckets off/on, every forward mode, every row against the reference
-    res = check_mpi([SCRIPT, "matrix", "--dtypes", "bfloat16,int32", "--A", A, "--transport", "p2p",
-                     "--seed", 4242 + nprocs], nprocs, timeout=150, env={"DPGATHER_P2P_NODES": nodes})
+    res = _run(nprocs, "matrix", "--dtypes", "bfloat16,int32", "--A", A, "--transport", "p2p",
+               "--seed", 4242 + nprocs, env={"DPGATHER_P2P_NODES": nodes})
     configs = len(A.split(",")) * 5 * 2 * 2
     for got in res.results.values():
         assert (got["configs"], got["steps"]) == (configs, configs * 10), got
