@@ -1,15 +1,21 @@
 #!/usr/bin/env python3
-"""``make test``'s driver: the whole suite, in parallel shards on many-core nodes.
+"""``make test``'s driver: the whole suite, in a few pytest processes at once.
 
     python tests/parallel.py [PYTEST_ARGS...]
 
-With fewer than 16 usable cores (a CI box, a laptop) it is exactly ``python -m pytest -q
-PYTEST_ARGS tests``. On a GPU node with many cores it runs ``DPGATHER_TEST_JOBS`` (default:
-cores // 8, at most 4) pytest processes over round-robin slices of the CPU tests, plus one
-process for the GPU tests (they need the GPUs to themselves), at the same time; each writes its
-log under ``build/test-logs/`` (pytest's temporary folders outside the checkout); the summary line of each is printed as it ends, the failures of
-a failed shard in full at the end. The exit status is the worst of the shards'.
-``DPGATHER_TEST_JOBS=1`` forces the single process.
+- Fewer than 16 usable cores (a CI box, a laptop): two processes. The tests that build or
+  install the package in subprocesses (``@pytest.mark.install``: pip, the sdist, mypy; mostly
+  waiting on pip and the compiler, no timing bound) run in the background, logged under
+  ``build/test-logs/``; every other test runs in the foreground with its output on the terminal,
+  in the order of one ``pytest`` run.
+- 16 or more cores (a GPU node): ``DPGATHER_TEST_JOBS`` (default: cores // 8, at most 4) processes
+  over round-robin slices of the CPU tests, plus one process for the GPU tests (they need the
+  GPUs to themselves), each logged under ``build/test-logs/``.
+
+pytest's temporary folders lie outside the checkout. The summary line of each logged process is
+printed as it ends, the failures of a failed one in full at the end; the exit status is the
+worst of the processes'. ``DPGATHER_TEST_JOBS=1`` runs exactly ``python -m pytest -q
+PYTEST_ARGS tests``, one process.
 """
 
 import os
@@ -30,48 +36,58 @@ def _cores():
 
 
 def main(argv):
-    jobs = int(os.environ.get("DPGATHER_TEST_JOBS", "0") or 0) or (1 if _cores() < 16 else min(4, _cores() // 8))
+    jobs = int(os.environ.get("DPGATHER_TEST_JOBS", "0") or 0)
     base = [sys.executable, "-m", "pytest", "-q", *argv]
-    if jobs <= 1:
+    if jobs == 1:
         return subprocess.call([*base, "tests"], cwd=ROOT)
+    if not jobs and _cores() < 16:
+        shards = [("install", "install", False), ("rest", "rest", True)]  # (name, shard, on the terminal)
+    else:
+        jobs = jobs or min(4, _cores() // 8)
+        shards = [(f"shard{k}", f"{k}/{jobs}", False) for k in range(jobs)] + [("gpu", "gpu", False)]
     logs = ROOT / "build" / "test-logs"
     logs.mkdir(parents=True, exist_ok=True)
-    shards = [f"{k}/{jobs}" for k in range(jobs)] + ["gpu"]
-    print(f"tests/parallel.py: {len(shards)} pytest processes at once ({jobs} CPU shards + the GPU tests), "
+    print(f"tests/parallel.py: {len(shards)} pytest processes at once ({', '.join(n for n, _, _ in shards)}), "
           f"logs in {logs.relative_to(ROOT)}/", flush=True)
     tmp = Path(tempfile.mkdtemp(prefix="dpgather-tests-"))  # outside the checkout: tests look for it in paths
     procs = {}
     t0 = time.monotonic()
-    for s in shards:
-        name = "gpu" if s == "gpu" else f"shard{s.split('/')[0]}"
-        log = open(logs / f"{name}.log", "w")
-        env = dict(os.environ, DPGATHER_TEST_SHARD=s)
+    for name, shard, terminal in shards:
+        log = None if terminal else open(logs / f"{name}.log", "w")
+        env = dict(os.environ, DPGATHER_TEST_SHARD=shard)
         cmd = [*base, "-p", "no:cacheprovider", f"--basetemp={tmp / name}", "tests"]
-        procs[name] = (subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log)
+        out = {} if terminal else {"stdout": log, "stderr": subprocess.STDOUT}
+        procs[name] = (subprocess.Popen(cmd, cwd=ROOT, env=env, **out), log)
     worst = 0
     failed = []
+    pending = []  # summary lines of logged processes, held while a process writes to the terminal
     while procs:
         for name, (p, log) in list(procs.items()):
             rc = p.poll()
             if rc is None:
                 continue
-            log.close()
             del procs[name]
-            text = (logs / f"{name}.log").read_text(errors="replace").rstrip().splitlines()
-            last = text[-1] if text else "(no output)"
-            rc = 0 if rc == 5 else rc  # 5: this shard selected no test (no GPU here)
-            print(f"[{name}] {last}  ({time.monotonic() - t0:.0f} s)", flush=True)
+            rc = 0 if rc == 5 else rc  # 5: this process selected no test (no GPU here, a -k filter)
+            if log is not None:
+                log.close()
+                text = (logs / f"{name}.log").read_text(errors="replace").rstrip().splitlines()
+                pending.append(f"[{name}] {text[-1] if text else '(no output)'}  ({time.monotonic() - t0:.0f} s)")
             if rc:
-                failed.append(name)
+                failed.append((name, log is not None))
                 worst = max(worst, rc)
+        if pending and all(log is not None for _, log in procs.values()):
+            print("\n".join(pending), flush=True)
+            pending.clear()
         time.sleep(0.5)
-    for name in failed:
+    for name, logged in failed:
+        if not logged:
+            continue  # its output is on the terminal already
         print(f"\n===== {name} (build/test-logs/{name}.log) =====")
         text = (logs / f"{name}.log").read_text(errors="replace")
         cut = text.find("= FAILURES =")
         cut = text.rfind("\n", 0, cut) if cut >= 0 else max(0, len(text) - 20000)
         print(text[cut:][-60000:])
-    print(f"\n{'FAILED: ' + ', '.join(failed) if failed else 'every shard passed'} "
+    print(f"\n{'FAILED: ' + ', '.join(n for n, _ in failed) if failed else 'every process passed'} "
           f"in {time.monotonic() - t0:.0f} s", flush=True)
     return worst
 

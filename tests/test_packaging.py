@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 
+# builds and installs in subprocesses, with no timing bound: tests/parallel.py runs these beside the rest
+pytestmark = pytest.mark.install
+
 ROOT = Path(__file__).resolve().parent.parent
 TYPING = Path(__file__).resolve().parent / "typing"
 
