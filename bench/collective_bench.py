@@ -91,9 +91,13 @@ FOUR_MIB = 4 << 20
 # -- patterns ---------------------------------------------------------------------------------
 
 def pattern_counts(name, D, seed):
-    """``[(kind, n)] * D`` with kind one of IDLE/DECODE/EXTEND."""
+    """``[(kind, n)] * D`` with kind one of IDLE/DECODE/EXTEND. A name ``[n0/n1/...]`` (from
+    ``--counts``) is that layout, cycled to D: DECODE n, IDLE for 0."""
     def cyc(base):
         return [base[i % len(base)] for i in range(D)]
+
+    if name.startswith("[") and name.endswith("]"):
+        return cyc([("DECODE", n) if n else ("IDLE", 0) for n in parse_counts(name[1:-1])])
 
     if name == "decode64":
         return [("DECODE", 64)] * D
@@ -113,6 +117,17 @@ def pattern_counts(name, D, seed):
     if name == "idle":
         return cyc([("DECODE", 128), ("IDLE", 0)])
     raise ValueError(f"unknown pattern {name!r}; expected one of {ALL_PATTERNS}")
+
+
+def parse_counts(text):
+    """``"8192/1"`` -> ``[8192, 1]`` (tokens per replica, >= 0)."""
+    try:
+        counts = [int(v) for v in text.split("/")]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 0:
+        raise ValueError(f"counts {text!r}: expected tokens per replica like 8192/1")
+    return counts
 
 
 def make_batch(dg, kind, n):
@@ -301,7 +316,7 @@ def run_pattern(c, pi, pname, A):
     auto = plans["auto"]
     plans["sglang"] = dg.Planner(dps["auto"].topology, policy="sglang",
                                  cost=dps["auto"].planner.cost).plan_batches(batches)
-    variants = [v for v in VARIANTS if v in dps and plans[v].transport == ("p2p" if v == "p2p" else "nccl")]
+    variants = [v for v in c.variants if v in dps and plans[v].transport == ("p2p" if v == "p2p" else "nccl")]
     pmax = plans["max_len"]
     M = int(pmax.slot_rows[0])
     S = int(sum(counts))
@@ -643,6 +658,11 @@ def main(argv=None):
     ap.add_argument("--target-us", type=float, default=2000.0,
                     help="aim of one repetition (sets the iterations per repetition)")
     ap.add_argument("--patterns", default=",".join(ALL_PATTERNS))
+    ap.add_argument("--counts", default="", metavar="N/N/..;..",
+                    help="extra layouts, ';'-separated tokens per replica (e.g. '512/0;8192/1'), "
+                         "each run as a pattern named [512/0]")
+    ap.add_argument("--variants", default=",".join(VARIANTS),
+                    help=f"forced variants to time (auto always runs); default {','.join(VARIANTS)}")
     ap.add_argument("--attn-tp2", default="decode64,skew",
                     help="patterns also run with attn_tp_size 2 (partial contribution); '' for none")
     ap.add_argument("--no-graph", action="store_true", help="eager timing only")
@@ -658,6 +678,14 @@ def main(argv=None):
     for p in pats + pats2:
         if p not in ALL_PATTERNS:
             ap.error(f"unknown pattern {p!r}; expected some of {','.join(ALL_PATTERNS)}")
+    for text in (t for t in args.counts.split(";") if t.strip()):
+        try:
+            pats.append(f"[{'/'.join(map(str, parse_counts(text.strip())))}]")
+        except ValueError as e:
+            ap.error(f"--counts: {e}")
+    variants = tuple(v for v in args.variants.split(",") if v)
+    if not set(variants) <= set(VARIANTS) or not set(MODES) & set(variants):
+        ap.error(f"--variants: some of {','.join(VARIANTS)}, at least one NCCL mode; got {args.variants!r}")
 
     from mpi4py import MPI
 
@@ -673,7 +701,7 @@ def main(argv=None):
 
     c = Ctx()
     c.cupy, c.dg, c.MPI, c.world, c.rank, c.T = cupy, dg, MPI, world, rank, T
-    c.hidden, c.seed = args.hidden, args.seed
+    c.hidden, c.seed, c.variants = args.hidden, args.seed, variants
     c.say = (lambda msg: print(msg, flush=True)) if rank == 0 else (lambda msg: None)
     if not (pats2 and T % 2 == 0 and T >= 4):
         pats2 = []
@@ -722,7 +750,8 @@ def main(argv=None):
     results = []
     jobs = [(p, 1) for p in pats] + [(p, 2) for p in pats2]
     for pi, (pname, A) in enumerate(jobs):
-        res = run_pattern(c, ALL_PATTERNS.index(pname) + 100 * A, pname, A)
+        res = run_pattern(c, (ALL_PATTERNS.index(pname) if pname in ALL_PATTERNS else 10 + pi) + 100 * A,
+                          pname, A)
         cupy.cuda.Device().synchronize()
         cupy.get_default_memory_pool().free_all_blocks()  # the pattern's buffers are gone
         for row in res["rows"]:

@@ -137,6 +137,31 @@ def test_bench_rejects_too_few_reps():
     assert res.returncode == 2 and "--reps" in res.stderr
 
 
+@pytest.mark.parametrize("args, err", [
+    (["--counts", "8192/-1"], "--counts"),
+    (["--counts", "a/b"], "counts"),
+    (["--variants", "p2p"], "--variants"),
+    (["--variants", "varlen,bogus"], "--variants"),
+])
+def test_bench_rejects_bad_layouts_and_variants(args, err):
+    res = subprocess.run([sys.executable, "bench/collective_bench.py", *args], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and err in res.stderr, res.stderr
+
+
+def test_bench_custom_layouts_cycle_to_every_replica():
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import collective_bench as cb
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    assert cb.parse_counts("8192/1") == [8192, 1]
+    assert cb.pattern_counts("[512/0]", 4, 0) == [("DECODE", 512), ("IDLE", 0)] * 2
+    assert cb.pattern_counts("[7]", 3, 0) == [("DECODE", 7)] * 3
+    with pytest.raises(ValueError, match="8192/x"):
+        cb.parse_counts("8192/x")
+
+
 # -- the timing core ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("n", [1, 2, 7, 20, 101])

@@ -3,7 +3,8 @@
 # (the system Python, its packages and the node's own MPI: VENV=none is auto-detected), and writes
 # its log and a one-line verdict under $OUT. Other phases, each under `timeout`:
 #   bash tests/gpu/device_run.sh [test] [build] [gputest] [p2p] [eager] [sanitize] [copy] [collective]
-#                                [graph] [graphnccl] [calibrate] [overlap] [overlapbench] [sanitize2] [pack]
+#                                [graph] [graphnccl] [calibrate] [overlap] [overlapbench] [sanitize2]
+#                                [p2pparts] [p2player] [pack]
 # Nothing is exported for the tests: every setting Open MPI needs (running as root, oversubscription)
 # comes from dpgather's own launcher settings, as it would for a user.
 set -u
@@ -30,6 +31,13 @@ p2pvariants)  # the kernel's tuning switches (kernels/p2p.cu), timed by the self
     DPGATHER_P2P_DEFINES="$v" run "p2p_variant_$tag" ${T_P2P:-300} python3 -m dpgather.tools.launch -n "$NG" --timeout 280 tests/gpu/p2p_selftest.py --out "$OUT/p2p_$tag.json"
     grep -A4 "rows/rank" "$OUT/p2p_variant_$tag.log" | sed "s/^/[${v:-default}] /" | tee -a "$summary"
   done ;;
+p2pparts)  # where a pull's time goes: its parts at small sizes, and the raw link ceilings (push vs pull)
+  run p2p_parts ${T_P2P:-240} python3 -m dpgather.tools.launch -n "$NG" --timeout 230 tests/gpu/p2p_selftest.py \
+      --skip matrix,graph,timeout --rows 1,4,16,64,256,1024 --breakdown --link 1,16,64,1024,8192 --out "$OUT/p2p_parts.json" ;;
+p2player)  # P2P and VARLEN gather / combine on balanced, one-sided and uneven layouts (the cost model's data)
+  run p2p_layouts ${T_COLL:-300} python3 -m dpgather.tools.launch -n "$NG" --timeout 290 bench/collective_bench.py \
+      --patterns "" --attn-tp2 "" --no-torch --variants varlen,p2p --json "$OUT/p2p_layouts.json" \
+      --counts "${P2P_LAYOUTS:-1/1;16/16;64/64;256/256;1024/1024;4096/4096;8192/8192;1/0;16/0;64/0;256/0;1024/0;4096/0;8192/0;256/128;1024/256;4096/1024;4096/2048;8192/1;8192/4096;1441/1718;2048/64}" ;;
 eager)
   run eager_bench ${T_EAGER:-240} python3 -m dpgather.tools.launch -n "$NG" --timeout 230 bench/eager_bench.py --strict --json "$OUT/eager.json" ;;
 test)

@@ -16,6 +16,16 @@ Phases (each bounded; a phase that cannot finish in time is reported as failed, 
            (bf16 hidden 7168): p2p_pull next to NCCL allGather of the same bytes, both in CUDA
            graphs of --graph-n collectives; median over --reps replays, max over ranks; the
            outputs of both are checked
+           With --breakdown, each size is also timed in parts (docs/p2p.md, "Where the time
+           goes"): an empty kernel per graph node (the launch floor), the flag barrier alone (a
+           descriptor with no pack and no job), pack + barrier, and barrier + pull without the
+           pack (the rows already in the window, as callers writing into it would leave them)
+  link     (with --link) the raw NVLink ceiling our pulls are held to: one copy kernel of the pull
+           kernel's shape (a 256-thread block per SM, 8 x 16-byte vectors in flight per thread)
+           between raw cudaMalloc buffers shared by CUDA IPC, reading a peer's buffer (pull) or
+           writing into it (push), by rank 0 only (one-sided) or by every rank at once toward
+           the next rank (two-sided), and "split": rank 1's rows reach rank 0 half pushed by
+           rank 1, half pulled by rank 0; GB/s of data moved per direction, max time over ranks
   timeout  the last rank skips one collective: every other rank must see error() == 1 within
            timeout + margin; nobody hangs
 
@@ -307,7 +317,10 @@ def _graph_desc_for(kind, a, contribution, counts, bucket, sig, rank):
                              out_rows=bucket)
 
 
-def phase_timing(run, be, timeout_s, rows_list, graph_n, reps):
+_EMPTY_KERNEL = r'''extern "C" __global__ void dpg_empty(int* p) { if (p && threadIdx.x == 1024) *p = 0; }'''
+
+
+def phase_timing(run, be, timeout_s, rows_list, graph_n, reps, breakdown=False):
     from dpgather.dist.nccl import NcclCommunicator
 
     cp, s = be.cp, be.stream
@@ -328,16 +341,29 @@ def phase_timing(run, be, timeout_s, rows_list, graph_n, reps):
                 out_p = cp.zeros((SIZE * rows, width), cp.uint16)
                 out_n = cp.zeros((SIZE * rows, width), cp.uint16)
             sig = _p2p.signature("timed gather", rows, "bfloat16", ROW_BYTES_TIMED)
-            desc = be.desc(_p2p.gather_desc(sig, rank=RANK, attn_tp=1, counts=[rows] * SIZE,
-                                            slot_offsets=np.arange(SIZE + 1) * rows))
+            full = _p2p.gather_desc(sig, rank=RANK, attn_tp=1, counts=[rows] * SIZE,
+                                    slot_offsets=np.arange(SIZE + 1) * rows)
+            desc = be.desc(full)
+            bodies = [
+                ("p2p", lambda: tt.pull(send, out_p, desc, 0, row_bytes=ROW_BYTES_TIMED,
+                                       dtype="bfloat16", stream=s)),
+                ("nccl", lambda: nccl.all_gather(send, out_n, stream=s)),
+            ]
+            if breakdown:  # the same launch with parts of the descriptor left out
+                _, packs, jobs = _p2p.decode_desc(full)
+                parts = {"barrier": be.desc(_p2p.make_desc(sig)),
+                         "pack": be.desc(_p2p.make_desc(sig, packs)),
+                         "pull": be.desc(_p2p.make_desc(sig, (), jobs))}
+                empty = cp.RawKernel(_EMPTY_KERNEL, "dpg_empty")
+                scratch = cp.zeros(1, cp.int32)
+                bodies += [(f"p2p_{k}", lambda d=d: tt.pull(send, out_p, d, 0, row_bytes=ROW_BYTES_TIMED,
+                                                             dtype="bfloat16", stream=s))
+                           for k, d in parts.items()]
+                bodies.append(("empty", lambda: empty((1,), (256,), (scratch,), stream=s)))
             be.sync("timing setup")
             graphs = {}
             try:
-                for name, body in (
-                    ("p2p", lambda: tt.pull(send, out_p, desc, 0, row_bytes=ROW_BYTES_TIMED,
-                                           dtype="bfloat16", stream=s)),
-                    ("nccl", lambda: nccl.all_gather(send, out_n, stream=s)),
-                ):
+                for name, body in bodies:
                     with s:
                         s.begin_capture()
                         try:
@@ -363,6 +389,9 @@ def phase_timing(run, be, timeout_s, rows_list, graph_n, reps):
                 expect = np.concatenate([
                     np.random.default_rng([r, rows]).integers(0, 2**16, (rows, width), dtype=np.uint16)
                     for r in range(SIZE)])
+                if breakdown:  # the parts left out_p as the last full gather wrote it
+                    tt.pull(send, out_p, desc, 0, row_bytes=ROW_BYTES_TIMED, dtype="bfloat16", stream=s)
+                    be.sync(f"timing check {rows}")
                 ok_p = bool((be.get(out_p) == expect).all())
                 ok_n = bool((be.get(out_n) == expect).all())
                 run.check(f"timing p2p output {rows} rows", ok_p and tt.error() == 0, f"error()={tt.error()}")
@@ -370,7 +399,8 @@ def phase_timing(run, be, timeout_s, rows_list, graph_n, reps):
                 table.append({"rows": rows, "bytes_per_rank": rows * ROW_BYTES_TIMED,
                               "p2p_us": times["p2p"], "nccl_us": times["nccl"],
                               "ratio": times["nccl"] / times["p2p"] if times["p2p"] > 0 else None,
-                              "check": "ok" if ok_p and ok_n else "WRONG"})
+                              "check": "ok" if ok_p and ok_n else "WRONG",
+                              **{f"{k}_us": v for k, v in times.items() if k not in ("p2p", "nccl")}})
             finally:
                 graphs.clear()  # graphs that captured NCCL go before the communicator
     finally:
@@ -378,6 +408,93 @@ def phase_timing(run, be, timeout_s, rows_list, graph_n, reps):
         tt.close()
         nccl.close()
     return table
+
+
+_LINK_KERNEL = r'''
+extern "C" __global__ void dpg_link_copy(const uint4* __restrict__ src, uint4* __restrict__ dst,
+                                         long long n) {
+    const long long step = (long long)gridDim.x * blockDim.x * 8;
+    for (long long b = (long long)blockIdx.x * blockDim.x * 8 + threadIdx.x; b < n; b += step) {
+        uint4 r[8];
+#pragma unroll
+        for (int u = 0; u < 8; ++u)
+            if (b + u * blockDim.x < n) r[u] = src[b + u * blockDim.x];
+#pragma unroll
+        for (int u = 0; u < 8; ++u)
+            if (b + u * blockDim.x < n) dst[b + u * blockDim.x] = r[u];
+    }
+}
+'''
+
+
+def phase_link(run, be, sizes_bytes, reps):
+    """Raw NVLink copy bandwidth between rank r and rank (r + 1) % SIZE (see the module doc)."""
+    if SIZE < 2:
+        return {"note": "one rank: no link"}
+    cp, s = be.cp, be.stream
+    rt = cp.cuda.runtime
+    cap = max(sizes_bytes)
+    mine = rt.malloc(2 * cap)  # [0, cap): what peers read or write; [cap, 2 cap): local side
+    rt.memset(mine, 1, 2 * cap)
+    rt.deviceSynchronize()
+    handles = WORLD.allgather(bytes(rt.ipcGetMemHandle(mine)))
+    nxt, prv = (RANK + 1) % SIZE, (RANK - 1) % SIZE
+    peers = {t: rt.ipcOpenMemHandle(handles[t]) for t in {nxt, prv}}
+    kern = cp.RawKernel(_LINK_KERNEL, "dpg_link_copy")
+    grid = cp.cuda.runtime.getDeviceProperties(be.dev)["multiProcessorCount"]
+    ev0, ev1 = cp.cuda.Event(), cp.cuda.Event()
+    rows = []
+    try:
+        for nbytes in sizes_bytes:
+            for mode in ("pull", "push"):
+                for sides in ("one", "two"):
+                    active = sides == "two" or RANK == 0
+                    # pull: read the next rank's buffer; push: write into the next rank's buffer
+                    src, dst = (peers[nxt], mine + cap) if mode == "pull" else (mine + cap, peers[nxt])
+                    rows.append({"bytes": nbytes, "mode": mode, "sides": sides,
+                                 **_link_time(run, kern, grid, src, dst, nbytes, active, reps, s, ev0, ev1)})
+            # split: the data of rank 1 reaches rank 0; rank 1 pushes the first half, rank 0 pulls the rest
+            half = (nbytes // 32) * 16
+            if RANK == 1:
+                args = (mine + cap, peers[prv], half)
+            elif RANK == 0:
+                args = (peers[nxt] + half, mine + cap + half, nbytes - half)
+            else:
+                args = None
+            rows.append({"bytes": nbytes, "mode": "split", "sides": "one",
+                         **_link_time(run, kern, grid, *(args[:2] if args else (0, 0)),
+                                      args[2] if args else 0, args is not None, reps, s, ev0, ev1)})
+    finally:
+        rt.deviceSynchronize()
+        run.barrier("link teardown")
+        for p in peers.values():
+            rt.ipcCloseMemHandle(p)
+        rt.free(mine)
+    return rows
+
+
+def _link_time(run, kern, grid, src, dst, nbytes, active, reps, s, ev0, ev1):
+    n = nbytes // 16
+    k = max(1, min(64, int(2e6 // max(nbytes, 1))))  # about 2 ms of copies per repetition
+    samples = []
+    for i in range(reps + 2):
+        run.barrier("link barrier")
+        ev0.record(s)
+        if active and n:
+            for _ in range(k):
+                kern((grid,), (256,), (np.uint64(src), np.uint64(dst), np.int64(n)), stream=s)
+        ev1.record(s)
+        s.synchronize()
+        if i >= 2:
+            samples.append(be_elapsed_us(ev0, ev1) / k)
+    us = run.allreduce(statistics.median(samples) if active else 0.0, MPI.MAX)
+    return {"us": us, "GBps": nbytes / (us * 1e3) if us > 0 else None}
+
+
+def be_elapsed_us(ev0, ev1):
+    import cupy
+
+    return cupy.cuda.get_elapsed_time(ev0, ev1) * 1e3
 
 
 def phase_timeout(run, be, timeout_s):
@@ -434,6 +551,10 @@ def main(argv=None):
     ap.add_argument("--graph-n", type=int, default=20, help="collectives per timed graph")
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--skip", default="", help="comma-separated phases to skip")
+    ap.add_argument("--link", default="", metavar="ROWS,..",
+                    help="also run the link phase at these rows per rank (14336-byte rows), e.g. 64,1024,8192")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="also time the pull's parts (launch floor, barrier, pack, pull) per size")
     args = ap.parse_args(argv)
     faulthandler.dump_traceback_later(args.deadline + 60, exit=True)
     run = Run(args.deadline, args.out)
@@ -465,7 +586,11 @@ def main(argv=None):
             phases["timing"] = "skipped"
         else:
             rows = [int(r) for r in args.rows.split(",") if r]
-            phases["timing"] = phase_timing(run, be, args.timeout, rows, args.graph_n, args.reps)
+            phases["timing"] = phase_timing(run, be, args.timeout, rows, args.graph_n, args.reps,
+                                            breakdown=args.breakdown)
+        if args.link:
+            sizes = [int(r) * ROW_BYTES_TIMED for r in args.link.split(",") if r]
+            phases["link"] = phase_link(run, be, sizes, args.reps)
         if "timeout" in skip:
             phases["timeout"] = "skipped"
         else:
@@ -524,6 +649,23 @@ def print_table(summary):
             ratio = f"{row['ratio']:.2f}" if row["ratio"] else "-"
             print(f"{row['rows']:>10} {row['bytes_per_rank']:>11} {row['p2p_us']:>9.2f} "
                   f"{row['nccl_us']:>9.2f} {ratio:>6} {row['check']}")
+        parts = ("empty_us", "p2p_barrier_us", "p2p_pack_us", "p2p_pull_us")
+        if all(k in timing[0] for k in parts):
+            print("# the same gather in parts, us per launch: an empty kernel (launch floor), the flag "
+                  "barrier alone, pack + barrier, barrier + pull (no pack)")
+            print(f"{'rows/rank':>10} {'empty':>7} {'barrier':>8} {'+pack':>7} {'+pull':>7} {'whole':>7}")
+            for row in timing:
+                print(f"{row['rows']:>10} " + " ".join(f"{row[k]:>{w}.2f}" for k, w in zip(parts, (7, 8, 7, 7)))
+                      + f" {row['p2p_us']:>7.2f}")
+    link = p0.get("link")
+    if isinstance(link, list) and link:
+        print("# raw NVLink copies, GB/s per direction (max time over ranks): pull = read the peer, "
+              "push = write the peer; one = rank 0 only, two = every rank at once; split = half pushed "
+              "by the sender, half pulled by the receiver")
+        print(f"{'bytes':>11} {'mode':>6} {'sides':>5} {'us':>9} {'GB/s':>7}")
+        for row in link:
+            print(f"{row['bytes']:>11} {row['mode']:>6} {row['sides']:>5} {row['us']:>9.2f} "
+                  f"{row['GBps'] or 0:>7.1f}")
     print(f"# timeout: {[r['phases'].get('timeout') for r in ranks]}")
     for r in ranks:
         for f in r["failures"][:10]:
