@@ -117,6 +117,9 @@ cdef struct Config:
     double a0[6]
     double a1[6]
     double beta[6]
+    int cn[6][2]
+    double cx[6][2][16]
+    double ct[6][2][16]
 
 
 cdef inline int64_t align_up(int64_t x, int64_t a) noexcept nogil:
@@ -143,25 +146,103 @@ cdef double coll_us(const Config* c, int coll, int64_t group, double nbytes, int
             + nbytes * factor * (group - 1) / group / (c.beta[coll] * 1e3))
 
 
-cdef double p2p_us(const Config* c, int64_t T, int64_t A, double S, double nmin, double nmax) noexcept nogil:
+cdef double curve_us(const Config* c, int coll, int which, double x) noexcept nogil:
+    """Link time (us) of ``x`` bytes per direction: curve ``which`` (0 one-way, 1 both ways)
+    of ``coll``, linear between points, scaled by the end point's bandwidth outside them; ``x /
+    beta`` without a curve (docs/cost-model.md, "Link time")."""
+    cdef int n = c.cn[coll][which], j
+    cdef const double* xs = c.cx[coll][which]
+    cdef const double* ts = c.ct[coll][which]
+    if x <= 0:
+        return 0.0
+    if n == 0:
+        return x / (c.beta[coll] * 1e3)
+    if x <= xs[0]:
+        return ts[0] * (x / xs[0])
+    for j in range(1, n):
+        if x <= xs[j]:
+            return ts[j - 1] + (ts[j] - ts[j - 1]) * ((x - xs[j - 1]) / (xs[j] - xs[j - 1]))
+    return ts[n - 1] * (x / xs[n - 1])
+
+
+cdef double link_us(const Config* c, int coll, double i, double o) noexcept nogil:
+    """Time (us) a rank needs to receive ``i`` and send ``o`` bytes, never less than the larger
+    amount ``M`` one way, ``one(M)`` (docs/cost-model.md, "Link time"). With traffic both ways
+    (the smaller amount ``m > 0``): NCCL, which pushes, as ``(i + o) / 2`` bytes each way,
+    ``both((i + o) / 2)``; the P2P pulls as ``m`` both ways and the rest one way, ``both(m) +
+    one(M) - one(m)``."""
+    cdef double M = i if i > o else o, m = o if i > o else i
+    cdef double t = curve_us(c, coll, 0, M), u
+    if m > 0:
+        if coll == C_P2P:
+            u = curve_us(c, coll, 1, m) + (t - curve_us(c, coll, 0, m))
+        else:
+            u = curve_us(c, coll, 1, (i + o) / 2)
+        if u > t:
+            t = u
+    return t
+
+
+cdef double vcoll_us(const Config* c, int coll, int64_t T, int64_t A, const int64_t* n, int64_t D,
+                     int64_t active) noexcept nogil:
+    """An NCCL v-collective over the T ranks of the replica counts ``n`` (each replica's rows in
+    A chunks of ``n_d / A``): latency plus the slowest rank's link time. NCCL runs the grouped
+    broadcasts (reduces) around a ring in rank order, so a rank receives every chunk but its own
+    and passes on every chunk but its successor's; reduce_scatterv is the mirror."""
+    cdef double R = c.row_bytes, S = 0.0, share, i, o, t, worst = 0.0
+    cdef int64_t d
+    if T <= 1:
+        return 0.0
+    if active < 1:
+        active = 1
+    for d in range(D):
+        S += n[d]
+    for d in range(D):
+        share = (<double>n[d]) / A
+        i = (S - share) * R
+        if A > 1:  # a rank whose successor holds the same chunk size
+            t = link_us(c, coll, i, i)
+            if t > worst:
+                worst = t
+        o = (S - (<double>n[(d + 1) % D]) / A) * R
+        t = link_us(c, coll, o, i) if coll == C_RSV else link_us(c, coll, i, o)
+        if t > worst:
+            worst = t
+    return c.a0[coll] + c.a1[coll] * (active - 1) + worst
+
+
+cdef double p2p_us(const Config* c, int64_t T, int64_t A, const int64_t* n, int64_t D) noexcept nogil:
     """Predicted gather + combine time over the P2P transport (docs/cost-model.md, "P2P")."""
-    cdef double a, R = c.row_bytes, bw = c.beta[C_P2P] * 1e3, cp = c.copy_bw * 1e3
+    cdef double a, R = c.row_bytes, S = 0.0, nmin = 0.0, nmax = 0.0, pulled, copies, t, worst = 0.0
+    cdef int64_t d
     if T <= 1:
         return 0.0
     cdef int64_t L = c.p2p_node if 0 < c.p2p_node < T else T
     cdef int64_t nodes = T // L
-    cdef double pulled
+    for d in range(D):
+        S += n[d]
+        if d == 0 or n[d] < nmin:
+            nmin = n[d]
+        if n[d] > nmax:
+            nmax = n[d]
     a = c.a0[C_P2P] + c.a1[C_P2P] * (L - 1)
+    copies = 2.0 * (3.0 * nmax + S) * R / (c.copy_bw * 1e3)
     if nodes == 1:
-        return (a + (A * S - nmin) * R / bw + nmax * R / cp
-                + a + (T - 1) * nmax * R / bw + S * R / cp)
+        # a rank of replica d pulls A*S - n_d rows and is pulled (T-1)*n_d rows in the gather;
+        # the combine is the mirror, so it costs the same link time
+        for d in range(D):
+            t = link_us(c, C_P2P, (A * S - n[d]) * R, (T - 1) * (<double>n[d]) * R)
+            if t > worst:
+                worst = t
+        return a + worst + a + worst + copies
     # several nodes: pulls inside the node (about a node's share of the rows), and the node blocks
     # all-gathered / reduce-scattered over the `nodes` ranks at each place (docs/cost-model.md)
     pulled = A * S / nodes - nmin
     if pulled < 0:
         pulled = 0
-    return (a + pulled * R / bw + nmax * R / cp + coll_us(c, C_GV, nodes, S * R, nodes)
-            + coll_us(c, C_RSV, nodes, S * R, nodes) + a + (L - 1) * nmax * R / bw + S * R / cp)
+    return (a + curve_us(c, C_P2P, 0, pulled * R) + coll_us(c, C_GV, nodes, S * R, nodes)
+            + coll_us(c, C_RSV, nodes, S * R, nodes) + a + curve_us(c, C_P2P, 0, (L - 1) * nmax * R)
+            + copies)
 
 
 cdef int count_one(const Config* c, int64_t mode, int64_t bs, int64_t ext, int64_t lp,
@@ -433,6 +514,12 @@ cdef class Planner:
             self.cfg.a0[i] = a0
             self.cfg.a1[i] = a1
             self.cfg.beta[i] = beta
+            for w, which in enumerate(("one", "both")):
+                pts = cost.curve(name, which)[:16]
+                self.cfg.cn[i][w] = len(pts)
+                for j, (x, t) in enumerate(pts):
+                    self.cfg.cx[i][w][j] = x
+                    self.cfg.ct[i][w][j] = t
 
     def record(self, batch, out=None):
         """Encode ``batch`` (this rank's :class:`LocalBatch`) as an int32 record.
@@ -577,7 +664,7 @@ cdef class Planner:
         cdef int64_t k_chunks = 0, k_logits = 0, bucket = 0, lbucket = 0, chunk, rem
         cdef bint skip = True, is_ext = False, graph, all_graph = True
         cdef int pad, lpad, tr = 0, p_pad, p_lpad
-        cdef int64_t nmin = -1, p_rows
+        cdef int64_t p_rows
         cdef double R = c.row_bytes, c_max, c_sum, c_var, l_sum, l_var, c_p2p = 0.0, c_best
         cdef bint p2p_ok = c.p2p_rows > 0 and c.transport != TR_NCCL and T > 1
         cdef cnp.npy_intp dims[1]
@@ -601,7 +688,6 @@ cdef class Planner:
             lt[d] = l
             maxn = imax(maxn, n)
             maxl = imax(maxl, l)
-            nmin = n if nmin < 0 else imin(nmin, n)
             S += n
             L += l
             if n > 0:
@@ -622,8 +708,8 @@ cdef class Planner:
                  + c.mlp_row_us * (D * M - S))
         c_sum = 2.0 * coll_us(c, C_AR, T, S * R, T) + S * R / (c.copy_bw * 1e3)
         c_var = (coll_us(c, C_RSV, A, maxn * R, imin(maxn, A))
-                 + coll_us(c, C_GV, T, S * R, k_chunks)
-                 + coll_us(c, C_RSV, T, S * R, k_chunks)
+                 + vcoll_us(c, C_GV, T, A, nt, D, k_chunks)
+                 + vcoll_us(c, C_RSV, T, A, nt, D, k_chunks)
                  + coll_us(c, C_GV, A, maxn * R, imin(maxn, A)))
         if T > 1:  # dpgather's own kernels per gather + combine (CostModel.mode_us)
             c_max += c.mode_us[0]
@@ -674,7 +760,7 @@ cdef class Planner:
                 lpad = PAD_VAR
             else:
                 l_sum = coll_us(c, C_AR, T, L * R, T) + L * R / (c.copy_bw * 1e3)
-                l_var = coll_us(c, C_GV, T, L * R, k_logits)
+                l_var = vcoll_us(c, C_GV, T, A, lt, D, k_logits)
                 lpad = PAD_VAR if l_var < l_sum else PAD_SUM
             if p2p_ok:
                 # P2P moves exact rows whatever the layout; under "auto" it uses the exact layout
@@ -682,7 +768,7 @@ cdef class Planner:
                 p_lpad = PAD_VAR if c.policy == POL_AUTO else lpad
                 p_rows = D * M if p_pad == PAD_MAX else S
                 if p_rows <= c.p2p_rows and L <= c.p2p_rows:
-                    c_p2p = p2p_us(c, T, A, S, nmin, maxn)
+                    c_p2p = p2p_us(c, T, A, nt, D)
                     c_best = c_max if pad == PAD_MAX else (c_sum if pad == PAD_SUM else c_var)
                     if c.transport == TR_P2P or c_p2p < c_best:
                         tr = 1
@@ -714,7 +800,7 @@ cdef class Planner:
         plan.policy = self.policy
         plan.predicted_us = (c_max, c_sum, c_var)
         plan.transport = _TRANSPORT_NAME[tr]
-        plan.predicted_p2p_us = c_p2p if tr else (p2p_us(c, T, A, S, nmin, maxn) if p2p_ok else 0.0)
+        plan.predicted_p2p_us = c_p2p if tr else (p2p_us(c, T, A, nt, D) if p2p_ok else 0.0)
         h = 0xcbf29ce484222325ULL
         h = fnv1a(h, pad)
         h = fnv1a(h, lpad)

@@ -38,18 +38,23 @@ def _finite(name, value, kind=float):
         raise ConfigError(f"{name} must be finite, got {value!r}")
     return kind(v)
 
-__all__ = ["CostModel", "COLLECTIVES", "cache_dir", "cache_path"]
+__all__ = ["CostModel", "COLLECTIVES", "CURVED", "CURVE_POINTS", "cache_dir", "cache_path"]
 
 #: Collectives with their own (a0, a1, beta) triple.
 COLLECTIVES = ("all_gather", "reduce_scatter", "all_reduce", "gatherv", "reduce_scatterv", "p2p")
+#: Collectives whose bandwidth term is priced per rank from what it receives and sends, and may
+#: carry measured link-time curves (docs/cost-model.md, "Link time").
+CURVED = ("gatherv", "reduce_scatterv", "p2p")
+#: Most points of one curve.
+CURVE_POINTS = 16
 
 _DEFAULTS = {
     # (a0 us, a1 us per extra rank, beta GB/s busbw); fitted on 4x H100, see docs/cost-model.md.
     "all_gather": (12.0, 4.0, 300.0),
     "reduce_scatter": (10.2, 3.4, 295.0),
     "all_reduce": (12.3, 4.1, 335.0),
-    "gatherv": (32.0, 3.0, 254.0),
-    "reduce_scatterv": (32.0, 3.0, 254.0),
+    "gatherv": (28.0, 3.0, 330.0),
+    "reduce_scatterv": (28.0, 3.0, 330.0),
     # the P2P transport's pull collective (docs/p2p.md): latency per collective (pack, barrier,
     # pull in one kernel), per extra peer, and the pull bandwidth over NVLink; fitted on 2x H200
     # (9.5 us at 1 row per rank, 65 us at 1024 rows; gather + combine of [4096, 2048] rows)
@@ -72,14 +77,22 @@ class CostModel:
             prediction when T > 1; ``(0, 0, 0)`` by default (the default constants were fitted to
             eagerly timed collectives, whose launch cost covers it); ``dpgather calibrate``
             measures it beside its graph-timed collectives.
+        curves: measured link times of the :data:`CURVED` collectives, ``{name: {"one": [[x,
+            us], ...], "both": [[x, us], ...]}}``: ``x`` bytes per direction (increasing, > 0),
+            ``us`` the time to move them (excluding the latency ``a0 + a1*(k-1)``), ``"one"``
+            with traffic in one direction of the rank's link, ``"both"`` with ``x`` each way at
+            once; at most :data:`CURVE_POINTS` points each. Between points the time is linear
+            in ``x``; below the first and past the last it scales with ``x`` at that point's
+            bandwidth. Without a curve the time is ``x / beta`` (docs/cost-model.md, "Link
+            time"). ``dpgather calibrate`` measures them.
         **collectives: ``name=(a0_us, a1_us, beta_GBps)`` overrides for any of
             :data:`COLLECTIVES`.
     """
 
-    __slots__ = ("row_bytes", "copy_GBps", "mlp_row_us", "mode_us", "params")
+    __slots__ = ("row_bytes", "copy_GBps", "mlp_row_us", "mode_us", "params", "curves")
 
     def __init__(self, row_bytes=14336, copy_GBps=2900.0, mlp_row_us=0.0, mode_us=(0.0, 0.0, 0.0),
-                 **collectives):
+                 curves=None, **collectives):
         self.row_bytes = _finite("row_bytes", row_bytes, int)
         self.copy_GBps = _finite("copy_GBps", copy_GBps)
         self.mlp_row_us = _finite("mlp_row_us", mlp_row_us)
@@ -112,10 +125,11 @@ class CostModel:
                 raise ConfigError(f"{name} needs a0 >= 0, a1 >= 0, beta > 0, got {value!r}")
             params[name] = (a0, a1, beta)
         self.params = params
+        self.curves = _check_curves(curves)
 
     def with_row_bytes(self, row_bytes):
         """A copy of this model for rows of ``row_bytes`` bytes."""
-        return CostModel(row_bytes, self.copy_GBps, self.mlp_row_us, self.mode_us, **self.params)
+        return CostModel(row_bytes, self.copy_GBps, self.mlp_row_us, self.mode_us, self.curves, **self.params)
 
     def time_us(self, collective, group_size, nbytes, active=None):
         """Predicted time of one collective (microseconds); ``active`` = non-empty roots (v only)."""
@@ -126,19 +140,29 @@ class CostModel:
         factor = 2.0 if collective == "all_reduce" else 1.0
         return a0 + a1 * (ranks - 1) + nbytes * factor * (group_size - 1) / group_size / (beta * 1e3)
 
+    def curve(self, collective, which):
+        """The ``[(x bytes, us), ...]`` points of one curve (``which``: ``"one"`` or ``"both"``);
+        empty when the collective has none."""
+        return list(self.curves.get(collective, {}).get(which, ()))
+
     def to_dict(self):
-        return {
+        out = {
             "row_bytes": self.row_bytes,
             "copy_GBps": self.copy_GBps,
             "mlp_row_us": self.mlp_row_us,
             "mode_us": list(self.mode_us),
             **{k: list(v) for k, v in self.params.items()},
         }
+        if self.curves:
+            out["curves"] = {c: {w: [list(p) for p in pts] for w, pts in v.items()}
+                             for c, v in self.curves.items()}
+        return out
 
     @classmethod
     def from_dict(cls, data):
         data = dict(data)
-        base = {k: data.pop(k) for k in ("row_bytes", "copy_GBps", "mlp_row_us", "mode_us") if k in data}
+        base = {k: data.pop(k) for k in ("row_bytes", "copy_GBps", "mlp_row_us", "mode_us", "curves")
+                if k in data}
         data.pop("meta", None)
         return cls(**base, **data)
 
@@ -161,6 +185,38 @@ class CostModel:
 
     def __repr__(self):
         return f"CostModel({self.to_dict()})"
+
+
+def _check_curves(curves):
+    """``curves`` validated and frozen: ``{name: {"one"|"both": ((x, us), ...)}}`` with only
+    non-empty curves kept (ConfigError naming the bad entry otherwise)."""
+    if curves is None:
+        return {}
+    if not isinstance(curves, dict):
+        raise ConfigError(f"curves must be a dict {{collective: {{'one'|'both': [[x, us], ...]}}}}, got {curves!r}")
+    out = {}
+    for name, sides in curves.items():
+        if name not in CURVED:
+            raise ConfigError(f"curves: unknown collective {name!r}; curves exist for {CURVED}")
+        if not isinstance(sides, dict) or not set(sides) <= {"one", "both"}:
+            raise ConfigError(f"curves[{name!r}] must be a dict with keys 'one' and/or 'both', got {sides!r}")
+        kept = {}
+        for which, pts in sides.items():
+            try:
+                pts = [(float(x), float(t)) for x, t in pts]
+            except (TypeError, ValueError):
+                raise ConfigError(f"curves[{name!r}][{which!r}] must be [[x_bytes, us], ...], got {pts!r}") from None
+            if len(pts) > CURVE_POINTS:
+                raise ConfigError(f"curves[{name!r}][{which!r}]: at most {CURVE_POINTS} points, got {len(pts)}")
+            for i, (x, t) in enumerate(pts):
+                if not (math.isfinite(x) and math.isfinite(t)) or x <= 0 or t <= 0 or (i and x <= pts[i - 1][0]):
+                    raise ConfigError(f"curves[{name!r}][{which!r}]: points need increasing x > 0 and us > 0, "
+                                      f"got {pts!r}")
+            if pts:
+                kept[which] = tuple(pts)
+        if kept:
+            out[name] = kept
+    return out
 
 
 def cache_dir():

@@ -50,8 +50,8 @@ DEFAULT_COST = {
     "all_gather": (12.0, 4.0, 300.0),
     "reduce_scatter": (10.2, 3.4, 295.0),
     "all_reduce": (12.3, 4.1, 335.0),
-    "gatherv": (32.0, 3.0, 254.0),
-    "reduce_scatterv": (32.0, 3.0, 254.0),
+    "gatherv": (28.0, 3.0, 330.0),
+    "reduce_scatterv": (28.0, 3.0, 330.0),
     "p2p": (9.0, 0.5, 315.0),
 }
 
@@ -131,6 +131,61 @@ def coll_us(params, name, group, nbytes, active):
     return a0 + a1 * (active - 1) + nbytes * factor * (group - 1) / group / (beta * 1e3)
 
 
+def curve_us(params, name, which, x):
+    """Link time of ``x`` bytes per direction (docs/cost-model.md, "Link time"): the measured
+    curve ``which`` ("one" / "both") of ``cost["curves"]``, or ``x / beta``."""
+    if x <= 0:
+        return 0.0
+    pts = params.get("curves", {}).get(name, {}).get(which, ())
+    if not pts:
+        return x / (params[name][2] * 1e3)
+    pts = [(float(a), float(b)) for a, b in pts]
+    if x <= pts[0][0]:
+        return pts[0][1] * (x / pts[0][0])
+    for (x0, t0), (x1, t1) in zip(pts, pts[1:]):
+        if x <= x1:
+            return t0 + (t1 - t0) * ((x - x0) / (x1 - x0))
+    return pts[-1][1] * (x / pts[-1][0])
+
+
+def link_us(params, name, i, o):
+    """A rank receiving ``i`` and sending ``o`` bytes: never less than the larger one way alone;
+    with traffic both ways, NCCL as (i + o) / 2 each way, P2P as the smaller amount both ways
+    and the rest one way."""
+    M, m = (i, o) if i > o else (o, i)
+    t = curve_us(params, name, "one", M)
+    if m > 0:
+        if name == "p2p":  # pulls: m both ways, the rest one way
+            u = curve_us(params, name, "both", m) + (t - curve_us(params, name, "one", m))
+        else:  # NCCL pushes: (i + o) / 2 each way
+            u = curve_us(params, name, "both", (i + o) / 2)
+        t = max(t, u)
+    return t
+
+
+def vcoll_us(params, name, T, A, n, active):
+    """gatherv / reduce_scatterv over the T ranks of replica counts ``n``: latency plus the
+    slowest rank of the ring in rank order (a rank receives every chunk ``n_d / A`` but its own
+    and passes on every chunk but its successor's; reduce_scatterv the mirror)."""
+    if T <= 1:
+        return 0.0
+    active = max(active, 1)
+    R = float(params["row_bytes"])
+    S = 0.0
+    for x in n:
+        S += x
+    worst = 0.0
+    D = len(n)
+    for d, x in enumerate(n):
+        i = (S - float(x) / A) * R
+        if A > 1:
+            worst = max(worst, link_us(params, name, i, i))
+        o = (S - float(n[(d + 1) % D]) / A) * R
+        worst = max(worst, link_us(params, name, o, i) if name == "reduce_scatterv" else link_us(params, name, i, o))
+    a0, a1, _ = params[name]
+    return a0 + a1 * (active - 1) + worst
+
+
 def predicted_us(n, A, cost=None):
     """``(MAX_LEN, SUM_LEN, VARLEN)`` predicted gather + combine us for (aligned) counts ``n``."""
     p = dict(DEFAULT_COST)
@@ -150,8 +205,8 @@ def predicted_us(n, A, cost=None):
              + mlp * (D * M - S))
     c_sum = 2.0 * coll_us(p, "all_reduce", T, S * R, T) + S * R / (copy_bw * 1e3)
     c_var = (coll_us(p, "reduce_scatterv", A, maxn * R, min(maxn, A))
-             + coll_us(p, "gatherv", T, S * R, k)
-             + coll_us(p, "reduce_scatterv", T, S * R, k)
+             + vcoll_us(p, "gatherv", T, A, n, k)
+             + vcoll_us(p, "reduce_scatterv", T, A, n, k)
              + coll_us(p, "gatherv", A, maxn * R, min(maxn, A)))
     if T > 1:
         mo = [float(v) for v in p["mode_us"]]
@@ -170,20 +225,23 @@ def p2p_us(n, A, cost=None, node_size=0):
     if T <= 1:
         return 0.0
     R = float(p["row_bytes"])
-    a0, a1, beta = p["p2p"]
-    bw = beta * 1e3
-    cp = float(p["copy_GBps"]) * 1e3
-    S = float(sum(n))
+    a0, a1, _ = p["p2p"]
+    S = 0.0
+    for x in n:
+        S += x
     nmin, nmax = float(min(n)), float(max(n))
     L = node_size if 0 < node_size < T else T
     N = T // L
     a = a0 + a1 * (L - 1)
+    copies = 2.0 * (3.0 * nmax + S) * R / (float(p["copy_GBps"]) * 1e3)
     if N == 1:
-        return (a + (A * S - nmin) * R / bw + nmax * R / cp
-                + a + (T - 1) * nmax * R / bw + S * R / cp)
-    return (a + max(A * S / N - nmin, 0.0) * R / bw + nmax * R / cp
+        worst = 0.0
+        for x in n:
+            worst = max(worst, link_us(p, "p2p", (A * S - x) * R, (T - 1) * float(x) * R))
+        return a + worst + a + worst + copies
+    return (a + curve_us(p, "p2p", "one", max(A * S / N - nmin, 0.0) * R)
             + coll_us(p, "gatherv", N, S * R, N) + coll_us(p, "reduce_scatterv", N, S * R, N)
-            + a + (L - 1) * nmax * R / bw + S * R / cp)
+            + a + curve_us(p, "p2p", "one", (L - 1) * nmax * R) + copies)
 
 
 def logits_us(l, A, cost=None):
@@ -196,7 +254,7 @@ def logits_us(l, A, cost=None):
     L = sum(l)
     k = sum(min(x, A) for x in l if x > 0)
     l_sum = coll_us(p, "all_reduce", T, L * R, T) + L * R / (float(p["copy_GBps"]) * 1e3)
-    l_var = coll_us(p, "gatherv", T, L * R, k)
+    l_var = vcoll_us(p, "gatherv", T, A, l, k)
     return l_sum, l_var
 
 

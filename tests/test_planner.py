@@ -250,13 +250,13 @@ def test_all_idle_skip(policy):
 # docs/cost-model.md, "Check against the H200 pattern probe" (A=1, T=4, default constants)
 COST_PATTERNS = {
     "skew": ([B(FM.EXTEND, 1, 8192), B(FM.DECODE, 1), B(FM.DECODE, 1), B(FM.DECODE, 1)],
-             PM.VARLEN, (2413, 1142, 776)),
+             PM.VARLEN, (2413, 1142, 786)),
     "onehot": ([B(FM.IDLE), B(FM.EXTEND, 1, 512), B(FM.IDLE), B(FM.IDLE)],
-               PM.VARLEN, (192, 117, 107)),
-    "decode64": ([B(FM.DECODE, 64)] * 4, PM.MAX_LEN, (63, 83, 104)),
-    "decode256": ([B(FM.DECODE, 256)] * 4, PM.MAX_LEN, (118, 186, 169)),
+               PM.VARLEN, (192, 117, 100)),
+    "decode64": ([B(FM.DECODE, 64)] * 4, PM.MAX_LEN, (63, 83, 91)),
+    "decode256": ([B(FM.DECODE, 256)] * 4, PM.MAX_LEN, (118, 186, 141)),
     "prefill-mix": ([B(FM.EXTEND, 1, 4096), B(FM.EXTEND, 1, 2048), B(FM.DECODE, 64), B(FM.IDLE)],
-                    PM.VARLEN, (1229, 877, 602)),
+                    PM.VARLEN, (1229, 877, 607)),
 }
 
 
@@ -450,6 +450,80 @@ def test_custom_cost_matches_reference(sc, mlp_row_us, row_bytes, gv, mode_us):
                                  "mlp_row_us": mlp_row_us, "gatherv": gv,
                                  "all_reduce": (1.0, 0.5, 100.0), "mode_us": mode_us})
     assert_plan_equals_reference(p, r)
+
+
+def _curve_st():
+    """A measured link-time curve: 0-5 points, increasing bytes, positive times."""
+    return st.lists(st.tuples(st.floats(1.0, 1e9), st.floats(0.01, 5e3)), max_size=5).map(
+        lambda pts: [list(p) for p in sorted({x: t for x, t in pts}.items())])
+
+
+CURVES_ST = st.fixed_dictionaries({c: st.fixed_dictionaries({"one": _curve_st(), "both": _curve_st()})
+                                   for c in ("gatherv", "reduce_scatterv", "p2p")})
+
+
+@settings(max_examples=examples(400), **PROPERTY)
+@given(scenario(), TRANSPORT_ST, CURVES_ST)
+def test_link_curves_match_reference(sc, tr, curves):
+    topo, spec, policy, buckets, batches = sc
+    ns = node_size(topo, tr[2])
+    cost = dg.CostModel(curves=curves)
+    p = dg.plan(batches, topo, spec=spec, policy=policy, graph_buckets=buckets, cost=cost, transport=tr[0],
+                p2p_rows=tr[1], p2p_node_size=ns)
+    r = reference_for(*sc, cost={"curves": curves}, transport=tr[0], p2p_rows=tr[1], p2p_node_size=ns)
+    assert_plan_equals_reference(p, r)
+
+
+def test_link_curves_price_direction_and_size():
+    """One-way and two-way link times come from their own curves; between points the time is
+    linear in bytes, past the ends it scales at the end point's bandwidth."""
+    R = 1000
+    one = [[1e5, 10.0], [1e6, 20.0]]
+    both = [[1e5, 30.0], [1e6, 60.0]]
+    cost = dg.CostModel(row_bytes=R, copy_GBps=1e12, curves={"p2p": {"one": one, "both": both}},
+                        p2p=(0.0, 0.0, 1.0))
+    topo = dg.Topology(2)
+    planner = dg.Planner(topo, cost=cost, transport="p2p", p2p_rows=1 << 20)
+
+    def p2p(n0, n1):
+        return planner.plan_batches([dg.LocalBatch(dg.ForwardMode.DECODE, n) if n else
+                                     dg.LocalBatch(dg.ForwardMode.IDLE) for n in (n0, n1)]).predicted_p2p_us
+
+    # one-sided: 100 rows = 1e5 bytes one way, gather and combine each 10 us (copies cost ~0)
+    assert p2p(100, 0) == pytest.approx(20.0)
+    # one-sided 550 rows: halfway between the points, 15 us each
+    assert p2p(550, 0) == pytest.approx(30.0)
+    # balanced 100 each way: the two-way curve, 30 us each
+    assert p2p(100, 100) == pytest.approx(60.0)
+    # past the last point: 2e6 bytes one way at the last point's 1e6 B / 20 us
+    assert p2p(2000, 0) == pytest.approx(80.0)
+    # below the first: 1e4 bytes at the first point's bandwidth
+    assert p2p(10, 0) == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("curves, match", [
+    ({"all_gather": {"one": [[1, 1]]}}, "unknown collective"),
+    ({"p2p": {"up": [[1, 1]]}}, "'one' and/or 'both'"),
+    ({"p2p": {"one": [[2, 1], [1, 1]]}}, "increasing"),
+    ({"p2p": {"one": [[1, 0]]}}, "us > 0"),
+    ({"p2p": {"one": [[1, 1]] * 0 + [[float(i + 1), 1.0] for i in range(17)]}}, "at most 16"),
+    ({"p2p": {"one": "x"}}, "x_bytes, us"),
+])
+def test_bad_curves_are_refused(curves, match):
+    with pytest.raises(dg.ConfigError, match=match):
+        dg.CostModel(curves=curves)
+
+
+def test_curves_round_trip(tmp_path):
+    cost = dg.CostModel(curves={"gatherv": {"one": [[1e5, 3.0]], "both": []}, "p2p": {"both": [[10, 1], [20, 3]]}})
+    assert cost.curve("gatherv", "both") == [] and cost.curve("p2p", "both") == [(10.0, 1.0), (20.0, 3.0)]
+    path = tmp_path / "cost.json"
+    cost.save(path)
+    again = dg.CostModel.load(path)
+    assert again == cost and again.curves == cost.curves
+    assert dg.CostModel.from_dict(dg.CostModel().to_dict()) == dg.CostModel()
+    assert "curves" not in dg.CostModel().to_dict()
+    assert cost.with_row_bytes(2).curves == cost.curves
 
 
 @settings(max_examples=examples(300), **PROPERTY)

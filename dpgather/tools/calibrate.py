@@ -37,12 +37,12 @@ import time
 import numpy as np
 
 from dpgather.core import ConfigError, CostModel, DpGatherError
-from dpgather.core.cost import COLLECTIVES, cache_path
+from dpgather.core.cost import COLLECTIVES, CURVE_POINTS, cache_path
 
 from ._common import Parser, gpu_count, positive_int, require_mpi, say_error
 from .timing import Column, CupyEvents, HostClock, Timer, format_table
 
-__all__ = ["calibrate", "fit_collective", "main", "DEFAULT_SIZES_CUDA", "DEFAULT_SIZES_HOST"]
+__all__ = ["calibrate", "fit_collective", "fit_curves", "main", "DEFAULT_SIZES_CUDA", "DEFAULT_SIZES_HOST"]
 
 #: Rows (tokens) per rank timed by default: ``hidden`` elements each.
 DEFAULT_SIZES_CUDA = (1, 8, 64, 256, 1024, 4096, 16384)
@@ -130,6 +130,70 @@ def fit_collective(name, samples, default=None):
     return (float(a0), float(a1), float(beta)), {
         "n": len(S), "rel_err_min": float(rel.min()), "rel_err_max": float(rel.max()),
         "note": "; ".join(notes) or None}
+
+
+def _monotone_points(pairs):
+    """``[(x, t)]`` as a curve: sorted by ``x`` (the last sample of a repeated ``x`` kept), each
+    ``t`` raised to at least the one before (more bytes never cost less), at most
+    :data:`~dpgather.core.cost.CURVE_POINTS` points (evenly thinned, the ends kept)."""
+    by_x = {}
+    for x, t in pairs:
+        if x > 0:
+            by_x[float(x)] = max(float(t), 1e-3)
+    pts, top = [], 0.0
+    for x in sorted(by_x):
+        top = max(top, by_x[x])
+        pts.append([x, top])
+    if len(pts) > CURVE_POINTS:
+        keep = np.unique(np.linspace(0, len(pts) - 1, CURVE_POINTS).round().astype(int))
+        pts = [pts[i] for i in keep]
+    return pts
+
+
+def fit_curves(params, samples, row_bytes, copy_GBps):
+    """Link-time curves of :data:`~dpgather.core.cost.CURVED` (docs/cost-model.md, "Link time")
+    from the calibration's samples, after their latency ``a0 + a1*(k-1)`` (from ``params``).
+
+    - gatherv / reduce_scatterv, ``(P, k, B, t)`` with ``k`` roots of ``B/k`` bytes each: at
+      ``P = 2`` one root moves ``B`` one way (curve ``"one"``), two roots ``B/2`` each way
+      (``"both"``); at ``P > 2`` the ring forwards in both directions, so only ``k = P`` (every
+      rank receives and passes on ``(P-1)/P * B``) gives points, on ``"both"``.
+    - p2p, ``(P, k, B, t)`` gather + combine of ``B / (k R)`` rows on ``k`` ranks (``k = P``
+      balanced, ``k = 1`` one rank): ``t = 2a + 2 link + copies`` with the planner's copy term;
+      ``k = P``: ``(P-1)`` rows each way (``"both"``), ``k = 1``: the loaded rank is pulled
+      ``(P-1)`` times its rows (``"one"``).
+    Returns ``{name: {"one": [[x, us], ...], "both": [...]}}`` (empty curves left out).
+    """
+    out = {}
+    for name in ("gatherv", "reduce_scatterv"):
+        a0, a1, _ = params[name]
+        one, both = [], []
+        for P, k, B, t in samples.get(name, ()):
+            P, k = int(P), int(k)
+            if P < 2 or k < 1 or B <= 0:
+                continue
+            link = t - (a0 + a1 * (k - 1))
+            if k == P:
+                both.append(((P - 1) * B / P, link))
+            elif P == 2 and k == 1:
+                one.append((B, link))
+        curves = {w: _monotone_points(v) for w, v in (("one", one), ("both", both)) if v}
+        if curves:
+            out[name] = curves
+    a0, a1, _ = params["p2p"]
+    one, both = [], []
+    for P, k, B, t in samples.get("p2p", ()):
+        P, k = int(P), int(k)
+        if P < 2 or B <= 0:
+            continue
+        rows = B / (k * row_bytes)
+        copies = 2.0 * (3.0 * rows + k * rows) * row_bytes / (copy_GBps * 1e3)
+        link = (t - 2 * (a0 + a1 * (P - 1)) - copies) / 2
+        (both if k == P else one).append(((P - 1) * rows * row_bytes, link))
+    curves = {w: _monotone_points(v) for w, v in (("one", one), ("both", both)) if v}
+    if curves:
+        out["p2p"] = curves
+    return out
 
 
 # -- timing ----------------------------------------------------------------------------------
@@ -245,10 +309,12 @@ def _time(be, comm, fn, reps):
 P2P_SIZES = (1, 8, 64, 256, 1024, 4096)
 
 
-def _facade_steps(comm, rows_list, width, dtype, storage, reps, timeout_s, policy, transport, cost=None):
+def _facade_steps(comm, rows_list, width, dtype, storage, reps, timeout_s, policy, transport, cost=None,
+                  one_sided=False):
     """Graph-timed gather + combine (reduce) of ``DpAttention(policy=..., transport=...)`` with
-    ``rows`` tokens on every rank; returns ``([(rows, t_us, plan)], None)`` or ``([], reason)``
-    when such a DpAttention cannot be built (e.g. no P2P here; the same verdict on every rank)."""
+    ``rows`` tokens on every rank (``one_sided``: on rank 0 only, the others idle); returns
+    ``([(rows, t_us, plan)], None)`` or ``([], reason)`` when such a DpAttention cannot be built
+    (e.g. no P2P here; the same verdict on every rank)."""
     import cupy
 
     from dpgather import DpAttention, ForwardMode, LocalBatch
@@ -262,10 +328,11 @@ def _facade_steps(comm, rows_list, width, dtype, storage, reps, timeout_s, polic
     clock = CupyEvents()
     try:
         for rows in rows_list:
-            x = cupy.zeros((rows, width), dtype=storage)
+            mine = 0 if one_sided and comm.Get_rank() else rows
+            x = cupy.zeros((mine, width), dtype=storage)
             cupy.cuda.Device().synchronize()  # made on the null stream, used on the timing stream
             with clock.stream:
-                plan = dp.sync(LocalBatch(ForwardMode.DECODE, rows))
+                plan = dp.sync(LocalBatch(ForwardMode.DECODE, mine) if mine else LocalBatch(ForwardMode.IDLE))
                 G = dp.gather(x, plan)
                 Y = cupy.zeros(G.shape, dtype=storage)
                 dp.scatter(Y, plan, reduce=True)
@@ -285,25 +352,35 @@ def _facade_steps(comm, rows_list, width, dtype, storage, reps, timeout_s, polic
     return out, None
 
 
-def _measure_p2p(comm, rows_list, width, dtype, storage, reps, timeout_s, copy_GBps):
-    """Samples ``[(P, k, B, t)]`` of the P2P transport, in :func:`fit_collective`'s form.
-
-    Times ``DpAttention(transport="p2p", policy="varlen")`` gather + combine (reduce) of ``rows``
-    rows per rank on every rank (graph-timed), i.e. the cost model's P2P step with
-    ``S = P*rows``, ``nmin = nmax = rows``: ``t = 2a + 2(P-1) rows R / bw + (P+1) rows R / cp``.
-    Each sample is turned into one collective ``t' = t/2 - (P+1) rows R / (2 cp)`` of ``B =
-    P rows R`` bytes, so :func:`fit_collective` fits ``a`` and ``bw``. Returns ``([], reason)``
-    where P2P cannot run.
-    """
+def _measure_p2p(comm, rows_list, width, dtype, storage, reps, timeout_s):
+    """Samples ``[(P, k, B, t)]`` of the P2P transport: ``DpAttention(transport="p2p",
+    policy="varlen")`` gather + combine (reduce), graph-timed, of ``rows`` rows on every rank
+    (``k = P``) and on rank 0 only (``k = 1``); ``B`` = the rows of the step x row bytes, ``t``
+    the whole step. :func:`fit_curves` reads both; :func:`_p2p_alpha_samples` turns the balanced
+    ones into :func:`fit_collective`'s form. Returns ``([], reason)`` where P2P cannot run."""
     P = comm.Get_size()
     R = width * np.dtype(storage).itemsize
-    steps, why = _facade_steps(comm, rows_list, width, dtype, storage, reps, timeout_s, "varlen", "p2p")
-    out = []
-    for rows, t, plan in steps:
-        if plan.transport == "p2p":
-            t1 = t / 2 - (P + 1) * rows * R / (2 * copy_GBps * 1e3)
-            out.append((P, P, P * rows * R, max(t1, 1e-3)))
+    out, why = [], None
+    for k in (P, 1):
+        steps, why = _facade_steps(comm, rows_list, width, dtype, storage, reps, timeout_s, "varlen", "p2p",
+                                   one_sided=k == 1)
+        out += [(P, k, k * rows * R, t) for rows, t, plan in steps if plan.transport == "p2p"]
+        if why:
+            break
     return out, why
+
+
+def _p2p_alpha_samples(samples, row_bytes, copy_GBps):
+    """The balanced P2P steps as one collective each, for :func:`fit_collective`: a step is
+    ``2a + 2 link + copies`` (docs/cost-model.md, "P2P"), so ``t' = (t - copies) / 2`` is one
+    collective of ``B = P rows R`` bytes (``(P-1) rows R`` each way)."""
+    out = []
+    for P, k, B, t in samples:
+        if k == P:
+            rows = B / (P * row_bytes)
+            copies = 2.0 * (3.0 * rows + P * rows) * row_bytes / (copy_GBps * 1e3)
+            out.append((P, P, B, max((t - copies) / 2, 1e-3)))
+    return out
 
 
 #: Rows per rank at which each NCCL mode's own-kernel cost (CostModel.mode_us) is measured.
@@ -443,15 +520,17 @@ def calibrate(comm=None, out=None, sizes=None, hidden=7168, dtype="bfloat16", ba
     p2p_note = None
     if kind == "cuda" and P > 1:
         p2p_rows = [r for r in sizes if r <= P2P_SIZES[-1]] or list(P2P_SIZES[:1])
-        got, p2p_note = _measure_p2p(comm, p2p_rows, width, dtype, storage, reps, timeout_s, copy)
+        got, p2p_note = _measure_p2p(comm, p2p_rows, width, dtype, storage, reps, timeout_s)
         samples["p2p"].extend(got)
         for s_ in got:
-            say(f"# calibrate {'p2p':16s} P={s_[0]} k={s_[1]} B={s_[2]:>11.0f} {s_[3]:9.1f} us")
+            say(f"# calibrate {'p2p':16s} P={s_[0]} k={s_[1]} B={s_[2]:>11.0f} {s_[3]:9.1f} us (gather + combine)")
 
     params, fits = {}, {}
     for c in COLLECTIVES:
-        params[c], fits[c] = fit_collective(c, samples[c])
-    model = CostModel(row_bytes=row_bytes, copy_GBps=copy, mlp_row_us=0.0, **params)
+        got = _p2p_alpha_samples(samples[c], row_bytes, copy) if c == "p2p" else samples[c]
+        params[c], fits[c] = fit_collective(c, got)
+    curves = fit_curves(params, samples, row_bytes, copy)
+    model = CostModel(row_bytes=row_bytes, copy_GBps=copy, mlp_row_us=0.0, curves=curves, **params)
     # every rank fitted the same (max-over-ranks) samples; broadcast anyway so all agree bit for bit
     model = CostModel.from_dict(comm.bcast(model.to_dict(), root=0))
     if kind == "cuda" and P > 1:  # graph-timed collectives leave out dpgather's own kernels
@@ -507,7 +586,9 @@ def _format(model, meta):
             f"{meta.get('card')}, {meta.get('seconds')} s)")
     tail = (f"# copy_GBps {model.copy_GBps:.0f}, row_bytes {model.row_bytes}, mode_us (MAX/SUM/VAR) "
             + "/".join(f"{v:.1f}" for v in model.mode_us))
-    return "\n".join([head, *format_table(rows, cols), tail])
+    curves = [f"# link {c} {w}: " + ", ".join(f"{x / 1e6:.3g} MB {x / (t * 1e3):.0f} GB/s" for x, t in pts)
+              for c, v in model.curves.items() for w, pts in v.items()]
+    return "\n".join([head, *format_table(rows, cols), tail, *curves])
 
 
 def build_parser(prog="python -m dpgather.tools.calibrate"):
