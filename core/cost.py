@@ -53,12 +53,15 @@ _DEFAULTS = {
     "all_gather": (12.0, 4.0, 300.0),
     "reduce_scatter": (10.2, 3.4, 295.0),
     "all_reduce": (12.3, 4.1, 335.0),
+    # v-collectives: priced per rank from what it receives and passes on (docs/cost-model.md,
+    # "Link time"); refitted with that formula to the 4x H200 pattern probe
     "gatherv": (28.0, 3.0, 330.0),
     "reduce_scatterv": (28.0, 3.0, 330.0),
     # the P2P transport's pull collective (docs/p2p.md): latency per collective (pack, barrier,
-    # pull in one kernel), per extra peer, and the pull bandwidth over NVLink; fitted on 2x H200
-    # (9.5 us at 1 row per rank, 65 us at 1024 rows; gather + combine of [4096, 2048] rows)
-    "p2p": (9.0, 0.5, 315.0),
+    # pull in one kernel), per extra peer, and the pull bandwidth over NVLink; the minimax fit on
+    # 2x H200 of 22 layouts (balanced, one-sided, uneven; 1..8192 rows per rank): within 20 %,
+    # one-sided layouts over-predicted (a calibration's curves separate the two, docs/cost-model.md)
+    "p2p": (8.5, 0.47, 440.0),
 }
 
 

@@ -45,7 +45,7 @@ from .timing import Column, CupyEvents, HostClock, Timer, format_table
 __all__ = ["calibrate", "fit_collective", "fit_curves", "main", "DEFAULT_SIZES_CUDA", "DEFAULT_SIZES_HOST"]
 
 #: Rows (tokens) per rank timed by default: ``hidden`` elements each.
-DEFAULT_SIZES_CUDA = (1, 8, 64, 256, 1024, 4096, 16384)
+DEFAULT_SIZES_CUDA = (1, 8, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 DEFAULT_SIZES_HOST = (1, 4, 16, 64)
 _ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4, "int32": 4, "int64": 8, "uint8": 1}
 _ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -305,8 +305,8 @@ def _time(be, comm, fn, reps):
     return res["graph"] if res["graph"] is not None else res["eager"]
 
 
-#: Rows per rank of the P2P samples (the windows are sized for the largest).
-P2P_SIZES = (1, 8, 64, 256, 1024, 4096)
+#: Most rows per rank of the P2P samples (the windows are sized for the largest size timed).
+P2P_MAX_ROWS = 8192
 
 
 def _facade_steps(comm, rows_list, width, dtype, storage, reps, timeout_s, policy, transport, cost=None,
@@ -519,7 +519,7 @@ def calibrate(comm=None, out=None, sizes=None, hidden=7168, dtype="bfloat16", ba
         be.close()
     p2p_note = None
     if kind == "cuda" and P > 1:
-        p2p_rows = [r for r in sizes if r <= P2P_SIZES[-1]] or list(P2P_SIZES[:1])
+        p2p_rows = [r for r in sizes if r <= P2P_MAX_ROWS] or [min(sizes)]
         got, p2p_note = _measure_p2p(comm, p2p_rows, width, dtype, storage, reps, timeout_s)
         samples["p2p"].extend(got)
         for s_ in got:
