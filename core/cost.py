@@ -11,7 +11,9 @@ is predicted to take::
 
 ``beta_c`` is the bus bandwidth in GB/s (nccl-tests' busbw). For the v-collectives (grouped
 broadcasts / reduces) ``alpha`` grows with the number of *non-empty* slots, because empty roots
-are skipped by every rank. The formulas of each mode's predicted gather + combine time are in
+are skipped by every rank. The planner prices the v-collectives over the whole group and the P2P
+transport per rank instead, from what each rank receives and sends ("link time"), with measured
+one-way and two-way time curves per collective where :attr:`CostModel.curves` has them. The formulas of each mode's predicted gather + combine time are in
 ``docs/cost-model.md``; the defaults below are fitted to a 4x H100 probe
 (NCCL 2.28; the figures are in BENCHMARKS.md) and checked against a 4x H200 pattern probe.
 ``dg.calibrate()`` measures the constants on the current machine and writes a JSON file that

@@ -315,6 +315,45 @@ def test_fit_noisy_data_stays_valid():
     CostModel(gatherv=(a0, a1, beta))  # accepted by the model
 
 
+def test_fit_curves_recovers_link_times():
+    """Samples made by the model's own formulas (docs/cost-model.md, "Link time") give back their
+    link times: v-collectives at P = 2 (one root: one way; two: both ways), at P = 4 (only every
+    root: both ways), P2P balanced and one-sided after its latency and copies."""
+    from dpgather.tools.calibrate import _p2p_alpha_samples, fit_curves
+
+    R, copy = 1000, 4000.0
+    params = {"gatherv": (5.0, 1.0, 100.0), "reduce_scatterv": (4.0, 2.0, 100.0), "p2p": (8.0, 0.5, 300.0)}
+    one = {1e4: 2.0, 1e5: 5.0, 1e6: 20.0}
+    both = {1e4: 3.0, 1e5: 8.0, 1e6: 40.0}
+    samples = {"gatherv": [], "reduce_scatterv": [], "p2p": []}
+    for name in ("gatherv", "reduce_scatterv"):
+        a0, a1, _ = params[name]
+        for x in one:
+            samples[name] += [(2, 1, x, a0 + one[x]), (2, 2, 2 * x, a0 + a1 + both[x])]
+            samples[name] += [(4, 2, 2 * x, 1e9), (4, 4, 4 * x / 3, a0 + 3 * a1 + both[x])]
+    a = 8.0 + 0.5
+    for x in one:
+        r = x / R
+        samples["p2p"] += [(2, 2, 2 * r * R, 2 * a + 2 * both[x] + 2 * (3 * r + 2 * r) * R / (copy * 1e3)),
+                           (2, 1, r * R, 2 * a + 2 * one[x] + 2 * (3 * r + r) * R / (copy * 1e3))]
+    curves = fit_curves(params, samples, R, copy)
+
+    def flat(pts):
+        return [v for p in pts for v in p]
+
+    for name in ("gatherv", "reduce_scatterv", "p2p"):
+        assert flat(curves[name]["one"]) == pytest.approx(flat(one.items()))
+        assert flat(curves[name]["both"]) == pytest.approx(flat(both.items()))
+    CostModel(curves=curves)  # accepted by the model
+    # the balanced P2P steps become one collective each for fit_collective: (t - copies) / 2
+    got = _p2p_alpha_samples(samples["p2p"], R, copy)
+    assert [(P, k) for P, k, _, _ in got] == [(2, 2)] * 3
+    assert [t for *_, t in got] == pytest.approx([a + both[x] for x in one])
+    # a dip (more bytes, less time) is raised to the point before: more bytes never cost less
+    dip = fit_curves(params, {"gatherv": [(2, 1, 1e4, 5.0 + 4.0), (2, 1, 1e5, 5.0 + 3.0)]}, R, copy)
+    assert flat(dip["gatherv"]["one"]) == pytest.approx([1e4, 4.0, 1e5, 4.0])
+
+
 def _check_model_file(path, hidden, ranks):
     model = CostModel.load(str(path))
     assert model.row_bytes == hidden * 2
