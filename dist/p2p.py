@@ -924,7 +924,7 @@ class CudaP2P(_P2PBase):
         if hit is None:
             vec = _p2p.pick_vector(row_bytes, _p2p.ITEMSIZE[dtype], ip, op)
             grid = _p2p.grid_size(inp.shape[0], out.shape[0], row_bytes, self._layout.cap_bytes, self._limit)
-            hit = self._fast[key] = (_p2p._function(self.device, _p2p.kernel_name(dtype, vec)), (int(grid),),
+            hit = self._fast[key] = (_p2p.PULL.function(self.device, _p2p.kernel_name(dtype, vec)), (int(grid),),
                                      np.int64(inp.shape[0]), np.int64(out.shape[0]), np.int64(row_bytes))
         fn, grid, in_rows, out_rows, rb = hit
         s = self._cupy.cuda.get_current_stream() if stream is None else stream

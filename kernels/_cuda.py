@@ -41,12 +41,15 @@ import numpy
 from dpgather.core.errors import BackendUnavailable, InputError
 
 __all__ = [
+    "COPY",
     "COPY_CTYPES",
+    "CudaSource",
     "MASK_CTYPES",
     "NAME_EXPRESSIONS",
     "copy_rows",
     "kernel_source",
     "mask_rows",
+    "sm_count",
     "vector_bytes",
     "warm",
 ]
@@ -89,13 +92,6 @@ _UNROLL = {16: int(_U16) if _U16 else 8, 8: 8, 4: 8, 2: 16, 1: 16}
 _BLOCKS_PER_SM = 16
 
 
-def kernel_source() -> str:
-    """Return the CUDA C++ source of ``copy.cu`` (package data next to this module)."""
-    if __package__:
-        return importlib.resources.files(__package__).joinpath(_SOURCE_NAME).read_text()
-    return pathlib.Path(__file__).with_name(_SOURCE_NAME).read_text()
-
-
 @functools.cache
 def _cupy():
     """Import CuPy on first use and check that a GPU is visible (cached on success)."""
@@ -118,39 +114,67 @@ def _cupy():
 
 
 @functools.cache
-def _module(device_id: int):
-    """The RawModule for ``device_id`` (nothing compiles until a function is fetched)."""
-    cupy = _cupy()
-    return cupy.RawModule(
-        code=kernel_source(), options=COMPILE_OPTIONS, name_expressions=NAME_EXPRESSIONS
-    )
-
-
-@functools.cache
-def _function(device_id: int, name: str):
-    """Compiled kernel ``name`` (one of NAME_EXPRESSIONS) on ``device_id``."""
-    cupy = _cupy()
-    with cupy.cuda.Device(device_id):
-        return _module(device_id).get_function(name)
-
-
-@functools.cache
-def _sm_count(device_id: int) -> int:
+def sm_count(device_id: int) -> int:
+    """Streaming multiprocessors of ``device_id`` (cached)."""
     cupy = _cupy()
     return int(cupy.cuda.Device(device_id).attributes["MultiProcessorCount"])
 
 
-def warm(device=None) -> None:
-    """Compile and load every specialisation on ``device`` (default: the current device).
+class CudaSource:
+    """One CUDA source of this package (``copy.cu``, ``p2p.cu``: package data next to this
+    module), compiled with NVRTC through one ``cupy.RawModule`` per device; its functions are
+    fetched once per device and cached.
 
-    Call once per process before capturing CUDA graphs, so that the first launch inside a
-    capture does not compile or load a module.
+    Args:
+        filename: the source file's name.
+        name_expressions: every specialisation the module holds (``RawModule`` name expressions).
+        options: NVRTC options, or a function returning them (read at the first compile on a
+            device: ``p2p.cu`` takes ``-D`` switches from the environment).
     """
-    cupy = _cupy()
-    dev = cupy.cuda.runtime.getDevice() if device is None else int(device)
-    _sm_count(dev)
-    for name in NAME_EXPRESSIONS:
-        _function(dev, name)
+
+    def __init__(self, filename, name_expressions, options):
+        self.filename = filename
+        self.name_expressions = tuple(name_expressions)
+        self._options = options
+        self._modules = {}
+        self._functions = {}
+
+    def text(self) -> str:
+        """The CUDA C++ source."""
+        if __package__:
+            return importlib.resources.files(__package__).joinpath(self.filename).read_text()
+        return pathlib.Path(__file__).with_name(self.filename).read_text()
+
+    def function(self, device_id: int, name: str):
+        """Compiled kernel ``name`` (one of the name expressions) on ``device_id``."""
+        fn = self._functions.get((device_id, name))
+        if fn is None:
+            cupy = _cupy()
+            module = self._modules.get(device_id)
+            if module is None:  # nothing compiles until a function is fetched
+                options = self._options() if callable(self._options) else self._options
+                module = self._modules[device_id] = cupy.RawModule(
+                    code=self.text(), options=tuple(options), name_expressions=self.name_expressions)
+            with cupy.cuda.Device(device_id):
+                fn = self._functions[(device_id, name)] = module.get_function(name)
+        return fn
+
+    def warm(self, device=None) -> None:
+        """Compile and load every specialisation on ``device`` (default: the current device).
+
+        Call once per process before capturing CUDA graphs, so that the first launch inside a
+        capture does not compile or load a module.
+        """
+        cupy = _cupy()
+        dev = cupy.cuda.runtime.getDevice() if device is None else int(device)
+        sm_count(dev)
+        for name in self.name_expressions:
+            self.function(dev, name)
+
+
+COPY = CudaSource(_SOURCE_NAME, NAME_EXPRESSIONS, COMPILE_OPTIONS)
+kernel_source = COPY.text
+warm = COPY.warm
 
 
 def vector_bytes(row_bytes: int, *pointers: int) -> int:
@@ -164,7 +188,7 @@ def vector_bytes(row_bytes: int, *pointers: int) -> int:
 def _grid(n_vectors: int, vec: int, device_id: int) -> int:
     per_block = _THREADS * _UNROLL[vec]
     blocks = -(-n_vectors // per_block)
-    return max(1, min(blocks, _sm_count(device_id) * _BLOCKS_PER_SM))
+    return max(1, min(blocks, sm_count(device_id) * _BLOCKS_PER_SM))
 
 
 def _as_device_2d(cupy, arr, name: str):
@@ -204,7 +228,7 @@ def _stream_arg(cupy, stream):
 
 
 def _launch(cupy, device_id, name, grid, args, stream):
-    kernel = _function(device_id, name)
+    kernel = COPY.function(device_id, name)
     if cupy.cuda.runtime.getDevice() == device_id:
         kernel((grid,), (_THREADS,), args, stream=stream)
     else:
@@ -357,8 +381,8 @@ def copy_rows_unchecked(src, dst, desc, i, stream=None) -> None:
     key = (dev, vec)
     entry = _fast.get(key)
     if entry is None:
-        entry = _fast[key] = (_function(dev, f"copy_rows<{COPY_CTYPES[vec]}>"),
-                              _THREADS * _UNROLL[vec], _sm_count(dev) * _BLOCKS_PER_SM)
+        entry = _fast[key] = (COPY.function(dev, f"copy_rows<{COPY_CTYPES[vec]}>"),
+                              _THREADS * _UNROLL[vec], sm_count(dev) * _BLOCKS_PER_SM)
     kernel, per_block, cap = entry
     blocks = -(-(dst_rows * (row_bytes // vec)) // per_block)
     grid = blocks if blocks < cap else cap

@@ -23,10 +23,7 @@ functions raise :class:`~dpgather.core.errors.BackendUnavailable` without CuPy o
 
 from __future__ import annotations
 
-import functools
-import importlib.resources
 import os
-import pathlib
 import re
 import zlib
 from typing import NamedTuple
@@ -35,7 +32,7 @@ import numpy as np
 
 from dpgather.core.errors import BackendUnavailable, InputError
 
-from ._cuda import COPY_CTYPES, _cupy, vector_bytes
+from ._cuda import COPY_CTYPES, CudaSource, sm_count, vector_bytes
 
 __all__ = [
     "ELEM_CTYPES",
@@ -60,6 +57,7 @@ __all__ = [
     "kernel_name",
     "kernel_source",
     "launch",
+    "PULL",
     "make_desc",
     "p2p_pull_ref",
     "pick_vector",
@@ -480,45 +478,12 @@ def p2p_pull_ref(inputs_per_rank, desc, desc_off, row_bytes, dtype, out_rows, ca
 
 # ---------------------------------------------------------------------------- CUDA side
 
-def kernel_source() -> str:
-    """The CUDA C++ source of ``p2p.cu`` (package data next to this module)."""
-    if __package__:
-        return importlib.resources.files(__package__).joinpath(_SOURCE_NAME).read_text()
-    return pathlib.Path(__file__).with_name(_SOURCE_NAME).read_text()
-
-
-@functools.cache
-def _module(device_id: int):
-    cupy = _cupy()
-    return cupy.RawModule(code=kernel_source(), options=compile_options(),
-                          name_expressions=NAME_EXPRESSIONS)
-
-
-@functools.cache
-def _function(device_id: int, name: str):
-    cupy = _cupy()
-    with cupy.cuda.Device(device_id):
-        return _module(device_id).get_function(name)
-
-
-@functools.cache
-def sm_count(device_id: int) -> int:
-    """Streaming multiprocessors of ``device_id`` (cached): the grid's upper bound."""
-    cupy = _cupy()
-    return int(cupy.cuda.Device(device_id).attributes["MultiProcessorCount"])
-
-
-def warm(device=None) -> None:
-    """Compile and load every ``p2p_pull`` specialisation on ``device`` (default: current).
-
-    Call before capturing a CUDA graph (``CudaP2P`` does it in its constructor), so that
-    no compilation or module load happens inside a capture.
-    """
-    cupy = _cupy()
-    dev = cupy.cuda.runtime.getDevice() if device is None else int(device)
-    sm_count(dev)
-    for name in NAME_EXPRESSIONS:
-        _function(dev, name)
+PULL = CudaSource(_SOURCE_NAME, NAME_EXPRESSIONS, compile_options)
+kernel_source = PULL.text
+#: Compile and load every ``p2p_pull`` specialisation on a device (default: current). Call
+#: before capturing a CUDA graph (``CudaP2P`` does it in its constructor), so that no
+#: compilation or module load happens inside a capture.
+warm = PULL.warm
 
 
 def max_blocks(device_id: int) -> int:
@@ -591,7 +556,7 @@ def launch(*, dtype, vec, grid, device_id, stream=None, **params) -> None:
             entry and the length of the descriptor array; ``row_bytes``; ``me``, ``nranks``;
             ``data_off``, ``cap_bytes`` (the layout); ``timeout_ns`` (``<= 0``: forever).
     """
-    kernel = _function(device_id, kernel_name(dtype, vec))
+    kernel = PULL.function(device_id, kernel_name(dtype, vec))
     kernel((int(grid),), (_THREADS,), kernel_args(**params), stream=stream)
 
 

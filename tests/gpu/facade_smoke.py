@@ -12,13 +12,12 @@ with ``mpi_harness.report``.
 """
 
 import argparse
-import sys
 
 import numpy as np
 from mpi4py import MPI
 
 import dpgather as dg
-from mpi_harness import report, transports_as_expected
+from mpi_harness import Tally, report, transports_as_expected
 
 comm = MPI.COMM_WORLD
 RANK, T = comm.rank, comm.size
@@ -60,24 +59,10 @@ else:
     NPDT = np.dtype(args.dtype)
 TOL = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 1e-1}.get(args.dtype, 0)
 H = args.hidden
-passed = 0
-failures = []
+tally = Tally(TOL)
+check, close = tally.check, tally.close
 USED = set()  # the plans' transports seen
 AVAILABLE = set()  # info()["transport"] of every DpAttention: the first in the process included
-
-
-def check(name, ok):
-    global passed
-    if ok:
-        passed += 1
-    else:
-        failures.append(name)
-
-
-def close(a, b):
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    return a.shape == b.shape and np.allclose(a, b, atol=TOL * max(1.0, np.abs(b).max(initial=0)), rtol=TOL)
 
 
 def rows(seed, n, width=H):
@@ -226,6 +211,6 @@ for A in [int(a) for a in args.A.split(",")] if args.A else [a for a in range(1,
 
 ok, msg = transports_as_expected(AVAILABLE, T, args.backend, args.transport)
 check(msg, ok)
-report(RANK, failures=failures[:50], nfailures=len(failures), passed=passed,
+report(RANK, failures=tally.failures[:50], nfailures=len(tally.failures), passed=tally.passed,
        backend=args.backend, dtype=args.dtype, T=T, transport=args.transport, transports_used=sorted(USED),
        transports_available=sorted({t for _, t, _ in AVAILABLE}))

@@ -35,7 +35,7 @@ import numpy as np
 from mpi4py import MPI
 
 import dpgather as dg
-from mpi_harness import report, transports_as_expected
+from mpi_harness import Tally, report, transports_as_expected
 
 comm = MPI.COMM_WORLD
 RANK, T = comm.rank, comm.size
@@ -110,25 +110,13 @@ else:  # bf16 storage: a bit-exact stand-in MLP (no cuBLAS: it could not be capt
 
 TOL = {"float32": 1e-4, "bfloat16": 4e-2}[args.dtype]
 H = args.hidden
-passed, failures, bitdiffs, runner_steps = 0, [], 0, 0
+tally = Tally(TOL)
+check, close = tally.check, tally.close
+bitdiffs, runner_steps = 0, 0
 USED, AVAILABLE = set(), set()
 spec = dg.SpecConfig(3, 2, 4)
 MODES = [dg.ForwardMode.IDLE, dg.ForwardMode.DECODE, dg.ForwardMode.EXTEND, dg.ForwardMode.TARGET_VERIFY,
          dg.ForwardMode.DRAFT_DECODE, dg.ForwardMode.DRAFT_EXTEND]
-
-
-def check(name, ok):
-    global passed
-    if ok:
-        passed += 1
-    else:
-        failures.append(name)
-
-
-def close(a, b):
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    return a.shape == b.shape and np.allclose(a, b, atol=TOL * max(1.0, np.abs(b).max(initial=0)), rtol=TOL)
 
 
 def same(name, a, b):
@@ -377,9 +365,9 @@ for A in [a for a in (1, 2) if T % a == 0]:
 
 ok, msg = transports_as_expected(AVAILABLE, T, args.backend, args.transport)
 check(msg, ok)
-if failures:
-    sys.stdout.write(f"rank {RANK}: {len(failures)} failures, first: {failures[:3]}\n")
-report(RANK, failures=failures[:50], nfailures=len(failures), passed=passed, bitdiffs=bitdiffs,
+if tally.failures:
+    sys.stdout.write(f"rank {RANK}: {len(tally.failures)} failures, first: {tally.failures[:3]}\n")
+report(RANK, failures=tally.failures[:50], nfailures=len(tally.failures), passed=tally.passed, bitdiffs=bitdiffs,
        runner_steps=runner_steps,
        backend=args.backend, dtype=args.dtype, T=T, transport=args.transport, transports_used=sorted(USED),
        transports_available=sorted({t for _, t, _ in AVAILABLE}))
