@@ -111,7 +111,6 @@ cdef struct Config:
     double copy_bw
     double mlp_row_us
     double mode_us[3]
-    double host_us[4]
     int64_t p2p_rows
     int64_t p2p_node
     int transport
@@ -510,8 +509,6 @@ cdef class Planner:
         self.cfg.mlp_row_us = cost.mlp_row_us
         for i in range(3):
             self.cfg.mode_us[i] = cost.mode_us[i]
-        for i in range(4):
-            self.cfg.host_us[i] = cost.host_us[i]
         for i, name in enumerate(_COLL_ORDER):
             a0, a1, beta = cost.params[name]
             self.cfg.a0[i] = a0
@@ -738,13 +735,6 @@ cdef class Planner:
             if p2p_ok and D * bucket <= c.p2p_rows and D * lbucket <= c.p2p_rows:
                 tr = 1  # graph steps: exact rows on the wire whenever the windows hold the bucket
         else:
-            if T > 1:  # an eager step cannot end before the host has issued it (CostModel.host_us)
-                if c_max < c.host_us[0]:
-                    c_max = c.host_us[0]
-                if c_sum < c.host_us[1]:
-                    c_sum = c.host_us[1]
-                if c_var < c.host_us[2]:
-                    c_var = c.host_us[2]
             if c.policy == POL_SGLANG:
                 if is_ext and D > 1:
                     pad = PAD_SUM
@@ -779,8 +769,6 @@ cdef class Planner:
                 p_rows = D * M if p_pad == PAD_MAX else S
                 if p_rows <= c.p2p_rows and L <= c.p2p_rows:
                     c_p2p = p2p_us(c, T, A, nt, D)
-                    if c_p2p < c.host_us[3]:
-                        c_p2p = c.host_us[3]
                     c_best = c_max if pad == PAD_MAX else (c_sum if pad == PAD_SUM else c_var)
                     if c.transport == TR_P2P or c_p2p < c_best:
                         tr = 1
@@ -812,11 +800,7 @@ cdef class Planner:
         plan.policy = self.policy
         plan.predicted_us = (c_max, c_sum, c_var)
         plan.transport = _TRANSPORT_NAME[tr]
-        if not tr and p2p_ok:
-            c_p2p = p2p_us(c, T, A, nt, D)
-            if not graph and c_p2p < c.host_us[3]:
-                c_p2p = c.host_us[3]
-        plan.predicted_p2p_us = c_p2p
+        plan.predicted_p2p_us = c_p2p if tr else (p2p_us(c, T, A, nt, D) if p2p_ok else 0.0)
         h = 0xcbf29ce484222325ULL
         h = fnv1a(h, pad)
         h = fnv1a(h, lpad)

@@ -82,12 +82,6 @@ class CostModel:
             prediction when T > 1; ``(0, 0, 0)`` by default (the default constants were fitted to
             eagerly timed collectives, whose launch cost covers it); ``dpgather calibrate``
             measures it beside its graph-timed collectives.
-        host_us: ``(MAX_LEN, SUM_LEN, VARLEN, P2P)`` microseconds the host needs to issue one
-            eager gather + combine of each choice (Python, CuPy and NCCL calls): an eager step
-            cannot finish before its launches are issued, so the planner prices an eager step
-            at ``max(device prediction, host_us)``; graph steps are issued by one graph launch
-            and ignore it. ``(0, 0, 0, 0)`` by default; ``dpgather calibrate`` measures it
-            (docs/cost-model.md, "Eager steps").
         curves: measured link times of the :data:`CURVED` collectives, ``{name: {"one": [[x,
             us], ...], "both": [[x, us], ...]}}``: ``x`` bytes per direction (increasing, > 0),
             ``us`` the time to move them (excluding the latency ``a0 + a1*(k-1)``), ``"one"``
@@ -100,10 +94,10 @@ class CostModel:
             :data:`COLLECTIVES`.
     """
 
-    __slots__ = ("row_bytes", "copy_GBps", "mlp_row_us", "mode_us", "host_us", "params", "curves")
+    __slots__ = ("row_bytes", "copy_GBps", "mlp_row_us", "mode_us", "params", "curves")
 
     def __init__(self, row_bytes=14336, copy_GBps=2900.0, mlp_row_us=0.0, mode_us=(0.0, 0.0, 0.0),
-                 curves=None, host_us=(0.0, 0.0, 0.0, 0.0), **collectives):
+                 curves=None, **collectives):
         self.row_bytes = _finite("row_bytes", row_bytes, int)
         self.copy_GBps = _finite("copy_GBps", copy_GBps)
         self.mlp_row_us = _finite("mlp_row_us", mlp_row_us)
@@ -122,15 +116,6 @@ class CostModel:
         self.mode_us = tuple(_finite("mode_us", v) for v in modes)
         if min(self.mode_us) < 0:
             raise ConfigError(f"mode_us must be >= 0, got {mode_us!r}")
-        try:
-            hosts = tuple(host_us)
-        except TypeError:
-            hosts = ()
-        if len(hosts) != 4:
-            raise ConfigError(f"host_us must be (max_len_us, sum_len_us, varlen_us, p2p_us), got {host_us!r}")
-        self.host_us = tuple(_finite("host_us", v) for v in hosts)
-        if min(self.host_us) < 0:
-            raise ConfigError(f"host_us must be >= 0, got {host_us!r}")
         params = dict(_DEFAULTS)
         for name, value in collectives.items():
             if name not in _DEFAULTS:
@@ -149,8 +134,7 @@ class CostModel:
 
     def with_row_bytes(self, row_bytes):
         """A copy of this model for rows of ``row_bytes`` bytes."""
-        return CostModel(row_bytes, self.copy_GBps, self.mlp_row_us, self.mode_us, self.curves, self.host_us,
-                         **self.params)
+        return CostModel(row_bytes, self.copy_GBps, self.mlp_row_us, self.mode_us, self.curves, **self.params)
 
     def time_us(self, collective, group_size, nbytes, active=None):
         """Predicted time of one collective (microseconds); ``active`` = non-empty roots (v only)."""
@@ -174,8 +158,6 @@ class CostModel:
             "mode_us": list(self.mode_us),
             **{k: list(v) for k, v in self.params.items()},
         }
-        if any(self.host_us):
-            out["host_us"] = list(self.host_us)
         if self.curves:
             out["curves"] = {c: {w: [list(p) for p in pts] for w, pts in v.items()}
                              for c, v in self.curves.items()}
@@ -184,7 +166,7 @@ class CostModel:
     @classmethod
     def from_dict(cls, data):
         data = dict(data)
-        base = {k: data.pop(k) for k in ("row_bytes", "copy_GBps", "mlp_row_us", "mode_us", "curves", "host_us")
+        base = {k: data.pop(k) for k in ("row_bytes", "copy_GBps", "mlp_row_us", "mode_us", "curves")
                 if k in data}
         data.pop("meta", None)
         return cls(**base, **data)

@@ -47,7 +47,6 @@ DEFAULT_COST = {
     "copy_GBps": 2900.0,
     "mlp_row_us": 0.0,
     "mode_us": (0.0, 0.0, 0.0),
-    "host_us": (0.0, 0.0, 0.0, 0.0),
     "all_gather": (12.0, 4.0, 300.0),
     "reduce_scatter": (10.2, 3.4, 295.0),
     "all_reduce": (12.3, 4.1, 335.0),
@@ -310,7 +309,6 @@ def plan(batches, world_size, attn_tp_size=1, spec=None, policy="auto", graph_bu
     S = sum(n)
     M = align_up(maxn, A)
     pred = predicted_us(n, A, cost)
-    host = [float(v) for v in dict(DEFAULT_COST, **(cost or {}))["host_us"]]
     L = sum(l)
     p2p_ok = p2p_rows > 0 and transport != "nccl" and T > 1
     tr, c_p2p = NCCL, 0.0
@@ -328,9 +326,6 @@ def plan(batches, world_size, attn_tp_size=1, spec=None, policy="auto", graph_bu
         if p2p_ok and D * bucket <= p2p_rows and D * lbucket <= p2p_rows:
             tr = P2P
     else:
-        # an eager step cannot end before the host has issued it: host_us floors each choice
-        if T > 1:
-            pred = tuple(h if v < h else v for v, h in zip(pred, host[:3]))
         # 4. padding mode
         if policy == "sglang":
             if is_ext and D > 1:
@@ -362,8 +357,6 @@ def plan(batches, world_size, attn_tp_size=1, spec=None, policy="auto", graph_bu
             p_rows = D * M if p_pad == MAX_LEN else S
             if p_rows <= p2p_rows and L <= p2p_rows:
                 c_p2p = p2p_us(n, A, cost, p2p_node_size)
-                if c_p2p < host[3]:
-                    c_p2p = host[3]
                 c_best = pred[pad]
                 if transport == "p2p" or c_p2p < c_best:
                     tr, pad, lpad = P2P, p_pad, p_lpad
@@ -375,8 +368,6 @@ def plan(batches, world_size, attn_tp_size=1, spec=None, policy="auto", graph_bu
     logits_offsets = _prefix(logits_slot_rows)
     if tr == NCCL and p2p_ok:
         c_p2p = p2p_us(n, A, cost, p2p_node_size)
-        if not graph and c_p2p < host[3]:
-            c_p2p = host[3]
     fp = fnv1a64([pad, lpad, int(graph), bucket, int(skip), int(is_ext), A, D, tr]
                  + n + l + slot_rows + slot_offsets + logits_slot_rows + logits_offsets)
     return {

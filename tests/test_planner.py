@@ -474,41 +474,6 @@ def test_link_curves_match_reference(sc, tr, curves):
     assert_plan_equals_reference(p, r)
 
 
-@settings(max_examples=examples(300), **PROPERTY)
-@given(scenario(), TRANSPORT_ST, st.tuples(*[st.sampled_from((0.0, 5.0, 40.0, 500.0))] * 4))
-def test_host_floor_matches_reference(sc, tr, host_us):
-    topo, spec, policy, buckets, batches = sc
-    ns = node_size(topo, tr[2])
-    cost = dg.CostModel(host_us=host_us)
-    p = dg.plan(batches, topo, spec=spec, policy=policy, graph_buckets=buckets, cost=cost, transport=tr[0],
-                p2p_rows=tr[1], p2p_node_size=ns)
-    r = reference_for(*sc, cost={"host_us": host_us}, transport=tr[0], p2p_rows=tr[1], p2p_node_size=ns)
-    assert_plan_equals_reference(p, r)
-    if not p.graph and topo.world_size > 1:
-        assert all(v >= h for v, h in zip(p.predicted_us, host_us[:3]))
-
-
-def test_host_floor_prices_eager_steps_only():
-    """An eager step costs at least what the host needs to issue it; a graph step does not."""
-    topo = dg.Topology(2)
-    one = [dg.LocalBatch(dg.ForwardMode.DECODE, 1, can_run_graph=True)] * 2
-    device_only = dg.Planner(topo, transport="auto", p2p_rows=1 << 20).plan_batches(one)
-    # NCCL issues slowly from the host, P2P fast: the eager step goes over P2P
-    host = dg.CostModel(host_us=(300.0, 300.0, 300.0, 20.0))
-    eager = dg.Planner(topo, cost=host, transport="auto", p2p_rows=1 << 20).plan_batches(one)
-    assert eager.transport == "p2p" and eager.predicted_p2p_us == 20.0
-    assert eager.predicted_us == (300.0, 300.0, 300.0)
-    assert device_only.predicted_p2p_us < 20.0
-    # a graph step is one launch: the floor does not apply
-    graph = dg.Planner(topo, cost=host, graph_buckets=(8,), transport="nccl").plan_batches(one)
-    assert graph.graph and graph.predicted_us == device_only.predicted_us
-    with pytest.raises(dg.ConfigError, match="host_us"):
-        dg.CostModel(host_us=(1.0, 2.0, 3.0))
-    with pytest.raises(dg.ConfigError, match="host_us"):
-        dg.CostModel(host_us=(1.0, 2.0, 3.0, -1.0))
-    assert dg.CostModel.from_dict(host.to_dict()) == host and host.to_dict()["host_us"] == [300.0, 300.0, 300.0, 20.0]
-
-
 def test_link_curves_price_direction_and_size():
     """One-way and two-way link times come from their own curves; between points the time is
     linear in bytes, past the ends it scales at the end point's bandwidth."""

@@ -313,9 +313,8 @@ def _facade_steps(comm, rows_list, width, dtype, storage, reps, timeout_s, polic
                   one_sided=False):
     """Graph-timed gather + combine (reduce) of ``DpAttention(policy=..., transport=...)`` with
     ``rows`` tokens on every rank (``one_sided``: on rank 0 only, the others idle); returns
-    ``([(rows, t_us, plan, eager_us)], None)`` (``eager_us``: the same step launched from Python)
-    or ``([], reason)`` when such a DpAttention cannot be built (e.g. no P2P here; the same
-    verdict on every rank)."""
+    ``([(rows, t_us, plan)], None)`` or ``([], reason)`` when such a DpAttention cannot be built
+    (e.g. no P2P here; the same verdict on every rank)."""
     import cupy
 
     from dpgather import DpAttention, ForwardMode, LocalBatch
@@ -345,7 +344,7 @@ def _facade_steps(comm, rows_list, width, dtype, storage, reps, timeout_s, polic
 
             timer = Timer(clock, comm=comm, reps=reps, warmup=1, target_us=_TARGET_US, kmax=_KMAX)
             res = timer.measure(lambda j: step(), graph=True)
-            out.append((rows, res["graph"] if res["graph"] is not None else res["eager"], plan, res["eager"]))
+            out.append((rows, res["graph"] if res["graph"] is not None else res["eager"], plan))
             clock.synchronize()
     finally:
         clock.synchronize()
@@ -358,20 +357,17 @@ def _measure_p2p(comm, rows_list, width, dtype, storage, reps, timeout_s):
     policy="varlen")`` gather + combine (reduce), graph-timed, of ``rows`` rows on every rank
     (``k = P``) and on rank 0 only (``k = 1``); ``B`` = the rows of the step x row bytes, ``t``
     the whole step. :func:`fit_curves` reads both; :func:`_p2p_alpha_samples` turns the balanced
-    ones into :func:`fit_collective`'s form. Returns ``(samples, None, host_us)`` with the eager
-    time of the smallest balanced step, or ``([], reason, None)`` where P2P cannot run."""
+    ones into :func:`fit_collective`'s form. Returns ``([], reason)`` where P2P cannot run."""
     P = comm.Get_size()
     R = width * np.dtype(storage).itemsize
-    out, why, host = [], None, None
+    out, why = [], None
     for k in (P, 1):
         steps, why = _facade_steps(comm, rows_list, width, dtype, storage, reps, timeout_s, "varlen", "p2p",
                                    one_sided=k == 1)
-        out += [(P, k, k * rows * R, t) for rows, t, plan, _ in steps if plan.transport == "p2p"]
-        if k == P and steps:
-            host = steps[0][3]  # the smallest balanced step, launched from Python
+        out += [(P, k, k * rows * R, t) for rows, t, plan in steps if plan.transport == "p2p"]
         if why:
             break
-    return out, why, host
+    return out, why
 
 
 def _p2p_alpha_samples(samples, row_bytes, copy_GBps):
@@ -392,19 +388,16 @@ MODE_SIZES = (1, 64)
 
 
 def _measure_modes(comm, width, dtype, storage, reps, timeout_s, model):
-    """``CostModel.mode_us`` and the NCCL part of ``host_us``: per NCCL padding mode, the median
-    over :data:`MODE_SIZES` of the graph-timed DpAttention gather + combine minus ``model``'s
-    prediction of its collectives (clipped at 0): what dpgather's own pack / unpack / zero-fill
-    kernels add to each mode; and the eager (Python-launched) time of its smallest step: what
-    the host needs to issue it. Returns ``(mode_us, host_us)``, three values each."""
-    mode, host = [], []
+    """``CostModel.mode_us``: per NCCL padding mode, the median over :data:`MODE_SIZES` of the
+    graph-timed DpAttention gather + combine minus ``model``'s prediction of its collectives
+    (clipped at 0): what dpgather's own pack / unpack / zero-fill kernels add to each mode."""
+    out = []
     for policy, i in (("max_len", 0), ("sum_len", 1), ("varlen", 2)):
         steps, _ = _facade_steps(comm, MODE_SIZES, width, dtype, storage, reps, timeout_s, policy, "nccl",
                                  cost=model)
-        extra = [t - float(plan.predicted_us[i]) for _, t, plan, _ in steps]
-        mode.append(max(0.0, float(np.median(extra))) if extra else 0.0)
-        host.append(float(steps[0][3]) if steps else 0.0)
-    return tuple(mode), tuple(host)
+        extra = [t - float(plan.predicted_us[i]) for _, t, plan in steps]
+        out.append(max(0.0, float(np.median(extra))) if extra else 0.0)
+    return tuple(out)
 
 
 def _measure_group(be, comm, tp, rows, width, dtype, logical, reps, kinds, k_range):
@@ -524,10 +517,10 @@ def calibrate(comm=None, out=None, sizes=None, hidden=7168, dtype="bfloat16", ba
         info = be.meta()
     finally:
         be.close()
-    p2p_note, p2p_host = None, None
+    p2p_note = None
     if kind == "cuda" and P > 1:
         p2p_rows = [r for r in sizes if r <= P2P_MAX_ROWS] or [min(sizes)]
-        got, p2p_note, p2p_host = _measure_p2p(comm, p2p_rows, width, dtype, storage, reps, timeout_s)
+        got, p2p_note = _measure_p2p(comm, p2p_rows, width, dtype, storage, reps, timeout_s)
         samples["p2p"].extend(got)
         for s_ in got:
             say(f"# calibrate {'p2p':16s} P={s_[0]} k={s_[1]} B={s_[2]:>11.0f} {s_[3]:9.1f} us (gather + combine)")
@@ -541,11 +534,9 @@ def calibrate(comm=None, out=None, sizes=None, hidden=7168, dtype="bfloat16", ba
     # every rank fitted the same (max-over-ranks) samples; broadcast anyway so all agree bit for bit
     model = CostModel.from_dict(comm.bcast(model.to_dict(), root=0))
     if kind == "cuda" and P > 1:  # graph-timed collectives leave out dpgather's own kernels
-        mode_us, host_us = _measure_modes(comm, width, dtype, storage, reps, timeout_s, model)
-        host_us = (*host_us, p2p_host or 0.0)
+        mode_us = _measure_modes(comm, width, dtype, storage, reps, timeout_s, model)
         say("# calibrate mode_us (MAX_LEN, SUM_LEN, VARLEN) " + " ".join(f"{v:.1f}" for v in mode_us))
-        say("# calibrate host_us (MAX_LEN, SUM_LEN, VARLEN, P2P) " + " ".join(f"{v:.1f}" for v in host_us))
-        model = CostModel.from_dict({**model.to_dict(), "mode_us": list(mode_us), "host_us": list(host_us)})
+        model = CostModel.from_dict({**model.to_dict(), "mode_us": list(mode_us)})
         model = CostModel.from_dict(comm.bcast(model.to_dict(), root=0))
     meta = {
         **info, "backend": kind, "ranks": P, "gpu_count": P if kind == "cuda" else 0,
@@ -594,8 +585,7 @@ def _format(model, meta):
     head = (f"# cost model ({meta.get('backend')} backend, {meta.get('ranks')} ranks, "
             f"{meta.get('card')}, {meta.get('seconds')} s)")
     tail = (f"# copy_GBps {model.copy_GBps:.0f}, row_bytes {model.row_bytes}, mode_us (MAX/SUM/VAR) "
-            + "/".join(f"{v:.1f}" for v in model.mode_us) + ", host_us (MAX/SUM/VAR/P2P) "
-            + "/".join(f"{v:.1f}" for v in model.host_us))
+            + "/".join(f"{v:.1f}" for v in model.mode_us))
     curves = [f"# link {c} {w}: " + ", ".join(f"{x / 1e6:.3g} MB {x / (t * 1e3):.0f} GB/s" for x, t in pts)
               for c, v in model.curves.items() for w, pts in v.items()]
     return "\n".join([head, *format_table(rows, cols), tail, *curves])
