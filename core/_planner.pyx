@@ -15,7 +15,7 @@ from cpython.mem cimport PyMem_Malloc, PyMem_Free
 
 import numpy as np
 
-from .cost import CostModel
+from .cost import CURVE_POINTS, CostModel
 from .errors import ConfigError, InconsistentBatchError, InputError
 from .types import POLICIES, ForwardMode, LocalBatch, PaddingMode, SpecConfig, Topology
 
@@ -82,6 +82,9 @@ cdef enum:
     C_P2P = 5
 
 cdef enum:
+    N_CURVE = 16  # most points of one link-time curve: core.cost.CURVE_POINTS
+
+cdef enum:
     TR_AUTO = 0
     TR_NCCL = 1
     TR_P2P = 2
@@ -94,6 +97,7 @@ _POLICY_CODE = {"auto": POL_AUTO, "sglang": POL_SGLANG, "max_len": POL_MAX, "sum
 _COLL_ORDER = ("all_gather", "reduce_scatter", "all_reduce", "gatherv", "reduce_scatterv", "p2p")
 _TRANSPORT_CODE = {"auto": TR_AUTO, "nccl": TR_NCCL, "p2p": TR_P2P}
 _TRANSPORT_NAME = ("nccl", "p2p")
+assert CURVE_POINTS == N_CURVE, "core.cost.CURVE_POINTS and the planner's N_CURVE must agree"
 #: Transport preferences accepted by the planner (docs/planner.md section 8).
 TRANSPORTS = ("auto", "nccl", "p2p")
 
@@ -118,8 +122,8 @@ cdef struct Config:
     double a1[6]
     double beta[6]
     int cn[6][2]
-    double cx[6][2][16]
-    double ct[6][2][16]
+    double cx[6][2][N_CURVE]
+    double ct[6][2][N_CURVE]
 
 
 cdef inline int64_t align_up(int64_t x, int64_t a) noexcept nogil:
@@ -515,7 +519,7 @@ cdef class Planner:
             self.cfg.a1[i] = a1
             self.cfg.beta[i] = beta
             for w, which in enumerate(("one", "both")):
-                pts = cost.curve(name, which)[:16]
+                pts = cost.curve(name, which)[:N_CURVE]
                 self.cfg.cn[i][w] = len(pts)
                 for j, (x, t) in enumerate(pts):
                     self.cfg.cx[i][w][j] = x
