@@ -150,6 +150,13 @@ def _monotone_points(pairs):
     return pts
 
 
+def _p2p_copies_us(nmax, S, row_bytes, copy_GBps):
+    """The local copies of one P2P gather + combine (us), as the planner prices them: the pack
+    and own-row copy of the largest replica, the pack of every row of the partial and its own
+    rows read back (docs/cost-model.md, "P2P"; ``copy_GBps`` counts bytes read + written)."""
+    return 2.0 * (3.0 * nmax + S) * row_bytes / (copy_GBps * 1e3)
+
+
 def fit_curves(params, samples, row_bytes, copy_GBps):
     """Link-time curves of :data:`~dpgather.core.cost.CURVED` (docs/cost-model.md, "Link time")
     from the calibration's samples, after their latency ``a0 + a1*(k-1)`` (from ``params``).
@@ -187,8 +194,7 @@ def fit_curves(params, samples, row_bytes, copy_GBps):
         if P < 2 or B <= 0:
             continue
         rows = B / (k * row_bytes)
-        copies = 2.0 * (3.0 * rows + k * rows) * row_bytes / (copy_GBps * 1e3)
-        link = (t - 2 * (a0 + a1 * (P - 1)) - copies) / 2
+        link = (t - 2 * (a0 + a1 * (P - 1)) - _p2p_copies_us(rows, k * rows, row_bytes, copy_GBps)) / 2
         (both if k == P else one).append(((P - 1) * rows * row_bytes, link))
     curves = {w: _monotone_points(v) for w, v in (("one", one), ("both", both)) if v}
     if curves:
@@ -378,8 +384,7 @@ def _p2p_alpha_samples(samples, row_bytes, copy_GBps):
     for P, k, B, t in samples:
         if k == P:
             rows = B / (P * row_bytes)
-            copies = 2.0 * (3.0 * rows + P * rows) * row_bytes / (copy_GBps * 1e3)
-            out.append((P, P, B, max((t - copies) / 2, 1e-3)))
+            out.append((P, P, B, max((t - _p2p_copies_us(rows, P * rows, row_bytes, copy_GBps)) / 2, 1e-3)))
     return out
 
 
