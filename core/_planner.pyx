@@ -192,7 +192,8 @@ cdef double vcoll_us(const Config* c, int coll, int64_t T, int64_t A, const int6
     """An NCCL v-collective over the T ranks of the replica counts ``n`` (each replica's rows in
     A chunks of ``n_d / A``): latency plus the slowest rank's link time. NCCL runs the grouped
     broadcasts (reduces) around a ring in rank order, so a rank receives every chunk but its own
-    and passes on every chunk but its successor's; reduce_scatterv is the mirror."""
+    and passes on every chunk but its successor's; reduce_scatterv is the mirror, which
+    ``link_us`` (symmetric in what a rank receives and sends) prices alike."""
     cdef double R = c.row_bytes, S = 0.0, share, i, o, t, worst = 0.0
     cdef int64_t d
     if T <= 1:
@@ -209,7 +210,7 @@ cdef double vcoll_us(const Config* c, int coll, int64_t T, int64_t A, const int6
             if t > worst:
                 worst = t
         o = (S - (<double>n[(d + 1) % D]) / A) * R
-        t = link_us(c, coll, o, i) if coll == C_RSV else link_us(c, coll, i, o)
+        t = link_us(c, coll, i, o)
         if t > worst:
             worst = t
     return c.a0[coll] + c.a1[coll] * (active - 1) + worst

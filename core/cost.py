@@ -137,7 +137,9 @@ class CostModel:
         return CostModel(row_bytes, self.copy_GBps, self.mlp_row_us, self.mode_us, self.curves, **self.params)
 
     def time_us(self, collective, group_size, nbytes, active=None):
-        """Predicted time of one collective (microseconds); ``active`` = non-empty roots (v only)."""
+        """The alpha-beta time of one collective (microseconds) with the same traffic on every rank;
+        ``active`` = non-empty roots (v only). The planner prices the :data:`CURVED` collectives
+        per rank instead (link time, with :attr:`curves`), which this does not."""
         if group_size <= 1:
             return 0.0
         a0, a1, beta = self.params[collective]

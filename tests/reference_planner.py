@@ -181,7 +181,7 @@ def vcoll_us(params, name, T, A, n, active):
         if A > 1:
             worst = max(worst, link_us(params, name, i, i))
         o = (S - float(n[(d + 1) % D]) / A) * R
-        worst = max(worst, link_us(params, name, o, i) if name == "reduce_scatterv" else link_us(params, name, i, o))
+        worst = max(worst, link_us(params, name, i, o))  # symmetric: reduce_scatterv's mirror costs the same
     a0, a1, _ = params[name]
     return a0 + a1 * (active - 1) + worst
 

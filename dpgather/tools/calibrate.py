@@ -171,34 +171,31 @@ def fit_curves(params, samples, row_bytes, copy_GBps):
       ``(P-1)`` times its rows (``"one"``).
     Returns ``{name: {"one": [[x, us], ...], "both": [...]}}`` (empty curves left out).
     """
-    out = {}
+    points = {name: {"one": [], "both": []} for name in ("gatherv", "reduce_scatterv", "p2p")}
     for name in ("gatherv", "reduce_scatterv"):
         a0, a1, _ = params[name]
-        one, both = [], []
         for P, k, B, t in samples.get(name, ()):
             P, k = int(P), int(k)
             if P < 2 or k < 1 or B <= 0:
                 continue
             link = t - (a0 + a1 * (k - 1))
             if k == P:
-                both.append(((P - 1) * B / P, link))
+                points[name]["both"].append(((P - 1) * B / P, link))
             elif P == 2 and k == 1:
-                one.append((B, link))
-        curves = {w: _monotone_points(v) for w, v in (("one", one), ("both", both)) if v}
-        if curves:
-            out[name] = curves
+                points[name]["one"].append((B, link))
     a0, a1, _ = params["p2p"]
-    one, both = [], []
     for P, k, B, t in samples.get("p2p", ()):
         P, k = int(P), int(k)
         if P < 2 or B <= 0:
             continue
         rows = B / (k * row_bytes)
         link = (t - 2 * (a0 + a1 * (P - 1)) - _p2p_copies_us(rows, k * rows, row_bytes, copy_GBps)) / 2
-        (both if k == P else one).append(((P - 1) * rows * row_bytes, link))
-    curves = {w: _monotone_points(v) for w, v in (("one", one), ("both", both)) if v}
-    if curves:
-        out["p2p"] = curves
+        points["p2p"]["both" if k == P else "one"].append(((P - 1) * rows * row_bytes, link))
+    out = {}
+    for name, sides in points.items():
+        curves = {w: _monotone_points(v) for w, v in sides.items() if v}
+        if curves:
+            out[name] = curves
     return out
 
 

@@ -344,11 +344,11 @@ def phase_timing(run, be, timeout_s, rows_list, graph_n, reps, breakdown=False):
             full = _p2p.gather_desc(sig, rank=RANK, attn_tp=1, counts=[rows] * SIZE,
                                     slot_offsets=np.arange(SIZE + 1) * rows)
             desc = be.desc(full)
-            bodies = [
-                ("p2p", lambda: tt.pull(send, out_p, desc, 0, row_bytes=ROW_BYTES_TIMED,
-                                       dtype="bfloat16", stream=s)),
-                ("nccl", lambda: nccl.all_gather(send, out_n, stream=s)),
-            ]
+
+            def pull(d):
+                tt.pull(send, out_p, d, 0, row_bytes=ROW_BYTES_TIMED, dtype="bfloat16", stream=s)
+
+            bodies = [("p2p", lambda: pull(desc)), ("nccl", lambda: nccl.all_gather(send, out_n, stream=s))]
             if breakdown:  # the same launch with parts of the descriptor left out
                 _, packs, jobs = _p2p.decode_desc(full)
                 parts = {"barrier": be.desc(_p2p.make_desc(sig)),
@@ -356,9 +356,7 @@ def phase_timing(run, be, timeout_s, rows_list, graph_n, reps, breakdown=False):
                          "pull": be.desc(_p2p.make_desc(sig, (), jobs))}
                 empty = cp.RawKernel(_EMPTY_KERNEL, "dpg_empty")
                 scratch = cp.zeros(1, cp.int32)
-                bodies += [(f"p2p_{k}", lambda d=d: tt.pull(send, out_p, d, 0, row_bytes=ROW_BYTES_TIMED,
-                                                             dtype="bfloat16", stream=s))
-                           for k, d in parts.items()]
+                bodies += [(f"p2p_{k}", lambda d=d: pull(d)) for k, d in parts.items()]
                 bodies.append(("empty", lambda: empty((1,), (256,), (scratch,), stream=s)))
             be.sync("timing setup")
             graphs = {}
@@ -390,7 +388,7 @@ def phase_timing(run, be, timeout_s, rows_list, graph_n, reps, breakdown=False):
                     np.random.default_rng([r, rows]).integers(0, 2**16, (rows, width), dtype=np.uint16)
                     for r in range(SIZE)])
                 if breakdown:  # the parts left out_p as the last full gather wrote it
-                    tt.pull(send, out_p, desc, 0, row_bytes=ROW_BYTES_TIMED, dtype="bfloat16", stream=s)
+                    pull(desc)
                     be.sync(f"timing check {rows}")
                 ok_p = bool((be.get(out_p) == expect).all())
                 ok_n = bool((be.get(out_n) == expect).all())
@@ -452,7 +450,7 @@ def phase_link(run, be, sizes_bytes, reps):
                     # pull: read the next rank's buffer; push: write into the next rank's buffer
                     src, dst = (peers[nxt], mine + cap) if mode == "pull" else (mine + cap, peers[nxt])
                     rows.append({"bytes": nbytes, "mode": mode, "sides": sides,
-                                 **_link_time(run, kern, grid, src, dst, nbytes, active, reps, s, ev0, ev1)})
+                                 **_link_time(run, cp, kern, grid, src, dst, nbytes, active, reps, s, ev0, ev1)})
             # split: the data of rank 1 reaches rank 0; rank 1 pushes the first half, rank 0 pulls the rest
             half = (nbytes // 32) * 16
             if RANK == 1:
@@ -462,7 +460,7 @@ def phase_link(run, be, sizes_bytes, reps):
             else:
                 args = None
             rows.append({"bytes": nbytes, "mode": "split", "sides": "one",
-                         **_link_time(run, kern, grid, *(args[:2] if args else (0, 0)),
+                         **_link_time(run, cp, kern, grid, *(args[:2] if args else (0, 0)),
                                       args[2] if args else 0, args is not None, reps, s, ev0, ev1)})
     finally:
         rt.deviceSynchronize()
@@ -473,7 +471,7 @@ def phase_link(run, be, sizes_bytes, reps):
     return rows
 
 
-def _link_time(run, kern, grid, src, dst, nbytes, active, reps, s, ev0, ev1):
+def _link_time(run, cp, kern, grid, src, dst, nbytes, active, reps, s, ev0, ev1):
     n = nbytes // 16
     k = max(1, min(64, int(2e6 // max(nbytes, 1))))  # about 2 ms of copies per repetition
     samples = []
@@ -486,15 +484,9 @@ def _link_time(run, kern, grid, src, dst, nbytes, active, reps, s, ev0, ev1):
         ev1.record(s)
         s.synchronize()
         if i >= 2:
-            samples.append(be_elapsed_us(ev0, ev1) / k)
+            samples.append(cp.cuda.get_elapsed_time(ev0, ev1) * 1e3 / k)
     us = run.allreduce(statistics.median(samples) if active else 0.0, MPI.MAX)
     return {"us": us, "GBps": nbytes / (us * 1e3) if us > 0 else None}
-
-
-def be_elapsed_us(ev0, ev1):
-    import cupy
-
-    return cupy.cuda.get_elapsed_time(ev0, ev1) * 1e3
 
 
 def phase_timeout(run, be, timeout_s):
