@@ -40,7 +40,7 @@ from dpgather.core.dtypes import DTYPES, logical_of_host, normalize_dtype
 from dpgather.core.errors import CollectiveTimeout, ConfigError, InputError
 
 __all__ = [
-    "Communicator", "Ops", "poll_until", "default_spin", "parse_timeout", "check_counts",
+    "Communicator", "Ops", "bounded_wait", "poll_until", "default_spin", "parse_timeout", "check_counts",
     "check_split_args", "exclusive_offsets",
 ]
 
@@ -132,6 +132,19 @@ def poll_until(test, timeout_s, spin=None):
         if test():
             return True
         nap = min(nap * 2, _SLEEP_MAX_S)
+
+
+def bounded_wait(req, timeout_s, what, orphans, *keep):
+    """Poll an MPI request to completion or raise ``CollectiveTimeout`` naming ``what``.
+
+    On timeout the request and ``keep`` (its buffers) are appended to ``orphans``: MPI may still
+    write into them, so they must stay alive.
+    """
+    if not req.Test() and not poll_until(req.Test, timeout_s):
+        orphans.append((req, keep))
+        raise CollectiveTimeout(
+            f"{what} did not complete within timeout_s={timeout_s:g} s: a peer rank did not enter "
+            "the same call (crashed, stuck, or issued a different sequence)")
 
 
 def parse_timeout(value, name="timeout_s", error=ConfigError):

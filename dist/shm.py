@@ -19,26 +19,11 @@ import secrets
 
 import numpy as np
 
-from dpgather.core.errors import CollectiveTimeout
+from .base import bounded_wait
 
-from .base import poll_until
-
-__all__ = ["NodeSegment", "node_segment", "bounded_wait"]
+__all__ = ["NodeSegment", "node_segment"]
 
 _SHM_DIR = "/dev/shm"
-
-
-def bounded_wait(req, timeout_s, what, orphans, *keep):
-    """Poll an MPI request to completion or raise ``CollectiveTimeout`` naming ``what``.
-
-    On timeout the request and ``keep`` (its buffers) are appended to ``orphans``: MPI may still
-    write into them, so they must stay alive.
-    """
-    if not req.Test() and not poll_until(req.Test, timeout_s):
-        orphans.append((req, keep))
-        raise CollectiveTimeout(
-            f"{what} did not complete within timeout_s={timeout_s:g} s: a peer rank did not enter "
-            "the same call (crashed, stuck, or issued a different sequence)")
 
 
 class NodeSegment:

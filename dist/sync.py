@@ -34,8 +34,8 @@ import numpy as np
 
 from dpgather.core.errors import CollectiveTimeout, InputError
 
-from .base import parse_timeout, poll_until
-from .shm import bounded_wait, node_segment
+from .base import bounded_wait, parse_timeout, poll_until
+from .shm import node_segment
 
 __all__ = ["StepSync"]
 

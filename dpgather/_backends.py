@@ -13,7 +13,7 @@ import numpy as np
 from dpgather.core.dtypes import BF16_STORAGE, cuda_storage, host_storage
 from dpgather.core.errors import BackendUnavailable, ConfigError, InputError
 
-__all__ = ["make_backend", "cuda_usable", "HostBackend", "CudaBackend"]
+__all__ = ["make_backend", "canonical_device", "cuda_usable", "HostBackend", "CudaBackend"]
 
 
 class HostBackend:
@@ -46,13 +46,36 @@ class HostBackend:
 
     @staticmethod
     def wrap(x, name):
-        """``(array, logical)``: ``x`` as a NumPy array without copying; ``logical`` is None
-        (the dtype says it)."""
+        """``(array, origin)``: ``x`` as a NumPy array without copying; ``origin`` tells
+        :meth:`export` which framework (and logical dtype) the caller uses (None: NumPy)."""
         if isinstance(x, np.ndarray):
             return x, None
         if hasattr(x, "__array_interface__") or hasattr(x, "__array__"):
             return np.asarray(x), None
         raise InputError(f"{name} must be a NumPy array (host backend), got {type(x).__name__}")
+
+    @staticmethod
+    def export(arr, origin):
+        """A result ``arr`` (a NumPy array in storage dtype) as the caller's framework's array
+        (``origin`` from :meth:`wrap`), zero-copy."""
+        return arr
+
+    def p2p_probe(self, node_comm, timeout_s):
+        """Whether the host P2P twin can run over ``node_comm``: ``(ok, reason)``, the same on
+        every rank (collective)."""
+        from dpgather.dist.p2p import probe_p2p
+
+        return probe_p2p(node_comm, None, timeout_s, backend="host")
+
+    def p2p(self, node_comm, capacity_bytes, timeout_s):
+        """The host P2P twin over ``node_comm`` with windows of ``capacity_bytes`` (collective;
+        the same ``ConfigError``/``BackendUnavailable`` on every rank when it cannot be made)."""
+        from dpgather.dist.p2p import HostP2P
+
+        return HostP2P(node_comm, capacity_bytes, timeout_s)
+
+    def warm(self):
+        """Load every kernel this backend may launch (Numba compiles on first use: nothing to do)."""
 
     @staticmethod
     def ptr(a):
@@ -130,7 +153,7 @@ class CudaBackend:
         return self.cupy.empty(nbytes, dtype=self.cupy.uint8)
 
     def wrap(self, x, name):
-        """``(array, logical)``: ``x`` as a CuPy array without copying (CuPy,
+        """``(array, origin)``: ``x`` as a CuPy array without copying (CuPy,
         ``__cuda_array_interface__`` or DLPack). A torch bfloat16 tensor (torch being imported by
         the caller) is viewed as 2-byte storage and reported with ``logical="bfloat16"``."""
         cupy = self.cupy
@@ -158,6 +181,33 @@ class CudaBackend:
         if logical is not None:
             arr = arr.view(BF16_STORAGE)
         return arr, logical
+
+    @staticmethod
+    def export(arr, origin):
+        """A result ``arr`` (a CuPy array in storage dtype) as the caller's framework's array
+        (``origin`` from :meth:`wrap`), zero-copy."""
+        return arr
+
+    def p2p_probe(self, node_comm, timeout_s):
+        """Whether the CUDA P2P transport can run over ``node_comm`` (every pair of devices with
+        peer access): ``(ok, reason)``, the same on every rank (collective)."""
+        from dpgather.dist.p2p import probe_p2p
+
+        return probe_p2p(node_comm, self.device.id, timeout_s, backend="cuda")
+
+    def p2p(self, node_comm, capacity_bytes, timeout_s):
+        """The CUDA P2P transport over ``node_comm`` on this rank's device (collective; the same
+        ``ConfigError``/``BackendUnavailable`` on every rank when it cannot be made)."""
+        from dpgather.dist.p2p import CudaP2P
+
+        return CudaP2P(node_comm, capacity_bytes, timeout_s, self.device.id)
+
+    def warm(self):
+        """Compile every kernel this backend may launch (before a graph capture)."""
+        from dpgather.kernels import _cuda, _p2p
+
+        _cuda.warm()
+        _p2p.warm()
 
     @staticmethod
     def ptr(a):
@@ -230,8 +280,19 @@ def cuda_usable():
         return False
 
 
-def make_backend(kind):
-    """The backend for ``kind`` (``"auto"``: CUDA when CuPy sees a GPU, else host)."""
+def canonical_device(value):
+    """``DpAttention(device=...)`` as a plain value every rank can compare: None (the default
+    rule) or a CUDA device ordinal. Pure and local; raises ValueError naming the value."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(f"device must be None or a CUDA device ordinal >= 0, got {value!r}")
+    return int(value)
+
+
+def make_backend(kind, device=None):
+    """The backend for ``kind`` (``"auto"``: CUDA when CuPy sees a GPU, else host) on ``device``
+    (``canonical_device``'s value; None: the default rule)."""
     if kind not in ("auto", "host", "cuda"):
         raise ConfigError(f"backend must be 'auto', 'host' or 'cuda', got {kind!r}")
     if kind == "auto":

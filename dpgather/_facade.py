@@ -197,7 +197,7 @@ class DpAttention:
                                           spec, policy, graph_buckets, max_tokens_per_rank, timeout_s,
                                           cost, strict, transport, micro_batches)
         bound = canon["timeout_s"] if "timeout_s" not in errors else _DEFAULT_TIMEOUT_S
-        from dpgather.dist.shm import bounded_wait
+        from dpgather.dist.base import bounded_wait
         from dpgather.dist.sync import StepSync
 
         orphans = []
