@@ -260,6 +260,12 @@ class Communicator(abc.ABC):
         """``None`` while usable, else a string saying why the communicator refuses calls."""
         return self._broken
 
+    @property
+    def abandoned(self):
+        """True when a timeout left requests pending on this communicator's MPI communicator
+        (nothing that shares it may be freed then: MPI may still use it)."""
+        return bool(getattr(self, "_orphans", ()))
+
     def _mark_broken(self, reason):
         """Record the first reason the communicator became unusable (later ones are dropped)."""
         if self._broken is None:

@@ -159,6 +159,12 @@ class StepSync:
         self.table[...] = part[:, 1:]
         return True
 
+    @property
+    def abandoned(self):
+        """True when a timeout left MPI requests pending on the communicator (it must not be
+        freed then: MPI may still use it)."""
+        return bool(self._orphans)
+
     # -- rare paths ----------------------------------------------------------------------------
     def allgather_obj(self, obj, what="an object exchange"):
         """Every rank's ``obj`` (picklable), as a list in rank order; bounded by ``timeout_s``.

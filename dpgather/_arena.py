@@ -21,6 +21,9 @@ __all__ = ["Arena", "ROLES"]
 ROLES = ("gathered", "staging", "combine", "output", "logits", "logits_output")
 
 _ALIGN = 256  # bytes: sub-views start at 256-byte boundaries (16-byte vector kernels, NCCL)
+#: View shapes a role keeps cached per buffer: a serving loop asks for a few shapes per role
+#: (decode batch sizes, graph buckets); beyond this the cache starts over instead of growing.
+VIEW_CACHE = 64
 
 
 def _round_up(n, a):
@@ -128,7 +131,7 @@ class Arena:
             else:  # numpy moves an empty slice to the buffer start; slice a non-empty one instead
                 out.append(buf[off:off + dtype.itemsize].view(dtype)[:0].reshape(rows, width))
         if st.buf is not None:
-            if len(st.cache) > 64:
+            if len(st.cache) >= VIEW_CACHE:
                 st.cache.clear()
             st.cache[specs] = out
         return out
@@ -164,6 +167,20 @@ class Arena:
                 "requests": st.requests,
             }
         out["total"] = {k: sum(v[k] for v in out.values()) for k in next(iter(out.values()))}
+        return out
+
+    @staticmethod
+    def total(arenas):
+        """:meth:`stats` summed over ``arenas`` (the micro-batches of one owner)."""
+        out = None
+        for arena in arenas:
+            st = arena.stats()
+            if out is None:
+                out = st
+                continue
+            for role, v in st.items():
+                for k, n in v.items():
+                    out[role][k] += n
         return out
 
     def release(self):

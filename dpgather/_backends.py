@@ -20,6 +20,10 @@ class HostBackend:
     """NumPy arrays, Numba kernels, MPI collectives."""
 
     name = "host"
+    #: what carries the collectives NCCL would carry (``info()["transport"]`` without P2P)
+    collectives = "mpi"
+    #: whether graph runners capture CUDA graphs (the host backend runs their steps eagerly)
+    graphs = False
 
     def __init__(self):
         from dpgather.kernels import _host
@@ -93,6 +97,27 @@ class HostBackend:
         a.view(np.uint8).fill(0)
 
     @staticmethod
+    def copy_into(dst, src):
+        """``dst[...] = src`` (equal sizes)."""
+        dst[...] = src
+
+    @staticmethod
+    def launch_chain():
+        """Every call completes before it returns: nothing to order (:mod:`dpgather._chain`)."""
+        from ._chain import NullChain
+
+        return NullChain()
+
+    @staticmethod
+    def event_pool():
+        return None
+
+    @staticmethod
+    def device_name():
+        """None: no device, no calibration cache (``dpgather calibrate`` measures GPUs)."""
+        return None
+
+    @staticmethod
     def stream(value, name="stream"):
         """The host backend has no streams: any ``stream=`` argument is accepted and ignored."""
         return None
@@ -100,9 +125,6 @@ class HostBackend:
     @staticmethod
     def current_stream():
         return None
-
-    def synchronize(self):
-        pass
 
     def close(self):
         pass
@@ -118,6 +140,8 @@ class CudaBackend:
     """
 
     name = "cuda"
+    collectives = "nccl"
+    graphs = True
     _RING = 8
 
     def __init__(self):
@@ -245,6 +269,32 @@ class CudaBackend:
     def zero(self, a):
         self.cupy.cuda.runtime.memsetAsync(a.data.ptr, 0, a.nbytes, self.cupy.cuda.get_current_stream().ptr)
 
+    def copy_into(self, dst, src):
+        """``dst[...] = src`` on the current stream (device to device, equal sizes)."""
+        dst.data.copy_from_device_async(src.data, src.nbytes, self.cupy.cuda.get_current_stream())
+
+    def launch_chain(self):
+        """The launch chain ordering every transport launch (:mod:`dpgather._chain`)."""
+        from ._chain import StreamChain
+
+        return StreamChain(self.cupy)
+
+    def event_pool(self):
+        from ._chain import EventPool
+
+        return EventPool(self.cupy)
+
+    def device_name(self):
+        """This rank's GPU's name (the calibration cache is per device model)."""
+        name = self.cupy.cuda.runtime.getDeviceProperties(self.device.id)["name"]
+        return name.decode() if isinstance(name, bytes) else str(name)
+
+    @staticmethod
+    def nccl_version():
+        from cupy.cuda import nccl
+
+        return int(nccl.get_version())
+
     def current_stream(self):
         return self.cupy.cuda.get_current_stream()
 
@@ -262,9 +312,6 @@ class CudaBackend:
             return cupy.cuda.ExternalStream(int(raw), self.device.id if self.device is not None else -1)
         raise InputError(f"{name} must be None (the current stream), a cupy.cuda.Stream / ExternalStream, "
                          f"a raw cudaStream_t int or a torch.cuda.Stream, got {value!r}")
-
-    def synchronize(self):
-        self.cupy.cuda.get_current_stream().synchronize()
 
     def close(self):
         self._rings = {}

@@ -30,7 +30,11 @@ The host backend needs none of this (every call completes before it returns): it
 
 import contextlib
 
-__all__ = ["NullChain", "StreamChain", "EventPool"]
+__all__ = ["NullChain", "StreamChain", "EventPool", "Retired", "run_async", "EVENT_POOL"]
+
+#: Idle events an :class:`EventPool` keeps for reuse: more than the handles two micro-batches keep
+#: in flight (a few per micro-batch); events beyond it are dropped, not leaked.
+EVENT_POOL = 64
 
 
 class NullChain:
@@ -154,5 +158,67 @@ class EventPool:
         return self._cupy.cuda.Event(block=False, disable_timing=True)
 
     def put(self, ev):
-        if len(self._free) < 64:
+        if len(self._free) < EVENT_POOL:
             self._free.append(ev)
+
+
+def run_async(chain, events, current, s, work):
+    """Run ``work()`` on stream ``s`` after the work enqueued so far on ``current`` (the caller's
+    stream, which produced the inputs); returns ``(result, event)``, the event recorded on ``s``
+    after the work (what ``AsyncHandle.wait`` waits on). The chain switches on for good."""
+    if not chain.chained:
+        chain.start()
+    if current.ptr != s.ptr:
+        ev = events.get()
+        ev.record(current)
+        s.wait_event(ev)
+        events.put(ev)  # safe: the wait above was issued with the current record
+    with s:
+        res = work()
+    done = events.get()
+    done.record(s)
+    return res, done
+
+
+class Retired:
+    """Arena buffers replaced (their role grew) while the device may still read them.
+
+    With every operation on one stream, the memory pool reuses a freed buffer in stream order:
+    :meth:`retire` drops it. Once the chain is on (several streams), a buffer is kept until an
+    event recorded when it was retired -- after the chain's earlier operations -- has completed
+    (:meth:`release`, a query per buffer, no synchronisation); one retired during a graph
+    capture (no event can be queried later) is kept until :meth:`clear` (close).
+
+    Args:
+        chain: the data plane's launch chain. events: an :class:`EventPool` (None on the host).
+        current: ``current() -> stream``.
+    """
+
+    def __init__(self, chain, events, current):
+        self._chain, self._events, self._current = chain, events, current
+        self._kept = []  # (event or None, buffer)
+
+    def retire(self, buf):
+        if not self._chain.chained:
+            return
+        s = self._current()
+        if s.is_capturing():
+            self._kept.append((None, buf))
+            return
+        ev = self._events.get()
+        ev.record(s)
+        self._kept.append((ev, buf))
+
+    def release(self):
+        if not self._kept:
+            return
+        keep = []
+        for ev, buf in self._kept:
+            if ev is not None and ev.done:
+                self._events.put(ev)
+            else:
+                keep.append((ev, buf))
+        self._kept = keep
+
+    def clear(self):
+        self._kept = []

@@ -55,13 +55,11 @@ fixed at capture) while the pulls inside each node move exactly the real rows.
 
 from dpgather.core import PaddingMode
 
-from ._chain import NullChain
 from ._layout import Descriptor
 
 __all__ = ["DataPlane"]
 
 _SUM = PaddingMode.SUM_LEN
-_H, _L = Descriptor.HIDDEN, Descriptor.LOGITS
 _rec = Descriptor.record
 _PACK, _CHUNK, _SUMW, _UNPACK, _OUTCOPY, _ZTAIL = (_rec(0, n) for n in
                                                    ("pack", "chunk", "sumw", "unpack", "outcopy", "ztail"))
@@ -97,8 +95,8 @@ class DataPlane:
         self.A = attn_tp_size
         self.logical = logical
         self.storage = storage
-        #: the launch chain (:mod:`dpgather._chain`); the facade sets a StreamChain on CUDA
-        self.chain = NullChain()
+        #: the launch chain (:mod:`dpgather._chain`) of the backend
+        self.chain = backend.launch_chain()
 
     # -- gather ----------------------------------------------------------------------------
     def gather(self, arena, x, L, desc, partial, p2p, role="gathered"):

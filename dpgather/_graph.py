@@ -32,45 +32,31 @@ counts), so ``N`` micro-batches need ``len(buckets)`` graphs, not ``len(buckets)
 Ordering with the owner's other calls: a replay is one operation of the owner's launch chain
 (:mod:`dpgather._chain`), input copies included. Construction synchronises the device first
 (nothing of the owner is in flight while the runner warms up and captures on its own streams).
+
+Failures: ``run`` is one call of the owner's op path (:mod:`dpgather._ops`), so a bad argument
+on one rank follows the contract of every call (docs/reliability.md): that rank replays the graph
+of the step its peers replay -- the current step of the micro-batch the ledger expects, or, for
+an overlapped runner, the micro-batches synced last -- with zero rows, then raises. On the host
+backend ``fn`` runs eagerly: if it raises or returns a bad array on one rank, that rank combines
+zeros instead (so its peers' combine completes) and then raises.
 """
 
-from typing import Any, Callable, NamedTuple
+from typing import Any
 
 import numpy as np
 
-from dpgather.core import ForwardMode, InputError, LocalBatch, PaddingMode
+from dpgather.core import ForwardMode, InputError, LocalBatch
 
+from . import _checks
 from ._arena import Arena
-from ._layout import OP_GRAPH, Layout, signature
+from ._layout import OP_GRAPH, Layout
+from ._ops import Issued, OpSpec
+from ._steps import arena_sizes
 
 #: The largest ``micro_batches`` of an overlapped runner.
 MAX_RUNNER_MICRO_BATCHES = 16
 
-__all__ = ["GraphRunner", "RunnerContext"]
-
-
-class RunnerContext(NamedTuple):
-    """What a :class:`GraphRunner` needs from its ``DpAttention`` (built by
-    ``DpAttention.graph_runner``): the data plane, the backend, the planner and descriptor layout,
-    this rank's place, the configured row format, and the owner's checks: ``rows(x, name, width)``
-    (an input in the configured storage), ``current(plan)`` (the step of ``plan`` or InputError),
-    ``call(op, plan, flag, width, check, run, dummy)`` (the owner's call protocol: hashing,
-    strict agreement, failure handling), ``guard(op)`` (aborts the owner on a timeout)."""
-
-    plane: Any
-    backend: Any
-    planner: Any
-    descriptor: Any
-    rank: int
-    dp_rank: int
-    attn_tp_rank: int
-    hidden_size: int
-    storage: Any
-    rows: Callable
-    current: Callable
-    call: Callable
-    guard: Callable
-    empty: Any
+__all__ = ["GraphRunner"]
 
 
 class GraphRunner:
@@ -79,8 +65,9 @@ class GraphRunner:
     Made by :meth:`DpAttention.graph_runner`; see the module docstring.
 
     Args:
-        ctx: the :class:`RunnerContext` of the owning ``DpAttention`` (its ``graph_buckets``
-            must be non-empty).
+        path: the owning ``DpAttention``'s op path (:class:`~dpgather._ops.OpPath`: its data
+            plane, backend, step table and call protocol).
+        planner: the owner's planner (its ``graph_buckets`` must be non-empty).
         fn: ``fn(G) -> Y`` on backend arrays.
         contribution: ``"replicate"`` or ``"partial"`` (as for ``gather``).
         reduce: combine with a sum over ranks (True) or a copy (False).
@@ -92,89 +79,89 @@ class GraphRunner:
     pool; nothing is allocated per step.
     """
 
-    def __init__(self, ctx, fn, contribution="replicate", reduce=True, micro_batches=1):
-        buckets = ctx.planner.graph_buckets
+    def __init__(self, path, planner, fn, contribution="replicate", reduce=True, micro_batches=1):
+        buckets = planner.graph_buckets
         if not buckets:
             raise InputError("graph_runner needs DpAttention(graph_buckets=...) with at least one bucket")
-        if contribution not in ("replicate", "partial"):
-            raise InputError(f"contribution must be 'replicate' or 'partial', got {contribution!r}")
-        if not isinstance(reduce, (bool, np.bool_)):
-            raise InputError(f"reduce must be True or False, got {reduce!r}")
+        partial = _checks.contribution(contribution)
+        reduce = _checks.flag(reduce, "reduce")
         if not callable(fn):
             raise InputError(f"fn must be callable, got {fn!r}")
         if isinstance(micro_batches, (bool, np.bool_)) or not isinstance(micro_batches, (int, np.integer)) \
                 or not 1 <= micro_batches <= MAX_RUNNER_MICRO_BATCHES:
             raise InputError(f"micro_batches must be an int in [1, {MAX_RUNNER_MICRO_BATCHES}] (1: one step per "
                              f"run; N > 1: the overlapped step of N micro-batches), got {micro_batches!r}")
-        self._ctx = ctx
-        self._fn = fn
-        self._partial = contribution == "partial"
-        self._reduce = bool(reduce)
         N = self.micro_batches = int(micro_batches)
-        self._flag = 2 * int(self._partial) + int(self._reduce) + 4 * (N - 1)
+        self._path, self._fn = path, fn
+        self._partial, self._reduce = bool(partial), bool(reduce)
+        self._flag = 2 * partial + reduce + 4 * (N - 1)
+        self._spec = (OpSpec(OP_GRAPH, "GraphRunner.run", _check_one, _work_one, _idle_one) if N == 1 else
+                      OpSpec(OP_GRAPH, "GraphRunner.run", _check_many, _work_many, _idle_many, several=N))
         self.buckets = buckets
         self._closed = False
-        be = self._be = ctx.backend
-        D = self._D = ctx.planner.topology.dp_size
-        H, bmax = ctx.hidden_size, buckets[-1]
-        row = H * ctx.storage.itemsize
-        self._arenas, self._in_bufs, self._inputs, self._descs = [], [], [], []
-        size = ctx.descriptor.size
+        be = self._be = path.backend
+        plane = path.plane
+        D = planner.topology.dp_size
+        H, bmax = path.hidden_size, buckets[-1]
+        row = H * path.storage.itemsize
+        sizes = arena_sizes(D, planner.topology.attn_tp_size, bmax, row, graph=True,
+                            node_replicas=plane.node_step if plane.inter is not None else 0)
+        self._arenas, self._inputs, self._descs = [], [], []
+        size = path.steps.descriptor.size
         for _ in range(N):
             arena = Arena(be.alloc)
-            arena.reserve("gathered", D * bmax * row)
-            arena.reserve("staging", 2 * bmax * row + 1024)
-            arena.reserve("combine", 2 * bmax * row + 1024)
-            arena.reserve("output", bmax * row)
+            for role, nbytes in sizes.items():
+                arena.reserve(role, nbytes)
             self._arenas.append(arena)
-            buf = be.alloc(bmax * row)
-            self._in_bufs.append(buf)
-            self._inputs.append(buf.view(ctx.storage).reshape(bmax, H))
+            self._inputs.append(be.alloc(bmax * row).view(path.storage).reshape(bmax, H))
             self._descs.append(be.xp.zeros(size, dtype=be.xp.int64))
-        self._arena, self._in_buf, self._input, self._desc_dev = (self._arenas[0], self._in_bufs[0],
-                                                                 self._inputs[0], self._descs[0])
         self._layouts = {}
         self._p2p = {}  # bucket -> the graph step's transport is P2P (the planner's rule for graphs)
         for b in buckets:
-            plan = ctx.planner.plan_batches([LocalBatch(ForwardMode.DECODE, b, can_run_graph=True)] * D)
-            self._layouts[b] = Layout.hidden(plan, ctx.dp_rank, ctx.attn_tp_rank)
+            plan = planner.plan_batches([LocalBatch(ForwardMode.DECODE, b, can_run_graph=True)] * D)
+            self._layouts[b] = Layout.hidden(plan, path.steps.dp_rank, path.steps.attn_tp_rank)
             self._p2p[b] = plan.transport == "p2p"
-        self._relaid = {}  # (plan fingerprint, bucket) -> host descriptor re-laid out for the bucket
         self._ring = ("runner", id(self))  # the backend's upload ring of the re-laid descriptors
         if N > 1:  # create it now: a replay never allocates
             be.upload(np.zeros(size, dtype=np.int64), out=self._descs[0], ring=self._ring)
         self._outputs = {}
         self._graphs = {}
-        self._pool = None
-        self._stream = None
-        self._side = None  # the second stream of an overlapped capture
-        self._evs = None
-        if be.name == "cuda":
+        self._pool = self._stream = self._side = self._evs = None  # the capture's (CUDA)
+        if be.graphs:
             self._capture()
 
     # -- the step, as captured or run eagerly ----------------------------------------------
-    def _body(self, b):
+    def _body(self, b, errors):
+        """One step of bucket ``b`` on the static buffers; ``fn``'s failures go to ``errors``."""
         if self.micro_batches > 1:
-            return self._body_overlap(b)
-        ctx, L, p2p = self._ctx, self._layouts[b], self._p2p[b]
-        G = ctx.plane.gather(self._arena, self._input[:b], L, self._desc_dev, self._partial, p2p)
-        Yr = self._apply(G)
-        return ctx.plane.combine(self._arena, Yr, L, self._desc_dev, self._reduce, None, p2p)
+            return self._body_overlap(b, errors)
+        plane, L, p2p = self._path.plane, self._layouts[b], self._p2p[b]
+        G = plane.gather(self._arenas[0], self._inputs[0][:b], L, self._descs[0], self._partial, p2p)
+        Yr = self._apply(G, self._arenas[0], errors)
+        return plane.combine(self._arenas[0], Yr, L, self._descs[0], self._reduce, None, p2p)
 
-    def _apply(self, G):
-        ctx = self._ctx
-        Yr = ctx.rows(self._fn(G), "fn(G)", ctx.hidden_size)
-        if Yr.shape[0] < G.shape[0]:
-            raise InputError(f"fn(G) must return at least {G.shape[0]} rows, got {Yr.shape[0]}")
-        return Yr
+    def _apply(self, G, arena, errors):
+        """``fn(G)`` checked. When it raises or returns a bad array the step goes on with zeros
+        (the peers' combine needs this rank's collectives) and the error is kept in ``errors``."""
+        path = self._path
+        try:
+            Yr, _ = path.rows(self._fn(G), "fn(G)")
+            if Yr.shape[0] < G.shape[0]:
+                raise InputError(f"fn(G) must return at least {G.shape[0]} rows, got {Yr.shape[0]}")
+            return Yr
+        except Exception as e:
+            errors.append(e)
+            Z = arena.view("staging", G.shape[0], path.hidden_size, path.storage)
+            self._be.zero(Z)
+            return Z
 
-    def _body_overlap(self, b):
+    def _body_overlap(self, b, errors):
         """The overlapped step of bucket ``b`` (module docstring); returns ``(outputs, Ys)``: the
         ``N`` combined outputs and the ``fn`` results, which the caller keeps alive until the
         capture ended (a freed ``Y_i`` could be reused by ``fn``'s next allocation while combine
         ``i`` still reads it on the second stream)."""
-        ctx, L, p2p, N = self._ctx, self._layouts[b], self._p2p[b], self.micro_batches
-        plane, main, side, ev = ctx.plane, self._stream, self._side, self._evs
+        L, p2p, N = self._layouts[b], self._p2p[b], self.micro_batches
+        plane, main, side, ev = self._path.plane, self._stream, self._side, self._evs
 
         def on(s, fn):
             if s is None:
@@ -198,7 +185,7 @@ class GraphRunner:
         for i in range(N):
             if ev:
                 main.wait_event(ev["g"][i])
-            Yr = on(main, lambda i=i: self._apply(Gs[i]))
+            Yr = on(main, lambda i=i: self._apply(Gs[i], self._arenas[i], errors))
             Ys.append(Yr)
             edge(main, side, ev and ev["y"][i])
             outs.append(on(side, lambda i=i, Yr=Yr: plane.combine(self._arenas[i], Yr, L, self._descs[i],
@@ -207,12 +194,8 @@ class GraphRunner:
         return outs, Ys
 
     def _capture(self):
-        from dpgather.kernels import _cuda, _p2p
-
         cupy = self._be.cupy
-        _cuda.warm()
-        if any(self._p2p.values()):
-            _p2p.warm()
+        self._be.warm()
         cupy.cuda.Device().synchronize()  # nothing of the owner in flight: the warm-up is unordered
         self._pool = cupy.cuda.MemoryPool()
         self._stream = cupy.cuda.Stream(non_blocking=True)
@@ -224,16 +207,21 @@ class GraphRunner:
 
             N = self.micro_batches
             self._evs = {"fork": mk(), "join": mk(), "g": [mk() for _ in range(N)], "y": [mk() for _ in range(N)]}
-        with self._ctx.plane.chain.suspended(), cupy.cuda.using_allocator(self._pool.malloc), self._stream:
+        errors = []
+        with self._path.plane.chain.suspended(), cupy.cuda.using_allocator(self._pool.malloc), self._stream:
             for b in self.buckets:
-                self._body(b)  # warm-up: compiles kernels, fills the private pool
+                self._body(b, errors)  # warm-up: compiles kernels, fills the private pool
             cupy.cuda.Device().synchronize()
+            if errors:  # the warm-up's collectives all ran: the peers are not left waiting
+                raise errors[0]
             for b in self.buckets:
                 self._stream.begin_capture()
                 try:
-                    out = self._body(b)
+                    out = self._body(b, errors)
                 finally:
                     graph = self._stream.end_capture()
+                if errors:
+                    raise errors[0]
                 graph.upload(self._stream)
                 self._graphs[b] = graph
                 self._outputs[b] = out[0] if self.micro_batches > 1 else out
@@ -246,11 +234,8 @@ class GraphRunner:
         ``micro_batches > 1``): write this rank's rows there and pass None instead of that input
         to :meth:`run` to skip its copy (rows past ``num_tokens[own]`` are ignored)."""
         self._check(plan)
-        if isinstance(index, (bool, np.bool_)) or not isinstance(index, (int, np.integer)) \
-                or not 0 <= index < self.micro_batches:
-            raise InputError(f"index must be an int in [0, {self.micro_batches}) (the runner's micro-batch), "
-                             f"got {index!r}")
-        return self._inputs[int(index)][:plan.bucket]
+        i = _checks.index(index, "index", self.micro_batches, " (the runner's micro-batch)")
+        return self._inputs[i][:plan.bucket]
 
     def run(self, x: Any, plan: Any) -> Any:
         """Replay the step for ``plan`` (which must have ``plan.graph``).
@@ -266,111 +251,36 @@ class GraphRunner:
         Returns:
             ``[plan.bucket, H]`` view of the runner's static output (valid until the next
             ``run``): rows ``< num_tokens[own]`` hold the combined MLP output, the rest zero. For
-            ``N > 1`` a list of ``N`` such views, one per micro-batch.
+            ``N > 1`` a list of ``N`` such views, one per micro-batch. In the caller's array
+            type (the type of ``x``).
         """
-        if self.micro_batches > 1:
-            return self._run_many(x, plan)
-        ctx = self._ctx
-
-        def check():
-            self._check(plan)
-            st = ctx.current(plan)
-            xr = None if x is None else ctx.rows(x, "x", ctx.hidden_size)
-            return st, xr
-
-        def replay(st, xr):
-            return self._replay([st], [xr])[0]
-
-        def dummy(st):
-            if getattr(plan, "graph", False) and plan.bucket in self._layouts and plan is st.plan:
-                self._replay([st], [ctx.empty])
-
-        return ctx.call(OP_GRAPH, plan, self._flag, ctx.hidden_size, check, replay, dummy)
-
-    def _run_many(self, xs, plans):
-        ctx, N = self._ctx, self.micro_batches
-        seq = isinstance(plans, (list, tuple)) and len(plans) == N
-        extra = N
-        if seq:
-            for p in plans:
-                extra = (extra * 0x01000193 ^ (int(getattr(p, "fingerprint", 0)) & 0xFFFFFFFF)) & 0xFFFFFFFF
-        first = plans[0] if seq else plans
-
-        def check():
-            if not seq:
-                raise InputError(f"plan must be a list of {N} plans (one per micro-batch, from "
-                                 f"sync(batch, micro_batch=i)) for this micro_batches={N} runner, got {plans!r}")
-            if xs is not None and (not isinstance(xs, (list, tuple)) or len(xs) != N):
-                raise InputError(f"x must be None or a list of {N} inputs (one per micro-batch, None where "
-                                 f"input_view(plan, i) was written), got {type(xs).__name__}")
-            sts = []
-            for i, p in enumerate(plans):
-                self._check(p, f"plan[{i}]")
-                sts.append(ctx.current(p))
-            xrs = [None if xs is None or xs[i] is None else ctx.rows(xs[i], f"x[{i}]", ctx.hidden_size)
-                   for i in range(N)]
-            return sts, xrs
-
-        def replay(sts, xrs):
-            outs = self._replay(sts, xrs)
-            return [o[:st.plan.bucket] for o, st in zip(outs, sts)]
-
-        def dummy(st):
-            try:
-                sts = [ctx.current(p) for p in plans]
-                for p in plans:
-                    self._check(p)
-            except Exception:
-                return  # the plans do not say which graph: nothing to issue (peers time out)
-            self._replay(sts, [ctx.empty] * N)
-
-        return ctx.call(OP_GRAPH, first, self._flag, ctx.hidden_size, check, replay, dummy, extra)
-
-    def _relaid_desc(self, st, b):
-        """The host descriptor of ``st``'s plan re-laid out for bucket ``b`` (> its own bucket):
-        MAX_LEN slots of ``b`` rows, the same counts; signatures from (fingerprint, b)."""
-        plan = st.plan
-        key = (plan.fingerprint, b)
-        hit = self._relaid.get(key)
-        if hit is None:
-            ctx, D = self._ctx, self._D
-            d, a, A = ctx.dp_rank, ctx.attn_tp_rank, plan.attn_tp_size
-            hidden = Layout(PaddingMode.MAX_LEN, plan.num_tokens, [b] * D, [i * b for i in range(D + 1)], D * b,
-                            d, a, A)
-            logits = Layout.logits(plan, d, a)
-            fp = plan.fingerprint ^ (b * 0x9E3779B97F4A7C15 & 0xFFFFFFFFFFFFFFFF)
-            sigs = {name: signature(OP_GRAPH, fp, k, 0, ctx.hidden_size)
-                    for k, name in enumerate(("gather_replicate", "gather_partial", "combine", "logits"))}
-            hit = np.zeros(ctx.descriptor.size, dtype=np.int64)
-            ctx.descriptor.write(hit, plan, hidden, logits, ctx.rank, sigs)
-            if len(self._relaid) > 256:
-                self._relaid.clear()
-            self._relaid[key] = hit
-        return hit
+        return self._path.call(self._spec, plan, (self, x, plan), self._flag, self._path.hidden_size)
 
     def _replay(self, sts, xrs):
         """Inputs, descriptors and the graph of the largest bucket among ``sts``' plans, as one
         operation of the owner's launch chain. Returns the ``N`` output views (bucket rows)."""
         b = max(st.plan.bucket for st in sts)
-        be, plane, N = self._be, self._ctx.plane, self.micro_batches
+        be, plane, N = self._be, self._path.plane, self.micro_batches
         chain = plane.chain
         s, cap = chain.enter()
         for i in range(N):
             if xrs[i] is not None:
                 plane.copy_input(xrs[i], self._inputs[i], sts[i].desc)
-        if be.name == "host":
-            for i, st in enumerate(sts):
-                self._descs[i][...] = st.desc_host if st.plan.bucket == b else self._relaid_desc(st, b)
-            out = self._body(b)
-            outs = out[0] if N > 1 else [out]
-        else:
-            for i, st in enumerate(sts):
-                if st.plan.bucket == b:
-                    self._descs[i].data.copy_from_device_async(st.desc.data, st.desc_host.nbytes, s)
-                else:
-                    be.upload(self._relaid_desc(st, b), out=self._descs[i], ring=self._ring)
+        for i, st in enumerate(sts):
+            if st.plan.bucket == b:
+                be.copy_into(self._descs[i], st.desc)
+            else:
+                be.upload(self._path.steps.relaid(st, b), out=self._descs[i], ring=self._ring)
+        if self._graphs:
             self._graphs[b].launch(s)
             outs = self._outputs[b] if N > 1 else [self._outputs[b]]
+        else:
+            errors = []
+            out = self._body(b, errors)
+            outs = out[0] if N > 1 else [out]
+            if errors:
+                chain.leave(s, cap)
+                raise Issued(errors[0])
         chain.leave(s, cap)
         return outs
 
@@ -383,19 +293,14 @@ class GraphRunner:
         if plan.bucket not in self._layouts:
             raise InputError(f"{name}.bucket={plan.bucket} is not a bucket of this runner {self.buckets}")
 
+    def _replayable(self, st):
+        return st is not None and st.plan.graph and st.plan.bucket in self._layouts and not self._closed
+
     def memory_stats(self) -> dict:
         """Static buffers of the runner (allocated once at creation), summed over its
         micro-batches."""
-        s = None
-        for arena in self._arenas:
-            st = arena.stats()
-            if s is None:
-                s = st
-            else:
-                for role, v in st.items():
-                    for k, n in v.items():
-                        s[role][k] += n
-        s["input"] = {"reserved_bytes": int(sum(b.nbytes for b in self._in_bufs)), "allocations": len(self._in_bufs)}
+        s = Arena.total(self._arenas)
+        s["input"] = {"reserved_bytes": int(sum(x.nbytes for x in self._inputs)), "allocations": len(self._inputs)}
         if self._pool is not None:
             s["graph_pool"] = {"used_bytes": int(self._pool.used_bytes()),
                                "total_bytes": int(self._pool.total_bytes())}
@@ -426,3 +331,52 @@ class GraphRunner:
     def __exit__(self, *exc):
         self.close()
         return False
+
+
+# -- the runner's rows of the op path: ``args`` are ``(runner, x, plan)`` -------------------------
+
+def _check_one(path, st, flag, runner, x, plan):
+    runner._check(plan)
+    xr, origin = (None, None) if x is None else path.rows(x, "x")
+    return runner, xr, origin
+
+
+def _work_one(path, st, flag, runner, xr, origin):
+    out = runner._replay([st], [xr])[0]
+    return path.backend.export(out, origin), None
+
+
+def _idle_one(path, st, flag, runner, x, plan):
+    if runner._replayable(st):
+        runner._replay([st], [path.empty])
+
+
+def _check_many(path, target, flag, runner, xs, plans):
+    N = runner.micro_batches
+    if not isinstance(plans, (list, tuple)) or len(plans) != N:
+        raise InputError(f"plan must be a list of {N} plans (one per micro-batch, from sync(batch, micro_batch=i)) "
+                         f"for this micro_batches={N} runner, got {plans!r}")
+    if xs is not None and (not isinstance(xs, (list, tuple)) or len(xs) != N):
+        raise InputError(f"x must be None or a list of {N} inputs (one per micro-batch, None where "
+                         f"input_view(plan, i) was written), got {type(xs).__name__}")
+    sts = []
+    for i, p in enumerate(plans):
+        runner._check(p, f"plan[{i}]")
+        sts.append(path.steps.resolve(p))
+    xrs, origin = [], None
+    for i in range(N):
+        xr = None
+        if xs is not None and xs[i] is not None:
+            xr, origin = path.rows(xs[i], f"x[{i}]")
+        xrs.append(xr)
+    return runner, sts, xrs, origin
+
+
+def _work_many(path, target, flag, runner, sts, xrs, origin):
+    outs = runner._replay(sts, xrs)
+    return [path.backend.export(o[:st.plan.bucket], origin) for o, st in zip(outs, sts)], None
+
+
+def _idle_many(path, target, flag, runner, xs, plans):
+    if all(runner._replayable(st) for st in target):
+        runner._replay(list(target), [path.empty] * runner.micro_batches)

@@ -42,22 +42,28 @@ class AsyncHandle:
         stream: the stream the call was enqueued on (None on the host backend).
     """
 
-    __slots__ = ("op", "micro_batch", "plan", "stream", "_owner", "_event", "_result", "_refs", "_state",
-                 "_arena", "_role", "_gen")
+    __slots__ = ("op", "micro_batch", "plan", "stream", "_owner", "_backend", "_events", "_event", "_result",
+                 "_refs", "_state", "_arena", "_role", "_gen")
 
-    def __init__(self, owner, op, micro_batch, plan, stream, event, result, refs, arena, role):
+    def __init__(self, owner, backend, events, op, step, stream, event, result, refs, role):
+        """``owner``: the ``DpAttention``'s :class:`~dpgather._lifecycle.State`; ``backend``,
+        ``events``: where streams and events come from; ``step``: the call's step; ``event``:
+        recorded after the call on ``stream`` (None on the host backend); ``role``: the arena
+        role ``result`` views (None: the caller's ``out=``)."""
         self.op = op
-        self.micro_batch = micro_batch
-        self.plan = plan
+        self.micro_batch = step.mb
+        self.plan = step.plan
         self.stream = stream
         self._owner = owner
+        self._backend = backend
+        self._events = events
         self._event = event
         self._result = result
         self._refs = refs
         self._state = _PENDING
-        self._arena = arena  # None when the result is the caller's out=
+        self._arena = step.arena if role is not None else None
         self._role = role
-        self._gen = arena.generation(role) if arena is not None else 0
+        self._gen = self._arena.generation(role) if self._arena is not None else 0
 
     @property
     def done(self) -> bool:
@@ -84,13 +90,12 @@ class AsyncHandle:
         if self._state == _WAITED:
             raise InputError(f"{self.op}_async(...).wait() was called twice on micro-batch {self.micro_batch}'s "
                              "handle; call wait() once per handle and keep the result it returned")
-        owner = self._owner
-        owner._check_open()
+        self._owner.check()
         ev = self._event
         if ev is not None:
-            s = owner._backend.stream(stream, "stream")
+            s = self._backend.stream(stream, "stream")
             s.wait_event(ev)
-            owner._events.put(ev)
+            self._events.put(ev)
             self._event = None
         self._refs = None
         self._state = _WAITED
@@ -107,7 +112,7 @@ class AsyncHandle:
         if self._state != _WAITED:
             raise InputError(f"{self.op}_async(...).result was read before wait(): the {self.op} may still be "
                              f"running on its stream; call h.wait(stream) first (it returns the result)")
-        if self._owner._closed:
+        if self._owner.closed:
             raise InputError(f"{self.op}_async(...).result: the DpAttention is closed, its buffers are released")
         arena = self._arena
         if arena is not None and arena.generation(self._role) != self._gen:

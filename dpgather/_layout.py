@@ -24,7 +24,7 @@ then                  P2P pull descriptors (docs/p2p.md): gather replicate, gath
 
 from dpgather.core import PaddingMode
 
-__all__ = ["Layout", "Descriptor", "COPY_RECORDS", "signature"]
+__all__ = ["Layout", "Descriptor", "COPY_RECORDS", "signature", "mix"]
 
 _BIG = 1 << 62
 _MAX, _SUM = PaddingMode.MAX_LEN, PaddingMode.SUM_LEN
@@ -45,12 +45,18 @@ _PER_LAYOUT = len(COPY_RECORDS)
 OP_GATHER, OP_GATHER_LOGITS, OP_SCATTER, OP_SCATTER_LOGITS, OP_MASK, OP_GRAPH = 1, 2, 3, 4, 5, 6
 
 
+def mix(h, value):
+    """One FNV-1a step: the 32-bit hash ``h`` with the low 32 bits of ``value`` mixed in (how
+    fields enter a signature, and signatures the step's call hash)."""
+    return ((h ^ (value & 0xFFFFFFFF)) * 0x01000193) & 0xFFFFFFFF
+
+
 def signature(op, fingerprint, flag, dtype_code, width):
     """32-bit signature of one data-plane call (FNV-1a over its fields): equal on every rank iff
     the ranks issue the same operation on the same plan with the same dtype and row width."""
     h = 0x811C9DC5
     for v in (op, fingerprint & 0xFFFFFFFF, fingerprint >> 32, flag, dtype_code, width):
-        h = ((h ^ (v & 0xFFFFFFFF)) * 0x01000193) & 0xFFFFFFFF
+        h = mix(h, v)
     return h
 
 

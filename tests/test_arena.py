@@ -176,7 +176,7 @@ def _dp(comm, **kw):
 
 
 def _role_buf(dp, role):
-    return dp._arena._roles[role].buf
+    return dp._arenas[0]._roles[role].buf
 
 
 def _rows(n, w, dt, seed=0):

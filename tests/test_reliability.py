@@ -257,3 +257,75 @@ def test_the_reliability_doc_names_tests_that_exist():
         if f"def {name}(" not in (root / "tests" / current).read_text():
             missing.append(f"{current}::{name}")
     assert cited > 20 and not missing, missing
+
+
+# -- issue 26: the failure paths of the graph runner and of micro-batches; close() ------------------
+
+FAILPATH = MPI_SCRIPTS / "failpath_scenarios.py"
+
+
+def _failpath(nprocs, part, *argv, timeout=300):
+    res = run_mpi([FAILPATH, part, *map(str, argv)], nprocs, timeout=timeout)
+    assert_ok(res, nprocs, f"failpath_scenarios.py {part} {' '.join(map(str, argv))}")
+    return res
+
+
+@pytest.mark.mpi
+@needs_mpiexec
+@pytest.mark.parametrize("nranks,transport", [(2, "auto"), (2, "nccl"), (4, "auto")])
+def test_graph_runner_bad_plan_or_fn_on_one_rank_keeps_the_contract(nranks, transport):
+    """Items 1 and 3: ``GraphRunner.run`` with ``None``, a list, a stale plan or a ``dg.plan()``
+    plan of another layout on one rank, and ``fn(G)`` returning a bad array there: that rank raises
+    InputError at the call, the others' call returns, every rank raises InputError at the next
+    sync(), nobody is aborted and the next step is right (over the host P2P twin and over MPI)."""
+    res = _failpath(nranks, "runner", "--transport", transport)
+    for r in range(nranks):
+        assert len(res.results[r]["ran"]) == 12 * len([a for a in range(1, nranks + 1) if nranks % a == 0]) // 2, \
+            res.results[r]["ran"]
+
+
+@pytest.mark.mpi
+@needs_mpiexec
+@pytest.mark.parametrize("transport", ["auto", "nccl"])
+def test_micro_batch_failure_paths_issue_the_peers_collectives(transport):
+    """Items 2 and 5: the overlapped runner given one plan instead of two on one rank; a ``None``
+    (or a list) plan on one rank while the others gather micro-batch 0 after syncing 0 then 1: the
+    failing rank issues the collectives of the micro-batch its peers are in (decided from synced
+    data), so the contract holds."""
+    res = _failpath(2, "overlapped", "--transport", transport)
+    for r in range(2):
+        assert len(res.results[r]["ran"]) == 6, res.results[r]["ran"]
+
+
+@pytest.mark.mpi
+@needs_mpiexec
+def test_ten_thousand_construct_use_close_cycles():
+    """Item 4: close() frees every communicator construction made (dpgather's duplicate of comm
+    included), so an engine that re-creates its data plane never runs out of MPI context ids
+    (MPICH ran out after ~2046 cycles)."""
+    res = _failpath(2, "cycles", "--cycles", 10000, timeout=900)
+    assert "10000 cycles" in res.results[0]["ran"][0]
+
+
+def test_an_error_inside_the_failure_path_aborts_and_chains_the_original(monkeypatch):
+    """Item 1: a failure path that fails (anything but a buffer that cannot grow) aborts the
+    DpAttention and raises CollectiveTimeout chained to the call's own InputError."""
+    from mpi4py import MPI
+
+    from dpgather import _ops
+
+    def broken(path, st, flag, *args):
+        raise RuntimeError("the idle gather broke")
+
+    dp = dg.DpAttention(MPI.COMM_SELF, hidden_size=8, dtype="float32", backend="host", timeout_s=5)
+    try:
+        plan = dp.sync(dg.LocalBatch(FM.DECODE, 2))
+        monkeypatch.setitem(_ops.OPS, "gather", _ops.OPS["gather"]._replace(idle=broken))
+        monkeypatch.setattr("dpgather._facade._GATHER", _ops.OPS["gather"])
+        with pytest.raises(dg.CollectiveTimeout, match="the idle gather broke") as e:
+            dp.gather(np.ones((2, 4), np.float32), plan)
+        assert isinstance(e.value.__cause__, dg.InputError) and "8 columns" in str(e.value.__cause__)
+        with pytest.raises(dg.CollectiveTimeout, match="aborted"):
+            dp.sync(dg.LocalBatch(FM.DECODE, 2))
+    finally:
+        dp.close()

@@ -320,7 +320,7 @@ for A in [a for a in (1, 2) if T % a == 0]:
                 r2.run([xb, xb], big)
                 if CUDA:
                     xp.cuda.Device().synchronize()
-                ev0 = dp._events.created if CUDA else 0  # test only
+                ev0 = dp._path.events.created if CUDA else 0  # test only
                 st0 = (dp.memory_stats()["total"]["allocations"], r2.memory_stats()["total"]["allocations"])
                 if CUDA:
                     pool = xp.get_default_memory_pool()
@@ -354,8 +354,8 @@ for A in [a for a in (1, 2) if T % a == 0]:
                     xp.cuda.set_allocator(pool.malloc)
                     check(f"A={A} {contrib}: no CuPy allocation over 20 overlapped replays ({mallocs[0]})",
                           mallocs[0] == 0)
-                    check(f"A={A} {contrib}: no CUDA event created once warm ({ev0} -> {dp._events.created})",
-                          dp._events.created == ev0)
+                    check(f"A={A} {contrib}: no CUDA event created once warm ({ev0} -> {dp._path.events.created})",
+                          dp._path.events.created == ev0)
                 st1 = (dp.memory_stats()["total"]["allocations"], r2.memory_stats()["total"]["allocations"])
                 check(f"A={A} {contrib}: no arena allocation over 40 overlapped steps ({st0} -> {st1})", st0 == st1)
         r2.close()

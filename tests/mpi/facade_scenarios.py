@@ -70,13 +70,13 @@ def divisors(n):
 
 def poison_arena(dp):
     """Fill every arena byte with the poison pattern (internal access, test only)."""
-    for st in dp._arena._roles.values():
+    for st in dp._arenas[0]._roles.values():
         if st.buf is not None:
             st.buf[...] = POISON
 
 
 def arena_bytes(dp):
-    return {name: (None if st.buf is None else st.buf.copy()) for name, st in dp._arena._roles.items()}
+    return {name: (None if st.buf is None else st.buf.copy()) for name, st in dp._arenas[0]._roles.items()}
 
 
 def same_bytes(a, b):
@@ -110,7 +110,7 @@ class Cfg:
         dp = dg.DpAttention(comm=WORLD, attn_tp_size=self.A, hidden_size=self.H, dtype=self.dtname,
                             backend="host", spec=SPEC, policy=self.policy, graph_buckets=self.buckets,
                             timeout_s=ARGS.timeout, **kw)
-        dp._arena._alloc = poisoned_alloc  # fresh arena memory is poisoned too (test only)
+        dp._arenas[0]._alloc = poisoned_alloc  # fresh arena memory is poisoned too (test only)
         return dp
 
 
@@ -621,7 +621,7 @@ def scenario_badinput_data(strict):
     # a step too large to allocate: InputError naming the size, the arena stays usable
     cfg = Cfg(1, "varlen", False, dtname, ARGS.hidden)
     dp = cfg.make()
-    dp._arena._alloc = _failing_alloc(dp._arena._alloc, limit=1 << 20)  # test only: a small "device"
+    dp._arenas[0]._alloc = _failing_alloc(dp._arenas[0]._alloc, limit=1 << 20)  # test only: a small "device"
     name = "step too large for memory"
     CHK.ctx = f"badinput {name!r}"
     p = dp.sync(dg.LocalBatch(M_DEC, 100000))
