@@ -16,6 +16,10 @@ Columns of :data:`DTYPES`:
   type; uint8: Open MPI's ``op/avx`` saturates 8- and 16-bit integer sums, open-mpi/ompi#8045).
 - ``ctype``: the C++ element type of the CUDA kernels (``cuda_fp16.h`` / ``cuda_bf16.h``).
 - ``code``: a small integer for operation signatures.
+- ``storages``: NumPy dtype names of the arrays that may hold it (CuPy has no bfloat16 and
+  float16/bfloat16 travel as 2-byte words: ``uint16``/``int16`` hold both).
+- ``acc``: the NumPy dtype name sums are computed in (float32 for float16/bfloat16, the dtype
+  itself otherwise).
 
 Sums use the dtype's own arithmetic, as NCCL does: integers wrap modulo 2**bits, float16 and
 bfloat16 are added in float32 and rounded back after each step.
@@ -29,7 +33,7 @@ from .errors import BackendUnavailable, InputError
 
 __all__ = [
     "DType", "DTYPES", "LOGICAL_DTYPES", "ALIASES", "normalize_dtype", "host_storage",
-    "cuda_storage", "logical_of_host", "BF16_STORAGE",
+    "cuda_storage", "logical_of_host", "BF16_STORAGE", "ID_DTYPES", "holds",
 ]
 
 
@@ -41,16 +45,20 @@ class DType(NamedTuple):
     mpi_sum: str
     ctype: str
     code: int
+    storages: tuple
+    acc: str
 
 
 #: Logical dtype name -> :class:`DType`.
 DTYPES = {
-    "float32": DType("float32", 4, "NCCL_FLOAT32", "FLOAT", "native", "float", 1),
-    "float16": DType("float16", 2, "NCCL_FLOAT16", "UINT16_T", "own", "__half", 2),
-    "bfloat16": DType("bfloat16", 2, "NCCL_BFLOAT16", "UINT16_T", "own", "__nv_bfloat16", 3),
-    "int32": DType("int32", 4, "NCCL_INT32", "INT32_T", "native", "int", 4),
-    "int64": DType("int64", 8, "NCCL_INT64", "INT64_T", "native", "long long", 5),
-    "uint8": DType("uint8", 1, "NCCL_UINT8", "UINT8_T", "own", "unsigned char", 6),
+    "float32": DType("float32", 4, "NCCL_FLOAT32", "FLOAT", "native", "float", 1, ("float32",), "float32"),
+    "float16": DType("float16", 2, "NCCL_FLOAT16", "UINT16_T", "own", "__half", 2,
+                     ("float16", "uint16", "int16"), "float32"),
+    "bfloat16": DType("bfloat16", 2, "NCCL_BFLOAT16", "UINT16_T", "own", "__nv_bfloat16", 3,
+                      ("bfloat16", "uint16", "int16"), "float32"),
+    "int32": DType("int32", 4, "NCCL_INT32", "INT32_T", "native", "int", 4, ("int32",), "int32"),
+    "int64": DType("int64", 8, "NCCL_INT64", "INT64_T", "native", "long long", 5, ("int64",), "int64"),
+    "uint8": DType("uint8", 1, "NCCL_UINT8", "UINT8_T", "own", "unsigned char", 6, ("uint8",), "uint8"),
 }
 
 #: Logical dtype names, in the order documentation lists them.
@@ -63,6 +71,9 @@ ALIASES = {
     "bf16": "bfloat16",
     "i32": "int32", "i64": "int64", "u8": "uint8", "byte": "uint8",
 }
+
+#: Logical dtypes of token-id buffers (``mask_rows`` on both backends).
+ID_DTYPES = ("int32", "int64")
 
 #: The storage of bfloat16 where the array library has no bfloat16 (CuPy; also accepted on NumPy).
 BF16_STORAGE = np.dtype(np.uint16)
@@ -112,3 +123,8 @@ def logical_of_host(np_dtype):
     """Logical name of a NumPy array dtype, or None (``uint16`` is storage, not a logical dtype)."""
     name = np.dtype(np_dtype).name
     return name if name in DTYPES else None
+
+
+def holds(np_dtype, logical):
+    """True when an array of NumPy dtype ``np_dtype`` may hold ``logical`` data (``storages``)."""
+    return np.dtype(np_dtype).name in DTYPES[logical].storages

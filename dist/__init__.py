@@ -4,6 +4,9 @@
 - :class:`MpiHostCommunicator` (:mod:`.host`): mpi4py on NumPy row buffers; ``host_available()``.
 - ``NcclCommunicator`` (:mod:`.nccl`): NCCL through CuPy on CuPy row buffers; ``nccl_available``.
 - :class:`StepSync` (:mod:`.sync`): the per-step record exchange (shared memory on one node).
+- the P2P transport (``transport="p2p"``, the pull protocol): ``CudaPull`` / ``HostPull``
+  (:mod:`.pull`) over per-rank shared windows (:mod:`.windows`), built with bounded exchanges
+  (:mod:`.bootstrap`); node topology and the probe in :mod:`.nodes`. The backends build them.
 
 Importing ``dpgather.dist`` imports neither CuPy nor mpi4py and never fails on a CPU machine;
 the NCCL module loads on first attribute access.

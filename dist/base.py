@@ -31,17 +31,18 @@ immediately, so one lost rank turns into an error on every survivor instead of a
 
 import abc
 import math
+import numbers
 import os
 import time
 
 import numpy as np
 
-from dpgather.core.dtypes import DTYPES, logical_of_host, normalize_dtype
-from dpgather.core.errors import CollectiveTimeout, ConfigError, InputError
+from dpgather.core.dtypes import DTYPES, holds, logical_of_host, normalize_dtype
+from dpgather.core.errors import BackendUnavailable, CollectiveTimeout, ConfigError, InputError
 
 __all__ = [
     "Communicator", "Ops", "bounded_wait", "poll_until", "default_spin", "parse_timeout", "check_counts",
-    "check_split_args", "exclusive_offsets",
+    "check_split_args", "exclusive_offsets", "load_mpi", "Closing", "intracomm", "teardown_limit", "SPIN_MAX",
 ]
 
 _monotonic = time.monotonic
@@ -54,12 +55,50 @@ _yield = getattr(os, "sched_yield", None) or (lambda: time.sleep(0))
 # than _SLEEP_MAX_S, because MPI progresses a transfer only inside Test(): a 1 ms sleep made a
 # 488 MiB uneven all-gatherv take 37 s where a plain Wait() takes 0.9 s.
 _SPIN = 32
+#: The largest spin count ``DPGATHER_POLL_SPIN`` may set; larger values are clamped to it. Spins
+#: beyond a few thousand only burn the core (a test() call costs 0.1-2 us).
+SPIN_MAX = 65536
+_SPIN_CHECK = 63  # the spin loop reads the clock every 64 calls: the deadline holds for any spin
 _YIELD_S = 0.05  # seconds of yield-polling before the first sleep
 _SLEEP_MIN_S = 20e-6
 _SLEEP_MAX_S = 200e-6
+# Bound of a teardown wait (a stream drained before freeing, an NCCL destroy) when timeout_s is
+# "no limit": teardown must end even then.
+_TEARDOWN_DEFAULT_S = 60.0
 
 _LOCAL_SIZE_VARS = ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "PMI_LOCAL_SIZE", "SLURM_NTASKS_PER_NODE")
 _default_spin = None
+_MPI = None  # the mpi4py.MPI module once imported
+
+
+def load_mpi():
+    """``mpi4py.MPI``, or raise :class:`BackendUnavailable` with the install command.
+
+    The one MPI loader of dpgather: the host communicator, the NCCL bootstrap, the P2P
+    construction, the sync and the facade import mpi4py through it (importing it initialises MPI).
+    """
+    global _MPI
+    if _MPI is not None:
+        return _MPI
+    try:
+        from mpi4py import MPI
+    except (ImportError, RuntimeError, OSError) as e:
+        raise BackendUnavailable(
+            "dpgather needs mpi4py and an MPI library: "
+            '`pip install "mpi4py>=4" mpich` (or `pip install "dpgather[host]"`); '
+            f"importing it failed with: {e}"
+        ) from e
+    _MPI = MPI
+    return MPI
+
+
+def intracomm(comm, name="comm", error=InputError):
+    """``comm`` if it is an mpi4py intra-communicator (not ``COMM_NULL``), else raise ``error``
+    naming ``name`` and the value."""
+    MPI = load_mpi()
+    if not isinstance(comm, MPI.Intracomm) or comm == MPI.COMM_NULL:
+        raise error(f"{name} must be an mpi4py intra-communicator such as MPI.COMM_WORLD, got {comm!r}")
+    return comm
 
 
 def default_spin():
@@ -68,13 +107,14 @@ def default_spin():
     With more ranks on the node than usable cores, a spinning rank takes the core the peer it waits
     for needs. The node's rank count comes from the launcher's environment (Hydra
     ``MPI_LOCALNRANKS``, Open MPI ``OMPI_COMM_WORLD_LOCAL_SIZE``...), so no collective is needed.
-    ``DPGATHER_POLL_SPIN=N`` overrides.
+    ``DPGATHER_POLL_SPIN=N`` (a non-negative integer) overrides; values above :data:`SPIN_MAX`
+    are clamped to it, anything else is ignored.
     """
     global _default_spin
     if _default_spin is None:
         env = os.environ.get("DPGATHER_POLL_SPIN")
         if env is not None and env.strip().isdigit():
-            _default_spin = int(env)
+            _default_spin = min(int(env), SPIN_MAX)
         else:
             local = 0
             for var in _LOCAL_SIZE_VARS:
@@ -93,13 +133,14 @@ def default_spin():
 def poll_until(test, timeout_s, spin=None):
     """Call ``test()`` until it returns true or ``timeout_s`` seconds have passed.
 
-    Back-off: up to ``spin`` back-to-back calls, then calls separated by ``sched_yield()`` for
+    Back-off: up to ``spin`` back-to-back calls (the clock is read every 64 of them, so the
+    deadline holds whatever the spin count), then calls separated by ``sched_yield()`` for
     50 ms, then calls separated by sleeps growing from 20 us to 200 us. ``test`` must be cheap and
     must make progress on the operation it tests (``MPI.Request.Test``, ``cupy.cuda.Event.done``).
 
     Args:
         test: zero-argument callable returning a truthy value once the operation completed.
-        timeout_s: seconds from now; ``None`` or a non-positive value waits forever.
+        timeout_s: seconds from now, as :func:`parse_timeout` returns them (``math.inf``: no limit).
         spin: back-to-back calls before the first yield; default :func:`default_spin`.
 
     Returns:
@@ -108,12 +149,13 @@ def poll_until(test, timeout_s, spin=None):
     """
     if test():
         return True
-    forever = timeout_s is None or timeout_s <= 0
     start = _monotonic()
-    deadline = math.inf if forever else start + timeout_s
+    deadline = start + timeout_s
     for n in range(default_spin() if spin is None else spin):
         if test():
             return True
+        if (n & _SPIN_CHECK) == _SPIN_CHECK and _monotonic() >= deadline:
+            return bool(test())
     yield_until = min(start + _YIELD_S, deadline)
     n = 0
     while True:
@@ -137,10 +179,21 @@ def poll_until(test, timeout_s, spin=None):
 def bounded_wait(req, timeout_s, what, orphans, *keep):
     """Poll an MPI request to completion or raise ``CollectiveTimeout`` naming ``what``.
 
-    On timeout the request and ``keep`` (its buffers) are appended to ``orphans``: MPI may still
-    write into them, so they must stay alive.
+    The one bounded MPI wait of dpgather. On a timeout, or an MPI error raised by ``Test()``
+    (e.g. ``MPI_ERR_TRUNCATE`` when the ranks issued different collectives; the exception is
+    chained as ``__cause__``), the request and ``keep`` (its buffers) are appended to
+    ``orphans``: MPI may still write into them, so they must stay alive.
     """
-    if not req.Test() and not poll_until(req.Test, timeout_s):
+    try:
+        done = req.Test() or poll_until(req.Test, timeout_s)
+    except Exception as e:
+        if not isinstance(e, load_mpi().Exception):
+            raise
+        orphans.append((req, keep))
+        raise CollectiveTimeout(
+            f"{what} failed with an MPI error ({e}): the ranks probably issued different "
+            "collectives") from e
+    if not done:
         orphans.append((req, keep))
         raise CollectiveTimeout(
             f"{what} did not complete within timeout_s={timeout_s:g} s: a peer rank did not enter "
@@ -148,22 +201,26 @@ def bounded_wait(req, timeout_s, what, orphans, *keep):
 
 
 def parse_timeout(value, name="timeout_s", error=ConfigError):
-    """``value`` as seconds (float > 0, or ``inf``/``None``/``0`` meaning wait forever -> 0.0).
+    """``value`` as a time limit in seconds: a positive number, or ``inf`` for no limit.
+
+    The one timeout parser of dpgather, with one meaning everywhere: the result is a float
+    ``> 0``, ``math.inf`` meaning "wait forever" (what :func:`poll_until` takes).
 
     Raises:
-        error: not a number, NaN, negative, or a bool.
+        error: 0, a negative number, NaN, None, a bool or anything that is not a real number,
+            naming ``name`` and the value.
     """
-    if value is None:
-        return 0.0
-    if isinstance(value, bool):
-        raise error(f"{name} must be a number of seconds, got {value!r}")
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise error(f"{name} must be a number of seconds, got {value!r}") from None
-    if v != v or v < 0:
-        raise error(f"{name} must be a number of seconds >= 0 (0 or None: no limit), got {value!r}")
-    return 0.0 if v == math.inf else v
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise error(f"{name} must be a positive number of seconds (float('inf'): no limit), got {value!r}")
+    v = float(value)
+    if not v > 0:  # also NaN
+        raise error(f"{name} must be a positive number of seconds (float('inf'): no limit), got {value!r}")
+    return v
+
+
+def teardown_limit(timeout_s, slack=0.0):
+    """Seconds a teardown wait may take: ``timeout_s + slack``, or 60 s when ``timeout_s`` is inf."""
+    return _TEARDOWN_DEFAULT_S if math.isinf(timeout_s) else timeout_s + slack
 
 
 def check_counts(op, counts, size):
@@ -228,7 +285,19 @@ class Ops(abc.ABC):
         """``recv[:counts[rank]] = sum over ranks t of send_t[offsets[rank]:offsets[rank+1]]``."""
 
 
-class Communicator(abc.ABC):
+class Closing:
+    """``with obj:`` closes ``obj`` on the way out (communicators, transports: ``close()`` is
+    local and idempotent)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+
+class Communicator(Closing, abc.ABC):
     """A group of ``size`` ranks running collectives on row buffers (see the module docstring).
 
     Attributes:
@@ -236,7 +305,7 @@ class Communicator(abc.ABC):
         size: number of ranks.
         timeout_s: seconds any one blocking call may take before it raises
             :class:`~dpgather.core.errors.CollectiveTimeout` and breaks the communicator
-            (0: no limit).
+            (``math.inf``: no limit; :func:`parse_timeout`).
         ops: the trusted primitives (:class:`Ops`).
 
     Buffers: ``send`` is only read, ``recv`` is only written (except the in-place
@@ -279,9 +348,18 @@ class Communicator(abc.ABC):
                 "create a new communicator (every rank) to continue"
             )
 
-    def _timed_out(self, op, detail=""):
-        """Mark broken and build the ``CollectiveTimeout`` for ``op`` (the caller raises it)."""
+    def _timed_out(self, op, detail="", cause=None):
+        """Mark broken and build the ``CollectiveTimeout`` for ``op`` (the caller raises it).
+
+        ``cause``: the MPI error that ended the wait (a :func:`bounded_wait` exception's
+        ``__cause__``), or None for a timeout.
+        """
         what = f"{op}{' ' + detail if detail else ''}"
+        if cause is not None:
+            self._mark_broken(f"{what} failed on rank {self.rank} with an MPI error ({cause})")
+            return CollectiveTimeout(
+                f"{what} failed on rank {self.rank}/{self.size} with an MPI error: {cause}; the ranks "
+                "probably issued different collectives. The communicator is now broken")
         self._mark_broken(f"{what} timed out on rank {self.rank} (timeout_s={self.timeout_s:g})")
         return CollectiveTimeout(
             f"{what} did not complete within timeout_s={self.timeout_s:g} s on rank "
@@ -291,8 +369,9 @@ class Communicator(abc.ABC):
 
     # -- argument checks shared by both backends -----------------------------------------------
     @abc.abstractmethod
-    def _buffer(self, op, name, arr, writable=False):
-        """``arr`` as a C-contiguous 2-D array of this backend (no copy), or raise InputError."""
+    def _buffer(self, op, name, arr, writable=False, row_bytes=None):
+        """``arr`` as a C-contiguous 2-D array of this backend (no copy; of ``row_bytes`` bytes per
+        row when given), or raise InputError (:func:`dpgather.core.rows.check_rows`)."""
 
     @abc.abstractmethod
     def _overlap(self, a, b):
@@ -300,13 +379,7 @@ class Communicator(abc.ABC):
 
     def _pair(self, op, send, recv):
         send = self._buffer(op, "send", send)
-        recv = self._buffer(op, "recv", recv, writable=True)
-        rb = send.shape[1] * send.dtype.itemsize
-        if recv.shape[1] * recv.dtype.itemsize != rb:
-            raise InputError(
-                f"{op}: send rows are {send.shape[1]} x {send.dtype} = {rb} bytes, recv rows "
-                f"{recv.shape[1]} x {recv.dtype} = {recv.shape[1] * recv.dtype.itemsize} bytes; "
-                "they must match")
+        recv = self._buffer(op, "recv", recv, writable=True, row_bytes=send.shape[1] * send.dtype.itemsize)
         return send, recv
 
     def _disjoint(self, op, send, recv):
@@ -340,9 +413,7 @@ class Communicator(abc.ABC):
                     "dtype='bfloat16' (or 'float16') for 2-byte float storage")
             return stored
         logical = normalize_dtype(dtype, f"{op}: dtype")
-        half_storage = logical in ("float16", "bfloat16") and send.dtype.itemsize == 2 and (
-            send.dtype.kind in "ui" or stored in ("float16", "bfloat16"))
-        if stored != logical and not half_storage:
+        if not holds(send.dtype, logical):
             raise InputError(
                 f"{op}: dtype={logical!r} does not describe arrays of dtype {send.dtype}; "
                 "bfloat16 and float16 may be stored as uint16/int16, other dtypes must match")
@@ -483,13 +554,6 @@ class Communicator(abc.ABC):
     @abc.abstractmethod
     def close(self):
         """Release the backend resources in order. Local and idempotent; later calls raise."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-        return False
 
     def __repr__(self):
         state = "ok" if self._broken is None else "broken"

@@ -19,32 +19,13 @@ Importing this module never imports mpi4py; the constructor does (and initialise
 
 import numpy as np
 
-from dpgather.core.dtypes import DTYPES
+from dpgather.core.dtypes import DTYPES, host_storage
 from dpgather.core.errors import BackendUnavailable, CollectiveTimeout, InputError
+from dpgather.core.rows import check_rows
 
-from .base import Communicator, Ops, check_split_args, parse_timeout, poll_until
+from .base import Communicator, Ops, bounded_wait, check_split_args, intracomm, load_mpi, parse_timeout
 
 __all__ = ["MpiHostCommunicator", "MpiOps", "host_available", "load_mpi"]
-
-_MPI = None  # the mpi4py.MPI module once imported
-
-
-def load_mpi():
-    """``mpi4py.MPI``, or raise :class:`BackendUnavailable` with the install command."""
-    global _MPI
-    if _MPI is not None:
-        return _MPI
-    try:
-        from mpi4py import MPI
-    except (ImportError, RuntimeError, OSError) as e:
-        raise BackendUnavailable(
-            "the MPI host backend needs mpi4py and an MPI library: "
-            '`pip install "mpi4py>=4" mpich` (or `pip install "dpgather[host]"`); '
-            f"importing it failed with: {e}"
-        ) from e
-    _MPI = MPI
-    return MPI
-
 
 _HOST_OK = None
 
@@ -61,25 +42,19 @@ def host_available():
     return _HOST_OK
 
 
-def _wrapping_sum(np_dtype):
-    """The body of an integer SUM op: ``inoutbuf += inbuf``, wrapping modulo 2**bits."""
+def _own_sum(logical):
+    """The body of this dtype's own SUM op: ``inoutbuf += inbuf`` in the dtype's arithmetic
+    (integers wrap modulo 2**bits; float16/bfloat16 add in float32 and round back)."""
+    dt = host_storage(logical)
+    acc = np.dtype(DTYPES[logical].acc)
 
     def fn(inbuf, inoutbuf, datatype):
-        a = np.frombuffer(inbuf, dtype=np_dtype)
-        b = np.frombuffer(inoutbuf, dtype=np_dtype)
-        np.add(a, b, out=b)
-
-    return fn
-
-
-def _half_sum(np_dtype):
-    """The body of the float16/bfloat16 SUM op: inoutbuf = round(f32(inbuf) + f32(inoutbuf))."""
-    f32 = np.float32
-
-    def fn(inbuf, inoutbuf, datatype):
-        a = np.frombuffer(inbuf, dtype=np_dtype)
-        b = np.frombuffer(inoutbuf, dtype=np_dtype)
-        b[...] = (a.astype(f32) + b.astype(f32)).astype(np_dtype)
+        a = np.frombuffer(inbuf, dtype=dt)
+        b = np.frombuffer(inoutbuf, dtype=dt)
+        if acc == dt:
+            np.add(a, b, out=b)
+        else:
+            b[...] = (a.astype(acc) + b.astype(acc)).astype(dt)
 
     return fn
 
@@ -92,10 +67,11 @@ class MpiOps(Ops):
     """
 
     def __init__(self, owner):
-        MPI = _MPI
+        MPI = load_mpi()
         self._owner = owner
         self._comm = owner._comm
         self._byte = MPI.BYTE
+        self._in_place = MPI.IN_PLACE
         self._sum = MPI.SUM
         self._types = {name: getattr(MPI, d.mpi) for name, d in DTYPES.items()}
         self._sums = {}  # logical -> MPI.Op for the dtypes summed by our own op
@@ -105,34 +81,20 @@ class MpiOps(Ops):
             return self._sum
         op = self._sums.get(logical)
         if op is None:
-            if logical == "uint8":
-                body = _wrapping_sum(np.dtype(np.uint8))
-            elif logical == "float16":
-                body = _half_sum(np.dtype(np.float16))
-            else:
-                from dpgather.core.dtypes import host_storage
-
-                body = _half_sum(host_storage("bfloat16"))
-            op = self._sums[logical] = _MPI.Op.Create(body, commute=True)
+            op = self._sums[logical] = load_mpi().Op.Create(_own_sum(logical), commute=True)
         return op
 
     def _wait(self, req, op, *keep):
+        """Wait for ``req`` (bounded); a timeout or an MPI error breaks the communicator."""
         owner = self._owner
         try:
-            done = req.Test() or poll_until(req.Test, owner.timeout_s)
-        except _MPI.Exception as e:  # e.g. MPI_ERR_TRUNCATE when ranks issued different collectives
-            owner._orphans.append((req, keep))
-            owner._mark_broken(f"{op} failed on rank {owner.rank} with an MPI error ({e})")
-            raise CollectiveTimeout(
-                f"{op} failed on rank {owner.rank}/{owner.size} with an MPI error: {e}; the ranks "
-                "probably issued different collectives. The communicator is now broken") from None
-        if not done:
-            owner._orphans.append((req, keep))  # MPI may still write into the buffers
-            raise owner._timed_out(op)
+            bounded_wait(req, owner.timeout_s, op, owner._orphans, *keep)
+        except CollectiveTimeout as e:
+            raise owner._timed_out(op, cause=e.__cause__) from None
 
     def all_gather(self, send, recv, logical, stream=None):
         n = send.nbytes
-        sb = _MPI.IN_PLACE if _at(send, recv, self._owner.rank * n) else [send, n, self._byte]
+        sb = self._in_place if _at(send, recv, self._owner.rank * n) else [send, n, self._byte]
         self._wait(self._comm.Iallgather(sb, [recv, n, self._byte]), "all_gather", send, recv)
 
     def all_gatherv(self, send, recv, counts, offsets, logical, stream=None):
@@ -140,13 +102,13 @@ class MpiOps(Ops):
         me = self._owner.rank
         c = np.array(counts, dtype=np.int64) * rb
         d = np.array(offsets[:-1], dtype=np.int64) * rb
-        sb = _MPI.IN_PLACE if _at(send, recv, int(d[me])) else [send, counts[me] * rb, self._byte]
+        sb = self._in_place if _at(send, recv, int(d[me])) else [send, counts[me] * rb, self._byte]
         self._wait(self._comm.Iallgatherv(sb, [recv, (c, d), self._byte]), "all_gatherv", send, recv, c, d)
 
     def all_reduce(self, send, recv, logical, stream=None):
         mt, n = self._types[logical], recv.size
         if send is recv:
-            req = self._comm.Iallreduce(_MPI.IN_PLACE, [recv, n, mt], self._op(logical))
+            req = self._comm.Iallreduce(self._in_place, [recv, n, mt], self._op(logical))
         else:
             req = self._comm.Iallreduce([send, n, mt], [recv, n, mt], self._op(logical))
         self._wait(req, "all_reduce", send, recv)
@@ -186,23 +148,19 @@ class MpiHostCommunicator(Communicator):
             as is, not duplicated, and is never freed by :meth:`close` (only communicators made by
             :meth:`split` are owned and freed).
         timeout_s: seconds any one call may block before raising ``CollectiveTimeout`` and
-            breaking the communicator; ``0`` or ``None`` waits forever.
+            breaking the communicator; a positive number, ``float("inf")`` waits forever
+            (:func:`~dpgather.dist.base.parse_timeout`).
 
     Raises:
         BackendUnavailable: mpi4py (or its MPI library) cannot be imported.
-        InputError: ``comm`` is not an intra-communicator, ``timeout_s`` is not a number >= 0.
+        InputError: ``comm`` is not an intra-communicator, ``timeout_s`` is not a positive number.
 
     See :class:`dpgather.dist.base.Communicator` for the semantics of every method. Buffers are
     C-contiguous 2-D ``numpy.ndarray``; ``recv`` must be writable. ``stream`` is ignored.
     """
 
     def __init__(self, comm=None, timeout_s=60.0, *, _owned=False):
-        MPI = load_mpi()
-        if comm is None:
-            comm = MPI.COMM_WORLD
-        if not isinstance(comm, MPI.Intracomm) or comm == MPI.COMM_NULL:
-            raise InputError(
-                f"comm must be an mpi4py intra-communicator such as MPI.COMM_WORLD, got {comm!r}")
+        comm = intracomm(load_mpi().COMM_WORLD if comm is None else comm)
         self.timeout_s = parse_timeout(timeout_s, error=InputError)
         self._comm = comm
         self._owned = bool(_owned)
@@ -217,16 +175,8 @@ class MpiHostCommunicator(Communicator):
         """The underlying ``mpi4py.MPI.Comm``."""
         return self._comm
 
-    def _buffer(self, op, name, arr, writable=False):
-        if not isinstance(arr, np.ndarray):
-            raise InputError(f"{op}: {name} must be a numpy.ndarray, got {type(arr).__name__}")
-        if arr.ndim != 2:
-            raise InputError(f"{op}: {name} must be 2-D [rows, width], got shape {arr.shape}")
-        if not arr.flags.c_contiguous:
-            raise InputError(f"{op}: {name} must be C-contiguous, got strides {arr.strides} for shape {arr.shape}")
-        if writable and not arr.flags.writeable:
-            raise InputError(f"{op}: {name} must be writable (got a read-only array of shape {arr.shape})")
-        return arr
+    def _buffer(self, op, name, arr, writable=False, row_bytes=None):
+        return check_rows(arr, name, op=op, of=np.ndarray, writable=writable, row_bytes=row_bytes)
 
     def _overlap(self, a, b):
         return np.may_share_memory(a, b)
@@ -239,7 +189,7 @@ class MpiHostCommunicator(Communicator):
         """
         self._check_usable("split")
         color, key = check_split_args(color, key)
-        MPI = _MPI
+        MPI = load_mpi()
         mine = np.array([-1 if color is None else color, key], dtype=np.int64)
         seen = np.empty((self.size, 2), dtype=np.int64)
         self.ops._wait(self._comm.Iallgather([mine, MPI.INT64_T], [seen, MPI.INT64_T]), "split", mine, seen)
@@ -271,7 +221,7 @@ class MpiHostCommunicator(Communicator):
             return
         self._closed = True
         self._mark_broken("close() was called")
-        MPI = _MPI
+        MPI = load_mpi()
         if MPI.Is_finalized() or self._orphans:
             return
         self.ops.free()

@@ -53,13 +53,14 @@ import numpy
 
 from dpgather.core.dtypes import DTYPES
 from dpgather.core.errors import BackendUnavailable, CollectiveTimeout, ConfigError, InputError
+from dpgather.core.rows import check_rows
+from dpgather.kernels._cuda import load_cupy
 
-from .base import Communicator, Ops, check_split_args, parse_timeout, poll_until
+from .base import Communicator, Ops, bounded_wait, check_split_args, load_mpi, parse_timeout, poll_until, teardown_limit
 
 __all__ = ["NcclCommunicator", "NcclOps", "nccl_available", "nccl_version"]
 
-# Bound on one NCCL teardown call when timeout_s means "wait forever", and at exit.
-_TEARDOWN_DEFAULT_S = 60.0
+# Bound on one NCCL teardown call at exit.
 _EXIT_LIMIT_S = 5.0
 # ncclCommSplit exists from NCCL 2.18.1 (version encoding major*10000 + minor*100 + patch).
 _COMM_SPLIT_VERSION = 21801
@@ -72,29 +73,22 @@ _exiting = False
 
 @functools.cache
 def _binding():
-    """``(cupy, cupy.cuda.nccl)``, or ``None`` when either cannot be imported or NCCL is missing."""
+    """``cupy.cuda.nccl``, or ``None`` when CuPy, a GPU or libnccl is missing."""
     try:
+        load_cupy()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # cupy.cuda.nccl warns when libnccl cannot be loaded
-            import cupy
             from cupy.cuda import nccl
     except Exception:
         return None
     if not getattr(nccl, "available", False) or not hasattr(nccl, "NcclCommunicator"):
         return None
-    return cupy, nccl
+    return nccl
 
 
-@functools.cache
 def nccl_available() -> bool:
-    """True iff CuPy imports, its NCCL binding loaded libnccl, and a GPU is visible."""
-    mods = _binding()
-    if mods is None:
-        return False
-    try:
-        return mods[0].cuda.runtime.getDeviceCount() > 0
-    except Exception:
-        return False
+    """True iff CuPy imports, a GPU is visible and CuPy's NCCL binding loaded libnccl."""
+    return _binding() is not None
 
 
 def _nccl():
@@ -103,18 +97,12 @@ def _nccl():
             "NCCL is not usable here: the CUDA backend needs CuPy with its NCCL binding and a "
             "visible GPU: `pip install cupy-cuda12x` (CUDA 12) or `pip install cupy-cuda13x` "
             "(CUDA 13), and NCCL (`pip install nvidia-nccl-cu12`)")
-    return _binding()[1]
+    return _binding()
 
 
 def nccl_version() -> int:
     """Runtime NCCL version as ``major*10000 + minor*100 + patch`` (2.28.9 -> 22809)."""
     return int(_nccl().get_version())
-
-
-def _cupy():
-    import cupy
-
-    return cupy
 
 
 def _unique_id_forms(uid):
@@ -137,7 +125,7 @@ def _init_rank(nranks, uid, rank):
 def _stream_ptr(stream):
     """``(ptr, stream object or None)`` for a ``stream`` argument (None: the current stream)."""
     if stream is None:
-        s = _cupy().cuda.get_current_stream()
+        s = load_cupy().cuda.get_current_stream()
         return s.ptr, s
     if isinstance(stream, int):
         return stream, None
@@ -198,22 +186,19 @@ class NcclOps(Ops):
         self._issued("all_gatherv", ptr, obj)
 
     def all_reduce(self, send, recv, logical, stream=None):
-        ptr, obj = _stream_ptr(stream)
-        try:
-            self._comm.allReduce(send.data.ptr, recv.data.ptr, recv.size, self._types[logical],
-                                 _NCCL_SUM, ptr)
-        except Exception as e:
-            self._failed("all_reduce", e)
-        self._issued("all_reduce", ptr, obj)
+        self._sum("all_reduce", self._comm.allReduce, send, recv, logical, stream)
 
     def reduce_scatter(self, send, recv, logical, stream=None):
+        self._sum("reduce_scatter", self._comm.reduceScatter, send, recv, logical, stream)
+
+    def _sum(self, op, fn, send, recv, logical, stream):
+        """One NCCL sum of ``recv.size`` elements (``ncclAllReduce`` / ``ncclReduceScatter``)."""
         ptr, obj = _stream_ptr(stream)
         try:
-            self._comm.reduceScatter(send.data.ptr, recv.data.ptr, recv.size, self._types[logical],
-                                     _NCCL_SUM, ptr)
+            fn(send.data.ptr, recv.data.ptr, recv.size, self._types[logical], _NCCL_SUM, ptr)
         except Exception as e:
-            self._failed("reduce_scatter", e)
-        self._issued("reduce_scatter", ptr, obj)
+            self._failed(op, e)
+        self._issued(op, ptr, obj)
 
     def reduce_scatterv(self, send, recv, counts, offsets, logical, stream=None):
         ptr, obj = _stream_ptr(stream)
@@ -242,7 +227,7 @@ class NcclCommunicator(Communicator):
             ``MPI.COMM_WORLD``). It is duplicated, so dpgather's host messages never mix
             with the caller's. Construction is collective over it.
         timeout_s: limit in seconds for every blocking operation (see module docstring);
-            ``None`` or ``0`` waits forever (teardown calls stay bounded).
+            a positive number, ``float("inf")`` waits forever (teardown calls stay bounded).
         device: CUDA device ordinal for this rank. Default: the node-local rank
             (``Split_type(COMM_TYPE_SHARED)``) modulo the visible device count. The device
             becomes the calling thread's current CuPy device.
@@ -253,7 +238,7 @@ class NcclCommunicator(Communicator):
 
     Raises:
         BackendUnavailable: no CuPy/NCCL/GPU, or mpi4py is missing.
-        InputError: ``timeout_s`` is not a number. ConfigError: ``device`` out of range.
+        InputError: ``timeout_s`` is not a positive number. ConfigError: ``device`` out of range.
         CollectiveTimeout: the unique-id handshake did not finish within ``timeout_s``.
 
     ``ncclCommInitRank`` itself blocks until every rank joined; it runs only after the
@@ -262,13 +247,8 @@ class NcclCommunicator(Communicator):
 
     def __init__(self, mpi_comm=None, timeout_s: float = 60.0, device=None):
         _nccl()  # raises BackendUnavailable with the reason
-        try:
-            from mpi4py import MPI
-        except ImportError as exc:
-            raise BackendUnavailable(
-                f"NcclCommunicator bootstraps over MPI and needs mpi4py ({exc}): "
-                '`pip install "mpi4py>=4" mpich`') from exc
-        cupy = _cupy()
+        MPI = load_mpi()
+        cupy = load_cupy()
         self._init_state(timeout_s)
         parent = MPI.COMM_WORLD if mpi_comm is None else mpi_comm
         mpi = parent.Dup()
@@ -308,7 +288,7 @@ class NcclCommunicator(Communicator):
 
     def _setup(self, mpi, comm, device) -> None:
         global _atexit_registered
-        cupy = _cupy()
+        cupy = load_cupy()
         self._mpi = mpi
         self._comm = comm
         self.device = device
@@ -332,7 +312,7 @@ class NcclCommunicator(Communicator):
 
     @staticmethod
     def _pick_device(MPI, mpi, device) -> int:  # noqa: N803
-        count = _cupy().cuda.runtime.getDeviceCount()
+        count = load_cupy().cuda.runtime.getDeviceCount()
         if device is not None:
             device = int(device)
             if not 0 <= device < count:
@@ -362,17 +342,14 @@ class NcclCommunicator(Communicator):
         if self._comm is None:
             raise BackendUnavailable(f"{op}: this NcclCommunicator is closed")
 
-    def _buffer(self, op, name, arr, writable=False):
-        cupy = _cupy()
+    def _buffer(self, op, name, arr, writable=False, row_bytes=None):
+        cupy = load_cupy()
         if not isinstance(arr, cupy.ndarray):
             if not hasattr(arr, "__cuda_array_interface__"):
                 raise InputError(f"{op}: {name} must be a CuPy array (or expose __cuda_array_interface__), "
                                  f"got {type(arr).__name__}")
             arr = cupy.asarray(arr)
-        if arr.ndim != 2:
-            raise InputError(f"{op}: {name} must be a 2-D [rows, width] array, got shape {arr.shape}")
-        if not arr.flags.c_contiguous:
-            raise InputError(f"{op}: {name} must be C-contiguous, got strides {arr.strides}")
+        check_rows(arr, name, op=op, row_bytes=row_bytes)
         if arr.data.device_id != self.device:
             raise InputError(f"{op}: {name} is on device {arr.data.device_id}, the communicator on {self.device}")
         return arr
@@ -381,9 +358,9 @@ class NcclCommunicator(Communicator):
         pa, pb = a.data.ptr, b.data.ptr
         return pa < pb + b.nbytes and pb < pa + a.nbytes
 
-    def _timeout(self, op: str, detail: str = ""):
+    def _timeout(self, op: str, detail: str = "", cause=None):
         """Mark broken, abort NCCL, raise ``CollectiveTimeout`` for ``op``."""
-        err = self._timed_out(op, detail)
+        err = self._timed_out(op, detail, cause)
         self._abort_nccl()
         raise err
 
@@ -411,10 +388,11 @@ class NcclCommunicator(Communicator):
             self._call(op, comm.check_async_error)
 
     def _mpi_wait(self, req, op: str, *keep) -> None:
-        if not poll_until(req.Test, self.timeout_s):
-            # MPI may still write into the buffers: keep them alive with the request.
-            self._orphans.append((req, keep))
-            self._timeout(op, "(host exchange over MPI)")
+        """Wait for an MPI request (bounded); a timeout or MPI error aborts and breaks."""
+        try:
+            bounded_wait(req, self.timeout_s, op, self._orphans, *keep)
+        except CollectiveTimeout as e:
+            self._timeout(op, "(host exchange over MPI)", cause=e.__cause__)
 
     # ------------------------------------------------------------------ completion
 
@@ -432,7 +410,7 @@ class NcclCommunicator(Communicator):
         self._wait_stream(op, ptr, obj)
 
     def _wait_stream(self, op, ptr, obj) -> None:
-        s = obj if obj is not None else _cupy().cuda.ExternalStream(ptr, self.device)
+        s = obj if obj is not None else load_cupy().cuda.ExternalStream(ptr, self.device)
         if s.is_capturing():
             return
         self._event.record(s)
@@ -475,8 +453,7 @@ class NcclCommunicator(Communicator):
         """
         op = "split"
         self._check_usable(op)
-        from mpi4py import MPI
-
+        MPI = load_mpi()
         color, key = check_split_args(color, key)
         nccl = _nccl()
         has_split = hasattr(nccl.NcclCommunicator, "commSplit") and nccl_version() >= _COMM_SPLIT_VERSION
@@ -495,7 +472,7 @@ class NcclCommunicator(Communicator):
             else:
                 uid = nccl.get_unique_id() if sub_mpi.Get_rank() == 0 else None
                 uid = self._bcast_unique_id(sub_mpi, uid, op)
-                with _cupy().cuda.Device(self.device):
+                with load_cupy().cuda.Device(self.device):
                     sub = self._call(op, _init_rank, sub_mpi.Get_size(), uid, sub_mpi.Get_rank())
             if (sub is None) != (sub_mpi == MPI.COMM_NULL) or (
                     sub is not None and sub.rank_id() != sub_mpi.Get_rank()):
@@ -535,7 +512,7 @@ class NcclCommunicator(Communicator):
             _run_bounded(lambda c: c.abort(), comm, self._teardown_limit(), "ncclCommAbort")
 
     def _teardown_limit(self) -> float:
-        return self.timeout_s if self.timeout_s > 0 else _TEARDOWN_DEFAULT_S
+        return teardown_limit(self.timeout_s)
 
     def close(self) -> None:
         """Release the NCCL and MPI resources; local, idempotent; later calls raise.
@@ -573,9 +550,7 @@ class NcclCommunicator(Communicator):
         if mpi is None or self._orphans:
             return  # a timed-out request may still reference the communicator
         try:
-            from mpi4py import MPI
-
-            if not MPI.Is_finalized():
+            if not load_mpi().Is_finalized():
                 mpi.Free()
         except Exception:  # teardown must not raise
             pass

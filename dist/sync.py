@@ -28,18 +28,15 @@ configuration agreement at construction, error messages after a failed step).
 
 import os
 import pickle
-import platform
 
 import numpy as np
 
-from dpgather.core.errors import CollectiveTimeout, InputError
+from dpgather.core.errors import BackendUnavailable, CollectiveTimeout, InputError
 
-from .base import bounded_wait, parse_timeout, poll_until
-from .shm import node_segment
+from .base import bounded_wait, load_mpi, parse_timeout, poll_until
+from .shm import node_segment, unusable_reason
 
 __all__ = ["StepSync"]
-
-_X86 = platform.machine().lower() in ("x86_64", "amd64")
 
 
 def shm_sync_disabled():
@@ -54,7 +51,8 @@ class StepSync:
         comm: an mpi4py intra-communicator the caller owns and does not use concurrently (a
             private duplicate: the exchange's MPI path issues collectives on it).
         width: int32 fields per record.
-        timeout_s: bound of every exchange (``CollectiveTimeout`` after it; 0 waits forever).
+        timeout_s: bound of every exchange (``CollectiveTimeout`` after it): a positive number,
+            ``float("inf")`` waits forever (:func:`~dpgather.dist.base.parse_timeout`).
 
     Attributes:
         transport: ``"mpi"`` or ``"shm"`` (after the first exchange decided).
@@ -64,9 +62,7 @@ class StepSync:
     """
 
     def __init__(self, comm, width, timeout_s):
-        from mpi4py import MPI
-
-        self._MPI = MPI
+        self._MPI = load_mpi()
         self._comm = comm
         self.rank = comm.Get_rank()
         self.size = comm.Get_size()
@@ -123,15 +119,13 @@ class StepSync:
         """Collective: move later exchanges to a shared segment if every rank can map it."""
         stride = 1 + self.width
         nbytes = 2 * self.size * stride * 4
-        want = _X86 and not shm_sync_disabled()
+        want = unusable_reason() is None and not shm_sync_disabled()
         try:
             seg = node_segment(self._comm, nbytes if want else 0, self.timeout_s, self._orphans,
                                tag="dpgather-sync")
         except CollectiveTimeout:
             raise self._timeout("the per-step sync's shared-memory set-up") from None
-        if seg is None or not want or nbytes == 0:
-            if seg is not None:
-                seg.close()
+        except BackendUnavailable:  # some rank cannot map it (or opted out): stay on MPI
             return
         self._seg = seg
         self._slots = seg.array(np.int32, (2, self.size, stride))

@@ -65,21 +65,27 @@ class HostBackend:
         return arr
 
     def p2p_probe(self, node_comm, timeout_s):
-        """Whether the host P2P twin can run over ``node_comm``: ``(ok, reason)``, the same on
-        every rank (collective)."""
-        from dpgather.dist.p2p import probe_p2p
+        """Whether the host twin of the pull transport can run over ``node_comm``: ``(ok,
+        reason)``, the same on every rank (collective; :func:`dpgather.dist.nodes.probe`)."""
+        from dpgather.dist.nodes import probe
 
-        return probe_p2p(node_comm, None, timeout_s, backend="host")
+        return probe(node_comm, timeout_s, backend="host")
 
     def p2p(self, node_comm, capacity_bytes, timeout_s):
-        """The host P2P twin over ``node_comm`` with windows of ``capacity_bytes`` (collective;
-        the same ``ConfigError``/``BackendUnavailable`` on every rank when it cannot be made)."""
-        from dpgather.dist.p2p import HostP2P
+        """The pull transport's host twin (:class:`dpgather.dist.pull.HostPull`) over ``node_comm``
+        with ``src`` buffers of ``capacity_bytes`` (collective; the same ``ConfigError`` /
+        ``BackendUnavailable`` on every rank when it cannot be made)."""
+        from dpgather.dist.pull import HostPull
 
-        return HostP2P(node_comm, capacity_bytes, timeout_s)
+        return HostPull(node_comm, capacity_bytes, timeout_s)
 
-    def warm(self):
-        """Load every kernel this backend may launch (Numba compiles on first use: nothing to do)."""
+    @staticmethod
+    def warm():
+        """Load every kernel this backend may launch (the Numba kernels; the host twin of the
+        pull transport runs in Python)."""
+        from dpgather.kernels import host
+
+        host.warm()
 
     @staticmethod
     def ptr(a):
@@ -212,26 +218,39 @@ class CudaBackend:
         (``origin`` from :meth:`wrap`), zero-copy."""
         return arr
 
-    def p2p_probe(self, node_comm, timeout_s):
-        """Whether the CUDA P2P transport can run over ``node_comm`` (every pair of devices with
-        peer access): ``(ok, reason)``, the same on every rank (collective)."""
-        from dpgather.dist.p2p import probe_p2p
+    #: the device this backend built a pull transport on (its kernel may then be launched)
+    _pull_device = None
 
-        return probe_p2p(node_comm, self.device.id, timeout_s, backend="cuda")
+    def p2p_probe(self, node_comm, timeout_s):
+        """Whether the pull transport can run over ``node_comm`` on this rank's device (every
+        pair of devices with peer access): ``(ok, reason)``, the same on every rank (collective;
+        :func:`dpgather.dist.nodes.probe`)."""
+        from dpgather.dist.nodes import probe
+
+        return probe(node_comm, timeout_s, backend="cuda", device=self._device_id())
 
     def p2p(self, node_comm, capacity_bytes, timeout_s):
-        """The CUDA P2P transport over ``node_comm`` on this rank's device (collective; the same
-        ``ConfigError``/``BackendUnavailable`` on every rank when it cannot be made)."""
-        from dpgather.dist.p2p import CudaP2P
+        """The pull transport (:class:`dpgather.dist.pull.CudaPull`) over ``node_comm`` on this
+        rank's device (collective; the same ``ConfigError``/``BackendUnavailable`` on every rank
+        when it cannot be made). It compiles the pull kernel on construction."""
+        from dpgather.dist.pull import CudaPull
 
-        return CudaP2P(node_comm, capacity_bytes, timeout_s, self.device.id)
+        t = CudaPull(node_comm, capacity_bytes, timeout_s, self._device_id())
+        self._pull_device = t.device
+        return t
 
     def warm(self):
-        """Compile every kernel this backend may launch (before a graph capture)."""
-        from dpgather.kernels import _cuda, _p2p
+        """Compile and load every kernel this backend may launch on its device: the copy kernels,
+        and the pull kernel once :meth:`p2p` built a transport. Call before a graph capture."""
+        from dpgather import kernels
 
-        _cuda.warm()
-        _p2p.warm()
+        kernels.cuda.warm(self._device_id())
+        if self._pull_device is not None:
+            kernels.pull.warm(self._pull_device)
+
+    def _device_id(self):
+        """This rank's device ordinal (None before :meth:`communicator` chose it)."""
+        return None if self.device is None else self.device.id
 
     @staticmethod
     def ptr(a):

@@ -102,15 +102,9 @@ def _max_tokens(v):
 
 
 def _timeout(v):
-    if isinstance(v, (bool, np.bool_)) or v is None or isinstance(v, str):
-        raise ValueError("timeout_s must be a positive number of seconds (float('inf'): no limit)")
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        raise ValueError("timeout_s must be a positive number of seconds (float('inf'): no limit)") from None
-    if not f > 0:  # also NaN
-        raise ValueError("timeout_s must be a positive number of seconds (float('inf'): no limit)")
-    return f
+    from dpgather.dist.base import parse_timeout
+
+    return parse_timeout(v, "timeout_s", ValueError)
 
 
 def _cost(v):
@@ -220,11 +214,6 @@ def agree(everyone: List[Tuple[Dict[str, Any], Dict[str, str]]]) -> None:
 def intracomm(comm):
     """``comm`` (default ``MPI.COMM_WORLD``) if it is an mpi4py intra-communicator, else a
     ConfigError on this rank (there is no communicator to agree over)."""
-    from dpgather.dist.host import load_mpi
+    from dpgather.dist.base import intracomm as check, load_mpi
 
-    MPI = load_mpi()
-    if comm is None:
-        return MPI.COMM_WORLD
-    if not isinstance(comm, MPI.Intracomm) or comm == MPI.COMM_NULL:
-        raise ConfigError(f"comm must be an mpi4py intra-communicator such as MPI.COMM_WORLD, got {comm!r}")
-    return comm
+    return load_mpi().COMM_WORLD if comm is None else check(comm, "comm", ConfigError)

@@ -123,7 +123,7 @@ class DataPlane:
             return G
         if p2p:
             name = "logits" if role != "gathered" else ("gather_partial" if partial else "gather_replicate")
-            self.p2p.pull_trusted(x, G, desc, self.desc_layout.p2p[name], row_bytes=W * dt.itemsize,
+            self.p2p.run(x, G, desc, self.desc_layout.p2p[name], row_bytes=W * dt.itemsize,
                                   dtype=logical)
             if self.inter is not None:
                 counts, o = self._node_blocks(L)
@@ -205,7 +205,7 @@ class DataPlane:
                 else:
                     self.inter.reduce_scatterv(Yv, stage, counts, o, logical)
                 Yv = stage
-            self.p2p.pull_trusted(Yv, y, desc, self.desc_layout.p2p["combine"], row_bytes=W * dt.itemsize,
+            self.p2p.run(Yv, y, desc, self.desc_layout.p2p["combine"], row_bytes=W * dt.itemsize,
                                   dtype=logical)
             return y
         tp = self.tp

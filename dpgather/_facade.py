@@ -22,6 +22,8 @@ from dpgather.core import RECORD_WIDTH, CostModel, InputError, LocalBatch, Plan
 from dpgather.core import Planner, SpecConfig, Topology
 from dpgather.core.dtypes import DTYPES
 
+from dpgather.dist.base import Closing
+
 from . import _checks
 from ._arena import Arena
 from ._backends import make_backend
@@ -51,7 +53,7 @@ _GATHER, _GATHER_LOGITS, _SCATTER, _SCATTER_LOGITS, _MASK = (
     OPS[k] for k in ("gather", "gather_logits", "scatter", "scatter_logits", "mask_topk_ids"))
 
 
-class DpAttention:
+class DpAttention(Closing):
     """The DP-attention data plane of one rank.
 
     Args:
@@ -161,6 +163,7 @@ class DpAttention:
         storage = be.storage_dtype(self.dtype)
         row_bytes = self.hidden_size * storage.itemsize
         links = self._links = bring_up(self._private, self._sync, be, config, self.topology, self.rank, row_bytes)
+        be.warm()  # every rank compiles now, together, not one rank inside a step while the others wait
         self._state.attach(links.communicators())
         self.planner = Planner(self.topology, spec=config.spec, policy=config.policy,
                                graph_buckets=config.graph_buckets, cost=links.cost.with_row_bytes(row_bytes),
@@ -436,12 +439,6 @@ class DpAttention:
         private, self._private = self._private, None
         free_duplicate(private, self._orphans, self._sync, links and links.tp)
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-        return False
 
     def __repr__(self):
         g = getattr

@@ -47,6 +47,8 @@ import numpy as np
 
 from dpgather.core import ForwardMode, InputError, LocalBatch
 
+from dpgather.dist.base import Closing
+
 from . import _checks
 from ._arena import Arena
 from ._layout import OP_GRAPH, Layout
@@ -59,7 +61,7 @@ MAX_RUNNER_MICRO_BATCHES = 16
 __all__ = ["GraphRunner"]
 
 
-class GraphRunner:
+class GraphRunner(Closing):
     """Captured (CUDA) or eager (host) gather -> fn -> combine for every graph bucket.
 
     Made by :meth:`DpAttention.graph_runner`; see the module docstring.
@@ -325,12 +327,6 @@ class GraphRunner:
         self._stream = None
         self._side = None
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-        return False
 
 
 # -- the runner's rows of the op path: ``args`` are ``(runner, x, plan)`` -------------------------

@@ -71,7 +71,7 @@ def free_duplicate(comm, orphans, *users):
     purpose, like every communicator after a timeout."""
     if comm is None or orphans or any(u is not None and u.abandoned for u in users):
         return
-    from dpgather.dist.host import load_mpi
+    from dpgather.dist.base import load_mpi
 
     if not load_mpi().Is_finalized():
         comm.Free()

@@ -89,7 +89,7 @@ def _p2p(private, sync, backend, config, topology, rank, row_bytes, tp):
         return None, None, T, 0, "transport='nccl' was asked for"
     if T == 1:
         return None, None, T, 0, "one rank: nothing to move"
-    from dpgather.dist.p2p import host_id, node_size
+    from dpgather.dist.nodes import host_id, node_size
 
     facts = sync.allgather_obj((host_id(), os.environ.get("DPGATHER_P2P_NODES", "")),
                                "DpAttention construction (nodes)")

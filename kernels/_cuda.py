@@ -38,7 +38,9 @@ import pathlib
 
 import numpy
 
+from dpgather.core.dtypes import DTYPES, ID_DTYPES
 from dpgather.core.errors import BackendUnavailable, InputError
+from dpgather.core.rows import check_desc, check_rows
 
 __all__ = [
     "COPY",
@@ -48,6 +50,7 @@ __all__ = [
     "NAME_EXPRESSIONS",
     "copy_rows",
     "kernel_source",
+    "load_cupy",
     "mask_rows",
     "sm_count",
     "vector_bytes",
@@ -64,10 +67,7 @@ COPY_CTYPES = {
 }
 
 #: NumPy dtype name of ``ids`` -> C++ type of the ``mask_rows<T>`` specialisation.
-MASK_CTYPES = {
-    "int32": "int",
-    "int64": "long long",
-}
+MASK_CTYPES = {name: DTYPES[name].ctype for name in ID_DTYPES}
 
 #: Every specialisation compiled into the module (also compile-checked on CPU CI by
 #: tests/test_cuda_compile.py, which imports this tuple).
@@ -92,31 +92,38 @@ _UNROLL = {16: int(_U16) if _U16 else 8, 8: 8, 4: 8, 2: 16, 1: 16}
 _BLOCKS_PER_SM = 16
 
 
+_INSTALL_CUPY = ("`pip install cupy-cuda12x` (CUDA 12) or `pip install cupy-cuda13x` (CUDA 13), "
+                 "or use backend='host'")
+
+
 @functools.cache
-def _cupy():
-    """Import CuPy on first use and check that a GPU is visible (cached on success)."""
+def load_cupy():
+    """CuPy, imported on first use, once a GPU is visible (cached on success).
+
+    The one CuPy loader of dpgather: the CUDA kernels, the NCCL communicator and the P2P
+    transports get CuPy here.
+
+    Raises:
+        BackendUnavailable: CuPy does not import, or CUDA sees no GPU (with the install command).
+    """
     try:
         import cupy
     except Exception as exc:  # ImportError, or a broken CUDA install raising at import
         raise BackendUnavailable(
-            f"the CUDA kernels need CuPy, which failed to import ({exc!r}); install "
-            "cupy-cuda12x or use backend='host'"
-        ) from exc
+            f"the CUDA backend needs CuPy, which failed to import ({exc!r}): {_INSTALL_CUPY}") from exc
     try:
         count = cupy.cuda.runtime.getDeviceCount()
     except Exception as exc:
-        raise BackendUnavailable(
-            f"the CUDA kernels need a visible GPU; CUDA reports: {exc}"
-        ) from exc
+        raise BackendUnavailable(f"the CUDA backend needs a visible GPU; CUDA reports: {exc}") from exc
     if count < 1:
-        raise BackendUnavailable("the CUDA kernels need a visible GPU; CUDA reports 0 devices")
+        raise BackendUnavailable("the CUDA backend needs a visible GPU; CUDA reports 0 devices")
     return cupy
 
 
 @functools.cache
 def sm_count(device_id: int) -> int:
     """Streaming multiprocessors of ``device_id`` (cached)."""
-    cupy = _cupy()
+    cupy = load_cupy()
     return int(cupy.cuda.Device(device_id).attributes["MultiProcessorCount"])
 
 
@@ -149,7 +156,7 @@ class CudaSource:
         """Compiled kernel ``name`` (one of the name expressions) on ``device_id``."""
         fn = self._functions.get((device_id, name))
         if fn is None:
-            cupy = _cupy()
+            cupy = load_cupy()
             module = self._modules.get(device_id)
             if module is None:  # nothing compiles until a function is fetched
                 options = self._options() if callable(self._options) else self._options
@@ -165,7 +172,7 @@ class CudaSource:
         Call once per process before capturing CUDA graphs, so that the first launch inside a
         capture does not compile or load a module.
         """
-        cupy = _cupy()
+        cupy = load_cupy()
         dev = cupy.cuda.runtime.getDevice() if device is None else int(device)
         sm_count(dev)
         for name in self.name_expressions:
@@ -191,34 +198,15 @@ def _grid(n_vectors: int, vec: int, device_id: int) -> int:
     return max(1, min(blocks, sm_count(device_id) * _BLOCKS_PER_SM))
 
 
-def _as_device_2d(cupy, arr, name: str):
+def _as_device_2d(cupy, arr, name: str, op: str, row_bytes=None):
     if not isinstance(arr, cupy.ndarray):
         if not hasattr(arr, "__cuda_array_interface__"):
             raise InputError(
-                f"{name}: expected a CuPy array (or an object with __cuda_array_interface__), "
+                f"{op}: {name} must be a CuPy array (or an object with __cuda_array_interface__), "
                 f"got {type(arr).__name__}"
             )
         arr = cupy.asarray(arr)
-    if arr.ndim != 2:
-        raise InputError(f"{name}: expected a 2-D [rows, width] array, got shape {arr.shape}")
-    if not arr.flags.c_contiguous:
-        raise InputError(f"{name}: expected a C-contiguous array, got strides {arr.strides}")
-    return arr
-
-
-def _as_desc(cupy, desc, needed: int):
-    if not isinstance(desc, cupy.ndarray):
-        raise InputError(
-            f"desc: expected a device (CuPy) int64 array, got {type(desc).__name__}"
-        )
-    if desc.dtype != cupy.int64 or desc.ndim != 1 or not desc.flags.c_contiguous:
-        raise InputError(
-            f"desc: expected a contiguous 1-D int64 array, got dtype {desc.dtype}, "
-            f"shape {desc.shape}"
-        )
-    if desc.size < needed:
-        raise InputError(f"desc: needs at least {needed} entries, has {desc.size}")
-    return desc
+    return check_rows(arr, name, op=op, row_bytes=row_bytes)
 
 
 def _stream_arg(cupy, stream):
@@ -260,24 +248,18 @@ def copy_rows(src, dst, desc, i, stream=None) -> None:
     The vector width (16/8/4/2/1 bytes) is the widest dividing the row size and both base
     pointers; the grid is sized from ``dst_rows`` (capacity), never from the counts.
     """
-    cupy = _cupy()
-    src = _as_device_2d(cupy, src, "src")
-    dst = _as_device_2d(cupy, dst, "dst")
+    cupy = load_cupy()
+    src = _as_device_2d(cupy, src, "src", "copy_rows")
+    row_bytes = src.shape[1] * src.itemsize
+    dst = _as_device_2d(cupy, dst, "dst", "copy_rows", row_bytes)
     i = int(i)
     if i < 0:
-        raise InputError(f"i: descriptor index must be >= 0, got {i}")
-    desc = _as_desc(cupy, desc, 4 * i + 4)
-    row_bytes = dst.shape[1] * dst.itemsize
-    src_row_bytes = src.shape[1] * src.itemsize
-    if src_row_bytes != row_bytes:
-        raise InputError(
-            f"src/dst: row sizes differ: src {src.shape[1]} x {src.dtype} = {src_row_bytes} "
-            f"bytes, dst {dst.shape[1]} x {dst.dtype} = {row_bytes} bytes"
-        )
+        raise InputError(f"copy_rows: i: descriptor index must be >= 0, got {i}")
+    desc = check_desc(desc, 4 * i + 4, op="copy_rows", of=cupy.ndarray)
     device_id = dst.data.device_id
     if src.data.device_id != device_id or desc.data.device_id != device_id:
         raise InputError(
-            f"src/dst/desc: must be on one device, got {src.data.device_id}/{device_id}/"
+            f"copy_rows: src/dst/desc must be on one device, got {src.data.device_id}/{device_id}/"
             f"{desc.data.device_id}"
         )
     dst_rows = dst.shape[0]
@@ -317,30 +299,30 @@ def mask_rows(ids, desc, i, num_slots, fill, stream=None) -> None:
             descriptor.
         BackendUnavailable: CuPy or a GPU is missing.
     """
-    cupy = _cupy()
-    ids = _as_device_2d(cupy, ids, "ids")
+    cupy = load_cupy()
+    ids = _as_device_2d(cupy, ids, "ids", "mask_rows")
     ctype = MASK_CTYPES.get(ids.dtype.name)
     if ctype is None:
-        raise InputError(f"ids: expected dtype int32 or int64, got {ids.dtype}")
+        raise InputError(f"mask_rows: ids must be int32 or int64, got {ids.dtype}")
     i = int(i)
     num_slots = int(num_slots)
     if i < 0:
-        raise InputError(f"i: descriptor offset must be >= 0, got {i}")
+        raise InputError(f"mask_rows: i: descriptor offset must be >= 0, got {i}")
     if not 0 <= num_slots < 2**31:
-        raise InputError(f"num_slots: expected 0 <= num_slots < 2**31, got {num_slots}")
-    desc = _as_desc(cupy, desc, i + 3 * num_slots)
-    info = _iinfo(ids.dtype.name)
+        raise InputError(f"mask_rows: num_slots: expected 0 <= num_slots < 2**31, got {num_slots}")
+    desc = check_desc(desc, i + 3 * num_slots, op="mask_rows", of=cupy.ndarray)
+    info = numpy.iinfo(ids.dtype)
     fill = int(fill)
-    if not info[0] <= fill <= info[1]:
-        raise InputError(f"fill: {fill} does not fit {ids.dtype} [{info[0]}, {info[1]}]")
+    if not info.min <= fill <= info.max:
+        raise InputError(f"mask_rows: fill: {fill} does not fit {ids.dtype} [{info.min}, {info.max}]")
     if ids.data.ptr % ids.itemsize:
         raise InputError(
-            f"ids: data pointer {ids.data.ptr:#x} is not aligned to its {ids.itemsize}-byte items"
+            f"mask_rows: ids: data pointer {ids.data.ptr:#x} is not aligned to its {ids.itemsize}-byte items"
         )
     device_id = ids.data.device_id
     if desc.data.device_id != device_id:
         raise InputError(
-            f"ids/desc: must be on one device, got {device_id}/{desc.data.device_id}"
+            f"mask_rows: ids/desc must be on one device, got {device_id}/{desc.data.device_id}"
         )
     rows, k = ids.shape
     if rows == 0 or k == 0 or num_slots == 0:
@@ -353,11 +335,6 @@ def mask_rows(ids, desc, i, num_slots, fill, stream=None) -> None:
         scalar(fill),
     )
     _launch(cupy, device_id, f"mask_rows<{ctype}>", grid, args, _stream_arg(cupy, stream))
-
-
-def _iinfo(name: str):
-    bits = 32 if name == "int32" else 64
-    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
 
 
 _I64 = numpy.int64

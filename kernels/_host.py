@@ -21,13 +21,13 @@ Numba is imported on first use: importing this module never fails without it.
 
 import numpy as np
 
+from dpgather.core.dtypes import ID_DTYPES
 from dpgather.core.errors import BackendUnavailable, InputError
+from dpgather.core.rows import check_desc, check_rows
 
 __all__ = ["copy_rows", "copy_rows_unchecked", "mask_rows", "copy_rows_ref", "mask_rows_ref",
            "numba_available", "check_numba"]
 
-_I64 = np.dtype(np.int64)
-_ID_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))
 _U8 = np.dtype(np.uint8)
 
 _kernels = None  # (copy kernel, mask kernel) once compiled
@@ -112,27 +112,6 @@ def _build():
     return _kernels
 
 
-def _check_rows(name, a, op, writable=False):
-    if not isinstance(a, np.ndarray):
-        raise InputError(f"{op}: {name} must be a numpy.ndarray, got {type(a).__name__}")
-    if a.ndim != 2:
-        raise InputError(f"{op}: {name} must be 2-D [rows, width], got shape {a.shape}")
-    if not a.flags.c_contiguous:
-        raise InputError(f"{op}: {name} must be C-contiguous, got strides {a.strides} for shape {a.shape}")
-    if writable and not a.flags.writeable:
-        raise InputError(f"{op}: {name} must be writable (got a read-only array of shape {a.shape})")
-
-
-def _check_desc(op, desc, need):
-    if not isinstance(desc, np.ndarray) or desc.dtype != _I64 or desc.ndim != 1 or not desc.flags.c_contiguous:
-        raise InputError(
-            f"{op}: desc must be a 1-D C-contiguous numpy int64 array, got "
-            f"{type(desc).__name__} dtype={getattr(desc, 'dtype', None)} shape={getattr(desc, 'shape', None)}"
-        )
-    if desc.shape[0] < need:
-        raise InputError(f"{op}: desc must have at least {need} entries for this index, got {desc.shape[0]}")
-
-
 def _check_index(op, name, v):
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
         raise InputError(f"{op}: {name} must be an int >= 0, got {v!r}")
@@ -140,27 +119,21 @@ def _check_index(op, name, v):
 
 
 def _check_copy(src, dst, desc, i):
-    _check_rows("src", src, "copy_rows")
-    _check_rows("dst", dst, "copy_rows", writable=True)
+    check_rows(src, "src", op="copy_rows", of=np.ndarray)
     rb = src.shape[1] * src.dtype.itemsize
-    if dst.shape[1] * dst.dtype.itemsize != rb:
-        raise InputError(
-            f"copy_rows: src and dst rows must have the same size in bytes, got src {src.shape} "
-            f"{src.dtype} ({rb} B/row) and dst {dst.shape} {dst.dtype} "
-            f"({dst.shape[1] * dst.dtype.itemsize} B/row)"
-        )
+    check_rows(dst, "dst", op="copy_rows", of=np.ndarray, writable=True, row_bytes=rb)
     i = _check_index("copy_rows", "i", i)
-    _check_desc("copy_rows", desc, 4 * i + 4)
+    check_desc(desc, 4 * i + 4, op="copy_rows", of=np.ndarray)
     return rb, i
 
 
 def _check_mask(ids, desc, i, num_slots, fill):
-    _check_rows("ids", ids, "mask_rows", writable=True)
-    if ids.dtype not in _ID_DTYPES:
+    check_rows(ids, "ids", op="mask_rows", of=np.ndarray, writable=True)
+    if ids.dtype.name not in ID_DTYPES:
         raise InputError(f"mask_rows: ids must be int32 or int64, got {ids.dtype}")
     i = _check_index("mask_rows", "i", i)
     num_slots = _check_index("mask_rows", "num_slots", num_slots)
-    _check_desc("mask_rows", desc, i + 3 * num_slots)
+    check_desc(desc, i + 3 * num_slots, op="mask_rows", of=np.ndarray)
     info = np.iinfo(ids.dtype)
     if isinstance(fill, bool) or not isinstance(fill, (int, np.integer)) or not info.min <= fill <= info.max:
         raise InputError(f"mask_rows: fill must be an int representable as {ids.dtype}, got {fill!r}")
@@ -185,6 +158,17 @@ def copy_rows(src, dst, desc, i, stream=None):
     if rb:
         k[0](_flat_u8(src), _flat_u8(dst), rb, src.shape[0], dst.shape[0], desc, 4 * i)
     return dst
+
+
+def warm():
+    """Compile (or load from Numba's cache) every kernel now, by running each once on a few
+    bytes: the first call of a process otherwise takes seconds on a loaded machine, which one
+    rank would pay inside a step while its peers wait in a collective."""
+    rows = np.zeros((2, 4), dtype=np.uint8)
+    desc = np.array([0, 1, 0, 2], dtype=np.int64)
+    copy_rows_unchecked(rows, rows.copy(), desc, 0)
+    for dt in (np.int32, np.int64):
+        mask_rows(np.zeros((2, 1), dtype=dt), np.array([0, 1, 2], dtype=np.int64), 0, 1, -1)
 
 
 def copy_rows_unchecked(src, dst, desc, i, stream=None):

@@ -1,4 +1,4 @@
-"""The P2P test matrix, shared by tests/mpi/p2p_scenarios.py (HostP2P) and tests/gpu/p2p_selftest.py.
+"""The P2P test matrix, shared by tests/mpi/p2p_scenarios.py (HostPull) and tests/gpu/p2p_selftest.py.
 
 :func:`build_cases` lists, for ``T`` ranks, every descriptor shape the data plane uses (gather
 replicate / partial with A = 1, 2; combine; exact slots and graph buckets (span > cnt); zero
@@ -7,7 +7,7 @@ plus hand-written clamping cases (rows past ``out`` or past the capacity, negati
 sources out of range or repeated, counts larger than the descriptor, an in-place all-reduce,
 far-out-of-range offsets). Every rank builds the identical list (seeded by ``(seed, T)``);
 :func:`case_input` gives rank ``r``'s input of a case, so each rank computes every peer's input
-and the reference (:func:`dpgather.kernels._p2p.p2p_pull_ref`) locally.
+and the reference (:func:`pull_reference.pull_ref`, independent of the library) locally.
 
 Outputs are poisoned with :data:`POISON` (never zeros) before each call; :func:`check` compares
 every byte of every row, the rows no job writes included (they must keep the poison).
@@ -20,7 +20,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from dpgather.kernels import _p2p
+import pull_reference as ref
+from pull_reference import host_dtype
 
 DTYPES = ("float32", "float16", "bfloat16", "int32", "int64", "uint8")
 POISON = 0xA5
@@ -42,16 +43,7 @@ class Case(NamedTuple):
 
     @property
     def row_bytes(self):
-        return self.width * _p2p.ITEMSIZE[self.dtype]
-
-
-def host_dtype(dtype):
-    """NumPy dtype of host buffers (``ml_dtypes.bfloat16`` for bfloat16)."""
-    if dtype == "bfloat16":
-        import ml_dtypes
-
-        return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(dtype)
+        return self.width * ref.ITEMSIZE[self.dtype]
 
 
 def storage_dtype(dtype):
@@ -82,8 +74,8 @@ def expected(case, seed, index, nranks):
     outs = ins if case.inplace else [poisoned(case.out_rows[r], case.width, case.dtype)
                                      for r in range(nranks)]
     cap_rows = CAP_BYTES // case.row_bytes
-    return ins, _p2p.p2p_pull_ref(ins, list(case.descs), case.desc_off, case.row_bytes, case.dtype,
-                                  list(case.out_rows), cap_rows, outs=outs)
+    return ins, ref.pull_ref(ins, list(case.descs), case.desc_off, case.row_bytes, case.dtype,
+                             list(case.out_rows), cap_rows, outs=outs)
 
 
 def check(got, exp):
@@ -117,7 +109,7 @@ def build_cases(nranks, seed=1234, dtypes=DTYPES, clamp=True):
 
     for dtype in dtypes:
         for width in _widths(dtype):
-            rb = width * _p2p.ITEMSIZE[dtype]
+            rb = width * ref.ITEMSIZE[dtype]
             for a in (1, 2):
                 if t % a:
                     continue
@@ -141,18 +133,18 @@ def build_cases(nranks, seed=1234, dtypes=DTYPES, clamp=True):
                     else:
                         in_rows = own
                     for contribution in ("replicate", "partial"):
-                        sig = _p2p.signature("gather", len(cases), dtype, rb)
-                        descs = [_p2p.gather_desc(sig, rank=r, attn_tp=a, counts=counts,
-                                                  slot_offsets=offsets, slot_rows=slot_rows,
-                                                  contribution=contribution) for r in range(t)]
+                        sig = ref.signature("gather", len(cases), dtype, rb)
+                        descs = [ref.gather_desc(sig, rank=r, attn_tp=a, counts=counts,
+                                                 slot_offsets=offsets, slot_rows=slot_rows,
+                                                 contribution=contribution) for r in range(t)]
                         # one extra output row that no job covers: must keep the poison
                         add(f"gather {contribution} A={a} {layout} counts={counts.tolist()}",
                             dtype, width, in_rows, [total + 1] * t, descs)
                     # combine: every rank holds the gathered layout, gets its own slot summed
-                    sig = _p2p.signature("combine", len(cases), dtype, rb)
+                    sig = ref.signature("combine", len(cases), dtype, rb)
                     out_rows = [int(slot_rows[r // a]) for r in range(t)]
-                    descs = [_p2p.combine_desc(sig, rank=r, attn_tp=a, counts=counts,
-                                               slot_offsets=offsets, out_rows=out_rows[r])
+                    descs = [ref.combine_desc(sig, rank=r, attn_tp=a, counts=counts,
+                                              slot_offsets=offsets, out_rows=out_rows[r])
                              for r in range(t)]
                     y_rows = total if layout != "short" else max(0, total - 1)
                     add(f"combine A={a} {layout} counts={counts.tolist()}", dtype, width,
@@ -160,8 +152,8 @@ def build_cases(nranks, seed=1234, dtypes=DTYPES, clamp=True):
             # logits-style gather: a different row width in the same run
             counts = rng.integers(0, 4, t)
             offsets = np.concatenate([[0], np.cumsum(counts)])
-            sig = _p2p.signature("logits", len(cases), dtype, rb)
-            descs = [_p2p.gather_desc(sig, rank=r, attn_tp=1, counts=counts, slot_offsets=offsets)
+            sig = ref.signature("logits", len(cases), dtype, rb)
+            descs = [ref.gather_desc(sig, rank=r, attn_tp=1, counts=counts, slot_offsets=offsets)
                      for r in range(t)]
             add(f"logits gather counts={counts.tolist()}", dtype, width + 1, counts,
                 [int(offsets[-1])] * t, descs)
@@ -174,13 +166,13 @@ def _clamp_cases(t, dtype, base):
     """Descriptors that exercise every clamp of docs/p2p.md (same on every rank unless noted)."""
     out = []
     width = _widths(dtype)[0]
-    rb = width * _p2p.ITEMSIZE[dtype]
+    rb = width * ref.ITEMSIZE[dtype]
     cap = CAP_BYTES // rb
     big = 2**62
 
     def add(name, in_rows, out_rows, packs, jobs, **kw):
-        sig = _p2p.signature("clamp", base + len(out), dtype, rb)
-        desc = _p2p.make_desc(sig, packs, jobs)
+        sig = ref.signature("clamp", base + len(out), dtype, rb)
+        desc = ref.make_desc(sig, packs, jobs)
         out.append(Case(f"clamp {name}", dtype, width, (in_rows,) * t, (out_rows,) * t,
                         (desc,) * t, **kw))
 
@@ -203,15 +195,15 @@ def _clamp_cases(t, dtype, base):
     # input offsets past the input: the packed rows are zeros
     add("input past end", 3, 5, [(2, 4, 0), (big, 2, 4)], [(0, 6, 6, 0, 0, t, 1)])
     # counts claiming more records than the array holds are cut to what it holds
-    desc = _p2p.make_desc(_p2p.signature("clamp", base + len(out), dtype, rb),
+    desc = ref.make_desc(ref.signature("clamp", base + len(out), dtype, rb),
                           [(0, 3, 0)], [(0, 3, 4, 0, 0, t, 1)])
     desc[2] = 1000  # n_jobs
     out.append(Case("clamp n_jobs past the array", dtype, width, (3,) * t, (5,) * t, (desc,) * t))
-    desc = _p2p.make_desc(_p2p.signature("clamp", base + len(out), dtype, rb), [(0, 3, 0)], [])
+    desc = ref.make_desc(ref.signature("clamp", base + len(out), dtype, rb), [(0, 3, 0)], [])
     desc[1] = 7  # n_pack: 1 real record, 0 jobs fit
     out.append(Case("clamp n_pack past the array", dtype, width, (3,) * t, (2,) * t, (desc,) * t))
     # the descriptor at an offset inside a larger array
-    inner = _p2p.make_desc(_p2p.signature("clamp", base + len(out), dtype, rb),
+    inner = ref.make_desc(ref.signature("clamp", base + len(out), dtype, rb),
                            [(0, 2, 0)], [(1, 2, 3, 0, 0, t, 1)])
     desc = np.concatenate([np.full(5, -9, np.int64), inner, np.full(3, 77, np.int64)])
     out.append(Case("clamp desc_off", dtype, width, (2,) * t, (4,) * t, (desc,) * t, desc_off=5))

@@ -1,4 +1,4 @@
-"""Compile-check kernels/copy.cu with NVRTC on any machine (no GPU, no driver needed).
+"""Compile-check kernels/copy.cu and kernels/pull.cu with NVRTC on any machine (no GPU, no driver needed).
 
 NVRTC is driven through ``cuda.bindings.nvrtc`` exactly as CuPy's RawModule drives it: one
 program, one ``nvrtcAddNameExpression`` per specialisation listed by the loader
@@ -104,7 +104,7 @@ def test_unknown_specialisation_is_rejected(nvrtc):
 
 def test_import_needs_no_cupy_and_no_gpu():
     code = (
-        "import sys, dpgather.kernels._cuda, dpgather.dist.nccl, dpgather.dist.nccl; "
+        "import sys, dpgather.kernels._cuda, dpgather.dist.nccl; "
         "bad = [m for m in ('cupy', 'mpi4py', 'torch') if m in sys.modules]; "
         "assert not bad, bad; print('clean')"
     )
@@ -132,9 +132,10 @@ def test_use_without_gpu_raises_backend_unavailable():
         nccl.NcclCommunicator()
 
 
-# -- kernels/p2p.cu (the P2P transport) --------------------------------------------------------
+# -- kernels/pull.cu (the P2P transport's pull kernel) ------------------------------------------
 
-from dpgather.kernels import _p2p  # noqa: E402
+from dpgather.core.dtypes import DTYPES  # noqa: E402
+from dpgather.kernels import _pull  # noqa: E402
 
 
 def cuda_include_dir():
@@ -158,81 +159,88 @@ def cuda_include_dir():
     return None
 
 
-def test_p2p_specialisation_list_covers_every_pair():
+def test_pull_specialisation_list_covers_every_pair():
     # every logical dtype with every vector at least as wide as its element
-    assert set(_p2p.ELEM_CTYPES) == {"float32", "float16", "bfloat16", "int32", "int64", "uint8"}
-    expect = {f"p2p_pull<{e}, {v}>" for n, e in _p2p.ELEM_CTYPES.items()
-              for w, v in _cuda.COPY_CTYPES.items() if w >= _p2p.ITEMSIZE[n]}
-    assert set(_p2p.NAME_EXPRESSIONS) == expect and len(expect) == 21
+    ctypes = {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16", "int32": "int",
+              "int64": "long long", "uint8": "unsigned char"}
+    assert {n: d.ctype for n, d in DTYPES.items()} == ctypes
+    expect = {f"p2p_pull<{e}, {v}>" for n, e in ctypes.items()
+              for w, v in _cuda.COPY_CTYPES.items() if w >= DTYPES[n].itemsize}
+    assert set(_pull.NAME_EXPRESSIONS) == expect and len(expect) == 21
+    assert _cuda.MASK_CTYPES == {"int32": "int", "int64": "long long"}
 
 
-def test_p2p_constants_match_the_source():
-    src = _p2p.kernel_source()
+def test_pull_constants_match_the_source():
+    src = _pull.kernel_source()
 
     def const(name):
         m = re.search(rf"\b{name} = (-?\d+)", src)
         assert m, name
         return int(m.group(1))
 
-    assert const("kThreads") == _p2p._THREADS
-    assert const("kErrTimeout") == _p2p.ERR_TIMEOUT and const("kErrSignature") == _p2p.ERR_SIGNATURE
+    assert const("kThreads") == _pull.THREADS
+    assert const("kErrTimeout") == _pull.ERR_TIMEOUT and const("kErrSignature") == _pull.ERR_SIGNATURE
     assert const("kEpoch") == 0 and const("kErr") == 3
-    assert re.search(r"kIndexMax = 2147483647LL", src) and _p2p._INDEX_MAX == 2147483647
-    assert "constexpr int kMaxRanks = kThreads;" in src and _p2p.MAX_RANKS == _p2p._THREADS
+    assert re.search(r"kIndexMax = 2147483647LL", src) and _pull._INDEX_MAX == 2147483647
+    assert "constexpr int kMaxRanks = kThreads;" in src and _pull.MAX_RANKS == _pull.THREADS
+    # timeout_ns: 0 is the kernel's "no limit" (it compares only when timeout_ns > 0)
+    assert "timeout_ns > 0" in src
+    assert _pull.timeout_ns(float("inf")) == 0 and _pull.timeout_ns(1e-12) == 1
+    assert _pull.timeout_ns(2.5) == 2_500_000_000 and _pull.timeout_ns(1e300) == 2**63 - 1
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_p2p_cu_compiles_every_specialisation(nvrtc, arch):
+def test_pull_cu_compiles_every_specialisation(nvrtc, arch):
     inc = cuda_include_dir()
     if inc is None:
         pytest.skip("no CUDA headers (cuda_bf16.h) found: set CUDA_PATH or install the toolkit")
-    ok, log, lowered = compile_source(nvrtc, _p2p.kernel_source(), _p2p.NAME_EXPRESSIONS, arch,
-                                      options=_p2p.COMPILE_OPTIONS + (f"-I{inc}",))
-    assert ok, f"NVRTC rejected kernels/p2p.cu for {arch}:\n{log}"
-    assert set(lowered) == set(_p2p.NAME_EXPRESSIONS)
+    ok, log, lowered = compile_source(nvrtc, _pull.kernel_source(), _pull.NAME_EXPRESSIONS, arch,
+                                      options=_pull.COMPILE_OPTIONS + (f"-I{inc}",))
+    assert ok, f"NVRTC rejected kernels/pull.cu for {arch}:\n{log}"
+    assert set(lowered) == set(_pull.NAME_EXPRESSIONS)
     assert len(set(lowered.values())) == len(lowered), lowered
 
 
-def test_p2p_tuning_switches_compile(nvrtc, monkeypatch):
+def test_pull_tuning_switches_compile(nvrtc, monkeypatch):
     """DPGATHER_P2P_DEFINES reaches NVRTC as -D options; the non-default switches compile; a
     malformed value is an InputError naming the variable."""
     inc = cuda_include_dir()
     if inc is None:
         pytest.skip("no CUDA headers (cuda_bf16.h) found: set CUDA_PATH or install the toolkit")
     monkeypatch.setenv("DPGATHER_P2P_DEFINES", "DPG_P2P_FLAG_FENCE=0,DPG_P2P_RELAXED_POLL=1,DPG_P2P_SLEEP_AFTER=100000")
-    opts = _p2p.compile_options()
+    opts = _pull.compile_options()
     assert "-DDPG_P2P_RELAXED_POLL=1" in opts and "-DDPG_P2P_FLAG_FENCE=0" in opts
     # the switches change the barrier, which every specialisation shares: two of them suffice
     # (every specialisation compiles with the defaults above)
-    some = tuple(_p2p.NAME_EXPRESSIONS)[:2]
-    ok, log, lowered = compile_source(nvrtc, _p2p.kernel_source(), some, ARCHS[-1], options=opts + (f"-I{inc}",))
+    some = tuple(_pull.NAME_EXPRESSIONS)[:2]
+    ok, log, lowered = compile_source(nvrtc, _pull.kernel_source(), some, ARCHS[-1], options=opts + (f"-I{inc}",))
     assert ok, log
     monkeypatch.setenv("DPGATHER_P2P_DEFINES", "FOO=1")
     with pytest.raises(InputError, match="DPGATHER_P2P_DEFINES"):
-        _p2p.compile_options()
+        _pull.compile_options()
 
 
-def test_p2p_cu_compiles_with_nvcc(tmp_path):
+def test_pull_cu_compiles_with_nvcc(tmp_path):
     import shutil
 
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         pytest.skip("nvcc not on PATH")
-    lines = [_p2p.kernel_source(), "void dpg_instantiate_all() {"]
-    lines += [f"    (void)&{name};" for name in _p2p.NAME_EXPRESSIONS]
+    lines = [_pull.kernel_source(), "void dpg_instantiate_all() {"]
+    lines += [f"    (void)&{name};" for name in _pull.NAME_EXPRESSIONS]
     lines.append("}")
-    src = tmp_path / "p2p_all.cu"
+    src = tmp_path / "pull_all.cu"
     src.write_text("\n".join(lines))
     out = subprocess.run([nvcc, "-arch=sm_90", "-std=c++17", "-Xptxas", "-warn-spills", "-c",
-                          str(src), "-o", str(tmp_path / "p2p_all.o")],
+                          str(src), "-o", str(tmp_path / "pull_all.o")],
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     assert "spill" not in out.stderr.lower(), out.stderr
 
 
-def test_p2p_import_needs_no_cupy():
+def test_pull_import_needs_no_cupy():
     code = (
-        "import sys, dpgather.kernels._p2p, dpgather.dist.p2p; "
+        "import sys, dpgather.kernels._pull, dpgather.dist.pull; "
         "bad = [m for m in ('cupy', 'mpi4py', 'numba', 'ml_dtypes', 'torch') if m in sys.modules]; "
         "assert not bad, bad; print('clean')"
     )
@@ -240,9 +248,9 @@ def test_p2p_import_needs_no_cupy():
     assert out.returncode == 0 and "clean" in out.stdout, out.stderr
 
 
-def test_p2p_kernel_params_match_the_signature():
-    # kernel_args packs values in KERNEL_PARAMS order and sizes: it must be the kernel's own
-    src = _p2p.kernel_source()
+def test_pull_kernel_params_match_the_signature():
+    # call_args + window_args pack values in KERNEL_PARAMS order and sizes: it must be the kernel's own
+    src = _pull.kernel_source()
     m = re.search(r"__global__ void __launch_bounds__\([^)]*\)\s*p2p_pull\(([^)]*)\)", src)
     assert m, "p2p_pull signature not found"
     params = []
@@ -250,9 +258,9 @@ def test_p2p_kernel_params_match_the_signature():
         p = " ".join(p.replace("__restrict__", "").split())
         ctype, name = p.rsplit(" ", 1)
         params.append((name, ctype.replace(" *", "*")))
-    assert tuple(params) == _p2p.KERNEL_PARAMS
-    args = _p2p.kernel_args(**{n: 1 for n, _ in _p2p.KERNEL_PARAMS})
+    assert tuple(params) == _pull.KERNEL_PARAMS
+    args = _pull.call_args(*range(1, 9)) + _pull.window_args(*range(9, 16))
+    assert [int(a) for a in args] == list(range(1, 16))  # in parameter order
     sizes = [a.dtype.itemsize for a in args]
-    assert sizes == [4 if c == "int" else 8 for _, c in _p2p.KERNEL_PARAMS]
-    with pytest.raises(Exception, match="missing"):
-        _p2p.kernel_args(inp=1)
+    assert sizes == [4 if c == "int" else 8 for _, c in _pull.KERNEL_PARAMS]
+    assert [a.dtype.kind == "u" for a in args] == [c.endswith("*") for _, c in _pull.KERNEL_PARAMS]

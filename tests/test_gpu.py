@@ -142,7 +142,7 @@ def check_mpi_rc(args, n, timeout=300):
 
 @pytest.mark.skipif(find_mpiexec() is None, reason="no mpirun/mpiexec on PATH")
 def test_p2p_transport_selftest(tmp_path):
-    """CudaP2P against the NumPy reference for every descriptor shape the data plane uses, eager and
+    """CudaPull against the NumPy reference for every descriptor shape the data plane uses, eager and
     replayed from a CUDA graph with rewritten counts, plus a rank that skips a collective."""
     n = _ranks()[-1]
     if n < 2:

@@ -1,4 +1,4 @@
-"""kernels/p2p.cu itself, executed on the CPU (tests/p2p_emu), against p2p_pull_ref.
+"""kernels/pull.cu itself, executed on the CPU (tests/p2p_emu), against pull_reference.pull_ref.
 
 The kernel source is compiled with g++ (its inline PTX replaced by tests/p2p_emu/emu.h); every
 rank's blocks run concurrently, 256 fiber threads each, so the pack, the arrive/signal/wait
@@ -12,12 +12,13 @@ import pytest
 
 import p2p_cases as pc
 import p2p_emu
-from dpgather.kernels import _p2p
+import pull_reference as ref
+from dpgather.kernels import _pull
 
 pytestmark = pytest.mark.skipif(not p2p_emu.available(), reason="needs g++ on x86-64")
 
 
-#: The tuning switches of p2p.cu other than the defaults (docs/p2p.md), tested as a build.
+#: The tuning switches of pull.cu other than the defaults (docs/p2p.md), tested as a build.
 TUNED = ("DPG_P2P_FLAG_FENCE=1", "DPG_P2P_RELAXED_POLL=1", "DPG_P2P_SLEEP_AFTER=100000")
 
 
@@ -52,7 +53,7 @@ def run(cluster, case, seed, index, grid=None, launch=None, shift=0):
 
 def test_every_specialisation_is_built(so):
     names = {so.emu_name(i).decode() for i in range(so.emu_count())}
-    assert names == set(_p2p.NAME_EXPRESSIONS)
+    assert names == set(_pull.NAME_EXPRESSIONS)
 
 
 @pytest.mark.parametrize("nranks", [1, 2, 3, 4])
@@ -93,7 +94,7 @@ def test_vector_widths_and_unaligned_buffers(so):
     cluster = p2p_emu.Cluster(so, 2, pc.CAP_BYTES)
     for shift in (4, 2, 1):
         for i, case in enumerate(cases):
-            if shift % _p2p.ITEMSIZE[case.dtype]:
+            if shift % ref.ITEMSIZE[case.dtype]:
                 continue  # element-misaligned buffers are refused by the launcher
             errors, bad = run(cluster, case, seed, i, shift=shift)
             assert not any(errors) and not bad, (shift, case.name, bad)
@@ -117,11 +118,11 @@ def test_large_rows_many_tiles_per_block(so):
     counts = [rows, rows - 5]
     offsets = [0, rows]
     for contribution in ("replicate", "partial"):
-        descs = [_p2p.gather_desc(3, rank=r, attn_tp=1, counts=counts, slot_offsets=offsets,
-                                  slot_rows=[rows, rows], contribution=contribution) for r in range(t)]
+        descs = [ref.gather_desc(3, rank=r, attn_tp=1, counts=counts, slot_offsets=offsets,
+                                 slot_rows=[rows, rows], contribution=contribution) for r in range(t)]
         ins = [np.random.default_rng(r).standard_normal((rows, width)).astype(np.float32) for r in range(t)]
         outs = [p2p_emu.aligned_like(np.full((2 * rows, width), np.nan, np.float32)) for _ in range(t)]
-        exp = _p2p.p2p_pull_ref(ins, descs, 0, width * 4, "float32", 2 * rows, cap // (width * 4), outs=outs)
+        exp = ref.pull_ref(ins, descs, 0, width * 4, "float32", 2 * rows, cap // (width * 4), outs=outs)
         for grid in (1, 3, 4):
             for o in outs:
                 o[...] = np.nan
@@ -134,12 +135,12 @@ def test_large_rows_many_tiles_per_block(so):
     t = 3
     cluster = p2p_emu.Cluster(so, t, 3 * rows * width * 4)
     counts, offsets = [rows, 3, rows - 1], [0, rows, rows + 3]
-    descs = [_p2p.combine_desc(5, rank=r, attn_tp=1, counts=counts, slot_offsets=offsets, out_rows=rows)
+    descs = [ref.combine_desc(5, rank=r, attn_tp=1, counts=counts, slot_offsets=offsets, out_rows=rows)
              for r in range(t)]
     ins = [np.random.default_rng(10 + r).standard_normal((2 * rows + 2, width)).astype(np.float32)
            for r in range(t)]
     outs = [p2p_emu.aligned_like(np.full((rows, width), np.nan, np.float32)) for _ in range(t)]
-    exp = _p2p.p2p_pull_ref(ins, descs, 0, width * 4, "float32", rows, 3 * rows, outs=outs)
+    exp = ref.pull_ref(ins, descs, 0, width * 4, "float32", rows, 3 * rows, outs=outs)
     errors = cluster.pull([p2p_emu.aligned_like(a) for a in ins], outs, descs, 0, width * 4, "float32", grid=3)
     assert not any(errors) and all(pc.check(outs[r], exp[r]) is None for r in range(t))
 
@@ -148,7 +149,7 @@ def _tiny(cluster, sig=(7, 7), launch=None):
     t = cluster.t
     ins = [p2p_emu.aligned_like(np.full((2, 4), r + 1, np.int32)) for r in range(t)]
     outs = [p2p_emu.aligned_like(np.full((2, 4), -5, np.int32)) for _ in range(t)]
-    descs = [_p2p.make_desc(sig[r % len(sig)], [(0, 2, 0)], [(0, 2, 2, 0, 0, t, 1)]) for r in range(t)]
+    descs = [ref.make_desc(sig[r % len(sig)], [(0, 2, 0)], [(0, 2, 2, 0, 0, t, 1)]) for r in range(t)]
     errors = cluster.pull(ins, outs, descs, 0, 16, "int32", launch=launch, grid=4)
     return errors, outs
 

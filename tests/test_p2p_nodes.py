@@ -1,4 +1,4 @@
-"""P2P over several nodes, the pure parts: which ranks form a node (``dist.p2p.node_size``), the
+"""P2P over several nodes, the pure parts: which ranks form a node (``dist.nodes.node_size``), the
 planner's ``p2p_node_size`` and the descriptor of a node. The data path itself runs under
 ``mpiexec`` with pretend nodes in ``tests/test_facade_mpi.py::test_matrix_p2p_pretend_nodes``."""
 
@@ -7,7 +7,7 @@ import pytest
 
 import dpgather as dg
 from dpgather._layout import Descriptor, Layout
-from dpgather.dist.p2p import node_size
+from dpgather.dist.nodes import node_size
 
 A_, B_, C_ = 11, 22, 33
 

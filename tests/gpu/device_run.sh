@@ -25,7 +25,7 @@ build)
   run build 300 make build ;;
 p2p)
   run p2p_selftest ${T_P2P:-300} python3 -m dpgather.tools.launch -n "$NG" --timeout 280 tests/gpu/p2p_selftest.py --out "$OUT/p2p.json" ;;
-p2pvariants)  # the kernel's tuning switches (kernels/p2p.cu), timed by the self-test
+p2pvariants)  # the kernel's tuning switches (kernels/pull.cu), timed by the self-test
   for v in "" "DPG_P2P_FLAG_FENCE=0" "DPG_P2P_RELAXED_POLL=1" "DPG_P2P_FLAG_FENCE=0,DPG_P2P_RELAXED_POLL=1,DPG_P2P_SLEEP_AFTER=100000"; do
     tag=$(echo "${v:-default}" | tr '=,' '__')
     DPGATHER_P2P_DEFINES="$v" run "p2p_variant_$tag" ${T_P2P:-300} python3 -m dpgather.tools.launch -n "$NG" --timeout 280 tests/gpu/p2p_selftest.py --out "$OUT/p2p_$tag.json"

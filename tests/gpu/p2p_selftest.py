@@ -1,14 +1,14 @@
 #!/usr/bin/env python3
-"""Multi-rank self-test of the P2P transport (dpgather.dist.p2p.CudaP2P), one GPU per rank.
+"""Multi-rank self-test of the P2P (pull) transport (dpgather.dist.pull.CudaPull), one GPU per rank.
 
     mpirun -n 2 python tests/gpu/p2p_selftest.py --out p2p.json      (any n >= 1 on one node)
     mpiexec -n 2 python tests/gpu/p2p_selftest.py --transport host --out p2p.json   (CPU: the
-        same flow on HostP2P; graph, timing and NCCL phases are skipped)
+        same flow on HostPull; graph, timing and NCCL phases are skipped)
 
 Phases (each bounded; a phase that cannot finish in time is reported as failed, never hangs):
   matrix   every case of tests/p2p_cases.py (gather replicate/partial A=1,2, combine, zero and
            short counts, graph buckets, clamps, in place; all six dtypes), eager, each against
-           p2p_pull_ref: outputs poisoned first, every byte of every row compared, error() == 0
+           pull_ref (tests/pull_reference.py): outputs poisoned first, every byte of every row compared, error() == 0
   graph    one CUDA graph per shape (gather replicate, gather partial, combine) captured once,
            replayed with rewritten descriptors (different counts per replay) and inputs,
            interleaved with eager collectives on the same transport
@@ -54,7 +54,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import p2p_cases as pc  # noqa: E402
 from dpgather.core.errors import CollectiveTimeout  # noqa: E402
 from dpgather.dist.base import poll_until  # noqa: E402
-from dpgather.kernels import _p2p  # noqa: E402
+import pull_reference as ref  # noqa: E402
+from dpgather.kernels import _pull  # noqa: E402
 
 from mpi4py import MPI  # noqa: E402
 
@@ -163,13 +164,13 @@ class CudaBackend:
             raise Stuck(f"the GPU did not finish {what} within {limit:.1f} s")
 
     def transport(self, cap, timeout_s, **kw):
-        from dpgather.dist.p2p import CudaP2P
+        from dpgather.dist.pull import CudaPull
 
-        return CudaP2P(WORLD, cap, timeout_s, device=self.dev, **kw)
+        return CudaPull(WORLD, cap, timeout_s, device=self.dev, **kw)
 
 
 class HostBackend:
-    """The same flow on NumPy and HostP2P (pulls are synchronous)."""
+    """The same flow on NumPy and HostPull (pulls are synchronous)."""
 
     name = "host"
     stream = None
@@ -194,9 +195,9 @@ class HostBackend:
         pass
 
     def transport(self, cap, timeout_s, **kw):
-        from dpgather.dist.p2p import HostP2P
+        from dpgather.dist.pull import HostPull
 
-        return HostP2P(WORLD, cap, timeout_s, **kw)
+        return HostPull(WORLD, cap, timeout_s, **kw)
 
 
 def _logical(a):
@@ -254,7 +255,7 @@ def phase_graph(run, be, t, seed, replays=6, bucket=8):
         d = SIZE // a
         in_rows = bucket + 2 if kind == "gather" else d * bucket
         out_rows = d * bucket + 1 if kind == "gather" else bucket + 1
-        sig = _p2p.signature(f"graph {label}", si, dtype, rb)
+        sig = ref.signature(f"graph {label}", si, dtype, rb)
         counts0 = np.full(d, bucket)
         desc_dev = be.desc(_graph_desc_for(kind, a, contribution, counts0, bucket, sig, RANK))
         inp = be.put(pc.case_input(seed, 10_000 + si, RANK, in_rows, width, dtype))
@@ -277,7 +278,7 @@ def phase_graph(run, be, t, seed, replays=6, bucket=8):
                 ins = [pc.case_input(seed, 20_000 + 100 * si + k, r, in_rows, width, dtype) for r in range(SIZE)]
                 outs0 = [pc.poisoned(out_rows, width, dtype) for _ in range(SIZE)]
                 descs = [_graph_desc_for(kind, a, contribution, counts, bucket, sig, r) for r in range(SIZE)]
-                exp = _p2p.p2p_pull_ref(ins, descs, 0, rb, dtype, out_rows, pc.CAP_BYTES // rb, outs=outs0)
+                exp = ref.pull_ref(ins, descs, 0, rb, dtype, out_rows, pc.CAP_BYTES // rb, outs=outs0)
                 desc_dev.set(descs[RANK], stream=s)
                 inp.set(ins[RANK].view(np.uint16), stream=s)
                 with s:
@@ -291,7 +292,7 @@ def phase_graph(run, be, t, seed, replays=6, bucket=8):
                 # an eager collective between replays: the epochs are shared
                 x = be.put(np.full((2, 4), RANK + 1, np.int32))
                 y = be.poisoned(2, 4, "int32")
-                t.pull(x, y, be.desc(_p2p.make_desc(77, [(0, 2, 0)], [(0, 2, 2, 0, 0, SIZE, 1)])), 0,
+                t.pull(x, y, be.desc(ref.make_desc(77, [(0, 2, 0)], [(0, 2, 2, 0, 0, SIZE, 1)])), 0,
                        row_bytes=16, dtype="int32", stream=s)
                 total = SIZE * (SIZE + 1) // 2
                 run.check(f"eager between replays ({label}, {k})", (be.get(y) == total).all())
@@ -311,10 +312,10 @@ def _graph_desc_for(kind, a, contribution, counts, bucket, sig, rank):
     d = SIZE // a
     offsets = np.arange(d + 1) * bucket
     if kind == "gather":
-        return _p2p.gather_desc(sig, rank=rank, attn_tp=a, counts=counts, slot_offsets=offsets,
-                                slot_rows=[bucket] * d, contribution=contribution)
-    return _p2p.combine_desc(sig, rank=rank, attn_tp=a, counts=counts, slot_offsets=offsets,
-                             out_rows=bucket)
+        return ref.gather_desc(sig, rank=rank, attn_tp=a, counts=counts, slot_offsets=offsets,
+                               slot_rows=[bucket] * d, contribution=contribution)
+    return ref.combine_desc(sig, rank=rank, attn_tp=a, counts=counts, slot_offsets=offsets,
+                            out_rows=bucket)
 
 
 _EMPTY_KERNEL = r'''extern "C" __global__ void dpg_empty(int* p) { if (p && threadIdx.x == 1024) *p = 0; }'''
@@ -340,9 +341,9 @@ def phase_timing(run, be, timeout_s, rows_list, graph_n, reps, breakdown=False):
             with s:  # on the test stream: it does not synchronise with the legacy default stream
                 out_p = cp.zeros((SIZE * rows, width), cp.uint16)
                 out_n = cp.zeros((SIZE * rows, width), cp.uint16)
-            sig = _p2p.signature("timed gather", rows, "bfloat16", ROW_BYTES_TIMED)
-            full = _p2p.gather_desc(sig, rank=RANK, attn_tp=1, counts=[rows] * SIZE,
-                                    slot_offsets=np.arange(SIZE + 1) * rows)
+            sig = ref.signature("timed gather", rows, "bfloat16", ROW_BYTES_TIMED)
+            full = ref.gather_desc(sig, rank=RANK, attn_tp=1, counts=[rows] * SIZE,
+                                   slot_offsets=np.arange(SIZE + 1) * rows)
             desc = be.desc(full)
 
             def pull(d):
@@ -350,10 +351,10 @@ def phase_timing(run, be, timeout_s, rows_list, graph_n, reps, breakdown=False):
 
             bodies = [("p2p", lambda: pull(desc)), ("nccl", lambda: nccl.all_gather(send, out_n, stream=s))]
             if breakdown:  # the same launch with parts of the descriptor left out
-                _, packs, jobs = _p2p.decode_desc(full)
-                parts = {"barrier": be.desc(_p2p.make_desc(sig)),
-                         "pack": be.desc(_p2p.make_desc(sig, packs)),
-                         "pull": be.desc(_p2p.make_desc(sig, (), jobs))}
+                _, packs, jobs = ref.decode_desc(full)
+                parts = {"barrier": be.desc(ref.make_desc(sig)),
+                         "pack": be.desc(ref.make_desc(sig, packs)),
+                         "pull": be.desc(ref.make_desc(sig, (), jobs))}
                 empty = cp.RawKernel(_EMPTY_KERNEL, "dpg_empty")
                 scratch = cp.zeros(1, cp.int32)
                 bodies += [(f"p2p_{k}", lambda d=d: pull(d)) for k, d in parts.items()]
@@ -495,7 +496,7 @@ def phase_timeout(run, be, timeout_s):
     out = {"skipper": skipper}
     try:
         x = be.put(np.full((2, 4), RANK + 1, np.int32))
-        desc = be.desc(_p2p.make_desc(5, [(0, 2, 0)], [(0, 2, 2, 0, 0, SIZE, 1)]))
+        desc = be.desc(ref.make_desc(5, [(0, 2, 0)], [(0, 2, 2, 0, 0, SIZE, 1)]))
         y = be.poisoned(2, 4, "int32")
         t2.pull(x, y, desc, 0, row_bytes=16, dtype="int32", stream=be.stream)
         be.sync("timeout case: the good collective")
@@ -515,7 +516,7 @@ def phase_timeout(run, be, timeout_s):
             el = time.monotonic() - t0
             code = t2.error()
             out.update(elapsed_s=el, error=code, raised=raised)
-            run.check("timeout case: error() == 1", code == _p2p.ERR_TIMEOUT, f"got {code}")
+            run.check("timeout case: error() == 1", code == _pull.ERR_TIMEOUT, f"got {code}")
             run.check("timeout case: bounded", 0.9 * timeout_s <= el <= timeout_s + 5.0,
                       f"{el:.2f}s for timeout_s={timeout_s}")
             try:
@@ -558,7 +559,7 @@ def main(argv=None):
     try:
         be = (CudaBackend if args.transport == "cuda" else HostBackend)(run, args.timeout)
         if args.transport == "cuda":
-            _p2p.warm(be.dev)  # compile before any bounded exchange (ranks compile at their own pace)
+            _pull.warm(be.dev)  # compile before any bounded exchange (ranks compile at their own pace)
         run.barrier("start", limit=300)
         t = be.transport(pc.CAP_BYTES, args.timeout)
         try:

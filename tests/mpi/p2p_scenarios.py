@@ -1,6 +1,6 @@
-"""MPI scenarios for the P2P host twin; run with ``mpiexec -n N python p2p_scenarios.py SCENARIO``.
+"""MPI scenarios for the host twin of the P2P (pull) transport; run with ``mpiexec -n N python p2p_scenarios.py SCENARIO``.
 
-    matrix [SEED]        every case of tests/p2p_cases.py against p2p_pull_ref (all dtypes,
+    matrix [SEED]        every case of tests/p2p_cases.py against pull_ref (all dtypes,
                          gather replicate/partial A=1,2, combine, zero and short counts, graph
                          buckets, clamps, in place), outputs poisoned, every row checked; then
                          the same cases again on a transport whose epoch starts at 2^32 - 3,
@@ -30,8 +30,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import p2p_cases as pc  # noqa: E402
 from mpi_harness import report  # noqa: E402
 from dpgather.core.errors import CollectiveTimeout, ConfigError, InconsistentStepError, InputError  # noqa: E402
-from dpgather.dist.p2p import ERR_SIGNATURE, ERR_TIMEOUT, HostP2P  # noqa: E402
-from dpgather.kernels import _p2p  # noqa: E402
+import pull_reference as ref  # noqa: E402
+from dpgather.dist.pull import ERR_SIGNATURE, ERR_TIMEOUT, HostPull  # noqa: E402
 
 WORLD = MPI.COMM_WORLD
 RANK, SIZE = WORLD.Get_rank(), WORLD.Get_size()
@@ -55,7 +55,7 @@ def scenario_matrix(seed):
     fails = []
     cases = pc.build_cases(SIZE, seed)
     n = 0
-    t = HostP2P(WORLD, pc.CAP_BYTES, timeout_s=60)
+    t = HostPull(WORLD, pc.CAP_BYTES, timeout_s=60)
     if t.capacity_bytes != pc.CAP_BYTES or (t.rank, t.size) != (RANK, SIZE) or t.name != "p2p":
         fails.append(f"attributes: {t!r}")
     for i, case in enumerate(cases):
@@ -64,7 +64,7 @@ def scenario_matrix(seed):
         if msg:
             fails.append(msg)
     # the 32-bit epoch in the flags wraps: 2^32 - 3 + k for k = 1.. crosses 2^32
-    w = HostP2P(WORLD, pc.CAP_BYTES, timeout_s=60, _epoch0=2**32 - 3)
+    w = HostPull(WORLD, pc.CAP_BYTES, timeout_s=60, _epoch0=2**32 - 3)
     for i, case in enumerate(cases[:12]):
         msg = run_case(w, case, seed, i)
         n += 1
@@ -74,7 +74,7 @@ def scenario_matrix(seed):
         fails.append(f"epoch after the wrap cases: {w._epoch}")
     # errors that are local and leave the transport usable (nothing was signalled)
     x = np.zeros((2, 4), np.float32)
-    d = _p2p.make_desc(1, [(0, 2, 0)], [(0, 2, 2, 0, 0, 1, 1)])
+    d = ref.make_desc(1, [(0, 2, 0)], [(0, 2, 2, 0, 0, 1, 1)])
     for what, fn in {
         "dtype name": lambda: t.pull(x, x.copy(), d, 0, row_bytes=16, dtype="float64"),
         "storage": lambda: t.pull(x, x.copy(), d, 0, row_bytes=16, dtype="int32"),
@@ -113,14 +113,14 @@ def _readonly(t, x, d):
 def _collective(t, sig=7):
     x = np.full((3, 2), RANK + 1, np.int32)
     out = np.zeros((3, 2), np.int32)
-    d = _p2p.make_desc(sig, [(0, 3, 0)], [(0, 3, 3, 0, 0, SIZE, 1)])
+    d = ref.make_desc(sig, [(0, 3, 0)], [(0, 3, 3, 0, 0, SIZE, 1)])
     t.pull(x, out, d, 0, row_bytes=8, dtype="int32")
     return out
 
 
 def scenario_mismatch():
     fails = []
-    t = HostP2P(WORLD, 4096, timeout_s=20)
+    t = HostPull(WORLD, 4096, timeout_s=20)
     total = SIZE * (SIZE + 1) // 2
     for _ in range(2):
         if not (_collective(t) == total).all():
@@ -150,7 +150,7 @@ def scenario_mismatch():
 
 def scenario_timeout(timeout_s):
     fails = []
-    t = HostP2P(WORLD, 4096, timeout_s=timeout_s)
+    t = HostPull(WORLD, 4096, timeout_s=timeout_s)
     _collective(t)
     WORLD.Barrier()
     if RANK == 0:
@@ -187,7 +187,7 @@ def scenario_timeout(timeout_s):
 
 def scenario_close(timeout_s):
     fails = []
-    t = HostP2P(WORLD, 4096, timeout_s=timeout_s)
+    t = HostPull(WORLD, 4096, timeout_s=timeout_s)
     for _ in range(3):
         _collective(t)
     if RANK == 0:
@@ -218,7 +218,7 @@ def scenario_close(timeout_s):
 def scenario_config():
     fails = []
     try:
-        HostP2P(WORLD, 4096 + 256 * (RANK % 2), timeout_s=20)
+        HostPull(WORLD, 4096 + 256 * (RANK % 2), timeout_s=20)
         fails.append("different capacities were accepted")
     except ConfigError as e:
         if SIZE == 1 or "capacity" not in str(e):
@@ -227,7 +227,7 @@ def scenario_config():
         fails.append(f"{type(e).__name__}: {e}")
     if SIZE == 1 and fails == ["different capacities were accepted"]:
         fails = []  # one rank cannot disagree with itself
-    left = [f for f in os.listdir("/dev/shm") if f.startswith(f"dpgather-p2p-{os.getpid()}-")]
+    left = [f for f in os.listdir("/dev/shm") if f.startswith(f"dpgather-pull-{os.getpid()}-")]
     if left:
         fails.append(f"segment files left behind: {left}")
     report(RANK, failures=fails)

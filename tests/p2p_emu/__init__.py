@@ -1,10 +1,10 @@
-"""kernels/p2p.cu executed on the CPU (emu.h + emu_api.cpp), driven from Python.
+"""kernels/pull.cu executed on the CPU (emu.h + emu_api.cpp), driven from Python.
 
 :func:`build` compiles the kernel source with g++ into a shared library; :class:`Cluster` holds
 ``T`` ranks' windows in ordinary memory (the layout of ``window_layout``, initialised like
-``CudaP2P``) and runs collectives with :meth:`Cluster.pull`: every launched rank's blocks run
+``CudaPull``) and runs collectives with :meth:`Cluster.pull`: every launched rank's blocks run
 concurrently as OS threads, 256 fibers each. The kernel's own arguments, vector width and grid
-rules are the ones :mod:`dpgather.kernels._p2p` uses on the GPU.
+rules are the ones :mod:`dpgather.kernels._pull` uses on the GPU.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import subprocess
 
 import numpy as np
 
-from dpgather.dist.p2p import _initial_header
-from dpgather.kernels import _p2p
+from dpgather.core.dtypes import DTYPES
+from dpgather.kernels import _pull
 
 HERE = pathlib.Path(__file__).resolve().parent
 KERNELS = HERE.parent.parent / "kernels"
@@ -28,7 +28,7 @@ _LL = ctypes.c_longlong
 
 
 def build(out_dir, active_bytes=None, defines=()) -> ctypes.CDLL:
-    """Compile emu_api.cpp (which includes kernels/p2p.cu) and load it; needs g++.
+    """Compile emu_api.cpp (which includes kernels/pull.cu) and load it; needs g++.
 
     ``active_bytes`` overrides the kernel's bytes of work per active block (a small value makes
     every block of the grid active, so the multi-block barrier runs on the small test cases;
@@ -55,9 +55,9 @@ def build(out_dir, active_bytes=None, defines=()) -> ctypes.CDLL:
     so.emu_set_stagger.argtypes = [ctypes.c_longlong]
     so.emu_launch_packed.restype = ctypes.c_int
     so.emu_launch_packed.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.c_int, _P, _P]
-    if so.emu_arity() != len(_p2p.KERNEL_PARAMS):
+    if so.emu_arity() != len(_pull.KERNEL_PARAMS):
         raise RuntimeError(f"the kernel takes {so.emu_arity()} parameters, KERNEL_PARAMS lists "
-                           f"{len(_p2p.KERNEL_PARAMS)}")
+                           f"{len(_pull.KERNEL_PARAMS)}")
     so.build_log = res.stderr
     return so
 
@@ -87,15 +87,15 @@ class Cluster:
     def __init__(self, so, nranks, capacity_bytes, timeout_s=30.0, epoch0=0, grid=None):
         self.so = so
         self.t = int(nranks)
-        self.layout = _p2p.window_layout(self.t, capacity_bytes)
+        self.layout = _pull.window_layout(self.t, capacity_bytes)
         self.windows = []
         for _ in range(self.t):
             w = aligned(self.layout.window_bytes)
-            header = _initial_header(self.t, self.layout, epoch0)
+            header = _pull.initial_header(self.t, self.layout, epoch0)
             w[: header.nbytes] = header.view(np.uint8)
             self.windows.append(w)
         self.errors = [np.zeros(1, np.int32) for _ in range(self.t)]
-        self.timeout_ns = int(timeout_s * 1e9) if timeout_s > 0 else 0
+        self.timeout_ns = _pull.timeout_ns(timeout_s)
         self.grid = grid
 
     def state(self, r):
@@ -110,26 +110,24 @@ class Cluster:
         t = self.t
         launch = [1] * t if launch is None else [int(bool(x)) for x in launch]
         ptrs = [a.ctypes.data for a in list(inputs) + list(outputs)]
-        vec = _p2p.pick_vector(row_bytes, _p2p.ITEMSIZE[dtype], *ptrs)
-        name = _p2p.kernel_name(dtype, vec)
+        vec = _pull.pick_vector(row_bytes, DTYPES[dtype].itemsize, *ptrs)
+        name = _pull.kernel_name(dtype, vec)
         if grid is None:
             grid = self.grid
         if grid is None:
-            grid = max(_p2p.grid_size(inputs[r].shape[0], outputs[r].shape[0], row_bytes,
+            grid = max(_pull.grid_size(inputs[r].shape[0], outputs[r].shape[0], row_bytes,
                                       self.layout.cap_bytes, 4) for r in range(t))
         descs = [np.ascontiguousarray(d, np.int64) for d in descs]
         offs = desc_off if isinstance(desc_off, (list, tuple)) else [desc_off] * t
         table = (ctypes.c_void_p * t)(*[w.ctypes.data for w in self.windows])
         packed, values = [], []
         for r in range(t):
-            # the very keywords CudaP2P.pull passes to _p2p.launch
-            args = _p2p.kernel_args(
-                inp=inputs[r].ctypes.data, in_rows=inputs[r].shape[0], out=outputs[r].ctypes.data,
-                out_rows=outputs[r].shape[0], desc=descs[r].ctypes.data, desc_off=int(offs[r]),
-                desc_len=descs[r].shape[0], row_bytes=row_bytes, windows=ctypes.addressof(table),
-                me=r, nranks=t, data_off=self.layout.data_off, cap_bytes=self.layout.cap_bytes,
-                host_err=self.errors[r].ctypes.data, timeout_ns=self.timeout_ns,
-            )
+            # packed by the very functions CudaPull.run uses
+            args = _pull.call_args(
+                inputs[r].ctypes.data, inputs[r].shape[0], outputs[r].ctypes.data, outputs[r].shape[0],
+                descs[r].ctypes.data, int(offs[r]), descs[r].shape[0], row_bytes,
+            ) + _pull.window_args(ctypes.addressof(table), r, t, self.layout.data_off, self.layout.cap_bytes,
+                                  self.errors[r].ctypes.data, self.timeout_ns)
             boxed = [np.array(a) for a in args]  # each value in its own buffer, as CuPy does
             values.append(boxed)
             packed.append((ctypes.c_void_p * len(boxed))(*[b.ctypes.data for b in boxed]))

@@ -1,4 +1,4 @@
-// kernels/p2p.cu run on the CPU: a fiber scheduler for CUDA blocks and a C API for ctypes.
+// kernels/pull.cu run on the CPU: a fiber scheduler for CUDA blocks and a C API for ctypes.
 //
 // Build (tests/p2p_emu/__init__.py does it):
 //   g++ -std=c++17 -O1 -shared -fPIC -pthread -DDPG_P2P_EMULATION -I kernels
@@ -7,11 +7,11 @@
 // emu_launch_packed() runs one collective: for every rank r with launch[r] != 0, `grid` OS
 // threads (one per block) each run the 256 threads of their block as ucontext fibers. All ranks'
 // blocks run at the same time and are joined before it returns. Arguments arrive packed in the
-// kernel's parameter order, as built by dpgather.kernels._p2p.kernel_args for CuPy, so the
+// kernel's parameter order, as packed by dpgather.kernels._pull.call_args + window_args for CuPy, so the
 // Python side's order and types are checked against the kernel's real signature.
 #include "emu.h"
 // the kernel under test, as the GPU compiles it (minus the PTX helpers emu.h replaces)
-#include "p2p.cu"
+#include "pull.cu"
 
 #include <ucontext.h>
 

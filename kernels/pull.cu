@@ -1,10 +1,10 @@
 /*************************************************************************
- * dpgather kernels/p2p.cu -- the one kernel of the P2P transport: p2p_pull.
+ * dpgather kernels/pull.cu -- the one kernel of the P2P pull transport: p2p_pull.
  *
- * Compiled at run time with NVRTC through cupy.RawModule (kernels/_p2p.py owns the module
+ * Compiled at run time with NVRTC through cupy.RawModule (kernels/_pull.py owns the module
  * and the list of specialisations, NAME_EXPRESSIONS). docs/p2p.md is the specification;
- * kernels/_p2p.py:p2p_pull_ref is its NumPy reference and dist/p2p.py:HostP2P its
- * shared-memory twin.
+ * tests/pull_reference.py:pull_ref is its independent NumPy reference and
+ * dist/pull.py:HostPull its shared-memory twin.
  *
  * Kernel
  * ------
@@ -85,7 +85,7 @@
  *    boundary. arrive/depart are reset by the last block of each phase, when every other
  *    block has already counted.
  *
- * Errors (codes also in kernels/_p2p.py and docs/p2p.md): every block checks the device
+ * Errors (codes also in kernels/_pull.py and docs/p2p.md): every block checks the device
  *  copy, the low 32 bits of state.err, at its start and returns at once when it is set (the
  *  transport refuses all later collectives). A wait longer than timeout_ns (%globaltimer;
  *  <= 0: forever) is error 1, a flag of epoch e whose signature differs from ours error 2.
@@ -105,11 +105,11 @@
 
 namespace dpg_p2p {
 
-// Threads per block: kernels/_p2p.py (_THREADS) launches exactly this many.
+// Threads per block: kernels/_pull.py (_THREADS) launches exactly this many.
 constexpr int kThreads = 256;
-// Ranks of one transport: one polling thread per rank (kernels/_p2p.py MAX_RANKS).
+// Ranks of one transport: one polling thread per rank (kernels/_pull.py MAX_RANKS).
 constexpr int kMaxRanks = kThreads;
-// state[] word indices and error codes (kernels/_p2p.py mirrors them).
+// state[] word indices and error codes (kernels/_pull.py mirrors them).
 constexpr int kEpoch = 0, kArrive = 1, kDepart = 2, kErr = 3;
 constexpr int kErrTimeout = 1, kErrSignature = 2;
 constexpr long long kIndexMax = 2147483647LL;
@@ -120,7 +120,7 @@ constexpr long long kIndexMax = 2147483647LL;
 #define DPG_P2P_ACTIVE_BYTES (64LL * 1024)
 #endif
 constexpr long long kActiveBytes = DPG_P2P_ACTIVE_BYTES;
-// Tuning switches (kernels/_p2p.py passes DPGATHER_P2P_DEFINES through; docs/p2p.md): each
+// Tuning switches (kernels/_pull.py passes DPGATHER_P2P_DEFINES through; docs/p2p.md): each
 // setting is correct under the PTX memory model, they differ only in speed.
 //  DPG_P2P_FLAG_FENCE   1: fence.acq_rel.sys before the st.release.sys flag stores (redundant
 //                       with the release stores' own cumulativity). Default 0: 9.5 -> 8.7 us
