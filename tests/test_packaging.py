@@ -244,6 +244,9 @@ def test_fresh_venv_pip_install_host_extra_runs_the_readme_snippet(sdist, tmp_pa
     site = subprocess.run([str(py), "-c", "import dpgather, sys; print(dpgather.__file__)"], cwd=work, env=env,
                           capture_output=True, text=True, timeout=60).stdout
     assert str(venv) in site and str(ROOT) not in site, site
+    site = subprocess.run([str(py), "-c", "import dpgather, dpgather.core; print(dpgather.__file__)"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=60)  # the clone's root: issue 25
+    assert site.returncode == 0 and str(venv) in site.stdout, site.stdout + site.stderr
 
     # the command line from the installed package (no checkout, no matplotlib / tqdm in [host])
     cli = str(venv / "bin" / "dpgather")
@@ -270,3 +273,55 @@ def test_fresh_venv_pip_install_host_extra_runs_the_readme_snippet(sdist, tmp_pa
                           "('dpgather.core', '_planner.pyi'))))"], cwd=work, env=env, capture_output=True,
                          text=True, timeout=60)
     assert res.stdout.split() == ["True"] * 3, res.stdout + res.stderr
+
+
+# -- a non-editable install, run from the clone's root ---------------------------------------------
+
+@pytest.fixture(scope="module")
+def installed_copy(tmp_path_factory):
+    """The package as ``pip install .`` lays it out (a wheel built from this checkout, installed
+    into a folder of its own): ``(site folder, the environment's site-packages for the dependencies)``."""
+    import sysconfig
+
+    out = tmp_path_factory.mktemp("wheel")
+    res = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-build-isolation", "--no-deps", "-w",
+                          str(out / "w"), str(ROOT)], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    (wheel,) = (out / "w").glob("dpgather-*.whl")
+    site = out / "site"
+    res = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--target",
+                          str(site), str(wheel)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return site, sysconfig.get_paths()["purelib"]
+
+
+def _run_without_the_checkout(code, pythonpath, cwd):
+    """``python -S -c CODE``: no site hooks, so the editable install of this checkout (a .pth
+    finder) is not there; ``pythonpath`` gives the installed copy and the dependencies."""
+    env = {"PYTHONPATH": os.pathsep.join(map(str, pythonpath)), "PATH": os.environ.get("PATH", "")}
+    return subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, timeout=120,
+                          env=env, cwd=cwd)
+
+
+_USE = ("import dpgather as dg, dpgather.core, dpgather.dist, dpgather.kernels; "
+        "p = dg.plan([dg.LocalBatch(dg.ForwardMode.DECODE, 3)] * 2, dg.Topology(2)); "
+        "print(dg.__file__, p.gathered_rows)")
+
+
+def test_a_non_editable_install_runs_from_the_clone_root(installed_copy, tmp_path):
+    site, deps = installed_copy
+    res = _run_without_the_checkout(_USE, [site, deps], ROOT)  # sys.path[0] is the clone's root
+    assert res.returncode == 0, res.stderr
+    path, rows = res.stdout.split()
+    assert path.startswith(str(site)) and rows == "6", res.stdout
+    res = _run_without_the_checkout(_USE, [site, deps], tmp_path)  # and anywhere else, of course
+    assert res.returncode == 0 and res.stdout.split()[0].startswith(str(site)), res.stderr
+
+
+def test_the_source_folder_alone_says_in_one_line_what_to_do(installed_copy):
+    _, deps = installed_copy
+    res = _run_without_the_checkout("import dpgather", [deps], ROOT)
+    assert res.returncode == 1
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("ImportError: dpgather: ") and "is the source folder of a clone" in last \
+        and "pip install -e '.[host]'" in last and "run from outside the clone after `pip install '.[host]'`" in last
