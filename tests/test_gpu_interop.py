@@ -90,3 +90,15 @@ def test_dpattention_results_in_the_callers_framework_dtype_and_device(framework
     assert len(res.results) == RANKS, res.tail()
     for r in res.results.values():
         assert r["type_failures"] == [] and r["types_passed"] >= 10, r["type_failures"][:5]
+
+
+@needs_mpiexec
+@pytest.mark.skipif(not _has("jax"), reason="JAX is not installed")
+@pytest.mark.xfail(strict=True, reason="DpAttention(device=...) and the facade's export not merged")
+def test_example_jax_layer_cuda():
+    """examples/jax_layer.py on the GPUs: the engine picks each rank's GPU in JAX and passes it as
+    DpAttention(device=...); JAX bfloat16 arrays in and out, against the single-process layer."""
+    example = Path(__file__).resolve().parent.parent / "examples" / "jax_layer.py"
+    res = run_mpi([str(example), "--backend", "cuda"], RANKS, timeout=400, env=ENV)
+    assert res.returncode == 0 and "matches the single-process layer" in res.stdout, res.tail()
+    assert "results: jax.Array bfloat16\n" in res.stdout, res.tail()

@@ -349,3 +349,31 @@ def test_dpattention_results_come_back_in_the_callers_framework_and_dtype(framew
     assert set(res.results) == {0, 1}, res.tail()
     for r in res.results.values():
         assert r["type_failures"] == [] and r["types_passed"] >= 30, r["type_failures"][:5]
+
+
+_EXAMPLE = ROOT / "examples" / "jax_layer.py"
+_EXAMPLE_RUNS = {}
+
+
+def _example(*argv):
+    _jax()
+    if argv not in _EXAMPLE_RUNS:
+        _EXAMPLE_RUNS[argv] = run_mpi([str(_EXAMPLE), *argv], 2, timeout=300)
+    return _EXAMPLE_RUNS[argv]
+
+
+@pytest.mark.mpi
+@needs_mpiexec
+@pytest.mark.parametrize("argv", [("--backend", "host"), ("--backend", "host", "--attn-tp", "2", "--steps", "3",
+                                                           "--dtype", "float32")])
+def test_example_jax_layer_matches_the_single_process_layer(argv):
+    res = _example(*argv)
+    assert res.returncode == 0 and "matches the single-process layer" in res.stdout, res.tail()
+
+
+@pytest.mark.mpi
+@needs_mpiexec
+@_PENDING
+def test_example_jax_layer_gets_jax_arrays_back():
+    res = _example("--backend", "host")
+    assert "results: jax.Array bfloat16\n" in res.stdout, res.tail()
