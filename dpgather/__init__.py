@@ -52,9 +52,6 @@ _load_installed_if_shadowed()
 
 from .core import (
     POLICIES,
-    RECORD_FIELDS,
-    RECORD_MAGIC,
-    RECORD_WIDTH,
     BackendUnavailable,
     CollectiveTimeout,
     ConfigError,
@@ -77,12 +74,14 @@ from ._facade import DpAttention
 from ._graph import GraphRunner
 from ._handle import AsyncHandle
 
+# The public API; the planner's record layout (RECORD_WIDTH, RECORD_FIELDS, RECORD_MAGIC) and the
+# other internals stay in their modules (dpgather.core, ...).
 __all__ = [
     "AsyncHandle", "BackendUnavailable", "CollectiveTimeout", "ConfigError", "CostModel", "DpAttention",
     "DpGatherError",
     "ForwardMode", "GraphRunner", "InconsistentBatchError", "InconsistentStepError", "InputError",
-    "LocalBatch", "POLICIES", "PaddingMode", "Plan", "Planner", "RECORD_FIELDS", "RECORD_MAGIC",
-    "RECORD_WIDTH", "SpecConfig", "Topology", "count_tokens", "plan", "__version__",
+    "LocalBatch", "POLICIES", "PaddingMode", "Plan", "Planner", "SpecConfig", "Topology", "count_tokens", "plan",
+    "__version__",
 ]
 
 

@@ -144,13 +144,36 @@ def test_mypy_checks_user_code_against_the_public_api(tmp_path):
         assert any(f"user_app_wrong.py:{line}: error" in ln and what in ln for ln in bad.stdout.splitlines()), bad.stdout
 
 
-def test_public_api_is_visible():
+@pytest.mark.xfail(strict=True, reason="facade typing not merged: DpAttention(device=...) and a required, "
+                   "int-typed hidden_size (it is Optional[int] = None but raises ConfigError when left out)")
+def test_mypy_types_device_and_a_required_hidden_size(tmp_path):
+    ok = _mypy(tmp_path, TYPING / "user_app_device.py")
+    bad = _mypy(tmp_path, TYPING / "user_app_no_hidden.py")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert bad.returncode == 1 and "user_app_no_hidden.py:5: error" in bad.stdout, bad.stdout
+
+
+_PUBLIC = {"DpAttention", "GraphRunner", "AsyncHandle", "Plan", "Planner", "LocalBatch", "ForwardMode", "PaddingMode",
+           "Topology", "SpecConfig", "CostModel", "DpGatherError", "InputError", "ConfigError", "CollectiveTimeout",
+           "InconsistentBatchError", "InconsistentStepError", "BackendUnavailable", "plan", "count_tokens", "POLICIES",
+           "__version__"}
+
+
+def test_the_namespace_holds_the_public_api_only():
+    import types
+
     import dpgather as dg
 
-    for name in ("DpAttention", "GraphRunner", "Plan", "Planner", "LocalBatch", "ForwardMode", "Topology",
-                 "SpecConfig", "CostModel", "DpGatherError", "InputError", "ConfigError", "CollectiveTimeout",
-                 "InconsistentBatchError", "InconsistentStepError", "BackendUnavailable", "plan", "count_tokens"):
-        assert name in dg.__all__ and name in dir(dg) and getattr(dg, name) is not None, name
+    assert set(dg.__all__) == _PUBLIC
+    for name in _PUBLIC:
+        assert getattr(dg, name) is not None, name
+    # everything else at the top level is private (_name) or a subpackage (core, kernels, dist, tools)
+    extra = {n for n in dir(dg) if not n.startswith("_") and n not in _PUBLIC
+             and not isinstance(getattr(dg, n), types.ModuleType)}
+    assert extra == set(), f"internals in the dpgather namespace: {sorted(extra)}"
+    from dpgather.core import RECORD_FIELDS, RECORD_MAGIC, RECORD_WIDTH  # the record layout stays reachable
+
+    assert RECORD_WIDTH == len(RECORD_FIELDS) and RECORD_MAGIC == 0x44504731
 
 
 # -- a user's fresh virtual environment ------------------------------------------------------------
