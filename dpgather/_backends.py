@@ -194,10 +194,10 @@ class _HostMemory:
 
 
 def _host_array(im):
-    if not all(im.shape):
-        return np.empty(im.shape, dtype=im.dtype)
-    return np.asarray(_HostMemory({"data": (im.ptr, im.readonly), "shape": im.shape, "typestr": im.dtype.str,
-                                   "version": 3}, im.capsule))
+    ptr, shape, dtype, _, _, readonly, capsule = im
+    if 0 in shape:
+        return np.empty(shape, dtype=dtype)
+    return np.asarray(_HostMemory({"data": (ptr, readonly), "shape": shape, "typestr": dtype.str}, capsule))
 
 
 class CudaBackend(_Exports):

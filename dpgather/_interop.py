@@ -21,7 +21,6 @@ docs/interop.md is the contract; this module is the mechanism the two backends s
 """
 
 import ctypes
-import struct
 import weakref
 from typing import NamedTuple
 
@@ -40,19 +39,31 @@ _FLAG_READ_ONLY, _FLAG_IS_COPIED = 1, 2
 _DEVICE_NAMES = {KDL_CPU: "cpu", KDL_CUDA: "cuda", KDL_CUDA_HOST: "cuda_host (pinned host memory)", 4: "opencl",
                  7: "vulkan", 8: "metal", 10: "rocm", 11: "rocm_host", KDL_CUDA_MANAGED: "cuda_managed"}
 
-# DLTensor: data, device (type, id), ndim, dtype (code, bits, lanes), shape*, strides*, byte_offset
-_DLTENSOR = struct.Struct("=QiiiBBHQQQ")
-# DLManagedTensorVersioned before its DLTensor: version (major, minor), manager_ctx, deleter, flags
-_VERSIONED_HEAD = struct.Struct("=IIQQQ")
-_NAME, _NAME_VERSIONED = b"dltensor", b"dltensor_versioned"
-_DTYPE_CODE_AT = 20  # offset of DLDataType.code inside a DLTensor
 
-_capsule_name = ctypes.pythonapi.PyCapsule_GetName
-_capsule_name.restype = ctypes.c_char_p
-_capsule_name.argtypes = [ctypes.py_object]
-_capsule_pointer = ctypes.pythonapi.PyCapsule_GetPointer
-_capsule_pointer.restype = ctypes.c_void_p
-_capsule_pointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
+class _DLTensor(ctypes.Structure):
+    _fields_ = [("data", ctypes.c_void_p), ("device_type", ctypes.c_int32), ("device_id", ctypes.c_int32),
+                ("ndim", ctypes.c_int32), ("code", ctypes.c_uint8), ("bits", ctypes.c_uint8),
+                ("lanes", ctypes.c_uint16), ("shape", ctypes.POINTER(ctypes.c_int64)),
+                ("strides", ctypes.POINTER(ctypes.c_int64)), ("byte_offset", ctypes.c_uint64)]
+
+
+class _DLManagedTensor(ctypes.Structure):
+    _fields_ = [("dl_tensor", _DLTensor), ("manager_ctx", ctypes.c_void_p), ("deleter", ctypes.c_void_p)]
+
+
+class _DLManagedTensorVersioned(ctypes.Structure):
+    _fields_ = [("major", ctypes.c_uint32), ("minor", ctypes.c_uint32), ("manager_ctx", ctypes.c_void_p),
+                ("deleter", ctypes.c_void_p), ("flags", ctypes.c_uint64), ("dl_tensor", _DLTensor)]
+
+
+_NAME, _NAME_VERSIONED = b"dltensor", b"dltensor_versioned"
+_CODE_AT = {_NAME: _DLTensor.code.offset,
+            _NAME_VERSIONED: _DLManagedTensorVersioned.dl_tensor.offset + _DLTensor.code.offset}
+
+# Own prototypes (ctypes.pythonapi's function objects are shared with every other user in the process).
+_capsule_name = ctypes.PYFUNCTYPE(ctypes.c_char_p, ctypes.py_object)(("PyCapsule_GetName", ctypes.pythonapi))
+_capsule_pointer = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.py_object, ctypes.c_char_p)(
+    ("PyCapsule_GetPointer", ctypes.pythonapi))
 
 #: (DLPack dtype code, bits) -> the NumPy dtype of the backend array; bfloat16 is 2-byte storage.
 _DTYPES = {(_KDL_INT, 8): np.dtype(np.int8), (_KDL_INT, 16): np.dtype(np.int16), (_KDL_INT, 32): np.dtype(np.int32),
@@ -163,31 +174,35 @@ def import_dlpack(x, name, *, devices, device_id, stream, writable):
     """
     capsule = _capsule(x, stream, name)
     cname = _capsule_name(capsule)
-    if cname not in (_NAME, _NAME_VERSIONED):
-        raise InputError(f"{name}: __dlpack__ returned a capsule named {cname!r}, not a DLPack tensor")
-    addr = _capsule_pointer(capsule, cname)
     flags = 0
     if cname == _NAME_VERSIONED:
-        major, minor, _, _, flags = _VERSIONED_HEAD.unpack(ctypes.string_at(addr, _VERSIONED_HEAD.size))
-        if major != 1:
-            raise InputError(f"{name}: a DLPack {major}.{minor} capsule; dpgather reads DLPack 1.x")
-        addr += _VERSIONED_HEAD.size
-    data, dev_type, dev_id, ndim, code, bits, lanes, shape_p, strides_p, offset = _DLTENSOR.unpack(
-        ctypes.string_at(addr, _DLTENSOR.size))
+        m = _DLManagedTensorVersioned.from_address(_capsule_pointer(capsule, cname))
+        if m.major != 1:
+            raise InputError(f"{name}: a DLPack {m.major}.{m.minor} capsule; dpgather reads DLPack 1.x")
+        flags = m.flags
+    elif cname == _NAME:
+        m = _DLManagedTensor.from_address(_capsule_pointer(capsule, cname))
+    else:
+        raise InputError(f"{name}: __dlpack__ returned a capsule named {cname!r}, not a DLPack tensor")
+    t = m.dl_tensor
+    dev_type, dev_id = t.device_type, t.device_id
     if dev_type not in devices or (device_id is not None and dev_id != device_id):
         raise InputError(_wrong_device(name, dev_type, dev_id, devices, device_id))
+    code, bits, lanes = t.code, t.bits, t.lanes
     dtype = _DTYPES.get((code, bits)) if lanes == 1 else None
     if dtype is None:
         raise InputError(f"{name} has a DLPack dtype dpgather does not move (code {code}, {bits} bits, "
                          f"{lanes} lanes); the data types are float32, float16, bfloat16, int32, int64, uint8")
-    shape = struct.unpack(f"={ndim}q", ctypes.string_at(shape_p, 8 * ndim)) if ndim else ()
-    if strides_p and ndim:
-        _check_c_contiguous(name, shape, struct.unpack(f"={ndim}q", ctypes.string_at(strides_p, 8 * ndim)),
-                            dtype.itemsize)
+    ndim = t.ndim
+    shape = tuple(t.shape[:ndim]) if ndim else ()
+    strides = t.strides
+    if strides and ndim:
+        _check_c_contiguous(name, shape, strides[:ndim], dtype.itemsize)
     if writable and flags & (_FLAG_READ_ONLY | _FLAG_IS_COPIED):
         why = "read-only" if flags & _FLAG_READ_ONLY else "a copy (writes would not reach it)"
         raise InputError(f"{name} is written by this call, but its DLPack export is {why}; pass a writable array")
-    return Imported(data + offset, shape, dtype, code == _KDL_BFLOAT, dev_id, bool(flags & _FLAG_READ_ONLY), capsule)
+    return Imported((t.data or 0) + t.byte_offset, shape, dtype, code == _KDL_BFLOAT, dev_id,
+                    bool(flags & _FLAG_READ_ONLY), capsule)
 
 
 def _wrong_device(name, dev_type, dev_id, devices, device_id):
@@ -258,11 +273,10 @@ class Exported:
 
 def _relabel_bfloat16(capsule):
     name = _capsule_name(capsule)
-    addr = _capsule_pointer(capsule, name) + (_VERSIONED_HEAD.size if name == _NAME_VERSIONED else 0)
-    code = ctypes.c_uint8.from_address(addr + _DTYPE_CODE_AT)
-    if ctypes.c_uint8.from_address(addr + _DTYPE_CODE_AT + 1).value != 16:
+    addr = _capsule_pointer(capsule, name) + _CODE_AT[name]
+    if ctypes.c_uint8.from_address(addr + 1).value != 16:  # DLDataType.bits
         raise InputError("only a 2-byte array can be handed out as bfloat16")
-    code.value = _KDL_BFLOAT
+    ctypes.c_uint8.from_address(addr).value = _KDL_BFLOAT
 
 
 class ViewCache:
