@@ -178,23 +178,6 @@ def test_the_namespace_holds_the_public_api_only():
 
 # -- a user's fresh virtual environment ------------------------------------------------------------
 
-_SNIPPET_PRELUDE = '''\
-import numpy as np
-
-
-def _rows_for(dp, plan):
-    """This rank's hidden rows for the snippet's ``hidden`` (small integers: exact in bfloat16)."""
-    import ml_dtypes
-
-    n = int(plan.num_tokens[dp.dp_rank])
-    dt = ml_dtypes.bfloat16 if dp.dtype == "bfloat16" else np.dtype(dp.dtype)
-    return ((np.arange(n * dp.hidden_size) % 7).reshape(n, dp.hidden_size) + dp.dp_rank).astype(dt)
-
-
-def mlp(g):
-    return g
-'''
-
 _SNIPPET_CHECKS = '''
 n = int(plan.num_tokens[dp.dp_rank])
 assert g.shape == (plan.gathered_rows, dp.hidden_size), g.shape
@@ -204,17 +187,13 @@ print(f"snippet ok on rank {dp.rank}: {n} own rows of {plan.gathered_rows}", flu
 
 
 def readme_snippet():
-    """The README's embedding snippet (its first Python block that makes a DpAttention), made
-    runnable: ``hidden`` is this rank's rows (defined just before the first gather), ``mlp`` the
-    identity; checks on the outputs follow it."""
+    """The README's embedding snippet (its first Python block that makes a DpAttention and gathers;
+    self-contained: tests/test_docs.py checks that it reads no undefined name), with checks on its
+    outputs after it."""
     blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
     block = next((b for b in blocks if "DpAttention(" in b and ".gather(" in b), None)
     assert block is not None, "README.md shows no embedding snippet (a Python block with DpAttention(...) and gather)"
-    lines = block.splitlines()
-    i = next(k for k, ln in enumerate(lines) if ".gather(" in ln)
-    indent = lines[i][: len(lines[i]) - len(lines[i].lstrip())]
-    lines.insert(i, f"{indent}hidden = _rows_for(dp, plan)")
-    return _SNIPPET_PRELUDE + "\n".join(lines) + "\n" + _SNIPPET_CHECKS
+    return block + _SNIPPET_CHECKS
 
 
 def _pip_reaches_an_index(pip, tmp):
