@@ -327,3 +327,52 @@ def test_the_source_folder_alone_says_in_one_line_what_to_do(installed_copy):
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith("ImportError: dpgather: ") and "is the source folder of a clone" in last \
         and "pip install -e '.[host]'" in last and "run from outside the clone after `pip install '.[host]'`" in last
+
+
+# -- what make test needs (tests/packages.py) ------------------------------------------------------
+
+def test_every_package_of_the_test_extra_is_checked_by_make_test():
+    sys.path.insert(0, str(ROOT / "tests"))
+    try:
+        import packages
+    finally:
+        sys.path.pop(0)
+    text = (ROOT / "pyproject.toml").read_text()
+    extra = re.search(r"^test = \[(.*?)\]", text, re.M | re.S).group(1)
+    wanted = {re.split(r"[<>=;\[ ]", s.strip().strip('"'))[0].lower().replace("-", "_")
+              for s in extra.split(",") if s.strip()}
+    listed = {dist.lower().replace("-", "_") for _, dist, _ in packages.REQUIRED + packages.OPTIONAL if dist}
+    assert wanted <= listed, f"in the test extra but not checked by tests/packages.py: {sorted(wanted - listed)}"
+    assert {"pytest", "hypothesis", "mpi4py", "numba", "ml_dtypes", "cython", "numpy"} <= \
+        {d.lower() for _, d, _ in packages.REQUIRED}
+
+
+def test_packages_check_lists_everything_and_fails_in_one_line_when_something_is_missing(tmp_path):
+    res = subprocess.run([sys.executable, str(ROOT / "tests" / "packages.py"), "check"], capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0 and "pytest" in res.stdout and "hypothesis" in res.stdout, res.stdout + res.stderr
+    hide = tmp_path / "hide"
+    hide.mkdir()
+    (hide / "sitecustomize.py").write_text(  # hypothesis and CuPy look absent
+        "import importlib.util as u\n_f = u.find_spec\n"
+        "def find_spec(name, *a, **k):\n    return None if name in ('hypothesis', 'cupy') else _f(name, *a, **k)\n"
+        "u.find_spec = find_spec\n")
+    env = dict(os.environ, PYTHONPATH=str(hide))
+    res = subprocess.run([sys.executable, str(ROOT / "tests" / "packages.py"), "check", "--node"],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert res.returncode == 2, res.stdout + res.stderr
+    err = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(err) == 1 and "missing hypothesis, cupy" in err[0] and "no package index" in err[0], res.stderr
+
+
+def test_the_node_venv_sees_the_python_it_is_layered_over(tmp_path):
+    """What `make test` does on a GPU node: a venv without pip over this Python's packages
+    (where this Python is itself a venv, as on the GPU image)."""
+    venv = tmp_path / "node"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    res = subprocess.run([sys.executable, str(ROOT / "tests" / "packages.py"), "layer", str(venv)],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    res = subprocess.run([str(venv / "bin" / "python"), "-c", "import sys, numpy, pytest; print(sys.prefix)"],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert res.returncode == 0 and res.stdout.strip() == str(venv), res.stdout + res.stderr
