@@ -264,6 +264,9 @@ class CudaBackend(_Exports):
         immutable (JAX) exports are refused. Raises InputError naming ``name``."""
         cupy = self.cupy
         if isinstance(x, cupy.ndarray):
+            if self._device_id is not None and x.data.device_id != self._device_id:
+                raise InputError(f"{name} is on cuda:{x.data.device_id}, but this DpAttention uses "
+                                 f"cuda:{self._device_id}: pass arrays on its device")
             if x.dtype.name == "bfloat16":
                 return x.view(BF16_STORAGE), _interop.origin("native", True)
             return x, None
@@ -286,12 +289,10 @@ class CudaBackend(_Exports):
                          f"(PyTorch, JAX, Numba) on the cuda backend, got {type(x).__name__}")
 
     def _array(self, im):
-        """The CuPy array over an imported capsule's memory (the capsule is its owner)."""
+        """The CuPy array over an imported capsule's memory (the capsule is its owner; no
+        allocation, an empty array included)."""
         cupy = self.cupy
-        nbytes = math.prod(im.shape) * im.dtype.itemsize
-        if nbytes == 0:
-            return cupy.empty(im.shape, dtype=im.dtype)
-        mem = cupy.cuda.UnownedMemory(im.ptr, nbytes, im.capsule, im.device_id)
+        mem = cupy.cuda.UnownedMemory(im.ptr, math.prod(im.shape) * im.dtype.itemsize, im.capsule, im.device_id)
         return cupy.ndarray(im.shape, im.dtype, cupy.cuda.MemoryPointer(mem, 0))
 
     def _order_torch(self, torch):
