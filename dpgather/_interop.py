@@ -134,24 +134,25 @@ class Imported(NamedTuple):
     capsule: object
 
 
-def _capsule(x, stream, name):
+def _capsule(x, stream, name, devices, device_id):
     try:
         try:
             return x.__dlpack__(stream=stream, max_version=(1, 0), copy=False)
         except TypeError:  # a producer from before DLPack 1.0 (no max_version / copy)
             return x.__dlpack__(stream=stream)
     except Exception as e:  # noqa: BLE001 - the producer's own refusal, named
-        where = _device_of(x)
+        # A producer may refuse because of where its array is (PyTorch: a tensor on another GPU than
+        # its current one; NumPy: a stream for host memory): then say where it is.
+        try:
+            dev_type, dev_id = (int(v) for v in x.__dlpack_device__())
+        except Exception:  # noqa: BLE001 - only for the message
+            dev_type = dev_id = None
+        if dev_type is not None and (dev_type not in devices or (device_id is not None and dev_id != device_id)):
+            raise InputError(_wrong_device(name, dev_type, dev_id, devices, device_id)) from None
+        where = "" if dev_type is None else \
+            f" on {_DEVICE_NAMES.get(dev_type, f'DLPack device type {dev_type}')}:{dev_id}"
         raise InputError(f"{name} ({type(x).__name__}{where}) could not be exported through DLPack without a "
                          f"copy: {type(e).__name__}: {e}") from None
-
-
-def _device_of(x):
-    try:
-        kind, dev = x.__dlpack_device__()
-        return f" on {_DEVICE_NAMES.get(int(kind), f'DLPack device type {int(kind)}')}:{int(dev)}"
-    except Exception:  # noqa: BLE001 - only for a message
-        return ""
 
 
 def import_dlpack(x, name, *, devices, device_id, stream, writable):
@@ -172,7 +173,7 @@ def import_dlpack(x, name, *, devices, device_id, stream, writable):
         InputError: the producer refused, or the capsule's device, dtype, layout or flags do not
             fit, naming ``name`` and the value.
     """
-    capsule = _capsule(x, stream, name)
+    capsule = _capsule(x, stream, name, devices, device_id)
     cname = _capsule_name(capsule)
     flags = 0
     if cname == _NAME_VERSIONED:

@@ -377,3 +377,15 @@ def test_example_jax_layer_matches_the_single_process_layer(argv):
 def test_example_jax_layer_gets_jax_arrays_back():
     res = _example("--backend", "host")
     assert "results: jax.Array bfloat16\n" in res.stdout, res.tail()
+
+
+def test_a_producer_that_refuses_because_of_its_device_is_named_by_its_device(be):
+    class OnTheGpu:  # as PyTorch refuses a tensor on another GPU than its current device
+        def __dlpack__(self, **kw):
+            raise BufferError("Can't export tensors on a different CUDA device index")
+
+        def __dlpack_device__(self):
+            return (2, 1)
+
+    with pytest.raises(InputError, match=r"x is on cuda:1; the host backend takes host \(CPU\) arrays"):
+        be.wrap(OnTheGpu(), "x")
