@@ -121,6 +121,19 @@ class Producer:
         return _new(addr, _NAMES[versioned], ctypes.cast(_destroy, c_void_p))
 
 
+class Forward:
+    """Any other DLPack producer: forwards the protocol of the array it holds (``a``), nothing else."""
+
+    def __init__(self, a):
+        self.a = a
+
+    def __dlpack__(self, **kw):
+        return self.a.__dlpack__(**kw)
+
+    def __dlpack_device__(self):
+        return self.a.__dlpack_device__()
+
+
 def live():
     """How many capsules this module made are still alive (not deleted)."""
     return len(_LIVE)

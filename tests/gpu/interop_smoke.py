@@ -20,6 +20,7 @@ import sys
 
 import numpy as np
 
+from dlpack_producer import Forward
 from mpi_harness import Tally, report
 
 ap = argparse.ArgumentParser()
@@ -136,16 +137,6 @@ def arrays():
         out = be.export(arr, origin)
         check("CuPy bfloat16 in: uint16 storage, CuPy bfloat16 out",
               arr.dtype == np.uint16 and out.dtype.name == "bfloat16" and out.data.ptr == b.data.ptr)
-
-    class Forward:
-        def __init__(self, a):
-            self.a = a
-
-        def __dlpack__(self, **kw):
-            return self.a.__dlpack__(**kw)
-
-        def __dlpack_device__(self):
-            return self.a.__dlpack_device__()
 
     f = cupy.asarray(ref)
     arr, origin = be.wrap(Forward(f), "x")

@@ -25,6 +25,7 @@ from mpi4py import MPI
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import dlpack_producer  # noqa: E402
+from dlpack_producer import Forward  # noqa: E402
 import dpgather as dg  # noqa: E402
 from mpi_harness import Tally, report  # noqa: E402
 
@@ -44,19 +45,6 @@ NPDT = np.dtype(ml_dtypes.bfloat16) if args.dtype == "bfloat16" else np.dtype(ar
 H, FW, CUDA = args.hidden, args.framework, args.backend == "cuda"
 tally = Tally({"float32": 1e-5, "float16": 2e-2, "bfloat16": 2e-2}[args.dtype])
 types = Tally(0)
-
-
-class Forward:
-    """Any other DLPack producer: forwards the protocol of the array it holds, nothing else."""
-
-    def __init__(self, a):
-        self._a = a
-
-    def __dlpack__(self, **kw):
-        return self._a.__dlpack__(**kw)
-
-    def __dlpack_device__(self):
-        return self._a.__dlpack_device__()
 
 
 class Framework:
@@ -100,7 +88,7 @@ class Framework:
     def values(self, r, like):
         """``r`` as float64 NumPy values (``like``: the logical NumPy dtype of the data)."""
         if isinstance(r, (Forward, dlpack_producer.Producer)):
-            r = r._a if isinstance(r, Forward) else r.base
+            r = r.a if isinstance(r, Forward) else r.base
         if self.fw == "torch" and isinstance(r, self.t.Tensor):
             return (r.float() if r.is_floating_point() else r).cpu().numpy().astype(np.float64)
         if self.fw == "jax" and isinstance(r, self.jax.Array):
