@@ -232,7 +232,6 @@ class CudaBackend(_Exports):
         self._rings = {}  # ring key (micro-batch) -> [slots, next slot]
         self._exports = _interop.ViewCache()
         self._event = None  # orders a consumer's stream after ours when a cached export is handed out again
-        self._bf16 = _cupy_bfloat16(cupy)
 
     def communicator(self, mpi_comm, timeout_s):
         """The NCCL communicator of ``mpi_comm`` on this rank's GPU: the device asked for, else the
@@ -244,6 +243,7 @@ class CudaBackend(_Exports):
         comm = NcclCommunicator(mpi_comm, timeout_s=timeout_s, device=dev)
         self.device = self.cupy.cuda.Device(dev)
         self._device_id = dev
+        self._bf16 = _cupy_bfloat16(self.cupy)  # probed on this rank's GPU, never on another's
         return comm
 
     @staticmethod
