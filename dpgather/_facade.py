@@ -58,7 +58,8 @@ class DpAttention(Closing):
 
     Args:
         comm: an mpi4py communicator spanning the TP group (default ``MPI.COMM_WORLD``). dpgather
-            works on a private duplicate, so its messages never mix with the caller's.
+            works on a private duplicate, so its messages never mix with the caller's. Every other
+            argument is keyword-only.
         hidden_size: row width ``H`` of gathered hidden states (required).
         attn_tp_size: ranks per DP replica (``A``); must divide ``comm.size``.
         dtype: ``"bfloat16"`` (default), ``"float16"``, ``"float32"``, ``"int32"``, ``"int64"``,
@@ -113,7 +114,7 @@ class DpAttention(Closing):
         BackendUnavailable: the requested backend cannot run here (with the install command).
     """
 
-    def __init__(self, comm: Any = None, attn_tp_size: int = 1, hidden_size: Optional[int] = None,
+    def __init__(self, comm: Any = None, *, hidden_size: int, attn_tp_size: int = 1,
                  dtype: DTypeLike = "bfloat16", backend: Literal["auto", "host", "cuda"] = "auto",
                  spec: Optional[SpecConfig] = None,
                  policy: Literal["auto", "sglang", "max_len", "sum_len", "varlen"] = "auto",
@@ -371,7 +372,8 @@ class DpAttention(Closing):
 
     # -- bookkeeping ----------------------------------------------------------------------
     def info(self) -> Dict[str, Any]:
-        """What this DpAttention runs on: ``backend``, ``world_size``, ``attn_tp_size``, ``dtype``,
+        """What this DpAttention runs on: ``backend``, ``device`` (this rank's GPU ordinal; None on
+        the host), ``world_size``, ``attn_tp_size``, ``dtype``,
         ``hidden_size``, ``policy``, ``strict``, ``micro_batches``; ``sync`` (``"shm"`` or ``"mpi"``,
         known after the first ``sync()``); ``transport`` (``"p2p"`` where available, else
         ``"nccl"``/``"mpi"``) and ``transport_reason`` (why not P2P); ``p2p_rows`` (rows the P2P
@@ -390,6 +392,7 @@ class DpAttention(Closing):
             "p2p_node_size": links.node_size if links.pull is not None else 0,
             "host_collectives": self._sync.host_collectives, "cost_model": links.cost_source,
             "micro_batches": self.micro_batches,
+            "device": None if self._backend.device is None else self._backend.device.id,
         }
 
     def memory_stats(self, micro_batch: Optional[int] = None) -> Dict[str, Dict[str, int]]:

@@ -111,6 +111,7 @@ class OpPath:
         if error is None:
             try:
                 if not asynchronous:
+                    (st[0] if spec.several else st).held.append(prepared)
                     return spec.work(self, st, flag, *prepared)[0]
                 return self._launch(spec, st, flag, prepared, s, refs)
             except Issued as e:
@@ -179,9 +180,10 @@ class OpPath:
             raise CollectiveTimeout(f"{reason}; the DpAttention is aborted") from error
 
     # -- shared by the ops ------------------------------------------------------------------------
-    def rows(self, x, name):
-        """A hidden-state input (``[rows, hidden_size]`` in the configured dtype)."""
-        return _checks.rows(self.backend, x, name, self.storage, self.dtype, self.hidden_size)
+    def rows(self, x, name, writable=False):
+        """A hidden-state array (``[rows, hidden_size]`` in the configured dtype); ``writable``:
+        the call writes into it (``out=``)."""
+        return _checks.rows(self.backend, x, name, self.storage, self.dtype, self.hidden_size, writable)
 
     def no_alias(self, a, name, roles, st):
         _checks.no_alias(self.backend, a, name, roles, st, self.micro_batches)
@@ -228,7 +230,7 @@ def _check_scatter(path, st, flag, Y, reduce, out):
     path.no_alias(Yr, "Y", ("combine", "output"), st)
     o = None
     if out is not None:
-        o, _ = path.rows(out, "out")
+        o, _ = path.rows(out, "out", True)
         path.no_alias(o, "out", ("combine", "staging"), st)
         if _checks.overlap(path.backend, Yr, o):
             raise InputError("out must not alias Y (the input is never written)")
@@ -259,7 +261,7 @@ def _check_scatter_logits(path, st, flag, L_rows, out):
     path.no_alias(Lr, "L", ("logits_output",), st)
     o = None
     if out is not None:
-        o, _ = _checks.any_rows(path.backend, out, "out")
+        o, _ = _checks.any_rows(path.backend, out, "out", True)
         if o.dtype != Lr.dtype or o.shape[1] != Lr.shape[1]:
             raise InputError(f"out must be [rows, {Lr.shape[1]}] of dtype {Lr.dtype}, got {tuple(o.shape)} {o.dtype}")
         if _checks.overlap(path.backend, Lr, o):

@@ -42,10 +42,13 @@ class Step:
         hidden, logits: the plan's layouts on this rank. desc_host: the host descriptor
         (read-only int64). desc: its device copy (the host array on the host backend).
         p2p: the plan moves rows over the P2P transport. call_sigs: the cache of the step's
-        call signatures (filled by the op path).
+        call signatures (filled by the op path). held: the inputs of the step's synchronous
+        calls, kept until the step is replaced: the device may still read them after a call
+        returned, and an array imported from another framework must not go back to that
+        framework's allocator before (its stream need not be ours).
     """
 
-    __slots__ = ("plan", "mb", "arena", "hidden", "logits", "desc_host", "desc", "p2p", "call_sigs")
+    __slots__ = ("plan", "mb", "arena", "hidden", "logits", "desc_host", "desc", "p2p", "call_sigs", "held")
 
 
 class StepTable:
@@ -77,7 +80,7 @@ class StepTable:
         """Make ``plan`` the current step of micro-batch ``mb``; uploads its descriptor once
         (into the micro-batch's own ring of device descriptors) when the layout changed."""
         st = Step()
-        st.plan, st.mb, st.arena = plan, mb, self.arenas[mb]
+        st.plan, st.mb, st.arena, st.held = plan, mb, self.arenas[mb], []
         st.p2p = plan.transport == "p2p"
         fp = plan.fingerprint
         hit = self._cache.get(fp)

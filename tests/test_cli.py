@@ -273,6 +273,24 @@ def test_missing_dependency_one_line_exit_2_before_any_rank_starts(module, argv,
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
+def test_run_on_a_gpu_node_of_any_size_says_only_why_it_cannot_start(tmp_path, monkeypatch, capsys):
+    """On a node whose GPU count differs from --np (1 GPU, --np 2) a run that fails its checks prints
+    the one error line and nothing else: the "one rank per GPU" note belongs to a run that starts."""
+    from dpgather.core import BackendUnavailable
+    from dpgather.tools import cli, replay
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli, "gpu_count", lambda: 1)
+
+    def missing_mpi4py(cfg):
+        raise BackendUnavailable("mpi4py is not installed (pip install mpich mpi4py)")
+
+    monkeypatch.setattr(replay, "preflight", missing_mpi4py)
+    assert cli.main(list(_RUN)) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and _one_line(err).startswith("dpgather run: error: "), (out, err)
+
+
 def test_commands_that_need_no_optional_package_run_without_any(tmp_path):
     gone = list(_PIP_OF)
     res = _without(tmp_path, gone, "plans", "--steps", "3")

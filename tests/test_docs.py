@@ -1,6 +1,6 @@
 """The documentation says what the code does: the registry of environment variables
-(docs/environment.md), the launcher's never-overwrite rule, logging with the rank, and the file
-tree of docs/internals.md."""
+(docs/environment.md), the launcher's never-overwrite rule, logging with the rank, the file tree
+of docs/internals.md, and every Python snippet of README.md and docs/*.md runs."""
 
 import os
 import re
@@ -189,3 +189,117 @@ def test_no_shm_sync_values_mean_what_the_registry_says(value, disabled, monkeyp
     else:
         monkeypatch.setenv("DPGATHER_NO_SHM_SYNC", value)
     assert shm_sync_disabled() is disabled
+
+
+# -- every Python snippet of README.md and docs/*.md runs (on the host backend) ----------------------
+#
+# A snippet runs as one process unless the HTML comment right before its ```python fence says
+# otherwise: <!-- snippet: mpirun N[, requires MODULE] --> runs it under mpiexec with N ranks (the
+# MPI harness); "requires MODULE" skips it where MODULE is not installed;
+# <!-- snippet: skip: REASON --> does not run it and says why.
+
+_DOC_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+_SNIPPET = re.compile(r"(?:<!--\s*snippet:\s*(?P<mark>[^\n]*?)\s*-->\n)?```python\n(?P<code>.*?)```", re.S)
+
+
+def _snippets():
+    """``[(doc, line of the fence, mark, code)]`` of every ```python block."""
+    found = []
+    for f in _DOC_FILES:
+        text = f.read_text()
+        for m in _SNIPPET.finditer(text):
+            line = text.count("\n", 0, m.start("code"))
+            found.append((f.relative_to(ROOT).as_posix(), line, (m.group("mark") or "run").strip(), m.group("code")))
+    return found
+
+
+def _parse_mark(mark):
+    """``{"mode": "run"|"mpirun"|"skip", "ranks", "requires", "reason"}``; ValueError if unknown."""
+    if mark.startswith("skip:"):
+        reason = mark[len("skip:"):].strip()
+        if not reason:
+            raise ValueError("a skipped snippet says why: <!-- snippet: skip: REASON -->")
+        return {"mode": "skip", "ranks": 0, "requires": [], "reason": reason}
+    spec = {"mode": "run", "ranks": 1, "requires": [], "reason": ""}
+    for token in (t.strip() for t in mark.split(",")):
+        words = token.split()
+        if words == ["run"]:
+            continue
+        if len(words) == 2 and words[0] == "mpirun" and words[1].isdigit():
+            spec["mode"], spec["ranks"] = "mpirun", int(words[1])
+        elif len(words) == 2 and words[0] == "requires":
+            spec["requires"].append(words[1])
+        else:
+            raise ValueError(f"unknown snippet marker {token!r} in <!-- snippet: {mark} -->")
+    return spec
+
+
+def _snippet_params():
+    params = []
+    for doc, line, mark, code in _snippets():
+        try:
+            spec = _parse_mark(mark)
+        except ValueError:
+            spec = {"mode": "run", "ranks": 1, "requires": [], "reason": ""}
+        marks = [pytest.mark.mpi] if spec["mode"] == "mpirun" else []
+        params.append(pytest.param(doc, mark, code, id=f"{doc}:{line}", marks=marks))
+    return params
+
+
+def test_every_snippet_marker_is_known():
+    bad = []
+    for doc, line, mark, _ in _snippets():
+        try:
+            _parse_mark(mark)
+        except ValueError as e:
+            bad.append(f"{doc}:{line}: {e}")
+    assert not bad, bad
+    assert sum(doc == "README.md" for doc, *_ in _snippets()) >= 3, "the README's snippets were not found"
+
+
+@pytest.mark.parametrize("doc,mark,code", _snippet_params())
+def test_snippet_runs(doc, mark, code, tmp_path):
+    spec = _parse_mark(mark)
+    if spec["mode"] == "skip":
+        pytest.skip(f"{doc}: {spec['reason']}")
+    for module in spec["requires"]:
+        pytest.importorskip(module, reason=f"the snippet needs {module}, which is not installed")
+    if spec["mode"] == "run":
+        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, cwd=tmp_path)
+        assert res.returncode == 0, f"{doc} snippet failed:\n{code}\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}"
+        return
+    from mpi_harness import find_mpiexec, run_mpi
+
+    if find_mpiexec() is None:
+        pytest.skip("no mpiexec (pip install mpich mpi4py)")
+    (tmp_path / "app.py").write_text(code)
+    res = run_mpi([str(tmp_path / "app.py")], spec["ranks"], timeout=240, cwd=tmp_path)
+    assert res.returncode == 0 and not res.timed_out, f"{doc} snippet failed:\n{code}\n{res.tail()}"
+
+
+def _undefined_names(code):
+    """Names a snippet reads but never binds (imports, assignments, definitions, arguments), ignoring
+    scopes: enough for snippets."""
+    import ast
+    import builtins
+
+    bound, used = set(), set()
+    for node in ast.walk(ast.parse(code)):
+        if isinstance(node, ast.Name):
+            (used if isinstance(node.ctx, ast.Load) else bound).add(node.id)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            bound.add(node.name)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            bound.update((a.asname or a.name).split(".")[0] for a in node.names)
+        elif isinstance(node, ast.arg):
+            bound.add(node.arg)
+        elif isinstance(node, ast.ExceptHandler) and node.name:
+            bound.add(node.name)
+    return sorted(used - bound - set(dir(builtins)))
+
+
+def test_readme_snippets_use_no_undefined_names():
+    bad = {f"README.md:{line}": names for doc, line, _, code in _snippets()
+           if doc == "README.md" and (names := _undefined_names(code))}
+    assert not bad, f"README snippets read names they never define: {bad}"
+    assert _undefined_names("import numpy as np\nx = np.ones(3)\nprint(y, x)") == ["y"]

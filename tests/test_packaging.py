@@ -144,33 +144,37 @@ def test_mypy_checks_user_code_against_the_public_api(tmp_path):
         assert any(f"user_app_wrong.py:{line}: error" in ln and what in ln for ln in bad.stdout.splitlines()), bad.stdout
 
 
-def test_public_api_is_visible():
+def test_mypy_types_device_and_a_required_hidden_size(tmp_path):
+    ok = _mypy(tmp_path, TYPING / "user_app_device.py")
+    bad = _mypy(tmp_path, TYPING / "user_app_no_hidden.py")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert bad.returncode == 1 and "user_app_no_hidden.py:5: error" in bad.stdout, bad.stdout
+
+
+_PUBLIC = {"DpAttention", "GraphRunner", "AsyncHandle", "Plan", "Planner", "LocalBatch", "ForwardMode", "PaddingMode",
+           "Topology", "SpecConfig", "CostModel", "DpGatherError", "InputError", "ConfigError", "CollectiveTimeout",
+           "InconsistentBatchError", "InconsistentStepError", "BackendUnavailable", "plan", "count_tokens", "POLICIES",
+           "__version__"}
+
+
+def test_the_namespace_holds_the_public_api_only():
+    import types
+
     import dpgather as dg
 
-    for name in ("DpAttention", "GraphRunner", "Plan", "Planner", "LocalBatch", "ForwardMode", "Topology",
-                 "SpecConfig", "CostModel", "DpGatherError", "InputError", "ConfigError", "CollectiveTimeout",
-                 "InconsistentBatchError", "InconsistentStepError", "BackendUnavailable", "plan", "count_tokens"):
-        assert name in dg.__all__ and name in dir(dg) and getattr(dg, name) is not None, name
+    assert set(dg.__all__) == _PUBLIC
+    for name in _PUBLIC:
+        assert getattr(dg, name) is not None, name
+    # everything else at the top level is private (_name) or a subpackage (core, kernels, dist, tools)
+    extra = {n for n in dir(dg) if not n.startswith("_") and n not in _PUBLIC
+             and not isinstance(getattr(dg, n), types.ModuleType)}
+    assert extra == set(), f"internals in the dpgather namespace: {sorted(extra)}"
+    from dpgather.core import RECORD_FIELDS, RECORD_MAGIC, RECORD_WIDTH  # the record layout stays reachable
+
+    assert RECORD_WIDTH == len(RECORD_FIELDS) and RECORD_MAGIC == 0x44504731
 
 
 # -- a user's fresh virtual environment ------------------------------------------------------------
-
-_SNIPPET_PRELUDE = '''\
-import numpy as np
-
-
-def _rows_for(dp, plan):
-    """This rank's hidden rows for the snippet's ``hidden`` (small integers: exact in bfloat16)."""
-    import ml_dtypes
-
-    n = int(plan.num_tokens[dp.dp_rank])
-    dt = ml_dtypes.bfloat16 if dp.dtype == "bfloat16" else np.dtype(dp.dtype)
-    return ((np.arange(n * dp.hidden_size) % 7).reshape(n, dp.hidden_size) + dp.dp_rank).astype(dt)
-
-
-def mlp(g):
-    return g
-'''
 
 _SNIPPET_CHECKS = '''
 n = int(plan.num_tokens[dp.dp_rank])
@@ -181,17 +185,13 @@ print(f"snippet ok on rank {dp.rank}: {n} own rows of {plan.gathered_rows}", flu
 
 
 def readme_snippet():
-    """The README's embedding snippet (its first Python block that makes a DpAttention), made
-    runnable: ``hidden`` is this rank's rows (defined just before the first gather), ``mlp`` the
-    identity; checks on the outputs follow it."""
+    """The README's embedding snippet (its first Python block that makes a DpAttention and gathers;
+    self-contained: tests/test_docs.py checks that it reads no undefined name), with checks on its
+    outputs after it."""
     blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
     block = next((b for b in blocks if "DpAttention(" in b and ".gather(" in b), None)
     assert block is not None, "README.md shows no embedding snippet (a Python block with DpAttention(...) and gather)"
-    lines = block.splitlines()
-    i = next(k for k, ln in enumerate(lines) if ".gather(" in ln)
-    indent = lines[i][: len(lines[i]) - len(lines[i].lstrip())]
-    lines.insert(i, f"{indent}hidden = _rows_for(dp, plan)")
-    return _SNIPPET_PRELUDE + "\n".join(lines) + "\n" + _SNIPPET_CHECKS
+    return block + _SNIPPET_CHECKS
 
 
 def _pip_reaches_an_index(pip, tmp):
@@ -244,6 +244,9 @@ def test_fresh_venv_pip_install_host_extra_runs_the_readme_snippet(sdist, tmp_pa
     site = subprocess.run([str(py), "-c", "import dpgather, sys; print(dpgather.__file__)"], cwd=work, env=env,
                           capture_output=True, text=True, timeout=60).stdout
     assert str(venv) in site and str(ROOT) not in site, site
+    site = subprocess.run([str(py), "-c", "import dpgather, dpgather.core; print(dpgather.__file__)"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=60)  # the clone's root: issue 25
+    assert site.returncode == 0 and str(venv) in site.stdout, site.stdout + site.stderr
 
     # the command line from the installed package (no checkout, no matplotlib / tqdm in [host])
     cli = str(venv / "bin" / "dpgather")
@@ -270,3 +273,104 @@ def test_fresh_venv_pip_install_host_extra_runs_the_readme_snippet(sdist, tmp_pa
                           "('dpgather.core', '_planner.pyi'))))"], cwd=work, env=env, capture_output=True,
                          text=True, timeout=60)
     assert res.stdout.split() == ["True"] * 3, res.stdout + res.stderr
+
+
+# -- a non-editable install, run from the clone's root ---------------------------------------------
+
+@pytest.fixture(scope="module")
+def installed_copy(tmp_path_factory):
+    """The package as ``pip install .`` lays it out (a wheel built from this checkout, installed
+    into a folder of its own): ``(site folder, the environment's site-packages for the dependencies)``."""
+    import sysconfig
+
+    out = tmp_path_factory.mktemp("wheel")
+    res = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-build-isolation", "--no-deps", "-w",
+                          str(out / "w"), str(ROOT)], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    (wheel,) = (out / "w").glob("dpgather-*.whl")
+    site = out / "site"
+    res = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--target",
+                          str(site), str(wheel)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return site, sysconfig.get_paths()["purelib"]
+
+
+def _run_without_the_checkout(code, pythonpath, cwd):
+    """``python -S -c CODE``: no site hooks, so the editable install of this checkout (a .pth
+    finder) is not there; ``pythonpath`` gives the installed copy and the dependencies."""
+    env = {"PYTHONPATH": os.pathsep.join(map(str, pythonpath)), "PATH": os.environ.get("PATH", "")}
+    return subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, timeout=120,
+                          env=env, cwd=cwd)
+
+
+_USE = ("import dpgather as dg, dpgather.core, dpgather.dist, dpgather.kernels; "
+        "p = dg.plan([dg.LocalBatch(dg.ForwardMode.DECODE, 3)] * 2, dg.Topology(2)); "
+        "print(dg.__file__, p.gathered_rows)")
+
+
+def test_a_non_editable_install_runs_from_the_clone_root(installed_copy, tmp_path):
+    site, deps = installed_copy
+    res = _run_without_the_checkout(_USE, [site, deps], ROOT)  # sys.path[0] is the clone's root
+    assert res.returncode == 0, res.stderr
+    path, rows = res.stdout.split()
+    assert path.startswith(str(site)) and rows == "6", res.stdout
+    res = _run_without_the_checkout(_USE, [site, deps], tmp_path)  # and anywhere else, of course
+    assert res.returncode == 0 and res.stdout.split()[0].startswith(str(site)), res.stderr
+
+
+def test_the_source_folder_alone_says_in_one_line_what_to_do(installed_copy):
+    _, deps = installed_copy
+    res = _run_without_the_checkout("import dpgather", [deps], ROOT)
+    assert res.returncode == 1
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("ImportError: dpgather: ") and "is the source folder of a clone" in last \
+        and "pip install -e '.[host]'" in last and "run from outside the clone after `pip install '.[host]'`" in last
+
+
+# -- what make test needs (tests/packages.py) ------------------------------------------------------
+
+def test_every_package_of_the_test_extra_is_checked_by_make_test():
+    sys.path.insert(0, str(ROOT / "tests"))
+    try:
+        import packages
+    finally:
+        sys.path.pop(0)
+    text = (ROOT / "pyproject.toml").read_text()
+    extra = re.search(r"^test = \[(.*?)\]", text, re.M | re.S).group(1)
+    wanted = {re.split(r"[<>=;\[ ]", s.strip().strip('"'))[0].lower().replace("-", "_")
+              for s in extra.split(",") if s.strip()}
+    listed = {dist.lower().replace("-", "_") for _, dist, _ in packages.REQUIRED + packages.OPTIONAL if dist}
+    assert wanted <= listed, f"in the test extra but not checked by tests/packages.py: {sorted(wanted - listed)}"
+    assert {"pytest", "hypothesis", "mpi4py", "numba", "ml_dtypes", "cython", "numpy"} <= \
+        {d.lower() for _, d, _ in packages.REQUIRED}
+
+
+def test_packages_check_lists_everything_and_fails_in_one_line_when_something_is_missing(tmp_path):
+    res = subprocess.run([sys.executable, str(ROOT / "tests" / "packages.py"), "check"], capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0 and "pytest" in res.stdout and "hypothesis" in res.stdout, res.stdout + res.stderr
+    hide = tmp_path / "hide"
+    hide.mkdir()
+    (hide / "sitecustomize.py").write_text(  # hypothesis and CuPy look absent
+        "import importlib.util as u\n_f = u.find_spec\n"
+        "def find_spec(name, *a, **k):\n    return None if name in ('hypothesis', 'cupy') else _f(name, *a, **k)\n"
+        "u.find_spec = find_spec\n")
+    env = dict(os.environ, PYTHONPATH=str(hide))
+    res = subprocess.run([sys.executable, str(ROOT / "tests" / "packages.py"), "check", "--node"],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert res.returncode == 2, res.stdout + res.stderr
+    err = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(err) == 1 and "missing hypothesis, cupy" in err[0] and "no package index" in err[0], res.stderr
+
+
+def test_the_node_venv_sees_the_python_it_is_layered_over(tmp_path):
+    """What `make test` does on a GPU node: a venv without pip over this Python's packages
+    (where this Python is itself a venv, as on the GPU image)."""
+    venv = tmp_path / "node"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    res = subprocess.run([sys.executable, str(ROOT / "tests" / "packages.py"), "layer", str(venv)],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    res = subprocess.run([str(venv / "bin" / "python"), "-c", "import sys, numpy, pytest; print(sys.prefix)"],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert res.returncode == 0 and res.stdout.strip() == str(venv), res.stdout + res.stderr

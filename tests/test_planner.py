@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 import dpgather as dg
 from dpgather import ForwardMode as FM
+from dpgather.core import RECORD_MAGIC, RECORD_WIDTH
 from dpgather import PaddingMode as PM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -414,11 +415,11 @@ def test_all_entry_points_agree(sc, tr):
     q = planner.plan_batches(batches)
     q2 = planner.plan_batches(iter(batches))  # any iterable
     t = table_of(planner, batches, topo.attn_tp_size)
-    assert t.dtype == np.int32 and t.shape == (topo.world_size, dg.RECORD_WIDTH)
+    assert t.dtype == np.int32 and t.shape == (topo.world_size, RECORD_WIDTH)
     r = planner.plan_table(t)
     t.flags.writeable = False  # the gathered table may be read-only
     r2 = planner.plan_table(t)
-    wide = np.zeros((topo.world_size, 2 * dg.RECORD_WIDTH), np.int32)
+    wide = np.zeros((topo.world_size, 2 * RECORD_WIDTH), np.int32)
     wide[:, ::2] = t
     r3 = planner.plan_table(wide[:, ::2])  # and non-contiguous
     for other in (q, q2, r, r2, r3):
@@ -431,9 +432,9 @@ def test_all_entry_points_agree(sc, tr):
         row = t[d * topo.attn_tp_size]
         n, l = dg.count_tokens(b, spec)
         lp = -1 if b.logprob_tokens is None else b.logprob_tokens
-        assert row.tolist() == [dg.RECORD_MAGIC, int(b.mode), b.batch_size, b.extend_tokens, lp,
+        assert row.tolist() == [RECORD_MAGIC, int(b.mode), b.batch_size, b.extend_tokens, lp,
                                 int(b.can_run_graph), n, l]
-    out = np.full(dg.RECORD_WIDTH, -7, np.int32)
+    out = np.full(RECORD_WIDTH, -7, np.int32)
     assert planner.record(batches[0], out=out) is out and out.tolist() == t[0].tolist()
 
 

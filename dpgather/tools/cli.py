@@ -155,9 +155,10 @@ def _cmd_run(ns, extra):
     gpus = gpu_count()
     np_ = ns.np or 4
     backend = []
+    note = None  # said once the run starts: a run that fails its checks says only why
     if gpus and "--backend" not in extra:
         if ns.np and ns.np != gpus:
-            print(f"note: {gpus} GPU(s) found: running one rank per GPU (--np {ns.np} ignored)")
+            note = f"note: {gpus} GPU(s) found: running one rank per GPU (--np {ns.np} ignored)"
         np_ = gpus
         backend = ["--backend", "cuda"]
     progress = ["--progress", "on"] if sys.stderr.isatty() and "--progress" not in extra else []
@@ -171,6 +172,8 @@ def _cmd_run(ns, extra):
         preflight(ReplayConfig.from_args(build_parser().parse_args(["replay", *replay_args])))
     except DpGatherError as e:
         return say_error("dpgather run", e)
+    if note:
+        print(note)
     pyargs = [*_REPLAY_MODULE, *replay_args]
     print(f"dpgather run: replaying a multi-replica serving trace on {np_} ranks "
           f"({'CUDA, one GPU per rank' if backend else 'host backend: NumPy + Numba + MPI'}), "

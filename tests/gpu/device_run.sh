@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on a GPU node. With no argument it runs exactly the README's test command, `make test`
-# (the system Python, its packages and the node's own MPI: VENV=none is auto-detected), and writes
-# its log and a one-line verdict under $OUT. Other phases, each under `timeout`:
+# (the node's Python and packages through .venv-node, the node's own MPI: NODE=1 is auto-detected),
+# and writes its log and a one-line verdict under $OUT. The other phases run `python3` from
+# .venv-node too (made by the `test` or `build` phase). Phases, each under `timeout`:
 #   bash tests/gpu/device_run.sh [test] [build] [gputest] [p2p] [eager] [sanitize] [copy] [collective]
 #                                [graph] [graphnccl] [calibrate] [overlap] [overlapbench] [sanitize2]
 #                                [p2pparts] [p2player] [pack]
@@ -9,6 +10,7 @@
 # comes from dpgather's own launcher settings, as it would for a user.
 set -u
 OUT=${OUT:-/tmp/dpg-out}; mkdir -p "$OUT"
+export PATH="$PWD/.venv-node/bin:$PATH"  # python3: the venv `make` installs dpgather into (never the node's own)
 NG=$(nvidia-smi -L | wc -l)
 phases=${*:-test}
 summary=$OUT/summary.txt
