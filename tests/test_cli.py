@@ -21,8 +21,8 @@ CLI = ["-m", "dpgather.tools.cli"]
 
 
 def _py(*args, timeout=120, **kw):
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout,
-                          cwd=str(REPO), **kw)
+    kw.setdefault("cwd", str(REPO))
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, **kw)
 
 
 def _broken_trace(tmp_path):
@@ -696,3 +696,95 @@ def test_replay_cuda(tmp_path):
     assert rep["ok"] and rep["config"]["backend"] == "cuda"
     res = run_mpi([str(REPO / "examples" / "tp_mlp_layer.py"), "--backend", "cuda"], n, timeout=200)
     assert res.returncode == 0 and "cuda backend" in res.stdout, res.tail()
+
+
+# -- time limits and the launcher's arguments (issue 26 items 7 and 12) -------------------------------
+
+_SLEEPER = """import os, sys, time
+open(os.path.join(sys.argv[1], f"pid-{os.getpid()}"), "w").close()
+time.sleep(float(sys.argv[2]))
+"""
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie that no one reaped yet is gone as far as the job is concerned
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.mpi
+@needs_mpiexec
+@pytest.mark.parametrize("sleep_s", [6, 60])
+def test_launcher_time_limit_is_124_within_the_stated_margin(sleep_s, tmp_path):
+    """A job that outlives ``--timeout S`` is stopped and returns 124 within S + KILL_GRACE_S + 1
+    seconds, under MPICH and Open MPI alike; a job that would end within 10 s after S (Open MPI used
+    to return 0 then) is stopped too; no rank survives."""
+    import time
+
+    from dpgather.tools.launch import EXIT_TIMEOUT, KILL_GRACE_S
+
+    script = tmp_path / "sleeper.py"
+    script.write_text(_SLEEPER)
+    limit = 3.0
+    t0 = time.monotonic()
+    res = _py("-m", "dpgather.tools.launch", "-n", "2", "--timeout", str(limit), str(script), str(tmp_path),
+              str(sleep_s), timeout=90)
+    wall = time.monotonic() - t0
+    assert res.returncode == EXIT_TIMEOUT, res.stdout + res.stderr
+    assert "did not finish within its time limit of 3 s" in res.stderr, res.stderr
+    # the limit counts from mpiexec's start; the interpreter and `mpiexec --version` come before it
+    assert limit <= wall < limit + KILL_GRACE_S + 1 + 5, wall
+    pids = [int(p.name[4:]) for p in tmp_path.glob("pid-*")]
+    assert len(pids) == 2, pids  # both ranks started ...
+    time.sleep(0.5)
+    assert not [p for p in pids if _alive(p)], "ranks survived the stopped job"  # ... and are gone
+
+
+@pytest.mark.mpi
+@needs_mpiexec
+def test_run_timeout_exits_124(tmp_path):
+    """`dpgather run --timeout S` returns the documented 124 (MPICH's Hydra used to end the job
+    with its own code, read as 3 'a rank crashed')."""
+    import time
+
+    t0 = time.monotonic()
+    res = subprocess.run([sys.executable, "-m", "dpgather", "run", "--np", "2", "--timeout", "1", "--out",
+                          str(tmp_path / "r"), "--backend", "host"], capture_output=True, text=True, timeout=120,
+                         cwd=str(tmp_path))
+    assert res.returncode == 124, res.stdout[-2000:] + res.stderr[-2000:]
+    assert time.monotonic() - t0 < 1 + 3 + 10
+    assert "time limit of 1 s" in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert not (tmp_path / "r" / "report.json").exists()
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["-n", "0", "x.py"], "-n/--np: expected a positive integer, got 0"),
+    (["-n", "-1", "x.py"], "-n/--np: expected a positive integer, got -1"),
+    (["--np=two", "x.py"], "-n/--np: expected a positive integer, got 'two'"),
+    (["-n", "2", "--timeout", "-5", "x.py"], "--timeout: expected a positive number, got -5"),
+    (["-n", "2", "--timeout", "nan", "x.py"], "--timeout: expected a positive number, got 'nan'"),
+    (["-n", "2", "--timeout", "0", "x.py"], "--timeout: expected a positive number, got 0"),
+    (["-n", "2", "nosuch.py"], "cannot open the program 'nosuch.py': no such file"),
+    (["-n", "2", "-m", "nosuch_module_dpg"], "no module named 'nosuch_module_dpg'"),
+    (["-n", "2"], "no program given"),
+])
+def test_launcher_refuses_bad_arguments_in_one_line(argv, fragment, tmp_path):
+    res = _py("-m", "dpgather.tools.launch", *argv, timeout=60, cwd=str(tmp_path))
+    assert res.returncode == 2, res.stdout + res.stderr
+    line = _one_line(res.stderr)
+    assert line.startswith("python -m dpgather.tools.launch: error:") and fragment in line, line
+    assert res.stdout == ""
+
+
+def test_a_rank_whose_script_is_missing_says_so_in_one_line(tmp_path):
+    """What each rank prints if the program vanished after the launcher checked it: Python's own
+    line and exit 2, no traceback."""
+    res = _py("-m", "dpgather.tools._rankexit", str(tmp_path), "nosuch.py", timeout=60, cwd=str(tmp_path))
+    assert res.returncode == 2 and "can't open file" in _one_line(res.stderr), res.stderr
+    assert (tmp_path / "rank-0").read_text() == "2"

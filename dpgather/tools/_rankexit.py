@@ -48,6 +48,10 @@ def _run(args):
         sys.argv = ["-c", *args[2:]]
         exec(compile(args[1], "<string>", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
     else:
+        if not os.path.isfile(args[0]):  # as `python nosuch.py` says it: one line, exit 2
+            print(f"{sys.executable}: can't open file {os.path.abspath(args[0])!r}: no such file",
+                  file=sys.stderr)
+            raise SystemExit(2)
         sys.argv = list(args)
         sys.path.insert(0, os.path.dirname(os.path.abspath(args[0])))
         runpy.run_path(args[0], run_name="__main__")

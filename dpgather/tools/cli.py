@@ -21,8 +21,6 @@ Behaviour common to every subcommand:
 import argparse
 import json
 import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -43,7 +41,7 @@ from ._common import (
     require,
     say_error,
 )
-from .launch import detect, launch_env, run_job
+from .launch import BACKSTOP_S, EXIT_INTERRUPTED, EXIT_TIMEOUT, detect, launch_env, run_job
 
 __all__ = ["main", "build_parser"]
 
@@ -73,8 +71,9 @@ def _launch(np_, pyargs, timeout):
     """Run ``mpiexec -n NP python PYARGS`` in its own process group under a hard time limit.
 
     stdout/stderr are inherited, so output streams live. Returns the exit code (124 when the
-    limit expired, 130 on Ctrl-C). Without mpiexec a replay runs in this process (one rank);
-    anything else returns 2 with one line naming the pip command.
+    limit expired -- :func:`dpgather.tools.launch.run_job` stops the job itself, under every MPI,
+    within ``timeout + KILL_GRACE_S + 1`` seconds --, 130 on Ctrl-C). Without mpiexec a replay
+    runs in this process (one rank); anything else returns 2 with one line naming the pip command.
     """
     launcher = detect()
     if launcher is None:
@@ -85,34 +84,9 @@ def _launch(np_, pyargs, timeout):
             return main(pyargs[2:])
         return say_error("dpgather", "no mpiexec next to the Python interpreter or on PATH; install "
                                      f"MPICH ({PIP['mpi4py']}) or Open MPI")
-    env, flags = launch_env(launcher, timeout=timeout)
+    env, flags = launch_env(launcher, timeout=timeout and timeout + BACKSTOP_S)
     print("$ " + " ".join([launcher.path, *flags, "-n", str(np_), sys.executable, *pyargs]), flush=True)
-
-    def wait(proc):
-        try:
-            return proc.wait(timeout=timeout + 10 if timeout else None)
-        except subprocess.TimeoutExpired:
-            _kill_group(proc)
-            print(f"dpgather: the run did not finish within {timeout:g} s and was stopped", file=sys.stderr)
-            return 124
-        except KeyboardInterrupt:
-            _kill_group(proc)
-            return 130
-
-    return run_job(launcher, np_, pyargs, env, flags, wait=wait)
-
-
-def _kill_group(proc):
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=3)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+    return run_job(launcher, np_, pyargs, env, flags, timeout=timeout)
 
 
 # -- subcommands --------------------------------------------------------------------------------
@@ -184,7 +158,7 @@ def _cmd_run(ns, extra):
     if rc == EXIT_OK:
         # Open MPI 4 returns 0 when ranks exit non-zero without aborting the job: the report decides.
         rc = EXIT_OK if verdict is True else EXIT_VERIFY if verdict is False else EXIT_CRASH
-    elif rc not in (EXIT_VERIFY, EXIT_USAGE, EXIT_CRASH, 124, 130):
+    elif rc not in (EXIT_VERIFY, EXIT_USAGE, EXIT_CRASH, EXIT_TIMEOUT, EXIT_INTERRUPTED):
         rc = EXIT_CRASH  # a rank killed by a signal, the launcher's own failure codes
     if rc == EXIT_OK:
         _link_latest(out)
@@ -193,8 +167,8 @@ def _cmd_run(ns, extra):
               + f"every number is in {report}.")
     elif rc == EXIT_VERIFY:
         print(f"\nverification FAILED (exit 1) after {dt:.1f} s; details in {report}", file=sys.stderr)
-    elif rc == EXIT_USAGE:
-        pass  # rank 0 of the job has said why, on one line
+    elif rc in (EXIT_USAGE, EXIT_TIMEOUT, EXIT_INTERRUPTED):
+        pass  # said on one line already (rank 0 of the job, or the launcher's time limit)
     elif rc == EXIT_CRASH and verdict is None:
         print(f"\ndpgather run failed after {dt:.1f} s: no report was written (exit 3)", file=sys.stderr)
     else:
