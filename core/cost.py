@@ -26,6 +26,7 @@ import os
 import re
 
 from .errors import ConfigError
+from .files import write_json_atomic
 
 
 def _finite(name, value, kind=float):
@@ -174,9 +175,10 @@ class CostModel:
         return cls(**base, **data)
 
     def save(self, path, meta=None):
-        """Write the constants as JSON (``meta``: free-form provenance, e.g. card and date)."""
-        with open(path, "w") as f:
-            json.dump({**self.to_dict(), **({"meta": meta} if meta else {})}, f, indent=2)
+        """Write the constants as JSON (``meta``: free-form provenance, e.g. card and date),
+        atomically (:func:`dpgather.core.files.write_atomic`: a failed write leaves the previous
+        file whole)."""
+        write_json_atomic(path, {**self.to_dict(), **({"meta": meta} if meta else {})}, indent=2)
 
     @classmethod
     def load(cls, path):

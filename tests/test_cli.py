@@ -341,28 +341,61 @@ def test_host_backend_without_ml_dtypes_names_the_pip_command(rank0_env, capsys,
 
 # -- report.json -----------------------------------------------------------------------------------
 
+def _full_disk(obj, f, **kw):
+    f.write('{"ok": fal')  # half a file, then the disk is full
+    f.flush()
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
 def test_report_json_is_written_atomically(tmp_path, monkeypatch):
+    from dpgather.core import files
+
     path = tmp_path / "report.json"
-    report.write_json_atomic(str(path), {"ok": True, "n": 1})
+    files.write_json_atomic(str(path), {"ok": True, "n": 1})
     assert json.loads(path.read_text()) == {"ok": True, "n": 1}
     umask = os.umask(0)
     os.umask(umask)
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # an ordinary file, not mkstemp's 0600
-
-    def full_disk(obj, f, **kw):
-        f.write('{"ok": fal')  # half a report, then the disk is full
-        f.flush()
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(report.json, "dump", full_disk)
+    monkeypatch.setattr(files.json, "dump", _full_disk)
     with pytest.raises(OSError):
-        report.write_json_atomic(str(path), {"ok": False})
+        files.write_json_atomic(str(path), {"ok": False})
     assert json.loads(path.read_text()) == {"ok": True, "n": 1}  # the old report, whole
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]  # no temporary left
     path.unlink()
     with pytest.raises(OSError):
-        report.write_json_atomic(str(path), {"ok": False})
+        files.write_json_atomic(str(path), {"ok": False})
     assert list(tmp_path.iterdir()) == []  # nothing rather than a truncated report
+
+
+def test_a_failed_calibration_write_keeps_the_previous_file(tmp_path, monkeypatch):
+    """`calibrate --out FILE` (CostModel.save) and the calibration cache replace the file whole or
+    leave it as it was (issue 26 item 9: it used to write in place)."""
+    import dpgather as dg
+    from dpgather.core import files
+
+    path = tmp_path / "cost.json"
+    good = dg.CostModel(mlp_row_us=0.5)
+    good.save(path, meta={"card": "old"})
+    before = path.read_bytes()
+    monkeypatch.setattr(files.json, "dump", _full_disk)
+    with pytest.raises(OSError):
+        dg.CostModel(mlp_row_us=0.25).save(path, meta={"card": "new"})
+    assert path.read_bytes() == before and dg.CostModel.load(path) == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cost.json"]
+
+
+def test_every_file_the_tools_write_goes_through_the_one_atomic_writer():
+    """No module of the package's tools, the cost model or the benchmarks opens a file for writing,
+    saves a figure or renames a file itself: dpgather.core.files.write_atomic does it, once."""
+    import re
+
+    writes = re.compile(r"open\([^)]*[\"'][wax]b?\+?[\"']|\.savefig\((?!f\b)|os\.replace\(|os\.rename\(|"
+                        r"\.write_(text|bytes)\(|tempfile\.mkstemp")
+    files = [*(REPO / "dpgather" / "tools").glob("*.py"), *(REPO / "core").glob("*.py"), *(REPO / "bench").glob("*.py")]
+    offenders = [f"{f.relative_to(REPO)}:{n}: {line.strip()}" for f in files if f.name != "files.py"
+                 for n, line in enumerate(f.read_text().splitlines(), 1) if writes.search(line)]
+    assert not offenders, offenders
+    assert "os.replace(" in (REPO / "core" / "files.py").read_text()
 
 
 def _plot_inputs(steps=40):

@@ -16,6 +16,8 @@ import runpy
 import sys
 import traceback
 
+from dpgather.core.files import write_atomic
+
 _RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "MPI_LOCALRANKID")
 
 
@@ -70,10 +72,7 @@ def main():
         code = 1
     finally:
         try:
-            path = os.path.join(status_dir, f"rank-{_rank()}")
-            with open(path + ".tmp", "w") as f:
-                f.write(str(code))
-            os.replace(path + ".tmp", path)
+            write_atomic(os.path.join(status_dir, f"rank-{_rank()}"), str(code))
         except OSError:
             pass
         sys.stdout.flush()

@@ -563,9 +563,7 @@ def calibrate(comm=None, out=None, sizes=None, hidden=7168, dtype="bfloat16", ba
         path = cache_path(info.get("card"), P, info.get("nccl_version"))
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = f"{path}.{os.getpid()}.tmp"
-            model.save(tmp, meta={**meta, "cache": path})
-            os.replace(tmp, path)
+            model.save(path, meta={**meta, "cache": path})
             say(f"# cached for this machine: {path}")
         except OSError as e:  # a cache is a convenience: say so, never fail the calibration
             print(f"dpgather calibrate: could not write the cache {path!r}: {e}", file=sys.stderr)

@@ -16,25 +16,24 @@ gather plus the logits gather:
 ``f = (T-1)/T``): all-gather, reduce-scatter and their v-variants ``f*B``, all-reduce ``2f*B``;
 a MAX_LEN or VARLEN step moves ``2fB`` (gather + combine), a SUM_LEN step ``4fB``.
 
-Rank 0 alone calls this module. :func:`write_report` writes ``report.json`` atomically (a
-temporary file in the same folder, then a rename), so a reader -- ``dpgather run``, a CI job --
-never sees a truncated report, even when the disk fills up.
+Rank 0 alone calls this module. :func:`write_report` writes ``report.json`` and the plots
+atomically (:func:`dpgather.core.files.write_atomic`: a temporary file in the same folder, then a
+rename), so a reader -- ``dpgather run``, a CI job -- never sees a truncated report, even when
+the disk fills up.
 """
 
-import contextlib
-import json
 import os
-import tempfile
 
 import numpy as np
 
 import dpgather
 from dpgather.core import ConfigError
+from dpgather.core.files import write_atomic, write_json_atomic
 
 from ._common import PIP, missing
 
 __all__ = [
-    "REPORT_FORMAT", "check_out_dir", "write_json_atomic", "write_report", "print_report",
+    "REPORT_FORMAT", "check_out_dir", "write_report", "print_report",
     "summary", "mode_mix", "text_table", "fmt_bytes", "fmt_rows", "plots",
 ]
 
@@ -64,31 +63,6 @@ def check_out_dir(path):
         raise ConfigError(f"--out {path}: {parent} is a file, so the folder cannot be created")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ConfigError(f"--out {path}: cannot create the folder ({parent} is not writable)")
-
-
-def write_json_atomic(path, obj, indent=1):
-    """Write ``obj`` as JSON to ``path``: all of it or nothing.
-
-    The text goes to a temporary file in the same folder, is flushed to disk, and replaces
-    ``path`` with one ``os.replace``; on any error the temporary file is removed and the
-    exception propagates (``path`` keeps its previous content, if any).
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=indent)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; a report is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def fmt_bytes(b):
@@ -245,7 +219,9 @@ def plots(outdir, trace, results, prepared, row_bytes, title):
     files = []
     for name, fig in figures(trace, results, prepared, row_bytes, title).items():
         p = os.path.join(outdir, name)
-        fig.savefig(p, dpi=110, bbox_inches="tight")  # the figure grows to hold the outside legend
+        # the figure grows to hold the outside legend
+        write_atomic(p, lambda f, fig=fig: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"),
+                     binary=True)
         plt.close(fig)
         files.append(p)
     return files

@@ -22,7 +22,6 @@ Needs mpi4py only (no GPU, no repository checkout). Exit codes: 0 ok, 1 a plan m
 baseline, 2 invalid options or mpi4py missing.
 """
 
-import json
 import platform
 import sys
 import time
@@ -30,6 +29,7 @@ import time
 import numpy as np
 
 from dpgather.core import POLICIES, ForwardMode, LocalBatch
+from dpgather.core.files import write_json_atomic
 
 from ._common import (EXIT_OK, EXIT_USAGE, EXIT_VERIFY, Parser, nonneg_int, positive_int, require, require_mpi,
                       say_error)
@@ -225,9 +225,7 @@ def main(argv=None, prog=_PROG):
             "host": platform.node(), "python": platform.python_version(),
         }
         try:
-            with open(args.json, "w") as f:
-                json.dump(result, f, indent=2)
-                f.write("\n")
+            write_json_atomic(args.json, result, indent=2)
         except OSError as e:
             say_error(prog, f"cannot write {args.json}: {e.strerror or e}", rank0=True)
             return EXIT_USAGE

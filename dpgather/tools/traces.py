@@ -48,6 +48,7 @@ from dpgather.core import (
     SpecConfig,
     count_tokens,
 )
+from dpgather.core.files import write_atomic
 
 __all__ = [
     "FORMAT", "GENERATORS", "DEFAULT_SPEC", "ACCEPT_P", "ReplicaStep", "Trace",
@@ -379,11 +380,11 @@ def load_trace(path):
 
 
 def save_trace(trace, path):
-    """Write ``trace`` as JSON Lines (a header line, then one line per step)."""
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(json.dumps(trace.header()) + "\n")
-        for sid, step in zip(trace.step_ids, trace.steps):
-            f.write(json.dumps({"step": sid, "replicas": [r.to_json() for r in step]}) + "\n")
+    """Write ``trace`` as JSON Lines (a header line, then one line per step), atomically."""
+    lines = [json.dumps(trace.header())]
+    lines += [json.dumps({"step": sid, "replicas": [r.to_json() for r in step]})
+              for sid, step in zip(trace.step_ids, trace.steps)]
+    write_atomic(path, "\n".join(lines) + "\n")
 
 
 # -- synthetic generators -----------------------------------------------------------------------
