@@ -152,6 +152,38 @@ def test_out_naming_a_file_is_refused_before_work(tmp_path, capsys, rank0_env, m
     assert not started and f.read_text() == "keep me"
 
 
+@pytest.mark.parametrize("kind", ["name-too-long", "parent-refuses"])
+def test_out_that_cannot_be_created_is_refused_before_work(kind, tmp_path, capsys, rank0_env, monkeypatch):
+    """`--out` is created before any work (issue 26 item 10): a name too long, or a parent where
+    nothing can be created although access() says it is writable (/proc, as root), is one line
+    and exit 2 before the replay starts, for `replay` and `run` alike."""
+    from pathlib import Path
+
+    out = tmp_path / ("x" * 300) if kind == "name-too-long" else Path("/proc/dpgather-no-such-folder/run")
+    if kind == "parent-refuses" and not os.path.isdir("/proc"):
+        pytest.skip("no /proc here")
+    started = []
+    monkeypatch.setattr("dpgather.tools.replay._setup", lambda *a, **k: started.append(1))
+    monkeypatch.setattr(cli, "_launch", lambda *a, **k: started.append(1) or 0)
+    for command in ("replay", "run"):
+        assert main([command, "--out", str(out), "--steps", "2", "--backend", "host"]) == 2
+        line = _one_line(capsys.readouterr().err)
+        assert line.startswith(f"dpgather {command}: error: --out {out}: cannot create the folder"), line
+    assert not started
+
+
+def test_out_folder_is_made_before_work_and_only_when_every_other_check_passed(tmp_path):
+    from dpgather.core import ConfigError
+    from dpgather.tools.replay import ReplayConfig, preflight
+
+    out = tmp_path / "a" / "b"
+    with pytest.raises(ConfigError):
+        preflight(ReplayConfig(out=str(out), policy="nope", backend="host"))
+    assert not (tmp_path / "a").exists()  # refused for another reason: no folder left behind
+    preflight(ReplayConfig(out=str(out), backend="host"))
+    assert out.is_dir() and list(out.iterdir()) == []
+
+
 def test_replay_option_errors_need_no_mpi(tmp_path, capsys, rank0_env, monkeypatch):
     started = []
     monkeypatch.setattr("dpgather.tools.replay._setup", lambda *a, **k: started.append(1))

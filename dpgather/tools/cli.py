@@ -119,13 +119,7 @@ def _cmd_run(ns, extra):
     """``dpgather run``: launch a verified replay under mpiexec and read its report."""
     from dpgather.core import DpGatherError
 
-    from .report import check_out_dir
-
     out = ns.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
-    try:
-        check_out_dir(out)
-    except DpGatherError as e:
-        return say_error("dpgather run", e)
     gpus = gpu_count()
     np_ = ns.np or 4
     backend = []
@@ -137,8 +131,9 @@ def _cmd_run(ns, extra):
     progress = ["--progress", "on"] if sys.stderr.isatty() and "--progress" not in extra else []
     source = [] if {"--trace", "--synthetic"} & {a.split("=")[0] for a in extra} else ["--synthetic", "mixed"]
     replay_args = [*source, "--verify", "--out", out, *backend, *progress, *extra]
-    # The replay's own checks (options, mpi4py / Numba / ml_dtypes / CuPy, the trace) here, once,
-    # before any rank starts: a missing package is one line and exit 2, not one per rank.
+    # The replay's own checks (options, mpi4py / Numba / ml_dtypes / CuPy, the trace, then --out
+    # made) here, once, before any rank starts: a missing package is one line and exit 2, not one
+    # per rank.
     from .replay import ReplayConfig, preflight
 
     try:

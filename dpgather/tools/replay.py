@@ -57,7 +57,7 @@ from dpgather.core.dtypes import ALIASES as _DTYPE_ALIASES
 from . import report as _report
 from ._common import (EXIT_CRASH, EXIT_OK, EXIT_USAGE, EXIT_VERIFY, PIP, gpu_count, require, require_mpi,
                       say_error)
-from .report import REPORT_FORMAT, check_out_dir, fmt_bytes
+from .report import REPORT_FORMAT, fmt_bytes, make_out_dir
 from .traces import GENERATORS, load_trace, synthetic
 
 __all__ = ["ReplayConfig", "replay", "DEFAULT_BUCKETS", "REPORT_FORMAT", "DTYPES", "POLICIES",
@@ -127,8 +127,8 @@ class ReplayConfig:
         """Check the options that need neither MPI nor the trace; raises :class:`ConfigError`.
 
         Called on every rank before MPI starts, so a bad option costs nothing and reads the
-        same everywhere. ``--out`` must be a writable folder (or creatable): an existing file
-        there is an error now, not after the replay.
+        same everywhere. ``--out`` naming an existing file is an error now, not after the
+        replay (the folder is created once every other check passed: :func:`_before_mpi`).
         """
         def whole(v, name, lo):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
@@ -154,8 +154,8 @@ class ReplayConfig:
             raise ConfigError(f"--synthetic must be one of {', '.join(sorted(GENERATORS))}; got {self.synthetic!r}")
         self.policies()
         parse_buckets(self.graph_buckets, self.attn_tp)
-        if self.out:
-            check_out_dir(self.out)
+        if self.out and os.path.exists(self.out) and not os.path.isdir(self.out):
+            make_out_dir(self.out)  # names the file; the folder itself is made by _before_mpi
 
 
 def parse_buckets(text, attn_tp):
@@ -535,7 +535,8 @@ def _backend(cfg):
 
 
 def _before_mpi(cfg):
-    """Phase 1 (every process, MPI not started): options, dependencies and the trace file.
+    """Phase 1 (every process, MPI not started): options, dependencies, the trace file, then
+    the ``--out`` folder is created (:func:`dpgather.tools.report.make_out_dir`).
 
     Returns ``(backend, dtype, trace or None)``; raises a :class:`DpGatherError`.
     """
@@ -546,6 +547,8 @@ def _before_mpi(cfg):
     if backend == "host":
         require(f"{_PROG} on the host backend", "numba", *(["ml_dtypes"] if dtype == "bfloat16" else []))
     trace = load_trace(cfg.trace) if cfg.trace else None
+    if cfg.out:
+        make_out_dir(cfg.out)  # last: a run refused for another reason leaves no folder behind
     return backend, dtype, trace
 
 

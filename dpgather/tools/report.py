@@ -23,6 +23,7 @@ the disk fills up.
 """
 
 import os
+import tempfile
 
 import numpy as np
 
@@ -33,7 +34,7 @@ from dpgather.core.files import write_atomic, write_json_atomic
 from ._common import PIP, missing
 
 __all__ = [
-    "REPORT_FORMAT", "check_out_dir", "write_report", "print_report",
+    "REPORT_FORMAT", "make_out_dir", "write_report", "print_report",
     "summary", "mode_mix", "text_table", "fmt_bytes", "fmt_rows", "plots",
 ]
 
@@ -42,27 +43,23 @@ REPORT_FORMAT = "dpgather-report/1"
 _DSV3_ROW = 7168 * 2   # DeepSeek-V3 hidden row in bf16, for the scale-up line
 
 
-def check_out_dir(path):
-    """Raise :class:`dpgather.ConfigError` unless ``path`` is a writable folder or can be made one.
+def make_out_dir(path):
+    """Create the folder ``path`` (and its parents) now, before any work, and make sure a file can
+    be created in it; raise :class:`dpgather.ConfigError` naming ``--out``, the path and why not.
 
-    Checked before a run starts (no folder is created here): an existing *file*, a path under a
-    file, or a folder that cannot be written would otherwise only fail once all the work is done.
+    An existing *file* of that name, a path under a file, a name too long, a parent where nothing
+    can be created (whatever ``access()`` says) would otherwise only fail once the whole replay
+    ran. The folder stays (empty until the report is written).
     """
-    p = os.path.abspath(path)
-    if os.path.exists(p):
-        if not os.path.isdir(p):
-            raise ConfigError(f"--out {path}: a file of that name exists; --out names a folder "
-                              "(for report.json and the plots)")
-        if not os.access(p, os.W_OK | os.X_OK):
-            raise ConfigError(f"--out {path}: the folder is not writable")
-        return
-    parent = os.path.dirname(p)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise ConfigError(f"--out {path}: {parent} is a file, so the folder cannot be created")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"--out {path}: cannot create the folder ({parent} is not writable)")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"--out {path}: a file of that name exists; --out names a folder "
+                          "(for report.json and the plots)")
+    try:
+        os.makedirs(path, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()  # an anonymous file: nothing is left behind
+    except OSError as e:
+        raise ConfigError(f"--out {path}: cannot create the folder or a file in it "
+                          f"({e.strerror or e})") from None
 
 
 def fmt_bytes(b):
@@ -310,7 +307,7 @@ def write_report(cfg, results, trace, prepared, topo, dtype, backend, H, buckets
         OSError: the folder, the report or a plot cannot be written.
     """
     out = cfg.out
-    os.makedirs(out, exist_ok=True)
+    os.makedirs(out, exist_ok=True)  # made before the replay (make_out_dir); here if removed since
     report = {
         "format": REPORT_FORMAT,
         "version": dpgather.__version__,
