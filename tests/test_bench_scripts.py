@@ -451,3 +451,68 @@ def test_cost_model_mode_us_round_trips(tmp_path):
     got = CostModel.load(tmp_path / "c.json")
     assert got == m and got.mode_us == (11.0, 20.5, 23.0) and got.with_row_bytes(8).mode_us == m.mode_us
     assert CostModel.from_dict({"row_bytes": 8}).mode_us == (0.0, 0.0, 0.0)  # files from before mode_us
+
+
+# CostModel.load accepts exactly its schema (issue 26 item 11): every other file is a ConfigError
+# naming the file and what is wrong, never a raw TypeError / OverflowError / RecursionError, never
+# a silent coercion.
+_BAD_COST_FILES = [
+    ("top-level list", "[1, 2]", "got an array"),
+    ("top-level null", "null", "got null"),
+    ("top-level number", "3", "got a number"),
+    ("top-level string", '"cost"', "got a string"),
+    ("400-digit integer", '{"row_bytes": ' + "9" * 400 + "}", "an integer literal with 400 digits"),
+    ("deeply nested arrays", "[" * 100_000, "nested too deeply"),
+    ("deeply nested objects", '{"meta": ' * 50_000, "nested too deeply"),
+    ("row_bytes 1.5", '{"row_bytes": 1.5}', "row_bytes must be an integer, got 1.5"),
+    ('row_bytes "16"', '{"row_bytes": "16"}', "row_bytes must be an integer, got '16'"),
+    ("row_bytes true", '{"row_bytes": true}', "row_bytes must be an integer, got True"),
+    ("string constant", '{"copy_GBps": "2900"}', "copy_GBps must be a number, got '2900'"),
+    ("boolean constant", '{"mlp_row_us": false}', "mlp_row_us must be a number, got False"),
+    ("string in a collective", '{"all_gather": [12, 4, "300"]}', "all_gather must be a number, got '300'"),
+    ("boolean in mode_us", '{"mode_us": [0, true, 0]}', "mode_us must be a number, got True"),
+    ("short collective", '{"p2p": [8.5, 0.5]}', "p2p must be a list of 3 numbers"),
+    ("string curve point", '{"curves": {"p2p": {"one": [["1e6", 5]]}}}', "point must be a number, got '1e6'"),
+    ("curve not a list", '{"curves": {"p2p": {"one": 5}}}', "must be [[x_bytes, us], ...]"),
+    ("duplicate key", '{"row_bytes": 16, "row_bytes": 32}', "duplicate key 'row_bytes'"),
+    ("duplicate nested key", '{"curves": {"p2p": {"one": [[1, 2]], "one": [[3, 4]]}}}', "duplicate key 'one'"),
+    ("NaN", '{"copy_GBps": NaN}', "NaN is not a JSON number"),
+    ("Infinity", '{"mlp_row_us": -Infinity}', "-Infinity is not a JSON number"),
+    ("float overflowing to inf", '{"copy_GBps": 1e400}', "copy_GBps must be finite"),
+    ("unknown key", '{"row_bytes": 16, "rowbytes": 32}', "unknown key(s) ['rowbytes']"),
+    ("meta not an object", '{"meta": "calibrated"}', "meta must be an object"),
+    ("not JSON", "row_bytes = 16", "invalid JSON"),
+    ("empty file", "", "invalid JSON"),
+    ("not UTF-8", b"\xff\xfe{}", "can't decode"),
+]
+
+
+@pytest.mark.parametrize("name,text,fragment", _BAD_COST_FILES, ids=[c[0] for c in _BAD_COST_FILES])
+def test_cost_model_load_accepts_exactly_its_schema(name, text, fragment, tmp_path):
+    from dpgather.core import ConfigError, CostModel
+
+    p = tmp_path / "cost.json"
+    if isinstance(text, bytes):
+        p.write_bytes(text)
+    else:
+        p.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        CostModel.load(p)
+    msg = str(e.value)
+    assert msg.startswith(f"cannot read cost model from {str(p)!r}: ") and fragment in msg, msg
+    assert "\n" not in msg and len(msg) < 400, msg
+
+
+def test_cost_model_schema_round_trips_every_field(tmp_path):
+    """What save writes (curves, mode_us, meta included), load reads back equal; a file with only
+    some constants keeps the defaults for the others."""
+    from dpgather.core import CostModel
+
+    m = CostModel(row_bytes=4096, copy_GBps=1234.5, mlp_row_us=0.25, mode_us=(1, 2, 3), p2p=(8, 0.5, 400),
+                  curves={"gatherv": {"one": [[1e3, 2.0], [1e6, 40.0]]}, "p2p": {"both": [[5e5, 3.0]]}})
+    m.save(tmp_path / "c.json", meta={"card": "x", "fit": {"p2p": {"n": 3}}})
+    assert CostModel.load(tmp_path / "c.json") == m
+    (tmp_path / "some.json").write_text('{"row_bytes": 8192, "p2p": [9, 0, 450.5]}')
+    got = CostModel.load(tmp_path / "some.json")
+    assert got.row_bytes == 8192 and got.params["p2p"] == (9.0, 0.0, 450.5)
+    assert got.params["all_gather"] == CostModel().params["all_gather"]
