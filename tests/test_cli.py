@@ -662,6 +662,33 @@ def test_replay_all_policies_report(tmp_path):
 
 @pytest.mark.mpi
 @needs_mpiexec
+@pytest.mark.parametrize("nprocs,A,gen,seen", [(2, 1, "mixed", {"p2p", "nccl"}), (4, 2, "eagle", {"p2p"})])
+def test_plans_predicts_what_replay_does(nprocs, A, gen, seen, tmp_path):
+    """`dpgather plans` makes the plans `dpgather replay` makes for the same trace, step by step and
+    policy by policy -- the transport included (it used to ignore the host P2P transport, so auto
+    chose another layout than the replay did)."""
+    p = tmp_path / "t.jsonl"
+    save_trace(synthetic(gen, dp_size=nprocs // A, seed=5, steps=30), p)
+    common = ["--trace", str(p), "--attn-tp", str(A), "--policy", "all", "--hidden", "256"]
+    res = _replay(nprocs, *common, "--out", str(tmp_path / "o"))
+    assert res.returncode == 0, res.tail()
+    got = _py("-m", "dpgather", "plans", *common, "--json", timeout=120)
+    assert got.returncode == 0 and got.stderr == "", got.stderr
+    predicted = [json.loads(line) for line in got.stdout.splitlines()]
+    rep = json.loads((tmp_path / "o" / "report.json").read_text())
+    transports = set()
+    for pol in POLICIES:
+        steps = rep["policies"][pol]["steps"]
+        assert len(steps) == len(predicted) == 30
+        for st, pr in zip(steps, predicted):
+            assert st["step"] == pr["step"]
+            assert pr["plans"][pol] == st["plan"], (pol, st["step"])
+            transports.add(st["plan"]["transport"])
+    assert transports == seen, transports  # the transports that occur, and plans knew which
+
+
+@pytest.mark.mpi
+@needs_mpiexec
 def test_replay_attn_tp_partial_eagle(tmp_path):
     out = tmp_path / "tp2"
     res = _replay(4, "--synthetic", "eagle", "--attn-tp", "2", "--steps", "25", "--verify",

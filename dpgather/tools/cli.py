@@ -237,11 +237,37 @@ def _scenario(D):
     return Trace(D, DEFAULT_SPEC, steps, list(range(len(steps))), "built-in scenario")
 
 
+def _replay_planning(trace, A, ns):
+    """``(topology, buckets, planner keywords)`` that plan each step as ``dpgather replay`` does:
+    its graph buckets, its cost model at the replay's row width (``--hidden`` x ``--dtype``;
+    ``DpAttention`` rescales the model to its rows) and the transport its ``DpAttention`` gets on
+    one machine: ``--transport auto`` assumes the P2P transport runs (the host backend's
+    shared-memory twin, or CUDA P2P where every GPU pair has peer access) with the windows
+    ``DpAttention`` makes -- ``D x max(largest bucket, P2P_DEFAULT_ROWS)`` rows, rounded up to
+    ``A`` -- and ``nccl`` that it does not (``dpgather info`` / ``dp.info()`` say which)."""
+    import dpgather as dg
+    from dpgather._facade import P2P_DEFAULT_ROWS
+    from dpgather.core.dtypes import DTYPES as ITEMS
+
+    from .replay import DTYPES, parse_buckets
+
+    topo = dg.Topology(trace.dp_size * A, A)
+    buckets = parse_buckets(ns.graph_buckets, A)
+    hidden = ns.hidden or (2048 if gpu_count() else 256)
+    cost = dg.CostModel(mlp_row_us=ns.mlp_row_us).with_row_bytes(hidden * ITEMS[DTYPES[ns.dtype]].itemsize)
+    cap = -(-max(buckets[-1] if buckets else 0, P2P_DEFAULT_ROWS) // A) * A
+    p2p = ns.transport != "nccl" and topo.world_size > 1
+    kw = {"spec": trace.spec, "graph_buckets": buckets, "cost": cost, "transport": ns.transport,
+          "p2p_rows": topo.dp_size * cap if p2p else 0}
+    return topo, buckets, kw
+
+
 def _cmd_plans(ns):
-    """``dpgather plans``: plan each step of a scenario or trace and print the layouts."""
+    """``dpgather plans``: plan each step of a scenario or trace as ``dpgather replay`` would
+    (:func:`_replay_planning`) and print the layouts (``--json``: one object per step)."""
     import dpgather as dg
 
-    from .replay import POLICIES, parse_buckets
+    from .replay import POLICIES
     from .report import text_table
     from .traces import load_trace, synthetic
 
@@ -254,38 +280,43 @@ def _cmd_plans(ns):
         else:
             trace = _scenario(ns.dp)
         trace = trace.head(ns.steps)
-        topo = dg.Topology(trace.dp_size * A, A)
-        buckets = parse_buckets(ns.graph_buckets, A)
-        cost = dg.CostModel(mlp_row_us=ns.mlp_row_us)
+        topo, buckets, kw = _replay_planning(trace, A, ns)
         policies = POLICIES if ns.policy == "all" else (ns.policy,)
         compare = list(policies) + ([] if "sglang" in policies else ["sglang"])
         rows = []
         for sid, step in zip(trace.step_ids, trace.steps):
             batches = [r.batch() for r in step]
+            plans = {pol: dg.plan(batches, topo, policy=pol, **kw) for pol in compare}
+            if ns.json:
+                print(json.dumps({"step": sid, "plans": {pol: p.as_dict() for pol, p in plans.items()}}))
+                continue
             counts = [r.counts(trace.spec) for r in step]
-            reps = " ".join(_abbr(r) for r in step)
-            cells = [sid, reps, ",".join(str(c[0]) for c in counts), ",".join(str(c[1]) for c in counts)]
-            for pol in compare:
-                p = dg.plan(batches, topo, spec=trace.spec, policy=pol, graph_buckets=buckets, cost=cost)
-                if p.skip:
-                    cells += ["skip", "-", 0, 0]
-                else:
-                    cells += [p.mode.name + ("*" if p.graph else ""), p.bucket or "-", p.gathered_rows,
-                              p.logits_rows]
+            cells = [sid, " ".join(_abbr(r) for r in step), ",".join(str(c[0]) for c in counts),
+                     ",".join(str(c[1]) for c in counts)]
+            for p in plans.values():
+                cells += (["skip", "-", 0, 0] if p.skip else
+                          [p.mode.name + ("*" if p.graph else "") + (" p2p" if p.transport == "p2p" else ""),
+                           p.bucket or "-", p.gathered_rows, p.logits_rows])
             rows.append(cells)
     except dg.DpGatherError as e:
         return say_error("dpgather plans", e)
+    if ns.json:
+        return EXIT_OK
     head = ["step", "replicas (mode bs)", "tokens n", "logits l"]
     for pol in compare:
         head += [f"{pol}", "bucket", "rows", "logit rows"]
     print(f"Plans of {trace.name}: D={trace.dp_size} replicas x attn_tp {A}, graph buckets "
-          f"{','.join(map(str, buckets)) or 'none'}"
+          f"{','.join(map(str, buckets)) or 'none'}, rows of {kw['cost'].row_bytes} B, transport "
+          + (f"auto (P2P windows of {kw['p2p_rows']} rows)" if kw["p2p_rows"] else "nccl (no P2P)")
           + (f", EAGLE S={trace.spec.num_steps} topk={trace.spec.topk} N={trace.spec.num_draft_tokens}"
              if trace.spec else "") + "\n")
     print(text_table(rows, head, left=(0, 1)))
-    print("\nmode* = graph replay (MAX_LEN slots of `bucket` rows); rows = gathered rows, "
-          "logit rows = logits gather rows; dext bs/real = draft extend with bs requests and "
-          "real accepted rows. `dpgather plans --help` for other traces and policies.")
+    print("\nmode* = graph replay (MAX_LEN slots of `bucket` rows); p2p = the step moves over the P2P "
+          "transport (exact rows), else over the collectives (NCCL, MPI on the host backend); rows = "
+          "gathered rows, logit rows = logits gather rows; dext bs/real = draft extend with bs requests "
+          "and real accepted rows. These are the plans `dpgather replay` makes for the same trace, "
+          "--attn-tp, --graph-buckets, --hidden, --dtype and --mlp-row-us on one machine (--transport "
+          "nccl where P2P is off). `dpgather plans --help` for other traces and policies.")
     return EXIT_OK
 
 
@@ -478,9 +509,10 @@ def build_parser():
     pl = sub.add_parser(
         "plans", help="print the plans of a short multi-replica scenario (no MPI needed)",
         formatter_class=fmt,
-        description="Plan each step of a built-in scenario (or a trace) with dg.plan and print the "
-                    "layouts:\nper-replica modes, counts, padding mode, gathered rows, graph bucket; "
-                    "SGLang's choice alongside.",
+        description="Plan each step of a built-in scenario (or a trace) with dg.plan, as `dpgather "
+                    "replay` plans it\n(the same buckets, cost model, row width and transport), and print "
+                    "the layouts: per-replica modes,\ncounts, padding mode, transport, gathered rows, graph "
+                    "bucket; SGLang's choice alongside.",
         epilog="examples:\n  dpgather plans\n  dpgather plans --policy all --attn-tp 2\n"
                "  dpgather plans --synthetic prefill-burst --steps 10")
     src = pl.add_mutually_exclusive_group()
@@ -495,6 +527,15 @@ def build_parser():
     pl.add_argument("--graph-buckets", default="default", metavar="LIST")
     pl.add_argument("--mlp-row-us", type=nonneg_float, default=0.3, metavar="US",
                     help="MLP time of one padding row in the auto policy's cost model (default: %(default)s)")
+    pl.add_argument("--hidden", type=positive_int, metavar="H",
+                    help="row width the cost model prices, as `replay --hidden` (default: 256, or 2048 "
+                         "where CuPy sees a GPU: replay's default)")
+    pl.add_argument("--dtype", default="bfloat16", choices=list(DTYPES), metavar="DTYPE",
+                    help="row dtype, as `replay --dtype` (default: %(default)s)")
+    pl.add_argument("--transport", default="auto", choices=("auto", "nccl", "p2p"),
+                    help="auto (default): the P2P transport runs, as replay's DpAttention gets it on one "
+                         "machine (the host twin on CPUs; CUDA P2P with peer access); nccl: it does not")
+    pl.add_argument("--json", action="store_true", help="one JSON object per step: every policy's plan.as_dict()")
 
     sub.add_parser("info", help="backend, devices, MPI / NCCL versions, optional packages",
                    description="What `backend='auto'` would pick here, the devices, the MPI library, "
