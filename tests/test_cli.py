@@ -880,3 +880,48 @@ def test_a_rank_whose_script_is_missing_says_so_in_one_line(tmp_path):
     res = _py("-m", "dpgather.tools._rankexit", str(tmp_path), "nosuch.py", timeout=60, cwd=str(tmp_path))
     assert res.returncode == 2 and "can't open file" in _one_line(res.stderr), res.stderr
     assert (tmp_path / "rank-0").read_text() == "2"
+
+
+def test_readme_shows_make_run_as_it_prints_today(capsys):
+    """The README's `make run` report is what `make run` prints (host backend: the 202-step
+    `mixed` trace on 4 ranks, H=256 bf16): the table, the comparison lines and the scale-up
+    line, every column but the measured ones (ms/step, allocs, verify), recomputed here from the
+    replay's own plans (cli._replay_planning), sizings and report code -- so the excerpt cannot
+    drift or drop the line where `auto` loses."""
+    import types
+
+    import numpy as np
+
+    import dpgather as dg
+    from dpgather.tools import replay
+
+    ns = cli.build_parser().parse_args(["plans", "--synthetic", "mixed", "--hidden", "256"])
+    trace = synthetic("mixed", dp_size=4, seed=0)
+    topo, buckets, kw = cli._replay_planning(trace, 1, ns)
+    prepared = replay._prepare(trace, topo, trace.spec, buckets)
+    forward = [not all(r.mode == dg.ForwardMode.IDLE for r in s) for s in trace.steps]
+    results = {}
+    for pol in POLICIES:
+        plans = [dg.plan([r.batch() for r in step], topo, policy=pol, **kw) for step in trace.steps]
+        summary = report.summary([replay._sizing(p, st, 4) for p, st in zip(plans, prepared)], 512,
+                                 np.zeros(len(plans)), forward)
+        summary.update(modes=report.mode_mix(plans), bad_rows=0, arena_allocations=0)
+        results[pol] = {"summary": summary}
+    results["_ref"] = {k: report.summary([getattr(s, k) for s in prepared], 512, None, forward)
+                       for k in ("before", "after")}
+    report.print_report(types.SimpleNamespace(verify=True), results, 512, 4, "mixed, D=4 x A=1 (T=4), H=256 bfloat16")
+    printed = [ln for ln in capsys.readouterr().out.splitlines() if ln.strip()]
+    readme = (REPO / "README.md").read_text()
+    excerpt = readme[readme.index("== mixed, D=4 x A=1 (T=4), H=256 bfloat16 =="):].split("```")[0].splitlines()
+    excerpt = [ln for ln in excerpt if ln.strip()]
+
+    def table(lines):  # the rows' deterministic columns (ms/step, allocs and verify are measured)
+        rows = [ln.split() for ln in lines if (ln.split()[0] in POLICIES and " vs " not in ln)
+                or ln.startswith("SGLang")]
+        return [c[:-3] if c[0] in POLICIES else c for c in rows]
+
+    assert table(printed) == table(excerpt) and len(table(excerpt)) == 7
+    for line in printed:
+        if line.startswith(("auto vs", "At DeepSeek-V3")):
+            assert line in excerpt, line
+    assert any(ln.startswith("auto vs SGLang <#8277: rows moved +31%") for ln in excerpt)
