@@ -446,25 +446,13 @@ def _cmd_calibrate(ns, extra):
 
 # -- parser -------------------------------------------------------------------------------------
 
-def build_parser():
-    """The ``dpgather`` argument parser (help and errors on rank 0 only, errors on one line)."""
-    import dpgather
+_FMT = argparse.RawDescriptionHelpFormatter
 
-    from .replay import DTYPES, POLICIES
-    from .traces import GENERATORS
 
-    p = Parser(
-        prog="dpgather",
-        description="dpgather: exact, fast gathered buffers for data-parallel attention inference.\n"
-                    "Replay serving traces through the data plane, inspect plans, benchmark.",
-        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--version", action="version", version=f"dpgather {dpgather.__version__}")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    fmt = argparse.RawDescriptionHelpFormatter
-
+def _add_run(sub):
     r = sub.add_parser(
         "run", help="what `make run` does: launch a verified replay of the built-in trace under mpiexec",
-        formatter_class=fmt, allow_abbrev=False,
+        formatter_class=_FMT, allow_abbrev=False,
         description="Launch `mpiexec -n NP python -m dpgather.tools.cli replay --synthetic mixed --verify "
                     "--out runs/<timestamp>`\nwith one-box MPI settings and a time limit. On a GPU node "
                     "NP is the number of GPUs and the\nbackend is CUDA. Any other flag is passed to "
@@ -474,10 +462,15 @@ def build_parser():
     r.add_argument("--out", metavar="DIR", help="output folder (default: runs/<timestamp>)")
     r.add_argument("--timeout", type=positive_float, default=600.0, metavar="S",
                    help="kill the run after S seconds (default: %(default)g)")
+    return r
+
+
+def _add_replay(sub):
+    from .replay import DTYPES, POLICIES
 
     rp = sub.add_parser(
         "replay", help="replay a trace step by step through the data plane (run under mpirun)",
-        formatter_class=fmt,
+        formatter_class=_FMT,
         description="Every rank syncs, plans, gathers its replica's rows, runs a stand-in TP MLP, "
                     "combines with\nscatter(reduce=True) and the LM-head rows with gather_logits / "
                     "scatter_logits.\nWith --verify every row is checked against a NumPy reference. "
@@ -505,10 +498,16 @@ def build_parser():
                     help="predicted MLP time of one padding row, for the auto policy's cost model "
                          "(default: %(default)s, a dense TP MLP at DeepSeek-V3 / Llama-70B scale on "
                          "H100; 0 for an MoE that masks padding rows)")
+    return rp
+
+
+def _add_plans(sub):
+    from .replay import DTYPES, POLICIES
+    from .traces import GENERATORS
 
     pl = sub.add_parser(
         "plans", help="print the plans of a short multi-replica scenario (no MPI needed)",
-        formatter_class=fmt,
+        formatter_class=_FMT,
         description="Plan each step of a built-in scenario (or a trace) with dg.plan, as `dpgather "
                     "replay` plans it\n(the same buckets, cost model, row width and transport), and print "
                     "the layouts: per-replica modes,\ncounts, padding mode, transport, gathered rows, graph "
@@ -536,7 +535,11 @@ def build_parser():
                     help="auto (default): the P2P transport runs, as replay's DpAttention gets it on one "
                          "machine (the host twin on CPUs; CUDA P2P with peer access); nccl: it does not")
     pl.add_argument("--json", action="store_true", help="one JSON object per step: every policy's plan.as_dict()")
+    return pl
 
+
+def _add_others(sub):
+    """``info``, ``bench``, ``bench-sync`` and ``calibrate`` (whose options are its own)."""
     sub.add_parser("info", help="backend, devices, MPI / NCCL versions, optional packages",
                    description="What `backend='auto'` would pick here, the devices, the MPI library, "
                                "NCCL (when CuPy has it) and the optional packages.")
@@ -551,7 +554,7 @@ def build_parser():
     bs = sub.add_parser("bench-sync", help="per-step sync latency under mpiexec (dpgather.tools.sync_bench)",
                         description="Launch `python -m dpgather.tools.sync_bench` under mpiexec -n NP; "
                                     "extra flags go to it (--iters, --warmup, --attn-tp, --policy, --json).",
-                        epilog="example:\n  dpgather bench-sync --np 4 --iters 500", formatter_class=fmt)
+                        epilog="example:\n  dpgather bench-sync --np 4 --iters 500", formatter_class=_FMT)
     bs.add_argument("--np", type=positive_int, default=2, help="ranks (default: 2)")
     bs.add_argument("--timeout", type=positive_float, default=300.0, metavar="S")
 
@@ -561,8 +564,21 @@ def build_parser():
                                "JSON. Run under mpirun with one rank per GPU: `mpirun -n 4 dpgather "
                                "calibrate --out cost.json`; load with dpgather.CostModel.load(path). "
                                "`dpgather calibrate --help` lists its options.")
-    p.commands = {"run": r, "replay": rp, "plans": pl, "info": sub.choices["info"], "bench": b,
-                  "bench-sync": bs, "calibrate": cal}
+    return {"info": sub.choices["info"], "bench": b, "bench-sync": bs, "calibrate": cal}
+
+
+def build_parser():
+    """The ``dpgather`` argument parser (help and errors on rank 0 only, errors on one line)."""
+    import dpgather
+
+    p = Parser(
+        prog="dpgather",
+        description="dpgather: exact, fast gathered buffers for data-parallel attention inference.\n"
+                    "Replay serving traces through the data plane, inspect plans, benchmark.",
+        epilog=_EPILOG, formatter_class=_FMT)
+    p.add_argument("--version", action="version", version=f"dpgather {dpgather.__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    p.commands = {"run": _add_run(sub), "replay": _add_replay(sub), "plans": _add_plans(sub), **_add_others(sub)}
     return p
 
 
