@@ -925,3 +925,10 @@ def test_readme_shows_make_run_as_it_prints_today(capsys):
         if line.startswith(("auto vs", "At DeepSeek-V3")):
             assert line in excerpt, line
     assert any(ln.startswith("auto vs SGLang <#8277: rows moved +31%") for ln in excerpt)
+
+
+def test_plans_knows_the_p2p_window_of_a_dpattention():
+    """`plans` sizes the P2P windows as DpAttention does (the facade's constant is private)."""
+    from dpgather import _facade
+
+    assert cli.P2P_WINDOW_ROWS == _facade.P2P_DEFAULT_ROWS

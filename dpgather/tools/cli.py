@@ -65,6 +65,10 @@ crashed, 124 the time limit of `run` expired.
 """
 
 _REPLAY_MODULE = ["-m", "dpgather.tools.cli", "replay"]
+#: Rows per replica of the P2P windows a DpAttention makes without ``max_tokens_per_rank`` and
+#: with graph buckets no larger (the facade's ``P2P_DEFAULT_ROWS``, not public API: a test keeps
+#: the two equal, and ``test_plans_predicts_what_replay_does`` the whole rule).
+P2P_WINDOW_ROWS = 256
 
 
 def _launch(np_, pyargs, timeout):
@@ -243,10 +247,9 @@ def _replay_planning(trace, A, ns):
     ``DpAttention`` rescales the model to its rows) and the transport its ``DpAttention`` gets on
     one machine: ``--transport auto`` assumes the P2P transport runs (the host backend's
     shared-memory twin, or CUDA P2P where every GPU pair has peer access) with the windows
-    ``DpAttention`` makes -- ``D x max(largest bucket, P2P_DEFAULT_ROWS)`` rows, rounded up to
+    ``DpAttention`` makes -- ``D x max(largest bucket, P2P_WINDOW_ROWS)`` rows, rounded up to
     ``A`` -- and ``nccl`` that it does not (``dpgather info`` / ``dp.info()`` say which)."""
     import dpgather as dg
-    from dpgather._facade import P2P_DEFAULT_ROWS
     from dpgather.core.dtypes import DTYPES as ITEMS
 
     from .replay import DTYPES, parse_buckets
@@ -255,7 +258,7 @@ def _replay_planning(trace, A, ns):
     buckets = parse_buckets(ns.graph_buckets, A)
     hidden = ns.hidden or (2048 if gpu_count() else 256)
     cost = dg.CostModel(mlp_row_us=ns.mlp_row_us).with_row_bytes(hidden * ITEMS[DTYPES[ns.dtype]].itemsize)
-    cap = -(-max(buckets[-1] if buckets else 0, P2P_DEFAULT_ROWS) // A) * A
+    cap = -(-max(buckets[-1] if buckets else 0, P2P_WINDOW_ROWS) // A) * A
     p2p = ns.transport != "nccl" and topo.world_size > 1
     kw = {"spec": trace.spec, "graph_buckets": buckets, "cost": cost, "transport": ns.transport,
           "p2p_rows": topo.dp_size * cap if p2p else 0}
@@ -461,7 +464,7 @@ def _add_run(sub):
     r.add_argument("--np", type=positive_int, help="number of ranks (default: 4; GPUs on a GPU node)")
     r.add_argument("--out", metavar="DIR", help="output folder (default: runs/<timestamp>)")
     r.add_argument("--timeout", type=positive_float, default=600.0, metavar="S",
-                   help="kill the run after S seconds (default: %(default)g)")
+                   help="stop the run after S seconds and exit 124, under every MPI (default: %(default)g)")
     return r
 
 
