@@ -10,7 +10,8 @@ allocations over 100 replays of random counts (dpgather's arenas and CuPy's defa
 the pool changes, the replay index and the change are reported). Every A also checks the gathers'
 bits (docs/design.md section 4): with the padding mode forced, ``gather`` (both contributions)
 and ``gather_logits`` of rows full of ``-0.0``, signalling NaNs, NaN payloads, infinities and
-subnormals (``--dtype``; float32 runs add int32, int64 and uint8 at their extremes) into an output
+subnormals (``--dtype``; float32 and ``--transport nccl`` runs add int32, int64 and uint8 at their
+extremes) into an output
 poisoned before the call, compared as bits with ``tests/bit_patterns.py``'s reference (partial
 sums at A <= 2 only: more summands add in the collective's order; a NaN *sum* only as a NaN on
 CUDA, whose arithmetic returns the canonical NaN). Each rank reports its
@@ -80,7 +81,8 @@ def check_bits(A):
     """The gathers move bits exactly in every padding mode (see the module docstring)."""
     d = RANK // A
     for policy in ("max_len", "sum_len", "varlen"):
-        for name in [args.dtype] + (["int32", "int64", "uint8"] if args.dtype == "float32" else []):
+        ints = args.dtype == "float32" or args.transport == "nccl"
+        for name in [args.dtype] + (["int32", "int64", "uint8"] if ints else []):
             dp = dg.DpAttention(comm, attn_tp_size=A, hidden_size=H, dtype=name, backend=args.backend,
                                 policy=policy, transport=args.transport)
             for s in range(3):
