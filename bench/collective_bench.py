@@ -58,13 +58,13 @@ forced variant on every pattern; (c) on skew (A=1) our best mode >= 1.5x faster 
 
 import argparse
 import datetime
-import json
 import os
 import socket
 import sys
 
 import numpy as np
 
+from dpgather.core.files import write_json_atomic
 from dpgather.tools.timing import (
     Column,
     CupyEvents,
@@ -800,9 +800,8 @@ def main(argv=None):
         print(f"# Wrong values : {wrong_total} {'OK' if wrong_total == 0 else 'FAILED'}")
         print(f"# Targets      : {'OK' if all_ok else 'FAILED'}")
         if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"meta": meta, "results": results, "targets": tdict,
-                           "wrong": wrong_total}, f, indent=1, default=_json_default)
+            write_json_atomic(args.json, {"meta": meta, "results": results, "targets": tdict, "wrong": wrong_total},
+                              indent=1, default=_json_default)
             print(f"# wrote {args.json}")
     return 0 if wrong_total == 0 else 1
 

@@ -30,7 +30,6 @@ up; the footer prints the average over those sizes and OK/FAILED against ``--thr
 
 import argparse
 import datetime
-import json
 import math
 import statistics
 import sys
@@ -38,6 +37,7 @@ import time
 
 import numpy as np
 
+from dpgather.core.files import write_json_atomic
 from dpgather.tools.timing import Column, CupyEvents, Timer, algbw_GBps, format_table, gpu_count
 
 ROTATE_BYTES = 768 << 20
@@ -259,8 +259,7 @@ def main(argv=None):
     print(f"# host cost of one copy_rows call (Python wrapper + launch, 64 rows): {host_us:.1f} us")
     meta["host_call_us"] = host_us
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "results": results}, f, indent=1)
+        write_json_atomic(args.json, {"meta": meta, "results": results}, indent=1)
         print(f"# wrote {args.json}")
     return 0 if ok_all else 1
 

@@ -21,7 +21,6 @@ target: <= 0.8 for 1-64 tokens per rank).
 """
 
 import argparse
-import json
 import os
 import sys
 
@@ -31,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from collective_bench import torch_setup  # noqa: E402  (bench/ is not a package)
 
+from dpgather.core.files import write_json_atomic  # noqa: E402
 from dpgather.tools.timing import Column, CupyEvents, Timer, TorchEvents, print_table  # noqa: E402
 
 
@@ -152,8 +152,7 @@ def main(argv=None):
                 Column("wrong", "#wrong", "", "d"))
         print_table(rows, cols)
         if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"meta": meta, "rows": rows}, f, indent=1)
+            write_json_atomic(args.json, {"meta": meta, "rows": rows}, indent=1)
     return 0 if all(r["wrong"] == 0 for r in rows) else 1
 
 

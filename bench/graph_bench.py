@@ -45,12 +45,12 @@ before ``dp.close()`` (graphs that captured NCCL calls must go before the commun
 
 import argparse
 import datetime
-import json
 import math
 import sys
 
 import numpy as np
 
+from dpgather.core.files import write_json_atomic
 from dpgather.tools.timing import Column, CupyEvents, Timer, gpus_on_every_rank, print_table
 
 DEFAULT_BUCKETS = "1,2,4,8,16,32,64,128,256"
@@ -360,10 +360,9 @@ def main(argv=None):
         print(f"# 0 bytes allocated per replayed step: {'OK' if zero else 'FAILED'}")
         print(f"# Wrong values : {wrong_total} {'OK' if wrong_total == 0 else 'FAILED'}")
         if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"meta": meta, "points": points, "memory": memory,
-                           "targets": {"replay_2x_le64": ok_speed, "zero_alloc_replay": zero},
-                           "wrong": wrong_total}, f, indent=1)
+            write_json_atomic(args.json, {"meta": meta, "points": points, "memory": memory,
+                                          "targets": {"replay_2x_le64": ok_speed, "zero_alloc_replay": zero},
+                                          "wrong": wrong_total}, indent=1)
             print(f"# wrote {args.json}")
     return 0 if wrong_total == 0 else 1
 

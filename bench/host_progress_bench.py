@@ -78,10 +78,10 @@ def main(argv=None):
         ok = results["dpgather"] <= 2 * results["Wait"]
         print(f"# target dpgather <= 2x Wait: {'OK' if ok else 'FAILED'}; #wrong {wrong}")
         if args.json:
-            import json
+            from dpgather.core.files import write_json_atomic
 
-            with open(args.json, "w") as f:
-                json.dump({"mpi": lib, "ranks": T, "mib": args.mib, "seconds": results, "wrong": wrong}, f, indent=1)
+            write_json_atomic(args.json, {"mpi": lib, "ranks": T, "mib": args.mib, "seconds": results, "wrong": wrong},
+                              indent=1)
     return 0 if wrong == 0 else 1
 
 

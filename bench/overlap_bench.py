@@ -40,7 +40,6 @@ per point and the target of the issue: >= 1.25x where comm and mlp are within 2x
 import argparse
 import contextlib
 import datetime
-import json
 import os
 import sys
 
@@ -48,6 +47,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from dpgather.core.files import write_json_atomic  # noqa: E402
 from dpgather.tools.timing import Column, CupyEvents, HostClock, Timer, gpus_on_every_rank, print_table  # noqa: E402
 
 KMAX = 256
@@ -392,8 +392,8 @@ def main(argv=None):
         print(f"# overlap loses at: {', '.join(losses) if losses else 'no point'}")
         print(f"# Wrong values : {wrong_total} {'OK' if wrong_total == 0 else 'FAILED'}")
         if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"meta": meta, "points": points, "target_met": ok, "wrong": wrong_total}, f, indent=1)
+            write_json_atomic(args.json, {"meta": meta, "points": points, "target_met": ok, "wrong": wrong_total},
+                              indent=1)
             print(f"# wrote {args.json}")
     return 0 if wrong_total == 0 and failed is None else 1
 

@@ -10,7 +10,6 @@ extend). Targets: ``plan_table()`` <= 5 us at D=8; ``plan()`` >= 20x faster than
 """
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 import dpgather as dg
+from dpgather.core.files import write_json_atomic
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import reference_planner as ref  # noqa: E402
@@ -124,9 +124,8 @@ def main(argv=None):
               f"{' (worst, D=%d)' % c['at_D'] if 'at_D' in c else ''} -> "
               f"{'met' if c['ok'] else 'MISSED'}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"rows": rows, "targets": checks, "python": platform.python_version(),
-                       "numpy": np.__version__, "min_time_s": args.min_time}, f, indent=2)
+        write_json_atomic(args.json, {"rows": rows, "targets": checks, "python": platform.python_version(),
+                                      "numpy": np.__version__, "min_time_s": args.min_time}, indent=2)
     return 0
 
 

@@ -13,7 +13,7 @@ from .errors import (
     InconsistentStepError,
     InputError,
 )
-from .types import POLICIES, ForwardMode, LocalBatch, PaddingMode, SpecConfig, Topology
+from .types import POLICIES, P2P_WINDOW_ROWS, ForwardMode, LocalBatch, PaddingMode, SpecConfig, Topology, p2p_window_rows
 
 try:
     from ._planner import RECORD_FIELDS, RECORD_MAGIC, RECORD_WIDTH, TRANSPORTS, Plan, Planner, count_tokens, plan
@@ -27,5 +27,5 @@ __all__ = [
     "BackendUnavailable", "CollectiveTimeout", "ConfigError", "CostModel", "DpGatherError",
     "ForwardMode", "InconsistentBatchError", "InconsistentStepError", "InputError", "LocalBatch", "POLICIES", "PaddingMode",
     "Plan", "Planner", "RECORD_FIELDS", "RECORD_MAGIC", "RECORD_WIDTH", "SpecConfig", "Topology",
-    "TRANSPORTS", "count_tokens", "plan",
+    "TRANSPORTS", "count_tokens", "plan", "P2P_WINDOW_ROWS", "p2p_window_rows",
 ]

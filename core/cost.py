@@ -20,12 +20,13 @@ one-way and two-way time curves per collective where :attr:`CostModel.curves` ha
 :meth:`CostModel.load` reads.
 """
 
-import json
 import math
+import numbers
 import os
 import re
 
 from .errors import ConfigError
+from .files import JsonRefused, decode_json, write_json_atomic
 
 
 def _finite(name, value, kind=float):
@@ -40,7 +41,7 @@ def _finite(name, value, kind=float):
         raise ConfigError(f"{name} must be finite, got {value!r}")
     return kind(v)
 
-__all__ = ["CostModel", "COLLECTIVES", "CURVED", "CURVE_POINTS", "cache_dir", "cache_path"]
+__all__ = ["CostModel", "COLLECTIVES", "CURVED", "CURVE_POINTS", "cache_dir", "cache_path", "check_schema"]
 
 #: Collectives with their own (a0, a1, beta) triple.
 COLLECTIVES = ("all_gather", "reduce_scatter", "all_reduce", "gatherv", "reduce_scatterv", "p2p")
@@ -65,6 +66,62 @@ _DEFAULTS = {
     # one-sided layouts over-predicted (a calibration's curves separate the two, docs/cost-model.md)
     "p2p": (8.5, 0.47, 440.0),
 }
+
+
+_KEYS = ("row_bytes", "copy_GBps", "mlp_row_us", "mode_us", *COLLECTIVES, "curves", "meta")
+
+
+def _shown(value):
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _number(name, value, integer=False):
+    kind = numbers.Integral if integer else numbers.Real
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise ConfigError(f"{name} must be {'an integer' if integer else 'a number'}, got {_shown(value)}")
+
+
+def _numbers(name, value, n):
+    if not isinstance(value, (list, tuple)) or len(value) != n:
+        raise ConfigError(f"{name} must be a list of {n} numbers, got {_shown(value)}")
+    for v in value:
+        _number(name, v)
+
+
+def check_schema(data):
+    """Raise :class:`ConfigError` unless ``data`` has the form of :meth:`CostModel.to_dict` (types
+    only; the constructor checks the ranges): a dict whose keys are among ``row_bytes`` (an
+    integer), ``copy_GBps`` and ``mlp_row_us`` (numbers), ``mode_us`` (3 numbers), one per
+    :data:`COLLECTIVES` (3 numbers: ``a0_us, a1_us, beta_GBps``), ``curves`` (``{collective:
+    {"one"|"both": [[x, us], ...]}}``) and ``meta`` (an object). Booleans are not numbers."""
+    if not isinstance(data, dict):
+        kind = {list: "an array", tuple: "an array", str: "a string", bool: "a boolean",
+                type(None): "null"}.get(type(data), "a number" if isinstance(data, numbers.Real) else
+                                        type(data).__name__)
+        raise ConfigError(f"a cost model is a JSON object of its constants, got {kind}: {_shown(data)}")
+    unknown = [k for k in data if k not in _KEYS]
+    if unknown:
+        raise ConfigError(f"unknown key(s) {_shown(unknown)}; a cost model has {list(_KEYS)}")
+    for name, value in data.items():
+        if name == "row_bytes":
+            _number(name, value, integer=True)
+        elif name in ("copy_GBps", "mlp_row_us"):
+            _number(name, value)
+        elif name in ("mode_us", *COLLECTIVES):
+            _numbers(name, value, 3)
+        elif name == "meta" and not isinstance(value, dict):
+            raise ConfigError(f"meta must be an object, got {_shown(value)}")
+        elif name == "curves" and value is not None:
+            if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+                raise ConfigError(f"curves must be {{collective: {{'one'|'both': [[x, us], ...]}}}}, got "
+                                  f"{_shown(value)}")
+            for c, sides in value.items():
+                for w, pts in sides.items():
+                    if not isinstance(pts, (list, tuple)):
+                        raise ConfigError(f"curves[{c!r}][{w!r}] must be [[x_bytes, us], ...], got {_shown(pts)}")
+                    for pt in pts:
+                        _numbers(f"curves[{c!r}][{w!r}] point", pt, 2)
 
 
 class CostModel:
@@ -167,6 +224,11 @@ class CostModel:
 
     @classmethod
     def from_dict(cls, data):
+        """The model of ``data``, a dict of :meth:`to_dict`'s form (plus an optional ``meta``
+        object, ignored). Exactly that schema (:func:`check_schema`): a missing key keeps its
+        default; anything else -- an unknown key, a value of another type (``1.5`` or ``"16"``
+        for ``row_bytes``, a string or boolean constant) -- raises :class:`ConfigError`."""
+        check_schema(data)
         data = dict(data)
         base = {k: data.pop(k) for k in ("row_bytes", "copy_GBps", "mlp_row_us", "mode_us", "curves")
                 if k in data}
@@ -174,18 +236,29 @@ class CostModel:
         return cls(**base, **data)
 
     def save(self, path, meta=None):
-        """Write the constants as JSON (``meta``: free-form provenance, e.g. card and date)."""
-        with open(path, "w") as f:
-            json.dump({**self.to_dict(), **({"meta": meta} if meta else {})}, f, indent=2)
+        """Write the constants as JSON (``meta``: free-form provenance, e.g. card and date),
+        atomically (:func:`dpgather.core.files.write_atomic`: a failed write leaves the previous
+        file whole)."""
+        write_json_atomic(path, {**self.to_dict(), **({"meta": meta} if meta else {})}, indent=2)
 
     @classmethod
     def load(cls, path):
-        """Read constants written by :meth:`save` or ``dpgather calibrate``."""
+        """Read constants written by :meth:`save` or ``dpgather calibrate``.
+
+        The file must be JSON (read strictly: :func:`dpgather.core.files.decode_json` refuses
+        duplicate keys, ``NaN``, integer literals past 20 digits, deep nesting) holding exactly
+        :meth:`from_dict`'s schema. Anything else raises :class:`ConfigError` naming the file and
+        what is wrong; nothing else escapes.
+        """
         try:
-            with open(path) as f:
-                return cls.from_dict(json.load(f))
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"cannot read cost model from {path!r}: {e}") from None
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"cannot read cost model from {str(path)!r}: {e}") from None
+        try:
+            return cls.from_dict(decode_json(text))
+        except (JsonRefused, ConfigError) as e:
+            raise ConfigError(f"cannot read cost model from {str(path)!r}: {e}") from None
 
     def __eq__(self, other):
         return isinstance(other, CostModel) and self.to_dict() == other.to_dict()

@@ -9,7 +9,8 @@ from enum import IntEnum
 
 from .errors import ConfigError, InputError
 
-__all__ = ["Topology", "ForwardMode", "PaddingMode", "SpecConfig", "LocalBatch", "POLICIES"]
+__all__ = ["Topology", "ForwardMode", "PaddingMode", "SpecConfig", "LocalBatch", "POLICIES", "P2P_WINDOW_ROWS",
+           "p2p_window_rows"]
 
 #: Padding policies accepted by the planner (docs/design.md section 3).
 POLICIES = ("auto", "sglang", "max_len", "sum_len", "varlen")
@@ -238,3 +239,17 @@ class LocalBatch:
         if self.can_run_graph:
             parts.append("can_run_graph=True")
         return f"LocalBatch({', '.join(parts)})"
+
+
+#: Per-replica rows the P2P windows hold at least (every decode batch and EAGLE step fits).
+P2P_WINDOW_ROWS = 256
+
+
+def p2p_window_rows(topology, graph_buckets=(), max_tokens_per_rank=None):
+    """Rows one P2P collective can move (``Planner(p2p_rows=...)``), as ``DpAttention`` sizes
+    its windows: ``D`` replicas of ``max(max_tokens_per_rank, largest graph bucket,``
+    :data:`P2P_WINDOW_ROWS` ``)`` rows, rounded up to ``attn_tp_size``. Steps larger than this go
+    over NCCL (the planner decides)."""
+    A = topology.attn_tp_size
+    per_replica = max(max_tokens_per_rank or 0, max(graph_buckets, default=0), P2P_WINDOW_ROWS)
+    return topology.dp_size * (-(-per_replica // A) * A)

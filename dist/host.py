@@ -51,10 +51,11 @@ def _own_sum(logical):
     def fn(inbuf, inoutbuf, datatype):
         a = np.frombuffer(inbuf, dtype=dt)
         b = np.frombuffer(inoutbuf, dtype=dt)
-        if acc == dt:
-            np.add(a, b, out=b)
-        else:
-            b[...] = (a.astype(acc) + b.astype(acc)).astype(dt)
+        with np.errstate(invalid="ignore", over="ignore"):  # NaN and inf sums are values, as in NCCL
+            if acc == dt:
+                np.add(a, b, out=b)
+            else:
+                b[...] = (a.astype(acc) + b.astype(acc)).astype(dt)
 
     return fn
 

@@ -340,12 +340,13 @@ def _reduce(views, logical):
     acc = np.dtype(DTYPES[logical].acc)
     rows = [v.view(dt) for v in views]
     total = rows[0].astype(acc) if acc != dt else rows[0].copy()
-    for r in rows[1:]:
-        if acc != dt:
-            total += r.astype(acc)
-        else:
-            np.add(total, r, out=total)  # integers wrap modulo 2**bits; float32 rounds per add
-    return total.astype(dt) if acc != dt else total
+    with np.errstate(invalid="ignore", over="ignore"):  # NaN and inf sums are values, as in the kernel
+        for r in rows[1:]:
+            if acc != dt:
+                total += r.astype(acc)
+            else:
+                np.add(total, r, out=total)  # integers wrap modulo 2**bits; float32 rounds per add
+        return total.astype(dt) if acc != dt else total
 
 
 # =============================================================================== CUDA

@@ -16,8 +16,11 @@ one window never run concurrently (asynchronous calls on a communication stream 
 Gather (``partial`` = the replica's ``A`` ranks hold summands; else they hold the same rows):
 
 ===========  ===============================================================================
-SUM_LEN      zero the gathered buffer, write the own slot (partial: every rank; replicate:
-             attn rank 0), all-reduce over tp
+SUM_LEN      fill the gathered buffer with the additive identity, write the own slot (partial:
+             every rank; replicate: attn rank 0), all-reduce over tp: of the rows' *bytes* as
+             uint8 where each row has one contributor (replicate, or A = 1), so the bits arrive
+             exactly; in the dtype's arithmetic where it has ``A`` (partial, A > 1), the others
+             contributing ``-0.0`` (see :meth:`DataPlane._sum_gather`)
 MAX/VARLEN   A = 1: all-gather(v) of the own rows over tp (sent straight from the caller's
              array when it holds every row and no padding is needed)
              A > 1, replicate: all-gather(v) over tp of the own chunk
@@ -53,7 +56,10 @@ slot offsets, so in a graph step the inter-node collectives carry the bucket's r
 fixed at capture) while the pulls inside each node move exactly the real rows.
 """
 
+import numpy as np
+
 from dpgather.core import PaddingMode
+from dpgather.core.dtypes import DTYPES
 
 from ._layout import Descriptor
 
@@ -64,6 +70,10 @@ _rec = Descriptor.record
 _PACK, _CHUNK, _SUMW, _UNPACK, _OUTCOPY, _ZTAIL = (_rec(0, n) for n in
                                                    ("pack", "chunk", "sumw", "unpack", "outcopy", "ztail"))
 _PER = _rec(1, "pack")  # records per layout
+_BYTE = np.dtype(np.uint8)
+#: logical float dtype -> (unsigned view dtype, bits of -0.0): the SUM_LEN partial fill
+_NEG_ZERO = {name: (np.dtype(f"u{d.itemsize}"), 1 << (8 * d.itemsize - 1))
+             for name, d in DTYPES.items() if "float" in name}
 
 
 class DataPlane:
@@ -135,10 +145,7 @@ class DataPlane:
             return G
         tp = self.tp
         if L.mode == _SUM:
-            be.zero(G)
-            if partial or self.a == 0:
-                be.copy_rows(x, G, desc, base + _SUMW)
-            tp.all_reduce(G, G, logical)
+            self._sum_gather(x, G, desc, base + _SUMW, partial, logical)
             return G
         n, equal = L.n, L.equal
         if A == 1:
@@ -167,6 +174,39 @@ class DataPlane:
         else:
             tp.all_gatherv(send, G, L.tp_counts, L.tp_offsets, logical)
         return G
+
+    def _sum_gather(self, x, G, desc, rec, partial, logical):
+        """The SUM_LEN gather into ``G``: every rank writes its slot (descriptor record ``rec``)
+        into a buffer holding the additive identity elsewhere, then one all-reduce over tp.
+
+        - One contributor per row (replicate: attn rank 0 writes; or A = 1): the all-reduce sums
+          the rows' bytes as uint8. Every other rank holds zero bytes there, so each sum is the
+          one nonzero byte: ``-0.0``, signalling NaNs and NaN payloads arrive bit for bit, as
+          VARLEN's and MAX_LEN's all-gathers and the P2P pull deliver them. Same bytes on the
+          wire, so the cost model prices it as before.
+        - Partial with A > 1: the slot is a sum by definition, in the dtype's arithmetic. The
+          other replicas' ranks contribute ``-0.0`` (floating point; 0 for integers), the exact
+          additive identity: ``v + (-0.0)`` has the bits of ``v`` for every ``v`` but a signalling
+          NaN (which any sum quiets), so a slot row is the sum of its replica's ``A`` summands
+          alone, as VARLEN's reduce-scatter over attn and the P2P pull compute it
+          (a ``-0.0`` sum stays ``-0.0``; the zero rows past what a replica provided are written
+          ``+0.0`` by its ranks and stay ``+0.0``). docs/design.md section 4 says what is
+          bit-identical across modes.
+        """
+        be = self.be
+        summed = partial and self.A > 1
+        neg0 = _NEG_ZERO.get(logical) if summed else None
+        if neg0 is None:
+            be.zero(G)
+        else:
+            G.view(neg0[0]).fill(neg0[1])
+        if partial or self.a == 0:
+            be.copy_rows(x, G, desc, rec)
+        if summed:
+            self.tp.all_reduce(G, G, logical)
+        else:
+            Gb = G.view(_BYTE)
+            self.tp.all_reduce(Gb, Gb, "uint8")
 
     # -- combine ---------------------------------------------------------------------------
     def combine(self, arena, Y, L, desc, reduce, out, p2p):

@@ -17,17 +17,13 @@ rank the same outcome (every decision below is made from exchanged facts or agre
 import os
 from typing import Any, NamedTuple, Optional
 
-from dpgather.core import BackendUnavailable, ConfigError, CostModel
+from dpgather.core import BackendUnavailable, ConfigError, CostModel, p2p_window_rows
 
 from ._log import get_logger
 
-__all__ = ["Links", "bring_up", "P2P_DEFAULT_ROWS"]
+__all__ = ["Links", "bring_up"]
 
 log = get_logger("facade")
-
-#: Per-replica rows the P2P windows hold at least (decode batches and EAGLE steps fit).
-P2P_DEFAULT_ROWS = 256
-
 
 class Links(NamedTuple):
     """What :func:`bring_up` made. ``tp``/``attn``/``inter``: communicators (``attn`` None when
@@ -84,7 +80,7 @@ def bring_up(private, sync, backend, config, topology, rank, row_bytes) -> Links
 
 def _p2p(private, sync, backend, config, topology, rank, row_bytes, tp):
     """``(transport, inter, node_size, rows, reason)``: the P2P transport where it can run."""
-    T, D, A = topology.world_size, topology.dp_size, topology.attn_tp_size
+    T, A = topology.world_size, topology.attn_tp_size
     if config.transport == "nccl":
         return None, None, T, 0, "transport='nccl' was asked for"
     if T == 1:
@@ -98,14 +94,14 @@ def _p2p(private, sync, backend, config, topology, rank, row_bytes, tp):
     if L > 0:
         node_comm = private.Split(rank // L, rank % L) if L < T else private
         try:
-            pull, reason = _windows(node_comm, sync, backend, config, D, A, row_bytes, several=L < T)
+            pull, reason = _windows(node_comm, sync, backend, config, _window_rows(topology, config) * row_bytes,
+                                several=L < T)
         finally:
             if node_comm is not private:
                 node_comm.Free()
     if pull is not None:
         inter = tp.split(rank % L, rank // L) if L < T else None
-        rows = D * _aligned(max(config.max_tokens_per_rank or 0, config.largest_bucket, P2P_DEFAULT_ROWS), A)
-        return pull, inter, L, rows, None
+        return pull, inter, L, _window_rows(topology, config), None
     reason = f"P2P is not available: {reason}"
     if config.transport == "p2p":
         raise ConfigError(f"transport='p2p' but {reason}; use transport='auto' or 'nccl'")
@@ -113,7 +109,11 @@ def _p2p(private, sync, backend, config, topology, rank, row_bytes, tp):
     return None, None, T, 0, reason
 
 
-def _windows(node_comm, sync, backend, config, D, A, row_bytes, several):
+def _window_rows(topology, config):
+    return p2p_window_rows(topology, config.graph_buckets, config.max_tokens_per_rank)
+
+
+def _windows(node_comm, sync, backend, config, nbytes, several):
     """The probe and the windows over one node (``several``: verdicts shared by every node).
     Returns ``(transport or None, reason)``, the same on every rank."""
     ok, reason = backend.p2p_probe(node_comm, config.timeout_s)
@@ -121,10 +121,9 @@ def _windows(node_comm, sync, backend, config, D, A, row_bytes, several):
         ok, reason = _node_verdict(sync, ok, reason, "P2P probe verdicts")
     if not ok:
         return None, reason
-    cap = _aligned(max(config.max_tokens_per_rank or 0, config.largest_bucket, P2P_DEFAULT_ROWS), A)
     pull = None
     try:
-        pull = backend.p2p(node_comm, D * cap * row_bytes, config.timeout_s)
+        pull = backend.p2p(node_comm, nbytes, config.timeout_s)
     except (ConfigError, BackendUnavailable) as e:  # the same verdict on every rank of the node
         ok, reason = False, str(e)
     if several:
@@ -143,10 +142,6 @@ def _node_verdict(sync, ok, reason, what):
         if not ok_r:
             return False, f"on the node of rank {r}: {reason_r}"
     return True, ""
-
-
-def _aligned(n, A):
-    return -(-n // A) * A
 
 
 def _cached_cost(sync, backend, T, rank):

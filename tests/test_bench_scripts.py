@@ -336,7 +336,8 @@ def test_fit_curves_recovers_link_times():
         r = x / R
         samples["p2p"] += [(2, 2, 2 * r * R, 2 * a + 2 * both[x] + 2 * (3 * r + 2 * r) * R / (copy * 1e3)),
                            (2, 1, r * R, 2 * a + 2 * one[x] + 2 * (3 * r + r) * R / (copy * 1e3))]
-    curves = fit_curves(params, samples, R, copy)
+    curves, residuals = fit_curves(params, samples, R, copy)
+    assert all(r == pytest.approx(0.0, abs=1e-9) for v in residuals.values() for r in v), residuals
 
     def flat(pts):
         return [v for p in pts for v in p]
@@ -350,8 +351,32 @@ def test_fit_curves_recovers_link_times():
     assert [(P, k) for P, k, _, _ in got] == [(2, 2)] * 3
     assert [t for *_, t in got] == pytest.approx([a + both[x] for x in one])
     # a dip (more bytes, less time) is raised to the point before: more bytes never cost less
-    dip = fit_curves(params, {"gatherv": [(2, 1, 1e4, 5.0 + 4.0), (2, 1, 1e5, 5.0 + 3.0)]}, R, copy)
+    dip, res = fit_curves(params, {"gatherv": [(2, 1, 1e4, 5.0 + 4.0), (2, 1, 1e5, 5.0 + 3.0)]}, R, copy)
     assert flat(dip["gatherv"]["one"]) == pytest.approx([1e4, 4.0, 1e5, 4.0])
+    assert res["gatherv"] == pytest.approx([0.0, 1.0 / 8.0])  # the raised point is 1 us above its sample
+
+
+def test_curve_points_inside_the_latency_noise_are_not_printed_as_measurements():
+    """A sample whose time is (nearly) all latency gives no link time: a point under
+    MIN_LINK_SHARE of its time (the 14336 GB/s of a loaded CPU box: the latency fit covered the
+    whole sample) is left out of the curve, and its residual -- the latency fit above the
+    sample -- is what flag_fits judges."""
+    from dpgather.tools.calibrate import MIN_LINK_SHARE, fit_curves, flag_fits
+
+    params = {"gatherv": (50.0, 0.0, 100.0), "reduce_scatterv": (5.0, 0.0, 100.0), "p2p": (8.0, 0.5, 300.0)}
+    t_small = 50.0 + 0.5 * MIN_LINK_SHARE * 50.0  # a link time under MIN_LINK_SHARE of the sample
+    samples = {"gatherv": [(2, 1, 1.4e4, t_small), (2, 1, 1e6, 60.0), (2, 1, 4e6, 90.0), (2, 1, 2e4, 30.0)]}
+    curves, residuals = fit_curves(params, samples, 1000, 4000.0)
+    assert curves["gatherv"]["one"] == [[1e6, 10.0], [4e6, 40.0]]  # only the links really measured
+    assert residuals["gatherv"][3] == pytest.approx(20.0 / 30.0)  # the latency fit is 20 us above it
+    fits = {"gatherv": {"n": 4, "rel_err_min": -0.9, "rel_err_max": 0.9},
+            "all_gather": {"n": 3, "rel_err_min": -0.2, "rel_err_max": 0.51},
+            "all_reduce": {"n": 3, "rel_err_min": -0.5, "rel_err_max": 0.5},
+            "p2p": {"n": 0, "rel_err_min": None, "rel_err_max": None}}
+    flagged = flag_fits(fits, residuals, curves, 0.5)
+    assert sorted(flagged) == ["all_gather", "gatherv"], flagged  # the curve's residual, not the alpha-beta one
+    assert "latency + link-time curve off by" in flagged["gatherv"] and "+67%" in flagged["gatherv"]
+    assert flag_fits(fits, {"gatherv": [0.1]}, curves, 0.5).keys() == {"all_gather"}
 
 
 def _check_model_file(path, hidden, ranks):
@@ -376,7 +401,7 @@ def test_calibrate_host_backend_api(tmp_path):
     code = (
         "import dpgather as dg\n"
         "from mpi_harness import report\n"
-        f"m = dg.calibrate(out={str(out)!r}, sizes=(1, 4), hidden=64, backend='host', reps=3)\n"
+        f"m = dg.calibrate(out={str(out)!r}, sizes=(1, 4), hidden=64, backend='host', reps=3, max_residual=1e9)\n"
         "from mpi4py import MPI\n"
         "ms = MPI.COMM_WORLD.allgather(m.to_dict())\n"
         "report(failures=[] if all(x == ms[0] for x in ms) else ['models differ across ranks'])\n"
@@ -392,9 +417,41 @@ def test_calibrate_host_backend_api(tmp_path):
 def test_calibrate_cli_host_backend(tmp_path):
     out = tmp_path / "cli.json"
     res = run_mpi(["-m", "dpgather.tools.calibrate", "--backend", "host", "--out", str(out),
-                   "--sizes", "1,2", "--hidden", "32", "--reps", "2"], 2, timeout=60)
+                   "--sizes", "1,2", "--hidden", "32", "--reps", "2", "--max-residual", "1e9"], 2, timeout=60)
     assert res.returncode == 0 and not res.timed_out, res.tail()
     _check_model_file(out, 32, 2)
+
+
+@needs_mpiexec
+def test_calibrate_refuses_one_rank(tmp_path):
+    """One rank has nothing to measure: one line, exit 2, no file (it used to print the defaults
+    as a measured table, write them and exit 0)."""
+    out = tmp_path / "one.json"
+    res = run_mpi(["run_cli.py", "-m", "dpgather.tools.calibrate", "--backend", "host", "--out", str(out)], 1,
+                  timeout=60)
+    assert not res.timed_out and res.results[0]["rc"] == 2, res.tail()
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "one rank: there is nothing to measure" in lines[0], res.stderr
+    assert not out.exists() and "cost model" not in res.stdout
+
+
+@needs_mpiexec
+def test_calibrate_flags_fits_instead_of_writing_them(tmp_path):
+    """Fits whose residuals exceed --max-residual are flagged: the table says so, one error line,
+    exit 1 on every rank, the previous --out file untouched and no cache (a bound of 1e-9 flags any
+    measured alpha-beta fit of 3+ sizes: real timings never fit exactly)."""
+    out = tmp_path / "cost.json"
+    out.write_text('{"row_bytes": 16}')
+    cache = tmp_path / "cache"
+    res = run_mpi(["run_cli.py", "-m", "dpgather.tools.calibrate", "--backend", "host", "--out", str(out),
+                   "--sizes", "1,4,16", "--hidden", "32", "--reps", "2", "--max-residual", "1e-9"], 2, timeout=90,
+                  env={"DPGATHER_CACHE_DIR": str(cache)})
+    assert not res.timed_out and [res.results[r]["rc"] for r in (0, 1)] == [1, 1], res.tail()
+    assert out.read_text() == '{"row_bytes": 16}' and not cache.exists()
+    assert "FLAGGED: alpha-beta fit off by" in res.stdout, res.stdout
+    assert "p2p" in res.stdout and "default, not measured" in res.stdout  # never shown as a fit
+    errors = [ln for ln in res.stderr.splitlines() if "error:" in ln]
+    assert len(errors) == 1 and "nothing written, nothing cached" in errors[0], res.stderr
 
 
 @needs_mpiexec
@@ -451,3 +508,68 @@ def test_cost_model_mode_us_round_trips(tmp_path):
     got = CostModel.load(tmp_path / "c.json")
     assert got == m and got.mode_us == (11.0, 20.5, 23.0) and got.with_row_bytes(8).mode_us == m.mode_us
     assert CostModel.from_dict({"row_bytes": 8}).mode_us == (0.0, 0.0, 0.0)  # files from before mode_us
+
+
+# CostModel.load accepts exactly its schema (issue 26 item 11): every other file is a ConfigError
+# naming the file and what is wrong, never a raw TypeError / OverflowError / RecursionError, never
+# a silent coercion.
+_BAD_COST_FILES = [
+    ("top-level list", "[1, 2]", "got an array"),
+    ("top-level null", "null", "got null"),
+    ("top-level number", "3", "got a number"),
+    ("top-level string", '"cost"', "got a string"),
+    ("400-digit integer", '{"row_bytes": ' + "9" * 400 + "}", "an integer literal with 400 digits"),
+    ("deeply nested arrays", "[" * 100_000, "nested too deeply"),
+    ("deeply nested objects", '{"meta": ' * 50_000, "nested too deeply"),
+    ("row_bytes 1.5", '{"row_bytes": 1.5}', "row_bytes must be an integer, got 1.5"),
+    ('row_bytes "16"', '{"row_bytes": "16"}', "row_bytes must be an integer, got '16'"),
+    ("row_bytes true", '{"row_bytes": true}', "row_bytes must be an integer, got True"),
+    ("string constant", '{"copy_GBps": "2900"}', "copy_GBps must be a number, got '2900'"),
+    ("boolean constant", '{"mlp_row_us": false}', "mlp_row_us must be a number, got False"),
+    ("string in a collective", '{"all_gather": [12, 4, "300"]}', "all_gather must be a number, got '300'"),
+    ("boolean in mode_us", '{"mode_us": [0, true, 0]}', "mode_us must be a number, got True"),
+    ("short collective", '{"p2p": [8.5, 0.5]}', "p2p must be a list of 3 numbers"),
+    ("string curve point", '{"curves": {"p2p": {"one": [["1e6", 5]]}}}', "point must be a number, got '1e6'"),
+    ("curve not a list", '{"curves": {"p2p": {"one": 5}}}', "must be [[x_bytes, us], ...]"),
+    ("duplicate key", '{"row_bytes": 16, "row_bytes": 32}', "duplicate key 'row_bytes'"),
+    ("duplicate nested key", '{"curves": {"p2p": {"one": [[1, 2]], "one": [[3, 4]]}}}', "duplicate key 'one'"),
+    ("NaN", '{"copy_GBps": NaN}', "NaN is not a JSON number"),
+    ("Infinity", '{"mlp_row_us": -Infinity}', "-Infinity is not a JSON number"),
+    ("float overflowing to inf", '{"copy_GBps": 1e400}', "copy_GBps must be finite"),
+    ("unknown key", '{"row_bytes": 16, "rowbytes": 32}', "unknown key(s) ['rowbytes']"),
+    ("meta not an object", '{"meta": "calibrated"}', "meta must be an object"),
+    ("not JSON", "row_bytes = 16", "invalid JSON"),
+    ("empty file", "", "invalid JSON"),
+    ("not UTF-8", b"\xff\xfe{}", "can't decode"),
+]
+
+
+@pytest.mark.parametrize("name,text,fragment", _BAD_COST_FILES, ids=[c[0] for c in _BAD_COST_FILES])
+def test_cost_model_load_accepts_exactly_its_schema(name, text, fragment, tmp_path):
+    from dpgather.core import ConfigError, CostModel
+
+    p = tmp_path / "cost.json"
+    if isinstance(text, bytes):
+        p.write_bytes(text)
+    else:
+        p.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        CostModel.load(p)
+    msg = str(e.value)
+    assert msg.startswith(f"cannot read cost model from {str(p)!r}: ") and fragment in msg, msg
+    assert "\n" not in msg and len(msg) < 400, msg
+
+
+def test_cost_model_schema_round_trips_every_field(tmp_path):
+    """What save writes (curves, mode_us, meta included), load reads back equal; a file with only
+    some constants keeps the defaults for the others."""
+    from dpgather.core import CostModel
+
+    m = CostModel(row_bytes=4096, copy_GBps=1234.5, mlp_row_us=0.25, mode_us=(1, 2, 3), p2p=(8, 0.5, 400),
+                  curves={"gatherv": {"one": [[1e3, 2.0], [1e6, 40.0]]}, "p2p": {"both": [[5e5, 3.0]]}})
+    m.save(tmp_path / "c.json", meta={"card": "x", "fit": {"p2p": {"n": 3}}})
+    assert CostModel.load(tmp_path / "c.json") == m
+    (tmp_path / "some.json").write_text('{"row_bytes": 8192, "p2p": [9, 0, 450.5]}')
+    got = CostModel.load(tmp_path / "some.json")
+    assert got.row_bytes == 8192 and got.params["p2p"] == (9.0, 0.0, 450.5)
+    assert got.params["all_gather"] == CostModel().params["all_gather"]

@@ -21,8 +21,8 @@ CLI = ["-m", "dpgather.tools.cli"]
 
 
 def _py(*args, timeout=120, **kw):
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout,
-                          cwd=str(REPO), **kw)
+    kw.setdefault("cwd", str(REPO))
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, **kw)
 
 
 def _broken_trace(tmp_path):
@@ -150,6 +150,38 @@ def test_out_naming_a_file_is_refused_before_work(tmp_path, capsys, rank0_env, m
     assert main(["run", "--out", str(f)]) == 2
     assert "dpgather run: error: --out" in _one_line(capsys.readouterr().err)
     assert not started and f.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("kind", ["name-too-long", "parent-refuses"])
+def test_out_that_cannot_be_created_is_refused_before_work(kind, tmp_path, capsys, rank0_env, monkeypatch):
+    """`--out` is created before any work (issue 26 item 10): a name too long, or a parent where
+    nothing can be created although access() says it is writable (/proc, as root), is one line
+    and exit 2 before the replay starts, for `replay` and `run` alike."""
+    from pathlib import Path
+
+    out = tmp_path / ("x" * 300) if kind == "name-too-long" else Path("/proc/dpgather-no-such-folder/run")
+    if kind == "parent-refuses" and not os.path.isdir("/proc"):
+        pytest.skip("no /proc here")
+    started = []
+    monkeypatch.setattr("dpgather.tools.replay._setup", lambda *a, **k: started.append(1))
+    monkeypatch.setattr(cli, "_launch", lambda *a, **k: started.append(1) or 0)
+    for command in ("replay", "run"):
+        assert main([command, "--out", str(out), "--steps", "2", "--backend", "host"]) == 2
+        line = _one_line(capsys.readouterr().err)
+        assert line.startswith(f"dpgather {command}: error: --out {out}: cannot create the folder"), line
+    assert not started
+
+
+def test_out_folder_is_made_before_work_and_only_when_every_other_check_passed(tmp_path):
+    from dpgather.core import ConfigError
+    from dpgather.tools.replay import ReplayConfig, preflight
+
+    out = tmp_path / "a" / "b"
+    with pytest.raises(ConfigError):
+        preflight(ReplayConfig(out=str(out), policy="nope", backend="host"))
+    assert not (tmp_path / "a").exists()  # refused for another reason: no folder left behind
+    preflight(ReplayConfig(out=str(out), backend="host"))
+    assert out.is_dir() and list(out.iterdir()) == []
 
 
 def test_replay_option_errors_need_no_mpi(tmp_path, capsys, rank0_env, monkeypatch):
@@ -359,28 +391,61 @@ def test_host_backend_without_ml_dtypes_names_the_pip_command(rank0_env, capsys,
 
 # -- report.json -----------------------------------------------------------------------------------
 
+def _full_disk(obj, f, **kw):
+    f.write('{"ok": fal')  # half a file, then the disk is full
+    f.flush()
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
 def test_report_json_is_written_atomically(tmp_path, monkeypatch):
+    from dpgather.core import files
+
     path = tmp_path / "report.json"
-    report.write_json_atomic(str(path), {"ok": True, "n": 1})
+    files.write_json_atomic(str(path), {"ok": True, "n": 1})
     assert json.loads(path.read_text()) == {"ok": True, "n": 1}
     umask = os.umask(0)
     os.umask(umask)
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # an ordinary file, not mkstemp's 0600
-
-    def full_disk(obj, f, **kw):
-        f.write('{"ok": fal')  # half a report, then the disk is full
-        f.flush()
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(report.json, "dump", full_disk)
+    monkeypatch.setattr(files.json, "dump", _full_disk)
     with pytest.raises(OSError):
-        report.write_json_atomic(str(path), {"ok": False})
+        files.write_json_atomic(str(path), {"ok": False})
     assert json.loads(path.read_text()) == {"ok": True, "n": 1}  # the old report, whole
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]  # no temporary left
     path.unlink()
     with pytest.raises(OSError):
-        report.write_json_atomic(str(path), {"ok": False})
+        files.write_json_atomic(str(path), {"ok": False})
     assert list(tmp_path.iterdir()) == []  # nothing rather than a truncated report
+
+
+def test_a_failed_calibration_write_keeps_the_previous_file(tmp_path, monkeypatch):
+    """`calibrate --out FILE` (CostModel.save) and the calibration cache replace the file whole or
+    leave it as it was (issue 26 item 9: it used to write in place)."""
+    import dpgather as dg
+    from dpgather.core import files
+
+    path = tmp_path / "cost.json"
+    good = dg.CostModel(mlp_row_us=0.5)
+    good.save(path, meta={"card": "old"})
+    before = path.read_bytes()
+    monkeypatch.setattr(files.json, "dump", _full_disk)
+    with pytest.raises(OSError):
+        dg.CostModel(mlp_row_us=0.25).save(path, meta={"card": "new"})
+    assert path.read_bytes() == before and dg.CostModel.load(path) == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cost.json"]
+
+
+def test_every_file_the_tools_write_goes_through_the_one_atomic_writer():
+    """No module of the package's tools, the cost model or the benchmarks opens a file for writing,
+    saves a figure or renames a file itself: dpgather.core.files.write_atomic does it, once."""
+    import re
+
+    writes = re.compile(r"open\([^)]*[\"'][wax]b?\+?[\"']|\.savefig\((?!f\b)|os\.replace\(|os\.rename\(|"
+                        r"\.write_(text|bytes)\(|tempfile\.mkstemp")
+    files = [*(REPO / "dpgather" / "tools").glob("*.py"), *(REPO / "core").glob("*.py"), *(REPO / "bench").glob("*.py")]
+    offenders = [f"{f.relative_to(REPO)}:{n}: {line.strip()}" for f in files if f.name != "files.py"
+                 for n, line in enumerate(f.read_text().splitlines(), 1) if writes.search(line)]
+    assert not offenders, offenders
+    assert "os.replace(" in (REPO / "core" / "files.py").read_text()
 
 
 def _plot_inputs(steps=40):
@@ -615,6 +680,33 @@ def test_replay_all_policies_report(tmp_path):
 
 @pytest.mark.mpi
 @needs_mpiexec
+@pytest.mark.parametrize("nprocs,A,gen,seen", [(2, 1, "mixed", {"p2p", "nccl"}), (4, 2, "eagle", {"p2p"})])
+def test_plans_predicts_what_replay_does(nprocs, A, gen, seen, tmp_path):
+    """`dpgather plans` makes the plans `dpgather replay` makes for the same trace, step by step and
+    policy by policy -- the transport included (it used to ignore the host P2P transport, so auto
+    chose another layout than the replay did)."""
+    p = tmp_path / "t.jsonl"
+    save_trace(synthetic(gen, dp_size=nprocs // A, seed=5, steps=30), p)
+    common = ["--trace", str(p), "--attn-tp", str(A), "--policy", "all", "--hidden", "256"]
+    res = _replay(nprocs, *common, "--out", str(tmp_path / "o"))
+    assert res.returncode == 0, res.tail()
+    got = _py("-m", "dpgather", "plans", *common, "--json", timeout=120)
+    assert got.returncode == 0 and got.stderr == "", got.stderr
+    predicted = [json.loads(line) for line in got.stdout.splitlines()]
+    rep = json.loads((tmp_path / "o" / "report.json").read_text())
+    transports = set()
+    for pol in POLICIES:
+        steps = rep["policies"][pol]["steps"]
+        assert len(steps) == len(predicted) == 30
+        for st, pr in zip(steps, predicted):
+            assert st["step"] == pr["step"]
+            assert pr["plans"][pol] == st["plan"], (pol, st["step"])
+            transports.add(st["plan"]["transport"])
+    assert transports == seen, transports  # the transports that occur, and plans knew which
+
+
+@pytest.mark.mpi
+@needs_mpiexec
 def test_replay_attn_tp_partial_eagle(tmp_path):
     out = tmp_path / "tp2"
     res = _replay(4, "--synthetic", "eagle", "--attn-tp", "2", "--steps", "25", "--verify",
@@ -714,3 +806,154 @@ def test_replay_cuda(tmp_path):
     assert rep["ok"] and rep["config"]["backend"] == "cuda"
     res = run_mpi([str(REPO / "examples" / "tp_mlp_layer.py"), "--backend", "cuda"], n, timeout=200)
     assert res.returncode == 0 and "cuda backend" in res.stdout, res.tail()
+
+
+# -- time limits and the launcher's arguments (issue 26 items 7 and 12) -------------------------------
+
+_SLEEPER = """import os, sys, time
+open(os.path.join(sys.argv[1], f"pid-{os.getpid()}"), "w").close()
+time.sleep(float(sys.argv[2]))
+"""
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie that no one reaped yet is gone as far as the job is concerned
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.mpi
+@needs_mpiexec
+@pytest.mark.parametrize("past_s", [7, 100])
+def test_launcher_time_limit_is_124_within_the_stated_margin(past_s, tmp_path):
+    """A job that outlives ``--timeout S`` is stopped and returns 124 within S + KILL_GRACE_S + 1
+    seconds, under MPICH and Open MPI alike; a job that would end within 10 s after S (Open MPI used
+    to return 0 then) is stopped too; no rank survives."""
+    import time
+
+    from dpgather.tools.launch import EXIT_TIMEOUT, KILL_GRACE_S
+
+    script = tmp_path / "sleeper.py"
+    script.write_text(_SLEEPER)
+    limit = 8.0  # long enough for both ranks to start on a loaded box
+    t0 = time.monotonic()
+    res = _py("-m", "dpgather.tools.launch", "-n", "2", "--timeout", str(limit), str(script), str(tmp_path),
+              str(limit + past_s), timeout=150)
+    wall = time.monotonic() - t0
+    assert res.returncode == EXIT_TIMEOUT, res.stdout + res.stderr
+    assert "did not finish within its time limit of 8 s" in res.stderr, res.stderr
+    # the limit counts from mpiexec's start; the interpreter and `mpiexec --version` come before it
+    assert limit <= wall < limit + KILL_GRACE_S + 1 + 5, wall
+    pids = [int(p.name[4:]) for p in tmp_path.glob("pid-*")]
+    assert len(pids) == 2, pids  # both ranks started ...
+    time.sleep(0.5)
+    assert not [p for p in pids if _alive(p)], "ranks survived the stopped job"  # ... and are gone
+
+
+@pytest.mark.mpi
+@needs_mpiexec
+def test_run_timeout_exits_124(tmp_path):
+    """`dpgather run --timeout S` returns the documented 124 (MPICH's Hydra used to end the job
+    with its own code, read as 3 'a rank crashed')."""
+    import time
+
+    t0 = time.monotonic()
+    res = subprocess.run([sys.executable, "-m", "dpgather", "run", "--np", "2", "--timeout", "1", "--out",
+                          str(tmp_path / "r"), "--backend", "host"], capture_output=True, text=True, timeout=120,
+                         cwd=str(tmp_path))
+    assert res.returncode == 124, res.stdout[-2000:] + res.stderr[-2000:]
+    assert time.monotonic() - t0 < 1 + 3 + 10
+    assert "time limit of 1 s" in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert not (tmp_path / "r" / "report.json").exists()
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["-n", "0", "x.py"], "-n/--np: expected a positive integer, got 0"),
+    (["-n", "-1", "x.py"], "-n/--np: expected a positive integer, got -1"),
+    (["--np=two", "x.py"], "-n/--np: expected a positive integer, got 'two'"),
+    (["-n", "2", "--timeout", "-5", "x.py"], "--timeout: expected a positive number, got -5"),
+    (["-n", "2", "--timeout", "nan", "x.py"], "--timeout: expected a positive number, got 'nan'"),
+    (["-n", "2", "--timeout", "0", "x.py"], "--timeout: expected a positive number, got 0"),
+    (["-n", "2", "nosuch.py"], "cannot open the program 'nosuch.py': no such file"),
+    (["-n", "2", "-m", "nosuch_module_dpg"], "no module named 'nosuch_module_dpg'"),
+    (["-n", "2"], "no program given"),
+])
+def test_launcher_refuses_bad_arguments_in_one_line(argv, fragment, tmp_path):
+    res = _py("-m", "dpgather.tools.launch", *argv, timeout=60, cwd=str(tmp_path))
+    assert res.returncode == 2, res.stdout + res.stderr
+    line = _one_line(res.stderr)
+    assert line.startswith("python -m dpgather.tools.launch: error:") and fragment in line, line
+    assert res.stdout == ""
+
+
+def test_a_rank_whose_script_is_missing_says_so_in_one_line(tmp_path):
+    """What each rank prints if the program vanished after the launcher checked it: Python's own
+    line and exit 2, no traceback."""
+    res = _py("-m", "dpgather.tools._rankexit", str(tmp_path), "nosuch.py", timeout=60, cwd=str(tmp_path))
+    assert res.returncode == 2 and "can't open file" in _one_line(res.stderr), res.stderr
+    assert (tmp_path / "rank-0").read_text() == "2"
+
+
+def test_readme_shows_make_run_as_it_prints_today(capsys):
+    """The README's `make run` report is what `make run` prints (host backend: the 202-step
+    `mixed` trace on 4 ranks, H=256 bf16): the table, the comparison lines and the scale-up
+    line, every column but the measured ones (ms/step, allocs, verify), recomputed here from the
+    replay's own plans (cli._replay_planning), sizings and report code -- so the excerpt cannot
+    drift or drop the line where `auto` loses."""
+    import types
+
+    import numpy as np
+
+    import dpgather as dg
+    from dpgather.tools import replay
+
+    ns = cli.build_parser().parse_args(["plans", "--synthetic", "mixed", "--hidden", "256"])
+    trace = synthetic("mixed", dp_size=4, seed=0)
+    topo, buckets, kw = cli._replay_planning(trace, 1, ns)
+    prepared = replay._prepare(trace, topo, trace.spec, buckets)
+    forward = [not all(r.mode == dg.ForwardMode.IDLE for r in s) for s in trace.steps]
+    results = {}
+    for pol in POLICIES:
+        plans = [dg.plan([r.batch() for r in step], topo, policy=pol, **kw) for step in trace.steps]
+        summary = report.summary([replay._sizing(p, st, 4) for p, st in zip(plans, prepared)], 512,
+                                 np.zeros(len(plans)), forward)
+        summary.update(modes=report.mode_mix(plans), bad_rows=0, arena_allocations=0)
+        results[pol] = {"summary": summary}
+    results["_ref"] = {k: report.summary([getattr(s, k) for s in prepared], 512, None, forward)
+                       for k in ("before", "after")}
+    report.print_report(types.SimpleNamespace(verify=True), results, 512, 4, "mixed, D=4 x A=1 (T=4), H=256 bfloat16")
+    printed = [ln for ln in capsys.readouterr().out.splitlines() if ln.strip()]
+    readme = (REPO / "README.md").read_text()
+    excerpt = readme[readme.index("== mixed, D=4 x A=1 (T=4), H=256 bfloat16 =="):].split("```")[0].splitlines()
+    excerpt = [ln for ln in excerpt if ln.strip()]
+
+    def table(lines):  # the rows' deterministic columns (ms/step, allocs and verify are measured)
+        rows = [ln.split() for ln in lines if (ln.split()[0] in POLICIES and " vs " not in ln)
+                or ln.startswith("SGLang")]
+        return [c[:-3] if c[0] in POLICIES else c for c in rows]
+
+    assert table(printed) == table(excerpt) and len(table(excerpt)) == 7
+    for line in printed:
+        if line.startswith(("auto vs", "At DeepSeek-V3")):
+            assert line in excerpt, line
+    assert any(ln.startswith("auto vs SGLang <#8277: rows moved +31%") for ln in excerpt)
+
+
+def test_plans_knows_the_p2p_window_of_a_dpattention():
+    """`plans` and DpAttention size the P2P windows by one public rule."""
+    from mpi4py import MPI
+
+    import dpgather as dg
+    from dpgather.core import P2P_WINDOW_ROWS, p2p_window_rows
+
+    assert p2p_window_rows(dg.Topology(4, 2), (8, 600), None) == 2 * 600
+    assert p2p_window_rows(dg.Topology(4, 2), (), 7) == 2 * P2P_WINDOW_ROWS
+    assert p2p_window_rows(dg.Topology(6, 2), (), 301) == 3 * 302
+    with dg.DpAttention(MPI.COMM_SELF, hidden_size=4, dtype="float32", backend="host") as dp:
+        assert dp.info()["p2p_rows"] == 0  # one rank: no P2P, nothing to size

@@ -71,7 +71,9 @@ def test_facade_cuda(nranks, dtype, transport):
     """Every divisor A, every policy and forward mode (incl. DRAFT_EXTEND with fewer real rows),
     both contributions, logits, masks, and graph replay == eager with zero allocations per replay;
     bf16 at every rank count. transport="auto" takes P2P where the GPUs share a node (small steps,
-    every graph step); "nccl" keeps every step on NCCL."""
+    every graph step); "nccl" keeps every step on NCCL. Every gather's bits are checked too, in each
+    padding mode forced (-0.0, signalling NaNs, NaN payloads, integer extremes: docs/design.md
+    section 4), so SUM_LEN's byte all-reduce runs over NCCL in the "nccl" run."""
     steps = os.environ.get("DPGATHER_GPU_STEPS", "4")
     res = check_mpi([str(GPU_DIR / "facade_smoke.py"), "--backend", "cuda", "--dtype", dtype, "--graphs",
                      "--steps", steps, "--transport", transport], nranks, timeout=500, env=ENV)

@@ -16,6 +16,8 @@ import runpy
 import sys
 import traceback
 
+from dpgather.core.files import write_atomic
+
 _RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "MPI_LOCALRANKID")
 
 
@@ -48,6 +50,10 @@ def _run(args):
         sys.argv = ["-c", *args[2:]]
         exec(compile(args[1], "<string>", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
     else:
+        if not os.path.isfile(args[0]):  # as `python nosuch.py` says it: one line, exit 2
+            print(f"{sys.executable}: can't open file {os.path.abspath(args[0])!r}: no such file",
+                  file=sys.stderr)
+            raise SystemExit(2)
         sys.argv = list(args)
         sys.path.insert(0, os.path.dirname(os.path.abspath(args[0])))
         runpy.run_path(args[0], run_name="__main__")
@@ -66,10 +72,7 @@ def main():
         code = 1
     finally:
         try:
-            path = os.path.join(status_dir, f"rank-{_rank()}")
-            with open(path + ".tmp", "w") as f:
-                f.write(str(code))
-            os.replace(path + ".tmp", path)
+            write_atomic(os.path.join(status_dir, f"rank-{_rank()}"), str(code))
         except OSError:
             pass
         sys.stdout.flush()

@@ -39,10 +39,11 @@ import numpy as np
 from dpgather.core import ConfigError, CostModel, DpGatherError
 from dpgather.core.cost import COLLECTIVES, CURVE_POINTS, cache_path
 
-from ._common import Parser, gpu_count, positive_int, require_mpi, say_error
+from ._common import EXIT_OK, EXIT_VERIFY, Parser, gpu_count, positive_float, positive_int, require_mpi, say_error
 from .timing import Column, CupyEvents, HostClock, Timer, format_table
 
-__all__ = ["calibrate", "fit_collective", "fit_curves", "main", "DEFAULT_SIZES_CUDA", "DEFAULT_SIZES_HOST"]
+__all__ = ["calibrate", "fit_collective", "fit_curves", "flag_fits", "main", "DEFAULT_SIZES_CUDA",
+           "DEFAULT_SIZES_HOST", "MAX_RESIDUAL", "MIN_LINK_SHARE"]
 
 #: Rows (tokens) per rank timed by default: ``hidden`` elements each.
 DEFAULT_SIZES_CUDA = (1, 8, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
@@ -52,6 +53,11 @@ _ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 _STORAGE = {"bfloat16": np.uint16, "float16": np.float16, "float32": np.float32, "int32": np.int32,
             "int64": np.int64, "uint8": np.uint8}
 _TARGET_US = 1000.0  # aim of one repetition of back-to-back calls
+#: Largest relative residual ``|model - t| / t`` a fit may leave on any of its samples before it is
+#: flagged and neither written nor cached (docs/cost-model.md, "Flagged fits").
+MAX_RESIDUAL = 0.5
+#: Least share of its sample's time a link time must be to count as a measurement of the link.
+MIN_LINK_SHARE = 0.05
 _KMAX = 32
 
 
@@ -132,22 +138,31 @@ def fit_collective(name, samples, default=None):
         "note": "; ".join(notes) or None}
 
 
-def _monotone_points(pairs):
-    """``[(x, t)]`` as a curve: sorted by ``x`` (the last sample of a repeated ``x`` kept), each
-    ``t`` raised to at least the one before (more bytes never cost less), at most
-    :data:`~dpgather.core.cost.CURVE_POINTS` points (evenly thinned, the ends kept)."""
+def _monotone_points(triples):
+    """A curve from ``[(x, link, scale)]`` (bytes per direction, the link time a sample gave, the
+    time that link time is a part of): the points whose link time is at least
+    :data:`MIN_LINK_SHARE` of ``scale`` (smaller ones are the latency fit's noise, not a
+    measurement of the link), sorted by ``x`` (the last of a repeated ``x`` kept), each raised to
+    at least the one before (more bytes never cost less), at most
+    :data:`~dpgather.core.cost.CURVE_POINTS` points (evenly thinned, the ends kept).
+
+    Returns ``(points, residuals)``: ``residuals`` holds, per sample, ``(curve time - link) /
+    scale`` with the curve's time at the sample's ``x`` (before thinning; 0 for a dropped
+    point), the sample's relative error under the model that prices it."""
     by_x = {}
-    for x, t in pairs:
-        if x > 0:
-            by_x[float(x)] = max(float(t), 1e-3)
-    pts, top = [], 0.0
+    for x, link, scale in triples:
+        if x > 0 and link >= MIN_LINK_SHARE * scale:
+            by_x[float(x)] = float(link)
+    pts, top, at = [], 0.0, {}
     for x in sorted(by_x):
         top = max(top, by_x[x])
         pts.append([x, top])
+        at[x] = top
+    residuals = [(at.get(float(x), 0.0) - link) / scale for x, link, scale in triples if x > 0 and scale > 0]
     if len(pts) > CURVE_POINTS:
         keep = np.unique(np.linspace(0, len(pts) - 1, CURVE_POINTS).round().astype(int))
         pts = [pts[i] for i in keep]
-    return pts
+    return pts, residuals
 
 
 def _p2p_copies_us(nmax, S, row_bytes, copy_GBps):
@@ -169,7 +184,10 @@ def fit_curves(params, samples, row_bytes, copy_GBps):
       balanced, ``k = 1`` one rank): ``t = 2a + 2 link + copies`` with the planner's copy term;
       ``k = P``: ``(P-1)`` rows each way (``"both"``), ``k = 1``: the loaded rank is pulled
       ``(P-1)`` times its rows (``"one"``).
-    Returns ``{name: {"one": [[x, us], ...], "both": [...]}}`` (empty curves left out).
+
+    Returns ``(curves, residuals)``: ``curves`` = ``{name: {"one": [[x, us], ...], "both": [...]}}``
+    (empty curves left out), ``residuals`` = ``{name: [relative error of each sample that gave a
+    point]}`` (see :func:`_monotone_points`; what :func:`flag_fits` judges).
     """
     points = {name: {"one": [], "both": []} for name in ("gatherv", "reduce_scatterv", "p2p")}
     for name in ("gatherv", "reduce_scatterv"):
@@ -180,9 +198,9 @@ def fit_curves(params, samples, row_bytes, copy_GBps):
                 continue
             link = t - (a0 + a1 * (k - 1))
             if k == P:
-                points[name]["both"].append(((P - 1) * B / P, link))
+                points[name]["both"].append(((P - 1) * B / P, link, t))
             elif P == 2 and k == 1:
-                points[name]["one"].append((B, link))
+                points[name]["one"].append((B, link, t))
     a0, a1, _ = params["p2p"]
     for P, k, B, t in samples.get("p2p", ()):
         P, k = int(P), int(k)
@@ -190,13 +208,37 @@ def fit_curves(params, samples, row_bytes, copy_GBps):
             continue
         rows = B / (k * row_bytes)
         link = (t - 2 * (a0 + a1 * (P - 1)) - _p2p_copies_us(rows, k * rows, row_bytes, copy_GBps)) / 2
-        points["p2p"]["both" if k == P else "one"].append(((P - 1) * rows * row_bytes, link))
-    out = {}
+        points["p2p"]["both" if k == P else "one"].append(((P - 1) * rows * row_bytes, link, t / 2))
+    curves, residuals = {}, {}
     for name, sides in points.items():
-        curves = {w: _monotone_points(v) for w, v in sides.items() if v}
-        if curves:
-            out[name] = curves
-    return out
+        for which, triples in sides.items():
+            if not triples:
+                continue
+            pts, res = _monotone_points(triples)
+            residuals.setdefault(name, []).extend(res)
+            if pts:
+                curves.setdefault(name, {})[which] = pts
+    return curves, residuals
+
+
+def flag_fits(fits, residuals, curves, bound):
+    """``{collective: reason}`` of the fits whose samples' relative residuals exceed ``bound``
+    (docs/cost-model.md, "Flagged fits"): a collective with a curve is judged by the model that
+    prices it (its latency plus the curve, ``residuals`` of :func:`fit_curves`), any other by its
+    alpha-beta fit (``fits[c]["rel_err_min" / "rel_err_max"]``). Unmeasured ones are not judged."""
+    flagged = {}
+    for c, f in fits.items():
+        if c in curves:
+            errs = residuals.get(c, [])
+            lo, hi = (min(errs), max(errs)) if errs else (0.0, 0.0)
+            what = "latency + link-time curve"
+        elif f["n"]:
+            lo, hi, what = f["rel_err_min"], f["rel_err_max"], "alpha-beta fit"
+        else:
+            continue
+        if max(-lo, hi) > bound:
+            flagged[c] = f"{what} off by {100 * lo:+.0f}%..{100 * hi:+.0f}% (bound +-{100 * bound:.0f}%)"
+    return flagged
 
 
 # -- timing ----------------------------------------------------------------------------------
@@ -436,35 +478,11 @@ def _measure_group(be, comm, tp, rows, width, dtype, logical, reps, kinds, k_ran
     return out
 
 
-def calibrate(comm=None, out=None, sizes=None, hidden=7168, dtype="bfloat16", backend="auto",
-              reps=None, timeout_s=120.0, verbose=False, cache=True):
-    """Measure the cost model's constants on this machine (collective over ``comm``).
-
-    Args:
-        comm: mpi4py communicator of the tp group (default ``MPI.COMM_WORLD``), one GPU per rank.
-        out: path of a JSON file to write on rank 0 (``CostModel.save`` with ``meta``); read it
-            back with :meth:`CostModel.load`.
-        sizes: rows (tokens) per rank to time, each ``hidden`` wide (default
-            :data:`DEFAULT_SIZES_CUDA`, or :data:`DEFAULT_SIZES_HOST` on the host backend).
-        hidden, dtype: row shape; ``row_bytes`` of the result is ``hidden * itemsize``.
-        backend: ``"auto"`` (CUDA when CuPy sees a GPU on every rank), ``"cuda"`` or ``"host"``.
-        reps: timed repetitions per point (default 15 on CUDA, 5 on the host).
-        verbose: rank 0 prints each measured point.
-        cache: on CUDA, rank 0 also writes the model to this machine's cache
-            (:func:`dpgather.core.cost.cache_path`: GPU model, rank count, NCCL version), which
-            ``DpAttention(cost=None)`` then loads by itself.
-
-    Returns:
-        The fitted :class:`CostModel` (the same on every rank).
-
-    Raises:
-        ConfigError: bad arguments (raised on every rank alike), or ``backend="cuda"`` without a
-            GPU on some rank.
-    """
+def _options(comm, hidden, dtype, backend, sizes, reps):
+    """The checked options ``(kind, dtype, width, sizes, reps)``; raises :class:`ConfigError` on
+    every rank alike (one collective: whether every rank sees a GPU)."""
     from mpi4py import MPI
 
-    comm = MPI.COMM_WORLD if comm is None else comm
-    rank, P = comm.Get_rank(), comm.Get_size()
     dtype = _ALIASES.get(str(dtype), str(dtype))
     if dtype not in _ITEMSIZE:
         raise ConfigError(f"dtype must be one of {sorted(_ITEMSIZE)}, got {dtype!r}")
@@ -472,8 +490,10 @@ def calibrate(comm=None, out=None, sizes=None, hidden=7168, dtype="bfloat16", ba
         raise ConfigError(f"hidden must be a positive int, got {hidden!r}")
     if backend not in ("auto", "cuda", "host"):
         raise ConfigError(f"backend must be 'auto', 'cuda' or 'host', got {backend!r}")
-    gpu_here = gpu_count() > 0
-    gpu_all = comm.allreduce(bool(gpu_here), op=MPI.LAND)
+    if comm.Get_size() == 1:
+        raise ConfigError("one rank: there is nothing to measure (a collective over one rank costs nothing, "
+                          "t(1, B) = 0); run it with one rank per GPU, e.g. `mpirun -n 2 dpgather calibrate`")
+    gpu_all = comm.allreduce(gpu_count() > 0, op=MPI.LAND)
     if backend == "cuda" and not gpu_all:
         raise ConfigError("calibrate(backend='cuda'): CuPy sees no GPU on some rank; use backend='host'")
     kind = "cuda" if (backend == "cuda" or (backend == "auto" and gpu_all)) else "host"
@@ -482,73 +502,48 @@ def calibrate(comm=None, out=None, sizes=None, hidden=7168, dtype="bfloat16", ba
     sizes = sorted({int(s) for s in sizes})
     if not sizes or sizes[0] <= 0:
         raise ConfigError(f"sizes must be positive row counts, got {sizes!r}")
-    if reps is None:
-        reps = 15 if kind == "cuda" else 5
-    reps = max(1, int(reps))
-    width = int(hidden)
-    storage = _STORAGE[dtype]
-    logical = dtype
-    row_bytes = width * _ITEMSIZE[dtype]
-    say = (lambda m: print(m, flush=True)) if (verbose and rank == 0) else (lambda m: None)
-    t_start = time.perf_counter()
+    reps = max(1, int(reps if reps is not None else 15 if kind == "cuda" else 5))
+    return kind, dtype, int(hidden), sizes, reps
 
-    be = _Cuda(comm, timeout_s) if kind == "cuda" else _Host(comm, timeout_s)
+
+def _say_samples(say, name, got, what=""):
+    for s in got:
+        say(f"# calibrate {name:16s} P={s[0]} k={s[1]} B={s[2]:>11.0f} {s[3]:9.1f} us{what}")
+
+
+def _measure_collectives(be, comm, sizes, width, storage, logical, reps, say):
+    """``(samples, copy_GBps, machine info)``: the backend's collectives over the whole group at
+    every size (and over pairs when ``P >= 4`` is even), the device copy bandwidth."""
+    from mpi4py import MPI
+
+    rank, P = comm.Get_rank(), comm.Get_size()
     samples = {c: [] for c in COLLECTIVES}
-    try:
-        copy = float(comm.allreduce(be.copy_GBps(), op=MPI.MIN))
-        if P > 1:
+    copy = float(comm.allreduce(be.copy_GBps(), op=MPI.MIN))
+    for rows in sizes:
+        got = _measure_group(be, comm, be.tp, rows, width, storage, logical, reps, COLLECTIVES, range(1, P + 1))
+        for c, v in got.items():
+            samples[c].extend(v)
+            _say_samples(say, c, v)
+    if P >= 4 and P % 2 == 0:  # pairs: alpha at k = 2 separates a0 from a1
+        sub = be.tp.split(rank // 2, rank % 2)
+        try:
             for rows in sizes:
-                got = _measure_group(be, comm, be.tp, rows, width, storage, logical, reps,
-                                     COLLECTIVES, range(1, P + 1))
+                got = _measure_group(be, comm, sub, rows, width, storage, logical, reps,
+                                     ("all_gather", "reduce_scatter", "all_reduce"), ())
                 for c, v in got.items():
                     samples[c].extend(v)
-                    for s in v:
-                        say(f"# calibrate {c:16s} P={s[0]} k={s[1]} B={s[2]:>11.0f} {s[3]:9.1f} us")
-            if P >= 4 and P % 2 == 0:  # pairs: alpha at k = 2 separates a0 from a1
-                sub = be.tp.split(rank // 2, rank % 2)
-                try:
-                    for rows in sizes:
-                        got = _measure_group(be, comm, sub, rows, width, storage, logical, reps,
-                                             ("all_gather", "reduce_scatter", "all_reduce"), ())
-                        for c, v in got.items():
-                            samples[c].extend(v)
-                            for s in v:
-                                say(f"# calibrate {c:16s} P={s[0]} k={s[1]} B={s[2]:>11.0f} {s[3]:9.1f} us")
-                finally:
-                    sub.close()
-        info = be.meta()
-    finally:
-        be.close()
-    p2p_note = None
-    if kind == "cuda" and P > 1:
-        p2p_rows = [r for r in sizes if r <= P2P_MAX_ROWS] or [min(sizes)]
-        got, p2p_note = _measure_p2p(comm, p2p_rows, width, dtype, storage, reps, timeout_s)
-        samples["p2p"].extend(got)
-        for s_ in got:
-            say(f"# calibrate {'p2p':16s} P={s_[0]} k={s_[1]} B={s_[2]:>11.0f} {s_[3]:9.1f} us (gather + combine)")
+                    _say_samples(say, c, v)
+        finally:
+            sub.close()
+    return samples, copy, be.meta()
 
-    params, fits = {}, {}
-    for c in COLLECTIVES:
-        got = _p2p_alpha_samples(samples[c], row_bytes, copy) if c == "p2p" else samples[c]
-        params[c], fits[c] = fit_collective(c, got)
-    curves = fit_curves(params, samples, row_bytes, copy)
-    model = CostModel(row_bytes=row_bytes, copy_GBps=copy, mlp_row_us=0.0, curves=curves, **params)
-    # every rank fitted the same (max-over-ranks) samples; broadcast anyway so all agree bit for bit
-    model = CostModel.from_dict(comm.bcast(model.to_dict(), root=0))
-    if kind == "cuda" and P > 1:  # graph-timed collectives leave out dpgather's own kernels
-        mode_us = _measure_modes(comm, width, dtype, storage, reps, timeout_s, model)
-        say("# calibrate mode_us (MAX_LEN, SUM_LEN, VARLEN) " + " ".join(f"{v:.1f}" for v in mode_us))
-        model = CostModel.from_dict({**model.to_dict(), "mode_us": list(mode_us)})
-        model = CostModel.from_dict(comm.bcast(model.to_dict(), root=0))
-    meta = {
-        **info, "backend": kind, "ranks": P, "gpu_count": P if kind == "cuda" else 0,
-        "date": datetime.datetime.now().isoformat(timespec="seconds"), "hidden": width,
-        "dtype": dtype, "sizes_rows_per_rank": sizes, "reps": reps, "fit": fits,
-        "samples": {c: [list(s) for s in v] for c, v in samples.items()},
-        "seconds": round(time.perf_counter() - t_start, 1),
-        "note": ("single rank: collectives cost nothing (t(1, B) = 0); defaults kept" if P == 1 else None),
-        "p2p": p2p_note or ("measured" if samples["p2p"] else "not measured (host backend or one rank)"),
-    }
+
+def _write(comm, model, meta, out, cache, say):
+    """Rank 0 writes ``out`` and, on CUDA, this machine's cache -- only when no fit is flagged;
+    a failed ``out`` raises :class:`ConfigError` on every rank (a failed cache is a note)."""
+    rank = comm.Get_rank()
+    if meta["flagged"]:
+        return
     if out is not None:
         err = None
         if rank == 0:
@@ -559,43 +554,123 @@ def calibrate(comm=None, out=None, sizes=None, hidden=7168, dtype="bfloat16", ba
         err = comm.bcast(err, root=0)
         if err:
             raise ConfigError(err)
-    if cache and kind == "cuda" and P > 1 and rank == 0:
-        path = cache_path(info.get("card"), P, info.get("nccl_version"))
+    if cache and meta["backend"] == "cuda" and rank == 0:
+        path = cache_path(meta.get("card"), meta["ranks"], meta.get("nccl_version"))
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = f"{path}.{os.getpid()}.tmp"
-            model.save(tmp, meta={**meta, "cache": path})
-            os.replace(tmp, path)
+            model.save(path, meta={**meta, "cache": path})
             say(f"# cached for this machine: {path}")
         except OSError as e:  # a cache is a convenience: say so, never fail the calibration
             print(f"dpgather calibrate: could not write the cache {path!r}: {e}", file=sys.stderr)
-    return model
+
+
+def calibrate(comm=None, out=None, sizes=None, hidden=7168, dtype="bfloat16", backend="auto",
+              reps=None, timeout_s=120.0, verbose=False, cache=True, max_residual=MAX_RESIDUAL,
+              return_meta=False):
+    """Measure the cost model's constants on this machine (collective over ``comm``).
+
+    Args:
+        comm: mpi4py communicator of the tp group (default ``MPI.COMM_WORLD``), one GPU per rank;
+            at least two ranks (one has nothing to measure).
+        out: path of a JSON file to write on rank 0 (``CostModel.save`` with ``meta``); read it
+            back with :meth:`CostModel.load`. Written only when no fit is flagged.
+        sizes: rows (tokens) per rank to time, each ``hidden`` wide (default
+            :data:`DEFAULT_SIZES_CUDA`, or :data:`DEFAULT_SIZES_HOST` on the host backend).
+        hidden, dtype: row shape; ``row_bytes`` of the result is ``hidden * itemsize``.
+        backend: ``"auto"`` (CUDA when CuPy sees a GPU on every rank), ``"cuda"`` or ``"host"``.
+        reps: timed repetitions per point (default 15 on CUDA, 5 on the host).
+        verbose: rank 0 prints each measured point.
+        cache: on CUDA, rank 0 also writes the model to this machine's cache
+            (:func:`dpgather.core.cost.cache_path`: GPU model, rank count, NCCL version), which
+            ``DpAttention(cost=None)`` then loads by itself -- only when no fit is flagged.
+        max_residual: a fit whose samples' relative residual exceeds this is *flagged*
+            (:func:`flag_fits`; default :data:`MAX_RESIDUAL`): the model is returned, but neither
+            ``out`` nor the cache is written and ``meta["flagged"]`` says why.
+        return_meta: return ``(model, meta)``: the file's ``meta`` (samples, fits, ``flagged``).
+
+    Returns:
+        The fitted :class:`CostModel` (the same on every rank), or ``(model, meta)``.
+
+    Raises:
+        ConfigError: bad arguments or one rank (raised on every rank alike), ``backend="cuda"``
+            without a GPU on some rank, ``out`` cannot be written.
+    """
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD if comm is None else comm
+    kind, dtype, width, sizes, reps = _options(comm, hidden, dtype, backend, sizes, reps)
+    P, storage = comm.Get_size(), _STORAGE[dtype]
+    row_bytes = width * _ITEMSIZE[dtype]
+    say = (lambda m: print(m, flush=True)) if (verbose and comm.Get_rank() == 0) else (lambda m: None)
+    t_start = time.perf_counter()
+    be = _Cuda(comm, timeout_s) if kind == "cuda" else _Host(comm, timeout_s)
+    try:
+        samples, copy, info = _measure_collectives(be, comm, sizes, width, storage, dtype, reps, say)
+    finally:
+        be.close()
+    p2p_note = "not measured (the host backend's P2P twin is not timed)"
+    if kind == "cuda":
+        got, p2p_note = _measure_p2p(comm, [r for r in sizes if r <= P2P_MAX_ROWS] or [min(sizes)], width, dtype,
+                                     storage, reps, timeout_s)
+        samples["p2p"].extend(got)
+        _say_samples(say, "p2p", got, " (gather + combine)")
+    params, fits = {}, {}
+    for c in COLLECTIVES:
+        got = _p2p_alpha_samples(samples[c], row_bytes, copy) if c == "p2p" else samples[c]
+        params[c], fits[c] = fit_collective(c, got)
+    curves, residuals = fit_curves(params, samples, row_bytes, copy)
+    model = CostModel(row_bytes=row_bytes, copy_GBps=copy, mlp_row_us=0.0, curves=curves, **params)
+    # every rank fitted the same (max-over-ranks) samples; broadcast anyway so all agree bit for bit
+    model = CostModel.from_dict(comm.bcast(model.to_dict(), root=0))
+    if kind == "cuda":  # graph-timed collectives leave out dpgather's own kernels
+        mode_us = _measure_modes(comm, width, dtype, storage, reps, timeout_s, model)
+        say("# calibrate mode_us (MAX_LEN, SUM_LEN, VARLEN) " + " ".join(f"{v:.1f}" for v in mode_us))
+        model = CostModel.from_dict(comm.bcast({**model.to_dict(), "mode_us": list(mode_us)}, root=0))
+    meta = {
+        **info, "backend": kind, "ranks": P, "gpu_count": P if kind == "cuda" else 0,
+        "date": datetime.datetime.now().isoformat(timespec="seconds"), "hidden": width,
+        "dtype": dtype, "sizes_rows_per_rank": sizes, "reps": reps, "fit": fits,
+        "samples": {c: [list(s) for s in v] for c, v in samples.items()},
+        "seconds": round(time.perf_counter() - t_start, 1),
+        "p2p": p2p_note or ("measured" if samples["p2p"] else "not measured"),
+        "max_residual": max_residual,
+        "flagged": comm.bcast(flag_fits(fits, residuals, model.curves, max_residual), root=0),
+    }
+    _write(comm, model, meta, out, cache, say)
+    return (model, meta) if return_meta else model
 
 
 def _format(model, meta):
-    """The fitted constants as a table (``#`` header lines, one row per collective)."""
+    """The fitted constants as a table (``#`` header lines, one row per collective): a row whose
+    collective was not measured says so instead of showing the defaults as a fit, a flagged fit
+    says why, and the curves list their measured points only."""
     rows = []
     for c in COLLECTIVES:
         a0, a1, beta = model.params[c]
         f = meta["fit"][c]
-        err = (None if f["rel_err_min"] is None else
-               f"{100 * f['rel_err_min']:+.0f}%..{100 * f['rel_err_max']:+.0f}%")
-        rows.append({"collective": c, "a0": a0, "a1": a1, "beta": beta, "err": err})
+        if not f["n"]:
+            note = "default, " + (meta.get("p2p") if c == "p2p" else "not measured")
+            rows.append({"collective": c, "a0": None, "a1": None, "beta": None, "err": None, "note": note})
+            continue
+        err = f"{100 * f['rel_err_min']:+.0f}%..{100 * f['rel_err_max']:+.0f}%"
+        note = ("FLAGGED: " + meta["flagged"][c]) if c in meta["flagged"] else (
+            "priced by its link-time curve" if c in model.curves else "")
+        rows.append({"collective": c, "a0": a0, "a1": a1, "beta": beta, "err": err, "note": note})
     cols = (Column("collective", left=True), Column("a0", "a0", "(us)", ".2f"),
             Column("a1", "a1", "(us)", ".2f"), Column("beta", "beta", "(GB/s)", ".1f"),
-            Column("err", "fit err", "(rel)"))
+            Column("err", "fit err", "(rel)"), Column("note", "", "", left=True))
     head = (f"# cost model ({meta.get('backend')} backend, {meta.get('ranks')} ranks, "
             f"{meta.get('card')}, {meta.get('seconds')} s)")
     tail = (f"# copy_GBps {model.copy_GBps:.0f}, row_bytes {model.row_bytes}, mode_us (MAX/SUM/VAR) "
-            + "/".join(f"{v:.1f}" for v in model.mode_us))
-    curves = [f"# link {c} {w}: " + ", ".join(f"{x / 1e6:.3g} MB {x / (t * 1e3):.0f} GB/s" for x, t in pts)
+            + ("/".join(f"{v:.1f}" for v in model.mode_us) if meta.get("backend") == "cuda" else "not measured"))
+    curves = [f"# link {c} {w}: " + ", ".join(f"{x / 1e6:.3g} MB {x / (t * 1e3):.1f} GB/s" for x, t in pts)
               for c, v in model.curves.items() for w, pts in v.items()]
     return "\n".join([head, *format_table(rows, cols), tail, *curves])
 
 
 def build_parser(prog="python -m dpgather.tools.calibrate"):
     ap = Parser(prog=prog, description="Measure the cost model's constants of policy='auto' on "
-                                       "this machine (run under mpirun, one rank per GPU).")
+                                       "this machine (run under mpirun, one rank per GPU, at least two).")
     ap.add_argument("--out", default="cost-model.json", help="JSON file to write (rank 0; default: %(default)s)")
     ap.add_argument("--sizes", default=None, metavar="LIST",
                     help="rows per rank to time, comma-separated positive integers")
@@ -603,6 +678,9 @@ def build_parser(prog="python -m dpgather.tools.calibrate"):
     ap.add_argument("--dtype", default="bfloat16", choices=sorted(_ITEMSIZE) + sorted(_ALIASES))
     ap.add_argument("--backend", default="auto", choices=("auto", "cuda", "host"))
     ap.add_argument("--reps", type=positive_int, default=None, help="timed repetitions per point")
+    ap.add_argument("--max-residual", type=positive_float, default=MAX_RESIDUAL, metavar="R",
+                    help="flag (and write nothing) when a fit is off any sample by more than R, relative "
+                         "(default: %(default)g = +-50%%)")
     ap.add_argument("-v", "--verbose", action="store_true")
     return ap
 
@@ -610,7 +688,9 @@ def build_parser(prog="python -m dpgather.tools.calibrate"):
 def main(argv=None, prog="python -m dpgather.tools.calibrate"):
     """``python -m dpgather.tools.calibrate`` / ``dpgather calibrate``: calibrate and write JSON.
 
-    Returns the exit code: 0, or 2 for invalid options, a missing mpi4py or a failed write.
+    Returns the exit code: 0 (written), 1 (a fit is flagged: the table is printed, nothing is
+    written or cached), 2 for invalid options, one rank (nothing to measure), a missing mpi4py or
+    a failed write.
     """
     ap = build_parser(prog)
     args = ap.parse_args(argv)
@@ -626,18 +706,20 @@ def main(argv=None, prog="python -m dpgather.tools.calibrate"):
         return say_error(prog, e)
     rank0 = MPI.COMM_WORLD.Get_rank() == 0
     try:
-        model = calibrate(out=args.out, sizes=sizes, hidden=args.hidden, dtype=args.dtype,
-                          backend=args.backend, reps=args.reps, verbose=args.verbose)
+        model, meta = calibrate(out=args.out, sizes=sizes, hidden=args.hidden, dtype=args.dtype,
+                                backend=args.backend, reps=args.reps, verbose=args.verbose,
+                                max_residual=args.max_residual, return_meta=True)
     except DpGatherError as e:
         return say_error(prog, e, rank0=rank0)
     if rank0:
-        import json
-
-        with open(args.out) as f:
-            meta = json.load(f).get("meta", {})
         print(_format(model, meta))
-        print(f"# wrote {args.out}; use DpAttention(..., cost=dpgather.CostModel.load({args.out!r}))")
-    return 0
+        if meta["flagged"]:
+            print(f"{prog}: error: the fit of {', '.join(meta['flagged'])} is off its samples by more than "
+                  f"+-{100 * args.max_residual:.0f}% (a loaded or noisy machine?); nothing written, nothing "
+                  "cached; rerun on an idle machine (or raise --max-residual)", file=sys.stderr, flush=True)
+        else:
+            print(f"# wrote {args.out}; use DpAttention(..., cost=dpgather.CostModel.load({args.out!r}))")
+    return EXIT_VERIFY if meta["flagged"] else EXIT_OK
 
 
 if __name__ == "__main__":

@@ -21,8 +21,6 @@ Behaviour common to every subcommand:
 import argparse
 import json
 import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -43,7 +41,7 @@ from ._common import (
     require,
     say_error,
 )
-from .launch import detect, launch_env, run_job
+from .launch import BACKSTOP_S, EXIT_INTERRUPTED, EXIT_TIMEOUT, detect, launch_env, run_job
 
 __all__ = ["main", "build_parser"]
 
@@ -73,8 +71,9 @@ def _launch(np_, pyargs, timeout):
     """Run ``mpiexec -n NP python PYARGS`` in its own process group under a hard time limit.
 
     stdout/stderr are inherited, so output streams live. Returns the exit code (124 when the
-    limit expired, 130 on Ctrl-C). Without mpiexec a replay runs in this process (one rank);
-    anything else returns 2 with one line naming the pip command.
+    limit expired -- :func:`dpgather.tools.launch.run_job` stops the job itself, under every MPI,
+    within ``timeout + KILL_GRACE_S + 1`` seconds --, 130 on Ctrl-C). Without mpiexec a replay
+    runs in this process (one rank); anything else returns 2 with one line naming the pip command.
     """
     launcher = detect()
     if launcher is None:
@@ -85,34 +84,9 @@ def _launch(np_, pyargs, timeout):
             return main(pyargs[2:])
         return say_error("dpgather", "no mpiexec next to the Python interpreter or on PATH; install "
                                      f"MPICH ({PIP['mpi4py']}) or Open MPI")
-    env, flags = launch_env(launcher, timeout=timeout)
+    env, flags = launch_env(launcher, timeout=timeout and timeout + BACKSTOP_S)
     print("$ " + " ".join([launcher.path, *flags, "-n", str(np_), sys.executable, *pyargs]), flush=True)
-
-    def wait(proc):
-        try:
-            return proc.wait(timeout=timeout + 10 if timeout else None)
-        except subprocess.TimeoutExpired:
-            _kill_group(proc)
-            print(f"dpgather: the run did not finish within {timeout:g} s and was stopped", file=sys.stderr)
-            return 124
-        except KeyboardInterrupt:
-            _kill_group(proc)
-            return 130
-
-    return run_job(launcher, np_, pyargs, env, flags, wait=wait)
-
-
-def _kill_group(proc):
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=3)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+    return run_job(launcher, np_, pyargs, env, flags, timeout=timeout)
 
 
 # -- subcommands --------------------------------------------------------------------------------
@@ -145,13 +119,7 @@ def _cmd_run(ns, extra):
     """``dpgather run``: launch a verified replay under mpiexec and read its report."""
     from dpgather.core import DpGatherError
 
-    from .report import check_out_dir
-
     out = ns.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
-    try:
-        check_out_dir(out)
-    except DpGatherError as e:
-        return say_error("dpgather run", e)
     gpus = gpu_count()
     np_ = ns.np or 4
     backend = []
@@ -164,8 +132,9 @@ def _cmd_run(ns, extra):
     progress = ["--progress", "on"] if sys.stderr.isatty() and "--progress" not in extra else []
     source = [] if {"--trace", "--synthetic"} & {a.split("=")[0] for a in extra} else ["--synthetic", "mixed"]
     replay_args = [*source, "--verify", "--out", out, *backend, *progress, *extra]
-    # The replay's own checks (options, mpi4py / Numba / ml_dtypes / CuPy, the trace) here, once,
-    # before any rank starts: a missing package is one line and exit 2, not one per rank.
+    # The replay's own checks (options, mpi4py / Numba / ml_dtypes / CuPy, the trace, then --out
+    # made) here, once, before any rank starts: a missing package is one line and exit 2, not one
+    # per rank.
     from .replay import ReplayConfig, preflight
 
     try:
@@ -187,7 +156,7 @@ def _cmd_run(ns, extra):
     if rc == EXIT_OK:
         # Open MPI 4 returns 0 when ranks exit non-zero without aborting the job: the report decides.
         rc = EXIT_OK if verdict is True else EXIT_VERIFY if verdict is False else EXIT_CRASH
-    elif rc not in (EXIT_VERIFY, EXIT_USAGE, EXIT_CRASH, 124, 130):
+    elif rc not in (EXIT_VERIFY, EXIT_USAGE, EXIT_CRASH, EXIT_TIMEOUT, EXIT_INTERRUPTED):
         rc = EXIT_CRASH  # a rank killed by a signal, the launcher's own failure codes
     if rc == EXIT_OK:
         _link_latest(out)
@@ -196,8 +165,8 @@ def _cmd_run(ns, extra):
               + f"every number is in {report}.")
     elif rc == EXIT_VERIFY:
         print(f"\nverification FAILED (exit 1) after {dt:.1f} s; details in {report}", file=sys.stderr)
-    elif rc == EXIT_USAGE:
-        pass  # rank 0 of the job has said why, on one line
+    elif rc in (EXIT_USAGE, EXIT_TIMEOUT, EXIT_INTERRUPTED):
+        pass  # said on one line already (rank 0 of the job, or the launcher's time limit)
     elif rc == EXIT_CRASH and verdict is None:
         print(f"\ndpgather run failed after {dt:.1f} s: no report was written (exit 3)", file=sys.stderr)
     else:
@@ -271,11 +240,36 @@ def _scenario(D):
     return Trace(D, DEFAULT_SPEC, steps, list(range(len(steps))), "built-in scenario")
 
 
+def _replay_planning(trace, A, ns):
+    """``(topology, buckets, planner keywords)`` that plan each step as ``dpgather replay`` does:
+    its graph buckets, its cost model at the replay's row width (``--hidden`` x ``--dtype``;
+    ``DpAttention`` rescales the model to its rows) and the transport its ``DpAttention`` gets on
+    one machine: ``--transport auto`` assumes the P2P transport runs (the host backend's
+    shared-memory twin, or CUDA P2P where every GPU pair has peer access) with the windows
+    ``DpAttention`` makes (``dpgather.core.p2p_window_rows``) -- and ``nccl`` that it does not
+    (``dpgather info`` / ``dp.info()`` say which)."""
+    import dpgather as dg
+    from dpgather.core import p2p_window_rows
+    from dpgather.core.dtypes import DTYPES as ITEMS
+
+    from .replay import DTYPES, parse_buckets
+
+    topo = dg.Topology(trace.dp_size * A, A)
+    buckets = parse_buckets(ns.graph_buckets, A)
+    hidden = ns.hidden or (2048 if gpu_count() else 256)
+    cost = dg.CostModel(mlp_row_us=ns.mlp_row_us).with_row_bytes(hidden * ITEMS[DTYPES[ns.dtype]].itemsize)
+    p2p = ns.transport != "nccl" and topo.world_size > 1
+    kw = {"spec": trace.spec, "graph_buckets": buckets, "cost": cost, "transport": ns.transport,
+          "p2p_rows": p2p_window_rows(topo, buckets) if p2p else 0}
+    return topo, buckets, kw
+
+
 def _cmd_plans(ns):
-    """``dpgather plans``: plan each step of a scenario or trace and print the layouts."""
+    """``dpgather plans``: plan each step of a scenario or trace as ``dpgather replay`` would
+    (:func:`_replay_planning`) and print the layouts (``--json``: one object per step)."""
     import dpgather as dg
 
-    from .replay import POLICIES, parse_buckets
+    from .replay import POLICIES
     from .report import text_table
     from .traces import load_trace, synthetic
 
@@ -288,38 +282,43 @@ def _cmd_plans(ns):
         else:
             trace = _scenario(ns.dp)
         trace = trace.head(ns.steps)
-        topo = dg.Topology(trace.dp_size * A, A)
-        buckets = parse_buckets(ns.graph_buckets, A)
-        cost = dg.CostModel(mlp_row_us=ns.mlp_row_us)
+        topo, buckets, kw = _replay_planning(trace, A, ns)
         policies = POLICIES if ns.policy == "all" else (ns.policy,)
         compare = list(policies) + ([] if "sglang" in policies else ["sglang"])
         rows = []
         for sid, step in zip(trace.step_ids, trace.steps):
             batches = [r.batch() for r in step]
+            plans = {pol: dg.plan(batches, topo, policy=pol, **kw) for pol in compare}
+            if ns.json:
+                print(json.dumps({"step": sid, "plans": {pol: p.as_dict() for pol, p in plans.items()}}))
+                continue
             counts = [r.counts(trace.spec) for r in step]
-            reps = " ".join(_abbr(r) for r in step)
-            cells = [sid, reps, ",".join(str(c[0]) for c in counts), ",".join(str(c[1]) for c in counts)]
-            for pol in compare:
-                p = dg.plan(batches, topo, spec=trace.spec, policy=pol, graph_buckets=buckets, cost=cost)
-                if p.skip:
-                    cells += ["skip", "-", 0, 0]
-                else:
-                    cells += [p.mode.name + ("*" if p.graph else ""), p.bucket or "-", p.gathered_rows,
-                              p.logits_rows]
+            cells = [sid, " ".join(_abbr(r) for r in step), ",".join(str(c[0]) for c in counts),
+                     ",".join(str(c[1]) for c in counts)]
+            for p in plans.values():
+                cells += (["skip", "-", 0, 0] if p.skip else
+                          [p.mode.name + ("*" if p.graph else "") + (" p2p" if p.transport == "p2p" else ""),
+                           p.bucket or "-", p.gathered_rows, p.logits_rows])
             rows.append(cells)
     except dg.DpGatherError as e:
         return say_error("dpgather plans", e)
+    if ns.json:
+        return EXIT_OK
     head = ["step", "replicas (mode bs)", "tokens n", "logits l"]
     for pol in compare:
         head += [f"{pol}", "bucket", "rows", "logit rows"]
     print(f"Plans of {trace.name}: D={trace.dp_size} replicas x attn_tp {A}, graph buckets "
-          f"{','.join(map(str, buckets)) or 'none'}"
+          f"{','.join(map(str, buckets)) or 'none'}, rows of {kw['cost'].row_bytes} B, transport "
+          + (f"auto (P2P windows of {kw['p2p_rows']} rows)" if kw["p2p_rows"] else "nccl (no P2P)")
           + (f", EAGLE S={trace.spec.num_steps} topk={trace.spec.topk} N={trace.spec.num_draft_tokens}"
              if trace.spec else "") + "\n")
     print(text_table(rows, head, left=(0, 1)))
-    print("\nmode* = graph replay (MAX_LEN slots of `bucket` rows); rows = gathered rows, "
-          "logit rows = logits gather rows; dext bs/real = draft extend with bs requests and "
-          "real accepted rows. `dpgather plans --help` for other traces and policies.")
+    print("\nmode* = graph replay (MAX_LEN slots of `bucket` rows); p2p = the step moves over the P2P "
+          "transport (exact rows), else over the collectives (NCCL, MPI on the host backend); rows = "
+          "gathered rows, logit rows = logits gather rows; dext bs/real = draft extend with bs requests "
+          "and real accepted rows. These are the plans `dpgather replay` makes for the same trace, "
+          "--attn-tp, --graph-buckets, --hidden, --dtype and --mlp-row-us on one machine (--transport "
+          "nccl where P2P is off). `dpgather plans --help` for other traces and policies.")
     return EXIT_OK
 
 
@@ -449,25 +448,13 @@ def _cmd_calibrate(ns, extra):
 
 # -- parser -------------------------------------------------------------------------------------
 
-def build_parser():
-    """The ``dpgather`` argument parser (help and errors on rank 0 only, errors on one line)."""
-    import dpgather
+_FMT = argparse.RawDescriptionHelpFormatter
 
-    from .replay import DTYPES, POLICIES
-    from .traces import GENERATORS
 
-    p = Parser(
-        prog="dpgather",
-        description="dpgather: exact, fast gathered buffers for data-parallel attention inference.\n"
-                    "Replay serving traces through the data plane, inspect plans, benchmark.",
-        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--version", action="version", version=f"dpgather {dpgather.__version__}")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    fmt = argparse.RawDescriptionHelpFormatter
-
+def _add_run(sub):
     r = sub.add_parser(
         "run", help="what `make run` does: launch a verified replay of the built-in trace under mpiexec",
-        formatter_class=fmt, allow_abbrev=False,
+        formatter_class=_FMT, allow_abbrev=False,
         description="Launch `mpiexec -n NP python -m dpgather.tools.cli replay --synthetic mixed --verify "
                     "--out runs/<timestamp>`\nwith one-box MPI settings and a time limit. On a GPU node "
                     "NP is the number of GPUs and the\nbackend is CUDA. Any other flag is passed to "
@@ -476,11 +463,16 @@ def build_parser():
     r.add_argument("--np", type=positive_int, help="number of ranks (default: 4; GPUs on a GPU node)")
     r.add_argument("--out", metavar="DIR", help="output folder (default: runs/<timestamp>)")
     r.add_argument("--timeout", type=positive_float, default=600.0, metavar="S",
-                   help="kill the run after S seconds (default: %(default)g)")
+                   help="stop the run after S seconds and exit 124, under every MPI (default: %(default)g)")
+    return r
+
+
+def _add_replay(sub):
+    from .replay import DTYPES, POLICIES
 
     rp = sub.add_parser(
         "replay", help="replay a trace step by step through the data plane (run under mpirun)",
-        formatter_class=fmt,
+        formatter_class=_FMT,
         description="Every rank syncs, plans, gathers its replica's rows, runs a stand-in TP MLP, "
                     "combines with\nscatter(reduce=True) and the LM-head rows with gather_logits / "
                     "scatter_logits.\nWith --verify every row is checked against a NumPy reference. "
@@ -508,13 +500,20 @@ def build_parser():
                     help="predicted MLP time of one padding row, for the auto policy's cost model "
                          "(default: %(default)s, a dense TP MLP at DeepSeek-V3 / Llama-70B scale on "
                          "H100; 0 for an MoE that masks padding rows)")
+    return rp
+
+
+def _add_plans(sub):
+    from .replay import DTYPES, POLICIES
+    from .traces import GENERATORS
 
     pl = sub.add_parser(
         "plans", help="print the plans of a short multi-replica scenario (no MPI needed)",
-        formatter_class=fmt,
-        description="Plan each step of a built-in scenario (or a trace) with dg.plan and print the "
-                    "layouts:\nper-replica modes, counts, padding mode, gathered rows, graph bucket; "
-                    "SGLang's choice alongside.",
+        formatter_class=_FMT,
+        description="Plan each step of a built-in scenario (or a trace) with dg.plan, as `dpgather "
+                    "replay` plans it\n(the same buckets, cost model, row width and transport), and print "
+                    "the layouts: per-replica modes,\ncounts, padding mode, transport, gathered rows, graph "
+                    "bucket; SGLang's choice alongside.",
         epilog="examples:\n  dpgather plans\n  dpgather plans --policy all --attn-tp 2\n"
                "  dpgather plans --synthetic prefill-burst --steps 10")
     src = pl.add_mutually_exclusive_group()
@@ -529,7 +528,20 @@ def build_parser():
     pl.add_argument("--graph-buckets", default="default", metavar="LIST")
     pl.add_argument("--mlp-row-us", type=nonneg_float, default=0.3, metavar="US",
                     help="MLP time of one padding row in the auto policy's cost model (default: %(default)s)")
+    pl.add_argument("--hidden", type=positive_int, metavar="H",
+                    help="row width the cost model prices, as `replay --hidden` (default: 256, or 2048 "
+                         "where CuPy sees a GPU: replay's default)")
+    pl.add_argument("--dtype", default="bfloat16", choices=list(DTYPES), metavar="DTYPE",
+                    help="row dtype, as `replay --dtype` (default: %(default)s)")
+    pl.add_argument("--transport", default="auto", choices=("auto", "nccl", "p2p"),
+                    help="auto (default): the P2P transport runs, as replay's DpAttention gets it on one "
+                         "machine (the host twin on CPUs; CUDA P2P with peer access); nccl: it does not")
+    pl.add_argument("--json", action="store_true", help="one JSON object per step: every policy's plan.as_dict()")
+    return pl
 
+
+def _add_others(sub):
+    """``info``, ``bench``, ``bench-sync`` and ``calibrate`` (whose options are its own)."""
     sub.add_parser("info", help="backend, devices, MPI / NCCL versions, optional packages",
                    description="What `backend='auto'` would pick here, the devices, the MPI library, "
                                "NCCL (when CuPy has it) and the optional packages.")
@@ -544,7 +556,7 @@ def build_parser():
     bs = sub.add_parser("bench-sync", help="per-step sync latency under mpiexec (dpgather.tools.sync_bench)",
                         description="Launch `python -m dpgather.tools.sync_bench` under mpiexec -n NP; "
                                     "extra flags go to it (--iters, --warmup, --attn-tp, --policy, --json).",
-                        epilog="example:\n  dpgather bench-sync --np 4 --iters 500", formatter_class=fmt)
+                        epilog="example:\n  dpgather bench-sync --np 4 --iters 500", formatter_class=_FMT)
     bs.add_argument("--np", type=positive_int, default=2, help="ranks (default: 2)")
     bs.add_argument("--timeout", type=positive_float, default=300.0, metavar="S")
 
@@ -554,8 +566,21 @@ def build_parser():
                                "JSON. Run under mpirun with one rank per GPU: `mpirun -n 4 dpgather "
                                "calibrate --out cost.json`; load with dpgather.CostModel.load(path). "
                                "`dpgather calibrate --help` lists its options.")
-    p.commands = {"run": r, "replay": rp, "plans": pl, "info": sub.choices["info"], "bench": b,
-                  "bench-sync": bs, "calibrate": cal}
+    return {"info": sub.choices["info"], "bench": b, "bench-sync": bs, "calibrate": cal}
+
+
+def build_parser():
+    """The ``dpgather`` argument parser (help and errors on rank 0 only, errors on one line)."""
+    import dpgather
+
+    p = Parser(
+        prog="dpgather",
+        description="dpgather: exact, fast gathered buffers for data-parallel attention inference.\n"
+                    "Replay serving traces through the data plane, inspect plans, benchmark.",
+        epilog=_EPILOG, formatter_class=_FMT)
+    p.add_argument("--version", action="version", version=f"dpgather {dpgather.__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    p.commands = {"run": _add_run(sub), "replay": _add_replay(sub), "plans": _add_plans(sub), **_add_others(sub)}
     return p
 
 

@@ -30,18 +30,34 @@ Exit status: Open MPI with these settings (4.x ``orte_abort_on_non_zero_status=0
 every rank through :mod:`dpgather.tools._rankexit`, which records each rank's exit code in a
 temporary directory, and returns the first non-zero code, or 1 when a rank recorded nothing
 (killed, ``os._exit``) -- whatever ``mpiexec`` said. The test harness reads one JSON result per rank.
+
+Time limit: :func:`run_job` enforces it itself, the same way under every MPI (MPICH's Hydra ends
+a job at ``MPIEXEC_TIMEOUT`` with its own exit code, Open MPI 5 does not read the variable): when
+``timeout`` seconds have passed it sends SIGTERM to the job's process group, SIGKILL after
+:data:`KILL_GRACE_S`, and returns :data:`EXIT_TIMEOUT` (124) -- within ``timeout +``
+:data:`KILL_GRACE_S` ``+ 1`` seconds. The launcher's own limit (``MPIEXEC_TIMEOUT``, where the
+flavour reads it) is set :data:`BACKSTOP_S` later, only for the case that this process is killed
+before it can stop the job.
 """
 
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 from typing import NamedTuple
 
 __all__ = ["Launcher", "find_mpiexec", "detect", "launch_env", "scrub_job_identity", "run_job", "job_status",
-           "rank_command"]
+           "rank_command", "stop_job", "EXIT_TIMEOUT", "EXIT_INTERRUPTED", "KILL_GRACE_S", "BACKSTOP_S"]
+
+#: Exit code of a job stopped at its time limit (as coreutils' ``timeout``), and of one stopped by Ctrl-C.
+EXIT_TIMEOUT, EXIT_INTERRUPTED = 124, 130
+#: Seconds between SIGTERM and SIGKILL when a job is stopped.
+KILL_GRACE_S = 2.0
+#: Seconds after the time limit at which the launcher's own limit ends the job (a backstop).
+BACKSTOP_S = 30
 
 #: Variables that identify a *running* MPI job (its runtime daemon, namespace, ranks). A new job
 #: must not inherit them. Prefixes, then exact names.
@@ -225,50 +241,105 @@ def job_status(status_dir, nranks, rc):
     return 0
 
 
-def run_job(launcher, nranks, pyargs, env, flags, *, wait=None):
+def stop_job(proc):
+    """End ``proc`` (started with ``start_new_session=True``) and everything in its process group:
+    SIGTERM, then SIGKILL after :data:`KILL_GRACE_S` seconds; returns once ``proc`` is reaped."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=KILL_GRACE_S)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    proc.wait()
+
+
+def run_job(launcher, nranks, pyargs, env, flags, *, timeout=None):
     """Run ``mpiexec FLAGS -n NRANKS python PYARGS`` and return the job's real exit code.
 
-    Every rank runs through :func:`rank_command`; the code is :func:`job_status`'s. ``wait``
-    (``proc -> rc``) replaces ``proc.wait()`` for callers that bound or interrupt the job;
-    the process is started in its own session (process group) either way.
+    Every rank runs through :func:`rank_command`; the code is :func:`job_status`'s. The launcher
+    runs in its own session (process group). ``timeout`` (seconds, None: none): the job is
+    stopped (:func:`stop_job`) when it has not ended by then, and the code is
+    :data:`EXIT_TIMEOUT` (124), one line on stderr saying so; Ctrl-C stops it too
+    (:data:`EXIT_INTERRUPTED`, 130).
     """
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="dpgather-job-") as status_dir:
         cmd = [launcher.path, *flags, "-n", str(nranks), *rank_command(status_dir, pyargs)]
         proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdin=subprocess.DEVNULL)
-        rc = proc.wait() if wait is None else wait(proc)
-        if rc in (124, 130):  # the caller stopped the job: no rank status to read
-            return rc
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            stop_job(proc)
+            print(f"dpgather: the job did not finish within its time limit of {timeout:g} s and was "
+                  f"stopped (exit {EXIT_TIMEOUT})", file=sys.stderr, flush=True)
+            return EXIT_TIMEOUT
+        except KeyboardInterrupt:
+            stop_job(proc)
+            return EXIT_INTERRUPTED
         return job_status(status_dir, nranks, rc)
 
 
-def main(argv=None):
-    """``python -m dpgather.tools.launch -n N [--timeout S] [--recovery] SCRIPT|-m MODULE [ARGS...]``:
-    run ``mpiexec -n N python ...`` with the one-box settings above; returns the launcher's code."""
-    import argparse
+_PROG = "python -m dpgather.tools.launch"
+_OPTS, _FLAGS = ("-n", "--np", "--timeout"), ("--recovery", "-h", "--help")
 
-    ap = argparse.ArgumentParser(prog="python -m dpgather.tools.launch",
-                                 description="Run a Python program under this machine's mpiexec with "
-                                             "dpgather's one-box settings (MPICH or Open MPI).")
-    ap.add_argument("-n", "--np", type=int, required=True, help="ranks")
-    ap.add_argument("--timeout", type=float, default=0, help="seconds (the launcher kills the job after it)")
+
+def _missing_program(args):
+    """Why ``args`` (``SCRIPT ...``, ``-m MODULE ...`` or ``-c CODE ...``) cannot start, or None."""
+    import importlib.util
+
+    if args[0] == "-c":
+        return None if len(args) > 1 else "-c needs the code to run"
+    if args[0] == "-m":
+        if len(args) < 2:
+            return "-m needs a module name"
+        try:
+            found = importlib.util.find_spec(args[1]) is not None
+        except (ImportError, ValueError):
+            found = False
+        return None if found else f"no module named {args[1]!r} (for -m)"
+    if args[0].startswith("-"):
+        return f"unknown option {args[0]!r} (options come before the program)"
+    if not os.path.isfile(args[0]):
+        return f"cannot open the program {args[0]!r}: no such file"
+    return None
+
+
+def main(argv=None):
+    """``python -m dpgather.tools.launch -n N [--timeout S] [--recovery] SCRIPT|-m MODULE|-c CODE [ARGS...]``:
+    run ``mpiexec -n N python ...`` with the one-box settings above; returns the job's code
+    (:func:`run_job`: the ranks' code, 124 at the time limit). Bad options, a program that does
+    not exist or no ``mpiexec``: one line on stderr, exit 2, nothing launched."""
+    from ._common import Parser, positive_float, positive_int, say_error
+
+    ap = Parser(prog=_PROG, description="Run a Python program under this machine's mpiexec with "
+                                        "dpgather's one-box settings (MPICH or Open MPI).")
+    ap.add_argument("-n", "--np", type=positive_int, required=True, help="ranks (>= 1)")
+    ap.add_argument("--timeout", type=positive_float, default=None, metavar="S",
+                    help=f"seconds (> 0): the job is stopped after S seconds and the exit code is {EXIT_TIMEOUT}")
     ap.add_argument("--recovery", action="store_true", help="keep the job running when a rank dies")
     ap.add_argument("args", nargs="*", help="the program and its arguments (SCRIPT, -m MODULE or -c CODE)")
     argv = list(sys.argv[1:] if argv is None else argv)
     i = 0  # our options come first; the program starts at the first other argument
-    while i < len(argv) and argv[i] in ("-n", "--np", "--timeout", "--recovery", "-h", "--help"):
-        i += 1 if argv[i] in ("--recovery", "-h", "--help") else 2
+    while i < len(argv) and (argv[i] in _OPTS + _FLAGS or argv[i].split("=", 1)[0] in _OPTS):
+        i += 2 if argv[i] in _OPTS else 1
     ns = ap.parse_args(argv[:i])
     ns.args = argv[i:]
-    found = detect()
-    if found is None:
-        print("dpgather: no mpiexec next to the Python interpreter or on PATH", file=sys.stderr)
-        return 127
     if not ns.args:
         ap.error("no program given (SCRIPT, -m MODULE or -c CODE)")
-    env, flags = launch_env(found, timeout=ns.timeout or None, recovery=ns.recovery)
-    return run_job(found, ns.np, ns.args, env, flags)
+    why = _missing_program(ns.args)
+    if why:
+        ap.error(why)
+    found = detect()
+    if found is None:
+        return say_error(_PROG, "no mpiexec next to the Python interpreter or on PATH; install MPICH "
+                                "(pip install mpich mpi4py) or Open MPI")
+    env, flags = launch_env(found, timeout=ns.timeout and ns.timeout + BACKSTOP_S, recovery=ns.recovery)
+    return run_job(found, ns.np, ns.args, env, flags, timeout=ns.timeout)
 
 
 if __name__ == "__main__":

@@ -57,7 +57,7 @@ from dpgather.core.dtypes import ALIASES as _DTYPE_ALIASES
 from . import report as _report
 from ._common import (EXIT_CRASH, EXIT_OK, EXIT_USAGE, EXIT_VERIFY, PIP, gpu_count, require, require_mpi,
                       say_error)
-from .report import REPORT_FORMAT, check_out_dir, fmt_bytes
+from .report import REPORT_FORMAT, fmt_bytes, make_out_dir
 from .traces import GENERATORS, load_trace, synthetic
 
 __all__ = ["ReplayConfig", "replay", "DEFAULT_BUCKETS", "REPORT_FORMAT", "DTYPES", "POLICIES",
@@ -127,8 +127,8 @@ class ReplayConfig:
         """Check the options that need neither MPI nor the trace; raises :class:`ConfigError`.
 
         Called on every rank before MPI starts, so a bad option costs nothing and reads the
-        same everywhere. ``--out`` must be a writable folder (or creatable): an existing file
-        there is an error now, not after the replay.
+        same everywhere. ``--out`` naming an existing file is an error now, not after the
+        replay (the folder is created once every other check passed: :func:`_before_mpi`).
         """
         def whole(v, name, lo):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
@@ -154,8 +154,8 @@ class ReplayConfig:
             raise ConfigError(f"--synthetic must be one of {', '.join(sorted(GENERATORS))}; got {self.synthetic!r}")
         self.policies()
         parse_buckets(self.graph_buckets, self.attn_tp)
-        if self.out:
-            check_out_dir(self.out)
+        if self.out and os.path.exists(self.out) and not os.path.isdir(self.out):
+            make_out_dir(self.out)  # names the file; the folder itself is made by _before_mpi
 
 
 def parse_buckets(text, attn_tp):
@@ -393,6 +393,38 @@ def _verify_step(inp, st, plan, sid, rank, d_own, G, y, GL, out):
     return [bad(G, Gref), bad(y, yref), bad(GL, GLref), bad(out, oref)]
 
 
+def _forward(dp, runner, plan, x, mlp, box, arrays, contribution, idx, Vt, verify):
+    """One forward step after its ``sync``: gather -> ``mlp`` -> scatter (``runner``: the graph
+    runner's replay of the three), then the LM-head rows through ``gather_logits`` /
+    ``scatter_logits``. Returns ``(G, y, GL, out, (t3, t4, t5))``: ``G`` on the host when
+    verifying (None when a CUDA graph hid it), the clock after the logits gather, before and
+    after the logits scatter (``box["mlp_s"]``: the MLP's own time, left out of the step's)."""
+    xp = arrays.xp
+    if runner is not None:
+        y = runner.run(x, plan)
+        G = box.get("G")
+    else:
+        G = dp.gather(x, plan, contribution=contribution)
+        arrays.sync()
+        tm = time.perf_counter()
+        Y = mlp(G)
+        arrays.sync()
+        box["mlp_s"] = time.perf_counter() - tm
+        y = dp.scatter(Y, plan, reduce=True)
+        if verify and xp is not np:
+            G = arrays.host(G)
+    h = y[xp.asarray(idx)] if len(idx) else arrays.empty(0, y.shape[1])
+    GL = dp.gather_logits(xp.ascontiguousarray(h), plan)
+    arrays.sync()
+    t3 = time.perf_counter()
+    L = arrays.f32(GL) @ Vt
+    arrays.sync()
+    t4 = time.perf_counter()
+    out = dp.scatter_logits(L, plan)
+    arrays.sync()
+    return G, y, GL, out, (t3, t4, time.perf_counter())
+
+
 def _run_policy(comm, cfg, policy, trace, prepared, topo, spec, buckets, H, dtype, backend_name,
                 inp, bar):
     """Replay ``trace`` under ``policy``; returns (plans, times, bad rows, arena stats, graph stats).
@@ -449,30 +481,8 @@ def _run_policy(comm, cfg, policy, trace, prepared, topo, spec, buckets, H, dtyp
                     bad[i, 4] = 1
                 bar.update(1)
                 continue
-            if plan.graph and runner is not None:
-                y = runner.run(x, plan)
-                G = box.get("G")
-            else:
-                G = dp.gather(x, plan, contribution=contribution)
-                arrays.sync()
-                tm = time.perf_counter()
-                Y = mlp(G)
-                arrays.sync()
-                box["mlp_s"] = time.perf_counter() - tm
-                y = dp.scatter(Y, plan, reduce=True)
-                if cfg.verify and xp is not np:
-                    G = arrays.host(G)
-            idx = st.idx[d_own]
-            h = y[xp.asarray(idx)] if len(idx) else arrays.empty(0, H)
-            GL = dp.gather_logits(xp.ascontiguousarray(h), plan)
-            arrays.sync()
-            t3 = time.perf_counter()
-            L = arrays.f32(GL) @ Vt
-            arrays.sync()
-            t4 = time.perf_counter()
-            out = dp.scatter_logits(L, plan)
-            arrays.sync()
-            t5 = time.perf_counter()
+            G, y, GL, out, (t3, t4, t5) = _forward(dp, runner if plan.graph else None, plan, x, mlp, box,
+                                                   arrays, contribution, st.idx[d_own], Vt, cfg.verify)
             times[i] = (t3 - t0) - box.get("mlp_s", 0.0) + (t5 - t4)
             if cfg.verify:
                 Gh = None if G is None else arrays.host(G)
@@ -535,7 +545,8 @@ def _backend(cfg):
 
 
 def _before_mpi(cfg):
-    """Phase 1 (every process, MPI not started): options, dependencies and the trace file.
+    """Phase 1 (every process, MPI not started): options, dependencies, the trace file, then
+    the ``--out`` folder is created (:func:`dpgather.tools.report.make_out_dir`).
 
     Returns ``(backend, dtype, trace or None)``; raises a :class:`DpGatherError`.
     """
@@ -546,6 +557,8 @@ def _before_mpi(cfg):
     if backend == "host":
         require(f"{_PROG} on the host backend", "numba", *(["ml_dtypes"] if dtype == "bfloat16" else []))
     trace = load_trace(cfg.trace) if cfg.trace else None
+    if cfg.out:
+        make_out_dir(cfg.out)  # last: a run refused for another reason leaves no folder behind
     return backend, dtype, trace
 
 
@@ -717,6 +730,25 @@ def replay(cfg, comm=None):
         return EXIT_CRASH
 
 
+def _policy_result(cfg, plans, prepared, T, row_bytes, forward, wall, all_times, all_bad, all_stats, gstats):
+    """Rank 0: one policy's entry of the report (plans, step times and bad rows over ranks,
+    sizes, the summary and rank 0's memory stats) from what every rank gathered to it."""
+    times = np.max(np.stack(all_times), axis=0)
+    bad_rows = np.sum(np.stack(all_bad), axis=0)
+    sizes = [_sizing(p, st, T) for p, st in zip(plans, prepared)]
+    summary = _report.summary(sizes, row_bytes, times, forward)
+    summary["modes"] = _report.mode_mix(plans)
+    summary["wall_s"] = wall
+    summary["bad_rows"] = int(bad_rows.sum()) if cfg.verify else None
+    summary["verified"] = bool(cfg.verify)
+    summary["arena_allocations"] = int(all_stats[0]["total"]["allocations"])
+    summary["graph_static_bytes"] = (None if gstats is None else int(
+        sum(v.get("reserved_bytes", 0) for k, v in gstats.items() if k != "total" and isinstance(v, dict))))
+    summary["arena_reserved_bytes_max"] = int(max(s["total"]["reserved_bytes"] for s in all_stats))
+    return {"plans": plans, "times": times, "bad": bad_rows, "sizes": sizes, "summary": summary,
+            "memory_stats": all_stats[0]}
+
+
 def _replay(comm, cfg, topo, dtype, backend, H, policies, buckets, trace, spec):
     rank, T, A, D = comm.Get_rank(), topo.world_size, topo.attn_tp_size, topo.dp_size
     arrays = _Arrays(backend, dtype)
@@ -761,20 +793,8 @@ def _replay(comm, cfg, topo, dtype, backend, H, policies, buckets, trace, spec):
         any_bad = any_bad or nbad > 0
         if rank != 0:
             continue
-        times = np.max(np.stack(all_times), axis=0)
-        bad_rows = np.sum(np.stack(all_bad), axis=0)
-        sizes = [_sizing(p, st, T) for p, st in zip(plans, prepared)]
-        summary = _report.summary(sizes, row_bytes, times, forward)
-        summary["modes"] = _report.mode_mix(plans)
-        summary["wall_s"] = wall
-        summary["bad_rows"] = int(bad_rows.sum()) if cfg.verify else None
-        summary["verified"] = bool(cfg.verify)
-        summary["arena_allocations"] = int(all_stats[0]["total"]["allocations"])
-        summary["graph_static_bytes"] = (None if gstats is None else int(
-            sum(v.get("reserved_bytes", 0) for k, v in gstats.items() if k != "total" and isinstance(v, dict))))
-        summary["arena_reserved_bytes_max"] = int(max(s["total"]["reserved_bytes"] for s in all_stats))
-        results[policy] = {"plans": plans, "times": times, "bad": bad_rows, "sizes": sizes,
-                           "summary": summary, "memory_stats": all_stats[0]}
+        results[policy] = _policy_result(cfg, plans, prepared, T, row_bytes, forward, wall, all_times, all_bad,
+                                         all_stats, gstats)
         if not cfg.verify:
             status = "not verified (run with --verify)"
         elif not nbad:

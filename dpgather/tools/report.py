@@ -16,13 +16,12 @@ gather plus the logits gather:
 ``f = (T-1)/T``): all-gather, reduce-scatter and their v-variants ``f*B``, all-reduce ``2f*B``;
 a MAX_LEN or VARLEN step moves ``2fB`` (gather + combine), a SUM_LEN step ``4fB``.
 
-Rank 0 alone calls this module. :func:`write_report` writes ``report.json`` atomically (a
-temporary file in the same folder, then a rename), so a reader -- ``dpgather run``, a CI job --
-never sees a truncated report, even when the disk fills up.
+Rank 0 alone calls this module. :func:`write_report` writes ``report.json`` and the plots
+atomically (:func:`dpgather.core.files.write_atomic`: a temporary file in the same folder, then a
+rename), so a reader -- ``dpgather run``, a CI job -- never sees a truncated report, even when
+the disk fills up.
 """
 
-import contextlib
-import json
 import os
 import tempfile
 
@@ -30,11 +29,12 @@ import numpy as np
 
 import dpgather
 from dpgather.core import ConfigError
+from dpgather.core.files import write_atomic, write_json_atomic
 
 from ._common import PIP, missing
 
 __all__ = [
-    "REPORT_FORMAT", "check_out_dir", "write_json_atomic", "write_report", "print_report",
+    "REPORT_FORMAT", "make_out_dir", "write_report", "print_report",
     "summary", "mode_mix", "text_table", "fmt_bytes", "fmt_rows", "plots",
 ]
 
@@ -43,52 +43,23 @@ REPORT_FORMAT = "dpgather-report/1"
 _DSV3_ROW = 7168 * 2   # DeepSeek-V3 hidden row in bf16, for the scale-up line
 
 
-def check_out_dir(path):
-    """Raise :class:`dpgather.ConfigError` unless ``path`` is a writable folder or can be made one.
+def make_out_dir(path):
+    """Create the folder ``path`` (and its parents) now, before any work, and make sure a file can
+    be created in it; raise :class:`dpgather.ConfigError` naming ``--out``, the path and why not.
 
-    Checked before a run starts (no folder is created here): an existing *file*, a path under a
-    file, or a folder that cannot be written would otherwise only fail once all the work is done.
+    An existing *file* of that name, a path under a file, a name too long, a parent where nothing
+    can be created (whatever ``access()`` says) would otherwise only fail once the whole replay
+    ran. The folder stays (empty until the report is written).
     """
-    p = os.path.abspath(path)
-    if os.path.exists(p):
-        if not os.path.isdir(p):
-            raise ConfigError(f"--out {path}: a file of that name exists; --out names a folder "
-                              "(for report.json and the plots)")
-        if not os.access(p, os.W_OK | os.X_OK):
-            raise ConfigError(f"--out {path}: the folder is not writable")
-        return
-    parent = os.path.dirname(p)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise ConfigError(f"--out {path}: {parent} is a file, so the folder cannot be created")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"--out {path}: cannot create the folder ({parent} is not writable)")
-
-
-def write_json_atomic(path, obj, indent=1):
-    """Write ``obj`` as JSON to ``path``: all of it or nothing.
-
-    The text goes to a temporary file in the same folder, is flushed to disk, and replaces
-    ``path`` with one ``os.replace``; on any error the temporary file is removed and the
-    exception propagates (``path`` keeps its previous content, if any).
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"--out {path}: a file of that name exists; --out names a folder "
+                          "(for report.json and the plots)")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=indent)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; a report is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+        os.makedirs(path, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()  # an anonymous file: nothing is left behind
+    except OSError as e:
+        raise ConfigError(f"--out {path}: cannot create the folder or a file in it "
+                          f"({e.strerror or e})") from None
 
 
 def fmt_bytes(b):
@@ -245,7 +216,9 @@ def plots(outdir, trace, results, prepared, row_bytes, title):
     files = []
     for name, fig in figures(trace, results, prepared, row_bytes, title).items():
         p = os.path.join(outdir, name)
-        fig.savefig(p, dpi=110, bbox_inches="tight")  # the figure grows to hold the outside legend
+        # the figure grows to hold the outside legend
+        write_atomic(p, lambda f, fig=fig: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"),
+                     binary=True)
         plt.close(fig)
         files.append(p)
     return files
@@ -334,7 +307,7 @@ def write_report(cfg, results, trace, prepared, topo, dtype, backend, H, buckets
         OSError: the folder, the report or a plot cannot be written.
     """
     out = cfg.out
-    os.makedirs(out, exist_ok=True)
+    os.makedirs(out, exist_ok=True)  # made before the replay (make_out_dir); here if removed since
     report = {
         "format": REPORT_FORMAT,
         "version": dpgather.__version__,

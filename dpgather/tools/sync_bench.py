@@ -22,7 +22,6 @@ Needs mpi4py only (no GPU, no repository checkout). Exit codes: 0 ok, 1 a plan m
 baseline, 2 invalid options or mpi4py missing.
 """
 
-import json
 import platform
 import sys
 import time
@@ -30,8 +29,9 @@ import time
 import numpy as np
 
 from dpgather.core import POLICIES, ForwardMode, LocalBatch
+from dpgather.core.files import write_json_atomic
 
-from ._common import (EXIT_OK, EXIT_USAGE, EXIT_VERIFY, Parser, nonneg_int, positive_int, require, require_mpi,
+from ._common import (EXIT_OK, EXIT_VERIFY, Parser, nonneg_int, positive_int, require, require_mpi,
                       say_error)
 from .timing import Column, format_table, percentile
 
@@ -130,38 +130,20 @@ def build_parser(prog=_PROG):
     return ap
 
 
-def main(argv=None, prog=_PROG):
-    """Run the benchmark on every rank of ``MPI.COMM_WORLD``; returns the exit code."""
-    args = build_parser(prog).parse_args(argv)
-    try:
-        require(prog, "mpi4py", "numba")  # DpAttention on the host backend
-        MPI = require_mpi(prog)
-    except Exception as e:  # BackendUnavailable
-        return say_error(prog, e)
-    from dpgather import DpAttention
-
-    world = MPI.COMM_WORLD
-    rank, size = world.rank, world.size
-    if size % args.attn_tp:
-        return say_error(prog, f"--attn-tp {args.attn_tp} must divide the number of ranks ({size})",
-                         rank0=rank == 0)
-    A, D = args.attn_tp, size // args.attn_tp
-    dp = DpAttention(world, attn_tp_size=A, hidden_size=8, dtype="float32", backend="host",
-                     policy=args.policy, timeout_s=60.0)
-
-    my_rep = rank // A
+def _time_steps(world, dp, args, A, D):
+    """Time ``args.warmup + args.iters`` syncs and as many baseline exchanges on every rank;
+    returns ``(ours_us, baseline_us, wrong plans)``, this rank's samples of the timed iterations."""
+    my_rep = world.rank // A
     steps = make_batches(_CYCLE, D, args.seed)
     infos = [baseline_info(*s[my_rep]) for s in steps]
     batches = [_batch(*s[my_rep]) for s in steps]
     check = args.policy == "sglang"
-
-    total = args.warmup + args.iters
     ours = np.empty(args.iters)
     base = np.empty(args.iters)
     wrong = 0
     pc = time.perf_counter_ns
     barrier = world.Barrier
-    for it in range(total):
+    for it in range(args.warmup + args.iters):
         k = it % _CYCLE
         barrier()
         t0 = pc()
@@ -181,19 +163,12 @@ def main(argv=None, prog=_PROG):
             or plan.gathered_rows != bplan["gathered_rows"]
         ):
             wrong += 1
+    return ours, base, wrong
 
-    # a step is synced when the slowest rank is done: max over ranks, per step
-    ours_max = np.empty_like(ours)
-    base_max = np.empty_like(base)
-    world.Allreduce(ours, ours_max, op=MPI.MAX)
-    world.Allreduce(base, base_max, op=MPI.MAX)
-    wrong = world.allreduce(wrong, op=MPI.SUM)
-    transport = dp.info()["sync"]
-    dp.close()
-    rc = EXIT_VERIFY if wrong else EXIT_OK
-    if rank != 0:
-        return rc
 
+def _report(MPI, args, prog, size, A, D, ours_max, base_max, wrong, transport):
+    """Rank 0: the table and ``--json``; returns an exit code to use instead, or None."""
+    check = args.policy == "sglang"
     p50, p99 = percentile(ours_max, 50), percentile(ours_max, 99)
     b50, b99 = percentile(base_max, 50), percentile(base_max, 99)
     lib = MPI.Get_library_version().splitlines()[0].strip()
@@ -225,13 +200,44 @@ def main(argv=None, prog=_PROG):
             "host": platform.node(), "python": platform.python_version(),
         }
         try:
-            with open(args.json, "w") as f:
-                json.dump(result, f, indent=2)
-                f.write("\n")
+            write_json_atomic(args.json, result, indent=2)
         except OSError as e:
-            say_error(prog, f"cannot write {args.json}: {e.strerror or e}", rank0=True)
-            return EXIT_USAGE
-    return rc
+            return say_error(prog, f"cannot write {args.json}: {e.strerror or e}", rank0=True)
+    return None
+
+
+def main(argv=None, prog=_PROG):
+    """Run the benchmark on every rank of ``MPI.COMM_WORLD``; returns the exit code."""
+    args = build_parser(prog).parse_args(argv)
+    try:
+        require(prog, "mpi4py", "numba")  # DpAttention on the host backend
+        MPI = require_mpi(prog)
+    except Exception as e:  # BackendUnavailable
+        return say_error(prog, e)
+    from dpgather import DpAttention
+
+    world = MPI.COMM_WORLD
+    rank, size = world.rank, world.size
+    if size % args.attn_tp:
+        return say_error(prog, f"--attn-tp {args.attn_tp} must divide the number of ranks ({size})",
+                         rank0=rank == 0)
+    A, D = args.attn_tp, size // args.attn_tp
+    dp = DpAttention(world, attn_tp_size=A, hidden_size=8, dtype="float32", backend="host",
+                     policy=args.policy, timeout_s=60.0)
+    ours, base, wrong = _time_steps(world, dp, args, A, D)
+    # a step is synced when the slowest rank is done: max over ranks, per step
+    ours_max = np.empty_like(ours)
+    base_max = np.empty_like(base)
+    world.Allreduce(ours, ours_max, op=MPI.MAX)
+    world.Allreduce(base, base_max, op=MPI.MAX)
+    wrong = world.allreduce(wrong, op=MPI.SUM)
+    transport = dp.info()["sync"]
+    dp.close()
+    rc = EXIT_VERIFY if wrong else EXIT_OK
+    if rank != 0:
+        return rc
+    failed = _report(MPI, args, prog, size, A, D, ours_max, base_max, wrong, transport)
+    return rc if failed is None else failed
 
 
 if __name__ == "__main__":

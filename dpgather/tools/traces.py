@@ -48,6 +48,7 @@ from dpgather.core import (
     SpecConfig,
     count_tokens,
 )
+from dpgather.core.files import JsonRefused, decode_json, write_atomic
 
 __all__ = [
     "FORMAT", "GENERATORS", "DEFAULT_SPEC", "ACCEPT_P", "ReplicaStep", "Trace",
@@ -67,7 +68,6 @@ _REPLICA_KEYS = {"mode", "batch_size", "extend_tokens", "logprob_tokens", "can_r
 _SPEC_KEYS = ("num_steps", "topk", "num_draft_tokens")
 _INT32_MAX = 2**31 - 1      # counts: the per-step record is int32
 _INT64_MAX = 2**63 - 1      # step ids and seeds
-_MAX_DIGITS = 20            # longer integer literals are refused before Python converts them
 _SHOW = 60                  # characters of a bad value quoted in a message
 
 
@@ -88,47 +88,14 @@ def _show(value):
     return text if len(text) <= _SHOW else text[:_SHOW - 3] + "..."
 
 
-class _Refused(ValueError):
-    """A JSON text this format refuses, raised from the decoder's hooks."""
-
-
-def _int_literal(text):
-    digits = len(text) - (text[:1] == "-")
-    if digits > _MAX_DIGITS:
-        raise _Refused(f"an integer literal with {digits} digits (counts are at most {_INT32_MAX}, "
-                       f"step ids at most {_INT64_MAX})")
-    return int(text)
-
-
-def _no_constant(name):
-    raise _Refused(f"{name} is not a JSON number (this format has integers only)")
-
-
-def _object(pairs):
-    obj = {}
-    for key, value in pairs:
-        if key in obj:
-            raise _Refused(f"duplicate key {_show(key)} in one object")
-        obj[key] = value
-    return obj
-
-
-_DECODER = json.JSONDecoder(object_pairs_hook=_object, parse_int=_int_literal,
-                            parse_constant=_no_constant)
-
-
 def _decode(text, where):
-    """One line's JSON value; every failure is an :class:`InputError` naming ``where``."""
+    """One line's JSON value (:func:`dpgather.core.files.decode_json`: duplicate keys, NaN, long
+    integer literals and deep nesting refused); every failure is an :class:`InputError` naming
+    ``where``."""
     try:
-        return _DECODER.decode(text)
-    except _Refused as e:
+        return decode_json(text)
+    except JsonRefused as e:
         raise InputError(f"{where}: {e}") from None
-    except json.JSONDecodeError as e:
-        raise InputError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-    except RecursionError:
-        raise InputError(f"{where}: nested too deeply (a trace line is at most 4 levels deep)") from None
-    except ValueError as e:  # anything else the decoder refuses
-        raise InputError(f"{where}: invalid JSON ({e})") from None
 
 
 @dataclass(frozen=True)
@@ -379,11 +346,11 @@ def load_trace(path):
 
 
 def save_trace(trace, path):
-    """Write ``trace`` as JSON Lines (a header line, then one line per step)."""
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(json.dumps(trace.header()) + "\n")
-        for sid, step in zip(trace.step_ids, trace.steps):
-            f.write(json.dumps({"step": sid, "replicas": [r.to_json() for r in step]}) + "\n")
+    """Write ``trace`` as JSON Lines (a header line, then one line per step), atomically."""
+    lines = [json.dumps(trace.header())]
+    lines += [json.dumps({"step": sid, "replicas": [r.to_json() for r in step]})
+              for sid, step in zip(trace.step_ids, trace.steps)]
+    write_atomic(path, "\n".join(lines) + "\n")
 
 
 # -- synthetic generators -----------------------------------------------------------------------

@@ -3,7 +3,9 @@
 
     DPGATHER_CACHE_DIR=/tmp/x mpirun -n 2 python tests/gpu/calibrate_cache.py
 
-Checks: the calibration is graph-timed and fits the P2P constants where P2P runs (``meta.p2p``),
+Checks: the calibration is graph-timed, no fit is flagged (every sample within
+``calibrate.MAX_RESIDUAL`` of the model that prices it; a flagged fit is neither written nor
+cached, and the flags are reported), it fits the P2P constants where P2P runs (``meta.p2p``),
 the cache file exists on rank 0 under ``DPGATHER_CACHE_DIR``, and a new ``DpAttention`` reports
 ``info()["cost_model"]`` "calibrated (<path>)" with the planner's constants equal to the
 calibrated model's on every rank. Each rank reports through ``mpi_harness.report``.
@@ -24,7 +26,10 @@ cache = os.environ.get("DPGATHER_CACHE_DIR")
 if not cache:
     print("set DPGATHER_CACHE_DIR to a scratch folder", file=sys.stderr)
     sys.exit(2)
-model = dg.calibrate(comm, sizes=(1, 64, 1024), reps=5, hidden=7168, dtype="bfloat16")
+model, run_meta = dg.calibrate(comm, sizes=(1, 64, 1024), reps=5, hidden=7168, dtype="bfloat16",
+                               return_meta=True)
+for name, why in run_meta["flagged"].items():
+    failures.append(f"calibration of {name} flagged (so not cached): {why}")
 dp = dg.DpAttention(comm, hidden_size=7168, dtype="bfloat16", backend="cuda")
 info = dp.info()
 src = info["cost_model"]
@@ -46,4 +51,5 @@ if comm.rank == 0:
             failures.append(f"P2P runs here but calibrate did not measure it: {meta.get('p2p')}")
 dp.close()
 report(failures=failures, cost_model=src, p2p=meta.get("p2p"), transport=info["transport"],
-       p2p_params=model.params["p2p"], fit=meta.get("fit", {}).get("p2p"))
+       p2p_params=model.params["p2p"], fit=meta.get("fit", {}).get("p2p"), flagged=run_meta["flagged"],
+       fits={c: (f["rel_err_min"], f["rel_err_max"]) for c, f in run_meta["fit"].items()})

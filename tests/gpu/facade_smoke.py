@@ -7,8 +7,15 @@ Every rank derives every rank's inputs from seeds and checks every row of ``gath
 ``scatter`` (reduce and copy), ``gather_logits``/``scatter_logits`` and ``mask_topk_ids``
 against a NumPy reference; with ``--graphs`` also the graph runner (replay == eager) and zero
 allocations over 100 replays of random counts (dpgather's arenas and CuPy's default pool; where
-the pool changes, the replay index and the change are reported). Each rank reports its failures
-with ``mpi_harness.report``.
+the pool changes, the replay index and the change are reported). Every A also checks the gathers'
+bits (docs/design.md section 4): with the padding mode forced, ``gather`` (both contributions)
+and ``gather_logits`` of rows full of ``-0.0``, signalling NaNs, NaN payloads, infinities and
+subnormals (``--dtype``; float32 and ``--transport nccl`` runs add int32, int64 and uint8 at their
+extremes) into an output
+poisoned before the call, compared as bits with ``tests/bit_patterns.py``'s reference (partial
+sums at A <= 2 only: more summands add in the collective's order; a NaN *sum* only as a NaN on
+CUDA, whose arithmetic returns the canonical NaN). Each rank reports its
+failures with ``mpi_harness.report``.
 """
 
 import argparse
@@ -17,6 +24,7 @@ import numpy as np
 from mpi4py import MPI
 
 import dpgather as dg
+from bit_patterns import BitStep, bits_differ
 from mpi_harness import Tally, report, transports_as_expected
 
 comm = MPI.COMM_WORLD
@@ -67,6 +75,38 @@ AVAILABLE = set()  # info()["transport"] of every DpAttention: the first in the 
 
 def rows(seed, n, width=H):
     return np.random.default_rng(seed).standard_normal((n, width)).astype(np.float32).astype(NPDT)
+
+
+def check_bits(A):
+    """The gathers move bits exactly in every padding mode (see the module docstring)."""
+    d = RANK // A
+    for policy in ("max_len", "sum_len", "varlen"):
+        ints = args.dtype == "float32" or args.transport == "nccl"
+        for name in [args.dtype] + (["int32", "int64", "uint8"] if ints else []):
+            dp = dg.DpAttention(comm, attn_tp_size=A, hidden_size=H, dtype=name, backend=args.backend,
+                                policy=policy, transport=args.transport)
+            for s in range(3):
+                st = BitStep(dg, 26, T, A, name, H, s)
+                plan = dp.sync(st.batches[d])
+                if plan.skip:
+                    continue
+                USED.add(plan.transport)
+                l_own = int(plan.logits_tokens[d])
+                calls = (("gather replicate", False, st.x_rep[d], lambda x: dp.gather(x, plan, contribution="replicate")),
+                         ("gather partial", True, st.x_part[RANK], lambda x: dp.gather(x, plan, contribution="partial")),
+                         ("gather_logits", False, st.x_rep[d][:l_own], lambda x: dp.gather_logits(x, plan)))
+                for what, partial, x, call in calls:
+                    if partial and A > 2:  # a sum of 3+ summands: its order is the collective's
+                        continue
+                    xd = to_dev(x)
+                    call(xd).view(np.uint8).fill(0x7B)  # poison the output (the same view next call)
+                    got = to_host(call(xd), None)
+                    ref, nan_only = st.reference(plan, partial, logits=what == "gather_logits",
+                                                 any_nan=args.backend == "cuda")
+                    err = bits_differ(got, ref, nan_only, name)
+                    check(f"bits A={A} {policy} {name} step {s} {plan.mode.name} {plan.transport} {what}: {err}",
+                          err is None)
+            dp.close()
 
 
 spec = dg.SpecConfig(3, 2, 4)
@@ -138,6 +178,8 @@ for A in [int(a) for a in args.A.split(",")] if args.A else [a for a in range(1,
                 iref[plan.slot_offsets[r] + n[r]:plan.slot_offsets[r + 1]] = -1
             check(f"{tag} mask_topk_ids", np.array_equal(res, iref))
         dp.close()
+
+    check_bits(A)
 
     if args.graphs:
         buckets = (A * 2, A * 8, A * 32)
