@@ -19,7 +19,20 @@ the descriptor is rewritten). Its layout, in int64 entries:
 ``[48, 48 + 3D)``     mask triples ``(slot_offset, n_tokens, slot_rows)`` per replica
 then                  P2P pull descriptors (docs/p2p.md): gather replicate, gather partial,
                       combine, logits gather, each at a fixed offset (:attr:`Descriptor.p2p`)
+then                  P2P push descriptors (docs/push.md): the same four operations, each at a
+                      fixed offset (:attr:`Descriptor.push`)
 ====================  ==========================================================================
+
+The push descriptors (docs/push.md: ``[sig, n_send, n_jobs, self_row]``, send records
+``(in_row, rows, slot_row, dest_first, dest_count)``, jobs as the pull's), ranks numbered in the
+node of ``L`` ranks, ``a`` this rank's attn-TP position, ``base`` the node's first slot offset:
+
+- gather replicate: ``A = 1``: one send ``(0, n, 0, 0, L)``; ``A > 1``: per replica ``d``
+  ``(0, n, 0, d*A + a, 1)``; jobs per ``d``: ``(o_d, n_d, slot_d, 0, d*A + a, 1, 1)``;
+- gather partial: one send ``(0, n, 0, 0, L)``; jobs per ``d``: ``(o_d, n_d, slot_d, 0, d*A, A, 1)``;
+- combine: sends per ``d``: ``(o_d - base, n_d, 0, d*A, A)``; one job ``(0, n_own, 2^62, 0, 0, L, 1)``,
+  ``self_row = o_own - base``;
+- logits gather: as gather replicate, over the logits layout.
 """
 
 from dpgather.core import PaddingMode
@@ -132,8 +145,9 @@ class Descriptor:
 
     Attributes:
         size: entries. ``record(layout_index, name)``: the copy-record index of a record.
-        mask_at: entry of the first mask triple. p2p: ``{name: entry}`` of the P2P descriptors
-        (``"gather_replicate"``, ``"gather_partial"``, ``"combine"``, ``"logits"``).
+        mask_at: entry of the first mask triple. p2p: ``{name: entry}`` of the P2P pull descriptors
+        (``"gather_replicate"``, ``"gather_partial"``, ``"combine"``, ``"logits"``); push: the same
+        for the push descriptors (docs/push.md).
         node_size, node_replicas: ranks and replicas of one P2P group.
     """
 
@@ -153,6 +167,11 @@ class Descriptor:
                                    ("combine", DN, 1), ("logits", 1, DN)):
             self.p2p[name] = at
             at += 4 + 3 * npack + 7 * njobs
+        self.push = {}
+        for name, nsend, njobs in (("gather_replicate", 1 if A == 1 else DN, DN), ("gather_partial", 1, DN),
+                                   ("combine", DN, 1), ("logits", 1 if A == 1 else DN, DN)):
+            self.push[name] = at
+            at += 4 + 5 * nsend + 7 * njobs
         self.size = at
 
     @staticmethod
@@ -193,4 +212,33 @@ class Descriptor:
             out[at:at + 3] = (hidden.offsets[d] - base, hidden.counts[d], hidden.offsets[d] - base)
             at += 3
         out[at:at + 7] = (0, hidden.counts[d_own], _BIG, hidden.offsets[d_own] - base, 0, L, 1)
+        self._write_push(out, hidden, logits, rank, sigs)
         return out
+
+    def _write_push(self, out, hidden, logits, rank, sigs):
+        """The push descriptors of :attr:`push` (module docstring): every row crosses NVLink
+        once per destination; a rank's own rows come from its input."""
+        A, L, DN = self.A, self.node_size, self.node_replicas
+        r0 = (rank // L) * L
+        d0, a = r0 // A, rank % A
+        for name, lay, partial in (("gather_replicate", hidden, False), ("gather_partial", hidden, True),
+                                   ("logits", logits, False)):
+            at = self.push[name]
+            spread = A > 1 and not partial  # replicate: each destination from its own attn-TP position
+            out[at:at + 4] = (sigs[name], DN if spread else 1, DN, 0)
+            at += 4
+            for k in range(DN if spread else 1):
+                out[at:at + 5] = (0, lay.n, 0, k * A + a, 1) if spread else (0, lay.n, 0, 0, L)
+                at += 5
+            for d in range(d0, d0 + DN):
+                first, count = ((d - d0) * A, A) if partial else ((d - d0) * A + a, 1)
+                out[at:at + 7] = (lay.offsets[d], lay.counts[d], lay.slots[d], 0, first, count, 1)
+                at += 7
+        base, d_own = hidden.offsets[d0], rank // A
+        at = self.push["combine"]
+        out[at:at + 4] = (sigs["combine"], DN, 1, hidden.offsets[d_own] - base)
+        at += 4
+        for d in range(d0, d0 + DN):
+            out[at:at + 5] = (hidden.offsets[d] - base, hidden.counts[d], 0, (d - d0) * A, A)
+            at += 5
+        out[at:at + 7] = (0, hidden.counts[d_own], _BIG, 0, 0, L, 1)
