@@ -256,3 +256,111 @@ def test_p2p_kernel_params_match_the_signature():
     assert sizes == [4 if c == "int" else 8 for _, c in _p2p.KERNEL_PARAMS]
     with pytest.raises(Exception, match="missing"):
         _p2p.kernel_args(inp=1)
+
+
+# -- kernels/push.cu (the push transport) --------------------------------------------------------
+
+from dpgather.kernels import _push  # noqa: E402
+
+
+def test_push_specialisation_list_covers_every_pair():
+    # every logical dtype with every access at least as wide as its element, at most 8 bytes
+    assert set(_push.ACCESS_CTYPES) == {8, 4, 2, 1}
+    expect = {f"p2p_push<{e}, {v}>" for n, e in _p2p.ELEM_CTYPES.items()
+              for w, v in _push.ACCESS_CTYPES.items() if w >= _p2p.ITEMSIZE[n]}
+    assert set(_push.NAME_EXPRESSIONS) == expect and len(expect) == 15
+
+
+def test_push_source_is_self_contained_and_constants_match():
+    src = _push.kernel_source()
+    assert "#include \"dpg_device.cuh\"" not in src and "namespace dpg_dev" in src
+    assert src.count("namespace dpg_dev {") == 1  # inlined once
+
+    def const(name):
+        m = re.search(rf"\b{name} = (-?\w+)", src)
+        assert m, name
+        return int(m.group(1).rstrip("uLl"), 0)
+
+    assert const("kThreads") == _push._THREADS
+    assert const("kErrTimeout") == _p2p.ERR_TIMEOUT and const("kErrSignature") == _p2p.ERR_SIGNATURE
+    assert (const("kEpoch"), const("kDepart"), const("kErr")) == (0, 1, 2)
+    assert const("kHdrOff") == _push.HDR_OFF
+    assert const("kFirstEpoch") == _push.FIRST_EPOCH and const("kClearFrom") == 2**32 - 2
+    assert (const("kHeaderWords"), const("kSendWords"), const("kJobWords")) == (
+        _push.HEADER_WORDS, _push.SEND_WORDS, _push.JOB_WORDS)
+    assert "constexpr int kMaxRanks = kThreads;" in src and _push.MAX_RANKS == _push._THREADS
+
+
+def test_cuda_source_inlines_package_headers_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(_cuda, "_package_text", lambda name: {
+        "a.cu": '#include "h.cuh"\n  #include "h.cuh"\n#include <cuda_fp16.h>\nA\n',
+        "h.cuh": '#include "g.cuh"\nH\n', "g.cuh": "G\n"}[name])
+    text = _cuda.CudaSource("a.cu", (), ()).text()
+    assert text == 'G\n\nH\n\n#include <cuda_fp16.h>\nA\n'
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_push_cu_compiles_every_specialisation(nvrtc, arch):
+    inc = cuda_include_dir()
+    if inc is None:
+        pytest.skip("no CUDA headers (cuda_bf16.h) found: set CUDA_PATH or install the toolkit")
+    ok, log, lowered = compile_source(nvrtc, _push.kernel_source(), _push.NAME_EXPRESSIONS, arch,
+                                      options=_p2p.COMPILE_OPTIONS + (f"-I{inc}",))
+    assert ok, f"NVRTC rejected kernels/push.cu for {arch}:\n{log}"
+    assert set(lowered) == set(_push.NAME_EXPRESSIONS)
+    assert len(set(lowered.values())) == len(lowered), lowered
+
+
+def test_push_tuning_switches_compile(nvrtc, monkeypatch):
+    """The push switches ride on DPGATHER_P2P_DEFINES (names DPG_P2P_PUSH_*) and compile."""
+    inc = cuda_include_dir()
+    if inc is None:
+        pytest.skip("no CUDA headers (cuda_bf16.h) found: set CUDA_PATH or install the toolkit")
+    monkeypatch.setenv("DPGATHER_P2P_DEFINES",
+                       "DPG_P2P_PUSH_UNROLL=4,DPG_P2P_PUSH_ACTIVE_BYTES=16384,DPG_P2P_PUSH_SLEEP_AFTER=100000")
+    opts = _p2p.compile_options()
+    assert "-DDPG_P2P_PUSH_UNROLL=4" in opts
+    some = tuple(_push.NAME_EXPRESSIONS)[:2]
+    ok, log, _ = compile_source(nvrtc, _push.kernel_source(), some, ARCHS[-1], options=opts + (f"-I{inc}",))
+    assert ok, log
+
+
+def test_push_cu_compiles_with_nvcc(tmp_path):
+    import shutil
+
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc not on PATH")
+    lines = [_push.kernel_source(), "void dpg_instantiate_all() {"]
+    lines += [f"    (void)&{name};" for name in _push.NAME_EXPRESSIONS]
+    lines.append("}")
+    src = tmp_path / "push_all.cu"
+    src.write_text("\n".join(lines))
+    out = subprocess.run([nvcc, "-arch=sm_90", "-std=c++17", "-Xptxas", "-warn-spills", "-c",
+                          str(src), "-o", str(tmp_path / "push_all.o")],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert "spill" not in out.stderr.lower(), out.stderr
+
+
+def test_push_import_needs_no_cupy():
+    code = (
+        "import sys, dpgather.kernels._push; "
+        "bad = [m for m in ('cupy', 'mpi4py', 'numba', 'ml_dtypes', 'torch') if m in sys.modules]; "
+        "assert not bad, bad; print('clean')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "clean" in out.stdout, out.stderr
+
+
+def test_push_kernel_params_match_the_signature():
+    # the push kernel takes exactly the pull's parameters: one packer (kernels._p2p.kernel_args)
+    src = _push.kernel_source()
+    m = re.search(r"__global__ void __launch_bounds__\([^)]*\)\s*p2p_push\(([^)]*)\)", src)
+    assert m, "p2p_push signature not found"
+    params = []
+    for p in m.group(1).split(","):
+        p = " ".join(p.replace("__restrict__", "").split())
+        ctype, name = p.rsplit(" ", 1)
+        params.append((name, ctype.replace(" *", "*")))
+    assert tuple(params) == _push.KERNEL_PARAMS == _p2p.KERNEL_PARAMS

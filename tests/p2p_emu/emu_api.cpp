@@ -66,6 +66,14 @@ int barrier(int pred) {
     return b->count_result;
 }
 
+// Give the other threads of this block a turn without a barrier (threads are otherwise
+// switched only at barriers): a thread that spins on memory must not keep its siblings from
+// running, as on the GPU. The p2p kernel never calls it; tests/push_emu does, in every poll.
+void fiber_yield() {
+    Block* b = tl_block;
+    swapcontext(&b->ctx[b->cur], &b->sched);
+}
+
 // Run `body` as the kThreads threads of block `bx` of a `grid`-block launch on this OS thread.
 void run_block(unsigned int bx, unsigned int grid, const std::function<void()>& body) {
     if (const long long us = g_stagger_us.load()) std::this_thread::sleep_for(std::chrono::microseconds(us * bx));
@@ -85,11 +93,15 @@ void run_block(unsigned int bx, unsigned int grid, const std::function<void()>& 
         b->state[i] = Block::kRunnable;
     }
     while (b->live > 0) {
-        for (int i = 0; i < kBlock; ++i) {
-            if (b->state[i] != Block::kRunnable) continue;
-            b->cur = i;
-            threadIdx = dim3{(unsigned int)i, 0, 0};
-            swapcontext(&b->sched, &b->ctx[i]);
+        for (bool again = true; again;) {  // threads that yielded (fiber_yield) run on
+            again = false;
+            for (int i = 0; i < kBlock; ++i) {
+                if (b->state[i] != Block::kRunnable) continue;
+                b->cur = i;
+                threadIdx = dim3{(unsigned int)i, 0, 0};
+                swapcontext(&b->sched, &b->ctx[i]);
+                again |= b->state[i] == Block::kRunnable;
+            }
         }
         // every live thread is at the barrier (or done): release it
         if (b->live > 0) {
