@@ -161,16 +161,14 @@ def make_desc(sig: int, sends=(), jobs=(), self_row: int = 0, out=None, off: int
     """
     sends = np.asarray(sends, dtype=np.int64).reshape(-1, SEND_WORDS)
     jobs = np.asarray(jobs, dtype=np.int64).reshape(-1, JOB_WORDS)
-    n = desc_words(len(sends), len(jobs))
+    head = np.array([int(sig) & 0xFFFFFFFF, len(sends), len(jobs), int(self_row)], np.int64)
+    words = np.concatenate([head, sends.ravel(), jobs.ravel()])
     if out is None:
-        out = np.empty(off + n, dtype=np.int64)
-    elif out.dtype != np.int64 or out.ndim != 1 or out.shape[0] < off + n:
-        raise InputError(f"out: expected a 1-D int64 array of at least {off + n} entries, got "
+        out = np.zeros(off + words.size, np.int64)
+    elif out.dtype != np.int64 or out.ndim != 1 or out.shape[0] < off + words.size:
+        raise InputError(f"out: expected a 1-D int64 array of at least {off + words.size} entries, got "
                          f"{out.dtype} {out.shape}")
-    out[off:off + HEADER_WORDS] = (int(sig) & 0xFFFFFFFF, len(sends), len(jobs), int(self_row))
-    p = off + HEADER_WORDS
-    out[p:p + sends.size] = sends.ravel()
-    out[p + sends.size:p + sends.size + jobs.size] = jobs.ravel()
+    out[off:off + words.size] = words
     return out
 
 

@@ -6,7 +6,8 @@
  *  - Elem<E>: the arithmetic of sums on raw element bits (float16/bfloat16 accumulate in
  *    fp32 and round once; integer sums wrap modulo 2^bits);
  *  - descriptor index helpers (negative entries count as 0, indices clamped to +-(2^31 - 1));
- *  - PTX wrappers: %globaltimer, volatile 64-bit state words, the acq_rel block counter.
+ *  - PTX wrappers: %globaltimer, volatile 64-bit state words; the acq_rel block counter;
+ *  - the error word's halves (committed | pending << 32) and the commit by a launch's last block.
  * Under DPG_P2P_EMULATION (the CPU emulation in tests/, never defined by the loader) the PTX
  * wrappers come from the emulator instead.
  *************************************************************************/
@@ -105,6 +106,28 @@ struct Elem<unsigned char> {
 // The high half of a state word holding "committed code | pending code << 32".
 __device__ __forceinline__ unsigned int* pending_half(unsigned long long* word) {
     return reinterpret_cast<unsigned int*>(word) + 1;  // little-endian: high word
+}
+
+// Called once by thread 0 of each of the G active blocks of a launch: true in the last block to
+// arrive, which resets the counter for the next launch. The acq_rel add orders every block's
+// accesses before the last block's later ones. One block needs no counter.
+__device__ __forceinline__ bool last_block(unsigned long long* counter, long long G) {
+    if (G == 1) return true;
+    if (atom_add_acq_rel_gpu(counter, 1ull) != (unsigned long long)(G - 1)) return false;
+    st_volatile_u64(counter, 0ull);
+    return true;
+}
+
+// By the last block of a launch: commit the launch's pending error, if any, to the low half of
+// `err` (later launches refuse) and to the pinned host word; returns it (0: none).
+__device__ __forceinline__ unsigned int commit_pending(unsigned long long* err, int* host_err) {
+    const unsigned int code = atomicAdd(pending_half(err), 0u);
+    if (code != 0) {
+        st_volatile_u64(err, ((unsigned long long)code << 32) | code);
+        *(volatile int*)host_err = (int)code;
+        __threadfence_system();
+    }
+    return code;
 }
 
 }  // namespace dpg_dev

@@ -79,7 +79,7 @@
 namespace dpg_push {
 using namespace dpg_dev;
 
-// Threads per block: kernels/_push.py launches exactly this many (kernels._p2p._THREADS).
+// Threads per block: kernels/_push.py launches exactly this many (_THREADS).
 constexpr int kThreads = 256;
 // Ranks of one transport: one header-polling thread per peer.
 constexpr int kMaxRanks = kThreads;
@@ -158,7 +158,7 @@ struct Ctx {
     unsigned int e, sig;
 };
 
-// Line 0 of the region "from src" (or the header line) in rank dst's window, set c.set.
+// Source src's slot in rank dst's window (set c.set): its region's line 0, its header line.
 __device__ __forceinline__ long long slot(const Ctx& c, int dst, int src) {
     return (long long)c.set * (c.nranks - 1) + src - (src > dst);
 }
@@ -531,21 +531,8 @@ __device__ __forceinline__ void clear_set(const Ctx& c) {
 // wrap) publishes state.epoch = e. The acq_rel counter orders every block's reads first.
 __device__ __forceinline__ void depart(const Ctx& c, long long G, int* host_err, int* s_last) {
     __syncthreads();
-    if (threadIdx.x == 0) {
-        const unsigned long long old = G == 1 ? 0ull : atom_add_acq_rel_gpu(&c.state[kDepart], 1ull);
-        *s_last = 0;
-        if (old == (unsigned long long)(G - 1)) {
-            if (G > 1) st_volatile_u64(&c.state[kDepart], 0ull);
-            const unsigned int code = atomicAdd(pending_half(&c.state[kErr]), 0u);
-            if (code != 0) {
-                st_volatile_u64(&c.state[kErr], ((unsigned long long)code << 32) | code);
-                *(volatile int*)host_err = (int)code;
-                __threadfence_system();
-            } else {
-                *s_last = 1;
-            }
-        }
-    }
+    if (threadIdx.x == 0)
+        *s_last = last_block(&c.state[kDepart], G) && commit_pending(&c.state[kErr], host_err) == 0;
     __syncthreads();
     if (!*s_last) return;
     if (c.e >= kClearFrom) {

@@ -10,8 +10,8 @@ counts, short and long inputs and every dtype, plus hand-written clamping cases
 subnormals and integer extremes in the rows (no NaN or infinity where rows are summed: the GPU
 and x86 disagree on the bits of a NaN produced by an addition).
 
-Outputs are poisoned with :data:`POISON` before a run; :func:`check` compares every byte of every
-row, including the rows no job writes (they must keep the poison).
+Outputs are poisoned (``p2p_cases.poisoned``) before a run; ``p2p_cases.check`` compares every byte
+of every row, including the rows no job writes (they must keep the poison).
 """
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ import push_reference as ref
 from dpgather._layout import Descriptor, Layout
 from dpgather.core import PaddingMode
 from dpgather.kernels import _push
+from p2p_cases import _widths, check, poisoned  # noqa: F401  (the pull matrix's helpers)
 
 DTYPES = ("float32", "float16", "bfloat16", "int32", "int64", "uint8")
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int32": 4, "int64": 8, "uint8": 1}
 OPS = ("gather_replicate", "gather_partial", "combine", "logits")
-POISON = 0xA5
 #: capacity_bytes of the emulated transports: 64 rows of the widest test row (128 bytes)
 CAP_BYTES = 8192
 _SIGS = {name: 0x1000 + i for i, name in enumerate(OPS)}
@@ -74,23 +74,6 @@ def special_values(rng, rows, width, dtype, summed):
         pick = rng.integers(0, flat.size, size=min(flat.size, 3 * extremes.size))
         flat[pick] = np.resize(extremes, pick.size)
     return a
-
-
-def poisoned(rows, width, dtype):
-    out = np.empty((rows, width), ref.host_dtype(dtype))
-    out.view(np.uint8)[...] = POISON
-    return out
-
-
-def check(got, exp):
-    """``None`` if ``got`` equals ``exp`` byte for byte, else a short description."""
-    if got.shape != exp.shape or got.dtype.itemsize != exp.dtype.itemsize:
-        return f"shape {got.shape} {got.dtype} != {exp.shape} {exp.dtype}"
-    rb = got.shape[1] * got.dtype.itemsize
-    g = np.ascontiguousarray(got).view(np.uint8).reshape(got.shape[0], rb)
-    e = np.ascontiguousarray(exp).view(np.uint8).reshape(exp.shape[0], rb)
-    rows = np.flatnonzero((g != e).any(axis=1))
-    return None if rows.size == 0 else f"{rows.size}/{g.shape[0]} rows differ, first {rows[:6].tolist()}"
 
 
 def _layout(counts, slots, rank, A):
@@ -139,12 +122,6 @@ def layout_case(name, T, A, L, node, counts, slots, op, dtype, width, in_mode, s
         lay = _layout(counts, slots, r, A)
         descs.append(desc.write(np.zeros(desc.size, np.int64), None, lay, lay, r, _SIGS))
     return Case(name, dtype, tuple(inputs), tuple(outs), tuple(descs), (desc.push[op],) * L, tuple(expect))
-
-
-def _widths(dtype):
-    # rows of a multiple of 8 bytes (the dense line mapping) and odd rows (padded lines)
-    return {"float32": (6, 3), "float16": (8, 5), "bfloat16": (16, 3), "int32": (4, 1),
-            "int64": (2, 3), "uint8": (32, 7)}[dtype]
 
 
 def build_cases(T, seed=1234, dtypes=DTYPES, clamp=True):

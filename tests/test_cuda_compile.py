@@ -296,7 +296,7 @@ def test_cuda_source_inlines_package_headers_once(tmp_path, monkeypatch):
         "a.cu": '#include "h.cuh"\n  #include "h.cuh"\n#include <cuda_fp16.h>\nA\n',
         "h.cuh": '#include "g.cuh"\nH\n', "g.cuh": "G\n"}[name])
     text = _cuda.CudaSource("a.cu", (), ()).text()
-    assert text == 'G\n\nH\n\n#include <cuda_fp16.h>\nA\n'
+    assert text == 'G\n\nH\n\n\n#include <cuda_fp16.h>\nA\n'  # the second include: empty
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -141,6 +141,28 @@ void call_packed(void* const* a) {
 
 using PackedFn = void (*)(void* const*);
 
+// One collective: for every rank r with launch[r] != 0, `grid` OS threads (one per block,
+// starting delay_us[r] microseconds late when delay_us is given) run kernel `fn` with the
+// arguments params[r], then `after` (when given) in each thread; all are joined.
+void run_ranks(PackedFn fn, int nranks, int grid, const int* launch, const long long* delay_us,
+               void* const* const* params, void (*after)()) {
+    std::vector<std::thread> threads;
+    for (int r = 0; r < nranks; ++r) {
+        if (!launch[r]) continue;
+        void* const* a = params[r];
+        const long long delay = delay_us ? delay_us[r] : 0;
+        for (int b = 0; b < grid; ++b)
+            threads.emplace_back([fn, a, b, grid, delay, after] {
+                if (delay > 0) std::this_thread::sleep_for(std::chrono::microseconds(delay));
+                run_block((unsigned int)b, (unsigned int)grid, [fn, a, after] {
+                    fn(a);
+                    if (after) after();
+                });
+            });
+    }
+    for (auto& t : threads) t.join();
+}
+
 #define DPG_ENTRY(E, V) {"p2p_pull<" #E ", " #V ">", &call_packed<E, V>}
 struct Entry {
     const char* name;
@@ -193,16 +215,7 @@ int emu_launch_packed(const char* name, int nranks, int grid, const int* launch,
     for (const Entry& e : kTable)
         if (std::string(e.name) == name) fn = e.packed;
     if (!fn) return -1;
-    std::vector<std::thread> threads;
-    for (int r = 0; r < nranks; ++r) {
-        if (!launch[r]) continue;
-        void* const* a = params[r];
-        for (int b = 0; b < grid; ++b)
-            threads.emplace_back([fn, a, b, grid] {
-                run_block((unsigned int)b, (unsigned int)grid, [fn, a] { fn(a); });
-            });
-    }
-    for (auto& t : threads) t.join();
+    run_ranks(fn, nranks, grid, launch, nullptr, params, nullptr);
     return 0;
 }
 

@@ -8,7 +8,7 @@
 // threads (one per block, each starting delay_us[r] late) run the 256 threads of their block as
 // fibers; all ranks' blocks run at once and are joined before it returns. Arguments arrive
 // packed in the kernel's parameter order, as dpgather.kernels._p2p.kernel_args builds them.
-#include "../p2p_emu/emu_api.cpp"  // emu.h, the pull kernel's table, run_block and invoke_packed
+#include "../p2p_emu/emu_api.cpp"  // emu.h, the pull kernel's table, run_ranks and invoke_packed
 #include "push_emu.h"
 // the kernel under test, as the GPU compiles it (minus the PTX helpers push_emu.h replaces)
 #include "push.cu"
@@ -69,21 +69,8 @@ int push_launch_packed(const char* name, int nranks, int grid, const int* launch
     for (const PushEntry& e : kPushTable)
         if (std::string(e.name) == name) fn = e.packed;
     if (!fn) return -1;
-    std::vector<std::thread> threads;
-    for (int r = 0; r < nranks; ++r) {
-        if (!launch[r]) continue;
-        void* const* a = params[r];
-        const long long delay = delay_us[r];
-        for (int b = 0; b < grid; ++b)
-            threads.emplace_back([fn, a, b, grid, delay] {
-                if (delay > 0) std::this_thread::sleep_for(std::chrono::microseconds(delay));
-                run_block((unsigned int)b, (unsigned int)grid, [fn, a] {
-                    fn(a);
-                    push_emu::flush();  // a thread's deferred stores land before its block ends
-                });
-            });
-    }
-    for (auto& t : threads) t.join();
+    // a thread's deferred stores land before its block ends
+    run_ranks(fn, nranks, grid, launch, delay_us, params, &push_emu::flush);
     return 0;
 }
 

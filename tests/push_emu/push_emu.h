@@ -1,8 +1,9 @@
 // CPU twins of the PTX kernels/push.cu and kernels/dpg_device.cuh use, with adversarial timing.
 //
 // tests/push_emu/push_api.cpp includes tests/p2p_emu/emu_api.cpp (CUDA on the CPU: fibers as
-// threads, __syncthreads, fiber_yield, fp16/bf16, atomics, and the global atom_add_acq_rel_gpu
-// this file relies on), then this header, then kernels/push.cu with DPG_P2P_EMULATION defined.
+// threads, __syncthreads, fiber_yield, fp16/bf16, atomics, the global atom_add_acq_rel_gpu and
+// the dpg_p2p twins this file reuses), then this header, then kernels/push.cu with
+// DPG_P2P_EMULATION defined.
 //
 // What the twins do to the protocol, so that the kernel's logic is tested against the weakest
 // behaviour the PTX memory model allows for a line:
@@ -73,18 +74,10 @@ inline void flush() {
 
 }  // namespace push_emu
 
-namespace dpg_dev {
-inline unsigned long long globaltimer() {
-    return (unsigned long long)std::chrono::duration_cast<std::chrono::nanoseconds>(
-               std::chrono::steady_clock::now().time_since_epoch())
-        .count();
-}
-inline unsigned long long ld_volatile_u64(const unsigned long long* p) {
-    return __atomic_load_n(p, __ATOMIC_RELAXED);
-}
-inline void st_volatile_u64(unsigned long long* p, unsigned long long v) {
-    __atomic_store_n(p, v, __ATOMIC_RELAXED);
-}
+namespace dpg_dev {  // the pull emulation's twins (tests/p2p_emu/emu.h)
+using dpg_p2p::globaltimer;
+using dpg_p2p::ld_volatile_u64;
+using dpg_p2p::st_volatile_u64;
 }  // namespace dpg_dev
 
 namespace dpg_push {
