@@ -104,7 +104,8 @@ constexpr unsigned int kCheckEvery = 64;  // polls between timer and error check
 #ifndef DPG_P2P_PUSH_SLEEP_AFTER
 #define DPG_P2P_PUSH_SLEEP_AFTER 4096
 #endif
-constexpr int kUnroll = DPG_P2P_PUSH_UNROLL;  // lines in flight per thread (<= 32)
+constexpr int kUnroll = DPG_P2P_PUSH_UNROLL;  // lines in flight per thread and source
+static_assert(kUnroll >= 1 && kUnroll <= 16, "pending-line masks are 32 bits wide");
 constexpr long long kTile = (long long)kThreads * kUnroll;  // lines of one tile
 constexpr long long kActiveBytes = DPG_P2P_PUSH_ACTIVE_BYTES;  // line bytes per active block
 constexpr unsigned int kSleepAfter = DPG_P2P_PUSH_SLEEP_AFTER;
@@ -385,40 +386,51 @@ __device__ __forceinline__ bool poll_header(const Ctx& c, long long G, Poll& pol
     }
 }
 
-// got[u] <- data of line base + u * kThreads (< n) of source src for job j: polled from the
-// region until both epoch words are e, or read from inp when src is this rank.
-template <typename V, int U>
-__device__ __forceinline__ bool fetch(const Ctx& c, const Job& j, long long src, long long base,
-                                      long long n, unsigned long long (&got)[U], Poll& poll) {
+// Group slot g of a receive request: lines base + u * kThreads (u < B, < n) of source src for
+// job j. From inp at once when src is this rank (into got[g * B + u]); otherwise lines[g] is the
+// region to poll and the returned bits mark the lines of got[] still to come.
+template <typename V, int S, int B>
+__device__ __forceinline__ unsigned int request(const Ctx& c, const Job& j, long long src, long long base,
+                                                long long n, int g, const unsigned long long* (&lines)[S],
+                                                unsigned long long (&got)[S * B]) {
+    unsigned int pending = 0;
+    lines[g] = nullptr;
     if (src == c.me) {
         const long long nv = j.self_valid * c.lpr;
         const unsigned char* p = nv ? c.inp + j.self_at * c.row_bytes : c.inp;
 #pragma unroll
-        for (int u = 0; u < U; ++u) {
+        for (int u = 0; u < B; ++u) {
             const long long k = base + u * kThreads;
             int nb = 0;
             const long long off = k < nv ? line_offset(c, k, nb) : 0;
-            got[u] = k < nv ? load_data<V>(p + off, nb) : 0ull;
+            got[g * B + u] = k < nv ? load_data<V>(p + off, nb) : 0ull;
         }
-        return true;
+        return 0;
     }
-    const unsigned long long* lines = region(c, c.me, (int)src) + 2 * j.src_row * c.lpr;
-    unsigned int pending = 0;
+    lines[g] = region(c, c.me, (int)src) + 2 * j.src_row * c.lpr;
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-        got[u] = 0ull;
-        if (base + u * kThreads < n) pending |= 1u << u;
+    for (int u = 0; u < B; ++u) {
+        got[g * B + u] = 0ull;
+        if (base + u * kThreads < n) pending |= 1u << (g * B + u);
     }
+    return pending;
+}
+
+// got[g * B + u] <- data of line base + u * kThreads of lines[g], for every bit of `pending`,
+// once both its epoch words are e: all of them polled together (S * B loads in flight).
+template <int S, int B>
+__device__ __forceinline__ bool poll_lines(const Ctx& c, const unsigned long long* const (&lines)[S], long long base,
+                                           unsigned int pending, unsigned long long (&got)[S * B], Poll& poll) {
     while (pending) {
-        unsigned long long lo[U], hi[U];
+        unsigned long long lo[S * B], hi[S * B];
 #pragma unroll
-        for (int u = 0; u < U; ++u)
-            if (pending >> u & 1u) ld_line(lines + 2 * (base + u * kThreads), lo[u], hi[u]);
+        for (int i = 0; i < S * B; ++i)
+            if (pending >> i & 1u) ld_line(lines[i / B] + 2 * (base + (i % B) * kThreads), lo[i], hi[i]);
 #pragma unroll
-        for (int u = 0; u < U; ++u)
-            if ((pending >> u & 1u) && has_epoch(lo[u], c.e) && has_epoch(hi[u], c.e)) {
-                got[u] = (lo[u] & 0xFFFFFFFFull) | (hi[u] << 32);
-                pending &= ~(1u << u);
+        for (int i = 0; i < S * B; ++i)
+            if ((pending >> i & 1u) && has_epoch(lo[i], c.e) && has_epoch(hi[i], c.e)) {
+                got[i] = (lo[i] & 0xFFFFFFFFull) | (hi[i] << 32);
+                pending &= ~(1u << i);
             }
         if (pending && !poll.again(c)) return false;
     }
@@ -441,50 +453,73 @@ __device__ __forceinline__ void write_lines(const Ctx& c, const Job& j, long lon
     }
 }
 
+// The next source of job j in range from index *k on (advancing *k past it), or -1.
+__device__ __forceinline__ long long next_source(const Ctx& c, const Job& j, long long* k) {
+    while (*k < j.count) {
+        const long long s = j.first + (*k)++ * j.stride;
+        if (s >= 0 && s < c.nranks) return s;
+    }
+    return -1;
+}
+
 // Lines base + u * kThreads (u < B, < n) of a job's sum: element-wise over its sources in
-// order (the first initialises the accumulator).
-template <typename E, typename V, int B>
+// order (the first initialises the accumulator); the lines of S sources at a time are polled
+// together (S * B loads in flight).
+template <typename E, typename V, int S, int B>
 __device__ __forceinline__ bool sum_lines(const Ctx& c, const Job& j, long long base, long long n, Poll& poll) {
     using T = Elem<E>;
     using Bits = typename T::Bits;
-    using Acc = typename T::Acc;
     constexpr int N = (int)(8 / sizeof(Bits));
-    Acc acc[B][N];
-    unsigned long long word[B];
+    typename T::Acc acc[B][N];
     bool started = false;
+    long long k = 0;
 #pragma unroll 1
-    for (long long k = 0; k < j.count; ++k) {
-        const long long s = j.first + k * j.stride;
-        if (s < 0 || s >= c.nranks) continue;
-        if (!fetch<V, B>(c, j, s, base, n, word, poll)) return false;
+    while (k < j.count) {
+        const unsigned long long* lines[S];
+        unsigned long long got[S * B];
+        long long src[S];
+        unsigned int pending = 0;
 #pragma unroll
-        for (int u = 0; u < B; ++u) {
-            Bits b[N];
-            memcpy(b, &word[u], 8);
-#pragma unroll
-            for (int i = 0; i < N; ++i) acc[u][i] = started ? acc[u][i] + T::load(b[i]) : T::load(b[i]);
+        for (int g = 0; g < S; ++g) {
+            src[g] = next_source(c, j, &k);
+            if (src[g] >= 0) pending |= request<V, S, B>(c, j, src[g], base, n, g, lines, got);
         }
-        started = true;
+        if (!poll_lines<S, B>(c, lines, base, pending, got, poll)) return false;
+#pragma unroll
+        for (int i = 0; i < S * B; ++i) {
+            if (src[i / B] < 0) continue;
+            Bits b[N];
+            memcpy(b, &got[i], 8);
+#pragma unroll
+            for (int e = 0; e < N; ++e)
+                acc[i % B][e] = started ? acc[i % B][e] + T::load(b[e]) : T::load(b[e]);
+            if (i % B == B - 1) started = true;
+        }
     }
+    unsigned long long word[B];
 #pragma unroll
     for (int u = 0; u < B; ++u) {
         Bits b[N];
 #pragma unroll
-        for (int i = 0; i < N; ++i) b[i] = T::store(acc[u][i]);
+        for (int e = 0; e < N; ++e) b[e] = T::store(acc[u][e]);
         memcpy(&word[u], b, 8);
     }
     write_lines<V, B>(c, j, 0, base, n, word);
     return true;
 }
 
-// One tile of a job's sum, in batches of B lines (fewer for byte elements: registers).
+// One tile of a job's sum, in batches of H lines over S sources: 16 lines in flight per thread
+// (8 for byte elements, whose integer sums keep 8 accumulators a line), as many as the
+// registers hold; a tile's sum over T sources takes 2 ceil(T / 4) rounds of loads, not T.
 template <typename E, typename V>
 __device__ __forceinline__ bool sum_tile(const Ctx& c, const Job& j, long long tile, Poll& poll) {
-    constexpr int B = sizeof(typename Elem<E>::Bits) == 1 && kUnroll > 1 ? kUnroll / 2 : kUnroll;
+    constexpr int W = sizeof(typename Elem<E>::Bits) == 1 && kUnroll % 2 == 0 ? kUnroll / 2 : kUnroll;
+    constexpr int H = W % 2 == 0 ? W / 2 : W;
+    constexpr int S = H < W ? 4 : 2;
     const long long n = j.cnt * c.lpr, base = tile * kTile + threadIdx.x;
 #pragma unroll 1
-    for (int u0 = 0; u0 < kUnroll; u0 += B)
-        if (!sum_lines<E, V, B>(c, j, base + (long long)u0 * kThreads, n, poll)) return false;
+    for (int u0 = 0; u0 < kUnroll; u0 += H)
+        if (!sum_lines<E, V, S, H>(c, j, base + (long long)u0 * kThreads, n, poll)) return false;
     return true;
 }
 
@@ -506,7 +541,9 @@ __device__ __forceinline__ void receive_all(const Ctx& c, const Desc& h, long lo
             } else if (j.n_src > 1) {
                 if (!sum_tile<E, V>(c, j, t, poll)) return;
             } else {
-                if (!fetch<V, kUnroll>(c, j, j.s0, base, n, word, poll)) return;
+                const unsigned long long* lines[1];
+                const unsigned int pending = request<V, 1, kUnroll>(c, j, j.s0, base, n, 0, lines, word);
+                if (!poll_lines<1, kUnroll>(c, lines, base, pending, word, poll)) return;
                 write_lines<V, kUnroll>(c, j, 0, base, n, word);
             }
         }
