@@ -216,29 +216,31 @@ class Descriptor:
         return out
 
     def _write_push(self, out, hidden, logits, rank, sigs):
-        """The push descriptors of :attr:`push` (module docstring): every row crosses NVLink
+        """The push descriptors of :attr:`push` (module docstring), built as one list and stored
+        with one assignment (they are contiguous, the last entries): every row crosses NVLink
         once per destination; a rank's own rows come from its input."""
         A, L, DN = self.A, self.node_size, self.node_replicas
-        r0 = (rank // L) * L
-        d0, a = r0 // A, rank % A
-        for name, lay, partial in (("gather_replicate", hidden, False), ("gather_partial", hidden, True),
-                                   ("logits", logits, False)):
-            at = self.push[name]
+        d0, a, d_own = (rank // L) * L // A, rank % A, rank // A
+        nodes = range(d0, d0 + DN)
+        words = []
+        for name, lay in (("gather_replicate", hidden), ("gather_partial", hidden), ("combine", hidden),
+                          ("logits", logits)):
+            if name == "combine":  # each replica's rows to its A ranks; the input is the node block
+                base = lay.offsets[d0]
+                words += (sigs[name], DN, 1, lay.offsets[d_own] - base)
+                for d in nodes:
+                    words += (lay.offsets[d] - base, lay.counts[d], 0, (d - d0) * A, A)
+                words += (0, lay.counts[d_own], _BIG, 0, 0, L, 1)
+                continue
+            partial = name == "gather_partial"
             spread = A > 1 and not partial  # replicate: each destination from its own attn-TP position
-            out[at:at + 4] = (sigs[name], DN if spread else 1, DN, 0)
-            at += 4
-            for k in range(DN if spread else 1):
-                out[at:at + 5] = (0, lay.n, 0, k * A + a, 1) if spread else (0, lay.n, 0, 0, L)
-                at += 5
-            for d in range(d0, d0 + DN):
-                first, count = ((d - d0) * A, A) if partial else ((d - d0) * A + a, 1)
-                out[at:at + 7] = (lay.offsets[d], lay.counts[d], lay.slots[d], 0, first, count, 1)
-                at += 7
-        base, d_own = hidden.offsets[d0], rank // A
-        at = self.push["combine"]
-        out[at:at + 4] = (sigs["combine"], DN, 1, hidden.offsets[d_own] - base)
-        at += 4
-        for d in range(d0, d0 + DN):
-            out[at:at + 5] = (hidden.offsets[d] - base, hidden.counts[d], 0, (d - d0) * A, A)
-            at += 5
-        out[at:at + 7] = (0, hidden.counts[d_own], _BIG, 0, 0, L, 1)
+            words += (sigs[name], DN if spread else 1, DN, 0)
+            if spread:
+                for k in range(DN):
+                    words += (0, lay.n, 0, k * A + a, 1)
+            else:
+                words += (0, lay.n, 0, 0, L)
+            for d in nodes:
+                words += (lay.offsets[d], lay.counts[d], lay.slots[d], 0, (d - d0) * A + (0 if partial else a),
+                          A if partial else 1, 1)
+        out[self.push["gather_replicate"]:self.size] = words
