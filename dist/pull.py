@@ -41,113 +41,30 @@ from __future__ import annotations
 
 import numpy as np
 
-from dpgather.core.dtypes import DTYPES, holds, host_storage
-from dpgather.core.errors import CollectiveTimeout, ConfigError, InconsistentStepError, InputError
-from dpgather.core.rows import check_desc, check_rows
-from dpgather.kernels import _pull
-from dpgather.kernels._cuda import load_cupy
+from dpgather.core.errors import CollectiveTimeout, InconsistentStepError
+from dpgather.kernels import _p2p, _pull
 
-from .base import Closing, parse_timeout, poll_until
-from .bootstrap import Bootstrap
-from .windows import CudaWindows, HostWindows
+from .base import poll_until
+from .transport import CudaRuns, Transport, host_sum, job_sources
+from .windows import HostWindows
 
 __all__ = ["CudaPull", "HostPull", "ERR_OK", "ERR_TIMEOUT", "ERR_SIGNATURE"]
 
-ERR_OK, ERR_TIMEOUT, ERR_SIGNATURE = _pull.ERR_OK, _pull.ERR_TIMEOUT, _pull.ERR_SIGNATURE
-_BLOCK = (_pull.THREADS,)
+ERR_OK, ERR_TIMEOUT, ERR_SIGNATURE = _p2p.ERR_OK, _p2p.ERR_TIMEOUT, _p2p.ERR_SIGNATURE
+_BLOCK = (_p2p.THREADS,)
 
 
-class _Pull(Closing):
-    """Arguments, error reporting and construction steps shared by both transports."""
+class _Pull(Transport):
+    """The pull protocol's constants (:class:`~dpgather.dist.transport.Transport` does the rest)."""
 
     name = "p2p"  # the public word for this transport (Plan.transport, DpAttention(transport=))
-    rank: int = 0
-    size: int = 1
-    timeout_s: float = 0.0
-    capacity_bytes: int = 0
-    #: The first record's fields every rank must agree on (see dist.windows).
-    _SAME = (("cap", "capacity_bytes (rounded up to 256)"), ("epoch0", "_epoch0"))
+    verb = "pull"
+    _kernel = _pull
+    _EPOCH0 = 0
 
-    def _init_common(self, capacity_bytes, timeout_s, epoch0):
-        self.timeout_s = parse_timeout(timeout_s, error=InputError)
-        self.capacity_bytes = _pull.round_capacity(capacity_bytes)
-        if isinstance(epoch0, bool) or not isinstance(epoch0, (int, np.integer)) or not 0 <= epoch0 < 2**63:
-            raise InputError(f"_epoch0: expected an int in [0, 2**63), got {epoch0!r}")
-        self._epoch0 = int(epoch0)
-        self._closed = False
-        self._err = 0
-        self._windows = None
-
-    def _bootstrap(self, mpi_comm):
-        """The construction's exchanges, the first record and this transport's window layout.
-        The rank limit is the same on every rank, so refusing it here needs no agreement."""
-        boot = Bootstrap(type(self).__name__, mpi_comm, self.timeout_s)
-        self.rank, self.size = boot.rank, boot.size
-        if boot.size > _pull.MAX_RANKS:
-            boot.free()
-            raise ConfigError(f"{type(self).__name__}: {boot.size} ranks, the kernel supports at most "
-                              f"{_pull.MAX_RANKS}")
-        rec = boot.record()
-        rec["cap"], rec["epoch0"] = self.capacity_bytes, self._epoch0
-        self._layout = _pull.window_layout(boot.size, self.capacity_bytes)
-        return boot, rec, _pull.initial_header(boot.size, self._layout, self._epoch0)
-
-    # -- errors ---------------------------------------------------------------------------
-    def error(self) -> int:
-        """0 while healthy, else the first error code on this rank (sticky).
-
-        1 (:data:`ERR_TIMEOUT`): a wait outlived ``timeout_s``; 2 (:data:`ERR_SIGNATURE`):
-        the ranks entered the same collective with different signatures.
-        """
-        return self._err
-
-    def _error_text(self, code):
-        return f"error {code} ({_pull.ERROR_NAMES.get(code, 'unknown')})"
-
-    def check(self, op="p2p"):
-        """Raise ``CollectiveTimeout`` naming ``op`` when :meth:`error` is set or closed
-        (``InconsistentStepError`` for a signature mismatch)."""
-        if self._closed:
-            raise CollectiveTimeout(
-                f"{op} on rank {self.rank}/{self.size}: the {type(self).__name__} transport is "
-                "closed; create a new one (every rank) to continue")
-        code = self.error()
-        if code:
-            raise (InconsistentStepError if code == ERR_SIGNATURE else CollectiveTimeout)(
-                f"{op} on rank {self.rank}/{self.size}: the {type(self).__name__} transport is "
-                f"broken after {self._error_text(code)} (timeout_s={self.timeout_s:g}); it "
-                "refuses every later collective; create a new one (every rank) to continue")
-
-    # -- argument checks ------------------------------------------------------------------
-    def _check_call(self, inp, out, desc, desc_off, row_bytes, dtype, of):
-        """Validate one call of :meth:`pull`; returns ``(row_bytes, desc_off)`` as ints."""
-        if dtype not in DTYPES:
-            raise InputError(f"pull: dtype must be one of {list(DTYPES)}, got {dtype!r}")
-        for name, v in (("row_bytes", row_bytes), ("desc_off", desc_off)):
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-                raise InputError(f"pull: {name} must be an int, got {v!r}")
-        row_bytes, desc_off = int(row_bytes), int(desc_off)
-        size = DTYPES[dtype].itemsize
-        if row_bytes < 1 or row_bytes % size:
-            raise InputError(f"pull: row_bytes must be a positive multiple of the {dtype} item size {size}, "
-                             f"got {row_bytes}")
-        if row_bytes > self.capacity_bytes:
-            raise InputError(f"pull: row_bytes={row_bytes} exceeds capacity_bytes={self.capacity_bytes}: not "
-                             "one row fits a src buffer; construct the transport with a larger capacity")
-        if desc_off < 0:
-            raise InputError(f"pull: desc_off must be >= 0, got {desc_off}")
-        for name, arr in (("inp", inp), ("out", out)):
-            check_rows(arr, name, op="pull", of=of, writable=name == "out", row_bytes=row_bytes)
-            if not holds(arr.dtype, dtype):
-                raise InputError(f"pull: {name} has dtype {arr.dtype}, which does not hold dtype={dtype!r} "
-                                 f"(expected one of {list(DTYPES[dtype].storages)})")
-        check_desc(desc, desc_off + _pull.HEADER_WORDS, op="pull", of=of)
-        return row_bytes, desc_off
-
-    def __repr__(self):
-        state = "closed" if self._closed else ("ok" if not self.error() else self._error_text(self.error()))
-        return (f"{type(self).__name__}(rank={self.rank}, size={self.size}, "
-                f"capacity_bytes={self.capacity_bytes}, timeout_s={self.timeout_s:g}, {state})")
+    @staticmethod
+    def _header(nranks, layout, epoch0):
+        return _pull.initial_header(nranks, layout, epoch0)
 
 
 # =============================================================================== host twin
@@ -185,7 +102,7 @@ class HostPull(_Pull):
         self._init_common(capacity_bytes, timeout_s, _epoch0)
         self.device = None
         self._src = self._state = None
-        boot, rec, header = self._bootstrap(mpi_comm)
+        boot, rec, header = self._bootstrap(mpi_comm, lambda t, lay: self._header(t, lay, self._epoch0))
         try:
             self._windows = HostWindows(boot, rec, self._layout.window_bytes, header, same=self._SAME)
         finally:
@@ -318,40 +235,17 @@ def _pack(own, inb, packs, cap_rows):
 def _jobs(outb, src_rows, jobs, cap_rows, size, dtype):
     """Phase 4: every job's rows pulled from (and summed over) its sources' ``src`` rows."""
     out_rows = outb.shape[0]
-    for dst_row, cnt, span, src_row, first, count, stride in jobs:
-        dst_row, cnt, span, src_row = (max(v, 0) for v in (dst_row, cnt, span, src_row))
-        first, stride = _pull.clamp_index(max(first, 0)), _pull.clamp_index(stride)
-        span_c = min(span, out_rows - dst_row) if dst_row < out_rows else 0
-        if span_c == 0:
-            continue
-        sources = [s for s in (first + k * stride for k in range(min(max(count, 0), size))) if 0 <= s < size]
-        cnt_c = min(cnt, span_c, cap_rows - src_row) if sources and src_row < cap_rows else 0
+    for job in jobs:
+        dst_row, span_c, cnt_c, src_row, sources = job_sources(job, out_rows, cap_rows, size)
         dst = outb[dst_row : dst_row + span_c]
         if cnt_c:
-            views = [src_rows(s)[src_row : src_row + cnt_c] for s in sources]
-            dst[:cnt_c] = views[0] if len(views) == 1 else _reduce(views, dtype).view(np.uint8)
+            dst[:cnt_c] = host_sum([src_rows(s)[src_row : src_row + cnt_c] for s in sources], dtype)
         dst[cnt_c:] = 0
-
-
-def _reduce(views, logical):
-    """Element-wise sum of ``[n, row_bytes]`` uint8 views as ``logical``, in source order,
-    accumulated in the dtype table's ``acc`` type and rounded once (as the kernel does)."""
-    dt = host_storage(logical)
-    acc = np.dtype(DTYPES[logical].acc)
-    rows = [v.view(dt) for v in views]
-    total = rows[0].astype(acc) if acc != dt else rows[0].copy()
-    with np.errstate(invalid="ignore", over="ignore"):  # NaN and inf sums are values, as in the kernel
-        for r in rows[1:]:
-            if acc != dt:
-                total += r.astype(acc)
-            else:
-                np.add(total, r, out=total)  # integers wrap modulo 2**bits; float32 rounds per add
-        return total.astype(dt) if acc != dt else total
 
 
 # =============================================================================== CUDA
 
-class CudaPull(_Pull):
+class CudaPull(CudaRuns, _Pull):
     """The pull transport over CUDA IPC: one ``p2p_pull`` kernel per collective.
 
     Args:
@@ -380,36 +274,19 @@ class CudaPull(_Pull):
 
     def __init__(self, mpi_comm, capacity_bytes, timeout_s, device=None, *, _epoch0=0):
         self._init_common(capacity_bytes, timeout_s, _epoch0)
-        self.device = None
-        self._launch = {}  # launch configurations of run(), by (dtype, rows, row bytes, alignment)
-        limit = []
+        self._cuda_init(mpi_comm, device, lambda t, lay: self._header(t, lay, self._epoch0), _pull.warm)
 
-        def prepare(dev):  # before any kernel use, any capture, and outside the exchanges' skew
-            _pull.warm(dev)
-            limit.append(_pull.max_blocks(dev))
+    _vector = staticmethod(_p2p.pick_vector)
 
-        boot, rec, header = self._bootstrap(mpi_comm)
-        try:
-            self._windows = CudaWindows(boot, rec, device, self._layout.window_bytes, header,
-                                        same=self._SAME, prepare=prepare)
-        finally:
-            boot.free()
-        w, lay = self._windows, self._layout
-        self.device = w.device
-        self._limit = limit[0]
-        self._cupy = load_cupy()
-        self._fixed = _pull.window_args(w.table.data.ptr, self.rank, self.size, lay.data_off, lay.cap_bytes,
-                                        w.err_ptr, _pull.timeout_ns(self.timeout_s))
+    def _configure(self, dtype, vec, in_rows, out_rows, row_bytes):
+        """The launch of one configuration: a CuPy ``RawKernel`` call."""
+        fn = _pull.PULL.function(self.device, _pull.kernel_name(dtype, vec))
+        grid = (_pull.grid_size(in_rows, out_rows, row_bytes, self._layout.cap_bytes, self._limit),)
 
-    def error(self) -> int:
-        """The kernel's error code: a read of the pinned host word (no CUDA call, no sync).
+        def launch(args, stream):
+            fn(grid, _BLOCK, args, stream=stream)
 
-        It reflects collectives that have *run*: after ``run``/``pull`` returns the kernel may
-        not have started yet. 0 while healthy; 1 timeout; 2 signature mismatch. Sticky.
-        """
-        if not self._err and self._windows is not None:
-            self._err = self._windows.error()
-        return self._err
+        return launch
 
     def pull(self, inp, out, desc, desc_off, *, row_bytes, dtype, stream=None):
         """Validate, then :meth:`run`: enqueue one collective (docs/p2p.md) and return at once.
@@ -430,49 +307,5 @@ class CudaPull(_Pull):
             CollectiveTimeout: an earlier collective failed (:meth:`error`) or closed.
             InputError: bad arguments (nothing was enqueued).
         """
-        self.check("pull")
-        cupy = self._cupy
-        row_bytes, desc_off = self._check_call(inp, out, desc, desc_off, row_bytes, dtype, cupy.ndarray)
-        for name, a in (("inp", inp), ("out", out), ("desc", desc)):
-            if a.data.device_id != self.device:
-                raise InputError(f"pull: {name} is on device {a.data.device_id}, the transport on {self.device}")
-        _pull.pick_vector(row_bytes, DTYPES[dtype].itemsize, inp.data.ptr, out.data.ptr)
-        if isinstance(stream, int):
-            stream = cupy.cuda.ExternalStream(stream, self.device)
+        row_bytes, desc_off, stream = self._checked(inp, out, desc, desc_off, row_bytes, dtype, stream)
         self.run(inp, out, desc, desc_off, row_bytes=row_bytes, dtype=dtype, stream=stream)
-
-    def run(self, inp, out, desc, desc_off, *, row_bytes, dtype, stream=None):
-        """Enqueue one collective without argument checks (the data plane's entry).
-
-        ``stream``: a CuPy stream, or ``None`` for the current one. The launch configuration
-        is cached per (dtype, row bytes, rows, alignment); no host synchronisation and no
-        allocation: capturable in a CUDA graph (pointers and capacities are baked in, counts
-        are read from ``desc``). Raises ``CollectiveTimeout`` only when closed; a device error
-        makes the kernel itself refuse (and appears in :meth:`error`).
-        """
-        if self._closed:
-            self.check("pull")
-        ip, op = inp.data.ptr, out.data.ptr
-        key = (dtype, row_bytes, inp.shape[0], out.shape[0], (ip | op) & 15)
-        hit = self._launch.get(key)
-        if hit is None:
-            vec = _pull.pick_vector(row_bytes, DTYPES[dtype].itemsize, ip, op)
-            grid = _pull.grid_size(inp.shape[0], out.shape[0], row_bytes, self._layout.cap_bytes, self._limit)
-            hit = self._launch[key] = (_pull.PULL.function(self.device, _pull.kernel_name(dtype, vec)), (grid,))
-        fn, grid = hit
-        s = self._cupy.cuda.get_current_stream() if stream is None else stream
-        fn(grid, _BLOCK, _pull.call_args(ip, inp.shape[0], op, out.shape[0], desc.data.ptr, desc_off,
-                                         desc.shape[0], row_bytes) + self._fixed, stream=s)
-        self._windows.launched(s)
-
-    def close(self):
-        """Release this rank's windows (:meth:`CudaWindows.close`: local, idempotent, a bounded
-        wait for the launches first). Destroy CUDA graphs that captured ``pull``/``run`` before
-        closing: a replay after close uses freed memory. Peers that keep calling time out on
-        their own (error 1)."""
-        if self._closed:
-            return
-        self._closed = True
-        if self._windows is not None:
-            self.error()
-            self._windows.close()

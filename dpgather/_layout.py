@@ -19,7 +19,20 @@ the descriptor is rewritten). Its layout, in int64 entries:
 ``[48, 48 + 3D)``     mask triples ``(slot_offset, n_tokens, slot_rows)`` per replica
 then                  P2P pull descriptors (docs/p2p.md): gather replicate, gather partial,
                       combine, logits gather, each at a fixed offset (:attr:`Descriptor.p2p`)
+then                  P2P push descriptors (docs/push.md): the same four operations, each at a
+                      fixed offset (:attr:`Descriptor.push`)
 ====================  ==========================================================================
+
+The push descriptors (docs/push.md: ``[sig, n_send, n_jobs, self_row]``, send records
+``(in_row, rows, slot_row, dest_first, dest_count)``, jobs as the pull's), ranks numbered in the
+node of ``L`` ranks, ``a`` this rank's attn-TP position, ``base`` the node's first slot offset:
+
+- gather replicate: ``A = 1``: one send ``(0, n, 0, 0, L)``; ``A > 1``: per replica ``d``
+  ``(0, n, 0, d*A + a, 1)``; jobs per ``d``: ``(o_d, n_d, slot_d, 0, d*A + a, 1, 1)``;
+- gather partial: one send ``(0, n, 0, 0, L)``; jobs per ``d``: ``(o_d, n_d, slot_d, 0, d*A, A, 1)``;
+- combine: sends per ``d``: ``(o_d - base, n_d, 0, d*A, A)``; one job ``(0, n_own, 2^62, 0, 0, L, 1)``,
+  ``self_row = o_own - base``;
+- logits gather: as gather replicate, over the logits layout.
 """
 
 from dpgather.core import PaddingMode
@@ -138,8 +151,9 @@ class Descriptor:
 
     Attributes:
         size: entries. ``record(layout_index, name)``: the copy-record index of a record.
-        mask_at: entry of the first mask triple. p2p: ``{name: entry}`` of the P2P descriptors
-        (``"gather_replicate"``, ``"gather_partial"``, ``"combine"``, ``"logits"``).
+        mask_at: entry of the first mask triple. p2p: ``{name: entry}`` of the P2P pull descriptors
+        (``"gather_replicate"``, ``"gather_partial"``, ``"combine"``, ``"logits"``); push: the same
+        for the push descriptors (docs/push.md).
         node_size, node_replicas: ranks and replicas of one P2P group.
     """
 
@@ -159,6 +173,11 @@ class Descriptor:
                                    ("combine", DN, 1), ("logits", 1, DN)):
             self.p2p[name] = at
             at += 4 + 3 * npack + 7 * njobs
+        self.push = {}
+        for name, nsend, njobs in (("gather_replicate", 1 if A == 1 else DN, DN), ("gather_partial", 1, DN),
+                                   ("combine", DN, 1), ("logits", 1 if A == 1 else DN, DN)):
+            self.push[name] = at
+            at += 4 + 5 * nsend + 7 * njobs
         self.size = at
 
     @staticmethod
@@ -199,4 +218,35 @@ class Descriptor:
             out[at:at + 3] = (hidden.offsets[d] - base, hidden.counts[d], hidden.offsets[d] - base)
             at += 3
         out[at:at + 7] = (0, hidden.counts[d_own], _BIG, hidden.offsets[d_own] - base, 0, L, 1)
+        self._write_push(out, hidden, logits, rank, sigs)
         return out
+
+    def _write_push(self, out, hidden, logits, rank, sigs):
+        """The push descriptors of :attr:`push` (module docstring), built as one list and stored
+        with one assignment (they are contiguous, the last entries): every row crosses NVLink
+        once per destination; a rank's own rows come from its input."""
+        A, L, DN = self.A, self.node_size, self.node_replicas
+        d0, a, d_own = (rank // L) * L // A, rank % A, rank // A
+        nodes = range(d0, d0 + DN)
+        words = []
+        for name, lay in (("gather_replicate", hidden), ("gather_partial", hidden), ("combine", hidden),
+                          ("logits", logits)):
+            if name == "combine":  # each replica's rows to its A ranks; the input is the node block
+                base = lay.offsets[d0]
+                words += (sigs[name], DN, 1, lay.offsets[d_own] - base)
+                for d in nodes:
+                    words += (lay.offsets[d] - base, lay.counts[d], 0, (d - d0) * A, A)
+                words += (0, lay.counts[d_own], _BIG, 0, 0, L, 1)
+                continue
+            partial = name == "gather_partial"
+            spread = A > 1 and not partial  # replicate: each destination from its own attn-TP position
+            words += (sigs[name], DN if spread else 1, DN, 0)
+            if spread:
+                for k in range(DN):
+                    words += (0, lay.n, 0, k * A + a, 1)
+            else:
+                words += (0, lay.n, 0, 0, L)
+            for d in nodes:
+                words += (lay.offsets[d], lay.counts[d], lay.slots[d], 0, (d - d0) * A + (0 if partial else a),
+                          A if partial else 1, 1)
+        out[self.push["gather_replicate"]:self.size] = words

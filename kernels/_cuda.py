@@ -35,6 +35,7 @@ import functools
 import os
 import importlib.resources
 import pathlib
+import re
 
 import numpy
 
@@ -127,10 +128,21 @@ def sm_count(device_id: int) -> int:
     return int(cupy.cuda.Device(device_id).attributes["MultiProcessorCount"])
 
 
+# A quoted include of one of this package's headers, on a line of its own.
+_INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]+"([A-Za-z0-9_]+\.cuh)"[ \t]*$', re.MULTILINE)
+
+
+def _package_text(filename: str) -> str:
+    """A file shipped next to this module (package data), as text."""
+    if __package__:
+        return importlib.resources.files(__package__).joinpath(filename).read_text()
+    return pathlib.Path(__file__).with_name(filename).read_text()
+
+
 class CudaSource:
-    """One CUDA source of this package (``copy.cu``, ``p2p.cu``: package data next to this
-    module), compiled with NVRTC through one ``cupy.RawModule`` per device; its functions are
-    fetched once per device and cached.
+    """One CUDA source of this package (``copy.cu``, ``p2p.cu``, ``push.cu``: package data next
+    to this module), compiled with NVRTC through one ``cupy.RawModule`` per device; its
+    functions are fetched once per device and cached.
 
     Args:
         filename: the source file's name.
@@ -147,10 +159,19 @@ class CudaSource:
         self._functions = {}
 
     def text(self) -> str:
-        """The CUDA C++ source."""
-        if __package__:
-            return importlib.resources.files(__package__).joinpath(self.filename).read_text()
-        return pathlib.Path(__file__).with_name(self.filename).read_text()
+        """The CUDA C++ source, self-contained: every ``#include "name.cuh"`` of this package
+        (kernels/dpg_device.cuh) is replaced by that file's text, each file once (NVRTC gets
+        one text, with no include path to find)."""
+        seen = set()
+
+        def inline(match):
+            name = match.group(1)
+            if name in seen:
+                return ""
+            seen.add(name)
+            return _INCLUDE.sub(inline, _package_text(name))
+
+        return _INCLUDE.sub(inline, _package_text(self.filename))
 
     def function(self, device_id: int, name: str):
         """Compiled kernel ``name`` (one of the name expressions) on ``device_id``."""

@@ -85,7 +85,7 @@
  *    boundary. arrive/depart are reset by the last block of each phase, when every other
  *    block has already counted.
  *
- * Errors (codes also in kernels/_pull.py and docs/p2p.md): every block checks the device
+ * Errors (codes also in kernels/_p2p.py and docs/p2p.md): every block checks the device
  *  copy, the low 32 bits of state.err, at its start and returns at once when it is set (the
  *  transport refuses all later collectives). A wait longer than timeout_ns (%globaltimer;
  *  <= 0: forever) is error 1, a flag of epoch e whose signature differs from ours error 2.
@@ -98,21 +98,18 @@
  *  not as a timeout.
  *************************************************************************/
 
-#ifndef DPG_P2P_EMULATION
-#include <cuda_fp16.h>
-#include <cuda_bf16.h>
-#endif
+#include "dpg_device.cuh"
 
-namespace dpg_p2p {
+namespace dpg_pull {
+using namespace dpg_dev;
 
-// Threads per block: kernels/_pull.py (_THREADS) launches exactly this many.
+// Threads per block: kernels/_p2p.py (THREADS) launches exactly this many.
 constexpr int kThreads = 256;
-// Ranks of one transport: one polling thread per rank (kernels/_pull.py MAX_RANKS).
+// Ranks of one transport: one polling thread per rank (kernels/_p2p.py MAX_RANKS).
 constexpr int kMaxRanks = kThreads;
-// state[] word indices and error codes (kernels/_pull.py mirrors them).
+// state[] word indices and error codes (kernels/_p2p.py mirrors the codes).
 constexpr int kEpoch = 0, kArrive = 1, kDepart = 2, kErr = 3;
 constexpr int kErrTimeout = 1, kErrSignature = 2;
-constexpr long long kIndexMax = 2147483647LL;
 // Bytes of a launch's real work (rows packed plus rows pulled or zeroed) per active block: the
 // grid is sized from capacities (graph-safe), a step may need fewer blocks; the others exit at
 // once, and one active block needs no grid-wide counter at all.
@@ -120,7 +117,7 @@ constexpr long long kIndexMax = 2147483647LL;
 #define DPG_P2P_ACTIVE_BYTES (64LL * 1024)
 #endif
 constexpr long long kActiveBytes = DPG_P2P_ACTIVE_BYTES;
-// Tuning switches (kernels/_pull.py passes DPGATHER_P2P_DEFINES through; docs/p2p.md): each
+// Tuning switches (kernels/_p2p.py passes DPGATHER_P2P_DEFINES through; docs/p2p.md): each
 // setting is correct under the PTX memory model, they differ only in speed.
 //  DPG_P2P_FLAG_FENCE   1: fence.acq_rel.sys before the st.release.sys flag stores (redundant
 //                       with the release stores' own cumulativity). Default 0: 9.5 -> 8.7 us
@@ -149,23 +146,9 @@ struct ReduceUnroll {
     static constexpr int value = sizeof(V) >= 16 ? 4 : 8;
 };
 
-__device__ __forceinline__ long long nonneg(long long x) { return x < 0 ? 0 : x; }
-__device__ __forceinline__ long long min2(long long a, long long b) { return a < b ? a : b; }
-__device__ __forceinline__ long long ceil_div(long long a, long long b) { return (a + b - 1) / b; }
-// first/stride of a job are clamped to +-(2^31 - 1), so first + k * stride cannot overflow.
-__device__ __forceinline__ long long clamp_index(long long x) {
-    return x > kIndexMax ? kIndexMax : (x < -kIndexMax ? -kIndexMax : x);
-}
-
 // The PTX below has portable twins in tests/p2p_emu/emu.h, which runs this file as C++ on
 // the CPU (DPG_P2P_EMULATION, never defined by the loader) to test its logic.
 #ifndef DPG_P2P_EMULATION
-__device__ __forceinline__ unsigned long long globaltimer() {
-    unsigned long long t;
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-    return t;
-}
-
 __device__ __forceinline__ unsigned long long ld_acquire_sys(const unsigned long long* p) {
     unsigned long long v;
     asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
@@ -180,24 +163,6 @@ __device__ __forceinline__ unsigned long long ld_relaxed_sys(const unsigned long
 
 __device__ __forceinline__ void st_release_sys(unsigned long long* p, unsigned long long v) {
     asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
-}
-
-__device__ __forceinline__ unsigned long long ld_volatile_u64(const unsigned long long* p) {
-    unsigned long long v;
-    asm volatile("ld.volatile.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
-    return v;
-}
-
-__device__ __forceinline__ void st_volatile_u64(unsigned long long* p, unsigned long long v) {
-    asm volatile("st.volatile.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
-}
-
-// Release this thread's (and what it observed of other blocks') writes, acquire theirs.
-__device__ __forceinline__ unsigned long long atom_add_acq_rel_gpu(unsigned long long* p,
-                                                                   unsigned long long v) {
-    unsigned long long old;
-    asm volatile("atom.acq_rel.gpu.global.add.u64 %0, [%1], %2;" : "=l"(old) : "l"(p), "l"(v) : "memory");
-    return old;
 }
 
 __device__ __forceinline__ void fence_acq_rel_sys() { asm volatile("fence.acq_rel.sys;" ::: "memory"); }
@@ -239,58 +204,6 @@ __device__ __forceinline__ unsigned char ld_window<unsigned char>(const unsigned
     return (unsigned char)v;
 }
 #endif  // DPG_P2P_EMULATION
-
-// Element arithmetic on raw bits: Bits is the storage of E, Acc the accumulator.
-template <typename E>
-struct Elem;
-template <>
-struct Elem<float> {
-    using Bits = unsigned int;
-    using Acc = float;
-    static __device__ __forceinline__ Acc load(Bits b) { return __uint_as_float(b); }
-    static __device__ __forceinline__ Bits store(Acc a) { return __float_as_uint(a); }
-};
-template <>
-struct Elem<__half> {
-    using Bits = unsigned short;
-    using Acc = float;
-    static __device__ __forceinline__ Acc load(Bits b) { return __half2float(__ushort_as_half(b)); }
-    static __device__ __forceinline__ Bits store(Acc a) {
-        return __half_as_ushort(__float2half_rn(a));
-    }
-};
-template <>
-struct Elem<__nv_bfloat16> {
-    using Bits = unsigned short;
-    using Acc = float;
-    static __device__ __forceinline__ Acc load(Bits b) {
-        return __bfloat162float(__ushort_as_bfloat16(b));
-    }
-    static __device__ __forceinline__ Bits store(Acc a) {
-        return __bfloat16_as_ushort(__float2bfloat16_rn(a));
-    }
-};
-template <>
-struct Elem<int> {  // unsigned accumulation: wraps modulo 2^32 (signed overflow is UB)
-    using Bits = unsigned int;
-    using Acc = unsigned int;
-    static __device__ __forceinline__ Acc load(Bits b) { return b; }
-    static __device__ __forceinline__ Bits store(Acc a) { return a; }
-};
-template <>
-struct Elem<long long> {
-    using Bits = unsigned long long;
-    using Acc = unsigned long long;
-    static __device__ __forceinline__ Acc load(Bits b) { return b; }
-    static __device__ __forceinline__ Bits store(Acc a) { return a; }
-};
-template <>
-struct Elem<unsigned char> {
-    using Bits = unsigned char;
-    using Acc = unsigned int;
-    static __device__ __forceinline__ Acc load(Bits b) { return b; }
-    static __device__ __forceinline__ Bits store(Acc a) { return (unsigned char)(a & 0xFFu); }
-};
 
 // Everything one launch needs, read once per block.
 struct Ctx {
@@ -409,20 +322,15 @@ __device__ __forceinline__ Header read_header(const long long* desc, long long d
     return h;
 }
 
-// The high half of state.err: the error of the running launch, committed by its last block.
-__device__ __forceinline__ unsigned int* pending_err(unsigned long long* state) {
-    return reinterpret_cast<unsigned int*>(&state[kErr]) + 1;  // little-endian: high word
-}
-
-}  // namespace dpg_p2p
+}  // namespace dpg_pull
 
 template <typename E, typename V>
-__global__ void __launch_bounds__(dpg_p2p::kThreads, 1)
+__global__ void __launch_bounds__(dpg_pull::kThreads, 1)
 p2p_pull(const V* inp, long long in_rows, V* out, long long out_rows,
          const long long* __restrict__ desc, long long desc_off, long long desc_len,
          long long row_bytes, unsigned char* const* __restrict__ windows, int me, int nranks,
          long long data_off, long long cap_bytes, int* host_err, long long timeout_ns) {
-    using namespace dpg_p2p;
+    using namespace dpg_pull;
     if (blockDim.x != kThreads || nranks < 1 || nranks > kMaxRanks || me < 0 || me >= nranks)
         __trap();
     __shared__ long long s_epoch;
@@ -473,7 +381,6 @@ p2p_pull(const V* inp, long long in_rows, V* out, long long out_rows,
         if (G < 1) G = 1;
     }
     if ((long long)blockIdx.x >= G) return;  // uniform per block: not needed for this step
-    const bool solo = G == 1;
 
     // ---- 1. pack: tiles of every segment, numbered globally, dealt round-robin to blocks
     {
@@ -505,13 +412,7 @@ p2p_pull(const V* inp, long long in_rows, V* out, long long out_rows,
     // fence.acq_rel.sys then orders all of it before the release.sys flag stores.
     __syncthreads();
     if (threadIdx.x == 0) {
-        if (solo) {
-            s_last = 1;
-        } else {
-            const unsigned long long old = atom_add_acq_rel_gpu(&state[kArrive], 1ull);
-            s_last = old == (unsigned long long)(G - 1);
-            if (s_last) st_volatile_u64(&state[kArrive], 0ull);
-        }
+        s_last = last_block(&state[kArrive], G);
 #if DPG_P2P_FLAG_FENCE
         if (s_last) fence_acq_rel_sys();
 #endif
@@ -560,7 +461,7 @@ p2p_pull(const V* inp, long long in_rows, V* out, long long out_rows,
             if (__syncthreads_or(fault)) {
                 // Pending until the last block departs: a sibling that starts only now must
                 // not see a committed error and refuse, or it would never arrive and signal.
-                if (threadIdx.x == 0) atomicCAS(pending_err(state), 0u, (unsigned int)s_code);
+                if (threadIdx.x == 0) atomicCAS(pending_half(&state[kErr]), 0u, (unsigned int)s_code);
                 faulted = true;
                 break;
             }
@@ -617,18 +518,6 @@ p2p_pull(const V* inp, long long in_rows, V* out, long long out_rows,
     // ---- 5. depart; the last block publishes the epoch, or commits the launch's error (the
     // acq_rel counter makes every block's pending error visible to the last one)
     __syncthreads();
-    if (threadIdx.x == 0) {
-        const unsigned long long old = solo ? 0ull : atom_add_acq_rel_gpu(&state[kDepart], 1ull);
-        if (old == (unsigned long long)(G - 1)) {
-            if (!solo) st_volatile_u64(&state[kDepart], 0ull);
-            const unsigned int code = atomicAdd(pending_err(state), 0u);
-            if (code == 0) {
-                st_volatile_u64(&state[kEpoch], (unsigned long long)e);
-            } else {
-                st_volatile_u64(&state[kErr], ((unsigned long long)code << 32) | code);
-                *(volatile int*)host_err = (int)code;
-                __threadfence_system();
-            }
-        }
-    }
+    if (threadIdx.x == 0 && last_block(&state[kDepart], G) && commit_pending(&state[kErr], host_err) == 0)
+        st_volatile_u64(&state[kEpoch], (unsigned long long)e);
 }

@@ -56,23 +56,26 @@ def signature(op: str, fingerprint: int = 0, dtype: str = "", row_bytes: int = 0
     return zlib.crc32(text.encode())
 
 
-def make_desc(sig: int, packs=(), jobs=(), out=None, off: int = 0) -> np.ndarray:
+def make_desc(sig: int, packs=(), jobs=(), out=None, off: int = 0, *, first_words: int = PACK_WORDS,
+              word3: int = 0) -> np.ndarray:
     """Encode one collective's descriptor.
 
     Args:
         sig: operation signature (low 32 bits are used; see :func:`signature`).
-        packs: ``(in_row, rows, src_row)`` triples.
+        packs: ``(in_row, rows, src_row)`` triples (records of ``first_words`` words: the push
+            transport's send records have 5, tests/push_reference.py).
         jobs: ``(dst_row, cnt, span, src_row, first, count, stride)`` 7-tuples.
         out: optional int64 array to write into at ``out[off:]`` (e.g. a pinned staging
             buffer); allocated when ``None``.
         off: first entry in ``out``.
+        word3: the header's last word (0 for the pull; the push's ``self_row``).
 
     Returns:
-        ``out`` (or a new 1-D int64 array of :func:`desc_words` entries).
+        ``out`` (or a new 1-D int64 array of ``4 + first_words*len(packs) + 7*len(jobs)`` entries).
     """
-    packs = np.asarray(packs, dtype=np.int64).reshape(-1, PACK_WORDS)
+    packs = np.asarray(packs, dtype=np.int64).reshape(-1, first_words)
     jobs = np.asarray(jobs, dtype=np.int64).reshape(-1, JOB_WORDS)
-    n = desc_words(len(packs), len(jobs))
+    n = HEADER_WORDS + packs.size + jobs.size
     if out is None:
         out = np.empty(off + n, dtype=np.int64)
     elif out.dtype != np.int64 or out.ndim != 1 or out.shape[0] < off + n:
@@ -80,7 +83,7 @@ def make_desc(sig: int, packs=(), jobs=(), out=None, off: int = 0) -> np.ndarray
             f"out: expected a 1-D int64 array of at least {off + n} entries, got "
             f"{out.dtype} {out.shape}"
         )
-    out[off : off + HEADER_WORDS] = (int(sig) & 0xFFFFFFFF, len(packs), len(jobs), 0)
+    out[off : off + HEADER_WORDS] = (int(sig) & 0xFFFFFFFF, len(packs), len(jobs), int(word3))
     p = off + HEADER_WORDS
     out[p : p + packs.size] = packs.ravel()
     p += packs.size

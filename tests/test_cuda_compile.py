@@ -1,4 +1,4 @@
-"""Compile-check kernels/copy.cu and kernels/pull.cu with NVRTC on any machine (no GPU, no driver needed).
+"""Compile-check the CUDA sources of kernels/ with NVRTC on any machine (no GPU, no driver needed).
 
 NVRTC is driven through ``cuda.bindings.nvrtc`` exactly as CuPy's RawModule drives it: one
 program, one ``nvrtcAddNameExpression`` per specialisation listed by the loader
@@ -135,7 +135,7 @@ def test_use_without_gpu_raises_backend_unavailable():
 # -- kernels/pull.cu (the P2P transport's pull kernel) ------------------------------------------
 
 from dpgather.core.dtypes import DTYPES  # noqa: E402
-from dpgather.kernels import _pull  # noqa: E402
+from dpgather.kernels import _p2p, _pull, _push  # noqa: E402
 
 
 def cuda_include_dir():
@@ -159,108 +159,175 @@ def cuda_include_dir():
     return None
 
 
-def test_pull_specialisation_list_covers_every_pair():
-    # every logical dtype with every vector at least as wide as its element
+#: The two P2P kernels: their loaders, kernel names, element widths per access, specialisations.
+KERNELS = {"pull": (_pull, "p2p_pull", (16, 8, 4, 2, 1), 21), "push": (_push, "p2p_push", (8, 4, 2, 1), 15)}
+
+
+@pytest.mark.parametrize("kernel", sorted(KERNELS))
+def test_p2p_specialisation_list_covers_every_pair(kernel):
+    # every logical dtype with every access at least as wide as its element
+    mod, name, widths, count = KERNELS[kernel]
     ctypes = {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16", "int32": "int",
               "int64": "long long", "uint8": "unsigned char"}
     assert {n: d.ctype for n, d in DTYPES.items()} == ctypes
-    expect = {f"p2p_pull<{e}, {v}>" for n, e in ctypes.items()
-              for w, v in _cuda.COPY_CTYPES.items() if w >= DTYPES[n].itemsize}
-    assert set(_pull.NAME_EXPRESSIONS) == expect and len(expect) == 21
+    expect = {f"{name}<{e}, {_cuda.COPY_CTYPES[w]}>" for n, e in ctypes.items() for w in widths
+              if w >= DTYPES[n].itemsize}
+    assert set(mod.NAME_EXPRESSIONS) == expect and len(expect) == count
     assert _cuda.MASK_CTYPES == {"int32": "int", "int64": "long long"}
+
+
+def _const(src, name):
+    m = re.search(rf"\b{name} = (-?\w+)", src)
+    assert m, name
+    return int(m.group(1).rstrip("uLl"), 0)
+
+
+@pytest.mark.parametrize("kernel", sorted(KERNELS))
+def test_p2p_shared_constants_match_the_sources(kernel):
+    src = KERNELS[kernel][0].kernel_source()
+    assert src.count("namespace dpg_dev {") == 1 and '#include "dpg_device.cuh"' not in src  # inlined once
+    assert _const(src, "kThreads") == _p2p.THREADS
+    assert _const(src, "kErrTimeout") == _p2p.ERR_TIMEOUT and _const(src, "kErrSignature") == _p2p.ERR_SIGNATURE
+    assert re.search(r"kIndexMax = 2147483647LL", src) and _p2p._INDEX_MAX == 2147483647
+    assert "constexpr int kMaxRanks = kThreads;" in src and _p2p.MAX_RANKS == _p2p.THREADS
+    # timeout_ns: 0 is the kernels' "no limit" (they compare only when timeout_ns > 0)
+    assert "timeout_ns > 0" in src
+    assert _p2p.timeout_ns(float("inf")) == 0 and _p2p.timeout_ns(1e-12) == 1
+    assert _p2p.timeout_ns(2.5) == 2_500_000_000 and _p2p.timeout_ns(1e300) == 2**63 - 1
 
 
 def test_pull_constants_match_the_source():
     src = _pull.kernel_source()
+    assert (_const(src, "kEpoch"), _const(src, "kErr")) == (0, 3)
 
-    def const(name):
-        m = re.search(rf"\b{name} = (-?\d+)", src)
-        assert m, name
-        return int(m.group(1))
 
-    assert const("kThreads") == _pull.THREADS
-    assert const("kErrTimeout") == _pull.ERR_TIMEOUT and const("kErrSignature") == _pull.ERR_SIGNATURE
-    assert const("kEpoch") == 0 and const("kErr") == 3
-    assert re.search(r"kIndexMax = 2147483647LL", src) and _pull._INDEX_MAX == 2147483647
-    assert "constexpr int kMaxRanks = kThreads;" in src and _pull.MAX_RANKS == _pull.THREADS
-    # timeout_ns: 0 is the kernel's "no limit" (it compares only when timeout_ns > 0)
-    assert "timeout_ns > 0" in src
-    assert _pull.timeout_ns(float("inf")) == 0 and _pull.timeout_ns(1e-12) == 1
-    assert _pull.timeout_ns(2.5) == 2_500_000_000 and _pull.timeout_ns(1e300) == 2**63 - 1
+def test_push_constants_match_the_source():
+    src = _push.kernel_source()
+    assert (_const(src, "kEpoch"), _const(src, "kDepart"), _const(src, "kErr")) == (0, 1, 2)
+    assert _const(src, "kHdrOff") == _push.HDR_OFF
+    assert _const(src, "kFirstEpoch") == _push.FIRST_EPOCH and _const(src, "kClearFrom") == 2**32 - 2
+    assert (_const(src, "kHeaderWords"), _const(src, "kSendWords"), _const(src, "kJobWords")) == (
+        _p2p.HEADER_WORDS, _push.SEND_WORDS, _p2p.JOB_WORDS)
+
+
+def test_cuda_source_inlines_package_headers_once(monkeypatch):
+    monkeypatch.setattr(_cuda, "_package_text", lambda name: {
+        "a.cu": '#include "h.cuh"\n  #include "h.cuh"\n#include <cuda_fp16.h>\nA\n',
+        "h.cuh": '#include "g.cuh"\nH\n', "g.cuh": "G\n"}[name])
+    text = _cuda.CudaSource("a.cu", (), ()).text()
+    assert text == 'G\n\nH\n\n\n#include <cuda_fp16.h>\nA\n'  # the second include: empty
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_pull_cu_compiles_every_specialisation(nvrtc, arch):
+@pytest.mark.parametrize("kernel", sorted(KERNELS))
+def test_p2p_cu_compiles_every_specialisation(nvrtc, kernel, arch):
+    mod = KERNELS[kernel][0]
     inc = cuda_include_dir()
     if inc is None:
         pytest.skip("no CUDA headers (cuda_bf16.h) found: set CUDA_PATH or install the toolkit")
-    ok, log, lowered = compile_source(nvrtc, _pull.kernel_source(), _pull.NAME_EXPRESSIONS, arch,
-                                      options=_pull.COMPILE_OPTIONS + (f"-I{inc}",))
-    assert ok, f"NVRTC rejected kernels/pull.cu for {arch}:\n{log}"
-    assert set(lowered) == set(_pull.NAME_EXPRESSIONS)
+    ok, log, lowered = compile_source(nvrtc, mod.kernel_source(), mod.NAME_EXPRESSIONS, arch,
+                                      options=_p2p.COMPILE_OPTIONS + (f"-I{inc}",))
+    assert ok, f"NVRTC rejected kernels/{kernel}.cu for {arch}:\n{log}"
+    assert set(lowered) == set(mod.NAME_EXPRESSIONS)
     assert len(set(lowered.values())) == len(lowered), lowered
 
 
-def test_pull_tuning_switches_compile(nvrtc, monkeypatch):
+#: Non-default tuning switches of each kernel (DPGATHER_P2P_DEFINES), and the -D options to expect.
+SWITCHES = {
+    "pull": ("DPG_P2P_FLAG_FENCE=0,DPG_P2P_RELAXED_POLL=1,DPG_P2P_SLEEP_AFTER=100000",
+             ("-DDPG_P2P_RELAXED_POLL=1", "-DDPG_P2P_FLAG_FENCE=0")),
+    "push": ("DPG_P2P_PUSH_UNROLL=4,DPG_P2P_PUSH_ACTIVE_BYTES=16384,DPG_P2P_PUSH_SLEEP_AFTER=100000,"
+             "DPG_P2P_PUSH_PHASE_TIMES=1", ("-DDPG_P2P_PUSH_UNROLL=4", "-DDPG_P2P_PUSH_PHASE_TIMES=1")),
+}
+
+
+@pytest.mark.parametrize("kernel", sorted(KERNELS))
+def test_p2p_tuning_switches_compile(nvrtc, monkeypatch, kernel):
     """DPGATHER_P2P_DEFINES reaches NVRTC as -D options; the non-default switches compile; a
     malformed value is an InputError naming the variable."""
+    mod = KERNELS[kernel][0]
     inc = cuda_include_dir()
     if inc is None:
         pytest.skip("no CUDA headers (cuda_bf16.h) found: set CUDA_PATH or install the toolkit")
-    monkeypatch.setenv("DPGATHER_P2P_DEFINES", "DPG_P2P_FLAG_FENCE=0,DPG_P2P_RELAXED_POLL=1,DPG_P2P_SLEEP_AFTER=100000")
-    opts = _pull.compile_options()
-    assert "-DDPG_P2P_RELAXED_POLL=1" in opts and "-DDPG_P2P_FLAG_FENCE=0" in opts
-    # the switches change the barrier, which every specialisation shares: two of them suffice
-    # (every specialisation compiles with the defaults above)
-    some = tuple(_pull.NAME_EXPRESSIONS)[:2]
-    ok, log, lowered = compile_source(nvrtc, _pull.kernel_source(), some, ARCHS[-1], options=opts + (f"-I{inc}",))
+    value, expect = SWITCHES[kernel]
+    monkeypatch.setenv("DPGATHER_P2P_DEFINES", value)
+    opts = _p2p.compile_options()
+    assert all(o in opts for o in expect), opts
+    # the switches change code every specialisation shares: two of them suffice (every
+    # specialisation compiles with the defaults above)
+    some = tuple(mod.NAME_EXPRESSIONS)[:2]
+    ok, log, lowered = compile_source(nvrtc, mod.kernel_source(), some, ARCHS[-1], options=opts + (f"-I{inc}",))
     assert ok, log
     monkeypatch.setenv("DPGATHER_P2P_DEFINES", "FOO=1")
     with pytest.raises(InputError, match="DPGATHER_P2P_DEFINES"):
-        _pull.compile_options()
+        _p2p.compile_options()
 
 
-def test_pull_cu_compiles_with_nvcc(tmp_path):
+@pytest.mark.parametrize("kernel", sorted(KERNELS))
+def test_p2p_cu_compiles_with_nvcc(tmp_path, kernel):
     import shutil
 
+    mod = KERNELS[kernel][0]
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         pytest.skip("nvcc not on PATH")
-    lines = [_pull.kernel_source(), "void dpg_instantiate_all() {"]
-    lines += [f"    (void)&{name};" for name in _pull.NAME_EXPRESSIONS]
+    lines = [mod.kernel_source(), "void dpg_instantiate_all() {"]
+    lines += [f"    (void)&{name};" for name in mod.NAME_EXPRESSIONS]
     lines.append("}")
-    src = tmp_path / "pull_all.cu"
+    src = tmp_path / f"{kernel}_all.cu"
     src.write_text("\n".join(lines))
     out = subprocess.run([nvcc, "-arch=sm_90", "-std=c++17", "-Xptxas", "-warn-spills", "-c",
-                          str(src), "-o", str(tmp_path / "pull_all.o")],
+                          str(src), "-o", str(tmp_path / f"{kernel}_all.o")],
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     assert "spill" not in out.stderr.lower(), out.stderr
 
 
-def test_pull_import_needs_no_cupy():
+def test_p2p_import_needs_no_cupy():
     code = (
-        "import sys, dpgather.kernels._pull, dpgather.dist.pull; "
-        "bad = [m for m in ('cupy', 'mpi4py', 'numba', 'ml_dtypes', 'torch') if m in sys.modules]; "
+        "import sys, dpgather.kernels._pull, dpgather.kernels._push, "
+        "dpgather.dist.pull, dpgather.dist.transport; "
+        "bad = [m for m in ('cupy', 'mpi4py', 'numba', 'ml_dtypes', 'torch', 'cuda') if m in sys.modules]; "
         "assert not bad, bad; print('clean')"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "clean" in out.stdout, out.stderr
 
 
-def test_pull_kernel_params_match_the_signature():
-    # call_args + window_args pack values in KERNEL_PARAMS order and sizes: it must be the kernel's own
-    src = _pull.kernel_source()
-    m = re.search(r"__global__ void __launch_bounds__\([^)]*\)\s*p2p_pull\(([^)]*)\)", src)
-    assert m, "p2p_pull signature not found"
+@pytest.mark.parametrize("kernel", sorted(KERNELS))
+def test_p2p_kernel_params_match_the_signature(kernel):
+    # both kernels take KERNEL_PARAMS; call_args + window_args (CuPy's RawKernel) and PackedParams
+    # (cuLaunchKernelEx) pack values in that order and those sizes: it must be the kernel's own
+    mod, name = KERNELS[kernel][:2]
+    src = mod.kernel_source()
+    m = re.search(rf"__global__ void __launch_bounds__\([^)]*\)\s*{name}\(([^)]*)\)", src)
+    assert m, f"{name} signature not found"
     params = []
     for p in m.group(1).split(","):
         p = " ".join(p.replace("__restrict__", "").split())
-        ctype, name = p.rsplit(" ", 1)
-        params.append((name, ctype.replace(" *", "*")))
-    assert tuple(params) == _pull.KERNEL_PARAMS
-    args = _pull.call_args(*range(1, 9)) + _pull.window_args(*range(9, 16))
+        ctype, pname = p.rsplit(" ", 1)
+        params.append((pname, ctype.replace(" *", "*")))
+    assert tuple(params) == _p2p.KERNEL_PARAMS
+    args = _p2p.call_args(*range(1, 9)) + _p2p.window_args(*range(9, 16))
     assert [int(a) for a in args] == list(range(1, 16))  # in parameter order
     sizes = [a.dtype.itemsize for a in args]
-    assert sizes == [4 if c == "int" else 8 for _, c in _pull.KERNEL_PARAMS]
-    assert [a.dtype.kind == "u" for a in args] == [c.endswith("*") for _, c in _pull.KERNEL_PARAMS]
+    assert sizes == [4 if c == "int" else 8 for _, c in _p2p.KERNEL_PARAMS]
+    assert [a.dtype.kind == "u" for a in args] == [c.endswith("*") for _, c in _p2p.KERNEL_PARAMS]
+
+
+def test_packed_params_point_at_each_value_in_order():
+    """The cuLaunchKernelEx packing: a void*[15] array whose i-th pointer holds parameter i at
+    its C size; rewriting reuses the buffers (the driver copies at the launch call)."""
+    import ctypes
+
+    packed = _p2p.PackedParams()
+    for base in (0, 1000, -7):
+        args = _p2p.call_args(*range(1 + base if base >= 0 else 1, 9 + max(base, 0))) + _p2p.window_args(
+            *range(9, 16))
+        addr = packed.set(args)
+        assert addr == packed.address
+        ptrs = (ctypes.c_void_p * len(_p2p.KERNEL_PARAMS)).from_address(addr)
+        got = [(ctypes.c_int32 if c == "int" else ctypes.c_uint64 if c.endswith("*") else ctypes.c_int64)
+               .from_address(ptrs[i]).value for i, (_, c) in enumerate(_p2p.KERNEL_PARAMS)]
+        assert got == [int(a) for a in args]
+    assert len({int(p) for p in packed.slots}) == len(_p2p.KERNEL_PARAMS)

@@ -16,7 +16,7 @@ import pytest
 
 import pull_reference as ref
 from dpgather.core.errors import BackendUnavailable, CollectiveTimeout, InputError
-from dpgather.kernels import _pull
+from dpgather.kernels import _p2p, _pull
 from mpi_harness import MPI_SCRIPTS, check_mpi, needs_mpiexec
 
 SCRIPT = MPI_SCRIPTS / "p2p_scenarios.py"
@@ -235,10 +235,10 @@ def test_window_layout(t, data_off):
 
 
 def test_layout_and_capacity_errors():
-    assert _pull.round_capacity(1) == 256 and _pull.round_capacity(512) == 512
+    assert _p2p.round_capacity(1) == 256 and _p2p.round_capacity(512) == 512
     for bad in (0, -5, 2.5, True, "8"):
         with pytest.raises(InputError, match="capacity_bytes"):
-            _pull.round_capacity(bad)
+            _p2p.round_capacity(bad)
     with pytest.raises(InputError, match="nranks"):
         _pull.window_layout(257, 256)
 
@@ -265,11 +265,11 @@ def test_grid_size_is_capacity_based_and_capped():
 
 
 def test_vector_width():
-    assert _pull.pick_vector(14336, 2, 0x1000, 0x2000) == 16
-    assert _pull.pick_vector(12, 4, 0x1000, 0x2004) == 4
-    assert _pull.pick_vector(3, 1, 0x1001, 0x2000) == 1
+    assert _p2p.pick_vector(14336, 2, 0x1000, 0x2000) == 16
+    assert _p2p.pick_vector(12, 4, 0x1000, 0x2004) == 4
+    assert _p2p.pick_vector(3, 1, 0x1001, 0x2000) == 1
     with pytest.raises(InputError, match="aligned"):
-        _pull.pick_vector(16, 8, 0x1004, 0x2000)
+        _p2p.pick_vector(16, 8, 0x1004, 0x2000)
 
 
 def test_name_expressions_are_unique_and_exact():

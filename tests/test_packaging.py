@@ -49,8 +49,8 @@ def test_sdist_is_complete_and_dist_untouched(sdist):
         names = {n.split("/", 1)[1] for n in tf.getnames() if "/" in n}
     must = ["LICENSE", "README.md", "BENCHMARKS.md", "pyproject.toml", "setup.py", "MANIFEST.in",
             "build_backend/dpgather_build.py", "core/_planner.pyx", "core/_planner.pyi", "kernels/copy.cu",
-            "kernels/pull.cu", "dist/sync.py", "dpgather/tools/trace.schema.json", "dpgather/py.typed",
-            "core/py.typed"]
+            "kernels/pull.cu", "kernels/push.cu", "kernels/dpg_device.cuh", "dist/sync.py",
+            "dpgather/tools/trace.schema.json", "dpgather/py.typed", "core/py.typed"]
     must += [str(p.relative_to(ROOT)) for d in ("docs", "examples", "bench") for p in (ROOT / d).iterdir()
              if p.suffix in (".md", ".py")]
     missing = [m for m in must if m not in names]

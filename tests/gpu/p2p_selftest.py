@@ -55,7 +55,7 @@ import p2p_cases as pc  # noqa: E402
 from dpgather.core.errors import CollectiveTimeout  # noqa: E402
 from dpgather.dist.base import poll_until  # noqa: E402
 import pull_reference as ref  # noqa: E402
-from dpgather.kernels import _pull  # noqa: E402
+from dpgather.kernels import _p2p, _pull  # noqa: E402
 
 from mpi4py import MPI  # noqa: E402
 
@@ -516,7 +516,7 @@ def phase_timeout(run, be, timeout_s):
             el = time.monotonic() - t0
             code = t2.error()
             out.update(elapsed_s=el, error=code, raised=raised)
-            run.check("timeout case: error() == 1", code == _pull.ERR_TIMEOUT, f"got {code}")
+            run.check("timeout case: error() == 1", code == _p2p.ERR_TIMEOUT, f"got {code}")
             run.check("timeout case: bounded", 0.9 * timeout_s <= el <= timeout_s + 5.0,
                       f"{el:.2f}s for timeout_s={timeout_s}")
             try:

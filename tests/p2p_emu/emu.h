@@ -1,6 +1,7 @@
-// CPU emulation of the CUDA features kernels/p2p.cu uses, so its logic runs on any x86-64 box.
+// CPU emulation of the CUDA features kernels/pull.cu (and kernels/push.cu, with
+// tests/push_emu/push_emu.h) use, so their logic runs on any x86-64 box.
 //
-// tests/p2p_emu/emu_api.cpp includes this header, then kernels/p2p.cu with DPG_P2P_EMULATION
+// tests/p2p_emu/emu_api.cpp includes this header, then kernels/pull.cu with DPG_P2P_EMULATION
 // defined (which drops the CUDA headers and the inline PTX, replaced here). A block is one OS
 // thread running its 256 CUDA threads as ucontext fibers that switch at every __syncthreads*;
 // __shared__ variables are thread_local (one OS thread = one block); the blocks of every rank
@@ -139,12 +140,23 @@ inline int atomicCAS(int* p, int cmp, int v) {
     return cmp;
 }
 
-namespace dpg_p2p {
+// Twins of kernels/dpg_device.cuh's PTX wrappers (both kernels use them).
+namespace dpg_dev {
 inline unsigned long long globaltimer() {
     return (unsigned long long)std::chrono::duration_cast<std::chrono::nanoseconds>(
                std::chrono::steady_clock::now().time_since_epoch())
         .count();
 }
+inline unsigned long long ld_volatile_u64(const unsigned long long* p) {
+    return __atomic_load_n(p, __ATOMIC_RELAXED);
+}
+inline void st_volatile_u64(unsigned long long* p, unsigned long long v) {
+    __atomic_store_n(p, v, __ATOMIC_RELAXED);
+}
+}  // namespace dpg_dev
+
+// Twins of kernels/pull.cu's own PTX wrappers.
+namespace dpg_pull {
 inline unsigned long long ld_acquire_sys(const unsigned long long* p) {
     return __atomic_load_n(p, __ATOMIC_ACQUIRE);
 }
@@ -154,16 +166,10 @@ inline unsigned long long ld_relaxed_sys(const unsigned long long* p) {
 inline void st_release_sys(unsigned long long* p, unsigned long long v) {
     __atomic_store_n(p, v, __ATOMIC_RELEASE);
 }
-inline unsigned long long ld_volatile_u64(const unsigned long long* p) {
-    return __atomic_load_n(p, __ATOMIC_RELAXED);
-}
-inline void st_volatile_u64(unsigned long long* p, unsigned long long v) {
-    __atomic_store_n(p, v, __ATOMIC_RELAXED);
-}
 template <typename V>
 inline V ld_window(const V* p) {
     V v;
     std::memcpy(&v, (const void*)p, sizeof(V));
     return v;
 }
-}  // namespace dpg_p2p
+}  // namespace dpg_pull

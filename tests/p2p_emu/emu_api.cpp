@@ -7,7 +7,7 @@
 // emu_launch_packed() runs one collective: for every rank r with launch[r] != 0, `grid` OS
 // threads (one per block) each run the 256 threads of their block as ucontext fibers. All ranks'
 // blocks run at the same time and are joined before it returns. Arguments arrive packed in the
-// kernel's parameter order, as packed by dpgather.kernels._pull.call_args + window_args for CuPy, so the
+// kernel's parameter order, as packed by dpgather.kernels._p2p.call_args + window_args, so the
 // Python side's order and types are checked against the kernel's real signature.
 #include "emu.h"
 // the kernel under test, as the GPU compiles it (minus the PTX helpers emu.h replaces)
@@ -66,6 +66,14 @@ int barrier(int pred) {
     return b->count_result;
 }
 
+// Give the other threads of this block a turn without a barrier (threads are otherwise
+// switched only at barriers): a thread that spins on memory must not keep its siblings from
+// running, as on the GPU. The p2p kernel never calls it; tests/push_emu does, in every poll.
+void fiber_yield() {
+    Block* b = tl_block;
+    swapcontext(&b->ctx[b->cur], &b->sched);
+}
+
 // Run `body` as the kThreads threads of block `bx` of a `grid`-block launch on this OS thread.
 void run_block(unsigned int bx, unsigned int grid, const std::function<void()>& body) {
     if (const long long us = g_stagger_us.load()) std::this_thread::sleep_for(std::chrono::microseconds(us * bx));
@@ -85,11 +93,15 @@ void run_block(unsigned int bx, unsigned int grid, const std::function<void()>& 
         b->state[i] = Block::kRunnable;
     }
     while (b->live > 0) {
-        for (int i = 0; i < kBlock; ++i) {
-            if (b->state[i] != Block::kRunnable) continue;
-            b->cur = i;
-            threadIdx = dim3{(unsigned int)i, 0, 0};
-            swapcontext(&b->sched, &b->ctx[i]);
+        for (bool again = true; again;) {  // threads that yielded (fiber_yield) run on
+            again = false;
+            for (int i = 0; i < kBlock; ++i) {
+                if (b->state[i] != Block::kRunnable) continue;
+                b->cur = i;
+                threadIdx = dim3{(unsigned int)i, 0, 0};
+                swapcontext(&b->sched, &b->ctx[i]);
+                again |= b->state[i] == Block::kRunnable;
+            }
         }
         // every live thread is at the barrier (or done): release it
         if (b->live > 0) {
@@ -128,6 +140,28 @@ void call_packed(void* const* a) {
 }
 
 using PackedFn = void (*)(void* const*);
+
+// One collective: for every rank r with launch[r] != 0, `grid` OS threads (one per block,
+// starting delay_us[r] microseconds late when delay_us is given) run kernel `fn` with the
+// arguments params[r], then `after` (when given) in each thread; all are joined.
+void run_ranks(PackedFn fn, int nranks, int grid, const int* launch, const long long* delay_us,
+               void* const* const* params, void (*after)()) {
+    std::vector<std::thread> threads;
+    for (int r = 0; r < nranks; ++r) {
+        if (!launch[r]) continue;
+        void* const* a = params[r];
+        const long long delay = delay_us ? delay_us[r] : 0;
+        for (int b = 0; b < grid; ++b)
+            threads.emplace_back([fn, a, b, grid, delay, after] {
+                if (delay > 0) std::this_thread::sleep_for(std::chrono::microseconds(delay));
+                run_block((unsigned int)b, (unsigned int)grid, [fn, a, after] {
+                    fn(a);
+                    if (after) after();
+                });
+            });
+    }
+    for (auto& t : threads) t.join();
+}
 
 #define DPG_ENTRY(E, V) {"p2p_pull<" #E ", " #V ">", &call_packed<E, V>}
 struct Entry {
@@ -181,16 +215,7 @@ int emu_launch_packed(const char* name, int nranks, int grid, const int* launch,
     for (const Entry& e : kTable)
         if (std::string(e.name) == name) fn = e.packed;
     if (!fn) return -1;
-    std::vector<std::thread> threads;
-    for (int r = 0; r < nranks; ++r) {
-        if (!launch[r]) continue;
-        void* const* a = params[r];
-        for (int b = 0; b < grid; ++b)
-            threads.emplace_back([fn, a, b, grid] {
-                run_block((unsigned int)b, (unsigned int)grid, [fn, a] { fn(a); });
-            });
-    }
-    for (auto& t : threads) t.join();
+    run_ranks(fn, nranks, grid, launch, nullptr, params, nullptr);
     return 0;
 }
 
