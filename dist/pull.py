@@ -141,9 +141,7 @@ class HostPull(_Pull):
                 transport is closed/broken. InconsistentStepError: the signatures differ (error 2).
             InputError: bad arguments (nothing was written, nothing signalled).
         """
-        self.check("pull")
-        row_bytes, desc_off = self._check_call(inp, out, desc, desc_off, row_bytes, dtype, np.ndarray)
-        self.run(inp, out, desc, desc_off, row_bytes=row_bytes, dtype=dtype)
+        self._host_call(inp, out, desc, desc_off, row_bytes, dtype)
 
     def run(self, inp, out, desc, desc_off, *, row_bytes, dtype, stream=None):
         """:meth:`pull` without argument checks (the data plane's entry; ``stream`` ignored)."""

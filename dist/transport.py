@@ -133,6 +133,12 @@ class Transport(Closing):
         check_desc(desc, desc_off + _p2p.HEADER_WORDS, op=verb, of=of)
         return row_bytes, desc_off
 
+    def _host_call(self, inp, out, desc, desc_off, row_bytes, dtype):
+        """The host twins' checked entry: refuse when broken or closed, check, then ``run``."""
+        self.check(self.verb)
+        row_bytes, desc_off = self._check_call(inp, out, desc, desc_off, row_bytes, dtype, np.ndarray)
+        self.run(inp, out, desc, desc_off, row_bytes=row_bytes, dtype=dtype)
+
     def __repr__(self):
         state = "closed" if self._closed else ("ok" if not self.error() else self._error_text(self.error()))
         return (f"{type(self).__name__}(rank={self.rank}, size={self.size}, "

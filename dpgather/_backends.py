@@ -153,10 +153,18 @@ class HostBackend(_Exports):
 
         return HostPull(node_comm, capacity_bytes, timeout_s)
 
+    def push(self, node_comm, capacity_bytes, timeout_s):
+        """The push transport's host twin (:class:`dpgather.dist.push.HostPush`) over ``node_comm``
+        with regions of ``capacity_bytes`` (collective; the same ``ConfigError`` /
+        ``BackendUnavailable`` on every rank when it cannot be made)."""
+        from dpgather.dist.push import HostPush
+
+        return HostPush(node_comm, capacity_bytes, timeout_s)
+
     @staticmethod
     def warm():
-        """Load every kernel this backend may launch (the Numba kernels; the host twin of the
-        pull transport runs in Python)."""
+        """Load every kernel this backend may launch (the Numba kernels; the host twins of the
+        P2P transports run in Python)."""
         from dpgather.kernels import host
 
         host.warm()
@@ -331,8 +339,9 @@ class CudaBackend(_Exports):
             self._event.record(ours)
             self.cupy.cuda.runtime.streamWaitEvent(theirs, self._event.ptr, 0)
 
-    #: the device this backend built a pull transport on (its kernel may then be launched)
-    _pull_device = None
+    #: the devices this backend built P2P transports on, by kernel loader (``kernels.pull``,
+    #: ``kernels.push``): their kernels may then be launched, so :meth:`warm` compiles them
+    _p2p_devices = None
 
     def p2p_probe(self, node_comm, timeout_s):
         """Whether the pull transport can run over ``node_comm`` on this rank's device (every
@@ -348,18 +357,31 @@ class CudaBackend(_Exports):
         when it cannot be made). It compiles the pull kernel on construction."""
         from dpgather.dist.pull import CudaPull
 
-        t = CudaPull(node_comm, capacity_bytes, timeout_s, self._device_id)
-        self._pull_device = t.device
+        return self._built("pull", CudaPull(node_comm, capacity_bytes, timeout_s, self._device_id))
+
+    def push(self, node_comm, capacity_bytes, timeout_s):
+        """The push transport (:class:`dpgather.dist.push.CudaPush`) over ``node_comm`` on this
+        rank's device, with regions of ``capacity_bytes`` (collective; the same
+        ``ConfigError``/``BackendUnavailable`` on every rank when it cannot be made). It compiles
+        the push kernel on construction; its launches are programmatic dependent launches where
+        cuda-bindings imports (``DPGATHER_PUSH_PDL=0``: plain launches)."""
+        from dpgather.dist.push import CudaPush
+
+        return self._built("push", CudaPush(node_comm, capacity_bytes, timeout_s, self._device_id))
+
+    def _built(self, kernel, t):
+        self._p2p_devices = dict(self._p2p_devices or {}, **{kernel: t.device})
         return t
 
     def warm(self):
         """Compile and load every kernel this backend may launch on its device: the copy kernels,
-        and the pull kernel once :meth:`p2p` built a transport. Call before a graph capture."""
+        and the pull and push kernels once :meth:`p2p` / :meth:`push` built a transport. Call
+        before a graph capture."""
         from dpgather import kernels
 
         kernels.cuda.warm(self._device_id)
-        if self._pull_device is not None:
-            kernels.pull.warm(self._pull_device)
+        for kernel, device in (self._p2p_devices or {}).items():
+            getattr(kernels, kernel).warm(device)
 
     @staticmethod
     def ptr(a):

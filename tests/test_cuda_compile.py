@@ -285,8 +285,8 @@ def test_p2p_cu_compiles_with_nvcc(tmp_path, kernel):
 
 def test_p2p_import_needs_no_cupy():
     code = (
-        "import sys, dpgather.kernels._pull, dpgather.kernels._push, "
-        "dpgather.dist.pull, dpgather.dist.transport; "
+        "import sys, dpgather.kernels._pull, dpgather.kernels._push, dpgather.kernels._launch, "
+        "dpgather.dist.pull, dpgather.dist.push; "
         "bad = [m for m in ('cupy', 'mpi4py', 'numba', 'ml_dtypes', 'torch', 'cuda') if m in sys.modules]; "
         "assert not bad, bad; print('clean')"
     )

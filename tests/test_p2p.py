@@ -1,9 +1,12 @@
-"""The P2P (pull) transport on CPU: the host twin under mpiexec -n 1..4 (tests/mpi/p2p_scenarios.py),
-the independent reference (tests/pull_reference.py) and its descriptor encoder, how the library
-reads a descriptor, the window layout and the launch rules.
+"""The P2P transports on CPU: the host twins of the pull and of the push under mpiexec -n 1..4
+(tests/mpi/p2p_scenarios.py: the matrices against tests/pull_reference.py and
+tests/push_reference.py, mismatch, skipped collective, local close, capacity mismatch), the pull's
+reference and its descriptor encoder, how the library reads a descriptor, the pull's window
+layout and launch rules (the push's: tests/test_push_layout.py), one-rank use of both twins.
 
-The CUDA transport itself runs in tests/gpu/p2p_selftest.py (2+ GPUs); its kernel is
-compile-checked in tests/test_cuda_compile.py.
+The CUDA transports themselves run in tests/gpu/p2p_selftest.py and tests/gpu/push_loopback.py;
+their kernels are compile-checked in tests/test_cuda_compile.py and emulated in
+tests/test_p2p_emulated.py and tests/test_push_emulated.py.
 """
 
 import subprocess
@@ -25,41 +28,51 @@ BF16 = np.dtype(ml_dtypes.bfloat16)
 
 # -- multi-rank: the host twin against the reference ---------------------------------------------
 
+#: The host twins under test: the pull's (HostPull) and the push's (HostPush, "--push").
+TWINS = {"pull": [], "push": ["--push"]}
+twins = pytest.mark.parametrize("twin", sorted(TWINS))
+
+
 @pytest.mark.mpi
 @needs_mpiexec
+@twins
 @pytest.mark.parametrize("nprocs", [1, 2, 3, 4])
-def test_host_twin_matrix(nprocs):
-    res = check_mpi([SCRIPT, "matrix"], nprocs, timeout=180)
+def test_host_twin_matrix(nprocs, twin):
+    res = check_mpi([SCRIPT, "matrix", *TWINS[twin]], nprocs, timeout=180)
     counts = {r: v["collectives"] for r, v in res.results.items()}
     assert len(set(counts.values())) == 1 and min(counts.values()) > 250, counts
 
 
 @pytest.mark.mpi
 @needs_mpiexec
+@twins
 @pytest.mark.parametrize("nprocs", [2, 3])
-def test_signature_mismatch_raises_everywhere(nprocs):
-    check_mpi([SCRIPT, "mismatch"], nprocs, timeout=60)
+def test_signature_mismatch_raises_everywhere(nprocs, twin):
+    check_mpi([SCRIPT, "mismatch", *TWINS[twin]], nprocs, timeout=60)
 
 
 @pytest.mark.mpi
 @needs_mpiexec
+@twins
 @pytest.mark.parametrize("nprocs", [2, 4])
-def test_skipped_collective_times_out(nprocs):
-    check_mpi([SCRIPT, "timeout", "1.0"], nprocs, timeout=60)
+def test_skipped_collective_times_out(nprocs, twin):
+    check_mpi([SCRIPT, "timeout", "1.0", *TWINS[twin]], nprocs, timeout=60)
 
 
 @pytest.mark.mpi
 @needs_mpiexec
+@twins
 @pytest.mark.parametrize("nprocs", [2, 3])
-def test_close_is_local(nprocs):
-    check_mpi([SCRIPT, "close", "1.0"], nprocs, timeout=60)
+def test_close_is_local(nprocs, twin):
+    check_mpi([SCRIPT, "close", "1.0", *TWINS[twin]], nprocs, timeout=60)
 
 
 @pytest.mark.mpi
 @needs_mpiexec
+@twins
 @pytest.mark.parametrize("nprocs", [1, 3])
-def test_capacity_mismatch_is_a_config_error_everywhere(nprocs):
-    check_mpi([SCRIPT, "config"], nprocs, timeout=60)
+def test_capacity_mismatch_is_a_config_error_everywhere(nprocs, twin):
+    check_mpi([SCRIPT, "config", *TWINS[twin]], nprocs, timeout=60)
 
 
 @pytest.mark.mpi
@@ -327,6 +340,36 @@ def test_host_twin_single_rank():
         HostPull(MPI.COMM_SELF, 300, 0)
 
 
+def test_push_host_twin_single_rank():
+    # one rank: no peers, every row comes from the own input ("Self"); both slot sets, the wrap
+    import push_reference as pref
+    from mpi4py import MPI
+
+    from dpgather.dist.push import HostPush
+
+    x = np.arange(8, dtype=np.float32).reshape(4, 2)
+    with HostPush(MPI.COMM_SELF, 300, 5.0, _epoch0=2**32 - 3) as t:
+        assert (t.rank, t.size, t.capacity_bytes, t.name, t.error()) == (0, 1, 512, "push", 0)
+        for k in range(5):
+            n = k % 5
+            d = pref.make_desc(k, [(0, n, 0, 0, 1)], [(1, n, 4, 0, 0, 1, 1)])
+            out = np.full((6, 2), -1, np.float32)
+            t.push(x, out, d, 0, row_bytes=8, dtype="float32")
+            exp, _ = pref.push_ref([x], [d], [0], 8, "float32", [6], 512, outs=[np.full((6, 2), -1, np.float32)])
+            assert (out == exp[0]).all(), k
+        assert t._epoch == 4  # 2^32-2, 2^32-1, 2, 3, 4
+        with pytest.raises(InputError, match="overlap"):
+            t.push(x, x, d, 0, row_bytes=8, dtype="float32")
+        with pytest.raises(InputError, match="row_bytes"):
+            t.push(np.zeros((1, 130), np.float32), np.zeros((1, 130), np.float32), d, 0, row_bytes=520,
+                   dtype="float32")
+        assert "HostPush(rank=0, size=1" in repr(t)
+    with pytest.raises(CollectiveTimeout, match="closed"):
+        t.push(x, out, d, 0, row_bytes=8, dtype="float32")
+    with pytest.raises(InputError, match="_epoch0"):
+        HostPush(MPI.COMM_SELF, 300, 5.0, _epoch0=0)
+
+
 def test_cuda_transport_without_gpu_is_unavailable():
     import importlib.util
 
@@ -336,17 +379,21 @@ def test_cuda_transport_without_gpu_is_unavailable():
 
     from dpgather.dist.nodes import probe
     from dpgather.dist.pull import CudaPull
+    from dpgather.dist.push import CudaPush
 
     with pytest.raises(BackendUnavailable, match="CuPy"):
         CudaPull(MPI.COMM_SELF, 4096, 5.0)
+    with pytest.raises(BackendUnavailable, match="CuPy"):
+        CudaPush(MPI.COMM_SELF, 4096, 5.0)
     ok, reason = probe(MPI.COMM_SELF, 5.0)
     assert not ok and "rank 0" in reason and "CuPy" in reason
 
 
 def test_import_has_no_side_effects():
     code = (
-        "import sys, dpgather.dist.pull, dpgather.dist.nodes, dpgather.dist.windows, dpgather.kernels._pull; "
-        "bad = [m for m in ('mpi4py', 'cupy', 'numba', 'ml_dtypes', 'torch') if m in sys.modules]; "
+        "import sys, dpgather.dist.pull, dpgather.dist.push, dpgather.dist.nodes, dpgather.dist.windows, "
+        "dpgather.kernels._pull, dpgather.kernels._push, dpgather.kernels._launch; "
+        "bad = [m for m in ('mpi4py', 'cupy', 'numba', 'ml_dtypes', 'torch', 'cuda') if m in sys.modules]; "
         "assert not bad, bad; print('clean')"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

@@ -1,4 +1,8 @@
-"""MPI scenarios for the host twin of the P2P (pull) transport; run with ``mpiexec -n N python p2p_scenarios.py SCENARIO``.
+"""MPI scenarios for the host twins of the P2P transports; run with ``mpiexec -n N python p2p_scenarios.py SCENARIO [ARG] [--push]``.
+
+Without ``--push`` they run the pull transport's twin (``HostPull``, tests/p2p_cases.py against
+tests/pull_reference.py); with ``--push`` the push transport's (``HostPush``, tests/push_cases.py
+against tests/push_reference.py). The failure scenarios are the same for both:
 
     matrix [SEED]        every case of tests/p2p_cases.py against pull_ref (all dtypes,
                          gather replicate/partial A=1,2, combine, zero and short counts, graph
@@ -28,13 +32,25 @@ from mpi4py import MPI
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import p2p_cases as pc  # noqa: E402
+import push_cases  # noqa: E402
+import push_reference  # noqa: E402
 from mpi_harness import report  # noqa: E402
 from dpgather.core.errors import CollectiveTimeout, ConfigError, InconsistentStepError, InputError  # noqa: E402
 import pull_reference as ref  # noqa: E402
 from dpgather.dist.pull import ERR_SIGNATURE, ERR_TIMEOUT, HostPull  # noqa: E402
+from dpgather.dist.push import HostPush  # noqa: E402
 
 WORLD = MPI.COMM_WORLD
 RANK, SIZE = WORLD.Get_rank(), WORLD.Get_size()
+PUSH = "--push" in sys.argv
+#: The transport class, its checked entry, its word and its first epoch under test.
+Transport = HostPush if PUSH else HostPull
+VERB, NAME, SEGMENT = ("push", "push", "dpgather-push") if PUSH else ("pull", "p2p", "dpgather-pull")
+
+
+def call(t, inp, out, desc, off, row_bytes, dtype):
+    """The transport's checked entry: ``push`` or ``pull``."""
+    getattr(t, VERB)(inp, out, desc, off, row_bytes=row_bytes, dtype=dtype)
 
 
 def run_case(t, case, seed, index):
@@ -51,7 +67,79 @@ def run_case(t, case, seed, index):
     return None
 
 
+def expect_input_errors(calls, fails):
+    """Every call of ``{what: fn}`` must raise InputError (a local refusal); else a failure."""
+    for what, fn in calls.items():
+        try:
+            fn()
+            fails.append(f"bad argument ({what}) was accepted")
+        except InputError:
+            pass
+        except Exception as e:  # noqa: BLE001
+            fails.append(f"bad argument ({what}) raised {type(e).__name__}: {e}")
+
+
+def run_push_case(t, case):
+    """One case of tests/push_cases.py on ``t``: poisoned output, every byte checked."""
+    out = pc.poisoned(case.out_rows[RANK], case.inputs[RANK].shape[1], case.dtype)
+    outs = [pc.poisoned(case.out_rows[r], case.inputs[r].shape[1], case.dtype) for r in range(SIZE)]
+    exp, _ = push_reference.push_ref(list(case.inputs), list(case.descs), list(case.desc_off), case.row_bytes,
+                                     case.dtype, list(case.out_rows), t.capacity_bytes, outs=outs)
+    inp = case.inputs[RANK].copy()
+    t.push(inp, out, case.descs[RANK], case.desc_off[RANK], row_bytes=case.row_bytes, dtype=case.dtype)
+    bad = pc.check(out, exp[RANK])
+    if case.expect is not None and not bad:
+        bad = pc.check(out, case.expect[RANK])
+    if bad:
+        return f"{case.name}: {bad}"
+    if pc.check(inp, case.inputs[RANK]):
+        return f"{case.name}: the input was modified"
+    return None
+
+
+def scenario_push_matrix(seed):
+    """Every case of tests/push_cases.py, then a transport starting at 2^32 - 3 (its set is cleared
+    at the wrap, the epochs skip 0 and 1), then the local argument errors."""
+    fails, n = [], 0
+    cases = push_cases.build_cases(SIZE, seed)
+    t = HostPush(WORLD, push_cases.CAP_BYTES, timeout_s=60)
+    w = HostPush(WORLD, push_cases.CAP_BYTES, timeout_s=60, _epoch0=2**32 - 3)
+    if (t.rank, t.size, t.name, t.capacity_bytes) != (RANK, SIZE, "push", push_cases.CAP_BYTES):
+        fails.append(f"attributes: {t!r}")
+    cases = [c for c in cases if len(c.inputs) == SIZE]  # pretend-node cases hold one node's ranks
+    for tr, todo in ((t, cases), (w, cases[:12])):
+        for case in todo:
+            n += 1
+            msg = run_push_case(tr, case)
+            if msg:
+                fails.append(msg)
+    if w._epoch != 2 + 12 - 3:  # 2^32-2, 2^32-1, then 2, 3, ...
+        fails.append(f"epoch after the wrap cases: {w._epoch}")
+    x, buf = np.zeros((2, 4), np.float32), np.zeros((4, 4), np.float32)
+    d = push_reference.make_desc(1, [(0, 2, 0, 0, SIZE)], [(0, 2, 2, 0, 0, 1, 1)])
+    expect_input_errors({
+        "dtype name": lambda: t.push(x, x.copy(), d, 0, row_bytes=16, dtype="float64"),
+        "row bytes": lambda: t.push(x, x.copy(), d, 0, row_bytes=8, dtype="float32"),
+        "over capacity": lambda: t.push(np.zeros((1, 4096), np.float32), np.zeros((1, 4096), np.float32),
+                                        d, 0, row_bytes=16384, dtype="float32"),
+        "in place": lambda: t.push(x, x, d, 0, row_bytes=16, dtype="float32"),
+        "overlap": lambda: t.push(buf[:2], buf[1:3], d, 0, row_bytes=16, dtype="float32"),
+        "short desc": lambda: t.push(x, x.copy(), d[:3], 0, row_bytes=16, dtype="float32"),
+    }, fails)
+    n += 1
+    msg = run_push_case(t, cases[0])
+    if msg:
+        fails.append(f"after the argument errors: {msg}")
+    if t.error() or w.error():
+        fails.append(f"error() set on a healthy transport: {t.error()} {w.error()}")
+    t.close()
+    w.close()
+    report(RANK, failures=fails[:50], nfailures=len(fails), collectives=n)
+
+
 def scenario_matrix(seed):
+    if PUSH:
+        return scenario_push_matrix(seed)
     fails = []
     cases = pc.build_cases(SIZE, seed)
     n = 0
@@ -75,7 +163,7 @@ def scenario_matrix(seed):
     # errors that are local and leave the transport usable (nothing was signalled)
     x = np.zeros((2, 4), np.float32)
     d = ref.make_desc(1, [(0, 2, 0)], [(0, 2, 2, 0, 0, 1, 1)])
-    for what, fn in {
+    expect_input_errors({
         "dtype name": lambda: t.pull(x, x.copy(), d, 0, row_bytes=16, dtype="float64"),
         "storage": lambda: t.pull(x, x.copy(), d, 0, row_bytes=16, dtype="int32"),
         "row bytes": lambda: t.pull(x, x.copy(), d, 0, row_bytes=8, dtype="float32"),
@@ -86,14 +174,7 @@ def scenario_matrix(seed):
         "non-contiguous": lambda: t.pull(np.zeros((2, 8), np.float32)[:, ::2], x.copy(), d, 0,
                                          row_bytes=16, dtype="float32"),
         "read-only out": lambda: _readonly(t, x, d),
-    }.items():
-        try:
-            fn()
-            fails.append(f"bad argument ({what}) was accepted")
-        except InputError:
-            pass
-        except Exception as e:  # noqa: BLE001
-            fails.append(f"bad argument ({what}) raised {type(e).__name__}: {e}")
+    }, fails)
     msg = run_case(t, cases[0], seed, 0)  # still in step after the local errors
     if msg:
         fails.append(f"after the argument errors: {msg}")
@@ -111,16 +192,18 @@ def _readonly(t, x, d):
 
 
 def _collective(t, sig=7):
+    """Every rank's 3 rows summed over all ranks (a pull of every src, or a push to everyone)."""
     x = np.full((3, 2), RANK + 1, np.int32)
     out = np.zeros((3, 2), np.int32)
-    d = ref.make_desc(sig, [(0, 3, 0)], [(0, 3, 3, 0, 0, SIZE, 1)])
-    t.pull(x, out, d, 0, row_bytes=8, dtype="int32")
+    job = [(0, 3, 3, 0, 0, SIZE, 1)]
+    d = push_reference.make_desc(sig, [(0, 3, 0, 0, SIZE)], job) if PUSH else ref.make_desc(sig, [(0, 3, 0)], job)
+    call(t, x, out, d, 0, 8, "int32")
     return out
 
 
 def scenario_mismatch():
     fails = []
-    t = HostPull(WORLD, 4096, timeout_s=20)
+    t = Transport(WORLD, 4096, timeout_s=20)
     total = SIZE * (SIZE + 1) // 2
     for _ in range(2):
         if not (_collective(t) == total).all():
@@ -150,7 +233,7 @@ def scenario_mismatch():
 
 def scenario_timeout(timeout_s):
     fails = []
-    t = HostPull(WORLD, 4096, timeout_s=timeout_s)
+    t = Transport(WORLD, 4096, timeout_s=timeout_s)
     _collective(t)
     WORLD.Barrier()
     if RANK == 0:
@@ -187,7 +270,7 @@ def scenario_timeout(timeout_s):
 
 def scenario_close(timeout_s):
     fails = []
-    t = HostPull(WORLD, 4096, timeout_s=timeout_s)
+    t = Transport(WORLD, 4096, timeout_s=timeout_s)
     for _ in range(3):
         _collective(t)
     if RANK == 0:
@@ -218,7 +301,7 @@ def scenario_close(timeout_s):
 def scenario_config():
     fails = []
     try:
-        HostPull(WORLD, 4096 + 256 * (RANK % 2), timeout_s=20)
+        Transport(WORLD, 4096 + 256 * (RANK % 2), timeout_s=20)
         fails.append("different capacities were accepted")
     except ConfigError as e:
         if SIZE == 1 or "capacity" not in str(e):
@@ -227,13 +310,14 @@ def scenario_config():
         fails.append(f"{type(e).__name__}: {e}")
     if SIZE == 1 and fails == ["different capacities were accepted"]:
         fails = []  # one rank cannot disagree with itself
-    left = [f for f in os.listdir("/dev/shm") if f.startswith(f"dpgather-pull-{os.getpid()}-")]
+    left = [f for f in os.listdir("/dev/shm") if f.startswith(f"{SEGMENT}-{os.getpid()}-")]
     if left:
         fails.append(f"segment files left behind: {left}")
     report(RANK, failures=fails)
 
 
 def main(argv):
+    argv = [a for a in argv if a != "--push"]
     what = argv[1] if len(argv) > 1 else "matrix"
     try:
         if what == "matrix":
