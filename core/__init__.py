@@ -13,7 +13,18 @@ from .errors import (
     InconsistentStepError,
     InputError,
 )
-from .types import POLICIES, P2P_WINDOW_ROWS, ForwardMode, LocalBatch, PaddingMode, SpecConfig, Topology, p2p_window_rows
+from .types import (
+    P2P_WINDOW_ROWS,
+    POLICIES,
+    PUSH_WINDOW_ROWS,
+    ForwardMode,
+    LocalBatch,
+    PaddingMode,
+    SpecConfig,
+    Topology,
+    p2p_window_rows,
+    push_window_rows,
+)
 
 try:
     from ._planner import RECORD_FIELDS, RECORD_MAGIC, RECORD_WIDTH, TRANSPORTS, Plan, Planner, count_tokens, plan
@@ -27,5 +38,6 @@ __all__ = [
     "BackendUnavailable", "CollectiveTimeout", "ConfigError", "CostModel", "DpGatherError",
     "ForwardMode", "InconsistentBatchError", "InconsistentStepError", "InputError", "LocalBatch", "POLICIES", "PaddingMode",
     "Plan", "Planner", "RECORD_FIELDS", "RECORD_MAGIC", "RECORD_WIDTH", "SpecConfig", "Topology",
-    "TRANSPORTS", "count_tokens", "plan", "P2P_WINDOW_ROWS", "p2p_window_rows",
+    "TRANSPORTS", "count_tokens", "plan", "P2P_WINDOW_ROWS", "p2p_window_rows", "PUSH_WINDOW_ROWS",
+    "push_window_rows",
 ]

@@ -22,10 +22,10 @@ __all__ = [
 ]
 
 _Policy = Literal["auto", "sglang", "max_len", "sum_len", "varlen"]
-_Transport = Literal["auto", "nccl", "p2p"]
+_Transport = Literal["auto", "nccl", "p2p", "push"]
 
 #: Transport preferences accepted by the planner.
-TRANSPORTS: Final[tuple[str, str, str]]
+TRANSPORTS: Final[tuple[str, str, str, str]]
 _I64 = npt.NDArray[np.int64]
 _I32 = npt.NDArray[np.int32]
 
@@ -72,6 +72,8 @@ class Plan:
     @property
     def predicted_p2p_us(self) -> float: ...
     @property
+    def predicted_push_us(self) -> float: ...
+    @property
     def num_tokens(self) -> _I64: ...
     @property
     def logits_tokens(self) -> _I64: ...
@@ -107,6 +109,8 @@ class Planner:
     def p2p_rows(self) -> int: ...
     @property
     def p2p_node_size(self) -> int: ...
+    @property
+    def push_rows(self) -> int: ...
     def __init__(
         self,
         topology: Topology,
@@ -117,6 +121,7 @@ class Planner:
         transport: _Transport = "auto",
         p2p_rows: int = 0,
         p2p_node_size: int = 0,
+        push_rows: int = 0,
     ) -> None: ...
     def record(self, batch: LocalBatch, out: _I32 | None = None) -> _I32: ...
     def plan_batches(self, batches: Iterable[LocalBatch]) -> Plan: ...
@@ -134,4 +139,5 @@ def plan(
     transport: _Transport = "auto",
     p2p_rows: int = 0,
     p2p_node_size: int = 0,
+    push_rows: int = 0,
 ) -> Plan: ...

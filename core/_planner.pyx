@@ -80,6 +80,7 @@ cdef enum:
     C_GV = 3
     C_RSV = 4
     C_P2P = 5
+    C_PUSH = 6
 
 cdef enum:
     N_CURVE = 16  # most points of one link-time curve: core.cost.CURVE_POINTS
@@ -88,18 +89,24 @@ cdef enum:
     TR_AUTO = 0
     TR_NCCL = 1
     TR_P2P = 2
+    TR_PUSH = 3
+
+cdef enum:  # Plan.transport, in order (the fingerprint hashes the code)
+    USE_NCCL = 0
+    USE_PULL = 1
+    USE_PUSH = 2
 
 cdef int64_t MAGIC = 0x44504731
 cdef int64_t INT32_MAX = 2147483647
 _PADDING = (PaddingMode.MAX_LEN, PaddingMode.SUM_LEN, PaddingMode.VARLEN)
 _POLICY_CODE = {"auto": POL_AUTO, "sglang": POL_SGLANG, "max_len": POL_MAX, "sum_len": POL_SUM,
                 "varlen": POL_VAR}
-_COLL_ORDER = ("all_gather", "reduce_scatter", "all_reduce", "gatherv", "reduce_scatterv", "p2p")
-_TRANSPORT_CODE = {"auto": TR_AUTO, "nccl": TR_NCCL, "p2p": TR_P2P}
-_TRANSPORT_NAME = ("nccl", "p2p")
+_COLL_ORDER = ("all_gather", "reduce_scatter", "all_reduce", "gatherv", "reduce_scatterv", "p2p", "push")
+_TRANSPORT_CODE = {"auto": TR_AUTO, "nccl": TR_NCCL, "p2p": TR_P2P, "push": TR_PUSH}
+_TRANSPORT_NAME = ("nccl", "p2p", "push")
 assert CURVE_POINTS == N_CURVE, "core.cost.CURVE_POINTS and the planner's N_CURVE must agree"
 #: Transport preferences accepted by the planner (docs/planner.md section 8).
-TRANSPORTS = ("auto", "nccl", "p2p")
+TRANSPORTS = ("auto", "nccl", "p2p", "push")
 
 
 cdef struct Config:
@@ -116,14 +123,15 @@ cdef struct Config:
     double mlp_row_us
     double mode_us[3]
     int64_t p2p_rows
+    int64_t push_rows
     int64_t p2p_node
     int transport
-    double a0[6]
-    double a1[6]
-    double beta[6]
-    int cn[6][2]
-    double cx[6][2][N_CURVE]
-    double ct[6][2][N_CURVE]
+    double a0[7]
+    double a1[7]
+    double beta[7]
+    int cn[7][2]
+    double cx[7][2][N_CURVE]
+    double ct[7][2][N_CURVE]
 
 
 cdef inline int64_t align_up(int64_t x, int64_t a) noexcept nogil:
@@ -172,9 +180,9 @@ cdef double curve_us(const Config* c, int coll, int which, double x) noexcept no
 cdef double link_us(const Config* c, int coll, double i, double o) noexcept nogil:
     """Time (us) a rank needs to receive ``i`` and send ``o`` bytes, never less than the larger
     amount ``M`` one way, ``one(M)`` (docs/cost-model.md, "Link time"). With traffic both ways
-    (the smaller amount ``m > 0``): NCCL, which pushes, as ``(i + o) / 2`` bytes each way,
-    ``both((i + o) / 2)``; the P2P pulls as ``m`` both ways and the rest one way, ``both(m) +
-    one(M) - one(m)``."""
+    (the smaller amount ``m > 0``): NCCL and the push transport, which write into the peer, as
+    ``(i + o) / 2`` bytes each way, ``both((i + o) / 2)``; the P2P pulls as ``m`` both ways and
+    the rest one way, ``both(m) + one(M) - one(m)``."""
     cdef double M = i if i > o else o, m = o if i > o else i
     cdef double t = curve_us(c, coll, 0, M), u
     if m > 0:
@@ -250,6 +258,40 @@ cdef double p2p_us(const Config* c, int64_t T, int64_t A, const int64_t* n, int6
             + copies)
 
 
+cdef double push_us(const Config* c, int64_t T, int64_t A, const int64_t* n, int64_t D) noexcept nogil:
+    """Predicted gather + combine time over the push transport (docs/cost-model.md, "Push"): one
+    one-way trip per collective, no barrier, no pack; a rank of replica d receives ``A*S - n_d``
+    rows and sends ``(T-1)*n_d`` (the combine: the mirror), each data byte a line byte of two
+    (``x`` of the push curves counts line bytes); the own rows are copied from the input."""
+    cdef double a, R = c.row_bytes, S = 0.0, nmin = 0.0, nmax = 0.0, sent, copies, t, worst = 0.0
+    cdef int64_t d
+    if T <= 1:
+        return 0.0
+    cdef int64_t L = c.p2p_node if 0 < c.p2p_node < T else T
+    cdef int64_t nodes = T // L
+    for d in range(D):
+        S += n[d]
+        if d == 0 or n[d] < nmin:
+            nmin = n[d]
+        if n[d] > nmax:
+            nmax = n[d]
+    a = c.a0[C_PUSH] + c.a1[C_PUSH] * (L - 1)
+    copies = 3.0 * nmax * R / (c.copy_bw * 1e3)
+    if nodes == 1:
+        for d in range(D):
+            t = link_us(c, C_PUSH, 2.0 * (A * S - n[d]) * R, 2.0 * (T - 1) * (<double>n[d]) * R)
+            if t > worst:
+                worst = t
+        return a + worst + a + worst + copies
+    # several nodes: pushes inside the node, the node blocks over NCCL (as the pull's)
+    sent = A * S / nodes - nmin
+    if sent < 0:
+        sent = 0
+    return (a + curve_us(c, C_PUSH, 0, 2.0 * sent * R) + coll_us(c, C_GV, nodes, S * R, nodes)
+            + coll_us(c, C_RSV, nodes, S * R, nodes) + a + curve_us(c, C_PUSH, 0, 2.0 * (L - 1) * nmax * R)
+            + copies)
+
+
 cdef int count_one(const Config* c, int64_t mode, int64_t bs, int64_t ext, int64_t lp,
                    int64_t* n, int64_t* l) except -1:
     """Token count ``n`` and logits rows ``l`` of one batch (docs/design.md section 2)."""
@@ -315,9 +357,11 @@ cdef class Plan:
         logits_slot_rows, logits_offsets, logits_rows: the same for the logits gather.
         predicted_us: ``(MAX_LEN, SUM_LEN, VARLEN)`` predicted gather + combine time of the cost
             model (microseconds), whatever the policy.
-        transport: ``"nccl"`` (the backend's collectives: NCCL, or MPI on the host backend) or
-            ``"p2p"`` (the P2P transport: exact rows, counts read on the device).
-        predicted_p2p_us: predicted gather + combine time over P2P (0 without P2P).
+        transport: ``"nccl"`` (the backend's collectives: NCCL, or MPI on the host backend),
+            ``"p2p"`` (the P2P pull transport) or ``"push"`` (the P2P push transport): exact rows,
+            counts read on the device.
+        predicted_p2p_us: predicted gather + combine time over the pull (0 without it).
+        predicted_push_us: predicted gather + combine time over the push (0 without it).
         fingerprint: 64-bit FNV-1a hash of everything above except the predictions.
     """
 
@@ -335,6 +379,7 @@ cdef class Plan:
     cdef readonly uint64_t fingerprint
     cdef readonly tuple predicted_us
     cdef readonly double predicted_p2p_us
+    cdef readonly double predicted_push_us
     cdef readonly str policy
     cdef readonly str transport
     cdef object _buf
@@ -422,10 +467,14 @@ cdef class Planner:
         graph_buckets: per-replica token capacities with captured graphs (positive multiples
             of ``attn_tp_size``).
         cost: a :class:`CostModel` (default: the built-in H100 constants).
-        transport: ``"auto"`` (the cost model decides per step), ``"nccl"`` or ``"p2p"`` (P2P
-            whenever the step fits ``p2p_rows``).
-        p2p_rows: rows of the configured width the P2P transport holds per collective (its
-            capacity), 0 when there is no P2P transport (docs/planner.md section 8).
+        transport: ``"auto"`` (the cost model decides per step), ``"nccl"``, ``"p2p"`` (the
+            pull whenever the step fits ``p2p_rows``) or ``"push"`` (the push whenever the step
+            fits ``push_rows``, else as ``"p2p"``).
+        p2p_rows: rows of the configured width the P2P pull transport holds per collective (its
+            capacity: every replica's rows), 0 when there is no pull transport (docs/planner.md
+            section 8).
+        push_rows: rows of the configured width per replica the push transport's windows hold
+            (a region holds one replica's rows), 0 when there is no push transport.
         p2p_node_size: ranks of one P2P group when the transport runs inside each of several
             nodes, NCCL carrying the node blocks between them (docs/p2p.md, "Several nodes");
             0 (default): one group of every rank. Only the cost of P2P steps depends on it.
@@ -445,10 +494,11 @@ cdef class Planner:
     cdef readonly object cost
     cdef readonly str transport
     cdef readonly int64_t p2p_rows
+    cdef readonly int64_t push_rows
     cdef readonly int64_t p2p_node_size
 
     def __init__(self, topology, spec=None, policy="auto", graph_buckets=(), cost=None, transport="auto",
-                 p2p_rows=0, p2p_node_size=0):
+                 p2p_rows=0, p2p_node_size=0, push_rows=0):
         cdef int i
         if not isinstance(topology, Topology):
             raise ConfigError(f"topology must be a dpgather.Topology, got {topology!r}")
@@ -497,6 +547,8 @@ cdef class Planner:
             raise ConfigError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
         if isinstance(p2p_rows, bool) or not isinstance(p2p_rows, (int, np.integer)) or not 0 <= p2p_rows < 2**62:
             raise ConfigError(f"p2p_rows must be an int >= 0 (0: no P2P transport), got {p2p_rows!r}")
+        if isinstance(push_rows, bool) or not isinstance(push_rows, (int, np.integer)) or not 0 <= push_rows < 2**62:
+            raise ConfigError(f"push_rows must be an int >= 0 (0: no push transport), got {push_rows!r}")
         if (isinstance(p2p_node_size, bool) or not isinstance(p2p_node_size, (int, np.integer))
                 or p2p_node_size < 0 or (p2p_node_size and (topology.world_size % p2p_node_size
                                                              or p2p_node_size % topology.attn_tp_size))):
@@ -505,9 +557,11 @@ cdef class Planner:
                               f"got {p2p_node_size!r}")
         self.transport = transport
         self.p2p_rows = int(p2p_rows)
+        self.push_rows = int(push_rows)
         self.p2p_node_size = int(p2p_node_size)
         self.cfg.transport = _TRANSPORT_CODE[transport]
         self.cfg.p2p_rows = self.p2p_rows
+        self.cfg.push_rows = self.push_rows
         self.cfg.p2p_node = self.p2p_node_size
         self.cfg.row_bytes = cost.row_bytes
         self.cfg.copy_bw = cost.copy_GBps
@@ -668,10 +722,11 @@ cdef class Planner:
         cdef int64_t d, a, i, n = 0, l = 0, maxn = 0, maxl = 0, S = 0, L = 0, M, k_nonzero = 0
         cdef int64_t k_chunks = 0, k_logits = 0, bucket = 0, lbucket = 0, chunk, rem
         cdef bint skip = True, is_ext = False, graph, all_graph = True
-        cdef int pad, lpad, tr = 0, p_pad, p_lpad
+        cdef int pad, lpad, tr = USE_NCCL, p_pad, p_lpad
         cdef int64_t p_rows
-        cdef double R = c.row_bytes, c_max, c_sum, c_var, l_sum, l_var, c_p2p = 0.0, c_best
+        cdef double R = c.row_bytes, c_max, c_sum, c_var, l_sum, l_var, c_best, c_p2p, c_push
         cdef bint p2p_ok = c.p2p_rows > 0 and c.transport != TR_NCCL and T > 1
+        cdef bint push_ok = c.push_rows > 0 and (c.transport == TR_AUTO or c.transport == TR_PUSH) and T > 1
         cdef cnp.npy_intp dims[1]
         dims[0] = 6 * D + 2
         cdef cnp.ndarray buf = cnp.PyArray_ZEROS(1, dims, cnp.NPY_INT64, 0)
@@ -737,8 +792,14 @@ cdef class Planner:
             for d in range(D):
                 sr[d] = bucket
                 lsr[d] = lbucket
-            if p2p_ok and D * bucket <= c.p2p_rows and D * lbucket <= c.p2p_rows:
-                tr = 1  # graph steps: exact rows on the wire whenever the windows hold the bucket
+            # graph steps: exact rows on the wire whenever the windows hold the bucket; the push
+            # unless (under auto) the model prices the pull faster at a full bucket, so the choice
+            # is a function of the bucket alone (a captured graph has one transport)
+            if push_ok and bucket <= c.push_rows and lbucket <= c.push_rows:
+                tr = USE_PUSH
+            if p2p_ok and D * bucket <= c.p2p_rows and D * lbucket <= c.p2p_rows and (
+                    tr == USE_NCCL or (c.transport == TR_AUTO and p2p_us(c, T, A, sr, D) < push_us(c, T, A, sr, D))):
+                tr = USE_PULL
         else:
             if c.policy == POL_SGLANG:
                 if is_ext and D > 1:
@@ -767,17 +828,23 @@ cdef class Planner:
                 l_sum = coll_us(c, C_AR, T, L * R, T) + L * R / (c.copy_bw * 1e3)
                 l_var = vcoll_us(c, C_GV, T, A, lt, D, k_logits)
                 lpad = PAD_VAR if l_var < l_sum else PAD_SUM
-            if p2p_ok:
-                # P2P moves exact rows whatever the layout; under "auto" it uses the exact layout
-                p_pad = PAD_VAR if c.policy == POL_AUTO else pad
-                p_lpad = PAD_VAR if c.policy == POL_AUTO else lpad
-                p_rows = D * M if p_pad == PAD_MAX else S
-                if p_rows <= c.p2p_rows and L <= c.p2p_rows:
-                    c_p2p = p2p_us(c, T, A, nt, D)
-                    c_best = c_max if pad == PAD_MAX else (c_sum if pad == PAD_SUM else c_var)
-                    if c.transport == TR_P2P or c_p2p < c_best:
-                        tr = 1
-                        pad, lpad = p_pad, p_lpad
+            # the P2P transports move exact rows whatever the layout; under "auto" they use the
+            # exact layout; forced ("p2p", "push") they take every step that fits, the push first
+            p_pad = PAD_VAR if c.policy == POL_AUTO else pad
+            p_lpad = PAD_VAR if c.policy == POL_AUTO else lpad
+            c_best = c_max if pad == PAD_MAX else (c_sum if pad == PAD_SUM else c_var)
+            p_rows = D * M if p_pad == PAD_MAX else S
+            if p2p_ok and p_rows <= c.p2p_rows and L <= c.p2p_rows:
+                c_p2p = p2p_us(c, T, A, nt, D)
+                if c.transport != TR_AUTO or c_p2p < c_best:
+                    tr = USE_PULL
+                    c_best = c_p2p
+            if push_ok and maxn <= c.push_rows and maxl <= c.push_rows:
+                c_push = push_us(c, T, A, nt, D)
+                if c.transport == TR_PUSH or c_push < c_best:
+                    tr = USE_PUSH
+            if tr != USE_NCCL:
+                pad, lpad = p_pad, p_lpad
             for d in range(D):
                 sr[d] = M if pad == PAD_MAX else nt[d]
                 lsr[d] = lt[d]
@@ -805,7 +872,8 @@ cdef class Planner:
         plan.policy = self.policy
         plan.predicted_us = (c_max, c_sum, c_var)
         plan.transport = _TRANSPORT_NAME[tr]
-        plan.predicted_p2p_us = c_p2p if tr else (p2p_us(c, T, A, nt, D) if p2p_ok else 0.0)
+        plan.predicted_p2p_us = p2p_us(c, T, A, nt, D) if p2p_ok else 0.0
+        plan.predicted_push_us = push_us(c, T, A, nt, D) if push_ok else 0.0
         h = 0xcbf29ce484222325ULL
         h = fnv1a(h, pad)
         h = fnv1a(h, lpad)
@@ -869,37 +937,38 @@ _planner_cache = {}
 
 
 def plan(batches, topology, *, spec=None, policy="auto", graph_buckets=(), cost=None, transport="auto",
-         p2p_rows=0, p2p_node_size=0):
+         p2p_rows=0, p2p_node_size=0, push_rows=0):
     """Plan one step from one :class:`LocalBatch` per DP replica (pure function).
 
     Equivalent to ``Planner(topology, spec=..., policy=..., graph_buckets=..., cost=...,
-    transport=..., p2p_rows=...).plan_batches(batches)``; planners of the default cost model are
-    cached, so calling this every step is cheap.
+    transport=..., p2p_rows=..., p2p_node_size=..., push_rows=...).plan_batches(batches)``;
+    planners of the default cost model are cached, so calling this every step is cheap.
 
     Args:
         batches: ``topology.dp_size`` LocalBatch objects, replica order.
         topology: a :class:`Topology`.
-        spec, policy, graph_buckets, cost, transport, p2p_rows, p2p_node_size: as for :class:`Planner`.
+        spec, policy, graph_buckets, cost, transport, p2p_rows, p2p_node_size, push_rows: as for
+            :class:`Planner`.
 
     Returns:
         The :class:`Plan`, identical to what ``Planner.plan_table`` gives for the same step.
     """
+    kw = dict(spec=spec, policy=policy, transport=transport, p2p_rows=p2p_rows, p2p_node_size=p2p_node_size,
+              push_rows=push_rows)
     if cost is None:
         try:
             graph_buckets = tuple(graph_buckets) if graph_buckets is not None else ()
             key = (topology, spec, policy, graph_buckets, tuple(map(type, graph_buckets)), transport, p2p_rows,
-                   p2p_node_size)
+                   p2p_node_size, push_rows)
             planner = _planner_cache.get(key)
         except TypeError:
             key = None
             planner = None
         if planner is None:
-            planner = Planner(topology, spec=spec, policy=policy, graph_buckets=graph_buckets,
-                              transport=transport, p2p_rows=p2p_rows, p2p_node_size=p2p_node_size)
+            planner = Planner(topology, graph_buckets=graph_buckets, **kw)
             if key is not None:
                 if len(_planner_cache) > 256:
                     _planner_cache.clear()
                 _planner_cache[key] = planner
         return planner.plan_batches(batches)
-    return Planner(topology, spec=spec, policy=policy, graph_buckets=graph_buckets, cost=cost,
-                   transport=transport, p2p_rows=p2p_rows, p2p_node_size=p2p_node_size).plan_batches(batches)
+    return Planner(topology, graph_buckets=graph_buckets, cost=cost, **kw).plan_batches(batches)

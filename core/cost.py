@@ -44,10 +44,10 @@ def _finite(name, value, kind=float):
 __all__ = ["CostModel", "COLLECTIVES", "CURVED", "CURVE_POINTS", "cache_dir", "cache_path", "check_schema"]
 
 #: Collectives with their own (a0, a1, beta) triple.
-COLLECTIVES = ("all_gather", "reduce_scatter", "all_reduce", "gatherv", "reduce_scatterv", "p2p")
+COLLECTIVES = ("all_gather", "reduce_scatter", "all_reduce", "gatherv", "reduce_scatterv", "p2p", "push")
 #: Collectives whose bandwidth term is priced per rank from what it receives and sends, and may
 #: carry measured link-time curves (docs/cost-model.md, "Link time").
-CURVED = ("gatherv", "reduce_scatterv", "p2p")
+CURVED = ("gatherv", "reduce_scatterv", "p2p", "push")
 #: Most points of one curve.
 CURVE_POINTS = 16
 
@@ -65,6 +65,12 @@ _DEFAULTS = {
     # 2x H200 of 22 layouts (balanced, one-sided, uneven; 1..8192 rows per rank): within 20 %,
     # one-sided layouts over-predicted (a calibration's curves separate the two, docs/cost-model.md)
     "p2p": (8.5, 0.47, 440.0),
+    # the P2P transport's push collective (docs/push.md): one one-way NVLink trip, no barrier, no
+    # pack; beta counts line bytes (each 16-byte line carries 8 data bytes). Defaults until
+    # calibrated, from the anchors of docs/cost-model.md ("Push"): a launch (0.70 us) plus half
+    # the pull's measured flag round trip (3.68 us) plus the local write-out; per extra peer the
+    # NCCL LL figures' growth; the SM-store link ceiling measured on 2x H200 (353-357 GB/s)
+    "push": (3.0, 0.3, 350.0),
 }
 
 

@@ -10,7 +10,7 @@ from enum import IntEnum
 from .errors import ConfigError, InputError
 
 __all__ = ["Topology", "ForwardMode", "PaddingMode", "SpecConfig", "LocalBatch", "POLICIES", "P2P_WINDOW_ROWS",
-           "p2p_window_rows"]
+           "PUSH_WINDOW_ROWS", "p2p_window_rows", "push_window_rows"]
 
 #: Padding policies accepted by the planner (docs/design.md section 3).
 POLICIES = ("auto", "sglang", "max_len", "sum_len", "varlen")
@@ -253,3 +253,19 @@ def p2p_window_rows(topology, graph_buckets=(), max_tokens_per_rank=None):
     A = topology.attn_tp_size
     per_replica = max(max_tokens_per_rank or 0, max(graph_buckets, default=0), P2P_WINDOW_ROWS)
     return topology.dp_size * (-(-per_replica // A) * A)
+
+
+#: Per-replica rows the push transport's windows hold (docs/push.md, "Window size"): the decode
+#: steps where its one-way trip beats the pull's barrier and NCCL (the default model's crossover
+#: with the pull is ~115 rows per rank of 14 KB at T = 2), with room for a calibration to move it.
+PUSH_WINDOW_ROWS = 256
+
+
+def push_window_rows(topology):
+    """Rows of one replica the push windows hold (``Planner(push_rows=...)``), as ``DpAttention``
+    sizes them: :data:`PUSH_WINDOW_ROWS` rounded up to ``attn_tp_size``, whatever the graph
+    buckets and ``max_tokens_per_rank`` (larger steps go over the pull or NCCL; the planner
+    decides). A window costs ``4 (T-1)`` times this many rows per rank (docs/push.md)."""
+    A = topology.attn_tp_size
+    return -(-PUSH_WINDOW_ROWS // A) * A
+

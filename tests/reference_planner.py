@@ -53,10 +53,11 @@ DEFAULT_COST = {
     "gatherv": (28.0, 3.0, 330.0),
     "reduce_scatterv": (28.0, 3.0, 330.0),
     "p2p": (8.5, 0.47, 440.0),
+    "push": (3.0, 0.3, 350.0),
 }
 
-NCCL, P2P = 0, 1
-TRANSPORT_NAMES = ("nccl", "p2p")
+NCCL, P2P, PUSH = 0, 1, 2
+TRANSPORT_NAMES = ("nccl", "p2p", "push")
 
 FNV_OFFSET = 0xCBF29CE484222325
 FNV_PRIME = 0x100000001B3
@@ -150,8 +151,8 @@ def curve_us(params, name, which, x):
 
 def link_us(params, name, i, o):
     """A rank receiving ``i`` and sending ``o`` bytes: never less than the larger one way alone;
-    with traffic both ways, NCCL as (i + o) / 2 each way, P2P as the smaller amount both ways
-    and the rest one way."""
+    with traffic both ways, NCCL and the push (writers) as (i + o) / 2 each way, the P2P pull as
+    the smaller amount both ways and the rest one way."""
     M, m = (i, o) if i > o else (o, i)
     t = curve_us(params, name, "one", M)
     if m > 0:
@@ -244,6 +245,38 @@ def p2p_us(n, A, cost=None, node_size=0):
             + a + curve_us(p, "p2p", "one", (L - 1) * nmax * R) + copies)
 
 
+def push_us(n, A, cost=None, node_size=0):
+    """Predicted gather + combine us over the push transport (docs/cost-model.md, "Push"): one
+    one-way trip per collective, a rank of replica d receiving A*S - n_d rows and sending
+    (T-1)*n_d, twice the data bytes on the wire (LL lines), the own rows copied locally; over
+    several nodes the node blocks go over NCCL as for the pull."""
+    p = dict(DEFAULT_COST)
+    if cost:
+        p.update(cost)
+    D = len(n)
+    T = D * A
+    if T <= 1:
+        return 0.0
+    R = float(p["row_bytes"])
+    a0, a1, _ = p["push"]
+    S = 0.0
+    for x in n:
+        S += x
+    nmin, nmax = float(min(n)), float(max(n))
+    L = node_size if 0 < node_size < T else T
+    N = T // L
+    a = a0 + a1 * (L - 1)
+    copies = 3.0 * nmax * R / (float(p["copy_GBps"]) * 1e3)
+    if N == 1:
+        worst = 0.0
+        for x in n:
+            worst = max(worst, link_us(p, "push", 2.0 * (A * S - x) * R, 2.0 * (T - 1) * float(x) * R))
+        return a + worst + a + worst + copies
+    return (a + curve_us(p, "push", "one", 2.0 * max(A * S / N - nmin, 0.0) * R)
+            + coll_us(p, "gatherv", N, S * R, N) + coll_us(p, "reduce_scatterv", N, S * R, N)
+            + a + curve_us(p, "push", "one", 2.0 * (L - 1) * nmax * R) + copies)
+
+
 def logits_us(l, A, cost=None):
     """``(SUM_LEN, VARLEN)`` predicted us of a replicate gather of the logits rows ``l``."""
     p = dict(DEFAULT_COST)
@@ -276,7 +309,7 @@ def _prefix(rows):
 
 
 def plan(batches, world_size, attn_tp_size=1, spec=None, policy="auto", graph_buckets=(), cost=None,
-         validate=True, transport="auto", p2p_rows=0, p2p_node_size=0):
+         validate=True, transport="auto", p2p_rows=0, p2p_node_size=0, push_rows=0):
     """The plan of one step as a dict (see the module docstring)."""
     T, A = int(world_size), int(attn_tp_size)
     if T < 1 or A < 1 or T % A:
@@ -311,7 +344,8 @@ def plan(batches, world_size, attn_tp_size=1, spec=None, policy="auto", graph_bu
     pred = predicted_us(n, A, cost)
     L = sum(l)
     p2p_ok = p2p_rows > 0 and transport != "nccl" and T > 1
-    tr, c_p2p = NCCL, 0.0
+    push_ok = push_rows > 0 and transport in ("auto", "push") and T > 1
+    tr = NCCL
 
     # 3. graph decision (checked first)
     graph = (bool(buckets) and not skip and not is_ext
@@ -323,7 +357,14 @@ def plan(batches, world_size, attn_tp_size=1, spec=None, policy="auto", graph_bu
         lbucket = min(b for b in buckets if b >= maxl)
         slot_rows = [bucket] * D
         logits_slot_rows = [lbucket] * D
-        if p2p_ok and D * bucket <= p2p_rows and D * lbucket <= p2p_rows:
+        # exact rows whenever the windows hold the bucket: the push, unless (auto) the pull is
+        # predicted faster at a full bucket (a function of the bucket alone)
+        if push_ok and bucket <= push_rows and lbucket <= push_rows:
+            tr = PUSH
+        full = [bucket] * D
+        if p2p_ok and D * bucket <= p2p_rows and D * lbucket <= p2p_rows and (
+                tr == NCCL or (transport == "auto"
+                               and p2p_us(full, A, cost, p2p_node_size) < push_us(full, A, cost, p2p_node_size))):
             tr = P2P
     else:
         # 4. padding mode
@@ -350,24 +391,30 @@ def plan(batches, world_size, attn_tp_size=1, spec=None, policy="auto", graph_bu
                 pad = VARLEN
             l_sum, l_var = logits_us(l, A, cost)
             lpad = VARLEN if l_var < l_sum else SUM_LEN
-        # 4b. transport: P2P moves exact rows; under auto it also takes the exact layout
-        if p2p_ok:
-            p_pad = VARLEN if policy == "auto" else pad
-            p_lpad = VARLEN if policy == "auto" else lpad
-            p_rows = D * M if p_pad == MAX_LEN else S
-            if p_rows <= p2p_rows and L <= p2p_rows:
-                c_p2p = p2p_us(n, A, cost, p2p_node_size)
-                c_best = pred[pad]
-                if transport == "p2p" or c_p2p < c_best:
-                    tr, pad, lpad = P2P, p_pad, p_lpad
+        # 4b. transport: the P2P transports move exact rows; under auto they also take the exact
+        # layout; forced ("p2p", "push") they take every step that fits, the push first
+        p_pad = VARLEN if policy == "auto" else pad
+        p_lpad = VARLEN if policy == "auto" else lpad
+        c_best = pred[pad]
+        p_rows = D * M if p_pad == MAX_LEN else S
+        if p2p_ok and p_rows <= p2p_rows and L <= p2p_rows:
+            c_p2p = p2p_us(n, A, cost, p2p_node_size)
+            if transport != "auto" or c_p2p < c_best:
+                tr, c_best = P2P, c_p2p
+        if push_ok and maxn <= push_rows and maxl <= push_rows:
+            c_push = push_us(n, A, cost, p2p_node_size)
+            if transport == "push" or c_push < c_best:
+                tr = PUSH
+        if tr != NCCL:
+            pad, lpad = p_pad, p_lpad
         # 5. layout
         slot_rows = [M] * D if pad == MAX_LEN else list(n)
         logits_slot_rows = list(l)
 
     slot_offsets = _prefix(slot_rows)
     logits_offsets = _prefix(logits_slot_rows)
-    if tr == NCCL and p2p_ok:
-        c_p2p = p2p_us(n, A, cost, p2p_node_size)
+    c_p2p = p2p_us(n, A, cost, p2p_node_size) if p2p_ok else 0.0
+    c_push = push_us(n, A, cost, p2p_node_size) if push_ok else 0.0
     fp = fnv1a64([pad, lpad, int(graph), bucket, int(skip), int(is_ext), A, D, tr]
                  + n + l + slot_rows + slot_offsets + logits_slot_rows + logits_offsets)
     return {
@@ -388,5 +435,6 @@ def plan(batches, world_size, attn_tp_size=1, spec=None, policy="auto", graph_bu
         "predicted_us": pred,
         "transport": TRANSPORT_NAMES[tr],
         "predicted_p2p_us": c_p2p,
+        "predicted_push_us": c_push,
         "fingerprint": fp,
     }

@@ -318,14 +318,16 @@ def test_fit_noisy_data_stays_valid():
 def test_fit_curves_recovers_link_times():
     """Samples made by the model's own formulas (docs/cost-model.md, "Link time") give back their
     link times: v-collectives at P = 2 (one root: one way; two: both ways), at P = 4 (only every
-    root: both ways), P2P balanced and one-sided after its latency and copies."""
+    root: both ways), the pull and the push balanced and one-sided after their latency and
+    copies (the push's curves in bytes on the wire: twice the data)."""
     from dpgather.tools.calibrate import _p2p_alpha_samples, fit_curves
 
     R, copy = 1000, 4000.0
-    params = {"gatherv": (5.0, 1.0, 100.0), "reduce_scatterv": (4.0, 2.0, 100.0), "p2p": (8.0, 0.5, 300.0)}
+    params = {"gatherv": (5.0, 1.0, 100.0), "reduce_scatterv": (4.0, 2.0, 100.0), "p2p": (8.0, 0.5, 300.0),
+              "push": (3.0, 0.25, 300.0)}
     one = {1e4: 2.0, 1e5: 5.0, 1e6: 20.0}
     both = {1e4: 3.0, 1e5: 8.0, 1e6: 40.0}
-    samples = {"gatherv": [], "reduce_scatterv": [], "p2p": []}
+    samples = {"gatherv": [], "reduce_scatterv": [], "p2p": [], "push": []}
     for name in ("gatherv", "reduce_scatterv"):
         a0, a1, _ = params[name]
         for x in one:
@@ -336,13 +338,16 @@ def test_fit_curves_recovers_link_times():
         r = x / R
         samples["p2p"] += [(2, 2, 2 * r * R, 2 * a + 2 * both[x] + 2 * (3 * r + 2 * r) * R / (copy * 1e3)),
                            (2, 1, r * R, 2 * a + 2 * one[x] + 2 * (3 * r + r) * R / (copy * 1e3))]
+        r = x / (2 * R)  # the push: x bytes on the wire carry x / 2 data bytes
+        samples["push"] += [(2, 2, 2 * r * R, 2 * 3.25 + 2 * both[x] + 3 * r * R / (copy * 1e3)),
+                            (2, 1, r * R, 2 * 3.25 + 2 * one[x] + 3 * r * R / (copy * 1e3))]
     curves, residuals = fit_curves(params, samples, R, copy)
     assert all(r == pytest.approx(0.0, abs=1e-9) for v in residuals.values() for r in v), residuals
 
     def flat(pts):
         return [v for p in pts for v in p]
 
-    for name in ("gatherv", "reduce_scatterv", "p2p"):
+    for name in ("gatherv", "reduce_scatterv", "p2p", "push"):
         assert flat(curves[name]["one"]) == pytest.approx(flat(one.items()))
         assert flat(curves[name]["both"]) == pytest.approx(flat(both.items()))
     CostModel(curves=curves)  # accepted by the model
@@ -350,6 +355,9 @@ def test_fit_curves_recovers_link_times():
     got = _p2p_alpha_samples(samples["p2p"], R, copy)
     assert [(P, k) for P, k, _, _ in got] == [(2, 2)] * 3
     assert [t for *_, t in got] == pytest.approx([a + both[x] for x in one])
+    got = _p2p_alpha_samples(samples["push"], R, copy, "push")  # B counts the bytes on the wire
+    assert [B for _, _, B, _ in got] == pytest.approx([2 * x for x in one])
+    assert [t for *_, t in got] == pytest.approx([3.25 + both[x] for x in one])
     # a dip (more bytes, less time) is raised to the point before: more bytes never cost less
     dip, res = fit_curves(params, {"gatherv": [(2, 1, 1e4, 5.0 + 4.0), (2, 1, 1e5, 5.0 + 3.0)]}, R, copy)
     assert flat(dip["gatherv"]["one"]) == pytest.approx([1e4, 4.0, 1e5, 4.0])
@@ -388,8 +396,8 @@ def _check_model_file(path, hidden, ranks):
     for c in COLLECTIVES:
         a0, a1, beta = model.params[c]
         assert a0 >= 0 and a1 >= 0 and beta > 0
-        if c == "p2p" and not meta["fit"][c]["n"]:
-            continue  # measured only where the P2P transport runs
+        if c in ("p2p", "push") and not meta["fit"][c]["n"]:
+            continue  # measured only where the P2P transports run
         assert meta["fit"][c]["n"] > 0
         assert len(meta["samples"][c]) == meta["fit"][c]["n"]
     return model, meta

@@ -66,6 +66,7 @@ def assert_plan_equals_reference(p, r):
     assert p.predicted_us == pytest.approx(r["predicted_us"], rel=1e-12)
     assert p.transport == r["transport"]
     assert p.predicted_p2p_us == pytest.approx(r["predicted_p2p_us"], rel=1e-12)
+    assert p.predicted_push_us == pytest.approx(r["predicted_push_us"], rel=1e-12)
     assert p.fingerprint == r["fingerprint"]
 
 
@@ -125,7 +126,7 @@ def check_invariants(p, batches, topo, spec, policy, buckets):
         assert p.mode == forced[policy]
     if policy == "auto" and not graph:
         c = p.predicted_us
-        if p.transport == "p2p":  # P2P (forced, or beating the best collective mode): exact layout
+        if p.transport in ("p2p", "push"):  # P2P (forced, or beating the best collective mode): exact layout
             assert p.mode == PM.VARLEN
         else:
             assert c[int(p.mode)] == min(c)
@@ -367,16 +368,18 @@ def scenario(draw, spec_modes_without_spec=False):
     return dg.Topology(T, A), spec, policy, tuple(buckets), batches
 
 
-def reference_for(topo, spec, policy, buckets, batches, cost=None, transport="auto", p2p_rows=0, p2p_node_size=0):
+def reference_for(topo, spec, policy, buckets, batches, cost=None, transport="auto", p2p_rows=0, p2p_node_size=0,
+                  push_rows=0):
     return ref.plan([as_tuple(b) for b in batches], topo.world_size, topo.attn_tp_size,
                     spec=spec_tuple(spec), policy=policy, graph_buckets=buckets, cost=cost,
-                    transport=transport, p2p_rows=p2p_rows, p2p_node_size=p2p_node_size)
+                    transport=transport, p2p_rows=p2p_rows, p2p_node_size=p2p_node_size, push_rows=push_rows)
 
 
-#: (transport, P2P capacity in rows, nodes): none, a small window (decode only) and a large one;
-#: the ranks in 1 or 2 P2P nodes (2 where a half of the ranks holds whole replicas)
+#: (transport, pull capacity in rows, nodes, push capacity in rows per replica): none, a small
+#: window (decode only) and a large one for each; the ranks in 1 or 2 P2P nodes (2 where a half
+#: of the ranks holds whole replicas)
 TRANSPORT_ST = st.tuples(st.sampled_from(dg.core.TRANSPORTS), st.sampled_from((0, 64, 1 << 20)),
-                         st.sampled_from((1, 2)))
+                         st.sampled_from((1, 2)), st.sampled_from((0, 8, 256, 1 << 20)))
 
 
 def node_size(topo, nodes):
@@ -390,13 +393,24 @@ def test_plan_matches_reference(sc, tr):
     topo, spec, policy, buckets, batches = sc
     ns = node_size(topo, tr[2])
     p = dg.plan(batches, topo, spec=spec, policy=policy, graph_buckets=buckets, transport=tr[0], p2p_rows=tr[1],
-                p2p_node_size=ns)
-    assert_plan_equals_reference(p, reference_for(*sc, transport=tr[0], p2p_rows=tr[1], p2p_node_size=ns))
-    assert p.transport == "nccl" or (tr[1] > 0 and tr[0] != "nccl" and topo.world_size > 1)
+                p2p_node_size=ns, push_rows=tr[3])
+    assert_plan_equals_reference(p, reference_for(*sc, transport=tr[0], p2p_rows=tr[1], p2p_node_size=ns,
+                                                  push_rows=tr[3]))
+    assert p.transport == "nccl" or (tr[1] > 0 and tr[0] != "nccl" and topo.world_size > 1) or (
+        p.transport == "push" and tr[3] > 0 and tr[0] in ("auto", "push") and topo.world_size > 1)
     if p.transport == "p2p":
         assert p.gathered_rows <= tr[1] and p.logits_rows <= tr[1]
         if tr[0] == "auto" and not p.graph and policy == "auto":
             assert p.predicted_p2p_us < min(p.predicted_us)
+    if p.transport == "push":  # a region holds one replica's rows
+        assert max(p.num_tokens) <= tr[3] and max(p.logits_tokens) <= tr[3] and p.bucket <= tr[3]
+        if tr[0] == "auto" and not p.graph and policy == "auto":
+            assert p.predicted_push_us < min(p.predicted_us)
+    if tr[0] == "push" and not p.graph and topo.world_size > 1 and 0 < max(p.num_tokens) <= tr[3] \
+            and max(p.logits_tokens) <= tr[3]:
+        assert p.transport == "push"  # forced: every step that fits its windows
+    if tr[0] == "p2p" or tr[3] == 0:
+        assert p.transport != "push" and p.predicted_push_us == 0
     assert p.policy == policy
     assert (p.dp_size, p.attn_tp_size, p.world_size) == (topo.dp_size, topo.attn_tp_size,
                                                           topo.world_size)
@@ -409,9 +423,9 @@ def test_all_entry_points_agree(sc, tr):
     topo, spec, policy, buckets, batches = sc
     ns = node_size(topo, tr[2])
     p = dg.plan(batches, topo, spec=spec, policy=policy, graph_buckets=buckets, transport=tr[0], p2p_rows=tr[1],
-                p2p_node_size=ns)
+                p2p_node_size=ns, push_rows=tr[3])
     planner = dg.Planner(topo, spec=spec, policy=policy, graph_buckets=buckets, transport=tr[0], p2p_rows=tr[1],
-                         p2p_node_size=ns)
+                         p2p_node_size=ns, push_rows=tr[3])
     q = planner.plan_batches(batches)
     q2 = planner.plan_batches(iter(batches))  # any iterable
     t = table_of(planner, batches, topo.attn_tp_size)
@@ -460,7 +474,7 @@ def _curve_st():
 
 
 CURVES_ST = st.fixed_dictionaries({c: st.fixed_dictionaries({"one": _curve_st(), "both": _curve_st()})
-                                   for c in ("gatherv", "reduce_scatterv", "p2p")})
+                                   for c in ("gatherv", "reduce_scatterv", "p2p", "push")})
 
 
 @settings(max_examples=examples(400), **PROPERTY)
@@ -470,9 +484,59 @@ def test_link_curves_match_reference(sc, tr, curves):
     ns = node_size(topo, tr[2])
     cost = dg.CostModel(curves=curves)
     p = dg.plan(batches, topo, spec=spec, policy=policy, graph_buckets=buckets, cost=cost, transport=tr[0],
-                p2p_rows=tr[1], p2p_node_size=ns)
-    r = reference_for(*sc, cost={"curves": curves}, transport=tr[0], p2p_rows=tr[1], p2p_node_size=ns)
+                p2p_rows=tr[1], p2p_node_size=ns, push_rows=tr[3])
+    r = reference_for(*sc, cost={"curves": curves}, transport=tr[0], p2p_rows=tr[1], p2p_node_size=ns,
+                      push_rows=tr[3])
     assert_plan_equals_reference(p, r)
+
+
+def test_push_prices_one_trip_of_line_bytes():
+    """The push (docs/cost-model.md, "Push"): per collective its latency plus the slowest rank's
+    link time of twice the data bytes (LL lines), written both ways (the writers' law), and the
+    own rows copied locally; gather and combine cost the same."""
+    R = 1000
+    cost = dg.CostModel(row_bytes=R, copy_GBps=1e12, push=(2.0, 1.0, 1.0))  # 1 GB/s: 1 byte per ns
+    planner = dg.Planner(dg.Topology(2), cost=cost, transport="push", push_rows=1 << 20)
+
+    def push(n0, n1):
+        return planner.plan_batches([dg.LocalBatch(dg.ForwardMode.DECODE, n) if n else
+                                     dg.LocalBatch(dg.ForwardMode.IDLE) for n in (n0, n1)])
+
+    p = push(100, 0)  # rank 0 sends 100 rows (2e5 line bytes), rank 1 receives them: 200 us each way
+    assert p.transport == "push" and p.predicted_push_us == pytest.approx(2 * (2.0 + 1.0 + 200.0))
+    # balanced: (i + o) / 2 = 2e5 each way on the writers' law, the same as one way without curves
+    assert push(100, 100).predicted_push_us == pytest.approx(2 * (3.0 + 200.0))
+    both = {"push": {"one": [[1e5, 10.0]], "both": [[1e5, 30.0]]}}
+    curved = dg.Planner(dg.Topology(2), cost=dg.CostModel(row_bytes=R, copy_GBps=1e12, push=(0.0, 0.0, 1.0),
+                                                          curves=both), transport="push", push_rows=1 << 20)
+    q = curved.plan_batches([dg.LocalBatch(dg.ForwardMode.DECODE, 50)] * 2)  # 1e5 line bytes each way
+    assert q.predicted_push_us == pytest.approx(2 * 30.0)
+
+
+def test_push_takes_what_fits_and_auto_takes_what_is_fastest():
+    topo = dg.Topology(2)
+    dec = [dg.LocalBatch(dg.ForwardMode.DECODE, 4)] * 2
+    big = [dg.LocalBatch(dg.ForwardMode.DECODE, 300)] * 2
+    # forced: the push whenever the step fits its windows, else as "p2p" (the pull, else NCCL)
+    assert dg.plan(dec, topo, transport="push", push_rows=256, p2p_rows=4096).transport == "push"
+    assert dg.plan(big, topo, transport="push", push_rows=256, p2p_rows=4096).transport == "p2p"
+    assert dg.plan(big, topo, transport="push", push_rows=256).transport == "nccl"
+    assert dg.plan(dec, topo, transport="p2p", push_rows=256, p2p_rows=4096).transport == "p2p"
+    # auto: the cheapest; the defaults price the push below the pull at decode sizes
+    p = dg.plan(dec, topo, push_rows=256, p2p_rows=4096)
+    assert p.transport == "push" and p.predicted_push_us < min(p.predicted_p2p_us, *p.predicted_us)
+    slow = dg.CostModel(push=(100.0, 0.0, 350.0))
+    assert dg.plan(dec, topo, push_rows=256, p2p_rows=4096, cost=slow).transport == "p2p"
+    # graph steps: by the bucket alone -- the push when its windows hold the bucket, unless the
+    # model prices the pull faster at a full bucket
+    g = [dg.LocalBatch(dg.ForwardMode.DECODE, 3, can_run_graph=True)] * 2
+    assert dg.plan(g, topo, graph_buckets=(8,), push_rows=256, p2p_rows=4096).transport == "push"
+    assert dg.plan(g, topo, graph_buckets=(8,), push_rows=4, p2p_rows=4096).transport == "p2p"
+    assert dg.plan(g, topo, graph_buckets=(8,), push_rows=256, p2p_rows=4096, cost=slow).transport == "p2p"
+    assert dg.plan(g, topo, graph_buckets=(8,), push_rows=256, p2p_rows=4096, cost=slow,
+                   transport="push").transport == "push"
+    with pytest.raises(dg.ConfigError, match="push_rows"):
+        dg.Planner(topo, push_rows=-1)
 
 
 def test_link_curves_price_direction_and_size():
@@ -561,7 +625,7 @@ def test_fingerprint_equal_iff_plans_equal(a, b):
     pa = dg.plan(a[4], a[0], spec=a[1], policy=a[2], graph_buckets=a[3])
     pb = dg.plan(b[4], b[0], spec=b[1], policy=b[2], graph_buckets=b[3])
     ra, rb = reference_for(*a), reference_for(*b)
-    preds = ("predicted_us", "predicted_p2p_us")
+    preds = ("predicted_us", "predicted_p2p_us", "predicted_push_us")
     same = {k: v for k, v in ra.items() if k not in preds} == {
         k: v for k, v in rb.items() if k not in preds} and a[0] == b[0]
     assert (pa == pb) == same

@@ -36,7 +36,7 @@ import time
 
 import numpy as np
 
-from dpgather.core import ConfigError, CostModel, DpGatherError
+from dpgather.core import PUSH_WINDOW_ROWS, ConfigError, CostModel, DpGatherError
 from dpgather.core.cost import COLLECTIVES, CURVE_POINTS, cache_path
 
 from ._common import EXIT_OK, EXIT_VERIFY, Parser, gpu_count, positive_float, positive_int, require_mpi, say_error
@@ -166,10 +166,21 @@ def _monotone_points(triples):
 
 
 def _p2p_copies_us(nmax, S, row_bytes, copy_GBps):
-    """The local copies of one P2P gather + combine (us), as the planner prices them: the pack
-    and own-row copy of the largest replica, the pack of every row of the partial and its own
-    rows read back (docs/cost-model.md, "P2P"; ``copy_GBps`` counts bytes read + written)."""
+    """The local copies of one P2P pull gather + combine (us), as the planner prices them: the
+    pack and own-row copy of the largest replica, the pack of every row of the partial and its
+    own rows read back (docs/cost-model.md, "P2P"; ``copy_GBps`` counts bytes read + written)."""
     return 2.0 * (3.0 * nmax + S) * row_bytes / (copy_GBps * 1e3)
+
+
+def _push_copies_us(nmax, S, row_bytes, copy_GBps):
+    """The local copies of one push gather + combine (us), as the planner prices them: the own
+    rows copied from the input (gather) and read from it (combine) (docs/cost-model.md, "Push")."""
+    return 3.0 * nmax * row_bytes / (copy_GBps * 1e3)
+
+
+#: The P2P transports the calibration times through ``DpAttention``: their local copies and the
+#: bytes on the wire per data byte (the push's LL lines carry 8 data bytes in 16).
+TRANSPORTS = {"p2p": (_p2p_copies_us, 1.0), "push": (_push_copies_us, 2.0)}
 
 
 def fit_curves(params, samples, row_bytes, copy_GBps):
@@ -180,16 +191,17 @@ def fit_curves(params, samples, row_bytes, copy_GBps):
       ``P = 2`` one root moves ``B`` one way (curve ``"one"``), two roots ``B/2`` each way
       (``"both"``); at ``P > 2`` the ring forwards in both directions, so only ``k = P`` (every
       rank receives and passes on ``(P-1)/P * B``) gives points, on ``"both"``.
-    - p2p, ``(P, k, B, t)`` gather + combine of ``B / (k R)`` rows on ``k`` ranks (``k = P``
-      balanced, ``k = 1`` one rank): ``t = 2a + 2 link + copies`` with the planner's copy term;
-      ``k = P``: ``(P-1)`` rows each way (``"both"``), ``k = 1``: the loaded rank is pulled
-      ``(P-1)`` times its rows (``"one"``).
+    - p2p and push, ``(P, k, B, t)`` gather + combine of ``B / (k R)`` rows on ``k`` ranks
+      (``k = P`` balanced, ``k = 1`` one rank): ``t = 2a + 2 link + copies`` with the planner's
+      copy term; ``k = P``: ``(P-1)`` rows each way (``"both"``), ``k = 1``: the loaded rank's
+      rows go ``(P-1)`` times one way (``"one"``); ``x`` counts the bytes on the wire (the
+      push's: twice the data, :data:`TRANSPORTS`).
 
     Returns ``(curves, residuals)``: ``curves`` = ``{name: {"one": [[x, us], ...], "both": [...]}}``
     (empty curves left out), ``residuals`` = ``{name: [relative error of each sample that gave a
     point]}`` (see :func:`_monotone_points`; what :func:`flag_fits` judges).
     """
-    points = {name: {"one": [], "both": []} for name in ("gatherv", "reduce_scatterv", "p2p")}
+    points = {name: {"one": [], "both": []} for name in ("gatherv", "reduce_scatterv", *TRANSPORTS)}
     for name in ("gatherv", "reduce_scatterv"):
         a0, a1, _ = params[name]
         for P, k, B, t in samples.get(name, ()):
@@ -201,14 +213,17 @@ def fit_curves(params, samples, row_bytes, copy_GBps):
                 points[name]["both"].append(((P - 1) * B / P, link, t))
             elif P == 2 and k == 1:
                 points[name]["one"].append((B, link, t))
-    a0, a1, _ = params["p2p"]
-    for P, k, B, t in samples.get("p2p", ()):
-        P, k = int(P), int(k)
-        if P < 2 or B <= 0:
+    for name, (copies, wire) in TRANSPORTS.items():
+        if not samples.get(name):
             continue
-        rows = B / (k * row_bytes)
-        link = (t - 2 * (a0 + a1 * (P - 1)) - _p2p_copies_us(rows, k * rows, row_bytes, copy_GBps)) / 2
-        points["p2p"]["both" if k == P else "one"].append(((P - 1) * rows * row_bytes, link, t / 2))
+        a0, a1, _ = params[name]
+        for P, k, B, t in samples[name]:
+            P, k = int(P), int(k)
+            if P < 2 or B <= 0:
+                continue
+            rows = B / (k * row_bytes)
+            link = (t - 2 * (a0 + a1 * (P - 1)) - copies(rows, k * rows, row_bytes, copy_GBps)) / 2
+            points[name]["both" if k == P else "one"].append((wire * (P - 1) * rows * row_bytes, link, t / 2))
     curves, residuals = {}, {}
     for name, sides in points.items():
         for which, triples in sides.items():
@@ -350,8 +365,9 @@ def _time(be, comm, fn, reps):
     return res["graph"] if res["graph"] is not None else res["eager"]
 
 
-#: Most rows per rank of the P2P samples (the windows are sized for the largest size timed).
-P2P_MAX_ROWS = 8192
+#: Most rows per rank of the P2P samples: the pull's windows are sized for the largest size
+#: timed; the push's hold ``PUSH_WINDOW_ROWS`` per replica (docs/push.md), so it is timed up to that.
+P2P_MAX_ROWS = {"p2p": 8192, "push": PUSH_WINDOW_ROWS}
 
 
 def _facade_steps(comm, rows_list, width, dtype, storage, reps, timeout_s, policy, transport, cost=None,
@@ -397,33 +413,36 @@ def _facade_steps(comm, rows_list, width, dtype, storage, reps, timeout_s, polic
     return out, None
 
 
-def _measure_p2p(comm, rows_list, width, dtype, storage, reps, timeout_s):
-    """Samples ``[(P, k, B, t)]`` of the P2P transport: ``DpAttention(transport="p2p",
-    policy="varlen")`` gather + combine (reduce), graph-timed, of ``rows`` rows on every rank
-    (``k = P``) and on rank 0 only (``k = 1``); ``B`` = the rows of the step x row bytes, ``t``
-    the whole step. :func:`fit_curves` reads both; :func:`_p2p_alpha_samples` turns the balanced
-    ones into :func:`fit_collective`'s form. Returns ``([], reason)`` where P2P cannot run."""
+def _measure_p2p(comm, rows_list, width, dtype, storage, reps, timeout_s, transport="p2p"):
+    """Samples ``[(P, k, B, t)]`` of a P2P transport (``"p2p"``: the pull, ``"push"``):
+    ``DpAttention(transport=..., policy="varlen")`` gather + combine (reduce), graph-timed, of
+    ``rows`` rows on every rank (``k = P``) and on rank 0 only (``k = 1``); ``B`` = the rows of
+    the step x row bytes, ``t`` the whole step. :func:`fit_curves` reads both;
+    :func:`_p2p_alpha_samples` turns the balanced ones into :func:`fit_collective`'s form. Only
+    steps the plan put on that transport count. Returns ``([], reason)`` where it cannot run."""
     P = comm.Get_size()
     R = width * np.dtype(storage).itemsize
     out, why = [], None
     for k in (P, 1):
-        steps, why = _facade_steps(comm, rows_list, width, dtype, storage, reps, timeout_s, "varlen", "p2p",
+        steps, why = _facade_steps(comm, rows_list, width, dtype, storage, reps, timeout_s, "varlen", transport,
                                    one_sided=k == 1)
-        out += [(P, k, k * rows * R, t) for rows, t, plan in steps if plan.transport == "p2p"]
+        out += [(P, k, k * rows * R, t) for rows, t, plan in steps if plan.transport == transport]
         if why:
             break
     return out, why
 
 
-def _p2p_alpha_samples(samples, row_bytes, copy_GBps):
-    """The balanced P2P steps as one collective each, for :func:`fit_collective`: a step is
-    ``2a + 2 link + copies`` (docs/cost-model.md, "P2P"), so ``t' = (t - copies) / 2`` is one
-    collective of ``B = P rows R`` bytes (``(P-1) rows R`` each way)."""
+def _p2p_alpha_samples(samples, row_bytes, copy_GBps, transport="p2p"):
+    """The balanced steps of a P2P transport as one collective each, for :func:`fit_collective`:
+    a step is ``2a + 2 link + copies`` (docs/cost-model.md, "P2P", "Push"), so ``t' = (t -
+    copies) / 2`` is one collective of ``B = P rows R`` data bytes (``(P-1) rows R`` each way),
+    times the transport's bytes on the wire per data byte."""
+    copies, wire = TRANSPORTS[transport]
     out = []
     for P, k, B, t in samples:
         if k == P:
             rows = B / (P * row_bytes)
-            out.append((P, P, B, max((t - _p2p_copies_us(rows, P * rows, row_bytes, copy_GBps)) / 2, 1e-3)))
+            out.append((P, P, wire * B, max((t - copies(rows, P * rows, row_bytes, copy_GBps)) / 2, 1e-3)))
     return out
 
 
@@ -608,15 +627,16 @@ def calibrate(comm=None, out=None, sizes=None, hidden=7168, dtype="bfloat16", ba
         samples, copy, info = _measure_collectives(be, comm, sizes, width, storage, dtype, reps, say)
     finally:
         be.close()
-    p2p_note = "not measured (the host backend's P2P twin is not timed)"
+    notes = {t: f"not measured (the host backend's {t} twin is not timed)" for t in TRANSPORTS}
     if kind == "cuda":
-        got, p2p_note = _measure_p2p(comm, [r for r in sizes if r <= P2P_MAX_ROWS] or [min(sizes)], width, dtype,
-                                     storage, reps, timeout_s)
-        samples["p2p"].extend(got)
-        _say_samples(say, "p2p", got, " (gather + combine)")
+        for t in TRANSPORTS:
+            got, notes[t] = _measure_p2p(comm, [r for r in sizes if r <= P2P_MAX_ROWS[t]] or [min(sizes)], width,
+                                         dtype, storage, reps, timeout_s, t)
+            samples[t].extend(got)
+            _say_samples(say, t, got, " (gather + combine)")
     params, fits = {}, {}
     for c in COLLECTIVES:
-        got = _p2p_alpha_samples(samples[c], row_bytes, copy) if c == "p2p" else samples[c]
+        got = _p2p_alpha_samples(samples[c], row_bytes, copy, c) if c in TRANSPORTS else samples[c]
         params[c], fits[c] = fit_collective(c, got)
     curves, residuals = fit_curves(params, samples, row_bytes, copy)
     model = CostModel(row_bytes=row_bytes, copy_GBps=copy, mlp_row_us=0.0, curves=curves, **params)
@@ -632,7 +652,7 @@ def calibrate(comm=None, out=None, sizes=None, hidden=7168, dtype="bfloat16", ba
         "dtype": dtype, "sizes_rows_per_rank": sizes, "reps": reps, "fit": fits,
         "samples": {c: [list(s) for s in v] for c, v in samples.items()},
         "seconds": round(time.perf_counter() - t_start, 1),
-        "p2p": p2p_note or ("measured" if samples["p2p"] else "not measured"),
+        **{t: notes[t] or ("measured" if samples[t] else "not measured") for t in TRANSPORTS},
         "max_residual": max_residual,
         "flagged": comm.bcast(flag_fits(fits, residuals, model.curves, max_residual), root=0),
     }
@@ -649,7 +669,7 @@ def _format(model, meta):
         a0, a1, beta = model.params[c]
         f = meta["fit"][c]
         if not f["n"]:
-            note = "default, " + (meta.get("p2p") if c == "p2p" else "not measured")
+            note = "default, " + (meta.get(c) if c in TRANSPORTS else "not measured")
             rows.append({"collective": c, "a0": None, "a1": None, "beta": None, "err": None, "note": note})
             continue
         err = f"{100 * f['rel_err_min']:+.0f}%..{100 * f['rel_err_max']:+.0f}%"
