@@ -83,7 +83,7 @@ def place_device(mpi_comm, device, timeout_s):
         CollectiveTimeout: a rank did not take part within ``timeout_s``.
     """
     from dpgather.dist.base import bounded_wait
-    from dpgather.dist.p2p import host_id
+    from dpgather.dist.nodes import host_id
 
     rank = mpi_comm.Get_rank()
     mine = np.array([_signed(host_id()), -1 if device is None else device, -1, 0, -1], dtype=np.int64)
