@@ -2,7 +2,11 @@
 
 :class:`DataPlane` moves the rows of one step given the step's :class:`~dpgather._layout.Layout`
 and device descriptor, over the backend's kernels and the trusted communicator primitives
-(``comm.ops``) or the P2P transport. Nothing here validates arguments: ``DpAttention`` and the
+(``comm.ops``) or a P2P transport: the step's transport (``Plan.transport``) is ``"nccl"`` (the
+backend's collectives), ``"p2p"`` (the pull) or ``"push"``. The two P2P transports take the same
+calls (``run(inp, out, desc, desc_off, ...)``) with their own descriptor entries
+(``Descriptor.p2p`` / ``Descriptor.push``): the gather passes the caller's ``x`` as ``inp`` and the
+combine writes the caller's ``out`` (or the ``output`` view) directly, no staging copy. Nothing here validates arguments: ``DpAttention`` and the
 graph runner check them once at the public API. Every choice of a collective depends only on
 the layout and the call's flags (identical on every rank); this rank's own row counts only
 change local copies. The caller provides the buffers' arena, so the facade, graph runners and
@@ -10,7 +14,7 @@ micro-batches each use their own.
 
 Ordering: every ``gather`` and ``combine`` is one operation of the launch chain
 (:mod:`dpgather._chain`): it runs on the current stream after the previous operation of this data
-plane, whatever stream that one ran on, so NCCL collectives on one communicator and P2P pulls on
+plane, whatever stream that one ran on, so NCCL collectives on one communicator and P2P launches on
 one window never run concurrently (asynchronous calls on a communication stream included).
 
 Gather (``partial`` = the replica's ``A`` ranks hold summands; else they hold the same rows):
@@ -26,9 +30,10 @@ MAX/VARLEN   A = 1: all-gather(v) of the own rows over tp (sent straight from th
              A > 1, replicate: all-gather(v) over tp of the own chunk
              A > 1, partial: reduce-scatter(v) over attn of the packed own rows into the own
              chunk, then all-gather(v) over tp
-P2P          one pull collective (docs/p2p.md): exact rows, padding zeroed locally; over
-             several nodes, the pull covers the own node's replicas, then an all-gather(v)
-             over ``inter`` (the ranks of the same place in every node) of the node blocks
+P2P, push    one pull or push collective (docs/p2p.md, docs/push.md): exact rows, padding
+             zeroed locally; over several nodes, it covers the own node's replicas, then an
+             all-gather(v) over ``inter`` (the ranks of the same place in every node) of the
+             node blocks
 ===========  ===============================================================================
 
 MAX_LEN is VARLEN with equal counts: the same code, with the non-v collectives.
@@ -45,9 +50,10 @@ Combine (``reduce``: ``Y`` is TP-partial; else replicated and only copied):
 SUM_LEN      all-reduce over tp, copy the own slot out
 MAX/VARLEN   reduce-scatter(v) over tp of the chunks (A > 1: then all-gather(v) of the
              replica's chunks over attn), rows past ``n`` zeroed
-P2P          one pull collective summing the own rows of every rank's ``Y``; over several
-             nodes, first a reduce-scatter(v) over ``inter`` of the node blocks of ``Y`` into
-             the ``combine`` staging buffer, then the pull within the node sums the staged rows
+P2P, push    one pull or push collective summing the own rows of every rank's ``Y``; over
+             several nodes, first a reduce-scatter(v) over ``inter`` of the node blocks of ``Y``
+             into the ``combine`` staging buffer, then the collective within the node sums the
+             staged rows. ``reduce=False`` is a local copy over every transport (no collective)
 ===========  ===============================================================================
 
 A node block is the rows of a node's replicas, contiguous in the gathered buffer (a node holds
@@ -82,8 +88,9 @@ class DataPlane:
     Args:
         backend: the array backend (``_backends``): kernels ``copy_rows``/``mask_rows``, ``zero``.
         tp: the tp communicator (all T ranks). attn: the attn-TP communicator, or None when A = 1.
-        p2p: the P2P transport (over this rank's node), or None. descriptor: the
-            :class:`Descriptor` of the topology (its ``node_size`` is the P2P group's).
+        p2p: the P2P transports (over this rank's node) by their public names (``{"p2p": pull,
+            "push": push}``, either may be missing). descriptor: the :class:`Descriptor` of the
+            topology (its ``node_size`` is the P2P group's).
         inter: with P2P over several nodes, the communicator of the ranks at this rank's place in
             every node (ordered by node), else None.
         attn_tp_rank, attn_tp_size: this rank's place in its replica. logical: the configured
@@ -99,7 +106,8 @@ class DataPlane:
         self.node_step = descriptor.node_replicas
         self.tp = tp.ops
         self.attn = attn.ops if attn is not None else None
-        self.p2p = p2p
+        #: transport name -> (transport, its descriptor entries by operation)
+        self.p2p = {name: (t, getattr(descriptor, name)) for name, t in p2p.items()}
         self.desc_layout = descriptor
         self.a = attn_tp_rank
         self.A = attn_tp_size
@@ -109,20 +117,20 @@ class DataPlane:
         self.chain = backend.launch_chain()
 
     # -- gather ----------------------------------------------------------------------------
-    def gather(self, arena, x, L, desc, partial, p2p, role="gathered"):
+    def gather(self, arena, x, L, desc, partial, transport, role="gathered"):
         """Gather ``x`` as one operation of the launch chain (see :meth:`_gather`)."""
         chain = self.chain
         s, cap = chain.enter()
-        G = self._gather(arena, x, L, desc, partial, p2p, role)
+        G = self._gather(arena, x, L, desc, partial, transport, role)
         chain.leave(s, cap)
         return G
 
-    def _gather(self, arena, x, L, desc, partial, p2p, role="gathered"):
+    def _gather(self, arena, x, L, desc, partial, transport, role="gathered"):
         """Gather ``x`` (this rank's rows, ``[rows, W]``) over layout ``L`` into ``role``'s buffer.
 
         Returns ``G``: ``[L.total, W]``, replica ``d``'s rows at ``L.offsets[d]``, padding zero.
-        ``p2p``: use the P2P transport (the plan's transport). ``desc``: the step descriptor
-        (backend array).
+        ``transport``: the plan's (``"nccl"``, ``"p2p"``, ``"push"``). ``desc``: the step
+        descriptor (backend array).
         """
         be, A = self.be, self.A
         W, dt = x.shape[1], x.dtype
@@ -131,10 +139,10 @@ class DataPlane:
         G = arena.view(role, L.total, W, dt)
         if L.total == 0:
             return G
-        if p2p:
+        if transport != "nccl":
             name = "logits" if role != "gathered" else ("gather_partial" if partial else "gather_replicate")
-            self.p2p.run(x, G, desc, self.desc_layout.p2p[name], row_bytes=W * dt.itemsize,
-                                  dtype=logical)
+            t, at = self.p2p[transport]
+            t.run(x, G, desc, at[name], row_bytes=W * dt.itemsize, dtype=logical)
             if self.inter is not None:
                 counts, o = self._node_blocks(L)
                 send = G[o[self.node]:o[self.node + 1]]  # in place: the own node's block is already in G
@@ -209,15 +217,15 @@ class DataPlane:
             self.tp.all_reduce(Gb, Gb, "uint8")
 
     # -- combine ---------------------------------------------------------------------------
-    def combine(self, arena, Y, L, desc, reduce, out, p2p):
+    def combine(self, arena, Y, L, desc, reduce, out, transport):
         """Combine ``Y`` as one operation of the launch chain (see :meth:`_combine`)."""
         chain = self.chain
         s, cap = chain.enter()
-        y = self._combine(arena, Y, L, desc, reduce, out, p2p)
+        y = self._combine(arena, Y, L, desc, reduce, out, transport)
         chain.leave(s, cap)
         return y
 
-    def _combine(self, arena, Y, L, desc, reduce, out, p2p):
+    def _combine(self, arena, Y, L, desc, reduce, out, transport):
         """Bring ``Y`` (``[>= L.total, W]``) back to this replica's rows.
 
         Returns ``y``: ``out``, or a ``[L.slot, W]`` view of the ``output`` role;
@@ -236,7 +244,7 @@ class DataPlane:
         if not reduce:
             be.copy_rows(Yv, y, desc, _UNPACK)
             return y
-        if p2p:
+        if transport != "nccl":
             if self.inter is not None:
                 counts, o = self._node_blocks(L)
                 stage = arena.view("combine", counts[self.node], W, dt)
@@ -245,8 +253,8 @@ class DataPlane:
                 else:
                     self.inter.reduce_scatterv(Yv, stage, counts, o, logical)
                 Yv = stage
-            self.p2p.run(Yv, y, desc, self.desc_layout.p2p["combine"], row_bytes=W * dt.itemsize,
-                                  dtype=logical)
+            t, at = self.p2p[transport]
+            t.run(Yv, y, desc, at["combine"], row_bytes=W * dt.itemsize, dtype=logical)
             return y
         tp = self.tp
         if L.mode == _SUM:

@@ -77,10 +77,13 @@ class DpAttention(Closing):
         cost: :class:`CostModel` for ``"auto"`` (default: the calibration `dpgather calibrate` cached for
             this machine, else built-in constants; ``row_bytes`` is set from ``hidden_size`` and
             ``dtype``).
-        transport: ``"auto"`` (default: the plan picks NCCL or P2P per step, P2P where the ranks
-            share a node with peer access and it is predicted faster; graph steps use P2P
-            whenever it is available), ``"nccl"`` or ``"p2p"`` (P2P for every step that fits its
-            windows; ConfigError where it cannot run). On the host backend "nccl" means MPI.
+        transport: ``"auto"`` (default: the plan picks NCCL, the P2P pull or the P2P push per
+            step, the P2P transports where the ranks share a node with peer access and where
+            they are predicted faster; graph steps use the push (else the pull) whenever its
+            windows hold the bucket), ``"nccl"``, ``"p2p"`` (the pull for every step that fits its
+            windows) or ``"push"`` (the push for every step that fits its windows, which hold
+            decode-sized steps, else as ``"p2p"``); ``"p2p"`` / ``"push"`` raise ConfigError
+            where that transport cannot run. On the host backend "nccl" means MPI.
         strict: debug option. Every data-plane call first agrees with every rank over the host
             (one small exchange per call): a bad argument on any rank then raises on every rank
             *at that call* and nothing moves anywhere. Without it (default) a bad argument raises
@@ -105,7 +108,7 @@ class DpAttention(Closing):
     Streams (CUDA backend): a synchronous call runs on the current CuPy stream, an asynchronous
     one on its ``stream=``. Every gather and combine of this DpAttention runs after the previous
     one, whatever streams they were issued on (an event chain: NCCL collectives on one
-    communicator and P2P pulls on one window never run concurrently).
+    communicator and P2P launches on one window never run concurrently).
 
     Raises:
         ConfigError: invalid arguments on any rank, or ranks configured differently (raised on
@@ -120,7 +123,7 @@ class DpAttention(Closing):
                  policy: Literal["auto", "sglang", "max_len", "sum_len", "varlen"] = "auto",
                  graph_buckets: Optional[Iterable[int]] = (), max_tokens_per_rank: Optional[int] = None,
                  timeout_s: float = 60.0, cost: Optional[CostModel] = None, strict: bool = False,
-                 transport: Literal["auto", "nccl", "p2p"] = "auto", micro_batches: int = 1,
+                 transport: Literal["auto", "nccl", "p2p", "push"] = "auto", micro_batches: int = 1,
                  device: Any = None) -> None:
         from dpgather.dist.base import bounded_wait
         from dpgather.dist.sync import StepSync
@@ -169,10 +172,11 @@ class DpAttention(Closing):
         self.planner = Planner(self.topology, spec=config.spec, policy=config.policy,
                                graph_buckets=config.graph_buckets, cost=links.cost.with_row_bytes(row_bytes),
                                transport=config.transport, p2p_rows=links.p2p_rows,
-                               p2p_node_size=links.node_size if links.p2p_rows else 0)
+                               p2p_node_size=links.node_size if links.transports() else 0,
+                               push_rows=links.push_rows)
         descriptor = Descriptor(self.topology.dp_size, A, links.node_size)
-        plane = DataPlane(be, links.tp, links.attn, links.pull, descriptor, self.attn_tp_rank, A, self.dtype,
-                          storage, links.inter)
+        plane = DataPlane(be, links.tp, links.attn, links.transports(), descriptor, self.attn_tp_rank, A,
+                          self.dtype, storage, links.inter)
         events = be.event_pool()
         if config.micro_batches > 1:
             plane.chain.start()
@@ -186,8 +190,9 @@ class DpAttention(Closing):
         self._record = np.zeros(SYNC_WIDTH, dtype=np.int32)
         if config.max_tokens_per_rank:
             preallocate(self._arenas, self._sync, self.rank, self.topology, config, row_bytes)
-        log.info("DpAttention: %s backend, T=%d A=%d H=%d %s, policy %s, P2P %s", be.name, config.world_size, A,
-                 self.hidden_size, self.dtype, config.policy, links.reason or "available")
+        log.info("DpAttention: %s backend, T=%d A=%d H=%d %s, policy %s, P2P %s, push %s", be.name,
+                 config.world_size, A, self.hidden_size, self.dtype, config.policy, links.reason or "available",
+                 links.push_reason or "available")
 
     # -- the per-step sync ----------------------------------------------------------------
     def sync(self, batch: LocalBatch, micro_batch: int = 0) -> Plan:
@@ -226,8 +231,7 @@ class DpAttention(Closing):
         except Exception as e:
             batch_error = e
             StepLedger.bad_batch(rec, e)
-        pull = self._links.pull
-        self._ledger.seal(rec, mb, pull.error() if pull is not None else 0)  # a read of pinned memory
+        self._ledger.seal(rec, mb, self._links.error())  # reads of pinned memory
         with self._state.guard("sync"):
             table = self._sync.exchange(rec)
             verdict = self._ledger.verdict(table, rec, batch_error)
@@ -375,10 +379,14 @@ class DpAttention(Closing):
         """What this DpAttention runs on: ``backend``, ``device`` (this rank's GPU ordinal; None on
         the host), ``world_size``, ``attn_tp_size``, ``dtype``,
         ``hidden_size``, ``policy``, ``strict``, ``micro_batches``; ``sync`` (``"shm"`` or ``"mpi"``,
-        known after the first ``sync()``); ``transport`` (``"p2p"`` where available, else
-        ``"nccl"``/``"mpi"``) and ``transport_reason`` (why not P2P); ``p2p_rows`` (rows the P2P
-        windows hold per collective) and ``p2p_node_size`` (ranks of one P2P group: all ranks on
-        one node, the ranks per node over several; 0 without P2P); ``host_collectives`` (host
+        known after the first ``sync()``); ``transports`` (what the plans may use: ``"push"``,
+        ``"p2p"`` where available, and ``"nccl"``/``"mpi"``); ``transport`` (``"p2p"`` where the
+        pull is available, else ``"nccl"``/``"mpi"``) and ``transport_reason`` (why not the pull);
+        ``push_reason`` (why not the push, None when available); ``p2p_rows`` (rows the pull's
+        windows hold per collective), ``push_rows`` (rows of one replica the push's windows hold)
+        and ``p2p_node_size`` (ranks of one P2P group: all ranks on one node, the ranks per node
+        over several; 0 without a P2P transport); ``push_pdl`` (the push kernels are
+        programmatic dependent launches; None without the CUDA push); ``host_collectives`` (host
         collectives so far: one per step on the default path); ``cost_model`` (given, calibrated
         with its cache file, or defaults)."""
         links = self._links
@@ -387,9 +395,11 @@ class DpAttention(Closing):
             "attn_tp_size": self.topology.attn_tp_size, "dtype": self.dtype,
             "hidden_size": self.hidden_size, "policy": self.planner.policy, "strict": self.strict,
             "sync": self._sync.transport,
+            "transports": [*sorted(links.transports(), reverse=True), self._backend.collectives],
             "transport": "p2p" if links.pull is not None else self._backend.collectives,
-            "transport_reason": links.reason, "p2p_rows": self.planner.p2p_rows,
-            "p2p_node_size": links.node_size if links.pull is not None else 0,
+            "transport_reason": links.reason, "push_reason": links.push_reason, "p2p_rows": self.planner.p2p_rows,
+            "push_rows": self.planner.push_rows, "push_pdl": getattr(links.push, "pdl", None),
+            "p2p_node_size": links.node_size if links.transports() else 0,
             "host_collectives": self._sync.host_collectives, "cost_model": links.cost_source,
             "micro_batches": self.micro_batches,
             "device": None if self._backend.device is None else self._backend.device.id,
@@ -417,7 +427,7 @@ class DpAttention(Closing):
         self._state.abort(reason)
 
     def close(self) -> None:
-        """Release graphs, the P2P transport, arenas, communicators, the sync and dpgather's
+        """Release graphs, the P2P transports, arenas, communicators, the sync and dpgather's
         duplicate of ``comm``, in that order. Local (it never waits for a peer, so it is safe
         after any error) and idempotent."""
         if self._state.closed:
@@ -427,8 +437,9 @@ class DpAttention(Closing):
             runner.close()
         self._runners = []
         links, self._links = self._links, None
-        if links is not None and links.pull is not None:  # after the graphs that captured it, before the buffers
-            links.pull.close()
+        if links is not None:  # after the graphs that captured them, before the buffers
+            for t in links.transports().values():
+                t.close()
         for arena in self._arenas:
             arena.release()
         if links is not None:

@@ -118,11 +118,11 @@ class GraphRunner(Closing):
             self._inputs.append(be.alloc(bmax * row).view(path.storage).reshape(bmax, H))
             self._descs.append(be.xp.zeros(size, dtype=be.xp.int64))
         self._layouts = {}
-        self._p2p = {}  # bucket -> the graph step's transport is P2P (the planner's rule for graphs)
+        self._transport = {}  # bucket -> the graph step's transport (the planner's rule for graphs)
         for b in buckets:
             plan = planner.plan_batches([LocalBatch(ForwardMode.DECODE, b, can_run_graph=True)] * D)
             self._layouts[b] = Layout.hidden(plan, path.steps.dp_rank, path.steps.attn_tp_rank)
-            self._p2p[b] = plan.transport == "p2p"
+            self._transport[b] = plan.transport
         self._ring = ("runner", id(self))  # the backend's upload ring of the re-laid descriptors
         if N > 1:  # create it now: a replay never allocates
             be.upload(np.zeros(size, dtype=np.int64), out=self._descs[0], ring=self._ring)
@@ -137,10 +137,10 @@ class GraphRunner(Closing):
         """One step of bucket ``b`` on the static buffers; ``fn``'s failures go to ``errors``."""
         if self.micro_batches > 1:
             return self._body_overlap(b, errors)
-        plane, L, p2p = self._path.plane, self._layouts[b], self._p2p[b]
-        G = plane.gather(self._arenas[0], self._inputs[0][:b], L, self._descs[0], self._partial, p2p)
+        plane, L, tr = self._path.plane, self._layouts[b], self._transport[b]
+        G = plane.gather(self._arenas[0], self._inputs[0][:b], L, self._descs[0], self._partial, tr)
         Yr = self._apply(G, self._arenas[0], errors)
-        return plane.combine(self._arenas[0], Yr, L, self._descs[0], self._reduce, None, p2p)
+        return plane.combine(self._arenas[0], Yr, L, self._descs[0], self._reduce, None, tr)
 
     def _apply(self, G, arena, errors):
         """``fn(G)`` checked. When it raises or returns a bad array the step goes on with zeros
@@ -162,7 +162,7 @@ class GraphRunner(Closing):
         ``N`` combined outputs and the ``fn`` results, which the caller keeps alive until the
         capture ended (a freed ``Y_i`` could be reused by ``fn``'s next allocation while combine
         ``i`` still reads it on the second stream)."""
-        L, p2p, N = self._layouts[b], self._p2p[b], self.micro_batches
+        L, tr, N = self._layouts[b], self._transport[b], self.micro_batches
         plane, main, side, ev = self._path.plane, self._stream, self._side, self._evs
 
         def on(s, fn):
@@ -180,7 +180,7 @@ class GraphRunner(Closing):
         Gs = []
         for i in range(N):
             Gs.append(on(side, lambda i=i: plane.gather(self._arenas[i], self._inputs[i][:b], L, self._descs[i],
-                                                        self._partial, p2p)))
+                                                        self._partial, tr)))
             if ev:
                 ev["g"][i].record(side)
         outs, Ys = [], []
@@ -191,7 +191,7 @@ class GraphRunner(Closing):
             Ys.append(Yr)
             edge(main, side, ev and ev["y"][i])
             outs.append(on(side, lambda i=i, Yr=Yr: plane.combine(self._arenas[i], Yr, L, self._descs[i],
-                                                                  self._reduce, None, p2p)))
+                                                                  self._reduce, None, tr)))
         edge(side, main, ev and ev["join"])
         return outs, Ys
 

@@ -199,12 +199,12 @@ def _check_gather(path, st, flag, x, contribution):
 
 
 def _gather(path, st, flag, xr, origin):
-    G = path.plane.gather(st.arena, xr, st.hidden, st.desc, bool(flag), st.p2p)
+    G = path.plane.gather(st.arena, xr, st.hidden, st.desc, bool(flag), st.transport)
     return path.backend.export(G, origin), "gathered"
 
 
 def _idle_gather(path, st, flag, *args):
-    path.plane.gather(st.arena, path.empty, st.hidden, st.desc, bool(flag), st.p2p)
+    path.plane.gather(st.arena, path.empty, st.hidden, st.desc, bool(flag), st.transport)
 
 
 def _check_gather_logits(path, st, flag, h):
@@ -214,12 +214,12 @@ def _check_gather_logits(path, st, flag, h):
 
 
 def _gather_logits(path, st, flag, hr, origin):
-    G = path.plane.gather(st.arena, hr, st.logits, st.desc, False, st.p2p, "logits")
+    G = path.plane.gather(st.arena, hr, st.logits, st.desc, False, st.transport, "logits")
     return path.backend.export(G, origin), "logits"
 
 
 def _idle_gather_logits(path, st, flag, *args):
-    path.plane.gather(st.arena, path.empty, st.logits, st.desc, False, st.p2p, "logits")
+    path.plane.gather(st.arena, path.empty, st.logits, st.desc, False, st.transport, "logits")
 
 
 def _check_scatter(path, st, flag, Y, reduce, out):
@@ -238,7 +238,7 @@ def _check_scatter(path, st, flag, Y, reduce, out):
 
 
 def _scatter(path, st, flag, Yr, origin, o, out):
-    y = path.plane.combine(st.arena, Yr, st.hidden, st.desc, bool(flag), o, st.p2p)
+    y = path.plane.combine(st.arena, Yr, st.hidden, st.desc, bool(flag), o, st.transport)
     if o is not None:
         return out, None
     L = st.hidden
@@ -251,7 +251,7 @@ def _idle_scatter(path, st, flag, *args):
     if flag:  # a copy (reduce=False) has no collective
         Z = st.arena.view("staging", st.hidden.total, path.hidden_size, path.storage)
         path.backend.zero(Z)
-        path.plane.combine(st.arena, Z, st.hidden, st.desc, True, None, st.p2p)
+        path.plane.combine(st.arena, Z, st.hidden, st.desc, True, None, st.transport)
 
 
 def _check_scatter_logits(path, st, flag, L_rows, out):

@@ -29,7 +29,8 @@ LAYOUT_CACHE = 256
 #: Bytes of slack in roles that hand out two views per request: each view starts at a 256-byte
 #: boundary (``_arena._ALIGN``), so a request may need up to 2 x 255 bytes more than its rows.
 _VIEW_SLACK = 1024
-#: The P2P descriptors of a step, by name (``Descriptor.p2p``), and the operation of each.
+#: The P2P descriptors of a step, by name (``Descriptor.p2p`` and ``Descriptor.push``), and the
+#: operation of each (both transports' entries of an operation carry its one signature).
 _P2P_OPS = (("gather_replicate", OP_GATHER, 0), ("gather_partial", OP_GATHER, 1), ("combine", OP_SCATTER, 1),
             ("logits", OP_GATHER_LOGITS, 0))
 
@@ -41,14 +42,14 @@ class Step:
         plan: the step's :class:`Plan`. mb: its micro-batch. arena: the micro-batch's arena.
         hidden, logits: the plan's layouts on this rank. desc_host: the host descriptor
         (read-only int64). desc: its device copy (the host array on the host backend).
-        p2p: the plan moves rows over the P2P transport. call_sigs: the cache of the step's
+        transport: the plan's transport (``"nccl"``, ``"p2p"``, ``"push"``). call_sigs: the cache of the step's
         call signatures (filled by the op path). held: the inputs of the step's synchronous
         calls, kept until the step is replaced: the device may still read them after a call
         returned, and an array imported from another framework must not go back to that
         framework's allocator before (its stream need not be ours).
     """
 
-    __slots__ = ("plan", "mb", "arena", "hidden", "logits", "desc_host", "desc", "p2p", "call_sigs", "held")
+    __slots__ = ("plan", "mb", "arena", "hidden", "logits", "desc_host", "desc", "transport", "call_sigs", "held")
 
 
 class StepTable:
@@ -81,7 +82,7 @@ class StepTable:
         (into the micro-batch's own ring of device descriptors) when the layout changed."""
         st = Step()
         st.plan, st.mb, st.arena, st.held = plan, mb, self.arenas[mb], []
-        st.p2p = plan.transport == "p2p"
+        st.transport = plan.transport
         fp = plan.fingerprint
         hit = self._cache.get(fp)
         if hit is None:

@@ -54,18 +54,22 @@ def test_matrix(nprocs, dtypes):
 
 
 @pytest.mark.parametrize("nprocs,transport,dtypes", [(2, "nccl", "float32,bfloat16"), (4, "nccl", "float16"),
-                                                     (3, "p2p", "bfloat16,int32")])
+                                                     (3, "p2p", "bfloat16,int32"), (2, "push", "float16,int32"),
+                                                     (4, "push", "bfloat16,float32")])
 def test_matrix_transport(nprocs, transport, dtypes):
-    # the default matrix runs transport="auto" (P2P for most small steps on one node): the
-    # collectives' path ("nccl": MPI on the host backend) and forced P2P get their own runs
+    # the default matrix runs transport="auto" (the push for decode-sized steps, the pull for
+    # the larger ones, on one node): the collectives' path ("nccl": MPI on the host backend),
+    # forced pull and forced push get their own runs
     _run(nprocs, "matrix", "--dtypes", dtypes, "--transport", transport, "--seed", 77 + nprocs)
 
 
-@pytest.mark.parametrize("nprocs,nodes,A", [(4, 2, "1,2"), (2, 2, "1")], ids=["T4-2nodes", "T2-2nodes"])
-def test_matrix_p2p_pretend_nodes(nprocs, nodes, A):
-    # P2P inside each (pretend) node, the node blocks over the inter-node communicator: every
-    # policy, graph buckets off/on, every forward mode, every row against the reference
-    res = _run(nprocs, "matrix", "--dtypes", "bfloat16,int32", "--A", A, "--transport", "p2p",
+@pytest.mark.parametrize("nprocs,nodes,A,transport", [(4, 2, "1,2", "p2p"), (2, 2, "1", "p2p"), (4, 2, "1,2", "push")],
+                         ids=["T4-2nodes", "T2-2nodes", "T4-2nodes-push"])
+def test_matrix_p2p_pretend_nodes(nprocs, nodes, A, transport):
+    # a P2P transport (the pull, the push) inside each (pretend) node, the node blocks over the
+    # inter-node communicator: every policy, graph buckets off/on, every forward mode, every row
+    # against the reference
+    res = _run(nprocs, "matrix", "--dtypes", "bfloat16,int32", "--A", A, "--transport", transport,
                "--seed", 4242 + nprocs, env={"DPGATHER_P2P_NODES": nodes})
     configs = len(A.split(",")) * 5 * 2 * 2
     for got in res.results.values():

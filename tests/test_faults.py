@@ -45,12 +45,13 @@ def _assert_prompt_timeouts(res, nranks):
 
 @pytest.mark.mpi
 @needs_mpiexec
+@pytest.mark.parametrize("transport", ["p2p", "push"])
 @pytest.mark.parametrize("scenario", ["raise", "exit"])
-def test_fault_over_p2p_in_pretend_nodes(scenario):
-    # P2P inside 2 pretend nodes of 2 ranks, MPI between them: a rank that raises or dies
-    # mid-step gives CollectiveTimeout on every survivor, through the pulls or the inter-node
-    # collectives, whichever it reaches first
-    res = run_mpi(["fault_scenarios.py", scenario, "--timeout", str(TIMEOUT_S), "--transport", "p2p"], 4,
+def test_fault_over_p2p_in_pretend_nodes(scenario, transport):
+    # a P2P transport (the pull, the push) inside 2 pretend nodes of 2 ranks, MPI between them: a
+    # rank that raises or dies mid-step gives CollectiveTimeout on every survivor, through the
+    # P2P collectives or the inter-node collectives, whichever it reaches first
+    res = run_mpi(["fault_scenarios.py", scenario, "--timeout", str(TIMEOUT_S), "--transport", transport], 4,
                   timeout=60, recovery=True, env={"DPGATHER_P2P_NODES": "2"})
     _assert_prompt_timeouts(res, 4)
 

@@ -35,10 +35,13 @@ def _run(nprocs, *argv, timeout=150):
     return res
 
 
-@pytest.mark.parametrize("nprocs,dtypes", [(2, "float32,bfloat16,int32"), (3, "float16"),
-                                           (4, "float32,bfloat16,int32")])
-def test_overlap_matrix(nprocs, dtypes):
-    res = _run(nprocs, "matrix", "--dtypes", dtypes, "--seed", 1600 + nprocs)
+@pytest.mark.parametrize("nprocs,dtypes,transports", [(2, "float32,bfloat16,int32", "auto,nccl"), (3, "float16", "auto,nccl"),
+                                                      (4, "float32,bfloat16,int32", "auto,nccl"),
+                                                      (2, "bfloat16,float16", "push,p2p")])
+def test_overlap_matrix(nprocs, dtypes, transports):
+    # auto takes the push for decode-sized steps and graph buckets, the pull above; both forced
+    # get a run of their own
+    res = _run(nprocs, "matrix", "--dtypes", dtypes, "--seed", 1600 + nprocs, "--transports", transports)
     nA = sum(1 for a in (1, 2) if nprocs % a == 0)
     configs = nA * 2 * 2 * 2 * len(dtypes.split(","))  # A x transports x policies x graph off/on x dtypes
     for r, got in res.results.items():

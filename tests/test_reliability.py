@@ -91,7 +91,7 @@ def test_bad_comm_and_late_rank_in_the_constructor():
 
 @pytest.mark.mpi
 @needs_mpiexec
-@pytest.mark.parametrize("nranks,transport", [(2, "nccl"), (3, "auto")])
+@pytest.mark.parametrize("nranks,transport", [(2, "nccl"), (3, "auto"), (3, "p2p"), (2, "push")])
 def test_ranks_that_disagree_on_the_step_all_raise(nranks, transport):
     res = _run(nranks, "step", "--timeout", 1.5, "--transport", transport, timeout=150)
     assert_ok(res, nranks, "step")
@@ -272,12 +272,13 @@ def _failpath(nprocs, part, *argv, timeout=300):
 
 @pytest.mark.mpi
 @needs_mpiexec
-@pytest.mark.parametrize("nranks,transport", [(2, "auto"), (2, "nccl"), (4, "auto")])
+@pytest.mark.parametrize("nranks,transport", [(2, "auto"), (2, "nccl"), (4, "auto"), (2, "p2p")])
 def test_graph_runner_bad_plan_or_fn_on_one_rank_keeps_the_contract(nranks, transport):
     """Items 1 and 3: ``GraphRunner.run`` with ``None``, a list, a stale plan or a ``dg.plan()``
     plan of another layout on one rank, and ``fn(G)`` returning a bad array there: that rank raises
     InputError at the call, the others' call returns, every rank raises InputError at the next
-    sync(), nobody is aborted and the next step is right (over the host P2P twin and over MPI)."""
+    sync(), nobody is aborted and the next step is right (over the host twins of the push (auto's
+    graph steps) and of the pull, and over MPI)."""
     res = _failpath(nranks, "runner", "--transport", transport)
     for r in range(nranks):
         assert len(res.results[r]["ran"]) == 12 * len([a for a in range(1, nranks + 1) if nranks % a == 0]) // 2, \
@@ -286,7 +287,7 @@ def test_graph_runner_bad_plan_or_fn_on_one_rank_keeps_the_contract(nranks, tran
 
 @pytest.mark.mpi
 @needs_mpiexec
-@pytest.mark.parametrize("transport", ["auto", "nccl"])
+@pytest.mark.parametrize("transport", ["auto", "nccl", "p2p"])
 def test_micro_batch_failure_paths_issue_the_peers_collectives(transport):
     """Items 2 and 5: the overlapped runner given one plan instead of two on one rank; a ``None``
     (or a list) plan on one rank while the others gather micro-batch 0 after syncing 0 then 1: the

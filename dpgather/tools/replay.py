@@ -446,7 +446,7 @@ def _run_policy(comm, cfg, policy, trace, prepared, topo, spec, buckets, H, dtyp
     Vt = xp.asarray(inp.V[rank])
     pure = Planner(topo, spec=spec, policy=policy, graph_buckets=buckets, cost=dp.planner.cost,
                    transport=dp.planner.transport, p2p_rows=dp.planner.p2p_rows,
-                   p2p_node_size=dp.planner.p2p_node_size)
+                   p2p_node_size=dp.planner.p2p_node_size, push_rows=dp.planner.push_rows)
     nsteps = len(trace.steps)
     times = np.zeros(nsteps)
     bad = np.zeros((nsteps, 5), dtype=np.int64)   # G, y, logits gather, logits out, plan

@@ -1,7 +1,7 @@
 """Every gather moves bits exactly: ``mpiexec -n T python bits_scenarios.py [--seed S]``.
 
 For every A in {1, 2} dividing T, every transport of the host backend (``nccl``: the MPI
-collectives; ``p2p``: the shared-memory P2P twin), every padding mode (the policy forced:
+collectives; ``p2p`` and ``push``: the shared-memory twins of the P2P pull and push), every padding mode (the policy forced:
 ``max_len``, ``sum_len``, ``varlen``) and every dtype (float32, float16, bfloat16, int32, int64,
 uint8), a few steps of decode batches (an idle replica, a replica that provides fewer rows than
 its ``n``, one that provides more) run ``gather(replicate)``, ``gather(partial)`` and
@@ -43,7 +43,8 @@ SEED = 26
 def run_config(A, transport, policy, name, steps):
     dp = dg.DpAttention(comm=WORLD, attn_tp_size=A, hidden_size=H, dtype=name, backend="host", policy=policy,
                         transport=transport, timeout_s=30.0)
-    dp._arena._alloc = poisoned_alloc  # fresh arena memory is poisoned too (test only)
+    for arena in dp._arenas:
+        arena._alloc = poisoned_alloc  # fresh arena memory is poisoned too (test only)
     d_own = RANK // A
     try:
         for s in range(steps):
@@ -77,7 +78,7 @@ def main():
     ap.add_argument("--seed", type=int, default=26)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--dtypes", default=",".join(DTYPES))
-    ap.add_argument("--transports", default="nccl,p2p")
+    ap.add_argument("--transports", default="nccl,p2p,push")
     ap.add_argument("--A", default="1,2", help="attn_tp sizes (those dividing T run)")
     args = ap.parse_args()
     global SEED

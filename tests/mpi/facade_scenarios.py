@@ -190,9 +190,10 @@ def expect_graph(cfg, batches):
 def check_plan(cfg, p, batches, dp):
     ref = dg.plan(batches, cfg.topo, spec=SPEC, policy=cfg.policy, graph_buckets=cfg.buckets, cost=cfg.cost,
                   transport=dp.planner.transport, p2p_rows=dp.planner.p2p_rows,
-                  p2p_node_size=dp.planner.p2p_node_size)
-    if ARGS.transport == "p2p" and cfg.T > 1:
-        CHK.ok(dp.info()["transport"] == "p2p", lambda: f"transport='p2p' but info() says {dp.info()}")
+                  p2p_node_size=dp.planner.p2p_node_size, push_rows=dp.planner.push_rows)
+    if ARGS.transport in ("p2p", "push") and cfg.T > 1:
+        CHK.ok(ARGS.transport in dp.info()["transports"], lambda: f"transport={ARGS.transport!r} but info() says "
+                                                                  f"{dp.info()}")
         want = cfg.T // int(os.environ.get("DPGATHER_P2P_NODES") or 1)
         CHK.ok(dp.info()["p2p_node_size"] == want, lambda: f"p2p_node_size {dp.info()['p2p_node_size']} != {want}")
     CHK.ok(isinstance(p, dg.Plan), lambda: f"sync returned {type(p).__name__}, not a Plan")
@@ -771,7 +772,7 @@ def main():
     ap.add_argument("--part", default="data",
                     help="badinput: which cases, comma-separated: data, strict, step, config")
     ap.add_argument("--timeout", type=float, default=20.0, help="DpAttention timeout_s")
-    ap.add_argument("--transport", choices=("auto", "nccl", "p2p"), default="auto",
+    ap.add_argument("--transport", choices=("auto", "nccl", "p2p", "push"), default="auto",
                     help="DpAttention(transport=...): 'nccl' means MPI collectives on the host backend")
     ARGS = ap.parse_args()
     set_seed(ARGS.seed)

@@ -34,7 +34,7 @@ ap = argparse.ArgumentParser()
 ap.add_argument("scenario", choices=("noctor", "nosync", "raise", "exit"))
 ap.add_argument("--timeout", type=float, default=2.0)
 ap.add_argument("--attn-tp", type=int, default=1)
-ap.add_argument("--transport", choices=("auto", "nccl", "p2p"), default="auto")
+ap.add_argument("--transport", choices=("auto", "nccl", "p2p", "push"), default="auto")
 args = ap.parse_args()
 
 comm = MPI.COMM_WORLD

@@ -3,7 +3,8 @@
 Scenarios (options after the name; see ``--help``):
 
     matrix    every attn_tp size A of --A that divides T (default 1 and 2) x --transports (auto:
-              the host P2P twin for small steps; nccl: MPI collectives) x --policies x graph
+              the host push twin for decode steps, the pull twin above; nccl: MPI collectives;
+              p2p, push: forced) x --policies x graph
               buckets off/on x --dtypes; --steps steps, each of TWO micro-batches with their own
               batches (every forward mode rotates over replicas and micro-batches; idle replicas,
               an all-idle micro-batch, DRAFT_EXTEND with fewer real rows than advertised, inputs
@@ -360,7 +361,8 @@ def one_step(dp, ser, cfg, s, runners, modes):
         p = dp.sync(batches[RANK // A], micro_batch=i)
         ref = dg.plan(batches, dg.Topology(T, A), spec=SPEC, policy=cfg.policy, graph_buckets=cfg.buckets,
                       cost=dg.CostModel().with_row_bytes(cfg.H * cfg.dt.itemsize), transport=dp.planner.transport,
-                      p2p_rows=dp.planner.p2p_rows, p2p_node_size=dp.planner.p2p_node_size)
+                      p2p_rows=dp.planner.p2p_rows, p2p_node_size=dp.planner.p2p_node_size,
+                      push_rows=dp.planner.push_rows)
         CHK.ok(p == ref, lambda: f"micro-batch {i}: sync plan {p!r} != dg.plan {ref!r}")
         mi = Micro(cfg, (cfg.key, s, i), batches, xrows, hrows, p)
         micro.append((batches, xrows, hrows, mi))
@@ -509,7 +511,7 @@ def scenario_badinput():
         pb = dp.sync(b, micro_batch=1)
         local = dg.plan([b] * D, dg.Topology(T, A), cost=dg.CostModel().with_row_bytes(H * 4),
                         transport=dp.planner.transport, p2p_rows=dp.planner.p2p_rows,
-                        p2p_node_size=dp.planner.p2p_node_size)
+                        p2p_node_size=dp.planner.p2p_node_size, push_rows=dp.planner.push_rows)
         CHK.ok(local == pa == pb, "equal batches did not give equal plans")
         expect_raise("a plan equal to both micro-batches' plans", dg.InputError,
                      lambda: dp.gather(np.zeros((2, H), dt), local), must=("micro-batches [0, 1]",))
