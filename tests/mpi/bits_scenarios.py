@@ -43,7 +43,7 @@ SEED = 26
 def run_config(A, transport, policy, name, steps):
     dp = dg.DpAttention(comm=WORLD, attn_tp_size=A, hidden_size=H, dtype=name, backend="host", policy=policy,
                         transport=transport, timeout_s=30.0)
-    dp._arena._alloc = poisoned_alloc  # fresh arena memory is poisoned too (test only)
+    dp._arenas[0]._alloc = poisoned_alloc  # fresh arena memory is poisoned too (test only)
     d_own = RANK // A
     try:
         for s in range(steps):
