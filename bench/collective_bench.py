@@ -18,7 +18,8 @@ T/A replicas; a pattern written for 4 replicas is cycled/truncated to D):
 With A=1 (``contribution="replicate"``) every pattern runs; with A=2 (``"partial"``) the
 ``--attn-tp2`` subset. For each pattern, ``DpAttention.gather`` and ``DpAttention.scatter(reduce=
 True)`` are timed with the plan forced to MAX_LEN, SUM_LEN and VARLEN over NCCL, VARLEN over the
-P2P transport (``P2P``; left out where P2P cannot run) and with ``auto`` (transport and policy
+P2P pull (``P2P``) and the P2P push (``PUSH``; each left out where it cannot run, the push also
+on patterns its windows do not hold) and with ``auto`` (transport and policy
 ``auto``) -- one ``DpAttention`` per variant, each step's plan from its own ``sync``. When auto's
 layout and transport equal a forced variant's, that measurement is reused: it is the same sequence
 of kernels and collectives. Beside them:
@@ -78,9 +79,17 @@ from dpgather.tools.timing import (
 )
 
 MODES = ("max_len", "sum_len", "varlen")
-#: Forced variants: the three padding modes over NCCL, and VARLEN over the P2P transport.
-VARIANTS = MODES + ("p2p",)
-MODE_NAME = {"max_len": "MAX_LEN", "sum_len": "SUM_LEN", "varlen": "VARLEN", "p2p": "P2P"}
+#: Forced variants: the three padding modes over NCCL, and VARLEN over the P2P pull and push
+#: (a pattern the push's windows do not hold has no push row).
+VARIANTS = MODES + ("p2p", "push")
+MODE_NAME = {"max_len": "MAX_LEN", "sum_len": "SUM_LEN", "varlen": "VARLEN", "p2p": "P2P", "push": "PUSH"}
+#: The transport of each variant (what its plans must use to be timed as that variant).
+TRANSPORT = {"p2p": "p2p", "push": "push"}
+
+
+def _chosen(plan):
+    """A plan's mode, with its P2P transport: ``VARLEN/p2p``, ``VARLEN/push``."""
+    return plan.mode.name + ("" if plan.transport == "nccl" else "/" + plan.transport)
 ALL_PATTERNS = ("decode64", "decode256", "skew", "onehot", "random", "prefill-mix", "idle")
 ROTATE_BYTES = 256 << 20
 MAX_ROT = 8
@@ -316,14 +325,14 @@ def run_pattern(c, pi, pname, A):
     auto = plans["auto"]
     plans["sglang"] = dg.Planner(dps["auto"].topology, policy="sglang",
                                  cost=dps["auto"].planner.cost).plan_batches(batches)
-    variants = [v for v in c.variants if v in dps and plans[v].transport == ("p2p" if v == "p2p" else "nccl")]
+    variants = [v for v in c.variants if v in dps and plans[v].transport == TRANSPORT.get(v, "nccl")]
     pmax = plans["max_len"]
     M = int(pmax.slot_rows[0])
     S = int(sum(counts))
     n_own = counts[d]
     real_b, padded_b = S * R, D * M * R
     res = {"pattern": pname, "attn_tp": A, "dp": D, "counts": counts, "contribution": contrib,
-           "real_bytes": real_b, "padded_bytes": padded_b, "auto_mode": auto.mode.name + ("/p2p" if auto.transport == "p2p" else ""),
+           "real_bytes": real_b, "padded_bytes": padded_b, "auto_mode": _chosen(auto),
            "sglang_mode": plans["sglang"].mode.name,
            "predicted_us": dict(zip(("MAX_LEN", "SUM_LEN", "VARLEN"), auto.predicted_us)),
            "rows": []}
@@ -412,7 +421,7 @@ def run_pattern(c, pi, pname, A):
         rows = int(p.gathered_rows)
         tg = c.timer.measure(lambda j, dp=dp, p=p: dp.gather(xs[j % nrot], p, contribution=contrib))
         tc = c.timer.measure(lambda j, dp=dp, p=p: dp.scatter(Y[j % nrot, :rows], p, reduce=True))
-        row = {"mode": m, "chosen": p.mode.name + ("/p2p" if p.transport == "p2p" else ""), "how": "graph",
+        row = {"mode": m, "chosen": _chosen(p), "how": "graph",
                "moved_bytes": rows * R, "gather": tg, "combine": tc, "wrong": wrong,
                "wrong_gather": agree_wrong(wg), "wrong_combine": agree_wrong(wc)}
         measured[m] = row
@@ -713,8 +722,8 @@ def main(argv=None):
     for A in (1, 2) if pats2 else (1,):
         c.dps[A] = {}
         for v in VARIANTS + ("auto",):
-            policy = {"p2p": "varlen", "auto": "auto"}.get(v, v)
-            transport = {"p2p": "p2p", "auto": "auto"}.get(v, "nccl")
+            policy = {"p2p": "varlen", "push": "varlen", "auto": "auto"}.get(v, v)
+            transport = {**TRANSPORT, "auto": "auto"}.get(v, "nccl")
             try:
                 c.dps[A][v] = dg.DpAttention(world, attn_tp_size=A, hidden_size=args.hidden, dtype="bfloat16",
                                              backend="cuda", policy=policy, transport=transport,

@@ -88,8 +88,8 @@ class DataPlane:
     Args:
         backend: the array backend (``_backends``): kernels ``copy_rows``/``mask_rows``, ``zero``.
         tp: the tp communicator (all T ranks). attn: the attn-TP communicator, or None when A = 1.
-        p2p: the P2P transports (over this rank's node) by their public names (``{"p2p": pull,
-            "push": push}``, either may be missing). descriptor: the :class:`Descriptor` of the
+        transports: the P2P transports (over this rank's node) by their public names
+            (``{"p2p": pull, "push": push}``, either or both may be missing). descriptor: the :class:`Descriptor` of the
             topology (its ``node_size`` is the P2P group's).
         inter: with P2P over several nodes, the communicator of the ranks at this rank's place in
             every node (ordered by node), else None.
@@ -97,7 +97,7 @@ class DataPlane:
             logical dtype (reductions of the configured dtype use it; other dtypes move as bytes).
     """
 
-    def __init__(self, backend, tp, attn, p2p, descriptor, attn_tp_rank, attn_tp_size, logical, storage,
+    def __init__(self, backend, tp, attn, transports, descriptor, attn_tp_rank, attn_tp_size, logical, storage,
                  inter=None):
         self.be = backend
         self.inter = inter.ops if inter is not None else None
@@ -107,7 +107,7 @@ class DataPlane:
         self.tp = tp.ops
         self.attn = attn.ops if attn is not None else None
         #: transport name -> (transport, its descriptor entries by operation)
-        self.p2p = {name: (t, getattr(descriptor, name)) for name, t in p2p.items()}
+        self.transports = {name: (t, getattr(descriptor, name)) for name, t in transports.items()}
         self.desc_layout = descriptor
         self.a = attn_tp_rank
         self.A = attn_tp_size
@@ -141,7 +141,7 @@ class DataPlane:
             return G
         if transport != "nccl":
             name = "logits" if role != "gathered" else ("gather_partial" if partial else "gather_replicate")
-            t, at = self.p2p[transport]
+            t, at = self.transports[transport]
             t.run(x, G, desc, at[name], row_bytes=W * dt.itemsize, dtype=logical)
             if self.inter is not None:
                 counts, o = self._node_blocks(L)
@@ -253,7 +253,7 @@ class DataPlane:
                 else:
                     self.inter.reduce_scatterv(Yv, stage, counts, o, logical)
                 Yv = stage
-            t, at = self.p2p[transport]
+            t, at = self.transports[transport]
             t.run(Yv, y, desc, at["combine"], row_bytes=W * dt.itemsize, dtype=logical)
             return y
         tp = self.tp

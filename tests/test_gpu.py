@@ -142,6 +142,16 @@ def check_mpi_rc(args, n, timeout=300):
     return res
 
 
+def test_p2p_kernels_loopback(tmp_path):
+    """Both P2P kernels on one GPU, 2-4 virtual ranks in one process (tests/gpu/loopback.py):
+    every push case against the reference, the data-plane cases on the pull, the push's epoch
+    wrap; outputs poisoned, every byte checked, error words 0. Runs with a single GPU."""
+    res = run_local([str(GPU_DIR / "loopback.py"), "--skip", "timing", "--out", str(tmp_path / "lb.json")],
+                    timeout=400, env=ENV)
+    assert_ok(res, 1, "loopback")
+    assert sum(c["push"] for c in res.results[0]["cases"].values()) > 100, res.results[0]
+
+
 @pytest.mark.skipif(find_mpiexec() is None, reason="no mpirun/mpiexec on PATH")
 def test_p2p_transport_selftest(tmp_path):
     """CudaPull against the NumPy reference for every descriptor shape the data plane uses, eager and

@@ -243,7 +243,7 @@ def _plane(group, attn_groups, rank, T, A, logical="float32"):
 
     be = HostBackend()
     attn = ThreadComm(attn_groups[rank // A], rank % A) if A > 1 else None
-    return DataPlane(be, ThreadComm(group, rank), attn, None, Descriptor(T // A, A), rank % A, A, logical,
+    return DataPlane(be, ThreadComm(group, rank), attn, {}, Descriptor(T // A, A), rank % A, A, logical,
                      host_storage(logical))
 
 
