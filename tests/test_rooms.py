@@ -264,9 +264,9 @@ def test_data_plane_gather_and_combine_against_numpy(T, A, policy):
         table = _table(D, A, r)
         st = table.open(plan, 0)
         plane = _plane(group, attn_groups, r, T, A)
-        rep = plane.gather(st.arena, xs[(r // A) * A], st.hidden, st.desc, False, False).copy()
-        part = plane.gather(st.arena, xs[r], st.hidden, st.desc, True, False).copy()
-        y = plane.combine(st.arena, Ys[r], st.hidden, st.desc, True, None, False).copy()
+        rep = plane.gather(st.arena, xs[(r // A) * A], st.hidden, st.desc, False, "nccl").copy()
+        part = plane.gather(st.arena, xs[r], st.hidden, st.desc, True, "nccl").copy()
+        y = plane.combine(st.arena, Ys[r], st.hidden, st.desc, True, None, "nccl").copy()
         return rep, part, y
 
     results = run_ranks(T, rank_fn)
