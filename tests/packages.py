@@ -89,7 +89,13 @@ def layer(venv):
     py = os.path.join(venv, "bin", "python")
     target = subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                             capture_output=True, text=True, check=True).stdout.strip()
-    dirs = [d for d in site.getsitepackages() + [sysconfig.get_paths()["purelib"]] if os.path.isdir(d)]
+    own = os.path.realpath(target)
+    dirs = [d for d in site.getsitepackages() + [sysconfig.get_paths()["purelib"]]
+            if os.path.isdir(d) and os.path.realpath(d) != own]
+    if not dirs:  # python3 on PATH is the venv's own interpreter: a .pth over itself recurses forever
+        print(f"tests/packages.py layer: {sys.executable} is {venv}'s own Python; run it with the node's "
+              f"python3 (take {venv}/bin off PATH)", file=sys.stderr)
+        return 2
     lines = [f"import site; site.addsitedir({d!r})" for d in dict.fromkeys(dirs)]
     with open(os.path.join(target, "_dpgather_node_site.pth"), "w") as f:
         f.write("# make test: the node's preinstalled packages (tests/packages.py layer)\n" + "\n".join(lines) + "\n")

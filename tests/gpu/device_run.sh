@@ -10,7 +10,8 @@
 # comes from dpgather's own launcher settings, as it would for a user.
 set -u
 OUT=${OUT:-/tmp/dpg-out}; mkdir -p "$OUT"
-export PATH="$PWD/.venv-node/bin:$PATH"  # python3: the venv `make` installs dpgather into (never the node's own)
+NODE_PATH=$PATH  # make runs with the node's own PATH: its python3 builds .venv-node over the node's packages
+export PATH="$PWD/.venv-node/bin:$PATH"  # the other phases' python3: the venv `make` installs dpgather into
 NG=$(nvidia-smi -L | wc -l)
 phases=${*:-test}
 summary=$OUT/summary.txt
@@ -24,7 +25,7 @@ run() {  # run NAME TIMEOUT CMD...
 note "# $(date -u +%FT%TZ) $(nvidia-smi --query-gpu=name --format=csv,noheader | sort | uniq -c | tr -s ' ') GPUs=$NG $(git rev-parse --short HEAD 2>/dev/null) $(mpirun --version 2>/dev/null | head -1)"
 for p in $phases; do case $p in
 build)
-  run build 300 make build ;;
+  run build 300 env PATH="$NODE_PATH" make build ;;
 p2p)
   run p2p_selftest ${T_P2P:-300} python3 -m dpgather.tools.launch -n "$NG" --timeout 280 tests/gpu/p2p_selftest.py --out "$OUT/p2p.json" ;;
 loopback)  # both P2P kernels on one GPU (virtual ranks): the push matrix and push vs pull timing
@@ -46,7 +47,7 @@ p2player)  # P2P and VARLEN gather / combine on balanced, one-sided and uneven l
 eager)
   run eager_bench ${T_EAGER:-240} python3 -m dpgather.tools.launch -n "$NG" --timeout 230 bench/eager_bench.py --strict --json "$OUT/eager.json" ;;
 test)
-  run make_test ${T_TEST:-590} make test
+  run make_test ${T_TEST:-590} env PATH="$NODE_PATH" make test
   for f in build/test-logs/*.log; do [ -f "$f" ] && cp "$f" "$OUT/test-$(basename "$f")"; done ;;
 diag)  # the suite split for diagnosis: the CPU part verbose in the background, each GPU test alone
   ( timeout -k 5 ${T_CPU:-450} python3 -m pytest -v -rfE --tb=short --durations=40 -p no:cacheprovider \
