@@ -255,7 +255,7 @@ def p2p_window_rows(topology, graph_buckets=(), max_tokens_per_rank=None):
     return topology.dp_size * (-(-per_replica // A) * A)
 
 
-#: Per-replica rows the push transport's windows hold (docs/push.md, "Window size"): the decode
+#: Per-replica rows the push transport's windows hold (docs/push.md, "Window"): the decode
 #: steps where its one-way trip beats the pull's barrier and NCCL (the default model's crossover
 #: with the pull is ~115 rows per rank of 14 KB at T = 2), with room for a calibration to move it.
 PUSH_WINDOW_ROWS = 256

@@ -4,7 +4,7 @@ tests/push_reference.py, mismatch, skipped collective, local close, capacity mis
 reference and its descriptor encoder, how the library reads a descriptor, the pull's window
 layout and launch rules (the push's: tests/test_push_layout.py), one-rank use of both twins.
 
-The CUDA transports themselves run in tests/gpu/p2p_selftest.py and tests/gpu/push_loopback.py;
+The CUDA transports themselves run in tests/gpu/p2p_selftest.py and tests/gpu/loopback.py;
 their kernels are compile-checked in tests/test_cuda_compile.py and emulated in
 tests/test_p2p_emulated.py and tests/test_push_emulated.py.
 """
