@@ -127,7 +127,8 @@ def _device_rows(a):
     """A host array as CuPy ``[rows, row_bytes]`` uint8 (bfloat16 and every dtype alike)."""
     import cupy
 
-    return cupy.asarray(np.ascontiguousarray(a).view(np.uint8).reshape(a.shape[0], -1))
+    a = np.ascontiguousarray(a)
+    return cupy.asarray(a.view(np.uint8).reshape(a.shape[0], a.shape[1] * a.dtype.itemsize))
 
 
 def run_case(lb, case, desc_off, expect):
@@ -144,7 +145,7 @@ def run_case(lb, case, desc_off, expect):
     if lb.errors.any():
         bad.append(f"error words {lb.errors.tolist()}")
     for r in range(t):
-        got = outs[r].get().view(host_dt).reshape(case.out_rows[r], -1)
+        got = outs[r].get().view(host_dt).reshape(case.out_rows[r], case.inputs[r].shape[1])
         if (m := pc.check(got, expect[r])):
             bad.append(f"rank {r}: {m}")
         if (m := pc.check(inputs[r].get().view(host_dt).reshape(case.inputs[r].shape), case.inputs[r])):
