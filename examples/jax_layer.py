@@ -17,7 +17,8 @@ a result kept past that call must be copied (``jnp.array(y, copy=True)``); one c
 by the next JAX operation, as here, needs no copy.
 
 On the cuda backend the engine chooses its GPU (here: the node-local rank's) and tells dpgather
-with ``DpAttention(device=...)``; JAX is kept from preallocating 75% of every GPU in every rank.
+with ``DpAttention(device=...)``; JAX is kept from preallocating 75% of every GPU in every rank,
+and on the host backend from the GPUs altogether (``JAX_PLATFORMS=cpu``).
 
 Each rank checks its tokens against the whole layer computed in one process in float32: within
 3e-2 of the largest value for bfloat16 (three roundings to 8 bits of mantissa), 1e-4 for float32.
@@ -25,7 +26,15 @@ Each rank checks its tokens against the whole layer computed in one process in f
 import argparse
 import os
 
+ap = argparse.ArgumentParser()
+ap.add_argument("--attn-tp", type=int, default=1)
+ap.add_argument("--steps", type=int, default=6)
+ap.add_argument("--backend", default="host", choices=["host", "cuda"])
+ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+args = ap.parse_args()
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # one process per GPU: take what is used
+if args.backend == "host":  # CPU arrays only: JAX leaves the GPUs alone
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -34,12 +43,6 @@ from mpi4py import MPI  # noqa: E402
 
 import dpgather as dg  # noqa: E402
 
-ap = argparse.ArgumentParser()
-ap.add_argument("--attn-tp", type=int, default=1)
-ap.add_argument("--steps", type=int, default=6)
-ap.add_argument("--backend", default="host", choices=["host", "cuda"])
-ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-args = ap.parse_args()
 comm = MPI.COMM_WORLD
 T, rank, A = comm.size, comm.rank, args.attn_tp
 NH, hd, F = 4 * A, 16, 96 * T           # heads (split over attn_tp), head size, MLP width (over T)

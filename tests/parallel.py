@@ -8,6 +8,8 @@
   waiting on pip and the compiler, no timing bound) run in the background, logged under
   ``build/test-logs/``; every other test runs in the foreground with its output on the terminal,
   in the order of one ``pytest`` run.
+- JAX in the CPU processes runs on the CPU (``JAX_PLATFORMS=cpu``), and nowhere preallocates
+  GPU memory (``XLA_PYTHON_CLIENT_PREALLOCATE=false``), unless the environment says otherwise.
 - 16 or more cores (a GPU node): ``DPGATHER_TEST_JOBS`` (default: cores // 8, at most 4) processes
   over round-robin slices of the CPU tests, plus one process for the GPU tests (they need the
   GPUs to themselves), each logged under ``build/test-logs/``.
@@ -55,6 +57,9 @@ def main(argv):
     for name, shard, terminal in shards:
         log = None if terminal else open(logs / f"{name}.log", "w")
         env = dict(os.environ, DPGATHER_TEST_SHARD=shard)
+        env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # JAX takes what it uses, not 75% of a GPU
+        if shard != "gpu":  # the CPU tests' JAX arrays are CPU arrays (the host backend's), and no
+            env.setdefault("JAX_PLATFORMS", "cpu")  # CPU process holds a GPU the GPU tests need
         cmd = [*base, "-p", "no:cacheprovider", f"--basetemp={tmp / name}", "tests"]
         out = {} if terminal else {"stdout": log, "stderr": subprocess.STDOUT}
         procs[name] = (subprocess.Popen(cmd, cwd=ROOT, env=env, **out), log)

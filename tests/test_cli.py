@@ -680,7 +680,7 @@ def test_replay_all_policies_report(tmp_path):
 
 @pytest.mark.mpi
 @needs_mpiexec
-@pytest.mark.parametrize("nprocs,A,gen,seen", [(2, 1, "mixed", {"p2p", "nccl"}), (4, 2, "eagle", {"p2p"})])
+@pytest.mark.parametrize("nprocs,A,gen,seen", [(2, 1, "mixed", {"push", "p2p", "nccl"}), (4, 2, "eagle", {"push"})])
 def test_plans_predicts_what_replay_does(nprocs, A, gen, seen, tmp_path):
     """`dpgather plans` makes the plans `dpgather replay` makes for the same trace, step by step and
     policy by policy -- the transport included (it used to ignore the host P2P transport, so auto

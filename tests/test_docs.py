@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from dpgather.tools import launch
+from frameworks import require
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV_DOC = ROOT / "docs" / "environment.md"
@@ -263,7 +264,7 @@ def test_snippet_runs(doc, mark, code, tmp_path):
     if spec["mode"] == "skip":
         pytest.skip(f"{doc}: {spec['reason']}")
     for module in spec["requires"]:
-        pytest.importorskip(module, reason=f"the snippet needs {module}, which is not installed")
+        require(module, f"the snippet needs {module}, which is not installed")
     if spec["mode"] == "run":
         res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, cwd=tmp_path)
         assert res.returncode == 0, f"{doc} snippet failed:\n{code}\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}"

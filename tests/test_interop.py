@@ -6,6 +6,7 @@ are installed (JAX is in the test extra; PyTorch is not). The CUDA twin is tests
 """
 
 import gc
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 
 import dlpack_producer as dl
+from frameworks import require
 from dpgather import InputError
 from mpi_harness import MPI_SCRIPTS, needs_mpiexec, run_mpi
 from dpgather._backends import HostBackend, canonical_device, make_backend
@@ -136,7 +138,7 @@ def test_host_arena_buffers_start_at_256_byte_boundaries(be):
 # -- PyTorch (where installed) and JAX (the test extra) ---------------------------------------------
 
 def _torch():
-    return pytest.importorskip("torch", reason="PyTorch is not installed (not in CI: a CPU wheel is optional)")
+    return require("torch", "PyTorch is not installed (not in CI: a CPU wheel is optional)")
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32", "int64"])
@@ -182,7 +184,7 @@ def test_torch_tensor_that_requires_grad_is_named(be):
 
 
 def _jax():
-    return pytest.importorskip("jax", reason="JAX is not installed (it is in the test extra)")
+    return require("jax", "JAX is not installed (it is in the test extra)")
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32", "int32"])
@@ -224,7 +226,8 @@ print(sorted(m for m in ("torch", "jax") if m in sys.modules))
 
 
 def test_no_framework_is_imported_by_dpgather_and_the_jax_path_never_imports_torch():
-    env = {"PYTHONPATH": str(ROOT / "tests"), "PATH": ""}
+    env = {"PYTHONPATH": str(ROOT / "tests"), "PATH": "",  # and JAX's placement (tests/parallel.py)
+           **{k: v for k, v in os.environ.items() if k in ("JAX_PLATFORMS", "XLA_PYTHON_CLIENT_PREALLOCATE")}}
     res = subprocess.run([sys.executable, "-c", _NO_FRAMEWORK, "none"], capture_output=True, text=True, timeout=120,
                          env=env, cwd=ROOT)
     assert res.returncode == 0 and res.stdout.strip() == "[]", res.stdout + res.stderr
@@ -271,7 +274,7 @@ def test_canonical_device_recognises_frameworks_without_importing_them():
 
 
 def test_canonical_device_with_the_real_frameworks():
-    torch = pytest.importorskip("torch")
+    torch = _torch()
     assert canonical_device(torch.device("cuda", 1)) == 1 and canonical_device(torch.device("cuda:0")) == 0
     with pytest.raises(ValueError):
         canonical_device(torch.device("cpu"))
@@ -317,7 +320,7 @@ _RUNS = {}
 
 def _interop_run(framework, dtype="bfloat16"):
     if framework in ("torch", "jax"):
-        pytest.importorskip(framework, reason=f"{framework} is not installed")
+        require(framework, f"{framework} is not installed")
     key = (framework, dtype)
     if key not in _RUNS:
         _RUNS[key] = run_mpi([str(MPI_SCRIPTS / "interop_scenarios.py"), "--backend", "host", "--framework",

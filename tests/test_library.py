@@ -80,10 +80,11 @@ def test_defaults_are_the_documented_decisions():
 
 def _make_n(*args):
     # A clean make: under `make test CUDA_CHECK=1` (CI) the outer make passes its command-line
-    # variables down through MAKEFLAGS, and CUDA_CHECK / MPI may be in the environment.
+    # variables down through MAKEFLAGS, and CUDA_CHECK / MPI may be in the environment. NODE=0:
+    # the PyPI recipe (a GPU node would take the preinstalled-packages one).
     env = {k: v for k, v in os.environ.items()
            if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES", "CUDA_CHECK", "MPI", "VENV")}
-    res = subprocess.run(["make", "-n", "-B", "VENV=/nonexistent/venv", *args, "install"], cwd=ROOT,
+    res = subprocess.run(["make", "-n", "-B", "VENV=/nonexistent/venv", "NODE=0", *args, "install"], cwd=ROOT,
                          capture_output=True, text=True, timeout=60, env=env)
     assert res.returncode == 0, res.stderr
     return res.stdout

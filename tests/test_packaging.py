@@ -280,7 +280,7 @@ def test_fresh_venv_pip_install_host_extra_runs_the_readme_snippet(sdist, tmp_pa
 @pytest.fixture(scope="module")
 def installed_copy(tmp_path_factory):
     """The package as ``pip install .`` lays it out (a wheel built from this checkout, installed
-    into a folder of its own): ``(site folder, the environment's site-packages for the dependencies)``."""
+    into a folder of its own): ```(site folder, the folders of the dependencies)``."""
     import sysconfig
 
     out = tmp_path_factory.mktemp("wheel")
@@ -292,7 +292,11 @@ def installed_copy(tmp_path_factory):
     res = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--target",
                           str(site), str(wheel)], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    return site, sysconfig.get_paths()["purelib"]
+    # the dependencies' folders: this environment's site-packages, and the folders its .pth files
+    # add (a GPU node's make test layers its venv over the node's packages that way)
+    deps = [sysconfig.get_paths()["purelib"]] + [p for p in sys.path if os.path.isdir(p) and
+                                                 os.path.basename(p) in ("site-packages", "dist-packages")]
+    return site, list(dict.fromkeys(deps))
 
 
 def _run_without_the_checkout(code, pythonpath, cwd):
@@ -310,17 +314,17 @@ _USE = ("import dpgather as dg, dpgather.core, dpgather.dist, dpgather.kernels; 
 
 def test_a_non_editable_install_runs_from_the_clone_root(installed_copy, tmp_path):
     site, deps = installed_copy
-    res = _run_without_the_checkout(_USE, [site, deps], ROOT)  # sys.path[0] is the clone's root
+    res = _run_without_the_checkout(_USE, [site, *deps], ROOT)  # sys.path[0] is the clone's root
     assert res.returncode == 0, res.stderr
     path, rows = res.stdout.split()
     assert path.startswith(str(site)) and rows == "6", res.stdout
-    res = _run_without_the_checkout(_USE, [site, deps], tmp_path)  # and anywhere else, of course
+    res = _run_without_the_checkout(_USE, [site, *deps], tmp_path)  # and anywhere else, of course
     assert res.returncode == 0 and res.stdout.split()[0].startswith(str(site)), res.stderr
 
 
 def test_the_source_folder_alone_says_in_one_line_what_to_do(installed_copy):
     _, deps = installed_copy
-    res = _run_without_the_checkout("import dpgather", [deps], ROOT)
+    res = _run_without_the_checkout("import dpgather", deps, ROOT)
     assert res.returncode == 1
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith("ImportError: dpgather: ") and "is the source folder of a clone" in last \

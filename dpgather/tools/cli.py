@@ -246,10 +246,11 @@ def _replay_planning(trace, A, ns):
     ``DpAttention`` rescales the model to its rows) and the transport its ``DpAttention`` gets on
     one machine: ``--transport auto`` assumes the P2P transport runs (the host backend's
     shared-memory twin, or CUDA P2P where every GPU pair has peer access) with the windows
-    ``DpAttention`` makes (``dpgather.core.p2p_window_rows``) -- and ``nccl`` that it does not
+    ``DpAttention`` makes (the pull's ``dpgather.core.p2p_window_rows``, and the push's
+    ``push_window_rows`` unless ``--transport p2p``) -- and ``nccl`` that it does not
     (``dpgather info`` / ``dp.info()`` say which)."""
     import dpgather as dg
-    from dpgather.core import p2p_window_rows
+    from dpgather.core import p2p_window_rows, push_window_rows
     from dpgather.core.dtypes import DTYPES as ITEMS
 
     from .replay import DTYPES, parse_buckets
@@ -260,7 +261,8 @@ def _replay_planning(trace, A, ns):
     cost = dg.CostModel(mlp_row_us=ns.mlp_row_us).with_row_bytes(hidden * ITEMS[DTYPES[ns.dtype]].itemsize)
     p2p = ns.transport != "nccl" and topo.world_size > 1
     kw = {"spec": trace.spec, "graph_buckets": buckets, "cost": cost, "transport": ns.transport,
-          "p2p_rows": p2p_window_rows(topo, buckets) if p2p else 0}
+          "p2p_rows": p2p_window_rows(topo, buckets) if p2p else 0,
+          "push_rows": push_window_rows(topo) if p2p and ns.transport != "p2p" else 0}
     return topo, buckets, kw
 
 
@@ -297,7 +299,7 @@ def _cmd_plans(ns):
                      ",".join(str(c[1]) for c in counts)]
             for p in plans.values():
                 cells += (["skip", "-", 0, 0] if p.skip else
-                          [p.mode.name + ("*" if p.graph else "") + (" p2p" if p.transport == "p2p" else ""),
+                          [p.mode.name + ("*" if p.graph else "") + ("" if p.transport == "nccl" else " " + p.transport),
                            p.bucket or "-", p.gathered_rows, p.logits_rows])
             rows.append(cells)
     except dg.DpGatherError as e:
@@ -309,12 +311,14 @@ def _cmd_plans(ns):
         head += [f"{pol}", "bucket", "rows", "logit rows"]
     print(f"Plans of {trace.name}: D={trace.dp_size} replicas x attn_tp {A}, graph buckets "
           f"{','.join(map(str, buckets)) or 'none'}, rows of {kw['cost'].row_bytes} B, transport "
-          + (f"auto (P2P windows of {kw['p2p_rows']} rows)" if kw["p2p_rows"] else "nccl (no P2P)")
+          + (f"{ns.transport} (P2P pull windows of {kw['p2p_rows']} rows"
+             + (f", push windows of {kw['push_rows']} rows per replica)" if kw["push_rows"] else ")")
+             if kw["p2p_rows"] else "nccl (no P2P)")
           + (f", EAGLE S={trace.spec.num_steps} topk={trace.spec.topk} N={trace.spec.num_draft_tokens}"
              if trace.spec else "") + "\n")
     print(text_table(rows, head, left=(0, 1)))
-    print("\nmode* = graph replay (MAX_LEN slots of `bucket` rows); p2p = the step moves over the P2P "
-          "transport (exact rows), else over the collectives (NCCL, MPI on the host backend); rows = "
+    print("\nmode* = graph replay (MAX_LEN slots of `bucket` rows); p2p / push = the step moves over the "
+          "P2P pull / push (exact rows), else over the collectives (NCCL, MPI on the host backend); rows = "
           "gathered rows, logit rows = logits gather rows; dext bs/real = draft extend with bs requests "
           "and real accepted rows. These are the plans `dpgather replay` makes for the same trace, "
           "--attn-tp, --graph-buckets, --hidden, --dtype and --mlp-row-us on one machine (--transport "
@@ -534,8 +538,9 @@ def _add_plans(sub):
     pl.add_argument("--dtype", default="bfloat16", choices=list(DTYPES), metavar="DTYPE",
                     help="row dtype, as `replay --dtype` (default: %(default)s)")
     pl.add_argument("--transport", default="auto", choices=("auto", "nccl", "p2p"),
-                    help="auto (default): the P2P transport runs, as replay's DpAttention gets it on one "
-                         "machine (the host twin on CPUs; CUDA P2P with peer access); nccl: it does not")
+                    help="auto (default): both P2P transports run, as replay's DpAttention gets them on "
+                         "one machine (the host twins on CPUs; CUDA P2P with peer access); p2p: the "
+                         "pull only; nccl: neither")
     pl.add_argument("--json", action="store_true", help="one JSON object per step: every policy's plan.as_dict()")
     return pl
 

@@ -50,6 +50,33 @@ from dpgather.kernels import _p2p, _pull, _push  # noqa: E402
 KERNELS = {"push": _push, "pull": _pull}
 
 
+def host_flushes_subnormals():
+    """Whether this thread's float arithmetic flushes subnormals (x86 MXCSR FTZ/DAZ, which a
+    library built with fast-math may set when it loads): the NumPy reference of a sum would then
+    differ from the GPU, which keeps them."""
+    return bool((np.array([1e-45], np.float32) + np.float32(0))[0] == 0)
+
+
+def ieee_host():
+    """Restore IEEE subnormals on this thread (glibc ``fesetenv(FE_DFL_ENV)``) where they are
+    flushed; returns whether they were."""
+    if not host_flushes_subnormals():
+        return False
+    import ctypes
+    import ctypes.util
+
+    ctypes.CDLL(ctypes.util.find_library("m") or "libm.so.6").fesetenv(ctypes.c_void_p(-1))
+    return True
+
+
+def first_difference(got, exp):
+    """``row, column: got 0x.. expected 0x..`` of the first differing element (storage bits)."""
+    ui = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[got.dtype.itemsize]
+    g, e = np.ascontiguousarray(got).view(ui), np.ascontiguousarray(exp).view(ui)
+    r, c = (int(v[0]) for v in np.nonzero(g != e))
+    return f"[{r}, {c}]: got {int(g[r, c]):#x} expected {int(e[r, c]):#x}"
+
+
 class Loopback:
     """``T`` virtual ranks of one transport kind (``"push"``/``"pull"``) on the current GPU."""
 
@@ -147,7 +174,8 @@ def run_case(lb, case, desc_off, expect):
     for r in range(t):
         got = outs[r].get().view(host_dt).reshape(case.out_rows[r], case.inputs[r].shape[1])
         if (m := pc.check(got, expect[r])):
-            bad.append(f"rank {r}: {m}")
+            bad.append(f"rank {r}: {m}" + (f", first {first_difference(got, expect[r])}"
+                                           if got.shape == expect[r].shape else ""))
         if (m := pc.check(inputs[r].get().view(host_dt).reshape(case.inputs[r].shape), case.inputs[r])):
             bad.append(f"rank {r}: input modified: {m}")
     return [f"{lb.kind} {case.name}: {b}" for b in bad]
@@ -223,7 +251,10 @@ def main(argv=None):
 
     from dpgather.tools.timing import CupyEvents, Timer
 
-    summary = {"device": cupy.cuda.runtime.getDeviceProperties(0)["name"].decode(), "matrix": {}, "timing": []}
+    summary = {"device": cupy.cuda.runtime.getDeviceProperties(0)["name"].decode(), "matrix": {}, "timing": [],
+               "host_subnormals_were_flushed": ieee_host()}
+    print(f"host subnormals: {'flushed (FTZ/DAZ) by a loaded library; IEEE restored' if summary['host_subnormals_were_flushed'] else 'IEEE'}"
+          f", now {'flushed' if host_flushes_subnormals() else 'IEEE'}", flush=True)
     fails = []
     skip = set(a.skip.split(","))
     if "matrix" not in skip:
