@@ -377,31 +377,20 @@ class DpAttention(Closing):
     # -- bookkeeping ----------------------------------------------------------------------
     def info(self) -> Dict[str, Any]:
         """What this DpAttention runs on: ``backend``, ``device`` (this rank's GPU ordinal; None on
-        the host), ``world_size``, ``attn_tp_size``, ``dtype``,
-        ``hidden_size``, ``policy``, ``strict``, ``micro_batches``; ``sync`` (``"shm"`` or ``"mpi"``,
-        known after the first ``sync()``); ``transports`` (what the plans may use: ``"push"``,
-        ``"p2p"`` where available, and ``"nccl"``/``"mpi"``); ``transport`` (``"p2p"`` where the
-        pull is available, else ``"nccl"``/``"mpi"``) and ``transport_reason`` (why not the pull);
-        ``push_reason`` (why not the push, None when available); ``p2p_rows`` (rows the pull's
-        windows hold per collective), ``push_rows`` (rows of one replica the push's windows hold)
-        and ``p2p_node_size`` (ranks of one P2P group: all ranks on one node, the ranks per node
-        over several; 0 without a P2P transport); ``push_pdl`` (the push kernels are
-        programmatic dependent launches; None without the CUDA push); ``host_collectives`` (host
-        collectives so far: one per step on the default path); ``cost_model`` (given, calibrated
-        with its cache file, or defaults)."""
-        links = self._links
+        the host), ``world_size``, ``attn_tp_size``, ``dtype``, ``hidden_size``, ``policy``,
+        ``strict``, ``micro_batches``; ``sync`` (``"shm"`` or ``"mpi"``, known after the first
+        ``sync()``); ``host_collectives`` (so far: one per step on the default path); ``p2p_rows``
+        and ``push_rows`` (rows the pull's windows hold per collective, and of one replica the
+        push's); the transports and the cost model as :meth:`dpgather._links.Links.describe`
+        says (``transports``, ``transport``, ``transport_reason``, ``push_reason``,
+        ``p2p_node_size``, ``push_pdl``, ``cost_model``)."""
         return {
             "backend": self.backend, "world_size": self.topology.world_size,
             "attn_tp_size": self.topology.attn_tp_size, "dtype": self.dtype,
             "hidden_size": self.hidden_size, "policy": self.planner.policy, "strict": self.strict,
-            "sync": self._sync.transport,
-            "transports": [*sorted(links.transports(), reverse=True), self._backend.collectives],
-            "transport": "p2p" if links.pull is not None else self._backend.collectives,
-            "transport_reason": links.reason, "push_reason": links.push_reason, "p2p_rows": self.planner.p2p_rows,
-            "push_rows": self.planner.push_rows, "push_pdl": getattr(links.push, "pdl", None),
-            "p2p_node_size": links.node_size if links.transports() else 0,
-            "host_collectives": self._sync.host_collectives, "cost_model": links.cost_source,
-            "micro_batches": self.micro_batches,
+            "sync": self._sync.transport, "host_collectives": self._sync.host_collectives,
+            "p2p_rows": self.planner.p2p_rows, "push_rows": self.planner.push_rows,
+            **self._links.describe(self._backend.collectives), "micro_batches": self.micro_batches,
             "device": None if self._backend.device is None else self._backend.device.id,
         }
 

@@ -57,6 +57,22 @@ class Links(NamedTuple):
         """The P2P transports made, by their public names (``{"p2p": pull, "push": push}``)."""
         return {t.name: t for t in (self.pull, self.push) if t is not None}
 
+    def describe(self, collectives):
+        """The transport keys of ``DpAttention.info()``: ``transports`` (what the plans may use:
+        ``"push"``, ``"p2p"`` where available, then ``collectives``: ``"nccl"``/``"mpi"``);
+        ``transport`` (``"p2p"`` where the pull is available, else ``collectives``);
+        ``transport_reason``, ``push_reason`` (why not the pull, the push; None when available);
+        ``p2p_node_size`` (ranks of one P2P group: all ranks on one node, the ranks per node over
+        several; 0 without a P2P transport); ``push_pdl`` (the push kernels are programmatic
+        dependent launches; None without the CUDA push); ``cost_model`` (given, calibrated with
+        its cache file, or defaults)."""
+        made = self.transports()
+        return {"transports": [*sorted(made, reverse=True), collectives],
+                "transport": "p2p" if self.pull is not None else collectives,
+                "transport_reason": self.reason, "push_reason": self.push_reason,
+                "p2p_node_size": self.node_size if made else 0, "push_pdl": getattr(self.push, "pdl", None),
+                "cost_model": self.cost_source}
+
     def error(self):
         """The first device error code of the P2P transports (0 when healthy): reads of pinned
         memory, no CUDA call."""
