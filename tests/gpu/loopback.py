@@ -224,7 +224,7 @@ def timing(rows_list, nranks, timer):
             for kind in ("push", "pull"):
                 lb = Loopback(kind, nranks, cap)
                 inputs = [_device_rows(a) for a in case.inputs]
-                outs = [cupy.zeros((case.out_rows[r], rb), np.uint8) for r in range(nranks)]
+                outs = [_device_rows(pc.poisoned(case.out_rows[r], H, dtype)) for r in range(nranks)]
                 descs = [cupy.asarray(d) for d in case.descs]
                 off = case.desc_off if kind == "push" else [Descriptor(nranks, 1, nranks).p2p[op]] * nranks
                 launch = lb.launcher(inputs, outs, descs, off, rb, dtype)
