@@ -57,7 +57,22 @@ __device__ __forceinline__ unsigned long long atom_add_acq_rel_gpu(unsigned long
 }
 #endif  // DPG_P2P_EMULATION
 
-// Element arithmetic on raw bits: Bits is the storage of E, Acc the accumulator.
+// fp32 addition that keeps subnormals. CuPy appends -ftz=true to every NVRTC compile, after
+// the caller's options, so a plain `+` on floats becomes add.ftz.f32 and flushes subnormal
+// operands and sums to zero; the reference, the host backend and NCCL keep them (an inline
+// add.rn.f32 is emitted as written).
+__device__ __forceinline__ float add_f32(float a, float b) {
+#ifdef DPG_P2P_EMULATION
+    return a + b;
+#else
+    float r;
+    asm("add.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+    return r;
+#endif
+}
+
+// Element arithmetic on raw bits: Bits is the storage of E, Acc the accumulator, add() the
+// sum's step (IEEE fp32 for the float types, wrapping for the integers).
 template <typename E>
 struct Elem;
 template <>
@@ -66,6 +81,7 @@ struct Elem<float> {
     using Acc = float;
     static __device__ __forceinline__ Acc load(Bits b) { return __uint_as_float(b); }
     static __device__ __forceinline__ Bits store(Acc a) { return __float_as_uint(a); }
+    static __device__ __forceinline__ Acc add(Acc a, Acc b) { return add_f32(a, b); }
 };
 template <>
 struct Elem<__half> {
@@ -73,6 +89,7 @@ struct Elem<__half> {
     using Acc = float;
     static __device__ __forceinline__ Acc load(Bits b) { return __half2float(__ushort_as_half(b)); }
     static __device__ __forceinline__ Bits store(Acc a) { return __half_as_ushort(__float2half_rn(a)); }
+    static __device__ __forceinline__ Acc add(Acc a, Acc b) { return add_f32(a, b); }
 };
 template <>
 struct Elem<__nv_bfloat16> {
@@ -80,6 +97,7 @@ struct Elem<__nv_bfloat16> {
     using Acc = float;
     static __device__ __forceinline__ Acc load(Bits b) { return __bfloat162float(__ushort_as_bfloat16(b)); }
     static __device__ __forceinline__ Bits store(Acc a) { return __bfloat16_as_ushort(__float2bfloat16_rn(a)); }
+    static __device__ __forceinline__ Acc add(Acc a, Acc b) { return add_f32(a, b); }
 };
 template <>
 struct Elem<int> {  // unsigned accumulation: wraps modulo 2^32 (signed overflow is UB)
@@ -87,6 +105,7 @@ struct Elem<int> {  // unsigned accumulation: wraps modulo 2^32 (signed overflow
     using Acc = unsigned int;
     static __device__ __forceinline__ Acc load(Bits b) { return b; }
     static __device__ __forceinline__ Bits store(Acc a) { return a; }
+    static __device__ __forceinline__ Acc add(Acc a, Acc b) { return a + b; }
 };
 template <>
 struct Elem<long long> {
@@ -94,6 +113,7 @@ struct Elem<long long> {
     using Acc = unsigned long long;
     static __device__ __forceinline__ Acc load(Bits b) { return b; }
     static __device__ __forceinline__ Bits store(Acc a) { return a; }
+    static __device__ __forceinline__ Acc add(Acc a, Acc b) { return a + b; }
 };
 template <>
 struct Elem<unsigned char> {
@@ -101,6 +121,7 @@ struct Elem<unsigned char> {
     using Acc = unsigned int;
     static __device__ __forceinline__ Acc load(Bits b) { return b; }
     static __device__ __forceinline__ Bits store(Acc a) { return (unsigned char)(a & 0xFFu); }
+    static __device__ __forceinline__ Acc add(Acc a, Acc b) { return a + b; }
 };
 
 // The high half of a state word holding "committed code | pending code << 32".

@@ -282,7 +282,7 @@ __device__ __forceinline__ void reduce_tile(const Ctx& c, long long src_off, lon
 #pragma unroll
             for (int j = 0; j < N; ++j) {
                 const Acc x = T::load(b[j]);
-                acc[u][j] = started ? acc[u][j] + x : x;
+                acc[u][j] = started ? T::add(acc[u][j], x) : x;
             }
         }
         started = true;

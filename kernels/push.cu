@@ -514,7 +514,7 @@ __device__ __forceinline__ bool sum_lines(const Ctx& c, const Job& j, long long 
             memcpy(b, &got[i], 8);
 #pragma unroll
             for (int e = 0; e < N; ++e)
-                acc[i % B][e] = started ? acc[i % B][e] + T::load(b[e]) : T::load(b[e]);
+                acc[i % B][e] = started ? T::add(acc[i % B][e], T::load(b[e])) : T::load(b[e]);
             if (i % B == B - 1) started = true;
         }
     }
