@@ -224,9 +224,16 @@ cdef double vcoll_us(const Config* c, int coll, int64_t T, int64_t A, const int6
     return c.a0[coll] + c.a1[coll] * (active - 1) + worst
 
 
-cdef double p2p_us(const Config* c, int64_t T, int64_t A, const int64_t* n, int64_t D) noexcept nogil:
-    """Predicted gather + combine time over the P2P transport (docs/cost-model.md, "P2P")."""
-    cdef double a, R = c.row_bytes, S = 0.0, nmin = 0.0, nmax = 0.0, pulled, copies, t, worst = 0.0
+cdef double p2p_us(const Config* c, int64_t T, int64_t A, const int64_t* n, int64_t D, int cls) noexcept nogil:
+    """Predicted gather + combine time over a P2P transport (docs/cost-model.md, "P2P" and
+    "Push"): ``cls`` is ``C_P2P`` (the pull: rows packed into the window, pulled, copied out) or
+    ``C_PUSH`` (one one-way trip, no barrier, no pack, each data byte a line byte of two: ``x``
+    of the push curves counts line bytes; the own rows copied from the input). In one node a
+    rank of replica d receives ``A*S - n_d`` rows and has ``(T-1)*n_d`` taken (the combine: the
+    mirror, the same link time); over several nodes the transport covers about a node's share
+    of the rows and the node blocks go over ``nodes`` ranks at each place."""
+    cdef double a, R = c.row_bytes, S = 0.0, nmin = 0.0, nmax = 0.0, moved, copies, t, worst = 0.0
+    cdef double w = 2.0 if cls == C_PUSH else 1.0
     cdef int64_t d
     if T <= 1:
         return 0.0
@@ -238,57 +245,19 @@ cdef double p2p_us(const Config* c, int64_t T, int64_t A, const int64_t* n, int6
             nmin = n[d]
         if n[d] > nmax:
             nmax = n[d]
-    a = c.a0[C_P2P] + c.a1[C_P2P] * (L - 1)
-    copies = 2.0 * (3.0 * nmax + S) * R / (c.copy_bw * 1e3)
+    a = c.a0[cls] + c.a1[cls] * (L - 1)
+    copies = (3.0 * nmax if cls == C_PUSH else 2.0 * (3.0 * nmax + S)) * R / (c.copy_bw * 1e3)
     if nodes == 1:
-        # a rank of replica d pulls A*S - n_d rows and is pulled (T-1)*n_d rows in the gather;
-        # the combine is the mirror, so it costs the same link time
         for d in range(D):
-            t = link_us(c, C_P2P, (A * S - n[d]) * R, (T - 1) * (<double>n[d]) * R)
+            t = link_us(c, cls, w * (A * S - n[d]) * R, w * (T - 1) * (<double>n[d]) * R)
             if t > worst:
                 worst = t
         return a + worst + a + worst + copies
-    # several nodes: pulls inside the node (about a node's share of the rows), and the node blocks
-    # all-gathered / reduce-scattered over the `nodes` ranks at each place (docs/cost-model.md)
-    pulled = A * S / nodes - nmin
-    if pulled < 0:
-        pulled = 0
-    return (a + curve_us(c, C_P2P, 0, pulled * R) + coll_us(c, C_GV, nodes, S * R, nodes)
-            + coll_us(c, C_RSV, nodes, S * R, nodes) + a + curve_us(c, C_P2P, 0, (L - 1) * nmax * R)
-            + copies)
-
-
-cdef double push_us(const Config* c, int64_t T, int64_t A, const int64_t* n, int64_t D) noexcept nogil:
-    """Predicted gather + combine time over the push transport (docs/cost-model.md, "Push"): one
-    one-way trip per collective, no barrier, no pack; a rank of replica d receives ``A*S - n_d``
-    rows and sends ``(T-1)*n_d`` (the combine: the mirror), each data byte a line byte of two
-    (``x`` of the push curves counts line bytes); the own rows are copied from the input."""
-    cdef double a, R = c.row_bytes, S = 0.0, nmin = 0.0, nmax = 0.0, sent, copies, t, worst = 0.0
-    cdef int64_t d
-    if T <= 1:
-        return 0.0
-    cdef int64_t L = c.p2p_node if 0 < c.p2p_node < T else T
-    cdef int64_t nodes = T // L
-    for d in range(D):
-        S += n[d]
-        if d == 0 or n[d] < nmin:
-            nmin = n[d]
-        if n[d] > nmax:
-            nmax = n[d]
-    a = c.a0[C_PUSH] + c.a1[C_PUSH] * (L - 1)
-    copies = 3.0 * nmax * R / (c.copy_bw * 1e3)
-    if nodes == 1:
-        for d in range(D):
-            t = link_us(c, C_PUSH, 2.0 * (A * S - n[d]) * R, 2.0 * (T - 1) * (<double>n[d]) * R)
-            if t > worst:
-                worst = t
-        return a + worst + a + worst + copies
-    # several nodes: pushes inside the node, the node blocks over NCCL (as the pull's)
-    sent = A * S / nodes - nmin
-    if sent < 0:
-        sent = 0
-    return (a + curve_us(c, C_PUSH, 0, 2.0 * sent * R) + coll_us(c, C_GV, nodes, S * R, nodes)
-            + coll_us(c, C_RSV, nodes, S * R, nodes) + a + curve_us(c, C_PUSH, 0, 2.0 * (L - 1) * nmax * R)
+    moved = A * S / nodes - nmin
+    if moved < 0:
+        moved = 0
+    return (a + curve_us(c, cls, 0, w * moved * R) + coll_us(c, C_GV, nodes, S * R, nodes)
+            + coll_us(c, C_RSV, nodes, S * R, nodes) + a + curve_us(c, cls, 0, w * (L - 1) * nmax * R)
             + copies)
 
 
@@ -798,7 +767,7 @@ cdef class Planner:
             if push_ok and bucket <= c.push_rows and lbucket <= c.push_rows:
                 tr = USE_PUSH
             if p2p_ok and D * bucket <= c.p2p_rows and D * lbucket <= c.p2p_rows and (
-                    tr == USE_NCCL or (c.transport == TR_AUTO and p2p_us(c, T, A, sr, D) < push_us(c, T, A, sr, D))):
+                    tr == USE_NCCL or (c.transport == TR_AUTO and p2p_us(c, T, A, sr, D, C_P2P) < p2p_us(c, T, A, sr, D, C_PUSH))):
                 tr = USE_PULL
         else:
             if c.policy == POL_SGLANG:
@@ -835,12 +804,12 @@ cdef class Planner:
             c_best = c_max if pad == PAD_MAX else (c_sum if pad == PAD_SUM else c_var)
             p_rows = D * M if p_pad == PAD_MAX else S
             if p2p_ok and p_rows <= c.p2p_rows and L <= c.p2p_rows:
-                c_p2p = p2p_us(c, T, A, nt, D)
+                c_p2p = p2p_us(c, T, A, nt, D, C_P2P)
                 if c.transport != TR_AUTO or c_p2p < c_best:
                     tr = USE_PULL
                     c_best = c_p2p
             if push_ok and maxn <= c.push_rows and maxl <= c.push_rows:
-                c_push = push_us(c, T, A, nt, D)
+                c_push = p2p_us(c, T, A, nt, D, C_PUSH)
                 if c.transport == TR_PUSH or c_push < c_best:
                     tr = USE_PUSH
             if tr != USE_NCCL:
@@ -872,8 +841,8 @@ cdef class Planner:
         plan.policy = self.policy
         plan.predicted_us = (c_max, c_sum, c_var)
         plan.transport = _TRANSPORT_NAME[tr]
-        plan.predicted_p2p_us = p2p_us(c, T, A, nt, D) if p2p_ok else 0.0
-        plan.predicted_push_us = push_us(c, T, A, nt, D) if push_ok else 0.0
+        plan.predicted_p2p_us = p2p_us(c, T, A, nt, D, C_P2P) if p2p_ok else 0.0
+        plan.predicted_push_us = p2p_us(c, T, A, nt, D, C_PUSH) if push_ok else 0.0
         h = 0xcbf29ce484222325ULL
         h = fnv1a(h, pad)
         h = fnv1a(h, lpad)
