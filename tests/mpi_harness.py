@@ -246,32 +246,6 @@ def report(rank=None, **fields):
     os.replace(path + ".tmp", path)
 
 
-class Tally:
-    """A checking script's results: how many checks passed, the names of those that failed, and
-    the tolerance comparison of its float outputs against a NumPy reference."""
-
-    def __init__(self, tol):
-        self.tol = tol
-        self.passed = 0
-        self.failures = []
-
-    def check(self, name, ok):
-        if ok:
-            self.passed += 1
-        else:
-            self.failures.append(name)
-
-    def close(self, a, b):
-        """``a`` equals ``b`` in shape and within ``tol`` (relative, and absolute against ``b``'s
-        largest magnitude), compared in float64."""
-        import numpy as np
-
-        a = np.asarray(a, dtype=np.float64)
-        b = np.asarray(b, dtype=np.float64)
-        return a.shape == b.shape and np.allclose(a, b, atol=self.tol * max(1.0, np.abs(b).max(initial=0)),
-                                                  rtol=self.tol)
-
-
 def coll_assert(comm, ok, msg=""):
     """Collective assertion: raise ``AssertionError`` on *every* rank if ``ok`` is false on any.
 
