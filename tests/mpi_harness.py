@@ -246,6 +246,15 @@ def report(rank=None, **fields):
     os.replace(path + ".tmp", path)
 
 
+def ranks_exited_zero(res, nprocs):
+    """A job run through ``tests/mpi/run_cli.py``: every one of ``nprocs`` ranks reported, and
+    reported exit code 0 (the launcher's own code is not enough: Open MPI 4 may return 0 when
+    ranks fail). Returns ``(ok, message)``."""
+    rcs = {r: res.results[r].get("rc") for r in sorted(res.results)}
+    return sorted(rcs) == list(range(nprocs)) and set(rcs.values()) == {0}, \
+        f"per-rank exit codes {rcs} (want 0 from each of {nprocs} ranks)\n{res.tail()}"
+
+
 def coll_assert(comm, ok, msg=""):
     """Collective assertion: raise ``AssertionError`` on *every* rank if ``ok`` is false on any.
 

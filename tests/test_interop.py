@@ -16,7 +16,7 @@ import dlpack_producer as dl
 from clean_python import run_clean
 from frameworks import require
 from dpgather import InputError
-from mpi_harness import MPI_SCRIPTS, needs_mpiexec, run_mpi
+from mpi_harness import MPI_SCRIPTS, needs_mpiexec, ranks_exited_zero, run_mpi
 from dpgather._backends import HostBackend, canonical_device, make_backend
 from dpgather._devices import placement_error
 from dpgather.core import BackendUnavailable, ConfigError
@@ -361,8 +361,10 @@ _EXAMPLE_RUNS = {}
 def _example(*argv):
     _jax()
     if argv not in _EXAMPLE_RUNS:
-        _EXAMPLE_RUNS[argv] = run_mpi([str(_EXAMPLE), *argv], 2, timeout=300)
-    return _EXAMPLE_RUNS[argv]
+        _EXAMPLE_RUNS[argv] = run_mpi(["run_cli.py", str(_EXAMPLE), *argv], 2, timeout=300)
+    res = _EXAMPLE_RUNS[argv]
+    assert ranks_exited_zero(res, 2)[0], ranks_exited_zero(res, 2)[1]
+    return res
 
 
 @pytest.mark.mpi
