@@ -122,9 +122,7 @@ def run_clean(code, *argv, tmp, hide=WATCHED, audit=True, pythonpath=(), env=Non
     """Run ``code`` with ``argv`` in a fresh interpreter (see the module doc); ``tmp`` is an empty
     folder for its cwd, home and temporary folders; the packages in ``hide`` read as not
     installed (``attempts`` lists only those); ``audit=False`` leaves the audit hook out (then
-    ``writes``, ``spawned``, ``dlopen`` and ``sockets`` stay empty: CPython 3.11 crashes at exit
-    when any audit hook is installed and a ctypes-made DLPack capsule dies in finalization, as
-    tests/dlpack_producer.py's do); ``pythonpath`` folders go on ``PYTHONPATH``,
+    ``writes``, ``spawned``, ``dlopen`` and ``sockets`` stay empty); ``pythonpath`` folders go on ``PYTHONPATH``,
     ``env`` adds variables. ``code`` must not call ``sys.exit`` before its end if the report is
     wanted. Returns ``(CompletedProcess, report or None)``."""
     tmp = os.fspath(tmp)

@@ -229,8 +229,7 @@ def test_no_framework_is_imported_by_dpgather_and_the_jax_path_never_imports_tor
     env = {k: v for k, v in os.environ.items() if k in ("JAX_PLATFORMS", "XLA_PYTHON_CLIENT_PREALLOCATE")}
 
     def frameworks(case):
-        res, seen = run_clean(_NO_FRAMEWORK, case, tmp=tmp_path / case, hide=(), audit=False, pythonpath=[ROOT / "tests"],
-                              env=env)
+        res, seen = run_clean(_NO_FRAMEWORK, case, tmp=tmp_path / case, hide=(), pythonpath=[ROOT / "tests"], env=env)
         assert res.returncode == 0 and seen is not None, res.stdout + res.stderr
         return sorted({m.split(".")[0] for m in seen["modules"]} & {"torch", "jax"})
 
