@@ -15,6 +15,8 @@ non-default stream and a CUDA graph capture are checked there too). The MPI scen
 ``tests/mpi/comm_scenarios.py`` run the suite under ``mpiexec`` and report the failures.
 """
 
+import os
+import sys
 import time
 import zlib
 
@@ -22,6 +24,11 @@ import ml_dtypes
 import numpy as np
 
 from dpgather.core.errors import CollectiveTimeout, InputError
+
+_MPI_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mpi")
+if _MPI_DIR not in sys.path:
+    sys.path.insert(0, _MPI_DIR)
+from scenario_kit import Checker  # noqa: E402  (the collector of every test script)
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 #: logical name -> host dtype of the reference data
@@ -103,29 +110,6 @@ def same(a, b):
                                                  np.ascontiguousarray(b).view(np.uint8))
 
 
-class Checker:
-    def __init__(self, label):
-        self.label = label
-        self.fails = []
-        self.checks = 0
-
-    def check(self, ok, what):
-        self.checks += 1
-        if not ok:
-            self.fails.append(f"{self.label}: {what}")
-
-    def raises(self, exc, fn, what):
-        self.checks += 1
-        try:
-            fn()
-        except exc:
-            return
-        except Exception as e:  # noqa: BLE001 - reported
-            self.fails.append(f"{self.label}: {what}: raised {type(e).__name__}: {e}")
-            return
-        self.fails.append(f"{self.label}: {what}: did not raise {exc.__name__}")
-
-
 def collectives(bd, c, ck, color=0, stream=None):
     """Every data collective of the protocol on ``c``, every dtype and shape."""
     n, me = c.size, c.rank
@@ -139,8 +123,8 @@ def collectives(bd, c, ck, color=0, stream=None):
             recv = bd.poison((n * m, w), dt)
             c.all_gather(send, recv, **lk, **kw_s)
             c.wait(stream)
-            ck.check(same(bd.host(recv, dt), np.concatenate(ins)), f"all_gather {key}")
-            ck.check(same(bd.host(send, dt), ins[me]), f"all_gather send modified {key}")
+            ck.ok(same(bd.host(recv, dt), np.concatenate(ins)), f"all_gather {key}")
+            ck.ok(same(bd.host(send, dt), ins[me]), f"all_gather send modified {key}")
 
             ins = [data(("ar",) + key, r, m, w, dt) for r in range(n)]
             ref = total(ins, dt)
@@ -148,12 +132,12 @@ def collectives(bd, c, ck, color=0, stream=None):
             recv = bd.poison((m, w), dt)
             c.all_reduce(send, recv, **lk, **kw_s)
             c.wait(stream)
-            ck.check(same(bd.host(recv, dt), ref), f"all_reduce {key}")
-            ck.check(same(bd.host(send, dt), ins[me]), f"all_reduce send modified {key}")
+            ck.ok(same(bd.host(recv, dt), ref), f"all_reduce {key}")
+            ck.ok(same(bd.host(send, dt), ins[me]), f"all_reduce send modified {key}")
             x = bd.dev(ins[me])
             c.all_reduce(x, x, **lk, **kw_s)
             c.wait(stream)
-            ck.check(same(bd.host(x, dt), ref), f"all_reduce in place {key}")
+            ck.ok(same(bd.host(x, dt), ref), f"all_reduce in place {key}")
 
             ins = [data(("rs",) + key, r, n * m, w, dt) for r in range(n)]
             ref = total([a[me * m:(me + 1) * m] for a in ins], dt)
@@ -161,8 +145,8 @@ def collectives(bd, c, ck, color=0, stream=None):
             recv = bd.poison((m, w), dt)
             c.reduce_scatter(send, recv, **lk, **kw_s)
             c.wait(stream)
-            ck.check(same(bd.host(recv, dt), ref), f"reduce_scatter {key}")
-            ck.check(same(bd.host(send, dt), ins[me]), f"reduce_scatter send modified {key}")
+            ck.ok(same(bd.host(recv, dt), ref), f"reduce_scatter {key}")
+            ck.ok(same(bd.host(send, dt), ins[me]), f"reduce_scatter send modified {key}")
 
         # v-variants: uneven counts with zeros, all zero, one rank holding everything, increasing
         for case, counts in enumerate((
@@ -183,8 +167,8 @@ def collectives(bd, c, ck, color=0, stream=None):
                 c.wait(stream)
                 got = bd.host(recv, dt)
                 ref = np.concatenate([ins[r][:counts[r]] for r in range(n)])
-                ck.check(same(got[:off[-1]], ref), f"all_gatherv {key} counts={counts.tolist()}")
-                ck.check(same(got[off[-1]:], tail), f"all_gatherv wrote past sum(counts) {key}")
+                ck.ok(same(got[:off[-1]], ref), f"all_gatherv {key} counts={counts.tolist()}")
+                ck.ok(same(got[off[-1]:], tail), f"all_gatherv wrote past sum(counts) {key}")
 
                 ins = [data(("rsv",) + key, r, int(off[-1]), w, dt) for r in range(n)]
                 send = bd.dev(ins[me])
@@ -194,9 +178,9 @@ def collectives(bd, c, ck, color=0, stream=None):
                 c.wait(stream)
                 got = bd.host(recv, dt)
                 ref = total([a[off[me]:off[me + 1]] for a in ins], dt)
-                ck.check(same(got[:counts[me]], ref), f"reduce_scatterv {key} counts={counts.tolist()}")
-                ck.check(same(got[counts[me]:], extra), f"reduce_scatterv wrote past counts {key}")
-                ck.check(same(bd.host(send, dt), ins[me]), f"reduce_scatterv send modified {key}")
+                ck.ok(same(got[:counts[me]], ref), f"reduce_scatterv {key} counts={counts.tolist()}")
+                ck.ok(same(got[counts[me]:], extra), f"reduce_scatterv wrote past counts {key}")
+                ck.ok(same(bd.host(send, dt), ins[me]), f"reduce_scatterv send modified {key}")
 
     # 2-byte floats as uint16 storage with the logical dtype given explicitly (both backends)
     for dname in ("bfloat16", "float16"):
@@ -205,11 +189,11 @@ def collectives(bd, c, ck, color=0, stream=None):
         recv = bd.poison((3, 5), np.uint16)
         c.all_reduce(bd.dev(ins[me].view(np.uint16)), recv, dtype=dname, **kw_s)
         c.wait(stream)
-        ck.check(same(bd.host(recv).view(dt), total(ins, dt)), f"all_reduce {dname} as uint16 storage")
+        ck.ok(same(bd.host(recv).view(dt), total(ins, dt)), f"all_reduce {dname} as uint16 storage")
         recv = bd.poison((n * 3, 5), np.uint16)
         c.all_gather(bd.dev(ins[me].view(np.uint16)), recv, dtype=dname, **kw_s)
         c.wait(stream)
-        ck.check(same(bd.host(recv).view(dt), np.concatenate(ins)), f"all_gather {dname} as uint16 storage")
+        ck.ok(same(bd.host(recv).view(dt), np.concatenate(ins)), f"all_gather {dname} as uint16 storage")
 
     # rounding: with two ranks the pairwise sum is order-independent, so it is checkable exactly
     if n == 2:
@@ -221,11 +205,11 @@ def collectives(bd, c, ck, color=0, stream=None):
             recv = bd.poison((4, 33), dt)
             c.all_reduce(bd.dev(ins[me]), recv, **lk, **kw_s)
             c.wait(stream)
-            ck.check(same(bd.host(recv, dt), ref), f"all_reduce rounding {dname}")
+            ck.ok(same(bd.host(recv, dt), ref), f"all_reduce rounding {dname}")
             recv = bd.poison((2, 33), dt)
             c.reduce_scatter(bd.dev(ins[me]), recv, **lk, **kw_s)
             c.wait(stream)
-            ck.check(same(bd.host(recv, dt), ref[me * 2:me * 2 + 2]), f"reduce_scatter rounding {dname}")
+            ck.ok(same(bd.host(recv, dt), ref[me * 2:me * 2 + 2]), f"reduce_scatter rounding {dname}")
 
 
 def bad_arguments(bd, c, ck):
@@ -273,16 +257,14 @@ def run_suite(bd, world, label, make_comm):
         s = bd.xp.cuda.Stream(non_blocking=True)
         sub = Checker(f"{label} (non-default stream)")
         collectives_one_dtype(bd, world, sub, s)
-        ck.fails += sub.fails
-        ck.checks += sub.checks
+        ck.merge(sub)
     for a in divisors(size):
         sub = world.split(rank // a, rank)
-        ck.check(sub.size == a and sub.rank == rank % a and sub.timeout_s == world.timeout_s,
+        ck.ok(sub.size == a and sub.rank == rank % a and sub.timeout_s == world.timeout_s,
                  f"split A={a}: got rank {sub.rank} size {sub.size}")
         inner = Checker(f"{label} split A={a}")
         collectives(bd, sub, inner, color=rank // a)
-        ck.fails += inner.fails
-        ck.checks += inner.checks
+        ck.merge(inner)
         sub.close()
         sub.close()  # idempotent
         ck.raises(CollectiveTimeout, sub.barrier, f"split A={a}: call after close")
@@ -291,12 +273,12 @@ def run_suite(bd, world, label, make_comm):
     rev.all_gather(bd.dev(np.array([[rank]], np.int64)), recv)
     rev.wait()
     order = bd.host(recv)[:, 0].tolist()
-    ck.check(rev.rank == size - 1 - rank and order == list(range(size))[::-1],
+    ck.ok(rev.rank == size - 1 - rank and order == list(range(size))[::-1],
              f"reversed split: rank {rev.rank}, order {order}")
     rev.close()
     part = world.split(None if rank % 2 else 0, rank)
     ok = part is None if rank % 2 else (part is not None and part.size == (size + 1) // 2)
-    ck.check(ok, f"split with color None: got {part!r}")
+    ck.ok(ok, f"split with color None: got {part!r}")
     if part is not None:
         part.barrier()
         part.close()
@@ -307,7 +289,7 @@ def run_suite(bd, world, label, make_comm):
     ck.raises(CollectiveTimeout, lambda: mine.all_gather(bd.dev(np.zeros((1, 1), np.float32)),
                                                          bd.dev(np.zeros((size, 1), np.float32))),
               "all_gather after abort")
-    ck.check(time.monotonic() - t0 < 0.5, "calls after abort were not immediate")
+    ck.ok(time.monotonic() - t0 < 0.5, "calls after abort were not immediate")
     mine.close()
     world.barrier()
     return ck.fails, ck.checks
@@ -321,11 +303,11 @@ def collectives_one_dtype(bd, c, ck, stream):
     recv = bd.poison((3, 9), dt)
     c.all_reduce(bd.dev(ins[me]), recv, dtype="bfloat16", stream=stream)
     c.wait(stream)
-    ck.check(same(bd.host(recv, dt), total(ins, dt)), "all_reduce bfloat16 on a non-default stream")
+    ck.ok(same(bd.host(recv, dt), total(ins, dt)), "all_reduce bfloat16 on a non-default stream")
     counts = [r % 3 for r in range(n)]
     off = np.concatenate([[0], np.cumsum(counts)])
     ins = [data(("stream-agv",), r, counts[r], 4, dt) for r in range(n)]
     recv = bd.poison((int(off[-1]), 4), dt)
     c.all_gatherv(bd.dev(ins[me]), recv, counts, dtype="bfloat16", stream=stream)
     c.wait(stream)
-    ck.check(same(bd.host(recv, dt), np.concatenate(ins)), "all_gatherv on a non-default stream")
+    ck.ok(same(bd.host(recv, dt), np.concatenate(ins)), "all_gatherv on a non-default stream")

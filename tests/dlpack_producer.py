@@ -53,17 +53,25 @@ _new = ctypes.PYFUNCTYPE(ctypes.py_object, c_void_p, c_char_p, c_void_p)(("PyCap
 
 
 @_DELETER
-def _delete(addr):
-    entry = _LIVE.pop(addr, None)
+def _delete(addr, _live=_LIVE):
+    entry = _live.pop(addr, None)
     if entry is not None:
         entry[3].deleted += 1
 
 
 @_DESTRUCTOR
-def _destroy(capsule):
-    name = _get_name(capsule)
-    if name in _NAMES.values():  # not consumed: the producer frees it
-        _delete(_get_pointer(capsule, name))
+def _destroy(capsule, _names=tuple(_NAMES.values()), _name=_get_name, _pointer=_get_pointer, _free=_delete):
+    name = _name(capsule)
+    if name in _names:  # not consumed: the producer frees it
+        _free(_pointer(capsule, name))
+
+
+# Warning: a consumer's array (or an unconsumed capsule) may die during the interpreter's
+# finalization, after this module was torn down; the two callbacks then still run. They are
+# kept alive for good and read nothing global (freed trampolines crashed the interpreter at exit
+# wherever an audit hook was installed: rc 139 on CPython 3.11).
+for _callback in (_delete, _destroy):
+    ctypes.pythonapi.Py_IncRef(ctypes.py_object(_callback))
 
 
 class Producer:

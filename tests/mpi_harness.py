@@ -246,30 +246,13 @@ def report(rank=None, **fields):
     os.replace(path + ".tmp", path)
 
 
-class Tally:
-    """A checking script's results: how many checks passed, the names of those that failed, and
-    the tolerance comparison of its float outputs against a NumPy reference."""
-
-    def __init__(self, tol):
-        self.tol = tol
-        self.passed = 0
-        self.failures = []
-
-    def check(self, name, ok):
-        if ok:
-            self.passed += 1
-        else:
-            self.failures.append(name)
-
-    def close(self, a, b):
-        """``a`` equals ``b`` in shape and within ``tol`` (relative, and absolute against ``b``'s
-        largest magnitude), compared in float64."""
-        import numpy as np
-
-        a = np.asarray(a, dtype=np.float64)
-        b = np.asarray(b, dtype=np.float64)
-        return a.shape == b.shape and np.allclose(a, b, atol=self.tol * max(1.0, np.abs(b).max(initial=0)),
-                                                  rtol=self.tol)
+def ranks_exited_zero(res, nprocs):
+    """A job run through ``tests/mpi/run_cli.py``: every one of ``nprocs`` ranks reported, and
+    reported exit code 0 (the launcher's own code is not enough: Open MPI 4 may return 0 when
+    ranks fail). Returns ``(ok, message)``."""
+    rcs = {r: res.results[r].get("rc") for r in sorted(res.results)}
+    return sorted(rcs) == list(range(nprocs)) and set(rcs.values()) == {0}, \
+        f"per-rank exit codes {rcs} (want 0 from each of {nprocs} ranks)\n{res.tail()}"
 
 
 def coll_assert(comm, ok, msg=""):

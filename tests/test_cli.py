@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from mpi_harness import HERE, needs_mpiexec, run_mpi
+from mpi_harness import HERE, needs_mpiexec, ranks_exited_zero, run_mpi
 
 from dpgather.tools import cli, report
 from dpgather.tools.cli import main
@@ -688,14 +688,16 @@ def test_plans_predicts_what_replay_does(nprocs, A, gen, seen, tmp_path):
     p = tmp_path / "t.jsonl"
     save_trace(synthetic(gen, dp_size=nprocs // A, seed=5, steps=30), p)
     common = ["--trace", str(p), "--attn-tp", str(A), "--policy", "all", "--hidden", "256"]
-    res = _replay(nprocs, *common, "--out", str(tmp_path / "o"))
+    res = _replay(nprocs, *common, "--verify", "--out", str(tmp_path / "o"))
     assert res.returncode == 0, res.tail()
     got = _py("-m", "dpgather", "plans", *common, "--json", timeout=120)
     assert got.returncode == 0 and got.stderr == "", got.stderr
     predicted = [json.loads(line) for line in got.stdout.splitlines()]
     rep = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert rep["ok"] is True and rep["verified"] is True and rep["config"]["world_size"] == nprocs
     transports = set()
     for pol in POLICIES:
+        assert rep["policies"][pol]["summary"]["bad_rows"] == 0, pol
         steps = rep["policies"][pol]["steps"]
         assert len(steps) == len(predicted) == 30
         for st, pr in zip(steps, predicted):
@@ -715,8 +717,10 @@ def test_replay_attn_tp_partial_eagle(tmp_path):
     rep = json.loads((out / "report.json").read_text())
     cfg = rep["config"]
     assert (cfg["world_size"], cfg["dp_size"], cfg["attn_tp"], cfg["dtype"]) == (4, 2, 2, "float16")
-    assert rep["ok"] is True and all(rep["policies"][p]["summary"]["bad_rows"] == 0
-                                     for p in ("auto", "sglang", "varlen"))
+    assert rep["ok"] is True and rep["verified"] is True
+    for p in ("auto", "sglang", "varlen"):
+        s = rep["policies"][p]["summary"]
+        assert s["bad_rows"] == 0 and s["verified"] is True and len(rep["policies"][p]["steps"]) == 25, (p, s)
 
 
 @pytest.mark.mpi
@@ -727,7 +731,9 @@ def test_replay_trace_file_three_ranks(tmp_path):
     res = _replay(3, "--trace", str(p), "--verify", "--policy", "varlen", "--out", str(tmp_path / "o"))
     assert res.returncode == 0, res.tail()
     rep = json.loads((tmp_path / "o" / "report.json").read_text())
-    assert rep["config"]["trace"] == str(p) and rep["trace"]["dp_size"] == 3 and rep["ok"]
+    assert rep["config"]["trace"] == str(p) and rep["trace"]["dp_size"] == 3 and rep["ok"] is True
+    s = rep["policies"]["varlen"]["summary"]
+    assert s["bad_rows"] == 0 and s["verified"] is True and len(rep["policies"]["varlen"]["steps"]) == 20, s
     # the same trace on the wrong number of ranks: one clear error (from rank 0), no hang
     res = _replay(2, "--trace", str(p), timeout=60)
     assert res.returncode == 2 and not res.timed_out, res.tail()
@@ -772,7 +778,10 @@ def test_run_wrapper(tmp_path):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "-n 2" in res.stdout and "replay --synthetic mixed --verify --out" in res.stdout
     rep = json.loads((out / "report.json").read_text())
-    assert rep["ok"] is True and rep["config"]["world_size"] == 2
+    assert rep["ok"] is True and rep["verified"] is True and rep["config"]["world_size"] == 2
+    assert rep["config"]["policies"] == ["auto"], rep["config"]
+    s = rep["policies"]["auto"]["summary"]
+    assert s["bad_rows"] == 0 and s["verified"] is True and len(rep["policies"]["auto"]["steps"]) == 20, s
     assert (out / "memory.png").is_file()
 
 
@@ -780,11 +789,12 @@ def test_run_wrapper(tmp_path):
 @needs_mpiexec
 def test_example_tp_mlp_layer():
     example = str(REPO / "examples" / "tp_mlp_layer.py")
-    res = run_mpi([example, "--backend", "host"], 2, timeout=90)
-    assert res.returncode == 0, res.tail()
+    res = run_mpi(["run_cli.py", example, "--backend", "host"], 2, timeout=90)
+    assert res.returncode == 0 and ranks_exited_zero(res, 2)[0], ranks_exited_zero(res, 2)[1]
     assert "matches the single-process layer" in res.stdout
-    res = run_mpi([example, "--attn-tp", "2", "--steps", "3", "--backend", "host"], 2, timeout=90)
-    assert res.returncode == 0, res.tail()
+    res = run_mpi(["run_cli.py", example, "--attn-tp", "2", "--steps", "3", "--backend", "host"], 2, timeout=90)
+    assert res.returncode == 0 and ranks_exited_zero(res, 2)[0], ranks_exited_zero(res, 2)[1]
+    assert "matches the single-process layer" in res.stdout
 
 
 def _gpus():
@@ -804,8 +814,9 @@ def test_replay_cuda(tmp_path):
     assert res.returncode == 0, res.tail()
     rep = json.loads((tmp_path / "g" / "report.json").read_text())
     assert rep["ok"] and rep["config"]["backend"] == "cuda"
-    res = run_mpi([str(REPO / "examples" / "tp_mlp_layer.py"), "--backend", "cuda"], n, timeout=200)
+    res = run_mpi(["run_cli.py", str(REPO / "examples" / "tp_mlp_layer.py"), "--backend", "cuda"], n, timeout=200)
     assert res.returncode == 0 and "cuda backend" in res.stdout, res.tail()
+    assert ranks_exited_zero(res, n)[0], ranks_exited_zero(res, n)[1]
 
 
 # -- time limits and the launcher's arguments (issue 26 items 7 and 12) -------------------------------

@@ -7,17 +7,16 @@ are installed (JAX is in the test extra; PyTorch is not). The CUDA twin is tests
 
 import gc
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import dlpack_producer as dl
+from clean_python import run_clean
 from frameworks import require
 from dpgather import InputError
-from mpi_harness import MPI_SCRIPTS, needs_mpiexec, run_mpi
+from mpi_harness import MPI_SCRIPTS, needs_mpiexec, ranks_exited_zero, run_mpi
 from dpgather._backends import HostBackend, canonical_device, make_backend
 from dpgather._devices import placement_error
 from dpgather.core import BackendUnavailable, ConfigError
@@ -221,20 +220,22 @@ if sys.argv[1] == "jax":
     arr, o = be.wrap(jnp.ones((2, 2), jnp.bfloat16), "x")
     y = be.export(be.alloc(64)[:8].view(arr.dtype).reshape(2, 2), o)
     assert str(y.dtype) == "bfloat16", y.dtype
-print(sorted(m for m in ("torch", "jax") if m in sys.modules))
 """
 
 
-def test_no_framework_is_imported_by_dpgather_and_the_jax_path_never_imports_torch():
-    env = {"PYTHONPATH": str(ROOT / "tests"), "PATH": "",  # and JAX's placement (tests/parallel.py)
-           **{k: v for k, v in os.environ.items() if k in ("JAX_PLATFORMS", "XLA_PYTHON_CLIENT_PREALLOCATE")}}
-    res = subprocess.run([sys.executable, "-c", _NO_FRAMEWORK, "none"], capture_output=True, text=True, timeout=120,
-                         env=env, cwd=ROOT)
-    assert res.returncode == 0 and res.stdout.strip() == "[]", res.stdout + res.stderr
+def test_no_framework_is_imported_by_dpgather_and_the_jax_path_never_imports_torch(tmp_path):
+    # a fresh interpreter with a minimal environment (tests/clean_python.py, as tests/test_imports.py),
+    # and JAX's placement (tests/parallel.py)
+    env = {k: v for k, v in os.environ.items() if k in ("JAX_PLATFORMS", "XLA_PYTHON_CLIENT_PREALLOCATE")}
+
+    def frameworks(case):
+        res, seen = run_clean(_NO_FRAMEWORK, case, tmp=tmp_path / case, hide=(), pythonpath=[ROOT / "tests"], env=env)
+        assert res.returncode == 0 and seen is not None, res.stdout + res.stderr
+        return sorted({m.split(".")[0] for m in seen["modules"]} & {"torch", "jax"})
+
+    assert frameworks("none") == []
     _jax()
-    res = subprocess.run([sys.executable, "-c", _NO_FRAMEWORK, "jax"], capture_output=True, text=True, timeout=120,
-                         env=env, cwd=ROOT)
-    assert res.returncode == 0 and res.stdout.strip() == "['jax']", res.stdout + res.stderr
+    assert frameworks("jax") == ["jax"]
 
 
 # -- devices ----------------------------------------------------------------------------------------
@@ -359,8 +360,10 @@ _EXAMPLE_RUNS = {}
 def _example(*argv):
     _jax()
     if argv not in _EXAMPLE_RUNS:
-        _EXAMPLE_RUNS[argv] = run_mpi([str(_EXAMPLE), *argv], 2, timeout=300)
-    return _EXAMPLE_RUNS[argv]
+        _EXAMPLE_RUNS[argv] = run_mpi(["run_cli.py", str(_EXAMPLE), *argv], 2, timeout=300)
+    res = _EXAMPLE_RUNS[argv]
+    assert ranks_exited_zero(res, 2)[0], ranks_exited_zero(res, 2)[1]
+    return res
 
 
 @pytest.mark.mpi

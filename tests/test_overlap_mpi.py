@@ -20,7 +20,7 @@ Every rank reports its result (``mpi_harness.report``); a hang fails the test (h
 
 import pytest
 
-from mpi_harness import MPI_SCRIPTS, check_mpi, needs_mpiexec, run_mpi
+from mpi_harness import MPI_SCRIPTS, check_mpi, needs_mpiexec, ranks_exited_zero, run_mpi
 
 EXAMPLE = MPI_SCRIPTS.parent.parent / "examples" / "two_batch_overlap.py"
 
@@ -67,7 +67,7 @@ def test_overlap_badinput(nprocs):
 
 @pytest.mark.parametrize("nprocs,argv", [(2, ()), (4, ("--attn-tp", "2", "--steps", "4"))])
 def test_example_two_batch_overlap(nprocs, argv):
-    res = run_mpi([EXAMPLE, *argv], nprocs, timeout=120)
-    assert res.returncode == 0, res.tail()
+    res = run_mpi(["run_cli.py", EXAMPLE, *argv], nprocs, timeout=120)
+    assert res.returncode == 0 and ranks_exited_zero(res, nprocs)[0], ranks_exited_zero(res, nprocs)[1]
     assert "overlapped == serialized bit for bit: yes" in res.stdout, res.tail()
     assert "matches the single-process layer: yes" in res.stdout, res.tail()

@@ -19,13 +19,18 @@ failures with ``mpi_harness.report``.
 """
 
 import argparse
+import os
+import sys
 
 import numpy as np
 from mpi4py import MPI
 
 import dpgather as dg
 from bit_patterns import BitStep, bits_differ
-from mpi_harness import Tally, report, transports_as_expected
+from mpi_harness import report, transports_as_expected
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "mpi"))  # scenario_kit
+from scenario_kit import Checker  # noqa: E402
 
 comm = MPI.COMM_WORLD
 RANK, T = comm.rank, comm.size
@@ -67,7 +72,7 @@ else:
     NPDT = np.dtype(args.dtype)
 TOL = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 1e-1}.get(args.dtype, 0)
 H = args.hidden
-tally = Tally(TOL)
+tally = Checker(tol=TOL)
 check, close = tally.check, tally.close
 USED = set()  # the plans' transports seen
 AVAILABLE = set()  # info()["transport"] of every DpAttention: the first in the process included
@@ -253,6 +258,6 @@ for A in [int(a) for a in args.A.split(",")] if args.A else [a for a in range(1,
 
 ok, msg = transports_as_expected(AVAILABLE, T, args.backend, args.transport)
 check(msg, ok)
-report(RANK, failures=tally.failures[:50], nfailures=len(tally.failures), passed=tally.passed,
+report(RANK, failures=tally.fails[:50], nfailures=tally.nfailures, passed=tally.passed,
        backend=args.backend, dtype=args.dtype, T=T, transport=args.transport, transports_used=sorted(USED),
        transports_available=sorted({t for _, t, _ in AVAILABLE}))

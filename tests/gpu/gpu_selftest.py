@@ -17,8 +17,8 @@ anything failed.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-import traceback
 
 import numpy as np
 
@@ -31,30 +31,16 @@ except ImportError:  # pragma: no cover
 from dpgather.core.errors import InputError
 from dpgather.kernels import _cuda
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "mpi"))  # scenario_kit
+from scenario_kit import Checker  # noqa: E402  (FAIL lines as they happen; PASS ones with -v)
+
 DTYPES = ["uint8", "int8", "uint16", "int16", "float16", "float32", "int32", "int64", "float64"]
 WIDTHS = [1, 2, 3, 5, 7, 8, 13, 16, 31, 64, 127, 128, 129, 1000, 7168, 7169]
 GUARD = 64
 
 
-class Results:
-    def __init__(self, verbose: bool):
-        self.passed = 0
-        self.failed = 0
-        self.verbose = verbose
-        self.widths: dict[int, int] = {}
-
-    def check(self, name: str, ok: bool, detail: str = "") -> None:
-        if ok:
-            self.passed += 1
-            if self.verbose:
-                print(f"PASS {name}")
-        else:
-            self.failed += 1
-            print(f"FAIL {name} {detail}")
-
-    def error(self, name: str) -> None:
-        self.failed += 1
-        print(f"FAIL {name}: exception\n{traceback.format_exc()}")
+#: how many copy cases took each vector path (bytes per access)
+VEC_SEEN: dict[int, int] = {}
 
 
 # ---------------------------------------------------------------- NumPy references
@@ -100,7 +86,7 @@ def desc_value(rng, rows: int) -> int:
     return 0
 
 
-def copy_case(res: Results, rng, case: int, *, dtype=None, width=None, src_off=None,
+def copy_case(res: Checker, rng, case: int, *, dtype=None, width=None, src_off=None,
               dst_off=None, src_rows=None, dst_rows=None, stream_kind=None, desc=None) -> None:
     dtype = np.dtype(dtype or rng.choice(DTYPES))
     width = int(width if width is not None else (rng.choice(WIDTHS) if rng.random() < 0.6
@@ -128,7 +114,7 @@ def copy_case(res: Results, rng, case: int, *, dtype=None, width=None, src_off=N
         src = view(src_base, GUARD + src_off, src_rows, width, dtype)
         dst = view(dst_base, GUARD + dst_off, dst_rows, width, dtype)
         vec = _cuda.vector_bytes(rb, src.data.ptr, dst.data.ptr)
-        res.widths[vec] = res.widths.get(vec, 0) + 1
+        VEC_SEEN[vec] = VEC_SEEN.get(vec, 0) + 1
         d_desc = cupy.asarray(desc)
 
         kind = stream_kind or rng.choice(["current", "stream", "ptr"])
@@ -156,7 +142,7 @@ def copy_case(res: Results, rng, case: int, *, dtype=None, width=None, src_off=N
         res.error(name)
 
 
-def mask_case(res: Results, rng, case: int) -> None:
+def mask_case(res: Checker, rng, case: int) -> None:
     dtype = np.dtype(rng.choice(["int32", "int64"]))
     rows = int(rng.integers(0, 80))
     k = int(rng.integers(1, 10))
@@ -185,7 +171,7 @@ def mask_case(res: Results, rng, case: int) -> None:
         res.error(name)
 
 
-def graph_case(res: Results, rng) -> None:
+def graph_case(res: Checker, rng) -> None:
     """One captured graph (copy + mask) replayed for several descriptor contents."""
     name = "graph replay"
     try:
@@ -229,7 +215,7 @@ def graph_case(res: Results, rng) -> None:
         res.error(name)
 
 
-def large_cases(res: Results, rng) -> None:
+def large_cases(res: Checker, rng) -> None:
     """Multi-trip grid-stride loops: more vectors than the capped grid covers in one pass."""
     for rows, dst_rows, d in [
         (5000, 5000, [0, 5000, 0, 5000]),
@@ -242,7 +228,7 @@ def large_cases(res: Results, rng) -> None:
                   desc=np.array(d, dtype=np.int64))
 
 
-def same_buffer_cases(res: Results) -> None:
+def same_buffer_cases(res: Checker) -> None:
     """src is dst: zero a tail in place (n_valid = 0), and move rows to a disjoint range."""
     host = np.arange(10 * 6, dtype=np.float32).reshape(10, 6)
     for d in ([0, 0, 7, 3], [0, 0, 4, 100], [0, 3, 6, 4], [6, 2, 0, 3]):
@@ -258,7 +244,7 @@ def same_buffer_cases(res: Results) -> None:
             res.error(name)
 
 
-def error_cases(res: Results) -> None:
+def error_cases(res: Checker) -> None:
     a = cupy.zeros((4, 8), dtype=cupy.float32)
     b = cupy.zeros((4, 8), dtype=cupy.float16)  # half the row bytes
     desc = cupy.zeros(8, dtype=cupy.int64)
@@ -296,7 +282,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     cupy.cuda.Device(args.device).use()
     rng = np.random.default_rng(args.seed)
-    res = Results(args.verbose)
+    res = Checker(echo=True, verbose=args.verbose)
     name = cupy.cuda.runtime.getDeviceProperties(args.device)["name"].decode()
     print(f"# device {args.device}: {name}, cupy {cupy.__version__}, seed {args.seed}")
 
@@ -316,9 +302,9 @@ def main(argv=None) -> int:
     same_buffer_cases(res)
     error_cases(res)
     for vec in (16, 8, 4, 2, 1):
-        res.check(f"vector path {vec} B exercised", res.widths.get(vec, 0) > 0,
-                  f"counts {res.widths}")
-    print(f"# vector paths exercised: {dict(sorted(res.widths.items()))}")
+        res.check(f"vector path {vec} B exercised", VEC_SEEN.get(vec, 0) > 0,
+                  f"counts {VEC_SEEN}")
+    print(f"# vector paths exercised: {dict(sorted(VEC_SEEN.items()))}")
     print(f"{res.passed} passed, {res.failed} failed")
     from mpi_harness import report
 

@@ -15,18 +15,22 @@ cuda:1 / cuda:0 form a working NCCL communicator. Each rank reports with ``mpi_h
 """
 
 import argparse
+import os
 import subprocess
 import sys
 
 import numpy as np
 
 from dlpack_producer import Forward
-from mpi_harness import Tally, report
+from mpi_harness import report
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "mpi"))  # scenario_kit
+from scenario_kit import Checker  # noqa: E402
 
 ap = argparse.ArgumentParser()
 ap.add_argument("what", choices=("arrays", "placement", "nojax-torch"))
 args = ap.parse_args()
-tally = Tally(0)
+tally = Checker(tol=0)
 check = tally.check
 
 
@@ -217,7 +221,7 @@ except Exception as e:  # noqa: BLE001 - reported as a failure with its tracebac
 
     traceback.print_exc()
     check(f"{args.what}: {type(e).__name__}: {e}", False)
-print(f"{tally.passed} passed, {len(tally.failures)} failed")
-for f in tally.failures:
+print(f"{tally.passed} passed, {tally.nfailures} failed")
+for f in tally.fails:
     print("FAIL", f)
-report(failures=tally.failures, passed=tally.passed)
+report(failures=tally.fails, passed=tally.passed)

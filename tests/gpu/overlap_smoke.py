@@ -29,13 +29,17 @@ step works. Each rank reports with ``mpi_harness.report``.
 
 import argparse
 import contextlib
+import os
 import sys
 
 import numpy as np
 from mpi4py import MPI
 
 import dpgather as dg
-from mpi_harness import Tally, report, transports_as_expected
+from mpi_harness import report, transports_as_expected
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "mpi"))  # scenario_kit
+from scenario_kit import Checker  # noqa: E402
 
 comm = MPI.COMM_WORLD
 RANK, T = comm.rank, comm.size
@@ -110,7 +114,7 @@ else:  # bf16 storage: a bit-exact stand-in MLP (no cuBLAS: it could not be capt
 
 TOL = {"float32": 1e-4, "bfloat16": 4e-2}[args.dtype]
 H = args.hidden
-tally = Tally(TOL)
+tally = Checker(tol=TOL)
 check, close = tally.check, tally.close
 bitdiffs, runner_steps = 0, 0
 USED, AVAILABLE = set(), set()
@@ -365,9 +369,9 @@ for A in [a for a in (1, 2) if T % a == 0]:
 
 ok, msg = transports_as_expected(AVAILABLE, T, args.backend, args.transport)
 check(msg, ok)
-if tally.failures:
-    sys.stdout.write(f"rank {RANK}: {len(tally.failures)} failures, first: {tally.failures[:3]}\n")
-report(RANK, failures=tally.failures[:50], nfailures=len(tally.failures), passed=tally.passed, bitdiffs=bitdiffs,
+if tally.fails:
+    sys.stdout.write(f"rank {RANK}: {tally.nfailures} failures, first: {tally.fails[:3]}\n")
+report(RANK, failures=tally.fails[:50], nfailures=tally.nfailures, passed=tally.passed, bitdiffs=bitdiffs,
        runner_steps=runner_steps,
        backend=args.backend, dtype=args.dtype, T=T, transport=args.transport, transports_used=sorted(USED),
        transports_available=sorted({t for _, t, _ in AVAILABLE}))

@@ -55,6 +55,8 @@ import p2p_cases as pc  # noqa: E402
 from dpgather.core.errors import CollectiveTimeout  # noqa: E402
 from dpgather.dist.base import poll_until  # noqa: E402
 import pull_reference as ref  # noqa: E402
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "mpi"))  # scenario_kit
+from scenario_kit import Checker  # noqa: E402
 from dpgather.kernels import _p2p, _pull  # noqa: E402
 
 from mpi4py import MPI  # noqa: E402
@@ -75,19 +77,16 @@ class Run:
         self.t0 = time.monotonic()
         self.deadline = self.t0 + deadline_s
         self.out = out
+        self.chk = Checker(keep=60)
         self.res = {"rank": RANK, "size": SIZE, "host": platform.node(), "phases": {},
-                    "failures": [], "passed": 0, "failed": 0}
+                    "failures": self.chk.fails, "passed": 0, "failed": 0}
 
     def left(self):
         return self.deadline - time.monotonic()
 
     def check(self, name, ok, detail=""):
-        if ok:
-            self.res["passed"] += 1
-        else:
-            self.res["failed"] += 1
-            if len(self.res["failures"]) < 60:
-                self.res["failures"].append(f"{name}: {detail}" if detail else name)
+        self.chk.check(name, ok, detail)
+        self.res["passed"], self.res["failed"] = self.chk.passed, self.chk.failed
 
     def wait(self, req, what, limit=None):
         limit = min(self.left(), limit) if limit is not None else self.left()

@@ -27,7 +27,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import dlpack_producer  # noqa: E402
 from dlpack_producer import Forward  # noqa: E402
 import dpgather as dg  # noqa: E402
-from mpi_harness import Tally, report  # noqa: E402
+from mpi_harness import report  # noqa: E402
+from scenario_kit import Checker  # noqa: E402
 
 comm = MPI.COMM_WORLD
 RANK, T = comm.rank, comm.size
@@ -43,8 +44,8 @@ import ml_dtypes  # noqa: E402
 
 NPDT = np.dtype(ml_dtypes.bfloat16) if args.dtype == "bfloat16" else np.dtype(args.dtype)
 H, FW, CUDA = args.hidden, args.framework, args.backend == "cuda"
-tally = Tally({"float32": 1e-5, "float16": 2e-2, "bfloat16": 2e-2}[args.dtype])
-types = Tally(0)
+tally = Checker(tol={"float32": 1e-5, "float16": 2e-2, "bfloat16": 2e-2}[args.dtype])
+types = Checker(tol=0)
 
 
 class Framework:
@@ -195,6 +196,6 @@ for A in [a for a in (1, 2) if T % a == 0]:
             types.check(f"A={A}: a JAX out= is refused: {e}", "immutable" in str(e))
     dp.close()
 
-report(RANK, failures=tally.failures[:40], nfailures=len(tally.failures), passed=tally.passed,
-       type_failures=types.failures[:40], types_passed=types.passed, backend=args.backend, framework=FW,
+report(RANK, failures=tally.fails[:40], nfailures=tally.nfailures, passed=tally.passed,
+       type_failures=types.fails[:40], types_passed=types.passed, backend=args.backend, framework=FW,
        dtype=args.dtype)

@@ -66,6 +66,7 @@ from mpi4py import MPI  # noqa: E402
 
 import dpgather as dg  # noqa: E402
 from mpi_harness import report  # noqa: E402
+from scenario_kit import Checker  # noqa: E402
 
 WORLD = MPI.COMM_WORLD
 R, T = WORLD.Get_rank(), WORLD.Get_size()
@@ -106,18 +107,7 @@ def cls(e):
     return None if e is None else type(e).__name__
 
 
-class Checks:
-    def __init__(self):
-        self.fails = []
-        self.ctx = ""
-
-    def ok(self, cond, msg):
-        if not cond:
-            self.fails.append(f"{self.ctx}: {msg() if callable(msg) else msg}")
-        return bool(cond)
-
-
-CHK = Checks()
+CHK = Checker()
 
 
 def make(A=1, **kw):
@@ -162,7 +152,7 @@ def part_exit(kind):
     try:
         step(x)  # returns: F issued the step's collectives with zero rows before raising
         step(x)  # F is gone
-        CHK.fails.append("no error although the last rank left")
+        CHK.fail("no error although the last rank left")
     except Exception as e:  # noqa: BLE001 - reported
         err = e
     report(R, role="survivor", error=cls(err), message=str(err), elapsed=time.monotonic() - t0,
@@ -433,7 +423,7 @@ def main():
     try:
         {"ctor-exit": part_ctor_exit, "ctor": part_ctor, "step": part_step, "data": part_data}[ARGS.part]()
     except Exception:  # noqa: BLE001 - reported; the test asserts on it
-        CHK.fails.append(f"unexpected error at {CHK.ctx}:\n{traceback.format_exc()}")
+        CHK.fail(f"unexpected error:\n{traceback.format_exc()}")
         report(R, failures=CHK.fails[:40])
         raise
 

@@ -4,23 +4,35 @@ this rank's failures, and the report.
 
 A scenario calls :func:`set_seed` once (from its ``--seed``) before drawing any input, checks
 through :data:`CHK` and ends with :func:`finish`, whose JSON result the harness asserts on.
+
+:class:`Checker` is every test script's pass/fail collector (tests/comm_suite.py, the MPI
+scenarios, the GPU scripts under tests/gpu/). Importing this module starts no MPI (``RANK`` and
+``T`` ask ``mpi4py`` when first read), so a one-process script imports it as well: from
+tests/mpi/ it is on ``sys.path`` already; tests/ and tests/gpu/ put tests/mpi/ there first.
 """
 
 import zlib
 
 import ml_dtypes
 import numpy as np
-from mpi4py import MPI
 
 from mpi_harness import report
 
-RANK = MPI.COMM_WORLD.Get_rank()
-T = MPI.COMM_WORLD.Get_size()
 BF16 = np.dtype(ml_dtypes.bfloat16)
 POISON = 0x7B
 MAX_FAIL_LINES = 40
 
 _SEED = None
+
+
+def __getattr__(name):
+    """``RANK`` and ``T``: this process's rank in, and the size of, ``MPI.COMM_WORLD`` (MPI starts
+    at the first read)."""
+    if name in ("RANK", "T"):
+        from mpi4py import MPI
+
+        return MPI.COMM_WORLD.Get_rank() if name == "RANK" else MPI.COMM_WORLD.Get_size()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def set_seed(seed):
@@ -73,21 +85,94 @@ def tiny_of(dt):
 
 
 class Checker:
-    """Collects failures of this rank; ``ctx`` is prefixed to each line."""
+    """This process's check results: how many checks ran and passed, and a line for each failure.
 
-    def __init__(self):
-        self.fails = []
+    The one pass/fail collector of the test scripts (MPI scenarios, tests/comm_suite.py, the GPU
+    scripts); its fields are what ``mpi_harness.report`` sends back (``failures``, ``nfailures``,
+    ``checks``, ``passed``). A failure line reads ``"{label} {ctx}: {message}"``: ``label`` names
+    the collector (a string, or a callable asked at the first failure -- :data:`CHK` says the MPI
+    rank only then, so that importing this module starts no MPI), ``ctx`` the case now running
+    (the caller sets it as it goes). ``keep`` bounds the lines kept (``nfailures`` counts all);
+    ``echo`` prints each failure as it happens (``FAIL line``), ``verbose`` each pass too
+    (``PASS name``); ``tol`` is :meth:`close`'s tolerance.
+
+    Two spellings of one check: ``ok(cond, message)`` (message may be a callable, asked only on
+    failure) and ``check(name, cond, detail="")``."""
+
+    def __init__(self, label="", *, keep=None, echo=False, verbose=False, tol=0.0):
+        self.label = label
         self.ctx = ""
+        self.fails = []
+        self.nfailures = 0
         self.checks = 0
+        self.passed = 0
+        self.keep = keep
+        self.echo = echo
+        self.verbose = verbose
+        self.tol = tol
+
+    @property
+    def failed(self):
+        return self.nfailures
 
     def fail(self, msg):
-        self.fails.append(f"FAIL rank={RANK}/{T} {self.ctx}: {msg}")
+        """Record one failure (not counted as a check: for a failure outside any check)."""
+        if callable(self.label):
+            self.label = self.label()
+        prefix = " ".join(p for p in (self.label, self.ctx) if p)
+        line = f"{prefix}: {msg}" if prefix else str(msg)
+        self.nfailures += 1
+        if self.keep is None or len(self.fails) < self.keep:
+            self.fails.append(line)
+        if self.echo:
+            print(f"FAIL {line}", flush=True)
+        return False
 
     def ok(self, cond, msg):
         self.checks += 1
-        if not cond:
-            self.fail(msg() if callable(msg) else msg)
-        return bool(cond)
+        if cond:
+            self.passed += 1
+            if self.verbose:
+                print(f"PASS {msg() if callable(msg) else msg}")
+            return True
+        return self.fail(msg() if callable(msg) else msg)
+
+    def check(self, name, cond, detail=""):
+        if cond or not detail:
+            return self.ok(cond, name)
+        return self.ok(cond, f"{name}: {detail}")
+
+    def raises(self, exc, fn, what):
+        """``fn()`` raises ``exc`` (another exception, or none, is a failure)."""
+        try:
+            fn()
+        except exc:
+            return self.ok(True, what)
+        except Exception as e:  # noqa: BLE001 - reported
+            return self.ok(False, f"{what}: raised {type(e).__name__}: {e}")
+        return self.ok(False, f"{what}: did not raise {exc.__name__}")
+
+    def error(self, name):
+        """A check that ended in the exception being handled now (its traceback is the detail)."""
+        import traceback
+
+        return self.ok(False, f"{name}: exception\n{traceback.format_exc()}")
+
+    def merge(self, other):
+        """Take in the results of another collector (its lines keep its label)."""
+        self.checks += other.checks
+        self.passed += other.passed
+        self.nfailures += other.nfailures
+        room = len(other.fails) if self.keep is None else max(0, self.keep - len(self.fails))
+        self.fails += other.fails[:room]
+
+    def close(self, a, b):
+        """``a`` equals ``b`` in shape and within ``tol`` (relative, and absolute against ``b``'s
+        largest magnitude), compared in float64. A predicate: pass it to :meth:`check`."""
+        a = np.asarray(a, dtype=np.float64)
+        b = np.asarray(b, dtype=np.float64)
+        return a.shape == b.shape and np.allclose(a, b, atol=self.tol * max(1.0, np.abs(b).max(initial=0)),
+                                                  rtol=self.tol)
 
     def shape(self, what, got, shape, dt):
         return self.ok(isinstance(got, np.ndarray) and got.shape == tuple(shape) and got.dtype == dt,
@@ -131,10 +216,16 @@ class Checker:
                                    f"({getattr(got, 'shape', None)} vs {ser.shape})")
 
 
-CHK = Checker()
+def _rank_label():
+    rank, size = __getattr__("RANK"), __getattr__("T")
+    return f"FAIL rank={rank}/{size}"
+
+
+#: The scenarios' collector: its lines start ``FAIL rank=R/T``.
+CHK = Checker(_rank_label)
 
 
 def finish(scenario, extra=None):
     """Report this rank's failures (the harness asserts on every rank's result)."""
-    report(RANK, failures=CHK.fails[:MAX_FAIL_LINES], nfailures=len(CHK.fails), checks=CHK.checks,
+    report(__getattr__("RANK"), failures=CHK.fails[:MAX_FAIL_LINES], nfailures=CHK.nfailures, checks=CHK.checks,
            scenario=scenario, **(extra or {}))
