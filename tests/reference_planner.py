@@ -215,9 +215,12 @@ def predicted_us(n, A, cost=None):
     return c_max, c_sum, c_var
 
 
-def p2p_us(n, A, cost=None, node_size=0):
-    """Predicted gather + combine us over the P2P transport (docs/cost-model.md, "P2P"; over
-    several nodes of ``node_size`` ranks, its "Several nodes" formula)."""
+def p2p_us(n, A, cost=None, node_size=0, kind="p2p"):
+    """Predicted gather + combine us over a P2P transport: ``kind`` ``"p2p"`` (the pull,
+    docs/cost-model.md "P2P") or ``"push"`` ("Push": one one-way trip per collective, twice the
+    data bytes on the wire in LL lines, only the own rows copied locally). In one node a rank of
+    replica d receives A*S - n_d rows and has (T-1)*n_d taken; over several nodes of
+    ``node_size`` ranks the node blocks go over NCCL ("Several nodes")."""
     p = dict(DEFAULT_COST)
     if cost:
         p.update(cost)
@@ -226,7 +229,8 @@ def p2p_us(n, A, cost=None, node_size=0):
     if T <= 1:
         return 0.0
     R = float(p["row_bytes"])
-    a0, a1, _ = p["p2p"]
+    a0, a1, _ = p[kind]
+    w = 2.0 if kind == "push" else 1.0  # wire bytes per data byte
     S = 0.0
     for x in n:
         S += x
@@ -234,47 +238,20 @@ def p2p_us(n, A, cost=None, node_size=0):
     L = node_size if 0 < node_size < T else T
     N = T // L
     a = a0 + a1 * (L - 1)
-    copies = 2.0 * (3.0 * nmax + S) * R / (float(p["copy_GBps"]) * 1e3)
+    copies = (3.0 * nmax if kind == "push" else 2.0 * (3.0 * nmax + S)) * R / (float(p["copy_GBps"]) * 1e3)
     if N == 1:
         worst = 0.0
         for x in n:
-            worst = max(worst, link_us(p, "p2p", (A * S - x) * R, (T - 1) * float(x) * R))
+            worst = max(worst, link_us(p, kind, w * (A * S - x) * R, w * (T - 1) * float(x) * R))
         return a + worst + a + worst + copies
-    return (a + curve_us(p, "p2p", "one", max(A * S / N - nmin, 0.0) * R)
+    return (a + curve_us(p, kind, "one", w * max(A * S / N - nmin, 0.0) * R)
             + coll_us(p, "gatherv", N, S * R, N) + coll_us(p, "reduce_scatterv", N, S * R, N)
-            + a + curve_us(p, "p2p", "one", (L - 1) * nmax * R) + copies)
+            + a + curve_us(p, kind, "one", w * (L - 1) * nmax * R) + copies)
 
 
 def push_us(n, A, cost=None, node_size=0):
-    """Predicted gather + combine us over the push transport (docs/cost-model.md, "Push"): one
-    one-way trip per collective, a rank of replica d receiving A*S - n_d rows and sending
-    (T-1)*n_d, twice the data bytes on the wire (LL lines), the own rows copied locally; over
-    several nodes the node blocks go over NCCL as for the pull."""
-    p = dict(DEFAULT_COST)
-    if cost:
-        p.update(cost)
-    D = len(n)
-    T = D * A
-    if T <= 1:
-        return 0.0
-    R = float(p["row_bytes"])
-    a0, a1, _ = p["push"]
-    S = 0.0
-    for x in n:
-        S += x
-    nmin, nmax = float(min(n)), float(max(n))
-    L = node_size if 0 < node_size < T else T
-    N = T // L
-    a = a0 + a1 * (L - 1)
-    copies = 3.0 * nmax * R / (float(p["copy_GBps"]) * 1e3)
-    if N == 1:
-        worst = 0.0
-        for x in n:
-            worst = max(worst, link_us(p, "push", 2.0 * (A * S - x) * R, 2.0 * (T - 1) * float(x) * R))
-        return a + worst + a + worst + copies
-    return (a + curve_us(p, "push", "one", 2.0 * max(A * S / N - nmin, 0.0) * R)
-            + coll_us(p, "gatherv", N, S * R, N) + coll_us(p, "reduce_scatterv", N, S * R, N)
-            + a + curve_us(p, "push", "one", 2.0 * (L - 1) * nmax * R) + copies)
+    """:func:`p2p_us` of the push transport."""
+    return p2p_us(n, A, cost, node_size, "push")
 
 
 def logits_us(l, A, cost=None):
