@@ -17,7 +17,9 @@ from .types import (
     P2P_WINDOW_ROWS,
     POLICIES,
     PUSH_WINDOW_ROWS,
+    E4M3_MAX,
     ForwardMode,
+    Fp8Format,
     LocalBatch,
     PaddingMode,
     SpecConfig,
@@ -39,5 +41,5 @@ __all__ = [
     "ForwardMode", "InconsistentBatchError", "InconsistentStepError", "InputError", "LocalBatch", "POLICIES", "PaddingMode",
     "Plan", "Planner", "RECORD_FIELDS", "RECORD_MAGIC", "RECORD_WIDTH", "SpecConfig", "Topology",
     "TRANSPORTS", "count_tokens", "plan", "P2P_WINDOW_ROWS", "p2p_window_rows", "PUSH_WINDOW_ROWS",
-    "push_window_rows",
+    "push_window_rows", "Fp8Format", "E4M3_MAX",
 ]

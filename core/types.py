@@ -10,7 +10,7 @@ from enum import IntEnum
 from .errors import ConfigError, InputError
 
 __all__ = ["Topology", "ForwardMode", "PaddingMode", "SpecConfig", "LocalBatch", "POLICIES", "P2P_WINDOW_ROWS",
-           "PUSH_WINDOW_ROWS", "p2p_window_rows", "push_window_rows"]
+           "PUSH_WINDOW_ROWS", "p2p_window_rows", "push_window_rows", "Fp8Format", "E4M3_MAX", "FP8_SOURCE_DTYPES"]
 
 #: Padding policies accepted by the planner (docs/design.md section 3).
 POLICIES = ("auto", "sglang", "max_len", "sum_len", "varlen")
@@ -152,6 +152,67 @@ class SpecConfig:
             f"SpecConfig(num_steps={self.num_steps}, topk={self.topk}, "
             f"num_draft_tokens={self.num_draft_tokens})"
         )
+
+
+#: Largest finite float8 e4m3fn value: the quantized gather's scale is ``amax / E4M3_MAX``.
+E4M3_MAX = 448.0
+#: Logical dtypes the quantized gather reads (docs/fp8.md).
+FP8_SOURCE_DTYPES = ("float32", "float16", "bfloat16")
+
+
+class Fp8Format:
+    """The wire format of the quantized gather (``DpAttention(fp8=...)``, docs/fp8.md).
+
+    Each token row of ``H`` channels is cut into groups of ``group_size`` channels; each group
+    gets one float32 scale ``s = amax / 448`` (``pow2_scales=True``: rounded up to a power of
+    two, as DeepGEMM's UE8M0 scales want) and its channels ``x / s`` rounded to float8 e4m3fn.
+    A gathered row is ``H`` fp8 bytes followed by the ``H / group_size`` scales: ``wire_bytes(H)
+    = H + 4 * H / group_size`` bytes, about half a bfloat16 row at ``group_size = 128``.
+
+    Args:
+        group_size: channels per scale (default 128); must divide the hidden size.
+        pow2_scales: round every scale up to a power of two (default False).
+    """
+
+    __slots__ = ("group_size", "pow2_scales")
+
+    def __init__(self, group_size=128, pow2_scales=False):
+        object.__setattr__(self, "group_size", _check_int("group_size", group_size, 1, error=ConfigError))
+        if not isinstance(pow2_scales, bool):
+            raise ConfigError(f"pow2_scales must be a bool, got {pow2_scales!r}")
+        object.__setattr__(self, "pow2_scales", pow2_scales)
+
+    def __setattr__(self, name, value):
+        raise AttributeError("Fp8Format is immutable")
+
+    def groups(self, hidden_size):
+        """Scales per row."""
+        return hidden_size // self.group_size
+
+    def wire_bytes(self, hidden_size):
+        """Bytes of one gathered row: ``hidden_size`` fp8 bytes, then 4 bytes per group."""
+        return hidden_size + 4 * self.groups(hidden_size)
+
+    def check(self, hidden_size, dtype):
+        """ConfigError unless this format fits rows of ``hidden_size`` channels of ``dtype``."""
+        if dtype not in FP8_SOURCE_DTYPES:
+            raise ConfigError(f"fp8={self!r} quantizes {', '.join(FP8_SOURCE_DTYPES)} rows, got dtype={dtype!r}; "
+                              "configure one of those dtypes or leave fp8=None")
+        if hidden_size % self.group_size:
+            raise ConfigError(f"fp8={self!r}: group_size={self.group_size} must divide hidden_size={hidden_size}")
+        if hidden_size % 4:
+            raise ConfigError(f"fp8={self!r} needs hidden_size a multiple of 4 (the float32 scales follow the "
+                              f"fp8 bytes in each row), got {hidden_size}")
+
+    def __eq__(self, other):
+        return isinstance(other, Fp8Format) and (self.group_size, self.pow2_scales) == (
+            other.group_size, other.pow2_scales)
+
+    def __hash__(self):
+        return hash((self.group_size, self.pow2_scales))
+
+    def __repr__(self):
+        return f"Fp8Format(group_size={self.group_size}, pow2_scales={self.pow2_scales})"
 
 
 class LocalBatch:

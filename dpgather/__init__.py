@@ -58,6 +58,7 @@ from .core import (
     CostModel,
     DpGatherError,
     ForwardMode,
+    Fp8Format,
     InconsistentBatchError,
     InconsistentStepError,
     InputError,
@@ -71,6 +72,7 @@ from .core import (
     plan,
 )
 from ._facade import DpAttention
+from ._fp8 import Fp8Rows
 from ._graph import GraphRunner
 from ._handle import AsyncHandle
 
@@ -79,7 +81,7 @@ from ._handle import AsyncHandle
 __all__ = [
     "AsyncHandle", "BackendUnavailable", "CollectiveTimeout", "ConfigError", "CostModel", "DpAttention",
     "DpGatherError",
-    "ForwardMode", "GraphRunner", "InconsistentBatchError", "InconsistentStepError", "InputError",
+    "ForwardMode", "Fp8Format", "Fp8Rows", "GraphRunner", "InconsistentBatchError", "InconsistentStepError", "InputError",
     "LocalBatch", "POLICIES", "PaddingMode", "Plan", "Planner", "SpecConfig", "Topology", "count_tokens", "plan",
     "__version__",
 ]

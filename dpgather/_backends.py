@@ -83,6 +83,7 @@ class HostBackend(_Exports):
         self.xp = np
         self.copy_rows = host.copy_rows_unchecked
         self.mask_rows = host.mask_rows
+        self.quantize_rows = host.quantize_rows_unchecked
         self.device = None
         self._exports = _interop.ViewCache()
         try:
@@ -262,6 +263,7 @@ class CudaBackend(_Exports):
         self._device_id = None  # this rank's device ordinal, once communicator() chose it
         self.copy_rows = _cuda.copy_rows_unchecked
         self.mask_rows = _cuda.mask_rows
+        self.quantize_rows = _cuda.quantize_rows_unchecked
         self._rings = {}  # ring key (micro-batch) -> [slots, next slot]
         self._exports = _interop.ViewCache()
         self._event = None  # orders a consumer's stream after ours when a cached export is handed out again

@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from dpgather.core import POLICIES, TRANSPORTS, ConfigError, CostModel, SpecConfig
+from dpgather.core import POLICIES, TRANSPORTS, ConfigError, CostModel, Fp8Format, SpecConfig
 from dpgather.core.dtypes import normalize_dtype
 
 from ._backends import canonical_device
@@ -48,6 +48,7 @@ class Config:
     transport: str
     micro_batches: int
     device: Optional[int]
+    fp8: Optional[Fp8Format] = None
 
     @property
     def largest_bucket(self) -> int:
@@ -107,6 +108,12 @@ def _timeout(v):
     return parse_timeout(v, "timeout_s", ValueError)
 
 
+def _fp8(v):
+    if v is not None and not isinstance(v, Fp8Format):
+        raise ValueError("fp8 must be a dpgather.Fp8Format or None")
+    return v
+
+
 def _cost(v):
     if v is not None and not isinstance(v, CostModel):
         raise ValueError("cost must be a dpgather.CostModel or None")
@@ -135,6 +142,7 @@ _CHECKS = (
     ("cost", _cost),
     ("strict", _strict),
     ("device", canonical_device),
+    ("fp8", _fp8),
 )
 #: Fields checked on every rank but not compared: each rank names its own GPU.
 _PER_RANK = ("device",)
@@ -143,7 +151,7 @@ _PER_RANK = ("device",)
 def _comparable(key, value):
     """What the ranks compare for ``key`` (plain and picklable: a SpecConfig by its repr, a
     CostModel by its constants)."""
-    if key == "spec":
+    if key in ("spec", "fp8"):
         return repr(value)
     if key == "cost":
         return (value or CostModel()).to_dict()
@@ -177,6 +185,12 @@ def canonical(world_size: int, **arguments: Any) -> Tuple[Optional[Config], Dict
     A = fields.get("attn_tp_size")
     if A is not None and world_size % A:
         errors["attn_tp_size"] = f"attn_tp_size={A!r} must divide the number of ranks {world_size}"
+    fp8, H, dtype = fields.get("fp8"), fields.get("hidden_size"), fields.get("dtype")
+    if fp8 is not None and H is not None and dtype is not None:
+        try:
+            fp8.check(H, dtype)
+        except ConfigError as e:
+            errors["fp8"] = str(e)
     if A is not None and "graph_buckets" in fields:
         bad = [b for b in fields["graph_buckets"] if b % A]
         if bad:

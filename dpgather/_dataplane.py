@@ -38,6 +38,15 @@ P2P, push    one pull or push collective (docs/p2p.md, docs/push.md): exact rows
 
 MAX_LEN is VARLEN with equal counts: the same code, with the non-v collectives.
 
+The quantized gather (:meth:`DataPlane.gather_fp8`, docs/fp8.md) moves *wire rows* (``H`` float8
+e4m3fn bytes, then one float32 scale per group) as bytes over the same algorithms: the
+backend's ``quantize_rows`` takes the place of the pack copy (SUM_LEN: the write of the own slot;
+MAX/VARLEN: the send buffer or the own chunk; P2P, push: the transport's input), and the wire rows
+have one contributor each, so the replicate algorithms move them. A ``partial`` contribution with
+``A > 1`` is first summed in the input dtype: an all-reduce over attn of the packed own rows (one
+extra collective; fp8 summands would lose too much), after which every rank of the replica holds
+the same rows and quantizes them alike.
+
 Host-side decisions use only a layout's capacities (``slot``, ``total``, chunk sizes, ``equal``),
 never its real counts: a graph runner passes the layout of its bucket (every count = the bucket)
 and the step's real counts arrive through the descriptor, which the kernels read. The one
@@ -215,6 +224,72 @@ class DataPlane:
         else:
             Gb = G.view(_BYTE)
             self.tp.all_reduce(Gb, Gb, "uint8")
+
+    # -- the quantized gather ------------------------------------------------------------------
+    def gather_fp8(self, arena, x, L, desc, partial, transport, fmt):
+        """The quantized gather of ``x`` as one operation of the launch chain (see
+        :meth:`_gather_fp8`)."""
+        chain = self.chain
+        s, cap = chain.enter()
+        G = self._gather_fp8(arena, x, L, desc, partial, transport, fmt)
+        chain.leave(s, cap)
+        return G
+
+    def _gather_fp8(self, arena, x, L, desc, partial, transport, fmt):
+        """Quantize and gather ``x`` (``[rows, H]`` of the configured dtype) over layout ``L``.
+
+        Returns the wire rows ``G``: uint8 ``[L.total, fmt.wire_bytes(H)]`` in the ``gathered``
+        role, replica ``d``'s rows at ``L.offsets[d]``, each the quantization of its row
+        (docs/fp8.md); padding rows are zero bytes (zero fp8 values, zero scales).
+        """
+        be, A = self.be, self.A
+        H, dt = x.shape[1], x.dtype
+        W = fmt.wire_bytes(H)
+        if L.total == 0:
+            return arena.view("gathered", 0, W, _BYTE)
+        sums = partial and A > 1
+        equal_nccl = transport == "nccl" and L.mode != _SUM
+        rows = (L.chunk_len if A > 1 else L.slot) if equal_nccl else L.slot
+        specs = ((L.slot, H, dt),) if sums else ()
+        if transport != "nccl" or L.mode != _SUM:
+            specs += ((rows, W, _BYTE),)
+        views = arena.views("staging", specs) if specs else ()
+        src = x
+        if sums:  # the replica's summands, summed in the input dtype, on every rank of it
+            src = views[0]
+            be.copy_rows(x, src, desc, _PACK)
+            self.attn.all_reduce(src, src, self.logical)
+        G = arena.view("gathered", L.total, W, _BYTE)
+
+        def quantize(dst, rec):
+            be.quantize_rows(src, dst, desc, rec, fmt.group_size, fmt.pow2_scales, self.logical)
+
+        if transport != "nccl":
+            wire = views[-1]
+            quantize(wire, _PACK)
+            t, at = self.transports[transport]
+            t.run(wire, G, desc, at["wire"], row_bytes=W, dtype="uint8")
+            if self.inter is not None:
+                counts, o = self._node_blocks(L)
+                send = G[o[self.node]:o[self.node + 1]]
+                if L.equal:
+                    self.inter.all_gather(send, G, "uint8")
+                else:
+                    self.inter.all_gatherv(send, G, counts, o, "uint8")
+            return G
+        if L.mode == _SUM:
+            be.zero(G)
+            if self.a == 0:
+                quantize(G, _SUMW)
+            self.tp.all_reduce(G, G, "uint8")
+            return G
+        send = views[-1]
+        quantize(send, _CHUNK if A > 1 else _PACK)
+        if L.equal:
+            self.tp.all_gather(send, G, "uint8")
+        else:
+            self.tp.all_gatherv(send, G, L.tp_counts, L.tp_offsets, "uint8")
+        return G
 
     # -- combine ---------------------------------------------------------------------------
     def combine(self, arena, Y, L, desc, reduce, out, transport):

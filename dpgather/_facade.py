@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Literal, Option
 import numpy as np
 
 from dpgather.core import RECORD_WIDTH, CostModel, InputError, LocalBatch, Plan
-from dpgather.core import Planner, SpecConfig, Topology
+from dpgather.core import Fp8Format, Planner, SpecConfig, Topology
 from dpgather.core.dtypes import DTYPES
 
 from dpgather.dist.base import Closing
@@ -30,6 +30,7 @@ from ._backends import make_backend
 from ._chain import Retired
 from ._config import FALLBACK_TIMEOUT_S, MAX_MICRO_BATCHES, agree, canonical, intracomm
 from ._dataplane import DataPlane
+from ._fp8 import Fp8Rows
 from ._handle import AsyncHandle
 from ._layout import Descriptor
 from ._ledger import SYNC_WIDTH, StepLedger
@@ -49,8 +50,8 @@ DTypeLike = Union[str, "np.dtype[Any]", type]
 
 log = get_logger("facade")
 
-_GATHER, _GATHER_LOGITS, _SCATTER, _SCATTER_LOGITS, _MASK = (
-    OPS[k] for k in ("gather", "gather_logits", "scatter", "scatter_logits", "mask_topk_ids"))
+_GATHER, _GATHER_FP8, _GATHER_LOGITS, _SCATTER, _SCATTER_LOGITS, _MASK = (
+    OPS[k] for k in ("gather", "gather_fp8", "gather_logits", "scatter", "scatter_logits", "mask_topk_ids"))
 
 
 class DpAttention(Closing):
@@ -98,6 +99,10 @@ class DpAttention(Closing):
         device: this rank's GPU (CUDA backend): None (default: the node-local rank modulo the
             visible GPUs), a device ordinal or the caller's device object (docs/interop.md).
             Each rank names its own; two ranks of a node on one GPU is a ConfigError.
+        fp8: :class:`Fp8Format` of the quantized gather (:meth:`gather_fp8`, docs/fp8.md), or
+            None (default: no quantized gather). With it the planner prices hidden-state gathers
+            at the wire bytes (``Fp8Format.wire_bytes``); needs a float dtype and a
+            ``hidden_size`` that ``group_size`` divides and 4 divides.
 
     Views returned by ``gather``/``scatter``/``gather_logits``/``scatter_logits`` live in
     per-role arenas of the plan's micro-batch and stay valid until the next call that uses the
@@ -124,7 +129,7 @@ class DpAttention(Closing):
                  graph_buckets: Optional[Iterable[int]] = (), max_tokens_per_rank: Optional[int] = None,
                  timeout_s: float = 60.0, cost: Optional[CostModel] = None, strict: bool = False,
                  transport: Literal["auto", "nccl", "p2p", "push"] = "auto", micro_batches: int = 1,
-                 device: Any = None) -> None:
+                 device: Any = None, fp8: Optional[Fp8Format] = None) -> None:
         from dpgather.dist.base import bounded_wait
         from dpgather.dist.sync import StepSync
 
@@ -138,7 +143,7 @@ class DpAttention(Closing):
             comm.Get_size(), attn_tp_size=attn_tp_size, hidden_size=hidden_size, dtype=dtype, backend=backend,
             spec=spec, policy=policy, graph_buckets=graph_buckets, max_tokens_per_rank=max_tokens_per_rank,
             timeout_s=timeout_s, cost=cost, strict=strict, transport=transport, micro_batches=micro_batches,
-            device=device)
+            device=device, fp8=fp8)
         bound = FALLBACK_TIMEOUT_S if "timeout_s" in errors else float(timeout_s)
         try:
             private, req = comm.Idup()
@@ -275,6 +280,32 @@ class DpAttention(Closing):
         """
         return self._path.call(_GATHER, plan, (x, contribution), int(contribution == "partial"), self.hidden_size,
                                stream, True, (x,))
+
+    def gather_fp8(self, x: Any, plan: Plan, contribution: Literal["replicate", "partial"] = "replicate") -> Fp8Rows:
+        """The quantized gather (docs/fp8.md): :meth:`gather`'s rows, each quantized to float8
+        e4m3fn with one float32 scale per ``group_size`` channels (``DpAttention(fp8=...)``),
+        moving about half a bfloat16 row's bytes.
+
+        Args:
+            x, plan, contribution: as :meth:`gather` (``"partial"`` with ``attn_tp_size > 1``
+                first sums the replica's rows in the input dtype, one extra collective).
+
+        Returns:
+            :class:`Fp8Rows` ``(q, scales, wire)``: ``q`` ``[plan.gathered_rows, hidden_size]``
+            uint8 (fp8 bits), ``scales`` ``[plan.gathered_rows, hidden_size // group_size]``
+            float32, views of the micro-batch's ``gathered`` arena (as :meth:`gather`'s result,
+            which shares it), bit-identical to quantizing each replica's rows locally and
+            gathering them; padding rows zero bytes and zero scales.
+        """
+        return self._path.call(_GATHER_FP8, plan, (x, contribution), int(contribution == "partial"),
+                               self.hidden_size)
+
+    def gather_fp8_async(self, x: Any, plan: Plan, contribution: Literal["replicate", "partial"] = "replicate",
+                         stream: Any = None) -> AsyncHandle:
+        """:meth:`gather_fp8` enqueued on ``stream`` (as :meth:`gather_async`); returns an
+        :class:`AsyncHandle` whose result is the :class:`Fp8Rows` :meth:`gather_fp8` returns."""
+        return self._path.call(_GATHER_FP8, plan, (x, contribution), int(contribution == "partial"),
+                               self.hidden_size, stream, True, (x,))
 
     def gather_logits(self, h: Any, plan: Plan) -> Any:
         """Replicate-gather the rows that reach the LM head over the logits layout.

@@ -18,8 +18,9 @@ the descriptor is rewritten). Its layout, in int64 entries:
                       logits, in the order :data:`COPY_RECORDS`
 ``[48, 48 + 3D)``     mask triples ``(slot_offset, n_tokens, slot_rows)`` per replica
 then                  P2P pull descriptors (docs/p2p.md): gather replicate, gather partial,
-                      combine, logits gather, each at a fixed offset (:attr:`Descriptor.p2p`)
-then                  P2P push descriptors (docs/push.md): the same four operations, each at a
+                      combine, logits gather, fp8 wire gather, each at a fixed offset
+                      (:attr:`Descriptor.p2p`)
+then                  P2P push descriptors (docs/push.md): the same five operations, each at a
                       fixed offset (:attr:`Descriptor.push`)
 ====================  ==========================================================================
 
@@ -32,7 +33,8 @@ node of ``L`` ranks, ``a`` this rank's attn-TP position, ``base`` the node's fir
 - gather partial: one send ``(0, n, 0, 0, L)``; jobs per ``d``: ``(o_d, n_d, slot_d, 0, d*A, A, 1)``;
 - combine: sends per ``d``: ``(o_d - base, n_d, 0, d*A, A)``; one job ``(0, n_own, 2^62, 0, 0, L, 1)``,
   ``self_row = o_own - base``;
-- logits gather: as gather replicate, over the logits layout.
+- logits gather: as gather replicate, over the logits layout;
+- wire (the quantized gather's fp8 rows, docs/fp8.md): as gather replicate, with its own signature.
 """
 
 from dpgather.core import PaddingMode
@@ -55,7 +57,7 @@ COPY_RECORDS = ("pack", "chunk", "sumw", "unpack", "outcopy", "ztail")
 _PER_LAYOUT = len(COPY_RECORDS)
 
 # Operation codes of call signatures (the step's call hash, the P2P signatures).
-OP_GATHER, OP_GATHER_LOGITS, OP_SCATTER, OP_SCATTER_LOGITS, OP_MASK, OP_GRAPH = 1, 2, 3, 4, 5, 6
+OP_GATHER, OP_GATHER_LOGITS, OP_SCATTER, OP_SCATTER_LOGITS, OP_MASK, OP_GRAPH, OP_GATHER_FP8 = 1, 2, 3, 4, 5, 6, 7
 
 
 def mix(h, value):
@@ -152,7 +154,7 @@ class Descriptor:
     Attributes:
         size: entries. ``record(layout_index, name)``: the copy-record index of a record.
         mask_at: entry of the first mask triple. p2p: ``{name: entry}`` of the P2P pull descriptors
-        (``"gather_replicate"``, ``"gather_partial"``, ``"combine"``, ``"logits"``); push: the same
+        (``"gather_replicate"``, ``"gather_partial"``, ``"combine"``, ``"logits"``, ``"wire"``); push: the same
         for the push descriptors (docs/push.md).
         node_size, node_replicas: ranks and replicas of one P2P group.
     """
@@ -170,12 +172,13 @@ class Descriptor:
         at = self.mask_at + 3 * D
         self.p2p = {}
         for name, npack, njobs in (("gather_replicate", 1, DN), ("gather_partial", 1, DN),
-                                   ("combine", DN, 1), ("logits", 1, DN)):
+                                   ("combine", DN, 1), ("logits", 1, DN), ("wire", 1, DN)):
             self.p2p[name] = at
             at += 4 + 3 * npack + 7 * njobs
         self.push = {}
         for name, nsend, njobs in (("gather_replicate", 1 if A == 1 else DN, DN), ("gather_partial", 1, DN),
-                                   ("combine", DN, 1), ("logits", 1 if A == 1 else DN, DN)):
+                                   ("combine", DN, 1), ("logits", 1 if A == 1 else DN, DN),
+                                   ("wire", 1 if A == 1 else DN, DN)):
             self.push[name] = at
             at += 4 + 5 * nsend + 7 * njobs
         self.size = at
@@ -203,7 +206,7 @@ class Descriptor:
         r0 = (rank // L) * L  # the node's first rank: P2P sources are numbered from it
         d0 = r0 // A  # the node's first replica
         for name, lay, count in (("gather_replicate", hidden, 1), ("gather_partial", hidden, A),
-                                 ("logits", logits, 1)):
+                                 ("logits", logits, 1), ("wire", hidden, 1)):
             at = self.p2p[name]
             out[at:at + 7] = (sigs[name], 1, DN, 0, 0, lay.n, 0)
             at += 7
@@ -230,7 +233,7 @@ class Descriptor:
         nodes = range(d0, d0 + DN)
         words = []
         for name, lay in (("gather_replicate", hidden), ("gather_partial", hidden), ("combine", hidden),
-                          ("logits", logits)):
+                          ("logits", logits), ("wire", hidden)):
             if name == "combine":  # each replica's rows to its A ranks; the input is the node block
                 base = lay.offsets[d0]
                 words += (sigs[name], DN, 1, lay.offsets[d_own] - base)

@@ -32,7 +32,8 @@ from dpgather.core import CollectiveTimeout, InconsistentStepError, InputError
 from . import _checks
 from ._chain import run_async
 from ._handle import AsyncHandle
-from ._layout import OP_GATHER, OP_GATHER_LOGITS, OP_MASK, OP_SCATTER, OP_SCATTER_LOGITS, mix, signature
+from ._layout import (OP_GATHER, OP_GATHER_FP8, OP_GATHER_LOGITS, OP_MASK, OP_SCATTER, OP_SCATTER_LOGITS, mix,
+                      signature)
 
 __all__ = ["OpSpec", "OpPath", "Issued", "OPS"]
 
@@ -81,6 +82,13 @@ class OpPath:
         self.dtype_code = dtype_code
         self.strict, self.micro_batches = config.strict, config.micro_batches
         self.empty = backend.xp.empty((0, config.hidden_size), dtype=storage)
+        #: the quantized gather's format and its result views (None without ``fp8=``)
+        self.fp8 = config.fp8
+        self.fp8_views = None
+        if config.fp8 is not None:
+            from ._fp8 import Fp8Views
+
+            self.fp8_views = Fp8Views(backend, config.hidden_size, config.fp8)
 
     # -- the call -------------------------------------------------------------------------------
     def call(self, spec: OpSpec, plan: Any, args: tuple, flag: int, width: int, stream: Any = None,
@@ -207,6 +215,23 @@ def _idle_gather(path, st, flag, *args):
     path.plane.gather(st.arena, path.empty, st.hidden, st.desc, bool(flag), st.transport)
 
 
+def _check_gather_fp8(path, st, flag, x, contribution):
+    if path.fp8 is None:
+        raise InputError("gather_fp8 needs the wire format at construction: DpAttention(..., "
+                         "fp8=dpgather.Fp8Format(group_size=128)) (docs/fp8.md)")
+    return _check_gather(path, st, flag, x, contribution)
+
+
+def _gather_fp8(path, st, flag, xr, origin):
+    G = path.plane.gather_fp8(st.arena, xr, st.hidden, st.desc, bool(flag), st.transport, path.fp8)
+    return path.fp8_views.export(G, origin), "gathered"
+
+
+def _idle_gather_fp8(path, st, flag, *args):
+    if path.fp8 is not None:  # else no rank has the format: the call raises everywhere, nothing moves
+        path.plane.gather_fp8(st.arena, path.empty, st.hidden, st.desc, bool(flag), st.transport, path.fp8)
+
+
 def _check_gather_logits(path, st, flag, h):
     hr, origin = path.rows(h, "h")
     path.no_alias(hr, "h", ("logits", "staging"), st)
@@ -294,6 +319,7 @@ def _mask(path, st, flag, ids, fill, topk_ids):
 #: The operations of ``DpAttention`` (the graph runner adds its own).
 OPS = {
     "gather": OpSpec(OP_GATHER, "gather", _check_gather, _gather, _idle_gather),
+    "gather_fp8": OpSpec(OP_GATHER_FP8, "gather_fp8", _check_gather_fp8, _gather_fp8, _idle_gather_fp8),
     "gather_logits": OpSpec(OP_GATHER_LOGITS, "gather_logits", _check_gather_logits, _gather_logits,
                             _idle_gather_logits),
     "scatter": OpSpec(OP_SCATTER, "scatter", _check_scatter, _scatter, _idle_scatter),

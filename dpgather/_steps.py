@@ -18,7 +18,7 @@ import numpy as np
 
 from dpgather.core import ConfigError, InputError, PaddingMode, Plan
 
-from ._layout import OP_GATHER, OP_GATHER_LOGITS, OP_GRAPH, OP_SCATTER, Descriptor, Layout, signature
+from ._layout import OP_GATHER, OP_GATHER_FP8, OP_GATHER_LOGITS, OP_GRAPH, OP_SCATTER, Descriptor, Layout, signature
 
 __all__ = ["Step", "StepTable", "arena_sizes", "preallocate", "LAYOUT_CACHE"]
 
@@ -32,7 +32,7 @@ _VIEW_SLACK = 1024
 #: The P2P descriptors of a step, by name (``Descriptor.p2p`` and ``Descriptor.push``), and the
 #: operation of each (both transports' entries of an operation carry its one signature).
 _P2P_OPS = (("gather_replicate", OP_GATHER, 0), ("gather_partial", OP_GATHER, 1), ("combine", OP_SCATTER, 1),
-            ("logits", OP_GATHER_LOGITS, 0))
+            ("logits", OP_GATHER_LOGITS, 0), ("wire", OP_GATHER_FP8, 0))
 
 
 class Step:

@@ -14,7 +14,11 @@ The two public functions have the same signatures and semantics as their Numba t
     ``desc[i + 3*s : i + 3*s + 3]`` and set rows ``[slot_offset + n_tokens,
     slot_offset + slot_rows)`` of ``ids`` (clamped) to ``fill``.
 
-Both enqueue one kernel on ``stream`` (a ``cupy.cuda.Stream``/``ExternalStream``, a raw
+``quantize_rows(src, dst, desc, i, group, pow2, dtype, stream=None)``
+    ``copy_rows``' record and clamps, quantizing the copied rows into fp8 wire rows (float8
+    e4m3fn bytes, then one float32 scale per group of ``group`` channels; docs/fp8.md).
+
+All enqueue one kernel on ``stream`` (a ``cupy.cuda.Stream``/``ExternalStream``, a raw
 ``cudaStream_t`` as ``int``, or ``None`` for the current CuPy stream) and return at once:
 no host synchronisation, no device allocation, no per-row Python work. Counts live in
 device memory, and the launch configuration depends only on buffer capacities, so a
@@ -53,6 +57,9 @@ __all__ = [
     "kernel_source",
     "load_cupy",
     "mask_rows",
+    "quantize_rows",
+    "quantize_rows_unchecked",
+    "QUANT_CTYPES",
     "sm_count",
     "vector_bytes",
     "warm",
@@ -70,11 +77,14 @@ COPY_CTYPES = {
 #: NumPy dtype name of ``ids`` -> C++ type of the ``mask_rows<T>`` specialisation.
 MASK_CTYPES = {name: DTYPES[name].ctype for name in ID_DTYPES}
 
+#: Logical dtype -> C++ type of the ``quantize_rows<E>`` specialisation (the fp8 sources).
+QUANT_CTYPES = {name: DTYPES[name].ctype for name in ("float32", "float16", "bfloat16")}
+
 #: Every specialisation compiled into the module (also compile-checked on CPU CI by
 #: tests/test_cuda_compile.py, which imports this tuple).
 NAME_EXPRESSIONS = tuple(f"copy_rows<{c}>" for c in COPY_CTYPES.values()) + tuple(
     f"mask_rows<{c}>" for c in MASK_CTYPES.values()
-)
+) + tuple(f"quantize_rows<{c}>" for c in QUANT_CTYPES.values())
 
 #: NVRTC options; the architecture is chosen by CuPy for the device it compiles for.
 COMPILE_OPTIONS = ("-std=c++17",)
@@ -387,3 +397,71 @@ def copy_rows_unchecked(src, dst, desc, i, stream=None) -> None:
     kernel((grid,), (_THREADS,),
            (src, dst, desc, _I64(i), _I64(src.shape[0]), _I64(dst_rows), _I64(row_bytes)),
            stream=stream)
+
+
+def quantize_rows(src, dst, desc, i, group, pow2, dtype, stream=None) -> None:
+    """Enqueue the fp8 quantizing copy of :func:`copy_rows`' window (docs/fp8.md).
+
+    Args:
+        src: CuPy C-contiguous ``[src_rows, H]`` rows of logical ``dtype`` (``"float32"``,
+            ``"float16"``, ``"bfloat16"``; 2-byte storage for the last two); only read.
+        dst: CuPy C-contiguous uint8 ``[dst_rows, H + 4 * H // group]``: each written row is
+            ``H`` float8 e4m3fn bytes, then ``H // group`` float32 scales.
+        desc, i, stream: as :func:`copy_rows`.
+        group: channels per scale (divides ``H``). pow2: power-of-two scales.
+
+    Raises:
+        InputError: wrong types, shapes, contiguity, dtype, group, devices, or a short descriptor.
+        BackendUnavailable: CuPy or a GPU is missing.
+    """
+    cupy = load_cupy()
+    src = _as_device_2d(cupy, src, "src", "quantize_rows")
+    dst = _as_device_2d(cupy, dst, "dst", "quantize_rows")
+    H, group = src.shape[1], int(group)
+    _check_quantize(src, dst, H, group, dtype, numpy.uint8)
+    i = int(i)
+    if i < 0:
+        raise InputError(f"quantize_rows: i: descriptor index must be >= 0, got {i}")
+    desc = check_desc(desc, 4 * i + 4, op="quantize_rows", of=cupy.ndarray)
+    device_id = dst.data.device_id
+    if src.data.device_id != device_id or desc.data.device_id != device_id:
+        raise InputError(f"quantize_rows: src/dst/desc must be on one device, got {src.data.device_id}/"
+                         f"{device_id}/{desc.data.device_id}")
+    with cupy.cuda.Device(device_id):
+        quantize_rows_unchecked(src, dst, desc, i, group, pow2, dtype, _stream_arg(cupy, stream))
+
+
+def _check_quantize(src, dst, H, group, dtype, u8):
+    """The quantize_rows checks both backends share (shapes, dtypes, group)."""
+    if dtype not in QUANT_CTYPES:
+        raise InputError(f"quantize_rows: dtype must be one of {tuple(QUANT_CTYPES)}, got {dtype!r}")
+    if src.dtype.itemsize != DTYPES[dtype].itemsize:
+        raise InputError(f"quantize_rows: src holds {src.dtype} ({src.dtype.itemsize}-byte items), "
+                         f"not {dtype} storage")
+    if group < 1 or H % group:
+        raise InputError(f"quantize_rows: group={group} must be >= 1 and divide the row width {H}")
+    wire = H + 4 * (H // group)
+    if dst.dtype != u8 or dst.shape[1] != wire:
+        raise InputError(f"quantize_rows: dst must be uint8 [rows, {wire}] (H={H} fp8 bytes and {H // group} "
+                         f"float32 scales per row), got {dst.dtype} {tuple(dst.shape)}")
+
+
+def quantize_rows_unchecked(src, dst, desc, i, group, pow2, dtype, stream=None) -> None:
+    """:func:`quantize_rows` without argument validation (the data plane's hot path, on the
+    current device)."""
+    dst_rows, H = dst.shape[0], src.shape[1]
+    if dst_rows == 0 or H == 0:
+        return
+    dev = dst.data.device_id
+    key = (dev, "q", dtype)
+    entry = _fast.get(key)
+    if entry is None:
+        entry = _fast[key] = (COPY.function(dev, f"quantize_rows<{QUANT_CTYPES[dtype]}>"),
+                              sm_count(dev) * _BLOCKS_PER_SM)
+    kernel, cap = entry
+    warps = dst_rows * (H // group)
+    blocks = -(-warps // (_THREADS // 32))
+    grid = blocks if blocks < cap else cap
+    kernel((grid,), (_THREADS,),
+           (src, dst, desc, _I64(i), _I64(src.shape[0]), _I64(dst_rows), _I64(H), _I64(group),
+            numpy.int32(bool(pow2))), stream=stream)

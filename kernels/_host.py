@@ -15,6 +15,13 @@ in bytes. Source and destination regions must not overlap.
 ``ids[slot_offset + n_tokens : slot_offset + slot_rows, :] = fill`` for every slot ``s``, skipping
 rows outside ``ids``. ``ids`` is a C-contiguous ``[rows, k]`` int32 or int64 array.
 
+``quantize_rows(src, dst, desc, i, group, pow2, dtype)``: ``copy_rows``' record and clamps, the
+copied rows quantized into fp8 wire rows (docs/fp8.md; the CUDA twin is ``quantize_rows<E>`` in
+``kernels/copy.cu``, bit for bit): per group of ``group`` channels the scale ``s = amax / 448``
+(float32 division; ``pow2``: rounded up to a power of two ``>= 2**-126``; 0 when ``amax`` is 0),
+``amax`` the largest non-NaN ``|x|``, each channel ``e4m3fn(x / s)`` (``x`` itself when ``s`` is
+0), nearest even, saturated to +-448, NaN -> 0x7F; rows past ``valid`` are zero bytes.
+
 ``stream`` is accepted for signature parity with the CUDA twins and ignored.
 Numba is imported on first use: importing this module never fails without it.
 """
@@ -26,11 +33,14 @@ from dpgather.core.errors import BackendUnavailable, InputError
 from dpgather.core.rows import check_desc, check_rows
 
 __all__ = ["copy_rows", "copy_rows_unchecked", "mask_rows", "copy_rows_ref", "mask_rows_ref",
-           "numba_available", "check_numba"]
+           "quantize_rows", "quantize_rows_unchecked", "numba_available", "check_numba"]
 
 _U8 = np.dtype(np.uint8)
 
-_kernels = None  # (copy kernel, mask kernel) once compiled
+_kernels = None  # (copy kernel, mask kernel, quantize kernel) once compiled
+#: logical source dtype of quantize_rows -> (unsigned storage of its bits, kind code of the kernel)
+_QUANT_KIND = {"float32": (np.dtype(np.uint32), 0), "float16": (np.dtype(np.uint16), 1),
+               "bfloat16": (np.dtype(np.uint16), 2)}
 
 
 def numba_available():
@@ -108,7 +118,91 @@ def _build():
                 for k in range(v.shape[0]):
                     v[k] = fill
 
-    _kernels = (copy_kernel, mask_kernel)
+    @njit(cache=True, nogil=True)
+    def f32_bits(b, kind):
+        # the float32 bits of one source element (exact): float32 as is, bfloat16 in the high
+        # half, float16 widened (its subnormals are float32 normals)
+        if kind == 0:
+            return np.uint32(b)
+        if kind == 2:
+            return np.uint32(b) << np.uint32(16)
+        h = np.uint32(b)
+        sign = (h & np.uint32(0x8000)) << np.uint32(16)
+        e = (h >> np.uint32(10)) & np.uint32(0x1F)
+        m = h & np.uint32(0x3FF)
+        if e == 31:
+            return sign | np.uint32(0x7F800000) | (m << np.uint32(13))
+        if e != 0:
+            return sign | ((e + np.uint32(112)) << np.uint32(23)) | (m << np.uint32(13))
+        if m == 0:
+            return sign
+        k = np.uint32(0)  # normalise m * 2^-24
+        while (m & np.uint32(0x400)) == 0:
+            m <<= np.uint32(1)
+            k += np.uint32(1)
+        return sign | ((np.uint32(113) - k) << np.uint32(23)) | ((m & np.uint32(0x3FF)) << np.uint32(13))
+
+    @njit(cache=True, nogil=True)
+    def e4m3(u, box, fbox):
+        # float8 e4m3fn bits of the float32 with bits u (copy.cu's dpg::e4m3)
+        sign = (u >> np.uint32(24)) & np.uint32(0x80)
+        a = u & np.uint32(0x7FFFFFFF)
+        if a > np.uint32(0x7F800000):
+            return np.uint8(0x7F)
+        if a >= np.uint32(0x43E00000):
+            return np.uint8(sign | np.uint32(0x7E))
+        if a < np.uint32(0x3C800000):
+            box[0] = a
+            return np.uint8(sign | np.uint32(np.rint(fbox[0] * np.float32(512.0))))
+        return np.uint8(sign | (((a + np.uint32(0x7FFFF) + ((a >> np.uint32(20)) & np.uint32(1))) >> np.uint32(20))
+                                - np.uint32(960)))
+
+    @njit(cache=True, nogil=True)
+    def quant_kernel(src, dst, width, group, pow2, kind, src_rows, dst_rows, desc, base):
+        # src: flat [src_rows * width] source bits; dst: flat uint8 [dst_rows * wire]
+        s0 = max(desc[base], 0)
+        nv = max(desc[base + 1], 0)
+        d0 = max(desc[base + 2], 0)
+        nr = max(desc[base + 3], 0)
+        rows = min(nr, max(dst_rows - d0, 0))
+        valid = min(min(nv, max(src_rows - s0, 0)), rows)
+        groups = width // group
+        wire = width + 4 * groups
+        box = np.zeros(1, dtype=np.uint32)
+        fbox = box.view(np.float32)
+        for r in range(valid):
+            srow = (s0 + r) * width
+            q = (d0 + r) * wire
+            for g in range(groups):
+                m = np.uint32(0)
+                for c in range(g * group, (g + 1) * group):
+                    a = f32_bits(src[srow + c], kind) & np.uint32(0x7FFFFFFF)
+                    if a <= np.uint32(0x7F800000) and a > m:
+                        m = a
+                sb = np.uint32(0)
+                if m != 0:
+                    box[0] = m
+                    fbox[0] = fbox[0] / np.float32(448.0)
+                    sb = box[0]
+                    if pow2 and sb != 0:
+                        if sb < np.uint32(0x00800000):
+                            sb = np.uint32(0x00800000)
+                        elif sb & np.uint32(0x007FFFFF):
+                            sb = (sb & np.uint32(0x7F800000)) + np.uint32(0x00800000)
+                box[0] = sb
+                sc = fbox[0]
+                for c in range(g * group, (g + 1) * group):
+                    box[0] = f32_bits(src[srow + c], kind)
+                    if sb != 0:
+                        fbox[0] = fbox[0] / sc
+                    dst[q + c] = e4m3(box[0], box, fbox)
+                for k in range(4):
+                    dst[q + width + 4 * g + k] = np.uint8((sb >> np.uint32(8 * k)) & np.uint32(0xFF))
+        z = dst[(d0 + valid) * wire:(d0 + rows) * wire]
+        for k in range(z.shape[0]):
+            z[k] = 0
+
+    _kernels = (copy_kernel, mask_kernel, quant_kernel)
     return _kernels
 
 
@@ -169,6 +263,8 @@ def warm():
     copy_rows_unchecked(rows, rows.copy(), desc, 0)
     for dt in (np.int32, np.int64):
         mask_rows(np.zeros((2, 1), dtype=dt), np.array([0, 1, 2], dtype=np.int64), 0, 1, -1)
+    for name, (bits, _) in _QUANT_KIND.items():
+        quantize_rows_unchecked(np.zeros((2, 4), dtype=bits), np.zeros((2, 8), dtype=_U8), desc, 0, 4, False, name)
 
 
 def copy_rows_unchecked(src, dst, desc, i, stream=None):
@@ -195,6 +291,37 @@ def mask_rows(ids, desc, i, num_slots, fill, stream=None):
     if ids.size:
         k[1](ids.reshape(-1), ids.shape[0], ids.shape[1], desc, i, num_slots, fill)
     return ids
+
+
+def quantize_rows(src, dst, desc, i, group, pow2, dtype, stream=None):
+    """Quantize ``copy_rows``' window of ``src`` into the fp8 wire rows of ``dst`` (module
+    docstring). ``src``: ``[src_rows, H]`` of logical ``dtype`` (float32, float16, bfloat16; any
+    2-byte storage for the last two); ``dst``: uint8 ``[dst_rows, H + 4 * H // group]``. Returns
+    ``dst``.
+
+    Raises:
+        InputError: bad shapes, dtypes, contiguity, ``group``, descriptor or index.
+        BackendUnavailable: Numba is missing.
+    """
+    from ._cuda import _check_quantize
+
+    check_rows(src, "src", op="quantize_rows", of=np.ndarray)
+    check_rows(dst, "dst", op="quantize_rows", of=np.ndarray, writable=True)
+    group = int(group)
+    _check_quantize(src, dst, src.shape[1], group, dtype, _U8)
+    i = _check_index("quantize_rows", "i", i)
+    check_desc(desc, 4 * i + 4, op="quantize_rows", of=np.ndarray)
+    return quantize_rows_unchecked(src, dst, desc, i, group, pow2, dtype)
+
+
+def quantize_rows_unchecked(src, dst, desc, i, group, pow2, dtype, stream=None):
+    """:func:`quantize_rows` without argument checks (the data plane's path)."""
+    H = src.shape[1]
+    if H and dst.shape[0]:
+        bits, kind = _QUANT_KIND[dtype]
+        (_kernels or _build())[2](src.reshape(-1).view(bits), dst.reshape(-1), H, group, bool(pow2), kind,
+                                  src.shape[0], dst.shape[0], desc, 4 * i)
+    return dst
 
 
 # -- the NumPy twins (reference semantics, same validation) ----------------------------------

@@ -1,5 +1,6 @@
 /*************************************************************************
- * dpgather kernels/copy.cu -- row copies and pad-row masks for the CUDA backend.
+ * dpgather kernels/copy.cu -- row copies, pad-row masks and the fp8 quantizing pack for the
+ * CUDA backend.
  *
  * Compiled at run time with NVRTC through cupy.RawModule (kernels/_cuda.py owns the
  * module and the list of specialisations, NAME_EXPRESSIONS). Semantics are those of
@@ -41,10 +42,25 @@
  *      grid of kThreads-thread blocks sized from total_rows * k (capacity), graph-safe
  *      like copy_rows.
  *
+ *  quantize_rows<E>   E in { float, __half, __nv_bfloat16 }
+ *      copy_rows' descriptor record and clamps, but the `valid` source rows (of `width`
+ *      elements of E) are quantized into wire rows of `width + 4 * width / group` bytes
+ *      (docs/fp8.md): per group of `group` channels, amax = the largest |x| that is not NaN
+ *      (compared as integer bits: no flush to zero), s = amax / 448 (pow2: rounded up to a
+ *      power of two >= 2^-126; s = 0 when amax = 0), q = e4m3fn(x / s) (x itself when
+ *      s = 0) rounded to nearest even, saturated to +-448, NaN -> 0x7F; the row's `width`
+ *      fp8 bytes, then its scales as little-endian float32 bytes. The rows past `valid`
+ *      are zero bytes (zero rows, zero scales). Divisions are div.rn.f32 (subnormals kept).
+ *      Mapping: one warp per (row, group), its lanes striding the group's channels; a
+ *      grid-stride loop over rows x groups, then the zero span as copy_rows fills it.
+ *      Launch: 1-D grid of kThreads-thread blocks sized from dst_total_rows (capacity).
+ *
  * Graph safety: every count and offset is read from device memory at run time; the
  * kernel arguments (pointers, capacities, row width, descriptor index) are fixed per
  * buffer, so a graph captured once is replayed after rewriting `desc` only.
  *************************************************************************/
+
+#include "dpg_device.cuh"
 
 namespace dpg {
 
@@ -61,9 +77,6 @@ template <typename V>
 struct Unroll {
     static constexpr int value = sizeof(V) >= 16 ? DPG_UNROLL16 : (sizeof(V) >= 4 ? 8 : 16);
 };
-
-__device__ __forceinline__ long long nonneg(long long x) { return x < 0 ? 0 : x; }
-__device__ __forceinline__ long long min2(long long a, long long b) { return a < b ? a : b; }
 
 // dst[k] = src[k] for k in [0, n): grid-stride over tiles of kThreads * U vectors, thread t
 // of a tile moving vectors t, t + kThreads, ... (coalesced), all U loads before any store.
@@ -124,16 +137,16 @@ copy_rows(const V* __restrict__ src, V* __restrict__ dst, const long long* __res
           long long i, long long src_total_rows, long long dst_total_rows, long long row_bytes) {
     if (blockDim.x != dpg::kThreads) __trap();  // the tiling assumes kThreads per block
     const long long* d = desc + 4 * i;
-    const long long src_start = dpg::nonneg(d[0]);
-    const long long n_valid = dpg::nonneg(d[1]);
-    const long long dst_start = dpg::nonneg(d[2]);
-    const long long n_rows = dpg::nonneg(d[3]);
+    const long long src_start = dpg_dev::nonneg(d[0]);
+    const long long n_valid = dpg_dev::nonneg(d[1]);
+    const long long dst_start = dpg_dev::nonneg(d[2]);
+    const long long n_rows = dpg_dev::nonneg(d[3]);
 
     const long long dst_avail = dst_start < dst_total_rows ? dst_total_rows - dst_start : 0;
-    const long long rows = dpg::min2(n_rows, dst_avail);
+    const long long rows = dpg_dev::min2(n_rows, dst_avail);
     if (rows <= 0) return;
     const long long src_avail = src_start < src_total_rows ? src_total_rows - src_start : 0;
-    const long long valid = dpg::min2(dpg::min2(n_valid, src_avail), rows);
+    const long long valid = dpg_dev::min2(dpg_dev::min2(n_valid, src_avail), rows);
 
     const long long vpr = row_bytes / (long long)sizeof(V);
     V* out = dst + dst_start * vpr;
@@ -150,11 +163,110 @@ mask_rows(T* __restrict__ ids, const long long* __restrict__ desc, long long i, 
     for (int s = 0; s < num_slots; ++s) {
         const long long* d = desc + i + 3LL * s;
         // Clamp each term to total_rows first so the sums below cannot overflow.
-        const long long offset = dpg::min2(dpg::nonneg(d[0]), total_rows);
-        const long long n_tokens = dpg::min2(dpg::nonneg(d[1]), total_rows);
-        const long long slot_rows = dpg::min2(dpg::nonneg(d[2]), total_rows);
-        const long long r0 = dpg::min2(offset + n_tokens, total_rows);
-        const long long r1 = dpg::min2(offset + slot_rows, total_rows);
+        const long long offset = dpg_dev::min2(dpg_dev::nonneg(d[0]), total_rows);
+        const long long n_tokens = dpg_dev::min2(dpg_dev::nonneg(d[1]), total_rows);
+        const long long slot_rows = dpg_dev::min2(dpg_dev::nonneg(d[2]), total_rows);
+        const long long r0 = dpg_dev::min2(offset + n_tokens, total_rows);
+        const long long r1 = dpg_dev::min2(offset + slot_rows, total_rows);
         if (r1 > r0) dpg::span_fill<T>(ids + r0 * k, (r1 - r0) * k, fill);
     }
+}
+
+namespace dpg {
+
+// The source element of quantize_rows as float32, exactly (bfloat16: its bits are the high half).
+template <typename E>
+struct QuantSrc;
+template <>
+struct QuantSrc<float> {
+    using Bits = unsigned int;
+    static __device__ __forceinline__ float f(Bits b) { return __uint_as_float(b); }
+};
+template <>
+struct QuantSrc<__half> {
+    using Bits = unsigned short;
+    static __device__ __forceinline__ float f(Bits b) { return __half2float(__ushort_as_half(b)); }
+};
+template <>
+struct QuantSrc<__nv_bfloat16> {
+    using Bits = unsigned short;
+    static __device__ __forceinline__ float f(Bits b) { return __uint_as_float((unsigned int)b << 16); }
+};
+
+// float8 e4m3fn bits of r: nearest even, saturated to +-448 (0x7E), NaN -> 0x7F. Integer work on
+// the bits but for the e4m3 subnormal range, where r * 2^9 is exact and rintf rounds to even.
+__device__ __forceinline__ unsigned int e4m3(float r) {
+    const unsigned int u = __float_as_uint(r);
+    const unsigned int sign = (u >> 24) & 0x80u;
+    const unsigned int a = u & 0x7FFFFFFFu;
+    if (a > 0x7F800000u) return 0x7Fu;
+    if (a >= 0x43E00000u) return sign | 0x7Eu;                     // >= 448 (and infinity)
+    if (a < 0x3C800000u) return sign | (unsigned int)rintf(__uint_as_float(a) * 512.0f);  // < 2^-6
+    return sign | (((a + 0x7FFFFu + ((a >> 20) & 1u)) >> 20) - 960u);  // 960 = (127 - 7) << 3
+}
+
+// The scale's bits from amax's bits (docs/fp8.md).
+__device__ __forceinline__ unsigned int scale_bits(unsigned int amax, int pow2) {
+    if (amax == 0u) return 0u;
+    unsigned int s = __float_as_uint(dpg_dev::div_f32(__uint_as_float(amax), 448.0f));
+    if (pow2 && s != 0u) {
+        if (s < 0x00800000u) s = 0x00800000u;
+        else if (s & 0x007FFFFFu) s = (s & 0x7F800000u) + 0x00800000u;
+    }
+    return s;
+}
+
+}  // namespace dpg
+
+template <typename E>
+__global__ void __launch_bounds__(dpg::kThreads)
+quantize_rows(const typename dpg::QuantSrc<E>::Bits* __restrict__ src, unsigned char* __restrict__ dst,
+              const long long* __restrict__ desc, long long i, long long src_total_rows,
+              long long dst_total_rows, long long width, long long group, int pow2) {
+    using Src = dpg::QuantSrc<E>;
+    if (blockDim.x != dpg::kThreads) __trap();
+    const long long* d = desc + 4 * i;
+    const long long src_start = dpg_dev::nonneg(d[0]);
+    const long long n_valid = dpg_dev::nonneg(d[1]);
+    const long long dst_start = dpg_dev::nonneg(d[2]);
+    const long long n_rows = dpg_dev::nonneg(d[3]);
+
+    const long long dst_avail = dst_start < dst_total_rows ? dst_total_rows - dst_start : 0;
+    const long long rows = dpg_dev::min2(n_rows, dst_avail);
+    if (rows <= 0) return;
+    const long long src_avail = src_start < src_total_rows ? src_total_rows - src_start : 0;
+    const long long valid = dpg_dev::min2(dpg_dev::min2(n_valid, src_avail), rows);
+
+    const long long groups = width / group;
+    const long long wire = width + 4 * groups;
+    const long long items = valid * groups;
+    const int lane = threadIdx.x & 31;
+    const long long warps = ((long long)gridDim.x * dpg::kThreads) >> 5;
+    // warp-uniform loop: every lane of a warp takes the same items (the shuffles need all 32)
+#pragma unroll 1
+    for (long long it = ((long long)blockIdx.x * dpg::kThreads + threadIdx.x) >> 5; it < items; it += warps) {
+        const long long r = it / groups, g = it - r * groups;
+        const typename Src::Bits* s = src + (src_start + r) * width + g * group;
+        unsigned char* q = dst + (dst_start + r) * wire;
+        unsigned int m = 0u;
+        for (long long c = lane; c < group; c += 32) {
+            const unsigned int a = __float_as_uint(Src::f(s[c])) & 0x7FFFFFFFu;
+            m = max(m, a > 0x7F800000u ? 0u : a);
+        }
+#pragma unroll
+        for (int o = 16; o; o >>= 1) m = max(m, __shfl_xor_sync(0xFFFFFFFFu, m, o));
+        const unsigned int sb = dpg::scale_bits(m, pow2);
+        const float sc = __uint_as_float(sb);
+        for (long long c = lane; c < group; c += 32) {
+            const float v = Src::f(s[c]);
+            q[g * group + c] = (unsigned char)dpg::e4m3(sb ? dpg_dev::div_f32(v, sc) : v);
+        }
+        if (lane < 4) q[width + 4 * g + lane] = (unsigned char)(sb >> (8 * lane));
+    }
+    unsigned char* z = dst + (dst_start + valid) * wire;
+    const long long nz = (rows - valid) * wire;
+    if (((unsigned long long)z | (unsigned long long)wire) & 3ull)
+        dpg::span_fill<unsigned char>(z, nz, (unsigned char)0);
+    else
+        dpg::span_fill<unsigned int>(reinterpret_cast<unsigned int*>(z), nz >> 2, 0u);
 }

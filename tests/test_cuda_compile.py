@@ -80,9 +80,18 @@ def test_block_size_matches_the_source():
     assert m and int(m.group(1)) == _cuda._THREADS
 
 
+def _copy_options():
+    """copy.cu's NVRTC options with the CUDA headers (its fp8 pack includes cuda_fp16.h)."""
+    inc = cuda_include_dir()
+    if inc is None:
+        pytest.skip("no CUDA headers (cuda_bf16.h) found: set CUDA_PATH or install the toolkit")
+    return _cuda.COMPILE_OPTIONS + (f"-I{inc}",)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_copy_cu_compiles_every_specialisation(nvrtc, arch):
-    ok, log, lowered = compile_source(nvrtc, _cuda.kernel_source(), _cuda.NAME_EXPRESSIONS, arch)
+    ok, log, lowered = compile_source(nvrtc, _cuda.kernel_source(), _cuda.NAME_EXPRESSIONS, arch,
+                                      options=_copy_options())
     assert ok, f"NVRTC rejected kernels/copy.cu for {arch}:\n{log}"
     assert set(lowered) == set(_cuda.NAME_EXPRESSIONS)
     assert len(set(lowered.values())) == len(lowered), lowered
@@ -90,14 +99,14 @@ def test_copy_cu_compiles_every_specialisation(nvrtc, arch):
 
 def test_broken_source_is_rejected(nvrtc):
     broken = _cuda.kernel_source() + "\n__global__ void dpg_broken() { undefined_thing = 1; }\n"
-    ok, log, _ = compile_source(nvrtc, broken, _cuda.NAME_EXPRESSIONS, "compute_90")
+    ok, log, _ = compile_source(nvrtc, broken, _cuda.NAME_EXPRESSIONS, "compute_90", options=_copy_options())
     assert not ok
     assert "undefined_thing" in log
 
 
 def test_unknown_specialisation_is_rejected(nvrtc):
     ok, log, _ = compile_source(nvrtc, _cuda.kernel_source(), ("copy_rows_typo<uint4>",),
-                                "compute_90")
+                                "compute_90", options=_copy_options())
     assert not ok, log
 
 
