@@ -387,7 +387,7 @@ class DpAttention(Closing):
 
     # -- graphs ---------------------------------------------------------------------------
     def graph_runner(self, fn: Callable[[Any], Any], contribution: Literal["replicate", "partial"] = "replicate",
-                     reduce: bool = True, micro_batches: int = 1) -> "GraphRunner":
+                     reduce: bool = True, micro_batches: int = 1, fp8: bool = False) -> "GraphRunner":
         """Capture ``pack -> gather -> fn(G) -> combine -> unpack`` for every graph bucket.
 
         Returns a :class:`~dpgather.GraphRunner` whose ``run(x, plan)`` replays the bucket of
@@ -395,13 +395,14 @@ class DpAttention(Closing):
         the host backend); closed by :meth:`close` before the communicators. ``micro_batches=N >
         1`` captures the *overlapped* step of ``N`` micro-batches: ``run(xs, plans)`` takes one
         input and one plan (from ``sync(batch, micro_batch=i)``) per micro-batch, gathers and
-        combines on a second stream beside each ``fn`` (docs/overlap.md).
+        combines on a second stream beside each ``fn`` (docs/overlap.md). ``fp8=True`` gathers
+        with :meth:`gather_fp8`: ``fn`` receives its :class:`Fp8Rows` (backend arrays).
         """
         self._state.check()
         from ._graph import GraphRunner
 
         runner = GraphRunner(self._path, self.planner, fn, contribution=contribution, reduce=reduce,
-                             micro_batches=micro_batches)
+                             micro_batches=micro_batches, fp8=fp8)
         self._runners.append(runner)
         return runner
 

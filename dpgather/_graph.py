@@ -10,8 +10,9 @@ a replay serves any counts up to its bucket — and over P2P moves only the real
 On the host backend ``run`` executes the same steps eagerly on the same static buffers, so code
 written against the runner is portable and CI-tested.
 
-``fn`` receives the gathered buffer ``G`` (``[D*b, H]``, padding rows zero) and returns ``Y`` of
-the same shape (the MLP output, TP-partial when ``reduce=True``). On CUDA ``fn`` is run once
+``fn`` receives the gathered buffer ``G`` (``[D*b, H]``, padding rows zero; with ``fp8=True`` the
+quantized gather's :class:`~dpgather.Fp8Rows` of those rows instead, docs/fp8.md) and returns ``Y``
+of ``[D*b, H]`` rows in the configured dtype (the MLP output, TP-partial when ``reduce=True``). On CUDA ``fn`` is run once
 eagerly per bucket (warm-up) and then captured; it must be capturable (no host syncs, no
 allocation sizes that depend on data). CuPy refuses cuBLAS calls during stream capture
 (``NotImplementedError``), so ``G @ W`` with CuPy cannot be captured: call cuBLAS directly with a
@@ -75,13 +76,15 @@ class GraphRunner(Closing):
         reduce: combine with a sum over ranks (True) or a copy (False).
         micro_batches: 1 (one micro-batch per step: ``run(x, plan)``) or ``N > 1`` (the
             overlapped step of ``N`` micro-batches: ``run(xs, plans)``).
+        fp8: gather with the owner's quantized gather (``DpAttention(fp8=...)``): ``fn``
+            receives :class:`~dpgather.Fp8Rows` (backend arrays) instead of ``G``.
 
     Static memory: per micro-batch one input of ``max(bucket)`` rows and one gathered / staging /
     combine / output set for the largest bucket (:meth:`memory_stats`), plus ``fn``'s private
     pool; nothing is allocated per step.
     """
 
-    def __init__(self, path, planner, fn, contribution="replicate", reduce=True, micro_batches=1):
+    def __init__(self, path, planner, fn, contribution="replicate", reduce=True, micro_batches=1, fp8=False):
         buckets = planner.graph_buckets
         if not buckets:
             raise InputError("graph_runner needs DpAttention(graph_buckets=...) with at least one bucket")
@@ -93,10 +96,15 @@ class GraphRunner(Closing):
                 or not 1 <= micro_batches <= MAX_RUNNER_MICRO_BATCHES:
             raise InputError(f"micro_batches must be an int in [1, {MAX_RUNNER_MICRO_BATCHES}] (1: one step per "
                              f"run; N > 1: the overlapped step of N micro-batches), got {micro_batches!r}")
+        fp8 = _checks.flag(fp8, "fp8")
+        if fp8 and path.fp8 is None:
+            raise InputError("graph_runner(fp8=True) needs the wire format at construction: DpAttention(..., "
+                             "fp8=dpgather.Fp8Format(group_size=128)) (docs/fp8.md)")
         N = self.micro_batches = int(micro_batches)
         self._path, self._fn = path, fn
         self._partial, self._reduce = bool(partial), bool(reduce)
-        self._flag = 2 * partial + reduce + 4 * (N - 1)
+        self._fp8 = path.fp8 if fp8 else None
+        self._flag = 2 * partial + reduce + 4 * (N - 1) + 64 * fp8
         self._spec = (OpSpec(OP_GRAPH, "GraphRunner.run", _check_one, _work_one, _idle_one) if N == 1 else
                       OpSpec(OP_GRAPH, "GraphRunner.run", _check_many, _work_many, _idle_many, several=N))
         self.buckets = buckets
@@ -106,7 +114,8 @@ class GraphRunner(Closing):
         D = planner.topology.dp_size
         H, bmax = path.hidden_size, buckets[-1]
         row = H * path.storage.itemsize
-        sizes = arena_sizes(D, planner.topology.attn_tp_size, bmax, row, graph=True,
+        sizes = arena_sizes(D, planner.topology.attn_tp_size, bmax,
+                            max(row, self._fp8.wire_bytes(H)) if self._fp8 else row, graph=True,
                             node_replicas=plane.node_step if plane.inter is not None else 0)
         self._arenas, self._inputs, self._descs = [], [], []
         size = path.steps.descriptor.size
@@ -138,16 +147,29 @@ class GraphRunner(Closing):
         if self.micro_batches > 1:
             return self._body_overlap(b, errors)
         plane, L, tr = self._path.plane, self._layouts[b], self._transport[b]
-        G = plane.gather(self._arenas[0], self._inputs[0][:b], L, self._descs[0], self._partial, tr)
+        G = self._gather(self._arenas[0], self._inputs[0][:b], L, self._descs[0], tr)
         Yr = self._apply(G, self._arenas[0], errors)
         return plane.combine(self._arenas[0], Yr, L, self._descs[0], self._reduce, None, tr)
 
+    def _gather(self, arena, x, L, desc, tr):
+        """The step's gather (the quantized one with ``fp8``): ``G``, or the wire rows."""
+        plane = self._path.plane
+        if self._fp8 is None:
+            return plane.gather(arena, x, L, desc, self._partial, tr)
+        return plane.gather_fp8(arena, x, L, desc, self._partial, tr, self._fp8)
+
     def _apply(self, G, arena, errors):
-        """``fn(G)`` checked. When it raises or returns a bad array the step goes on with zeros
-        (the peers' combine needs this rank's collectives) and the error is kept in ``errors``."""
+        """``fn(G)`` (with ``fp8``: ``fn`` of the :class:`~dpgather.Fp8Rows` of the wire rows
+        ``G``) checked. When it raises or returns a bad array the step goes on with zeros (the
+        peers' combine needs this rank's collectives) and the error is kept in ``errors``."""
         path = self._path
         try:
-            Yr, _ = path.rows(self._fn(G), "fn(G)")
+            if self._fp8 is not None:
+                from ._fp8 import Fp8Rows
+
+                Yr, _ = path.rows(self._fn(Fp8Rows(*path.fp8_views.split(G), G)), "fn(G)")
+            else:
+                Yr, _ = path.rows(self._fn(G), "fn(G)")
             if Yr.shape[0] < G.shape[0]:
                 raise InputError(f"fn(G) must return at least {G.shape[0]} rows, got {Yr.shape[0]}")
             return Yr
@@ -179,8 +201,8 @@ class GraphRunner(Closing):
         edge(main, side, ev and ev["fork"])
         Gs = []
         for i in range(N):
-            Gs.append(on(side, lambda i=i: plane.gather(self._arenas[i], self._inputs[i][:b], L, self._descs[i],
-                                                        self._partial, tr)))
+            Gs.append(on(side, lambda i=i: self._gather(self._arenas[i], self._inputs[i][:b], L, self._descs[i],
+                                                        tr)))
             if ev:
                 ev["g"][i].record(side)
         outs, Ys = [], []

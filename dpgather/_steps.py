@@ -191,6 +191,8 @@ def preallocate(arenas, sync, rank, topology, config, row_bytes):
     agreed (one object exchange over ``sync``), so every rank raises the same ConfigError naming
     the size when any rank could not allocate."""
     D, A, tokens = topology.dp_size, topology.attn_tp_size, config.max_tokens_per_rank
+    if config.fp8 is not None:  # the quantized gather's wire rows share the roles
+        row_bytes = max(row_bytes, config.fp8.wire_bytes(config.hidden_size))
     sizes = arena_sizes(D, A, max(tokens, config.largest_bucket), row_bytes)
     error = None
     try:
