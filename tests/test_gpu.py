@@ -178,3 +178,13 @@ def test_calibration_is_cached_and_loaded(tmp_path):
                     env={**ENV, "DPGATHER_CACHE_DIR": str(tmp_path)})
     assert all(r["cost_model"].startswith("calibrated") for r in res.results.values()), res.results
 
+
+
+def test_fp8_quantized_gather(tmp_path):
+    """The CUDA quantize kernel bit for bit against tests/fp8_reference.py (random bits, every
+    source dtype, groups, power-of-two scales, a poisoned window) and ``gather_fp8`` / the fp8
+    graph runner on one GPU (tests/gpu/fp8_check.py); runs with a single GPU."""
+    res = run_local([str(GPU_DIR / "fp8_check.py"), "--skip", "timing", "--out", str(tmp_path / "fp8.json")],
+                    timeout=400, env=ENV)
+    assert_ok(res, 1, "fp8_check")
+    assert res.results[0]["checks"] > 300, res.results[0]

@@ -5,7 +5,7 @@
 # .venv-node too (made by the `test` or `build` phase). Phases, each under `timeout`:
 #   bash tests/gpu/device_run.sh [test] [build] [gputest] [p2p] [eager] [sanitize] [copy] [collective]
 #                                [graph] [graphnccl] [calibrate] [overlap] [overlapbench] [sanitize2]
-#                                [p2pparts] [p2player] [pack] [loopback]
+#                                [p2pparts] [p2player] [pack] [loopback] [fp8]
 # Nothing is exported for the tests: every setting Open MPI needs (running as root, oversubscription)
 # comes from dpgather's own launcher settings, as it would for a user.
 set -u
@@ -31,6 +31,9 @@ p2p)
 loopback)  # both P2P kernels on one GPU (virtual ranks): the push matrix and push vs pull timing
   run loopback ${T_LOOP:-400} python3 tests/gpu/loopback.py --out "$OUT/loopback.json"
   tail -n 14 "$OUT/loopback.log" | tee -a "$summary" ;;
+fp8)  # the quantized gather on one GPU: the kernel bit for bit, the data plane, quantize vs copy timing
+  run fp8_check ${T_FP8:-300} python3 tests/gpu/fp8_check.py --out "$OUT/fp8.json"
+  tail -n 8 "$OUT/fp8_check.log" | tee -a "$summary" ;;
 p2pvariants)  # the kernel's tuning switches (kernels/pull.cu), timed by the self-test
   for v in "" "DPG_P2P_FLAG_FENCE=0" "DPG_P2P_RELAXED_POLL=1" "DPG_P2P_FLAG_FENCE=0,DPG_P2P_RELAXED_POLL=1,DPG_P2P_SLEEP_AFTER=100000"; do
     tag=$(echo "${v:-default}" | tr '=,' '__')
