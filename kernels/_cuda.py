@@ -59,6 +59,7 @@ __all__ = [
     "mask_rows",
     "quantize_rows",
     "quantize_rows_unchecked",
+    "quantize_lanes",
     "QUANT_CTYPES",
     "sm_count",
     "vector_bytes",
@@ -84,7 +85,7 @@ QUANT_CTYPES = {name: DTYPES[name].ctype for name in ("float32", "float16", "bfl
 #: tests/test_cuda_compile.py, which imports this tuple).
 NAME_EXPRESSIONS = tuple(f"copy_rows<{c}>" for c in COPY_CTYPES.values()) + tuple(
     f"mask_rows<{c}>" for c in MASK_CTYPES.values()
-) + tuple(f"quantize_rows<{c}>" for c in QUANT_CTYPES.values())
+) + tuple(f"quantize_rows{v}<{c}>" for v in ("", "_v16") for c in QUANT_CTYPES.values())
 
 #: NVRTC options; the architecture is chosen by CuPy for the device it compiles for.
 COMPILE_OPTIONS = ("-std=c++17",)
@@ -446,22 +447,36 @@ def _check_quantize(src, dst, H, group, dtype, u8):
                          f"float32 scales per row), got {dst.dtype} {tuple(dst.shape)}")
 
 
+def quantize_lanes(row_bytes, group_bytes, wire, itemsize, *pointers) -> int:
+    """Lanes per group of ``quantize_rows_v16`` (a power of two <= 32), or 0 where its 16-byte
+    accesses do not fit the rows, the group or the pointers (then ``quantize_rows`` serves)."""
+    vec = 16 // itemsize
+    if row_bytes % 16 or group_bytes % 16 or wire % vec or any(p % 16 for p in pointers):
+        return 0
+    chunks = group_bytes // 16
+    if chunks <= 32:
+        return chunks if chunks & (chunks - 1) == 0 else 0
+    return 32 if chunks % 32 == 0 else 0
+
+
 def quantize_rows_unchecked(src, dst, desc, i, group, pow2, dtype, stream=None) -> None:
     """:func:`quantize_rows` without argument validation (the data plane's hot path, on the
     current device)."""
     dst_rows, H = dst.shape[0], src.shape[1]
     if dst_rows == 0 or H == 0:
         return
-    dev = dst.data.device_id
-    key = (dev, "q", dtype)
+    dev, size = dst.data.device_id, src.itemsize
+    lanes = quantize_lanes(H * size, group * size, dst.shape[1], size, src.data.ptr, dst.data.ptr)
+    key = (dev, "q", dtype, lanes > 0)
     entry = _fast.get(key)
     if entry is None:
-        entry = _fast[key] = (COPY.function(dev, f"quantize_rows<{QUANT_CTYPES[dtype]}>"),
-                              sm_count(dev) * _BLOCKS_PER_SM)
+        name = f"quantize_rows{'_v16' if lanes else ''}<{QUANT_CTYPES[dtype]}>"
+        entry = _fast[key] = (COPY.function(dev, name), sm_count(dev) * _BLOCKS_PER_SM)
     kernel, cap = entry
-    warps = dst_rows * (H // group)
+    items_per_warp = 32 // lanes if lanes else 1
+    warps = -(-dst_rows * (H // group) // items_per_warp)
     blocks = -(-warps // (_THREADS // 32))
     grid = blocks if blocks < cap else cap
-    kernel((grid,), (_THREADS,),
-           (src, dst, desc, _I64(i), _I64(src.shape[0]), _I64(dst_rows), _I64(H), _I64(group),
-            numpy.int32(bool(pow2))), stream=stream)
+    args = (src, dst, desc, _I64(i), _I64(src.shape[0]), _I64(dst_rows), _I64(H), _I64(group),
+            numpy.int32(bool(pow2)))
+    kernel((grid,), (_THREADS,), args + ((numpy.int32(lanes),) if lanes else ()), stream=stream)

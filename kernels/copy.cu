@@ -55,6 +55,15 @@
  *      grid-stride loop over rows x groups, then the zero span as copy_rows fills it.
  *      Launch: 1-D grid of kThreads-thread blocks sized from dst_total_rows (capacity).
  *
+ *  quantize_rows_v16<E>   the same result, 16-byte loads: `lanes` lanes (a power of two <= 32)
+ *      take one group, each `16 / sizeof(E)` consecutive channels per chunk, `group / (lanes *
+ *      16 / sizeof(E))` chunks each; the amax is reduced over the lanes with shuffles, the
+ *      fp8 bytes stored as one 8- or 4-byte word per chunk, the scale as one word. A warp
+ *      takes 32 / lanes groups at once. Needs (the host checks, else quantize_rows):
+ *      src and dst base pointers 16-byte aligned, width * sizeof(E), group * sizeof(E) and
+ *      width * sizeof(E) and group * sizeof(E) multiples of 16, the wire row a multiple of the
+ *      store word (16 / sizeof(E) bytes).
+ *
  * Graph safety: every count and offset is read from device memory at run time; the
  * kernel arguments (pointers, capacities, row width, descriptor index) are fixed per
  * buffer, so a graph captured once is replayed after rewriting `desc` only.
@@ -262,6 +271,89 @@ quantize_rows(const typename dpg::QuantSrc<E>::Bits* __restrict__ src, unsigned 
             q[g * group + c] = (unsigned char)dpg::e4m3(sb ? dpg_dev::div_f32(v, sc) : v);
         }
         if (lane < 4) q[width + 4 * g + lane] = (unsigned char)(sb >> (8 * lane));
+    }
+    unsigned char* z = dst + (dst_start + valid) * wire;
+    const long long nz = (rows - valid) * wire;
+    if (((unsigned long long)z | (unsigned long long)wire) & 3ull)
+        dpg::span_fill<unsigned char>(z, nz, (unsigned char)0);
+    else
+        dpg::span_fill<unsigned int>(reinterpret_cast<unsigned int*>(z), nz >> 2, 0u);
+}
+
+template <typename E>
+__global__ void __launch_bounds__(dpg::kThreads)
+quantize_rows_v16(const uint4* __restrict__ src, unsigned char* __restrict__ dst,
+                  const long long* __restrict__ desc, long long i, long long src_total_rows,
+                  long long dst_total_rows, long long width, long long group, int pow2, int lanes) {
+    using Src = dpg::QuantSrc<E>;
+    using Bits = typename Src::Bits;
+    constexpr int kVec = 16 / sizeof(Bits);  // channels per 16-byte load: 8 (2-byte) or 4 (float)
+    if (blockDim.x != dpg::kThreads) __trap();
+    const long long* d = desc + 4 * i;
+    const long long src_start = dpg_dev::nonneg(d[0]);
+    const long long n_valid = dpg_dev::nonneg(d[1]);
+    const long long dst_start = dpg_dev::nonneg(d[2]);
+    const long long n_rows = dpg_dev::nonneg(d[3]);
+
+    const long long dst_avail = dst_start < dst_total_rows ? dst_total_rows - dst_start : 0;
+    const long long rows = dpg_dev::min2(n_rows, dst_avail);
+    if (rows <= 0) return;
+    const long long src_avail = src_start < src_total_rows ? src_total_rows - src_start : 0;
+    const long long valid = dpg_dev::min2(dpg_dev::min2(n_valid, src_avail), rows);
+
+    const long long groups = width / group;
+    const long long wire = width + 4 * groups;
+    const long long items = valid * groups;
+    const int per_warp = 32 / lanes;
+    const int sub = threadIdx.x & (lanes - 1);
+    const int slot = (threadIdx.x & 31) / lanes;
+    const long long chunks = group / ((long long)lanes * kVec);
+    const long long warps = ((long long)gridDim.x * dpg::kThreads) >> 5;
+#pragma unroll 1
+    for (long long base = (((long long)blockIdx.x * dpg::kThreads + threadIdx.x) >> 5) * per_warp;
+         base < items; base += warps * per_warp) {
+        // warp-uniform trip count: lanes of an item past the end join the shuffles with amax 0
+        const long long it = base + slot;
+        const bool live = it < items;
+        const long long r = live ? it / groups : 0, g = live ? it - r * groups : 0;
+        const uint4* s = src + ((src_start + r) * width + g * group) / kVec;
+        unsigned int m = 0u;
+        uint4 first = make_uint4(0u, 0u, 0u, 0u);
+        if (live) {
+            for (long long c = 0; c < chunks; ++c) {
+                const uint4 v = s[c * lanes + sub];
+                if (c == 0) first = v;
+                const Bits* b = reinterpret_cast<const Bits*>(&v);
+#pragma unroll
+                for (int k = 0; k < kVec; ++k) {
+                    const unsigned int a = __float_as_uint(Src::f(b[k])) & 0x7FFFFFFFu;
+                    m = max(m, a > 0x7F800000u ? 0u : a);
+                }
+            }
+        }
+        for (int o = lanes >> 1; o; o >>= 1) m = max(m, __shfl_xor_sync(0xFFFFFFFFu, m, o));
+        if (!live) continue;
+        const unsigned int sb = dpg::scale_bits(m, pow2);
+        const float sc = __uint_as_float(sb);
+        unsigned char* q = dst + (dst_start + r) * wire;
+        for (long long c = 0; c < chunks; ++c) {
+            const uint4 v = c == 0 ? first : s[c * lanes + sub];
+            const Bits* b = reinterpret_cast<const Bits*>(&v);
+            unsigned int w[kVec / 4];
+#pragma unroll
+            for (int k = 0; k < kVec / 4; ++k) w[k] = 0u;
+#pragma unroll
+            for (int k = 0; k < kVec; ++k) {
+                const float x = Src::f(b[k]);
+                w[k / 4] |= dpg::e4m3(sb ? dpg_dev::div_f32(x, sc) : x) << (8 * (k % 4));
+            }
+            unsigned char* o = q + g * group + (c * lanes + sub) * kVec;
+            if (kVec == 8)
+                *reinterpret_cast<uint2*>(o) = make_uint2(w[0], w[kVec / 4 - 1]);
+            else
+                *reinterpret_cast<unsigned int*>(o) = w[0];
+        }
+        if (sub == 0) *reinterpret_cast<unsigned int*>(q + width + 4 * g) = sb;
     }
     unsigned char* z = dst + (dst_start + valid) * wire;
     const long long nz = (rows - valid) * wire;

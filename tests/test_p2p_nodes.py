@@ -76,7 +76,7 @@ def test_descriptor_of_a_node():
     plan_mode = dg.PaddingMode.VARLEN
     hidden = Layout(plan_mode, counts, slots, offsets, offsets[-1], rank // A, rank % A, A)
     logits = hidden
-    sigs = {"gather_replicate": 1, "gather_partial": 2, "combine": 3, "logits": 4}
+    sigs = {"gather_replicate": 1, "gather_partial": 2, "combine": 3, "logits": 4, "wire": 5}
     whole, node = Descriptor(D, A), Descriptor(D, A, L)
     assert (node.node_size, node.node_replicas, whole.node_size) == (4, 2, 8)
     assert node.size < whole.size

@@ -107,7 +107,7 @@ def test_descriptor_push_records_of_a_node():
     counts, slots = [3, 0, 5, 2], [4, 2, 6, 2]
     offsets = [0] + np.cumsum(slots).tolist()
     hidden = Layout(PaddingMode.VARLEN, counts, slots, offsets, offsets[-1], rank // A, rank % A, A)
-    sigs = {"gather_replicate": 1, "gather_partial": 2, "combine": 3, "logits": 4}
+    sigs = {"gather_replicate": 1, "gather_partial": 2, "combine": 3, "logits": 4, "wire": 5}
     desc = Descriptor(D, A, L)
     out = desc.write(np.zeros(desc.size, np.int64), None, hidden, hidden, rank, sigs)
     # replicate: one send per replica of the node, to the rank at attn-TP position 1 (node ranks 1, 3)
@@ -119,6 +119,10 @@ def test_descriptor_push_records_of_a_node():
     assert _records(desc, out, "combine") == (
         3, [[0, 5, 0, 0, 2], [6, 2, 0, 2, 2]], [[0, 5, 1 << 62, 0, 0, 4, 1]], 0)
     assert _records(desc, out, "logits")[1] == [[0, 5, 0, 1, 1], [0, 5, 0, 3, 1]]
+    # the quantized gather's wire rows: the replicate gather's records under their own signature
+    assert _records(desc, out, "wire") == (5,) + _records(desc, out, "gather_replicate")[1:]
+    p2p = [out[desc.p2p[name] + 1:desc.p2p[name] + 7 * (1 + desc.node_replicas)] for name in ("wire", "gather_replicate")]
+    assert out[desc.p2p["wire"]] == 5 and np.array_equal(*p2p)
     # the pull entries are where they were: push entries come after them
     assert min(desc.push.values()) > max(desc.p2p.values())
     whole = Descriptor(D, A)

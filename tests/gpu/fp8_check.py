@@ -4,7 +4,8 @@
     python tests/gpu/fp8_check.py [--skip kernel,plane,timing] [--out fp8.json]
 
 Phases:
-  kernel   ``dpgather.kernels.cuda.quantize_rows`` (kernels/copy.cu) against the NumPy reference
+  kernel   ``dpgather.kernels.cuda.quantize_rows`` (kernels/copy.cu: the 16-byte and the scalar
+           kernel, an unaligned source taking the scalar one) against the NumPy reference
            tests/fp8_reference.py, bit for bit: random bit patterns (NaN, infinities, subnormals)
            and normal values over 45 decades for float32, float16 and bfloat16, groups 1, 16, 128
            and H, power-of-two scales on and off, a window inside a poisoned output (rows past
@@ -22,6 +23,7 @@ Output: a table, a JSON summary at --out, exit code 0 iff every check passed.
 """
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -43,10 +45,11 @@ def random_rows(g, dtype, rows, H, kind):
     """Host rows of ``dtype`` storage: raw random bits (every special value) or normal values."""
     bits = DTYPES[dtype]
     if kind == "bits":
-        return g.integers(0, np.iinfo(bits).max, size=(rows, H), dtype=bits, endpoint=True)
+        b = g.integers(0, np.iinfo(bits).max, size=(rows, H), dtype=bits, endpoint=True)
+        return b.view(np.float32) if dtype == "float32" else b
     v = g.standard_normal((rows, H)) * 10.0 ** g.integers(-20 if dtype != "float32" else -40, 5, size=(rows, 1))
     if dtype == "float32":
-        return v.astype(np.float32).view(bits)
+        return v.astype(np.float32)
     if dtype == "float16":
         return v.astype(np.float16).view(bits)
     return (v.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
@@ -62,21 +65,22 @@ def kernel_phase(chk):
     for dtype in DTYPES:
         for kind in ("bits", "values"):
             x = random_rows(g, dtype, n, H, kind)
-            xd = cupy.asarray(x)
-            for group in (1, 16, 128, H):
-                for pow2 in (False, True):
-                    chk.ctx = f"kernel {dtype} {kind} group={group} pow2={pow2}"
-                    W = H + 4 * (H // group)
-                    out = cupy.full((n + 4, W), 0xA5, dtype=cupy.uint8)
-                    desc = cupy.asarray(np.array([3, n - 7, 2, n - 1], dtype=np.int64))
-                    cuda.quantize_rows(xd, out, desc, 0, group, pow2, dtype)
-                    got = out.get()
-                    exp = quantize(x[3:n - 4], dtype, group, pow2)
-                    bad = np.argwhere(got[2:n - 5] != exp)
-                    chk.ok(len(bad) == 0, lambda: f"{len(bad)} bytes differ, first at {bad[0].tolist()}: "
-                           f"got {got[2:n - 5][tuple(bad[0])]:#x}, expected {exp[tuple(bad[0])]:#x}")
-                    chk.ok(not got[n - 5:n + 1].any(), "rows past the valid ones are not zero")
-                    chk.ok((got[:2] == 0xA5).all() and (got[n + 1:] == 0xA5).all(), "wrote outside the window")
+            shifted = cupy.empty(x.size + 1, dtype=x.dtype)[1:].reshape(x.shape)  # not 16-byte aligned
+            shifted[...] = cupy.asarray(x)
+            for group, pow2, xd in itertools.product((1, 16, 128, H), (False, True), (cupy.asarray(x), shifted)):
+                path = "16-byte" if xd.data.ptr % 16 == 0 and group * x.itemsize % 16 == 0 else "scalar"
+                chk.ctx = f"kernel {dtype} {kind} group={group} pow2={pow2} {path}"
+                W = H + 4 * (H // group)
+                out = cupy.full((n + 4, W), 0xA5, dtype=cupy.uint8)
+                desc = cupy.asarray(np.array([3, n - 7, 2, n - 1], dtype=np.int64))
+                cuda.quantize_rows(xd, out, desc, 0, group, pow2, dtype)
+                got = out.get()
+                exp = quantize(x[3:n - 4], dtype, group, pow2)
+                bad = np.argwhere(got[2:n - 5] != exp)
+                chk.ok(len(bad) == 0, lambda: f"{len(bad)} bytes differ, first at {bad[0].tolist()}: "
+                       f"got {got[2:n - 5][tuple(bad[0])]:#x}, expected {exp[tuple(bad[0])]:#x}")
+                chk.ok(not got[n - 5:n + 1].any(), "rows past the valid ones are not zero")
+                chk.ok((got[:2] == 0xA5).all() and (got[n + 1:] == 0xA5).all(), "wrote outside the window")
 
 
 def plane_phase(chk):
