@@ -214,6 +214,36 @@ __device__ __forceinline__ unsigned int e4m3(float r) {
     return sign | (((a + 0x7FFFFu + ((a >> 20) & 1u)) >> 20) - 960u);  // 960 = (127 - 7) << 3
 }
 
+// Two e4m3fn bytes (lo in the low byte), as e4m3 computes each. sm_89 and later convert both in
+// one instruction (cvt.rn.satfinite: nearest even, saturated, NaN to NaN); its NaN byte gets
+// the sign bit cleared, as e4m3 writes it.
+__device__ __forceinline__ unsigned int e4m3x2(float lo, float hi) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+    unsigned short h;
+    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(h) : "f"(hi), "f"(lo));
+    unsigned int v = h;
+    if ((v & 0x7Fu) == 0x7Fu) v &= 0xFF7Fu;
+    if ((v & 0x7F00u) == 0x7F00u) v &= 0x7FFFu;
+    return v;
+#else
+    return e4m3(lo) | (e4m3(hi) << 8);
+#endif
+}
+
+// x / s of the quantized gather: a power-of-two scale divides exactly by a product with its
+// reciprocal (also a power of two, or 0 for an infinite scale), any other scale by div.rn.
+struct Divide {
+    float s, inv;
+    bool exact;
+    __device__ __forceinline__ explicit Divide(unsigned int sb)
+        : s(__uint_as_float(sb)),
+          inv(sb == 0x7F800000u ? 0.0f : __uint_as_float(0x7F000000u - sb)),
+          exact((sb & 0x007FFFFFu) == 0u && sb >= 0x00800000u) {}
+    __device__ __forceinline__ float operator()(float x) const {
+        return exact ? dpg_dev::mul_f32(x, inv) : dpg_dev::div_f32(x, s);
+    }
+};
+
 // The scale's bits from amax's bits (docs/fp8.md).
 __device__ __forceinline__ unsigned int scale_bits(unsigned int amax, int pow2) {
     if (amax == 0u) return 0u;
@@ -315,7 +345,16 @@ quantize_rows_v16(const uint4* __restrict__ src, unsigned char* __restrict__ dst
         // warp-uniform trip count: lanes of an item past the end join the shuffles with amax 0
         const long long it = base + slot;
         const bool live = it < items;
-        const long long r = live ? it / groups : 0, g = live ? it - r * groups : 0;
+        long long r = 0, g = 0;
+        if (live) {
+            if (items <= 0xFFFFFFFFLL) {  // 32-bit division: a 64-bit one costs as much as the group's math
+                r = (unsigned int)it / (unsigned int)groups;
+                g = (unsigned int)it - (unsigned int)r * (unsigned int)groups;
+            } else {
+                r = it / groups;
+                g = it - r * groups;
+            }
+        }
         const uint4* s = src + ((src_start + r) * width + g * group) / kVec;
         unsigned int m = 0u;
         uint4 first = make_uint4(0u, 0u, 0u, 0u);
@@ -334,7 +373,7 @@ quantize_rows_v16(const uint4* __restrict__ src, unsigned char* __restrict__ dst
         for (int o = lanes >> 1; o; o >>= 1) m = max(m, __shfl_xor_sync(0xFFFFFFFFu, m, o));
         if (!live) continue;
         const unsigned int sb = dpg::scale_bits(m, pow2);
-        const float sc = __uint_as_float(sb);
+        const dpg::Divide div(sb);
         unsigned char* q = dst + (dst_start + r) * wire;
         for (long long c = 0; c < chunks; ++c) {
             const uint4 v = c == 0 ? first : s[c * lanes + sub];
@@ -343,9 +382,9 @@ quantize_rows_v16(const uint4* __restrict__ src, unsigned char* __restrict__ dst
 #pragma unroll
             for (int k = 0; k < kVec / 4; ++k) w[k] = 0u;
 #pragma unroll
-            for (int k = 0; k < kVec; ++k) {
-                const float x = Src::f(b[k]);
-                w[k / 4] |= dpg::e4m3(sb ? dpg_dev::div_f32(x, sc) : x) << (8 * (k % 4));
+            for (int k = 0; k < kVec; k += 2) {
+                const float x0 = Src::f(b[k]), x1 = Src::f(b[k + 1]);
+                w[k / 4] |= dpg::e4m3x2(sb ? div(x0) : x0, sb ? div(x1) : x1) << (8 * (k % 4));
             }
             unsigned char* o = q + g * group + (c * lanes + sub) * kVec;
             if (kVec == 8)

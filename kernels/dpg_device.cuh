@@ -2,7 +2,7 @@
  * dpgather kernels/dpg_device.cuh -- device code shared by the kernels.
  *
  * Included by kernels/pull.cu, kernels/push.cu and kernels/copy.cu (the fp8 quantizing pack
- * uses div_f32 only; kernels._cuda.CudaSource inlines quoted .cuh
+ * uses div_f32 and mul_f32 only; kernels._cuda.CudaSource inlines quoted .cuh
  * includes, so NVRTC always compiles one self-contained text). Holds what both kernels share:
  *  - Elem<E>: the arithmetic of sums on raw element bits (float16/bfloat16 accumulate in
  *    fp32 and round once; integer sums wrap modulo 2^bits);
@@ -80,6 +80,17 @@ __device__ __forceinline__ float div_f32(float a, float b) {
 #else
     float r;
     asm("div.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+    return r;
+#endif
+}
+
+// fp32 product rounded to nearest even that keeps subnormals (mul.ftz.f32 would flush them).
+__device__ __forceinline__ float mul_f32(float a, float b) {
+#ifdef DPG_P2P_EMULATION
+    return a * b;
+#else
+    float r;
+    asm("mul.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
     return r;
 #endif
 }

@@ -22,7 +22,7 @@ def as_float32(rows, dtype):
 
 def scales(x32, group, pow2):
     """``[rows, H / group]`` float32 scales of float32 rows."""
-    g = x32.reshape(x32.shape[0], -1, group)
+    g = x32.reshape(x32.shape[0], x32.shape[1] // group, group)
     mag = np.abs(g)
     amax = np.where(np.isnan(mag), np.float32(0), mag).max(axis=2).astype(np.float32)
     with np.errstate(all="ignore"):
@@ -43,7 +43,7 @@ def quantize(rows, dtype, group, pow2=False):
     x32 = as_float32(np.ascontiguousarray(rows), dtype)
     n, H = x32.shape
     s = scales(x32, group, pow2)
-    g = x32.reshape(n, -1, group)
+    g = x32.reshape(n, H // group, group)
     sb = np.broadcast_to(s[:, :, None], g.shape)
     with np.errstate(all="ignore"):
         r = np.where(sb == 0, g, g / sb).astype(np.float32)
@@ -52,7 +52,7 @@ def quantize(rows, dtype, group, pow2=False):
     q[np.isnan(r.reshape(n, H))] = 0x7F
     out = np.zeros((n, H + 4 * (H // group)), dtype=np.uint8)
     out[:, :H] = q
-    out[:, H:] = s.astype("<f4").view(np.uint8).reshape(n, -1)
+    out[:, H:] = s.astype("<f4").view(np.uint8).reshape(n, 4 * (H // group))
     return out
 
 
