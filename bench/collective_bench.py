@@ -41,6 +41,15 @@ CUDA graph (no Python launch cost: the collectives' own time); ``eager`` timings
 Python (what an eager step pays). dpgather and nccl-raw are timed both ways (the table shows graph
 numbers, plus the eager total); torch is timed eagerly. A host barrier precedes each repetition.
 
+fp8 (``--fp8-group G``, default 128; ``--fp8-group 0``: off): the forced variants' DpAttentions
+are built with ``fp8=Fp8Format(G)`` (their policy and transport are forced, so their plans are
+the ones the bf16 gather gets; auto's DpAttention has no fp8, so its choices stay those of bf16
+rows) and ``DpAttention.gather_fp8`` is timed beside ``gather`` on the same plans and inputs, by
+the same protocol: column ``gather-fp8`` and ``fp8/bf16`` (its time over the bf16 gather's, both
+graph or both eager); ``N/A`` where not measured (auto, nccl-raw, torch rows). Checked before
+timing: every replica's wire rows equal ``dpgather.kernels.cuda.quantize_rows`` of its expected
+rows (the exactness contract, docs/fp8.md), padding rows zero (counted in #wrong).
+
 Checks (#wrong): before timing, each mode's gathered buffer is compared element by element with
 the expected rows (inputs are small multiples of 1/8, so bfloat16 sums are exact in any order)
 and zero padding, and each mode's combine output with the exact sum over ranks. The torch recipes
@@ -386,6 +395,28 @@ def run_pattern(c, pi, pname, A):
             wrong += int(cupy.count_nonzero(y[n_own:]))
         return wrong
 
+    exp_q = []
+    if c.fp8_group:
+        W = H + 4 * (H // c.fp8_group)
+        for dd in range(D):
+            q = cupy.zeros((counts[dd], W), dtype=cupy.uint8)
+            if counts[dd]:
+                desc = cupy.asarray(np.array([0, counts[dd], 0, counts[dd]], np.int64))
+                c.kernels.quantize_rows(exp_x[dd], q, desc, 0, c.fp8_group, False, "bfloat16")
+            exp_q.append(q)
+        cupy.cuda.Device().synchronize()
+
+    def check_fp8(wire, p):
+        """Wrong bytes of a gather_fp8's wire rows: each replica's quantized rows, zero padding."""
+        wrong = 0 if int(wire.shape[0]) == int(p.gathered_rows) else 1
+        for dd in range(D):
+            o, n, sr = int(p.slot_offsets[dd]), counts[dd], int(p.slot_rows[dd])
+            if n:
+                wrong += int(cupy.count_nonzero(wire[o:o + n] != exp_q[dd]))
+            if sr > n:
+                wrong += int(cupy.count_nonzero(wire[o + n:o + sr]))
+        return wrong
+
     def agree_wrong(w):
         return int(c.world.allreduce(int(w), op=c.MPI.SUM))
 
@@ -396,6 +427,8 @@ def run_pattern(c, pi, pname, A):
             p, dp = plans[m], dps[m]
             dp.scatter(Y[0, :p.gathered_rows], p, reduce=True)
             dp.gather(xs[0], p, contribution=contrib)
+            if m in c.fp8_variants:
+                dp.gather_fp8(xs[0], p, contribution=contrib)
         stream.synchronize()
 
     measured = {}
@@ -417,16 +450,24 @@ def run_pattern(c, pi, pname, A):
             wc = check_combine(y)
             stream.synchronize()
             del Yv
-        wrong = agree_wrong(wg + wc)
+        wf = 0
+        if m in c.fp8_variants:
+            with stream:
+                wf = check_fp8(dp.gather_fp8(xs[0], p, contribution=contrib).wire, p)
+                stream.synchronize()
+        wrong = agree_wrong(wg + wc + wf)
         rows = int(p.gathered_rows)
         tg = c.timer.measure(lambda j, dp=dp, p=p: dp.gather(xs[j % nrot], p, contribution=contrib))
+        tf = (c.timer.measure(lambda j, dp=dp, p=p: dp.gather_fp8(xs[j % nrot], p, contribution=contrib))
+              if m in c.fp8_variants else None)
         tc = c.timer.measure(lambda j, dp=dp, p=p: dp.scatter(Y[j % nrot, :rows], p, reduce=True))
         row = {"mode": m, "chosen": _chosen(p), "how": "graph",
-               "moved_bytes": rows * R, "gather": tg, "combine": tc, "wrong": wrong,
-               "wrong_gather": agree_wrong(wg), "wrong_combine": agree_wrong(wc)}
+               "moved_bytes": rows * R, "gather": tg, "combine": tc, "gather_fp8": tf, "wrong": wrong,
+               "wrong_gather": agree_wrong(wg), "wrong_combine": agree_wrong(wc), "wrong_fp8": agree_wrong(wf)}
         measured[m] = row
         res["rows"].append(row)
-        c.say(f"#   {MODE_NAME.get(m, m):8s} gather {_fmt_t(tg)} combine {_fmt_t(tc)} #wrong {wrong}")
+        c.say(f"#   {MODE_NAME.get(m, m):8s} gather {_fmt_t(tg)} combine {_fmt_t(tc)} #wrong {wrong}"
+              + (f"; gather_fp8 {_fmt_t(tf)}" if tf else ""))
 
     # raw NCCL over the padded bytes: all-gather of D*M/T rows per rank, reduce-scatter of D*M
     if M > 0:
@@ -570,6 +611,11 @@ def finish_row(row, res, T):
     row["combine_us"] = primary(cm) if row["how"] == "graph" else cm["eager"]
     row["total_us"] = row["gather_us"] + row["combine_us"]
     row["eager_total_us"] = g["eager"] + cm["eager"]
+    f = row.get("gather_fp8")
+    if f is not None:  # like with like: both graph-timed, else both eager
+        both_graph = row["how"] == "graph" and f.get("graph") is not None
+        row["gather_fp8_us"] = f["graph"] if both_graph else f["eager"]
+        row["fp8_ratio"] = row["gather_fp8_us"] / (row["gather_us"] if both_graph else g["eager"])
     row["algbw_GBps"] = algbw_GBps(2 * res["real_bytes"], row["total_us"])
     row["busbw_GBps"] = row["algbw_GBps"] * busbw_factor("all_gather", T)
     return row
@@ -591,6 +637,7 @@ COLUMNS = nccl_columns(
           Column("label", "mode", width=15), Column("how", "how")),
     size="real", size_key="real_bytes",
     mid=(Column("moved_bytes", "moved", "(B)", "d"), Column("gather_us", "gather", "(us)", ".1f"),
+         Column("gather_fp8_us", "gather-fp8", "(us)", ".1f"), Column("fp8_ratio", "fp8/bf16", "(x)", ".2f"),
          Column("combine_us", "combine", "(us)", ".1f")),
     time="total", time_key="total_us", time_fmt=".1f", bw_fmt=".1f",
     tail=(Column("eager_total_us", "eager total", "(us)", ".1f"),))
@@ -676,6 +723,8 @@ def main(argv=None):
                     help="patterns also run with attn_tp_size 2 (partial contribution); '' for none")
     ap.add_argument("--no-graph", action="store_true", help="eager timing only")
     ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--fp8-group", type=int, default=128,
+                    help="also time gather_fp8 with this fp8 group size on the forced variants; 0: off")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout", type=float, default=120.0, help="DpAttention/NCCL timeout_s")
     ap.add_argument("--json", metavar="PATH")
@@ -692,6 +741,9 @@ def main(argv=None):
             pats.append(f"[{'/'.join(map(str, parse_counts(text.strip())))}]")
         except ValueError as e:
             ap.error(f"--counts: {e}")
+    if args.fp8_group < 0 or (args.fp8_group and (args.hidden % args.fp8_group or args.hidden % 4)):
+        ap.error(f"--fp8-group: 0 (off) or a group size dividing --hidden {args.hidden} (a multiple of 4); "
+                 f"got {args.fp8_group}")
     variants = tuple(v for v in args.variants.split(",") if v)
     if not set(variants) <= set(VARIANTS) or not set(MODES) & set(variants):
         ap.error(f"--variants: some of {','.join(VARIANTS)}, at least one NCCL mode; got {args.variants!r}")
@@ -711,6 +763,8 @@ def main(argv=None):
     c = Ctx()
     c.cupy, c.dg, c.MPI, c.world, c.rank, c.T = cupy, dg, MPI, world, rank, T
     c.hidden, c.seed, c.variants = args.hidden, args.seed, variants
+    c.fp8_group = args.fp8_group
+    fp8 = dg.Fp8Format(group_size=args.fp8_group) if args.fp8_group else None
     c.say = (lambda msg: print(msg, flush=True)) if rank == 0 else (lambda msg: None)
     if not (pats2 and T % 2 == 0 and T >= 4):
         pats2 = []
@@ -727,7 +781,8 @@ def main(argv=None):
             try:
                 c.dps[A][v] = dg.DpAttention(world, attn_tp_size=A, hidden_size=args.hidden, dtype="bfloat16",
                                              backend="cuda", policy=policy, transport=transport,
-                                             max_tokens_per_rank=cap, timeout_s=args.timeout)
+                                             max_tokens_per_rank=cap, timeout_s=args.timeout,
+                                             fp8=None if v == "auto" else fp8)
             except dg.DpGatherError as e:  # the same outcome on every rank
                 if v in MODES + ("auto",):
                     raise
@@ -736,6 +791,8 @@ def main(argv=None):
     from dpgather.kernels import _cuda as _kernels
 
     _kernels.warm()  # load the copy kernels before any capture
+    c.kernels = _kernels
+    c.fp8_variants = set(VARIANTS) if fp8 else set()
     dev = cupy.cuda.Device().id
     c.stream = cupy.cuda.Stream(non_blocking=True)
     c.gen = Gen(cupy)
@@ -752,6 +809,7 @@ def main(argv=None):
         "nccl": int(nccl.get_version()), "cupy": cupy.__version__, "reps": args.reps,
         "warmup": args.warmup, "target_us": args.target_us, "torch": torch_note,
         "cost_model": dict(c.dps[1]["auto"].planner.cost.to_dict()), "seed": args.seed,
+        "fp8_group": args.fp8_group,
     }
     c.say(f"# collective_bench: {T} ranks on {meta['device']}, NCCL {meta['nccl']}, hidden "
           f"{args.hidden} bf16 ({2 * args.hidden} B rows), median of {args.reps}; torch: {torch_note}")

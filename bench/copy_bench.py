@@ -26,6 +26,18 @@ source, the other slot keeps its poison, the unpacked rows equal the packed ones
 
 Target (docs/internals.md / issue 4): pack and unpack >= 90 % of the memcpy bandwidth from 8 MB
 up; the footer prints the average over those sizes and OK/FAILED against ``--threshold``.
+
+``--mode quantize`` (docs/fp8.md) times instead, in the same run and on the same bfloat16 rows
+(``--hidden`` elements, normal values; size = the input bytes):
+
+- copy:      ``copy_rows(L_j, C_j, desc, 0)`` with ``desc = (0, rows, 0, rows)``: the rows as they are
+- quantize:  ``quantize_rows(L_j, Q_j, desc, 0, group, False, "bfloat16")``: the same rows into
+             fp8 wire rows of ``H + 4 * H / --group`` bytes
+
+Bandwidth counts the input read + the output written (copy: 2 x size; quantize: size + rows x
+wire bytes); ``q/copy`` is the quantize time over the copy time. #wrong: the wire rows of the
+first buffer set against the host kernel (``dpgather.kernels.host.quantize_rows``, bit-identical
+by contract) on up to 256 rows.
 """
 
 import argparse
@@ -178,6 +190,94 @@ COLUMNS = (
 )
 
 
+class QuantCase:
+    """``--mode quantize`` buffers of one size: bf16 inputs ``L``, copy outputs ``C``, wire rows ``Q``."""
+
+    def __init__(self, cupy, rows, width, group):
+        self.rows, self.wire = rows, width + 4 * (width // group)
+        self.bytes = rows * width * 2
+        self.nrot = max(1, min(MAX_ROTATE, ROTATE_BYTES // (3 * self.bytes)))
+        x = cupy.random.standard_normal((self.nrot * rows, width), dtype=cupy.float32)
+        self.L = ((x.view(cupy.uint32) + 0x8000) >> 16).astype(cupy.uint16)  # bf16 bits
+        self.C = cupy.zeros((self.nrot * rows, width), dtype=cupy.uint16)
+        self.Q = cupy.zeros((self.nrot * rows, self.wire), dtype=cupy.uint8)
+        self.desc = cupy.asarray(np.array([0, rows, 0, rows], np.int64))
+
+    def part(self, a, j):
+        j %= self.nrot
+        return a[j * self.rows:(j + 1) * self.rows]
+
+
+def run_quantize_size(cupy, kernels, size, args, timer):
+    """One ``--mode quantize`` row: copy and quantize of the same rows, timed in turn."""
+    rows = max(1, size // (args.hidden * 2))
+    case = QuantCase(cupy, rows, args.hidden, args.group)
+    stream = timer.clock.stream
+
+    def copy(j):
+        kernels.copy_rows(case.part(case.L, j), case.part(case.C, j), case.desc, 0, stream)
+
+    def quantize(j):
+        kernels.quantize_rows(case.part(case.L, j), case.part(case.Q, j), case.desc, 0, args.group, False,
+                              "bfloat16", stream)
+
+    est_us = 2.5 + 2 * case.bytes / 2.0e6
+    reps = max(1, min(MAX_ROTATE, math.ceil(TARGET_GRAPH_MS * 1e3 / est_us)))
+    cupy.cuda.Device().synchronize()
+    row = {"size": case.bytes, "rows": rows, "reps": reps, "rotate": case.nrot, "wire_bytes": case.wire}
+    row["copy_us"] = time_op(timer, copy, reps, args.eager)
+    row["quant_us"] = time_op(timer, quantize, reps, args.eager)
+    stream.synchronize()
+    from dpgather.kernels import host
+
+    n = min(rows, 256)
+    src = cupy.asnumpy(case.L[:n])
+    ref = host.quantize_rows(src, np.zeros((n, case.wire), np.uint8), np.array([0, n, 0, n], np.int64), 0,
+                             args.group, False, "bfloat16")
+    row["wrong"] = int((cupy.asnumpy(case.Q[:n]) != ref).sum()) + int((cupy.asnumpy(case.C[:n]) != src).sum())
+    row["copy_gbps"] = algbw_GBps(2 * case.bytes, row["copy_us"])
+    row["quant_gbps"] = algbw_GBps(case.bytes + rows * case.wire, row["quant_us"])
+    row["ratio"] = row["quant_us"] / row["copy_us"]
+    del case
+    cupy.get_default_memory_pool().free_all_blocks()
+    return row
+
+
+#: The ``--mode quantize`` table.
+QUANT_COLUMNS = (
+    Column("size", "size", "(B)", "d", 12), Column("rows", "rows", "", "d", 7),
+    Column("copy_us", "copy", "(us)", ".2f", 10), Column("quant_us", "quantize", "(us)", ".2f", 10),
+    Column("copy_gbps", "copy", "(GB/s)", ".0f", 8), Column("quant_gbps", "quantize", "(GB/s)", ".0f", 8),
+    Column("ratio", "q/copy", "(x)", ".2f", 6), Column("wrong", "#wrong", "", "d", 6),
+)
+
+
+def quantize_main(cupy, kernels, args, sizes, timer, meta):
+    """``--mode quantize``: the table, the average from 8 MB up, ``--json``; exit 1 on a wrong byte."""
+    meta.update(mode_op="quantize", group=args.group, wire_bytes=args.hidden + 4 * (args.hidden // args.group))
+    print(f"# quantize_rows vs copy_rows: bf16 rows of {args.hidden} -> fp8 wire rows of {meta['wire_bytes']} B "
+          f"(group {args.group}); bandwidth = (input read + output written) / time")
+    print("\n".join(format_table([], QUANT_COLUMNS)))
+    rows = []
+    for size in sizes:
+        if size < args.hidden * 2:
+            continue
+        row = run_quantize_size(cupy, kernels, size, args, timer)
+        rows.append(row)
+        print(format_table([row], QUANT_COLUMNS, header=False)[0], flush=True)
+    big = [r for r in rows if r["size"] >= FROM_BYTES]
+    wrong = sum(r["wrong"] for r in rows)
+    print(f"# Wrong values : {wrong} {'OK' if wrong == 0 else 'FAILED'}")
+    if big:
+        print(f"# Avg from {FROM_BYTES >> 20} MB: copy {statistics.mean(r['copy_gbps'] for r in big):.0f} GB/s, "
+              f"quantize {statistics.mean(r['quant_gbps'] for r in big):.0f} GB/s, quantize/copy time "
+              f"{statistics.mean(r['ratio'] for r in big):.2f}x")
+    if args.json:
+        write_json_atomic(args.json, {"meta": meta, "results": [{"rows": rows, "wrong": wrong}]}, indent=1)
+        print(f"# wrote {args.json}")
+    return 0 if wrong == 0 else 1
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--min-bytes", default="64K")
@@ -192,9 +292,15 @@ def main(argv=None):
     ap.add_argument("--threshold", type=float, default=90.0)
     ap.add_argument("--json", default=None)
     ap.add_argument("--device", type=int, default=0)
+    ap.add_argument("--mode", default="copy", choices=("copy", "quantize"),
+                    help="copy: pack/unpack vs memcpy; quantize: quantize_rows vs copy_rows of bf16 rows")
+    ap.add_argument("--group", type=int, default=128, help="--mode quantize: channels per fp8 scale")
     args = ap.parse_args(argv)
     if args.iters < 20:
         ap.error("--iters must be >= 20 (median of at least 20 samples)")
+    if args.mode == "quantize" and (args.itemsize != 2 or args.group < 1 or args.hidden % args.group):
+        ap.error(f"--mode quantize: bfloat16 rows (--itemsize 2) and a --group dividing --hidden; got "
+                 f"--itemsize {args.itemsize}, --group {args.group}, --hidden {args.hidden}")
 
     gpus = gpu_count()
     if gpus <= args.device:
@@ -227,6 +333,8 @@ def main(argv=None):
           f"{meta['cuda_runtime']}, {meta['mode']} timing, median of {args.iters}")
     print(f"# rows of {args.hidden} x {args.itemsize} B = {meta['row_bytes']} B; pack = local -> "
           "slot 1 of a 2-slot gathered buffer, unpack = back; bandwidth = 2 x bytes / time")
+    if args.mode == "quantize":
+        return quantize_main(cupy, kernels, args, sizes, timer, meta)
     results, ok_all = [], True
     for bps in bps_list:
         kernels._BLOCKS_PER_SM = bps

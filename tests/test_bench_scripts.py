@@ -62,6 +62,13 @@ def test_copy_bench_without_gpu_says_so_in_one_line():
     assert "needs CuPy and GPU 0" in res.stderr
 
 
+@pytest.mark.parametrize("argv", [["--mode", "quantize", "--group", "100"], ["--mode", "quantize", "--itemsize", "4"]])
+def test_copy_bench_quantize_mode_rejects_bad_formats(argv):
+    res = subprocess.run([sys.executable, "bench/copy_bench.py", *argv], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60)
+    assert res.returncode == 2 and "--mode quantize" in res.stderr, res.stderr
+
+
 def test_overlap_bench_without_gpu_says_so_in_one_line():
     res = subprocess.run([sys.executable, "bench/overlap_bench.py", "--tokens", "256"], cwd=ROOT,
                          capture_output=True, text=True, timeout=60)
@@ -142,6 +149,7 @@ def test_bench_rejects_too_few_reps():
     (["--counts", "a/b"], "counts"),
     (["--variants", "p2p"], "--variants"),
     (["--variants", "varlen,bogus"], "--variants"),
+    (["--fp8-group", "100"], "--fp8-group"),
 ])
 def test_bench_rejects_bad_layouts_and_variants(args, err):
     res = subprocess.run([sys.executable, "bench/collective_bench.py", *args], cwd=ROOT,

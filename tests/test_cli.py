@@ -797,6 +797,22 @@ def test_example_tp_mlp_layer():
     assert "matches the single-process layer" in res.stdout
 
 
+@pytest.mark.mpi
+@needs_mpiexec
+def test_example_fp8_moe_layer():
+    """examples/fp8_moe_layer.py: decode, prefill and mixed steps (an idle replica), 2 replicas
+    and 1 replica of attn_tp 2; every rank exits 0 after its wire rows and output checks."""
+    example = str(REPO / "examples" / "fp8_moe_layer.py")
+    for extra in ([], ["--attn-tp", "2"]):
+        res = run_mpi(["run_cli.py", example, "--steps", "6", "--backend", "host", *extra], 2, timeout=120)
+        assert res.returncode == 0 and ranks_exited_zero(res, 2)[0], ranks_exited_zero(res, 2)[1]
+        assert "fp8 wire rows equal the local quantization; max relative error vs the bf16 layer" in res.stdout, \
+            res.tail()
+        assert "FAILED" not in res.stdout, res.tail()
+        if not extra:  # one replica of two ranks: its mixed steps are all-idle (skipped)
+            assert "decode tokens" in res.stdout and "prefill tokens" in res.stdout and "mixed tokens" in res.stdout
+
+
 def _gpus():
     from dpgather.tools._common import gpu_count
 

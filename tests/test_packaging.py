@@ -154,7 +154,7 @@ def test_mypy_types_device_and_a_required_hidden_size(tmp_path):
 _PUBLIC = {"DpAttention", "GraphRunner", "AsyncHandle", "Plan", "Planner", "LocalBatch", "ForwardMode", "PaddingMode",
            "Topology", "SpecConfig", "CostModel", "DpGatherError", "InputError", "ConfigError", "CollectiveTimeout",
            "InconsistentBatchError", "InconsistentStepError", "BackendUnavailable", "plan", "count_tokens", "POLICIES",
-           "__version__"}
+           "Fp8Format", "Fp8Rows", "__version__"}
 
 
 def test_the_namespace_holds_the_public_api_only():

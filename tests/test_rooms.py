@@ -18,7 +18,7 @@ from dpgather._ledger import SYNC_WIDTH, Status, StepLedger
 
 ARGS = dict(attn_tp_size=1, hidden_size=8, dtype="float32", backend="host", spec=None, policy="auto",
             graph_buckets=(), max_tokens_per_rank=None, timeout_s=5.0, cost=None, strict=False,
-            transport="auto", micro_batches=1, device=None)
+            transport="auto", micro_batches=1, device=None, fp8=None)
 
 
 # -- configuration ------------------------------------------------------------------------------
@@ -54,6 +54,24 @@ def test_config_error_on_one_rank_is_raised_alike_everywhere(field, value, match
     with pytest.raises(dg.ConfigError, match=match) as e:
         agree([good, (values, errors), good, good])
     assert "(rank 1)" in str(e.value)
+
+
+def test_config_fp8_is_checked_against_the_rows_and_agreed():
+    ok = canonical(4, **{**ARGS, "hidden_size": 256, "fp8": dg.Fp8Format(group_size=128)})
+    assert ok[0].fp8 == dg.Fp8Format(group_size=128) and not ok[2]
+    for kw, words in (({"dtype": "int32"}, "quantizes float32, float16, bfloat16 rows"),
+                      ({"hidden_size": 200}, "group_size=128 must divide hidden_size=200"),
+                      ({"fp8": "fp8"}, "fp8 must be a dpgather.Fp8Format")):
+        config, _, errors = canonical(4, **{**ARGS, "hidden_size": 256, "fp8": dg.Fp8Format(group_size=128), **kw})
+        assert config is None and words in errors["fp8"], errors
+    assert "multiple of 4" in canonical(4, **{**ARGS, "hidden_size": 6, "fp8": dg.Fp8Format(group_size=2)})[2]["fp8"]
+    other = canonical(4, **{**ARGS, "hidden_size": 256, "fp8": dg.Fp8Format(group_size=64)})
+    with pytest.raises(dg.ConfigError, match="fp8"):
+        agree([ok[1:], other[1:]])
+    with pytest.raises(dg.ConfigError, match="group_size must be >= 1"):
+        dg.Fp8Format(group_size=0)
+    with pytest.raises(dg.ConfigError, match="pow2_scales must be a bool"):
+        dg.Fp8Format(pow2_scales=1)
 
 
 def test_config_device_is_per_rank():
