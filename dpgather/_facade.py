@@ -134,7 +134,7 @@ class DpAttention(Closing):
         from dpgather.dist.sync import StepSync
 
         self._state = State()
-        self._private = self._sync = self._links = self._backend = None
+        self._private = self._sync = self._links = self._backend = self._retired = None
         self._runners, self._arenas, self._orphans = [], [], []
         comm = intracomm(comm)
         # Every argument is checked locally first, without raising: a rank that raised before the
@@ -464,7 +464,8 @@ class DpAttention(Closing):
         for arena in self._arenas:
             arena.release()
         if links is not None:
-            self._retired.clear()
+            if self._retired is not None:  # None when the construction failed before the data plane
+                self._retired.clear()
             for c in links.communicators():
                 c.close()
         if self._backend is not None:
