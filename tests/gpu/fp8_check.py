@@ -55,6 +55,11 @@ def random_rows(g, dtype, rows, H, kind):
     return (v.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
 
 
+def _storage(x, dtype):
+    """Rows as the DpAttention of ``dtype`` takes them on CUDA (float16 as float16; bfloat16 bits)."""
+    return x.view(np.float16) if dtype == "float16" else x
+
+
 def kernel_phase(chk):
     import cupy
 
@@ -100,7 +105,7 @@ def plane_phase(chk):
                 for contribution in ("replicate", "partial"):
                     for n in (0, 1, 5, 13):
                         chk.ctx = f"plane {dtype} {policy} {contribution} n={n}"
-                        x = random_rows(g, dtype, n + 2, H, "values")
+                        x = _storage(random_rows(g, dtype, n + 2, H, "values"), dtype)
                         batch = dg.LocalBatch(dg.ForwardMode.DECODE if n else dg.ForwardMode.IDLE, n)
                         plan = dp.sync(batch)
                         rows = dp.gather_fp8(cupy.asarray(x), plan, contribution)
@@ -119,7 +124,7 @@ def plane_phase(chk):
 
                 runner = dp.graph_runner(fn, fp8=True, reduce=False)
                 for n in (3, 8, 11):
-                    x = random_rows(g, dtype, n, H, "values")
+                    x = _storage(random_rows(g, dtype, n, H, "values"), dtype)
                     plan = dp.sync(dg.LocalBatch(dg.ForwardMode.DECODE, n, can_run_graph=True))
                     y = cupy.asnumpy(runner.run(cupy.asarray(x), plan))
                     exp = quantize(x, dtype, group)[:, :H].astype(storage)
