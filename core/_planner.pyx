@@ -125,6 +125,7 @@ cdef struct Config:
     int64_t p2p_rows
     int64_t push_rows
     int64_t p2p_node
+    double wire_bytes
     int transport
     double a0[7]
     double a1[7]
@@ -196,13 +197,13 @@ cdef double link_us(const Config* c, int coll, double i, double o) noexcept nogi
 
 
 cdef double vcoll_us(const Config* c, int coll, int64_t T, int64_t A, const int64_t* n, int64_t D,
-                     int64_t active) noexcept nogil:
+                     int64_t active, double R) noexcept nogil:
     """An NCCL v-collective over the T ranks of the replica counts ``n`` (each replica's rows in
-    A chunks of ``n_d / A``): latency plus the slowest rank's link time. NCCL runs the grouped
-    broadcasts (reduces) around a ring in rank order, so a rank receives every chunk but its own
-    and passes on every chunk but its successor's; reduce_scatterv is the mirror, which
-    ``link_us`` (symmetric in what a rank receives and sends) prices alike."""
-    cdef double R = c.row_bytes, S = 0.0, share, i, o, t, worst = 0.0
+    A chunks of ``n_d / A``, rows of ``R`` bytes): latency plus the slowest rank's link time. NCCL
+    runs the grouped broadcasts (reduces) around a ring in rank order, so a rank receives every
+    chunk but its own and passes on every chunk but its successor's; reduce_scatterv is the
+    mirror, which ``link_us`` (symmetric in what a rank receives and sends) prices alike."""
+    cdef double S = 0.0, share, i, o, t, worst = 0.0
     cdef int64_t d
     if T <= 1:
         return 0.0
@@ -224,15 +225,32 @@ cdef double vcoll_us(const Config* c, int coll, int64_t T, int64_t A, const int6
     return c.a0[coll] + c.a1[coll] * (active - 1) + worst
 
 
+cdef inline double gather_bytes(const Config* c) noexcept nogil:
+    """Bytes of one row in the hidden-state gather: the quantized wire row (``wire_bytes``) when
+    set, else ``row_bytes`` (docs/cost-model.md, "Quantized gather")."""
+    return c.wire_bytes if c.wire_bytes > 0 else c.row_bytes
+
+
+cdef inline double quantize_us(const Config* c, double rows) noexcept nogil:
+    """The quantize pass (us) of ``rows`` rows, each read at ``row_bytes`` and written at
+    ``wire_bytes`` through ``copy_bw`` (bytes read + written); 0 when unquantized."""
+    if c.wire_bytes <= 0:
+        return 0.0
+    return rows * (c.row_bytes + c.wire_bytes) / (c.copy_bw * 1e3)
+
+
 cdef double p2p_us(const Config* c, int64_t T, int64_t A, const int64_t* n, int64_t D, int cls) noexcept nogil:
     """Predicted gather + combine time over a P2P transport (docs/cost-model.md, "P2P" and
     "Push"): ``cls`` is ``C_P2P`` (the pull: rows packed into the window, pulled, copied out) or
     ``C_PUSH`` (one one-way trip, no barrier, no pack, each data byte a line byte of two: ``x``
     of the push curves counts line bytes; the own rows copied from the input). In one node a
     rank of replica d receives ``A*S - n_d`` rows and has ``(T-1)*n_d`` taken (the combine: the
-    mirror, the same link time); over several nodes the transport covers about a node's share
-    of the rows and the node blocks go over ``nodes`` ranks at each place."""
-    cdef double a, R = c.row_bytes, S = 0.0, nmin = 0.0, nmax = 0.0, moved, copies, t, worst = 0.0
+    mirror); over several nodes the transport covers about a node's share of the rows and the
+    node blocks go over ``nodes`` ranks at each place. The gather half moves rows of
+    ``gather_bytes`` (plus the quantize pass of the largest replica when quantized), the combine
+    half rows of ``row_bytes``."""
+    cdef double a, R = c.row_bytes, W = gather_bytes(c), S = 0.0, nmin = 0.0, nmax = 0.0, moved, copies, t
+    cdef double wg = 0.0, wc = 0.0
     cdef double w = 2.0 if cls == C_PUSH else 1.0
     cdef int64_t d
     if T <= 1:
@@ -246,17 +264,27 @@ cdef double p2p_us(const Config* c, int64_t T, int64_t A, const int64_t* n, int6
         if n[d] > nmax:
             nmax = n[d]
     a = c.a0[cls] + c.a1[cls] * (L - 1)
-    copies = (3.0 * nmax if cls == C_PUSH else 2.0 * (3.0 * nmax + S)) * R / (c.copy_bw * 1e3)
+    if cls == C_PUSH:
+        copies = (2.0 * nmax * W + nmax * R) / (c.copy_bw * 1e3)
+    else:
+        copies = (4.0 * nmax * W + 2.0 * (nmax + S) * R) / (c.copy_bw * 1e3)
+    copies = copies + quantize_us(c, nmax)
     if nodes == 1:
         for d in range(D):
             t = link_us(c, cls, w * (A * S - n[d]) * R, w * (T - 1) * (<double>n[d]) * R)
-            if t > worst:
-                worst = t
-        return a + worst + a + worst + copies
+            if t > wc:
+                wc = t
+            if W != R:
+                t = link_us(c, cls, w * (A * S - n[d]) * W, w * (T - 1) * (<double>n[d]) * W)
+                if t > wg:
+                    wg = t
+        if W == R:
+            wg = wc
+        return a + wg + a + wc + copies
     moved = A * S / nodes - nmin
     if moved < 0:
         moved = 0
-    return (a + curve_us(c, cls, 0, w * moved * R) + coll_us(c, C_GV, nodes, S * R, nodes)
+    return (a + curve_us(c, cls, 0, w * moved * W) + coll_us(c, C_GV, nodes, S * W, nodes)
             + coll_us(c, C_RSV, nodes, S * R, nodes) + a + curve_us(c, cls, 0, w * (L - 1) * nmax * R)
             + copies)
 
@@ -331,7 +359,11 @@ cdef class Plan:
             counts read on the device.
         predicted_p2p_us: predicted gather + combine time over the pull (0 without it).
         predicted_push_us: predicted gather + combine time over the push (0 without it).
-        fingerprint: 64-bit FNV-1a hash of everything above except the predictions.
+        wire_bytes: bytes of one hidden-state gather row the predictions priced (the quantized
+            gather's wire row, ``Fp8Format.wire_bytes(H)``); 0: unquantized, the cost model's
+            ``row_bytes``.
+        fingerprint: 64-bit FNV-1a hash of everything above except the predictions and
+            ``wire_bytes``.
     """
 
     cdef readonly object mode
@@ -349,6 +381,7 @@ cdef class Plan:
     cdef readonly tuple predicted_us
     cdef readonly double predicted_p2p_us
     cdef readonly double predicted_push_us
+    cdef readonly int64_t wire_bytes
     cdef readonly str policy
     cdef readonly str transport
     cdef object _buf
@@ -447,6 +480,10 @@ cdef class Planner:
         p2p_node_size: ranks of one P2P group when the transport runs inside each of several
             nodes, NCCL carrying the node blocks between them (docs/p2p.md, "Several nodes");
             0 (default): one group of every rank. Only the cost of P2P steps depends on it.
+        wire_bytes: bytes of one row of the quantized hidden-state gather (``DpAttention(fp8=...)``:
+            ``Fp8Format.wire_bytes(hidden_size)``); the gather terms of every prediction move rows
+            of this size and add the quantize pass (docs/cost-model.md, "Quantized gather"); the
+            combine and the logits gather keep ``cost.row_bytes``. 0 (default): unquantized.
 
     ``record(batch)`` encodes this rank's batch as ``RECORD_WIDTH`` int32 fields (see
     ``docs/internals.md``); ``plan_table(table)`` plans from the ``[world_size, RECORD_WIDTH]``
@@ -465,9 +502,10 @@ cdef class Planner:
     cdef readonly int64_t p2p_rows
     cdef readonly int64_t push_rows
     cdef readonly int64_t p2p_node_size
+    cdef readonly int64_t wire_bytes
 
     def __init__(self, topology, spec=None, policy="auto", graph_buckets=(), cost=None, transport="auto",
-                 p2p_rows=0, p2p_node_size=0, push_rows=0):
+                 p2p_rows=0, p2p_node_size=0, push_rows=0, wire_bytes=0):
         cdef int i
         if not isinstance(topology, Topology):
             raise ConfigError(f"topology must be a dpgather.Topology, got {topology!r}")
@@ -518,6 +556,9 @@ cdef class Planner:
             raise ConfigError(f"p2p_rows must be an int >= 0 (0: no P2P transport), got {p2p_rows!r}")
         if isinstance(push_rows, bool) or not isinstance(push_rows, (int, np.integer)) or not 0 <= push_rows < 2**62:
             raise ConfigError(f"push_rows must be an int >= 0 (0: no push transport), got {push_rows!r}")
+        if isinstance(wire_bytes, bool) or not isinstance(wire_bytes, (int, np.integer)) or not 0 <= wire_bytes < 2**62:
+            raise ConfigError(f"wire_bytes must be an int >= 0 (bytes of one quantized gathered row, "
+                              f"Fp8Format.wire_bytes(hidden_size); 0: unquantized), got {wire_bytes!r}")
         if (isinstance(p2p_node_size, bool) or not isinstance(p2p_node_size, (int, np.integer))
                 or p2p_node_size < 0 or (p2p_node_size and (topology.world_size % p2p_node_size
                                                              or p2p_node_size % topology.attn_tp_size))):
@@ -528,10 +569,12 @@ cdef class Planner:
         self.p2p_rows = int(p2p_rows)
         self.push_rows = int(push_rows)
         self.p2p_node_size = int(p2p_node_size)
+        self.wire_bytes = int(wire_bytes)
         self.cfg.transport = _TRANSPORT_CODE[transport]
         self.cfg.p2p_rows = self.p2p_rows
         self.cfg.push_rows = self.push_rows
         self.cfg.p2p_node = self.p2p_node_size
+        self.cfg.wire_bytes = self.wire_bytes
         self.cfg.row_bytes = cost.row_bytes
         self.cfg.copy_bw = cost.copy_GBps
         self.cfg.mlp_row_us = cost.mlp_row_us
@@ -693,7 +736,8 @@ cdef class Planner:
         cdef bint skip = True, is_ext = False, graph, all_graph = True
         cdef int pad, lpad, tr = USE_NCCL, p_pad, p_lpad
         cdef int64_t p_rows
-        cdef double R = c.row_bytes, c_max, c_sum, c_var, l_sum, l_var, c_best, c_p2p, c_push
+        cdef double R = c.row_bytes, W = gather_bytes(c), q, c_max, c_sum, c_var, l_sum, l_var, c_best
+        cdef double c_p2p, c_push
         cdef bint p2p_ok = c.p2p_rows > 0 and c.transport != TR_NCCL and T > 1
         cdef bint push_ok = c.push_rows > 0 and (c.transport == TR_AUTO or c.transport == TR_PUSH) and T > 1
         cdef cnp.npy_intp dims[1]
@@ -732,14 +776,16 @@ cdef class Planner:
                 is_ext = True
 
         M = align_up(maxn, A)
-        c_max = (coll_us(c, C_RS, A, M * R, A) + coll_us(c, C_AG, T, D * M * R, T)
+        q = quantize_us(c, maxn)
+        c_max = (coll_us(c, C_RS, A, M * W, A) + coll_us(c, C_AG, T, D * M * W, T)
                  + coll_us(c, C_RS, T, D * M * R, T) + coll_us(c, C_AG, A, M * R, A)
-                 + c.mlp_row_us * (D * M - S))
-        c_sum = 2.0 * coll_us(c, C_AR, T, S * R, T) + S * R / (c.copy_bw * 1e3)
-        c_var = (coll_us(c, C_RSV, A, maxn * R, imin(maxn, A))
-                 + vcoll_us(c, C_GV, T, A, nt, D, k_chunks)
-                 + vcoll_us(c, C_RSV, T, A, nt, D, k_chunks)
-                 + coll_us(c, C_GV, A, maxn * R, imin(maxn, A)))
+                 + c.mlp_row_us * (D * M - S) + q)
+        c_sum = (coll_us(c, C_AR, T, S * W, T) + coll_us(c, C_AR, T, S * R, T) + S * W / (c.copy_bw * 1e3)
+                 + q)
+        c_var = (coll_us(c, C_RSV, A, maxn * W, imin(maxn, A))
+                 + vcoll_us(c, C_GV, T, A, nt, D, k_chunks, W)
+                 + vcoll_us(c, C_RSV, T, A, nt, D, k_chunks, R)
+                 + coll_us(c, C_GV, A, maxn * R, imin(maxn, A)) + q)
         if T > 1:  # dpgather's own kernels per gather + combine (CostModel.mode_us)
             c_max += c.mode_us[0]
             c_sum += c.mode_us[1]
@@ -795,7 +841,7 @@ cdef class Planner:
                 lpad = PAD_VAR
             else:
                 l_sum = coll_us(c, C_AR, T, L * R, T) + L * R / (c.copy_bw * 1e3)
-                l_var = vcoll_us(c, C_GV, T, A, lt, D, k_logits)
+                l_var = vcoll_us(c, C_GV, T, A, lt, D, k_logits, R)
                 lpad = PAD_VAR if l_var < l_sum else PAD_SUM
             # the P2P transports move exact rows whatever the layout; under "auto" they use the
             # exact layout; forced ("p2p", "push") they take every step that fits, the push first
@@ -843,6 +889,7 @@ cdef class Planner:
         plan.transport = _TRANSPORT_NAME[tr]
         plan.predicted_p2p_us = p2p_us(c, T, A, nt, D, C_P2P) if p2p_ok else 0.0
         plan.predicted_push_us = p2p_us(c, T, A, nt, D, C_PUSH) if push_ok else 0.0
+        plan.wire_bytes = self.wire_bytes
         h = 0xcbf29ce484222325ULL
         h = fnv1a(h, pad)
         h = fnv1a(h, lpad)
@@ -906,29 +953,29 @@ _planner_cache = {}
 
 
 def plan(batches, topology, *, spec=None, policy="auto", graph_buckets=(), cost=None, transport="auto",
-         p2p_rows=0, p2p_node_size=0, push_rows=0):
+         p2p_rows=0, p2p_node_size=0, push_rows=0, wire_bytes=0):
     """Plan one step from one :class:`LocalBatch` per DP replica (pure function).
 
     Equivalent to ``Planner(topology, spec=..., policy=..., graph_buckets=..., cost=...,
-    transport=..., p2p_rows=..., p2p_node_size=..., push_rows=...).plan_batches(batches)``;
+    transport=..., p2p_rows=..., p2p_node_size=..., push_rows=..., wire_bytes=...).plan_batches(batches)``;
     planners of the default cost model are cached, so calling this every step is cheap.
 
     Args:
         batches: ``topology.dp_size`` LocalBatch objects, replica order.
         topology: a :class:`Topology`.
-        spec, policy, graph_buckets, cost, transport, p2p_rows, p2p_node_size, push_rows: as for
-            :class:`Planner`.
+        spec, policy, graph_buckets, cost, transport, p2p_rows, p2p_node_size, push_rows, wire_bytes:
+            as for :class:`Planner`.
 
     Returns:
         The :class:`Plan`, identical to what ``Planner.plan_table`` gives for the same step.
     """
     kw = dict(spec=spec, policy=policy, transport=transport, p2p_rows=p2p_rows, p2p_node_size=p2p_node_size,
-              push_rows=push_rows)
+              push_rows=push_rows, wire_bytes=wire_bytes)
     if cost is None:
         try:
             graph_buckets = tuple(graph_buckets) if graph_buckets is not None else ()
             key = (topology, spec, policy, graph_buckets, tuple(map(type, graph_buckets)), transport, p2p_rows,
-                   p2p_node_size, push_rows)
+                   p2p_node_size, push_rows, wire_bytes, type(wire_bytes))
             planner = _planner_cache.get(key)
         except TypeError:
             key = None

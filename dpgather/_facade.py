@@ -178,7 +178,8 @@ class DpAttention(Closing):
                                graph_buckets=config.graph_buckets, cost=links.cost.with_row_bytes(row_bytes),
                                transport=config.transport, p2p_rows=links.p2p_rows,
                                p2p_node_size=links.node_size if links.transports() else 0,
-                               push_rows=links.push_rows)
+                               push_rows=links.push_rows,
+                               wire_bytes=config.fp8.wire_bytes(self.hidden_size) if config.fp8 else 0)
         descriptor = Descriptor(self.topology.dp_size, A, links.node_size)
         plane = DataPlane(be, links.tp, links.attn, links.transports(), descriptor, self.attn_tp_rank, A,
                           self.dtype, storage, links.inter)

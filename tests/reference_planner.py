@@ -14,14 +14,16 @@ Inputs
 - ``spec``: ``(num_steps S, topk K, num_draft_tokens N)`` or ``None``.
 - ``cost``: ``None`` (the documented defaults) or a dict overriding any key of
   :data:`DEFAULT_COST`.
+- ``wire_bytes``: bytes of one row of the quantized hidden-state gather (docs/cost-model.md,
+  "Quantized gather"); 0: unquantized, the gather moves rows of ``row_bytes``.
 
 Output
 ------
 ``plan()`` returns a dict with ``mode``/``logits_mode`` (ints of ``PaddingMode``: MAX_LEN=0,
 SUM_LEN=1, VARLEN=2), ``graph``, ``bucket``, ``skip``, ``is_extend_in_batch``, the six arrays as
 lists (``num_tokens``, ``logits_tokens``, ``slot_rows``, ``slot_offsets``, ``logits_slot_rows``,
-``logits_offsets``), ``gathered_rows``, ``logits_rows``, ``predicted_us`` (MAX, SUM, VARLEN) and
-``fingerprint`` (FNV-1a 64, docs/planner.md section 6).
+``logits_offsets``), ``gathered_rows``, ``logits_rows``, ``predicted_us`` (MAX, SUM, VARLEN),
+``wire_bytes`` (as given) and ``fingerprint`` (FNV-1a 64, docs/planner.md section 6).
 
 Floating point: the cost formulas are evaluated in float64 in exactly the order of operations of
 the planner's ``coll_us`` (left to right, ints converted to float only where they meet a float), so
@@ -164,14 +166,15 @@ def link_us(params, name, i, o):
     return t
 
 
-def vcoll_us(params, name, T, A, n, active):
-    """gatherv / reduce_scatterv over the T ranks of replica counts ``n``: latency plus the
-    slowest rank of the ring in rank order (a rank receives every chunk ``n_d / A`` but its own
-    and passes on every chunk but its successor's; reduce_scatterv the mirror)."""
+def vcoll_us(params, name, T, A, n, active, R=None):
+    """gatherv / reduce_scatterv over the T ranks of replica counts ``n`` (rows of ``R`` bytes,
+    default ``row_bytes``): latency plus the slowest rank of the ring in rank order (a rank
+    receives every chunk ``n_d / A`` but its own and passes on every chunk but its successor's;
+    reduce_scatterv the mirror)."""
     if T <= 1:
         return 0.0
     active = max(active, 1)
-    R = float(params["row_bytes"])
+    R = float(params["row_bytes"] if R is None else R)
     S = 0.0
     for x in n:
         S += x
@@ -187,40 +190,55 @@ def vcoll_us(params, name, T, A, n, active):
     return a0 + a1 * (active - 1) + worst
 
 
-def predicted_us(n, A, cost=None):
-    """``(MAX_LEN, SUM_LEN, VARLEN)`` predicted gather + combine us for (aligned) counts ``n``."""
+def quantize_us(p, rows, wire_bytes):
+    """The quantize pass of ``rows`` rows: read at ``row_bytes``, written at ``wire_bytes``, through
+    ``copy_GBps`` (bytes read + written); 0 unquantized (``wire_bytes`` 0)."""
+    if wire_bytes <= 0:
+        return 0.0
+    return rows * (float(p["row_bytes"]) + float(wire_bytes)) / (float(p["copy_GBps"]) * 1e3)
+
+
+def predicted_us(n, A, cost=None, wire_bytes=0):
+    """``(MAX_LEN, SUM_LEN, VARLEN)`` predicted gather + combine us for (aligned) counts ``n``;
+    with ``wire_bytes`` the gather terms move rows of that size plus the quantize pass of the
+    largest replica, the combine terms rows of ``row_bytes``."""
     p = dict(DEFAULT_COST)
     if cost:
         p.update(cost)
     D = len(n)
     T = D * A
     R = float(p["row_bytes"])
+    W = float(wire_bytes) if wire_bytes > 0 else R
     copy_bw = float(p["copy_GBps"])
     mlp = float(p["mlp_row_us"])
     maxn = max(n) if n else 0
     S = sum(n)
     M = align_up(maxn, A)
     k = sum(min(x, A) for x in n if x > 0)
-    c_max = (coll_us(p, "reduce_scatter", A, M * R, A) + coll_us(p, "all_gather", T, D * M * R, T)
+    q = quantize_us(p, maxn, wire_bytes)
+    c_max = (coll_us(p, "reduce_scatter", A, M * W, A) + coll_us(p, "all_gather", T, D * M * W, T)
              + coll_us(p, "reduce_scatter", T, D * M * R, T) + coll_us(p, "all_gather", A, M * R, A)
-             + mlp * (D * M - S))
-    c_sum = 2.0 * coll_us(p, "all_reduce", T, S * R, T) + S * R / (copy_bw * 1e3)
-    c_var = (coll_us(p, "reduce_scatterv", A, maxn * R, min(maxn, A))
-             + vcoll_us(p, "gatherv", T, A, n, k)
-             + vcoll_us(p, "reduce_scatterv", T, A, n, k)
-             + coll_us(p, "gatherv", A, maxn * R, min(maxn, A)))
+             + mlp * (D * M - S) + q)
+    c_sum = (coll_us(p, "all_reduce", T, S * W, T) + coll_us(p, "all_reduce", T, S * R, T)
+             + S * W / (copy_bw * 1e3) + q)
+    c_var = (coll_us(p, "reduce_scatterv", A, maxn * W, min(maxn, A))
+             + vcoll_us(p, "gatherv", T, A, n, k, W)
+             + vcoll_us(p, "reduce_scatterv", T, A, n, k, R)
+             + coll_us(p, "gatherv", A, maxn * R, min(maxn, A)) + q)
     if T > 1:
         mo = [float(v) for v in p["mode_us"]]
         c_max, c_sum, c_var = c_max + mo[0], c_sum + mo[1], c_var + mo[2]
     return c_max, c_sum, c_var
 
 
-def p2p_us(n, A, cost=None, node_size=0, kind="p2p"):
+def p2p_us(n, A, cost=None, node_size=0, kind="p2p", wire_bytes=0):
     """Predicted gather + combine us over a P2P transport: ``kind`` ``"p2p"`` (the pull,
     docs/cost-model.md "P2P") or ``"push"`` ("Push": one one-way trip per collective, twice the
     data bytes on the wire in LL lines, only the own rows copied locally). In one node a rank of
     replica d receives A*S - n_d rows and has (T-1)*n_d taken; over several nodes of
-    ``node_size`` ranks the node blocks go over NCCL ("Several nodes")."""
+    ``node_size`` ranks the node blocks go over NCCL ("Several nodes"). With ``wire_bytes`` the
+    gather half (its link time, node blocks and local copies) moves rows of that size plus the
+    quantize pass of the largest replica; the combine half rows of ``row_bytes``."""
     p = dict(DEFAULT_COST)
     if cost:
         p.update(cost)
@@ -229,6 +247,7 @@ def p2p_us(n, A, cost=None, node_size=0, kind="p2p"):
     if T <= 1:
         return 0.0
     R = float(p["row_bytes"])
+    W = float(wire_bytes) if wire_bytes > 0 else R
     a0, a1, _ = p[kind]
     w = 2.0 if kind == "push" else 1.0  # wire bytes per data byte
     S = 0.0
@@ -238,20 +257,25 @@ def p2p_us(n, A, cost=None, node_size=0, kind="p2p"):
     L = node_size if 0 < node_size < T else T
     N = T // L
     a = a0 + a1 * (L - 1)
-    copies = (3.0 * nmax if kind == "push" else 2.0 * (3.0 * nmax + S)) * R / (float(p["copy_GBps"]) * 1e3)
+    if kind == "push":  # gather: own rows copied from the input; combine: read from it
+        copies = (2.0 * nmax * W + nmax * R) / (float(p["copy_GBps"]) * 1e3)
+    else:  # gather: pack + own rows copied out; combine: pack of all S + own rows read
+        copies = (4.0 * nmax * W + 2.0 * (nmax + S) * R) / (float(p["copy_GBps"]) * 1e3)
+    copies = copies + quantize_us(p, nmax, wire_bytes)
     if N == 1:
-        worst = 0.0
+        gather = combine = 0.0
         for x in n:
-            worst = max(worst, link_us(p, kind, w * (A * S - x) * R, w * (T - 1) * float(x) * R))
-        return a + worst + a + worst + copies
-    return (a + curve_us(p, kind, "one", w * max(A * S / N - nmin, 0.0) * R)
-            + coll_us(p, "gatherv", N, S * R, N) + coll_us(p, "reduce_scatterv", N, S * R, N)
+            gather = max(gather, link_us(p, kind, w * (A * S - x) * W, w * (T - 1) * float(x) * W))
+            combine = max(combine, link_us(p, kind, w * (A * S - x) * R, w * (T - 1) * float(x) * R))
+        return a + gather + a + combine + copies
+    return (a + curve_us(p, kind, "one", w * max(A * S / N - nmin, 0.0) * W)
+            + coll_us(p, "gatherv", N, S * W, N) + coll_us(p, "reduce_scatterv", N, S * R, N)
             + a + curve_us(p, kind, "one", w * (L - 1) * nmax * R) + copies)
 
 
-def push_us(n, A, cost=None, node_size=0):
+def push_us(n, A, cost=None, node_size=0, wire_bytes=0):
     """:func:`p2p_us` of the push transport."""
-    return p2p_us(n, A, cost, node_size, "push")
+    return p2p_us(n, A, cost, node_size, "push", wire_bytes)
 
 
 def logits_us(l, A, cost=None):
@@ -286,7 +310,7 @@ def _prefix(rows):
 
 
 def plan(batches, world_size, attn_tp_size=1, spec=None, policy="auto", graph_buckets=(), cost=None,
-         validate=True, transport="auto", p2p_rows=0, p2p_node_size=0, push_rows=0):
+         validate=True, transport="auto", p2p_rows=0, p2p_node_size=0, push_rows=0, wire_bytes=0):
     """The plan of one step as a dict (see the module docstring)."""
     T, A = int(world_size), int(attn_tp_size)
     if T < 1 or A < 1 or T % A:
@@ -318,7 +342,7 @@ def plan(batches, world_size, attn_tp_size=1, spec=None, policy="auto", graph_bu
     maxl = max(l)
     S = sum(n)
     M = align_up(maxn, A)
-    pred = predicted_us(n, A, cost)
+    pred = predicted_us(n, A, cost, wire_bytes)
     L = sum(l)
     p2p_ok = p2p_rows > 0 and transport != "nccl" and T > 1
     push_ok = push_rows > 0 and transport in ("auto", "push") and T > 1
@@ -341,7 +365,8 @@ def plan(batches, world_size, attn_tp_size=1, spec=None, policy="auto", graph_bu
         full = [bucket] * D
         if p2p_ok and D * bucket <= p2p_rows and D * lbucket <= p2p_rows and (
                 tr == NCCL or (transport == "auto"
-                               and p2p_us(full, A, cost, p2p_node_size) < push_us(full, A, cost, p2p_node_size))):
+                               and p2p_us(full, A, cost, p2p_node_size, wire_bytes=wire_bytes)
+                               < push_us(full, A, cost, p2p_node_size, wire_bytes))):
             tr = P2P
     else:
         # 4. padding mode
@@ -375,11 +400,11 @@ def plan(batches, world_size, attn_tp_size=1, spec=None, policy="auto", graph_bu
         c_best = pred[pad]
         p_rows = D * M if p_pad == MAX_LEN else S
         if p2p_ok and p_rows <= p2p_rows and L <= p2p_rows:
-            c_p2p = p2p_us(n, A, cost, p2p_node_size)
+            c_p2p = p2p_us(n, A, cost, p2p_node_size, wire_bytes=wire_bytes)
             if transport != "auto" or c_p2p < c_best:
                 tr, c_best = P2P, c_p2p
         if push_ok and maxn <= push_rows and maxl <= push_rows:
-            c_push = push_us(n, A, cost, p2p_node_size)
+            c_push = push_us(n, A, cost, p2p_node_size, wire_bytes)
             if transport == "push" or c_push < c_best:
                 tr = PUSH
         if tr != NCCL:
@@ -390,8 +415,8 @@ def plan(batches, world_size, attn_tp_size=1, spec=None, policy="auto", graph_bu
 
     slot_offsets = _prefix(slot_rows)
     logits_offsets = _prefix(logits_slot_rows)
-    c_p2p = p2p_us(n, A, cost, p2p_node_size) if p2p_ok else 0.0
-    c_push = push_us(n, A, cost, p2p_node_size) if push_ok else 0.0
+    c_p2p = p2p_us(n, A, cost, p2p_node_size, wire_bytes=wire_bytes) if p2p_ok else 0.0
+    c_push = push_us(n, A, cost, p2p_node_size, wire_bytes) if push_ok else 0.0
     fp = fnv1a64([pad, lpad, int(graph), bucket, int(skip), int(is_ext), A, D, tr]
                  + n + l + slot_rows + slot_offsets + logits_slot_rows + logits_offsets)
     return {
@@ -413,5 +438,6 @@ def plan(batches, world_size, attn_tp_size=1, spec=None, policy="auto", graph_bu
         "transport": TRANSPORT_NAMES[tr],
         "predicted_p2p_us": c_p2p,
         "predicted_push_us": c_push,
+        "wire_bytes": wire_bytes,
         "fingerprint": fp,
     }

@@ -513,6 +513,38 @@ def test_plans(capsys):
     assert len([ln for ln in lines if ln[:2].strip().isdigit()]) == 11
 
 
+def test_plans_fp8(capsys, rank0_env):
+    """`plans --fp8 GROUP` prices the hidden gather at the fp8 wire rows of the configured width,
+    as DpAttention(fp8=Fp8Format(GROUP)) plans: the same plans as dg.plan(wire_bytes=...)."""
+    import dpgather as dg
+
+    args = ["plans", "--synthetic", "mixed", "--dp", "4", "--hidden", "7168", "--steps", "60"]
+    assert main([*args, "--fp8", "128"]) == 0
+    assert "rows of 14336 B (gather: fp8 wire rows of 7392 B, group 128)" in capsys.readouterr().out
+    runs = []
+    for extra in ([], ["--fp8", "128"]):
+        assert main([*args, "--json", *extra]) == 0
+        runs.append([json.loads(ln)["plans"]["auto"] for ln in capsys.readouterr().out.splitlines()])
+    plain, fp8 = runs
+    assert len(plain) == len(fp8) == 60
+    assert any((a["mode"], a["transport"]) != (b["mode"], b["transport"]) for a, b in zip(plain, fp8))
+    ns = cli.build_parser().parse_args([*args, "--fp8", "128"])
+    trace = synthetic("mixed", dp_size=4, steps=60)
+    topo, _, kw = cli._replay_planning(trace, 1, ns)
+    assert kw["wire_bytes"] == dg.Fp8Format(128).wire_bytes(7168) == 7392
+    for step, got in zip(trace.steps, fp8):
+        want = dg.plan([r.batch() for r in step], topo, policy="auto", **kw)
+        assert got == want.as_dict() and want.wire_bytes == 7392
+    assert main([*args, "--fp8", "96"]) == 2
+    assert "group_size=96 must divide hidden_size=7168" in _one_line(capsys.readouterr().err)
+    with pytest.raises(SystemExit) as e:
+        main([*args, "--fp8", "0"])
+    assert e.value.code == 2 and "--fp8" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["plans", "--help"])
+    assert "--fp8 GROUP" in capsys.readouterr().out
+
+
 def test_plans_options(capsys, tmp_path, rank0_env):
     assert main(["plans", "--policy", "all", "--attn-tp", "2", "--dp", "3"]) == 0
     out = capsys.readouterr().out

@@ -369,10 +369,11 @@ def scenario(draw, spec_modes_without_spec=False):
 
 
 def reference_for(topo, spec, policy, buckets, batches, cost=None, transport="auto", p2p_rows=0, p2p_node_size=0,
-                  push_rows=0):
+                  push_rows=0, wire_bytes=0):
     return ref.plan([as_tuple(b) for b in batches], topo.world_size, topo.attn_tp_size,
                     spec=spec_tuple(spec), policy=policy, graph_buckets=buckets, cost=cost,
-                    transport=transport, p2p_rows=p2p_rows, p2p_node_size=p2p_node_size, push_rows=push_rows)
+                    transport=transport, p2p_rows=p2p_rows, p2p_node_size=p2p_node_size, push_rows=push_rows,
+                    wire_bytes=wire_bytes)
 
 
 #: (transport, pull capacity in rows, nodes, push capacity in rows per replica): none, a small
@@ -488,6 +489,83 @@ def test_link_curves_match_reference(sc, tr, curves):
     r = reference_for(*sc, cost={"curves": curves}, transport=tr[0], p2p_rows=tr[1], p2p_node_size=ns,
                       push_rows=tr[3])
     assert_plan_equals_reference(p, r)
+
+
+#: bytes of one quantized gathered row: 0 (unquantized), fp8 rows of the default 7168 x bf16
+#: (``Fp8Format(128).wire_bytes(7168)``), any width up to twice the row
+WIRE_ST = st.one_of(st.just(0), st.just(7168 + 224), st.integers(1, 2 * 14336))
+
+
+@settings(max_examples=examples(600), **PROPERTY)
+@given(scenario(), TRANSPORT_ST, WIRE_ST, st.none() | CURVES_ST)
+def test_wire_bytes_match_reference(sc, tr, wire, curves):
+    """The quantized gather (docs/cost-model.md, "Quantized gather"): every mode, the pull and the
+    push, graph steps included, priced with the gather half at ``wire_bytes``, against the
+    reference; the transport and mode picks follow those predictions."""
+    topo, spec, policy, buckets, batches = sc
+    ns = node_size(topo, tr[2])
+    cost = dg.CostModel(curves=curves) if curves else None
+    kw = dict(transport=tr[0], p2p_rows=tr[1], p2p_node_size=ns, push_rows=tr[3])
+    p = dg.plan(batches, topo, spec=spec, policy=policy, graph_buckets=buckets, cost=cost, wire_bytes=wire, **kw)
+    r = reference_for(*sc, cost={"curves": curves} if curves else None, wire_bytes=wire, **kw)
+    assert_plan_equals_reference(p, r)
+    assert p.wire_bytes == wire and type(p.wire_bytes) is int
+    planner = dg.Planner(topo, spec=spec, policy=policy, graph_buckets=buckets, cost=cost, wire_bytes=wire, **kw)
+    assert planner.wire_bytes == wire
+    q = planner.plan_table(table_of(planner, batches, topo.attn_tp_size))
+    assert q == p and q.predicted_us == p.predicted_us and q.predicted_p2p_us == p.predicted_p2p_us
+    check_invariants(p, batches, topo, spec, policy, buckets)
+
+
+@settings(max_examples=examples(400), **PROPERTY)
+@given(scenario(), TRANSPORT_ST)
+def test_wire_bytes_zero_is_the_unquantized_plan(sc, tr):
+    """``wire_bytes=0`` gives exactly the plan and predictions of a planner without the argument."""
+    topo, spec, policy, buckets, batches = sc
+    kw = dict(spec=spec, policy=policy, graph_buckets=buckets, transport=tr[0], p2p_rows=tr[1],
+              p2p_node_size=node_size(topo, tr[2]), push_rows=tr[3])
+    p = dg.plan(batches, topo, **kw)
+    z = dg.Planner(topo, wire_bytes=0, **kw).plan_batches(batches)
+    assert z == p and z.fingerprint == p.fingerprint and z.as_dict() == p.as_dict()
+    assert (z.predicted_us, z.predicted_p2p_us, z.predicted_push_us) == (
+        p.predicted_us, p.predicted_p2p_us, p.predicted_push_us)
+    assert z.wire_bytes == p.wire_bytes == 0
+
+
+def test_fp8_wire_halves_the_gather_of_a_link_bound_prefill():
+    """D=2, [8192, 1] tokens of 7168 bf16 channels (14336 B), fp8 wire rows of 7168 + 224 B: the
+    gather's collectives move 0.52x the bytes, the combine keeps them; with the local copies
+    free (copy_GBps huge) each mode's gather time, latency included, comes out 0.51-0.56x, and
+    the quantize pass adds its rows read at 14336 B and written at 7392 B through copy_GBps."""
+    R, W = 14336, 7168 + 224
+    topo = dg.Topology(2)
+    prefill = [dg.LocalBatch(FM.EXTEND, 1, 8192), dg.LocalBatch(FM.DECODE, 1)]
+    kw = dict(transport="auto", p2p_rows=1 << 20, push_rows=1 << 20)
+    fast = dg.CostModel(row_bytes=R, copy_GBps=1e12)
+    base = dg.plan(prefill, topo, cost=fast, **kw)
+    fp8 = dg.plan(prefill, topo, cost=fast, wire_bytes=W, **kw)
+    # unquantized, gather and combine cost the same (SUM_LEN: one all-reduce each): half is the gather
+    for b, f in zip((*base.predicted_us, base.predicted_p2p_us, base.predicted_push_us),
+                    (*fp8.predicted_us, fp8.predicted_p2p_us, fp8.predicted_push_us)):
+        gather, gather_fp8 = b / 2, f - b / 2
+        assert 0.51 < gather_fp8 / gather < 0.56, (b, f)
+    default = dg.CostModel(row_bytes=R)
+    q = 8192 * (R + W) / (default.copy_GBps * 1e3) - 8192 * (R + W) / (fast.copy_GBps * 1e3)
+    slow = dg.plan(prefill, topo, cost=default, wire_bytes=W)
+    assert slow.predicted_us[2] - fp8.predicted_us[2] == pytest.approx(q, rel=1e-9)  # VARLEN: no other copy
+    # the pick follows the quantized predictions (here SUM_LEN's all-reduce, VARLEN without fp8)
+    assert slow.mode == PM(int(np.argmin(slow.predicted_us)))
+    plain = dg.plan(prefill, topo, cost=default)
+    assert plain.mode == PM(int(np.argmin(plain.predicted_us)))
+    assert all(w < p for w, p in zip(slow.predicted_us, plain.predicted_us))
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "7392", None, 2**62])
+def test_bad_wire_bytes(bad):
+    for call in (lambda: dg.Planner(dg.Topology(2), wire_bytes=bad),
+                 lambda: dg.plan([B(FM.DECODE, 1)] * 2, dg.Topology(2), wire_bytes=bad)):
+        with raises(dg.ConfigError, "wire_bytes", repr(bad)):
+            call()
 
 
 def test_push_prices_one_trip_of_line_bytes():

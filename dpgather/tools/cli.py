@@ -248,7 +248,9 @@ def _replay_planning(trace, A, ns):
     shared-memory twin, or CUDA P2P where every GPU pair has peer access) with the windows
     ``DpAttention`` makes (the pull's ``dpgather.core.p2p_window_rows``, and the push's
     ``push_window_rows`` unless ``--transport p2p``) -- and ``nccl`` that it does not
-    (``dpgather info`` / ``dp.info()`` say which)."""
+    (``dpgather info`` / ``dp.info()`` say which). ``plans --fp8 GROUP`` adds the planner's
+    ``wire_bytes``: the hidden gather priced at ``Fp8Format(GROUP).wire_bytes(hidden)``, as
+    ``DpAttention(fp8=...)`` plans."""
     import dpgather as dg
     from dpgather.core import p2p_window_rows, push_window_rows
     from dpgather.core.dtypes import DTYPES as ITEMS
@@ -263,6 +265,11 @@ def _replay_planning(trace, A, ns):
     kw = {"spec": trace.spec, "graph_buckets": buckets, "cost": cost, "transport": ns.transport,
           "p2p_rows": p2p_window_rows(topo, buckets) if p2p else 0,
           "push_rows": push_window_rows(topo) if p2p and ns.transport != "p2p" else 0}
+    group = getattr(ns, "fp8", None)
+    if group:
+        fmt = dg.Fp8Format(group_size=group)
+        fmt.check(hidden, DTYPES[ns.dtype])
+        kw["wire_bytes"] = fmt.wire_bytes(hidden)
     return topo, buckets, kw
 
 
@@ -310,7 +317,9 @@ def _cmd_plans(ns):
     for pol in compare:
         head += [f"{pol}", "bucket", "rows", "logit rows"]
     print(f"Plans of {trace.name}: D={trace.dp_size} replicas x attn_tp {A}, graph buckets "
-          f"{','.join(map(str, buckets)) or 'none'}, rows of {kw['cost'].row_bytes} B, transport "
+          f"{','.join(map(str, buckets)) or 'none'}, rows of {kw['cost'].row_bytes} B"
+          + (f" (gather: fp8 wire rows of {kw['wire_bytes']} B, group {ns.fp8})" if kw.get("wire_bytes") else "")
+          + ", transport "
           + (f"{ns.transport} (P2P pull windows of {kw['p2p_rows']} rows"
              + (f", push windows of {kw['push_rows']} rows per replica)" if kw["push_rows"] else ")")
              if kw["p2p_rows"] else "nccl (no P2P)")
@@ -519,7 +528,8 @@ def _add_plans(sub):
                     "the layouts: per-replica modes,\ncounts, padding mode, transport, gathered rows, graph "
                     "bucket; SGLang's choice alongside.",
         epilog="examples:\n  dpgather plans\n  dpgather plans --policy all --attn-tp 2\n"
-               "  dpgather plans --synthetic prefill-burst --steps 10")
+               "  dpgather plans --synthetic prefill-burst --steps 10\n"
+               "  dpgather plans --synthetic prefill-burst --hidden 7168 --fp8 128")
     src = pl.add_mutually_exclusive_group()
     src.add_argument("--trace", metavar="FILE", help="plan a JSON Lines trace instead")
     src.add_argument("--synthetic", metavar="NAME", choices=sorted(GENERATORS),
@@ -541,6 +551,11 @@ def _add_plans(sub):
                     help="auto (default): both P2P transports run, as replay's DpAttention gets them on "
                          "one machine (the host twins on CPUs; CUDA P2P with peer access); p2p: the "
                          "pull only; nccl: neither")
+    pl.add_argument("--fp8", type=positive_int, metavar="GROUP",
+                    help="price the hidden-state gather as DpAttention(fp8=Fp8Format(group_size=GROUP)) "
+                         "does: rows of H + 4*H/GROUP bytes on the wire plus the quantize pass (the "
+                         "combine and the logits gather keep H x dtype bytes); GROUP must divide --hidden "
+                         "(default: unquantized)")
     pl.add_argument("--json", action="store_true", help="one JSON object per step: every policy's plan.as_dict()")
     return pl
 
