@@ -231,12 +231,18 @@ cdef inline double gather_bytes(const Config* c) noexcept nogil:
     return c.wire_bytes if c.wire_bytes > 0 else c.row_bytes
 
 
+#: The quantize kernel's time per byte read + written, relative to a copy's (``copy_GBps``):
+#: 1427 against 2874 GB/s on 1x H100 at 8192 rows of 14336 B (BENCHMARKS.md, "fp8").
+cdef double QUANTIZE_PER_COPY_BYTE = 2.0
+
+
 cdef inline double quantize_us(const Config* c, double rows) noexcept nogil:
     """The quantize pass (us) of ``rows`` rows, each read at ``row_bytes`` and written at
-    ``wire_bytes`` through ``copy_bw`` (bytes read + written); 0 when unquantized."""
+    ``wire_bytes``, at ``copy_bw / QUANTIZE_PER_COPY_BYTE`` (bytes read + written); 0 when
+    unquantized."""
     if c.wire_bytes <= 0:
         return 0.0
-    return rows * (c.row_bytes + c.wire_bytes) / (c.copy_bw * 1e3)
+    return QUANTIZE_PER_COPY_BYTE * rows * (c.row_bytes + c.wire_bytes) / (c.copy_bw * 1e3)
 
 
 cdef double p2p_us(const Config* c, int64_t T, int64_t A, const int64_t* n, int64_t D, int cls) noexcept nogil:
