@@ -334,3 +334,69 @@ def test_kernel_argument_errors_name_the_argument():
             fn()
         msg = str(ei.value)
         assert msg.startswith(f"quantize_rows: {arg}") and msg[len(f"quantize_rows: {arg}")] in " =", (k, arg, msg)
+
+
+# -- DpAttention.gather_fp8 under mpiexec (host backend): tests/mpi/fp8_scenarios.py --------------------
+
+def _run(nprocs, *argv, timeout=180):
+    res = check_mpi([SCRIPT, *map(str, argv)], nprocs, timeout=timeout)
+    print(res.results[0])
+    return res
+
+
+# (T, argv): T = 2 and 4 run every A in {1, 2} x nccl / p2p / push x max_len / sum_len / varlen /
+# auto x float32 / float16 / bfloat16 (the format cycling over group 16, H, 4, 1 and pow2 on/off);
+# T = 3 (A = 1, three replicas) the P2P transports in bfloat16 and float16
+MATRIX = [
+    (2, ()),
+    (3, ("--transports", "p2p,push", "--dtypes", "bfloat16,float16", "--seed", 3)),
+    (4, ("--seed", 4)),
+]
+
+
+@pytest.mark.mpi
+@needs_mpiexec
+@pytest.mark.parametrize("nprocs,argv", MATRIX, ids=[f"T{t}" for t, _ in MATRIX])
+def test_gather_fp8_wire_rows_are_the_reference_bit_for_bit(nprocs, argv):
+    res = _run(nprocs, "matrix", "--steps", 3, *argv)
+    A = len([a for a in (1, 2) if nprocs % a == 0])
+    t = argv[argv.index("--transports") + 1].count(",") + 1 if "--transports" in argv else 3
+    d = argv[argv.index("--dtypes") + 1].count(",") + 1 if "--dtypes" in argv else 3
+    for got in res.results.values():
+        assert got["configs"] == A * t * 4 * d and got["checks"] > 1000, got
+
+
+@pytest.mark.mpi
+@needs_mpiexec
+@pytest.mark.parametrize("nprocs,argv", [(2, ()), (4, ("--A", "2", "--transports", "nccl,push", "--dtypes",
+                                                                 "bfloat16", "--seed", 44))], ids=["T2", "T4-A2"])
+def test_gather_fp8_async_micro_batches_and_the_graph_runner(nprocs, argv):
+    res = _run(nprocs, "overlap", *argv)
+    for got in res.results.values():
+        assert got["graph_steps"] > 0 and got["checks"] > 100, got
+
+
+@pytest.mark.mpi
+@needs_mpiexec
+@pytest.mark.parametrize("nprocs,argv", [(2, ()), (4, ("--transports", "nccl", "--dtypes", "float16"))],
+                         ids=["T2", "T4"])
+def test_gather_fp8_failure_path_and_config_errors(nprocs, argv):
+    res = _run(nprocs, "badinput", "--timeout", 10, *argv)
+    for got in res.results.values():
+        assert got["checks"] > 100, got
+
+
+@pytest.mark.mpi
+@needs_mpiexec
+@pytest.mark.parametrize("framework,dtype", [("torch", "bfloat16"), ("torch", "float32"), ("jax", "bfloat16"),
+                                             ("jax", "float16")])
+def test_gather_fp8_returns_the_callers_framework(framework, dtype):
+    require(framework)
+    res = _run(2, "interop", "--framework", framework, "--dtypes", dtype, "--steps", 3)
+    mods = {"torch": ("torch",), "jax": ("jax", "jaxlib")}[framework]
+    for got in res.results.values():
+        # each field in the framework (the scenario also checks the classes, dtypes and values)
+        types = [t.split(":") for t in got["types"]]
+        assert sorted((f, dt) for f, _, dt in types) == [("q", "uint8"), ("scales", "float32"), ("wire", "uint8")], got
+        assert all(m in mods for _, m, _ in types), got
+        assert got["checks"] > 100, got
