@@ -344,31 +344,36 @@ def _run(nprocs, *argv, timeout=180):
     return res
 
 
-# (T, argv): T = 2 and 4 run every A in {1, 2} x nccl / p2p / push x max_len / sum_len / varlen /
-# auto x float32 / float16 / bfloat16 (the format cycling over group 16, H, 4, 1 and pow2 on/off);
-# T = 3 (A = 1, three replicas) the P2P transports in bfloat16 and float16
+# (T, argv): T = 2 runs every A in {1, 2} x nccl / p2p / push x max_len / sum_len / varlen / auto x
+# float32 / float16 / bfloat16 (the format cycling over group 16, H, 4, 1 and pow2 on/off); T = 3
+# (A = 1, three replicas) the P2P transports in bfloat16 and float16; T = 4 every A, transport and
+# policy in bfloat16; T = 4 in two pretend nodes (DPGATHER_P2P_NODES=2: the P2P
+# transports inside each node, the node blocks over the inter-node all-gather)
 MATRIX = [
-    (2, ()),
-    (3, ("--transports", "p2p,push", "--dtypes", "bfloat16,float16", "--seed", 3)),
-    (4, ("--seed", 4)),
+    (2, (), None),
+    (3, ("--transports", "p2p,push", "--dtypes", "bfloat16,float16", "--seed", 3), None),
+    (4, ("--dtypes", "bfloat16", "--seed", 4), None),
+    (4, ("--transports", "p2p,push", "--dtypes", "float16", "--policies", "auto", "--seed", 42), 2),
 ]
 
 
 @pytest.mark.mpi
 @needs_mpiexec
-@pytest.mark.parametrize("nprocs,argv", MATRIX, ids=[f"T{t}" for t, _ in MATRIX])
-def test_gather_fp8_wire_rows_are_the_reference_bit_for_bit(nprocs, argv):
-    res = _run(nprocs, "matrix", "--steps", 3, *argv)
+@pytest.mark.parametrize("nprocs,argv,nodes", MATRIX, ids=["T2", "T3", "T4", "T4-2nodes"])
+def test_gather_fp8_wire_rows_are_the_reference_bit_for_bit(nprocs, argv, nodes):
+    res = check_mpi([SCRIPT, "matrix", "--steps", "3", *map(str, argv)], nprocs, timeout=180,
+                    env={"DPGATHER_P2P_NODES": nodes} if nodes else None)
     A = len([a for a in (1, 2) if nprocs % a == 0])
-    t = argv[argv.index("--transports") + 1].count(",") + 1 if "--transports" in argv else 3
-    d = argv[argv.index("--dtypes") + 1].count(",") + 1 if "--dtypes" in argv else 3
+    count = {k: argv[argv.index(k) + 1].count(",") + 1 if k in argv else n
+             for k, n in (("--transports", 3), ("--dtypes", 3), ("--policies", 4))}
     for got in res.results.values():
-        assert got["configs"] == A * t * 4 * d and got["checks"] > 1000, got
+        assert got["configs"] == A * count["--transports"] * count["--dtypes"] * count["--policies"], got
+        assert got["checks"] > 50 * got["configs"], got
 
 
 @pytest.mark.mpi
 @needs_mpiexec
-@pytest.mark.parametrize("nprocs,argv", [(2, ()), (4, ("--A", "2", "--transports", "nccl,push", "--dtypes",
+@pytest.mark.parametrize("nprocs,argv", [(2, ()), (4, ("--A", "2", "--transports", "push", "--dtypes",
                                                                  "bfloat16", "--seed", 44))], ids=["T2", "T4-A2"])
 def test_gather_fp8_async_micro_batches_and_the_graph_runner(nprocs, argv):
     res = _run(nprocs, "overlap", *argv)

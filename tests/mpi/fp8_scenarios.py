@@ -11,7 +11,8 @@ Parts:
               replicas that provide fewer rows than ``n`` (the missing rows are zero rows: zero
               bytes) and more; values of many magnitudes, some steps with NaN / +-Inf /
               subnormals / -0.0 among them. Each step runs ``gather_fp8`` replicate and partial
-              (sync and ``gather_fp8_async``) into a poisoned arena and compares ``wire`` with
+              (sync and ``gather_fp8_async``) into a poisoned arena (the sum_len configurations
+              preallocated with max_tokens_per_rank: no step may allocate) and compares ``wire`` with
               ``tests/fp8_reference.quantize`` of each replica's rows (partial, A > 1: of the
               replica's summands summed in the input dtype, as ``tests/bit_patterns.summed``)
               placed at ``plan.slot_offsets``, every row as bytes; ``q`` and ``scales`` must be
@@ -188,8 +189,19 @@ def check_rows(what, got, ref, cfg):
 
 # -- matrix -----------------------------------------------------------------------------------------------
 
+ROLES = ("gathered", "staging", "combine", "output")
+
+
 def run_matrix_config(cfg, nsteps):
-    dp = cfg.make()
+    # sum_len configurations preallocate (max_tokens_per_rank): the arenas must be sized for the
+    # wire rows (wider than a float32 row at group 1), so no step allocates
+    prealloc = cfg.policy == "sum_len"
+    dp = cfg.make(**({"max_tokens_per_rank": 64} if prealloc else {}))
+    stats0 = dp.memory_stats()
+    nodes = int(os.environ.get("DPGATHER_P2P_NODES") or 1)
+    if cfg.transport != "nccl" and T > 1:
+        CHK.ok(dp.info()["p2p_node_size"] == T // nodes, lambda: f"p2p_node_size {dp.info()['p2p_node_size']}, "
+                                                                  f"expected {T // nodes} ({nodes} pretend nodes)")
     try:
         for s in range(nsteps):
             CHK.ctx = f"matrix {cfg} step={s}"
@@ -213,6 +225,13 @@ def run_matrix_config(cfg, nsteps):
                 check_rows(f"gather_fp8_async({c}).wait()", h.wait(), ref, cfg)
             CHK.ok(np.array_equal(bits(saved[0]), bits(inp.x_rep)) and np.array_equal(bits(saved[1]), bits(inp.x_part)),
                    "an input was modified")
+        if prealloc:
+            CHK.ctx = f"matrix {cfg} preallocated"
+            end = dp.memory_stats()
+            for role in ROLES:
+                CHK.ok(end[role]["allocations"] == stats0[role]["allocations"],
+                       f"role {role} allocated although max_tokens_per_rank covers every step: "
+                       f"{stats0[role]} -> {end[role]}")
     finally:
         dp.close()
 
