@@ -107,7 +107,7 @@ def test_descriptor_push_records_of_a_node():
     counts, slots = [3, 0, 5, 2], [4, 2, 6, 2]
     offsets = [0] + np.cumsum(slots).tolist()
     hidden = Layout(PaddingMode.VARLEN, counts, slots, offsets, offsets[-1], rank // A, rank % A, A)
-    sigs = {"gather_replicate": 1, "gather_partial": 2, "combine": 3, "logits": 4}
+    sigs = {"gather_replicate": 1, "gather_partial": 2, "combine": 3, "logits": 4, "wire": 5}
     desc = Descriptor(D, A, L)
     out = desc.write(np.zeros(desc.size, np.int64), None, hidden, hidden, rank, sigs)
     # replicate: one send per replica of the node, to the rank at attn-TP position 1 (node ranks 1, 3)
@@ -119,6 +119,8 @@ def test_descriptor_push_records_of_a_node():
     assert _records(desc, out, "combine") == (
         3, [[0, 5, 0, 0, 2], [6, 2, 0, 2, 2]], [[0, 5, 1 << 62, 0, 0, 4, 1]], 0)
     assert _records(desc, out, "logits")[1] == [[0, 5, 0, 1, 1], [0, 5, 0, 3, 1]]
+    # wire (the quantized gather's fp8 rows): gather replicate's records under its own signature
+    assert _records(desc, out, "wire") == (5,) + _records(desc, out, "gather_replicate")[1:]
     # the pull entries are where they were: push entries come after them
     assert min(desc.push.values()) > max(desc.p2p.values())
     whole = Descriptor(D, A)
@@ -145,7 +147,7 @@ def test_descriptor_push_entries_give_the_data_plane_semantics(T, A, L):
             counts = rng.integers(0, 5, T // A).tolist() if layout != "zero" else [0] * (T // A)
             slots = counts if layout == "exact" else [-(-(max(counts) + 1) // A) * A] * (T // A)
             for node in range(T // L):
-                for op in pc.OPS:
+                for op in pc.OPS + ("wire",):  # wire: the quantized gather's rows (gather replicate)
                     name = f"{op} T={T} A={A} L={L} node={node} {layout} counts={counts} [{dtype}]"
                     case = pc.layout_case(name, T, A, L, node, counts, slots, op, dtype, 3 + i, "exact", 7)
                     outs = [pc.poisoned(n, 3 + i, dtype) for n in case.out_rows]
@@ -168,7 +170,7 @@ def _traffic_faults(name, op, traffic, counts, A, L, node):
             need = counts[own] * (L - 1)
         elif op == "gather_partial":  # every replica's rows from each of its ranks but itself
             need = sum(counts[d] * (A - (d == own)) for d in replicas)
-        elif op == "gather_replicate":  # every other replica's rows, from one rank each
+        elif op in ("gather_replicate", "wire"):  # every other replica's rows, from one rank each
             need = sum(counts[d] for d in replicas if d != own)
         else:
             continue  # logits: its own counts (checked through the outputs)

@@ -18,7 +18,7 @@ from dpgather._ledger import SYNC_WIDTH, Status, StepLedger
 
 ARGS = dict(attn_tp_size=1, hidden_size=8, dtype="float32", backend="host", spec=None, policy="auto",
             graph_buckets=(), max_tokens_per_rank=None, timeout_s=5.0, cost=None, strict=False,
-            transport="auto", micro_batches=1, device=None)
+            transport="auto", micro_batches=1, device=None, fp8=None)
 
 
 # -- configuration ------------------------------------------------------------------------------
