@@ -25,7 +25,8 @@ Parts:
     badinput  a bad ``x`` (wrong width, wrong dtype) to ``gather_fp8`` on the last rank: it
               raises InputError naming ``x``, its peers' calls return (their other replicas'
               rows right), every rank raises at the next ``sync()``, the step after works;
-              ``strict=True``: every rank raises at the call and nothing moves;
+              ``strict=True``: every rank raises at the call and nothing moves; the runner's
+              ``fn`` (fp8=True) raising on the last rank: the same contract;
               ``gather_fp8`` / ``graph_runner(fp8=True)`` without ``fp8=``: InputError on every
               rank, nothing moves; the configuration errors (non-float dtype, group not dividing
               H, H not a multiple of 4, a non-Fp8Format value, formats that differ across
@@ -399,6 +400,7 @@ def scenario_badinput():
                         bad_x_case(dp, cfg, strict, 2 * k, what, bad)
                 finally:
                     dp.close()
+            fn_fails_case(cfg)
             no_format_case(cfg)
     config_cases(name, H)
     finish("badinput")
@@ -451,6 +453,39 @@ def bad_x_case(dp, cfg, strict, s, what, bad):
         expect_raise(f"{what}: the next sync()", dg.InputError, lambda: dp.sync(dg.LocalBatch(M.DECODE, 2)),
                      must=(f"[{BAD}]", "x"), peer_must=(f"[{BAD}]", "x"))
     good_step(dp, cfg, s + 1, what)
+
+
+def fn_fails_case(cfg):
+    """graph_runner(fp8=True) whose fn raises on the last rank: that rank raises fn's error at
+    run(), its peers' run returns, every rank raises InputError naming the rank at the next sync();
+    the step after works."""
+    CHK.ctx = f"badinput {cfg} runner fn raises on rank {BAD}"
+    dp = cfg.make(graph_buckets=(cfg.A * 4, cfg.A * 8))
+    try:
+        def fn(rows):
+            if RANK == BAD:
+                raise ValueError("fn-boom")
+            return np.zeros((rows.wire.shape[0], cfg.H), cfg.dt)
+
+        runner = dp.graph_runner(fn, contribution="partial", fp8=True)
+        p = dp.sync(dg.LocalBatch(M.DECODE, 3, can_run_graph=True))
+        CHK.ok(p.graph, f"plan.graph is False for {p!r}")
+        x = values(("fnfail", RANK), 3, cfg.H, cfg.name, False)
+        t0 = time.monotonic()
+        if RANK == BAD:
+            expect_raise("run() with fn raising", ValueError, lambda: runner.run(x, p), must=("fn-boom",))
+        else:
+            try:
+                out = runner.run(x, p)
+                CHK.ok(out.shape[1] == cfg.H, "run() output shape")
+            except Exception as e:  # noqa: BLE001 - reported
+                CHK.fail(f"a peer's run() raised {type(e).__name__}: {e}")
+        CHK.ok(time.monotonic() - t0 < ARGS.timeout, "run() took too long")
+        expect_raise("the next sync()", dg.InputError, lambda: dp.sync(dg.LocalBatch(M.DECODE, 2)),
+                     must=(f"[{BAD}]", "fn-boom"), peer_must=(f"[{BAD}]", "fn-boom"))
+        good_step(dp, cfg, 7, "fn raising")
+    finally:
+        dp.close()
 
 
 def no_format_case(cfg):
