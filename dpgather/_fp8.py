@@ -65,7 +65,8 @@ class Fp8Views:
             jax = sys.modules["jax"]
             g = jax.dlpack.from_dlpack(Exported(plain_alias(G), False))
             n, H = G.shape[0], self.H
-            s = jax.lax.bitcast_convert_type(g[:, H:].reshape(n, -1, 4), jax.numpy.float32)
+            # the group count spelled out: reshape(n, -1, 4) of a step of no rows divides by zero
+            s = jax.lax.bitcast_convert_type(g[:, H:].reshape(n, self.fmt.groups(H), 4), jax.numpy.float32)
             return Fp8Rows(g[:, :H], s, g)
         plain = None if origin is None else (origin[0], False)
         q, s = self.split(G)

@@ -32,6 +32,8 @@ ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int32": 4, "int64": 8, "
 OPS = ("gather_replicate", "gather_partial", "combine", "logits")
 #: capacity_bytes of the emulated transports: 64 rows of the widest test row (128 bytes)
 CAP_BYTES = 8192
+#: the step's signatures, one per descriptor entry (``"wire"``: the quantized gather's fp8 rows,
+#: moved as gather replicate; tests/test_push_layout.py runs it, OPS leaves it out of the kernels' cases)
 _SIGS = {name: 0x1000 + i for i, name in enumerate(OPS + ("wire",))}
 
 

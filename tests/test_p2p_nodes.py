@@ -89,5 +89,8 @@ def test_descriptor_of_a_node():
     # the input is the node's block (rows 6..14 of the gathered buffer), staged from row 0
     assert pack.tolist() == [[0, 5, 0], [6, 2, 6]]
     assert jobs.tolist() == [[0, 5, 1 << 62, 0, 0, 4, 1]]
+    # wire (the quantized gather's fp8 rows): gather replicate's records under its own signature
+    rep, wire = _records(node, out, "gather_replicate"), _records(node, out, "wire")
+    assert wire[0] == 5 and rep[0] == 1 and all(np.array_equal(a, b) for a, b in zip(wire[1:], rep[1:]))
     with pytest.raises(ValueError):
         Descriptor(D, A, 3)

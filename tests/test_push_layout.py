@@ -149,7 +149,7 @@ def test_descriptor_push_entries_give_the_data_plane_semantics(T, A, L):
             counts = rng.integers(0, 5, T // A).tolist() if layout != "zero" else [0] * (T // A)
             slots = counts if layout == "exact" else [-(-(max(counts) + 1) // A) * A] * (T // A)
             for node in range(T // L):
-                for op in pc.OPS:
+                for op in pc.OPS + ("wire",):  # wire: the quantized gather's rows (gather replicate)
                     name = f"{op} T={T} A={A} L={L} node={node} {layout} counts={counts} [{dtype}]"
                     case = pc.layout_case(name, T, A, L, node, counts, slots, op, dtype, 3 + i, "exact", 7)
                     outs = [pc.poisoned(n, 3 + i, dtype) for n in case.out_rows]
@@ -172,7 +172,7 @@ def _traffic_faults(name, op, traffic, counts, A, L, node):
             need = counts[own] * (L - 1)
         elif op == "gather_partial":  # every replica's rows from each of its ranks but itself
             need = sum(counts[d] * (A - (d == own)) for d in replicas)
-        elif op == "gather_replicate":  # every other replica's rows, from one rank each
+        elif op in ("gather_replicate", "wire"):  # every other replica's rows, from one rank each
             need = sum(counts[d] for d in replicas if d != own)
         else:
             continue  # logits: its own counts (checked through the outputs)
