@@ -18,7 +18,7 @@ rows outside ``ids``. ``ids`` is a C-contiguous ``[rows, k]`` int32 or int64 arr
 ``quantize_rows(src, dst, desc, i, group, pow2, dtype)``: ``copy_rows``' record and clamps, the
 copied rows quantized into fp8 wire rows (docs/fp8.md; the CUDA twin is ``quantize_rows<E>`` in
 ``kernels/copy.cu``, bit for bit): per group of ``group`` channels the scale ``s = amax / 448``
-(float32 division; ``pow2``: rounded up to a power of two ``>= 2**-126``; 0 when ``amax`` is 0),
+(float32 division; ``pow2``: a nonzero one rounded up to a power of two ``>= 2**-126``; 0 when ``amax`` is 0 or ``amax / 448`` underflows),
 ``amax`` the largest non-NaN ``|x|``, each channel ``e4m3fn(x / s)`` (``x`` itself when ``s`` is
 0), nearest even, saturated to +-448, NaN -> 0x7F; rows past ``valid`` are zero bytes.
 

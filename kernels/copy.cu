@@ -46,8 +46,8 @@
  *      copy_rows' descriptor record and clamps, but the `valid` source rows (of `width`
  *      elements of E) are quantized into wire rows of `width + 4 * width / group` bytes
  *      (docs/fp8.md): per group of `group` channels, amax = the largest |x| that is not NaN
- *      (compared as integer bits: no flush to zero), s = amax / 448 (pow2: rounded up to a
- *      power of two >= 2^-126; s = 0 when amax = 0), q = e4m3fn(x / s) (x itself when
+ *      (compared as integer bits: no flush to zero), s = amax / 448 (pow2: a nonzero s rounded
+ *      up to a power of two >= 2^-126; s = 0 when amax = 0 or amax / 448 underflows), q = e4m3fn(x / s) (x itself when
  *      s = 0) rounded to nearest even, saturated to +-448, NaN -> 0x7F; the row's `width`
  *      fp8 bytes, then its scales as little-endian float32 bytes. The rows past `valid`
  *      are zero bytes (zero rows, zero scales). Divisions are div.rn.f32 (subnormals kept).
