@@ -126,13 +126,16 @@ class DataPlane:
         self.chain = backend.launch_chain()
 
     # -- gather ----------------------------------------------------------------------------
+    def _chained(self, op, *args):
+        """``op(*args)`` as one operation of the launch chain (module docstring, "Ordering")."""
+        s, cap = self.chain.enter()
+        result = op(*args)
+        self.chain.leave(s, cap)
+        return result
+
     def gather(self, arena, x, L, desc, partial, transport, role="gathered"):
         """Gather ``x`` as one operation of the launch chain (see :meth:`_gather`)."""
-        chain = self.chain
-        s, cap = chain.enter()
-        G = self._gather(arena, x, L, desc, partial, transport, role)
-        chain.leave(s, cap)
-        return G
+        return self._chained(self._gather, arena, x, L, desc, partial, transport, role)
 
     def _gather(self, arena, x, L, desc, partial, transport, role="gathered"):
         """Gather ``x`` (this rank's rows, ``[rows, W]``) over layout ``L`` into ``role``'s buffer.
@@ -152,13 +155,7 @@ class DataPlane:
             name = "logits" if role != "gathered" else ("gather_partial" if partial else "gather_replicate")
             t, at = self.transports[transport]
             t.run(x, G, desc, at[name], row_bytes=W * dt.itemsize, dtype=logical)
-            if self.inter is not None:
-                counts, o = self._node_blocks(L)
-                send = G[o[self.node]:o[self.node + 1]]  # in place: the own node's block is already in G
-                if L.equal:
-                    self.inter.all_gather(send, G, logical)
-                else:
-                    self.inter.all_gatherv(send, G, counts, o, logical)
+            self._gather_nodes(G, L, logical)
             return G
         tp = self.tp
         if L.mode == _SUM:
@@ -229,11 +226,7 @@ class DataPlane:
     def gather_fp8(self, arena, x, L, desc, partial, transport, fmt):
         """The quantized gather of ``x`` as one operation of the launch chain (see
         :meth:`_gather_fp8`)."""
-        chain = self.chain
-        s, cap = chain.enter()
-        G = self._gather_fp8(arena, x, L, desc, partial, transport, fmt)
-        chain.leave(s, cap)
-        return G
+        return self._chained(self._gather_fp8, arena, x, L, desc, partial, transport, fmt)
 
     def _gather_fp8(self, arena, x, L, desc, partial, transport, fmt):
         """Quantize and gather ``x`` (``[rows, H]`` of the configured dtype) over layout ``L``.
@@ -269,13 +262,7 @@ class DataPlane:
             quantize(wire, _PACK)
             t, at = self.transports[transport]
             t.run(wire, G, desc, at["wire"], row_bytes=W, dtype="uint8")
-            if self.inter is not None:
-                counts, o = self._node_blocks(L)
-                send = G[o[self.node]:o[self.node + 1]]
-                if L.equal:
-                    self.inter.all_gather(send, G, "uint8")
-                else:
-                    self.inter.all_gatherv(send, G, counts, o, "uint8")
+            self._gather_nodes(G, L, "uint8")
             return G
         if L.mode == _SUM:
             be.zero(G)
@@ -294,11 +281,7 @@ class DataPlane:
     # -- combine ---------------------------------------------------------------------------
     def combine(self, arena, Y, L, desc, reduce, out, transport):
         """Combine ``Y`` as one operation of the launch chain (see :meth:`_combine`)."""
-        chain = self.chain
-        s, cap = chain.enter()
-        y = self._combine(arena, Y, L, desc, reduce, out, transport)
-        chain.leave(s, cap)
-        return y
+        return self._chained(self._combine, arena, Y, L, desc, reduce, out, transport)
 
     def _combine(self, arena, Y, L, desc, reduce, out, transport):
         """Bring ``Y`` (``[>= L.total, W]``) back to this replica's rows.
@@ -361,6 +344,18 @@ class DataPlane:
         else:
             be.copy_rows(dst, y, desc, _OUTCOPY)
         return y
+
+    def _gather_nodes(self, G, L, logical):
+        """Over several nodes, after a P2P gather of the own node's block into ``G``: the
+        all-gather(v) of the node blocks over ``inter`` (in place; nothing on one node)."""
+        if self.inter is None:
+            return
+        counts, o = self._node_blocks(L)
+        send = G[o[self.node]:o[self.node + 1]]  # in place: the own node's block is already in G
+        if L.equal:
+            self.inter.all_gather(send, G, logical)
+        else:
+            self.inter.all_gatherv(send, G, counts, o, logical)
 
     def _node_blocks(self, L):
         """``(counts, offsets)`` of the node blocks of layout ``L`` (rows of each node's replicas,

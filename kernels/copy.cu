@@ -87,6 +87,25 @@ struct Unroll {
     static constexpr int value = sizeof(V) >= 16 ? DPG_UNROLL16 : (sizeof(V) >= 4 ? 8 : 16);
 };
 
+// The window of copy record i (docs/internals.md): false when it has no rows; else the clamped
+// starts, the rows to write and the valid ones among them (rows read from src).
+__device__ __forceinline__ bool read_window(const long long* __restrict__ desc, long long i,
+                                            long long src_total_rows, long long dst_total_rows,
+                                            long long& src_start, long long& dst_start,
+                                            long long& rows, long long& valid) {
+    const long long* d = desc + 4 * i;
+    src_start = dpg_dev::nonneg(d[0]);
+    const long long n_valid = dpg_dev::nonneg(d[1]);
+    dst_start = dpg_dev::nonneg(d[2]);
+    const long long n_rows = dpg_dev::nonneg(d[3]);
+    const long long dst_avail = dst_start < dst_total_rows ? dst_total_rows - dst_start : 0;
+    rows = dpg_dev::min2(n_rows, dst_avail);
+    if (rows <= 0) return false;
+    const long long src_avail = src_start < src_total_rows ? src_total_rows - src_start : 0;
+    valid = dpg_dev::min2(dpg_dev::min2(n_valid, src_avail), rows);
+    return true;
+}
+
 // dst[k] = src[k] for k in [0, n): grid-stride over tiles of kThreads * U vectors, thread t
 // of a tile moving vectors t, t + kThreads, ... (coalesced), all U loads before any store.
 template <typename V>
@@ -145,17 +164,8 @@ __global__ void __launch_bounds__(dpg::kThreads)
 copy_rows(const V* __restrict__ src, V* __restrict__ dst, const long long* __restrict__ desc,
           long long i, long long src_total_rows, long long dst_total_rows, long long row_bytes) {
     if (blockDim.x != dpg::kThreads) __trap();  // the tiling assumes kThreads per block
-    const long long* d = desc + 4 * i;
-    const long long src_start = dpg_dev::nonneg(d[0]);
-    const long long n_valid = dpg_dev::nonneg(d[1]);
-    const long long dst_start = dpg_dev::nonneg(d[2]);
-    const long long n_rows = dpg_dev::nonneg(d[3]);
-
-    const long long dst_avail = dst_start < dst_total_rows ? dst_total_rows - dst_start : 0;
-    const long long rows = dpg_dev::min2(n_rows, dst_avail);
-    if (rows <= 0) return;
-    const long long src_avail = src_start < src_total_rows ? src_total_rows - src_start : 0;
-    const long long valid = dpg_dev::min2(dpg_dev::min2(n_valid, src_avail), rows);
+    long long src_start, dst_start, rows, valid;
+    if (!dpg::read_window(desc, i, src_total_rows, dst_total_rows, src_start, dst_start, rows, valid)) return;
 
     const long long vpr = row_bytes / (long long)sizeof(V);
     V* out = dst + dst_start * vpr;
@@ -244,6 +254,14 @@ struct Divide {
     }
 };
 
+// Zero the n bytes at z (whole wire rows of `wire` bytes): 4-byte stores where aligned.
+__device__ __forceinline__ void zero_rows(unsigned char* z, long long n, long long wire) {
+    if (((unsigned long long)z | (unsigned long long)wire) & 3ull)
+        span_fill<unsigned char>(z, n, (unsigned char)0);
+    else
+        span_fill<unsigned int>(reinterpret_cast<unsigned int*>(z), n >> 2, 0u);
+}
+
 // The scale's bits from amax's bits (docs/fp8.md).
 __device__ __forceinline__ unsigned int scale_bits(unsigned int amax, int pow2) {
     if (amax == 0u) return 0u;
@@ -264,17 +282,8 @@ quantize_rows(const typename dpg::QuantSrc<E>::Bits* __restrict__ src, unsigned 
               long long dst_total_rows, long long width, long long group, int pow2) {
     using Src = dpg::QuantSrc<E>;
     if (blockDim.x != dpg::kThreads) __trap();
-    const long long* d = desc + 4 * i;
-    const long long src_start = dpg_dev::nonneg(d[0]);
-    const long long n_valid = dpg_dev::nonneg(d[1]);
-    const long long dst_start = dpg_dev::nonneg(d[2]);
-    const long long n_rows = dpg_dev::nonneg(d[3]);
-
-    const long long dst_avail = dst_start < dst_total_rows ? dst_total_rows - dst_start : 0;
-    const long long rows = dpg_dev::min2(n_rows, dst_avail);
-    if (rows <= 0) return;
-    const long long src_avail = src_start < src_total_rows ? src_total_rows - src_start : 0;
-    const long long valid = dpg_dev::min2(dpg_dev::min2(n_valid, src_avail), rows);
+    long long src_start, dst_start, rows, valid;
+    if (!dpg::read_window(desc, i, src_total_rows, dst_total_rows, src_start, dst_start, rows, valid)) return;
 
     const long long groups = width / group;
     const long long wire = width + 4 * groups;
@@ -302,12 +311,7 @@ quantize_rows(const typename dpg::QuantSrc<E>::Bits* __restrict__ src, unsigned 
         }
         if (lane < 4) q[width + 4 * g + lane] = (unsigned char)(sb >> (8 * lane));
     }
-    unsigned char* z = dst + (dst_start + valid) * wire;
-    const long long nz = (rows - valid) * wire;
-    if (((unsigned long long)z | (unsigned long long)wire) & 3ull)
-        dpg::span_fill<unsigned char>(z, nz, (unsigned char)0);
-    else
-        dpg::span_fill<unsigned int>(reinterpret_cast<unsigned int*>(z), nz >> 2, 0u);
+    dpg::zero_rows(dst + (dst_start + valid) * wire, (rows - valid) * wire, wire);
 }
 
 template <typename E>
@@ -319,17 +323,8 @@ quantize_rows_v16(const uint4* __restrict__ src, unsigned char* __restrict__ dst
     using Bits = typename Src::Bits;
     constexpr int kVec = 16 / sizeof(Bits);  // channels per 16-byte load: 8 (2-byte) or 4 (float)
     if (blockDim.x != dpg::kThreads) __trap();
-    const long long* d = desc + 4 * i;
-    const long long src_start = dpg_dev::nonneg(d[0]);
-    const long long n_valid = dpg_dev::nonneg(d[1]);
-    const long long dst_start = dpg_dev::nonneg(d[2]);
-    const long long n_rows = dpg_dev::nonneg(d[3]);
-
-    const long long dst_avail = dst_start < dst_total_rows ? dst_total_rows - dst_start : 0;
-    const long long rows = dpg_dev::min2(n_rows, dst_avail);
-    if (rows <= 0) return;
-    const long long src_avail = src_start < src_total_rows ? src_total_rows - src_start : 0;
-    const long long valid = dpg_dev::min2(dpg_dev::min2(n_valid, src_avail), rows);
+    long long src_start, dst_start, rows, valid;
+    if (!dpg::read_window(desc, i, src_total_rows, dst_total_rows, src_start, dst_start, rows, valid)) return;
 
     const long long groups = width / group;
     const long long wire = width + 4 * groups;
@@ -394,10 +389,5 @@ quantize_rows_v16(const uint4* __restrict__ src, unsigned char* __restrict__ dst
         }
         if (sub == 0) *reinterpret_cast<unsigned int*>(q + width + 4 * g) = sb;
     }
-    unsigned char* z = dst + (dst_start + valid) * wire;
-    const long long nz = (rows - valid) * wire;
-    if (((unsigned long long)z | (unsigned long long)wire) & 3ull)
-        dpg::span_fill<unsigned char>(z, nz, (unsigned char)0);
-    else
-        dpg::span_fill<unsigned int>(reinterpret_cast<unsigned int*>(z), nz >> 2, 0u);
+    dpg::zero_rows(dst + (dst_start + valid) * wire, (rows - valid) * wire, wire);
 }
