@@ -10,7 +10,8 @@
   in the order of one ``pytest`` run.
 - JAX in the CPU processes runs on the CPU (``JAX_PLATFORMS=cpu``), and nowhere preallocates
   GPU memory (``XLA_PYTHON_CLIENT_PREALLOCATE=false``), unless the environment says otherwise.
-- 16 or more cores (a GPU node): ``DPGATHER_TEST_JOBS`` (default: cores // 8, at most 4) processes
+- 16 or more cores (a GPU node): ``DPGATHER_TEST_JOBS`` (default: 3 per 16 cores, at most 4; each
+  process's MPI tests run up to 4 busy-polling ranks) processes
   over round-robin slices of the CPU tests, plus one process for the GPU tests (they need the
   GPUs to themselves), each logged under ``build/test-logs/``.
 
@@ -45,7 +46,7 @@ def main(argv):
     if not jobs and _cores() < 16:
         shards = [("install", "install", False), ("rest", "rest", True)]  # (name, shard, on the terminal)
     else:
-        jobs = jobs or min(4, _cores() // 8)
+        jobs = jobs or min(4, _cores() * 3 // 16)
         shards = [(f"shard{k}", f"{k}/{jobs}", False) for k in range(jobs)] + [("gpu", "gpu", False)]
     logs = ROOT / "build" / "test-logs"
     logs.mkdir(parents=True, exist_ok=True)
