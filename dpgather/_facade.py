@@ -78,42 +78,27 @@ class DpAttention(Closing):
         cost: :class:`CostModel` for ``"auto"`` (default: the calibration `dpgather calibrate` cached for
             this machine, else built-in constants; ``row_bytes`` is set from ``hidden_size`` and
             ``dtype``).
-        transport: ``"auto"`` (default: the plan picks NCCL, the P2P pull or the P2P push per
-            step, the P2P transports where the ranks share a node with peer access and where
-            they are predicted faster; graph steps use the push (else the pull) whenever its
-            windows hold the bucket), ``"nccl"``, ``"p2p"`` (the pull for every step that fits its
-            windows) or ``"push"`` (the push for every step that fits its windows, which hold
-            decode-sized steps, else as ``"p2p"``); ``"p2p"`` / ``"push"`` raise ConfigError
-            where that transport cannot run. On the host backend "nccl" means MPI.
-        strict: debug option. Every data-plane call first agrees with every rank over the host
-            (one small exchange per call): a bad argument on any rank then raises on every rank
-            *at that call* and nothing moves anywhere. Without it (default) a bad argument raises
-            at once on its rank, the rank still issues the step's collectives (with zero rows) so
-            no peer is left waiting, and every rank raises at the next ``sync()``.
-        micro_batches: how many micro-batches may be in flight at once (default 1; at most
-            :data:`MAX_MICRO_BATCHES`). Each has its own arenas (``max_tokens_per_rank`` reserves
-            every one of them) and its own current plan: ``sync(batch, micro_batch=i)`` plans
-            micro-batch ``i``, and a call with that plan writes only micro-batch ``i``'s buffers,
-            so two-batch overlap (one micro-batch's MLP beside the other's gather or combine, see
-            :meth:`gather_async`) never overwrites a view still in use. docs/overlap.md.
+        transport: ``"auto"`` (default: the plan picks NCCL, the P2P pull or the push per step
+            where the ranks share a node with peer access; docs/design.md section 12), ``"nccl"``
+            (MPI on the host backend), ``"p2p"`` (the pull for every step its windows hold) or
+            ``"push"`` (the push for decode-sized steps, else as ``"p2p"``); the last two raise
+            ConfigError where that transport cannot run.
+        strict: debug option: every data-plane call first agrees over the host, so a bad
+            argument on any rank raises on every rank at that call (default: on its rank at once,
+            on every rank at the next ``sync()``; docs/reliability.md).
+        micro_batches: micro-batches in flight at once (default 1; at most
+            :data:`MAX_MICRO_BATCHES`), each with its own arenas and current plan
+            (``sync(batch, micro_batch=i)``), for two-batch overlap (docs/overlap.md).
         device: this rank's GPU (CUDA backend): None (default: the node-local rank modulo the
             visible GPUs), a device ordinal or the caller's device object (docs/interop.md).
             Each rank names its own; two ranks of a node on one GPU is a ConfigError.
-        fp8: :class:`Fp8Format` of the quantized gather (:meth:`gather_fp8`, docs/fp8.md), or
-            None (default: no quantized gather). With it the planner prices hidden-state gathers
-            at the wire bytes (``Fp8Format.wire_bytes``); needs a float dtype and a
-            ``hidden_size`` that ``group_size`` divides and 4 divides.
+        fp8: :class:`Fp8Format` of :meth:`gather_fp8` (docs/fp8.md), or None (default). The
+            planner then prices hidden-state gathers at its wire bytes.
 
-    Views returned by ``gather``/``scatter``/``gather_logits``/``scatter_logits`` live in
-    per-role arenas of the plan's micro-batch and stay valid until the next call that uses the
-    same role on that micro-batch (gather -> ``gathered``, scatter -> ``output``, gather_logits ->
-    ``logits``, scatter_logits -> ``logits_output``); copy them to keep them longer. They come
-    back in the caller's array type (docs/interop.md).
-
-    Streams (CUDA backend): a synchronous call runs on the current CuPy stream, an asynchronous
-    one on its ``stream=``. Every gather and combine of this DpAttention runs after the previous
-    one, whatever streams they were issued on (an event chain: NCCL collectives on one
-    communicator and P2P launches on one window never run concurrently).
+    Results are views of the plan's micro-batch's arenas, valid until the next call that uses the
+    same role there (docs/memory.md), in the caller's array type (docs/interop.md). On CUDA a call
+    runs on the current CuPy stream (asynchronous ones on their ``stream=``), after this
+    DpAttention's previous gather or combine whatever stream that used (docs/overlap.md).
 
     Raises:
         ConfigError: invalid arguments on any rank, or ranks configured differently (raised on
@@ -207,21 +192,17 @@ class DpAttention(Closing):
         Args:
             batch: this rank's :class:`LocalBatch`; the ``attn_tp_size`` ranks of a replica must
                 pass equal batches.
-            micro_batch: which micro-batch this plans, ``0 <= micro_batch < micro_batches``
-                (every rank passes the same). The plan replaces that micro-batch's previous one
-                and binds the calls made with it to that micro-batch's arenas; the other
-                micro-batches' plans stay current.
+            micro_batch: which micro-batch this plans (every rank the same); its plan replaces
+                that micro-batch's previous one only.
 
         Returns:
             The step's :class:`Plan`, identical on every rank.
 
         Raises (every rank alike; docs/reliability.md):
             InconsistentBatchError: the ranks of a replica passed different batches.
-            InputError: a rank passed an invalid batch or micro_batch, or a data-plane call since
-                the previous ``sync()`` failed its checks on some rank (named; that step's outputs
-                are invalid everywhere; nothing was planned: call ``sync()`` again).
-            InconsistentStepError: ranks issued different calls or plans since the previous
-                ``sync()``, or synced a different number of times or other micro-batches (aborts).
+            InputError: an invalid batch or micro_batch, or a call since the previous ``sync()``
+                failed its checks on some rank (named; nothing planned: call ``sync()`` again).
+            InconsistentStepError: ranks issued different calls, plans or syncs (aborts).
             CollectiveTimeout: some rank did not reach ``sync`` within ``timeout_s``, or a device
                 transfer of the previous step failed (aborts).
         """
@@ -287,16 +268,14 @@ class DpAttention(Closing):
         e4m3fn with one float32 scale per ``group_size`` channels (``DpAttention(fp8=...)``),
         moving about half a bfloat16 row's bytes.
 
-        Args:
-            x, plan, contribution: as :meth:`gather` (``"partial"`` with ``attn_tp_size > 1``
-                first sums the replica's rows in the input dtype, one extra collective).
+        ``x``, ``plan``, ``contribution``: as :meth:`gather` (``"partial"`` with ``A > 1`` first
+        sums the replica's rows in the input dtype: one extra collective).
 
         Returns:
-            :class:`Fp8Rows` ``(q, scales, wire)``: ``q`` ``[plan.gathered_rows, hidden_size]``
-            uint8 (fp8 bits), ``scales`` ``[plan.gathered_rows, hidden_size // group_size]``
-            float32, views of the micro-batch's ``gathered`` arena (as :meth:`gather`'s result,
-            which shares it), bit-identical to quantizing each replica's rows locally and
-            gathering them; padding rows zero bytes and zero scales.
+            :class:`Fp8Rows` ``(q, scales, wire)``: fp8 bits ``[gathered_rows, hidden_size]``
+            and float32 scales ``[gathered_rows, hidden_size // group_size]``, views of the
+            ``gathered`` arena; bit-identical to quantizing each replica's rows locally and
+            gathering them; padding rows zero.
         """
         return self._path.call(_GATHER_FP8, plan, (x, contribution), int(contribution == "partial"),
                                self.hidden_size)
@@ -391,13 +370,10 @@ class DpAttention(Closing):
                      reduce: bool = True, micro_batches: int = 1, fp8: bool = False) -> "GraphRunner":
         """Capture ``pack -> gather -> fn(G) -> combine -> unpack`` for every graph bucket.
 
-        Returns a :class:`~dpgather.GraphRunner` whose ``run(x, plan)`` replays the bucket of
-        ``plan`` (``plan.graph`` must be True) with no per-step allocation (eagerly, same API, on
-        the host backend); closed by :meth:`close` before the communicators. ``micro_batches=N >
-        1`` captures the *overlapped* step of ``N`` micro-batches: ``run(xs, plans)`` takes one
-        input and one plan (from ``sync(batch, micro_batch=i)``) per micro-batch, gathers and
-        combines on a second stream beside each ``fn`` (docs/overlap.md). ``fp8=True`` gathers
-        with :meth:`gather_fp8`: ``fn`` receives its :class:`Fp8Rows` (backend arrays).
+        Returns a :class:`~dpgather.GraphRunner`: ``run(x, plan)`` replays the bucket of a graph
+        step with no per-step allocation (eagerly on the host backend). ``micro_batches=N > 1``:
+        the overlapped step of ``N`` micro-batches (docs/overlap.md). ``fp8=True``: the gather is
+        :meth:`gather_fp8`, ``fn`` receives its :class:`Fp8Rows` (backend arrays).
         """
         self._state.check()
         from ._graph import GraphRunner
@@ -409,14 +385,11 @@ class DpAttention(Closing):
 
     # -- bookkeeping ----------------------------------------------------------------------
     def info(self) -> Dict[str, Any]:
-        """What this DpAttention runs on: ``backend``, ``device`` (this rank's GPU ordinal; None on
-        the host), ``world_size``, ``attn_tp_size``, ``dtype``, ``hidden_size``, ``policy``,
-        ``strict``, ``micro_batches``; ``sync`` (``"shm"`` or ``"mpi"``, known after the first
-        ``sync()``); ``host_collectives`` (so far: one per step on the default path); ``p2p_rows``
-        and ``push_rows`` (rows the pull's windows hold per collective, and of one replica the
-        push's); the transports and the cost model as :meth:`dpgather._links.Links.describe`
-        says (``transports``, ``transport``, ``transport_reason``, ``push_reason``,
-        ``p2p_node_size``, ``push_pdl``, ``cost_model``)."""
+        """What this DpAttention runs on: its configuration, ``device`` (GPU ordinal; None on the
+        host), ``sync`` (``"shm"``/``"mpi"`` after the first ``sync()``), ``host_collectives``,
+        ``p2p_rows`` / ``push_rows`` (rows the pull's windows hold, and of one replica the push's),
+        ``fp8`` (the quantized gather's format or None) and the transports and cost model as
+        :meth:`dpgather._links.Links.describe` says."""
         return {
             "backend": self.backend, "world_size": self.topology.world_size,
             "attn_tp_size": self.topology.attn_tp_size, "dtype": self.dtype,
@@ -425,12 +398,12 @@ class DpAttention(Closing):
             "p2p_rows": self.planner.p2p_rows, "push_rows": self.planner.push_rows,
             **self._links.describe(self._backend.collectives), "micro_batches": self.micro_batches,
             "device": None if self._backend.device is None else self._backend.device.id,
+            "fp8": self.config.fp8 and {"group_size": self.config.fp8.group_size, "pow2_scales": self.config.fp8.pow2_scales},
         }
 
     def memory_stats(self, micro_batch: Optional[int] = None) -> Dict[str, Dict[str, int]]:
-        """Arena usage per role: ``reserved_bytes``, ``peak_view_bytes``, ``allocations``,
-        ``requests``; plus ``total``. Summed over the micro-batches' arenas, or of one
-        (``micro_batch=i``)."""
+        """Arena usage per role (``reserved_bytes``, ``peak_view_bytes``, ``allocations``,
+        ``requests``) and ``total``: summed over the micro-batches, or of ``micro_batch=i``."""
         if micro_batch is not None:
             return self._arenas[_checks.index(micro_batch, "micro_batch", self.micro_batches)].stats()
         return Arena.total(self._arenas)
@@ -444,8 +417,7 @@ class DpAttention(Closing):
                 c.wait(stream)
 
     def abort(self, reason: str = "abort() was called") -> None:
-        """Abort the communicators (local, immediate) and refuse further use on this rank
-        (the P2P transport's kernels already refuse once its error word is set)."""
+        """Abort the communicators (local, immediate) and refuse further use on this rank."""
         self._state.abort(reason)
 
     def close(self) -> None:
