@@ -38,6 +38,15 @@ def _cores():
         return os.cpu_count() or 1
 
 
+def _signal_name(number):
+    import signal
+
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return "unknown signal"
+
+
 def main(argv):
     jobs = int(os.environ.get("DPGATHER_TEST_JOBS", "0") or 0)
     base = [sys.executable, "-m", "pytest", "-q", *argv]
@@ -78,6 +87,9 @@ def main(argv):
                 log.close()
                 text = (logs / f"{name}.log").read_text(errors="replace").rstrip().splitlines()
                 pending.append(f"[{name}] {text[-1] if text else '(no output)'}  ({time.monotonic() - t0:.0f} s)")
+            if rc < 0:  # killed by a signal (after its summary, too): a failure, whatever pytest printed
+                pending.append(f"[{name}] exited by signal {-rc} ({_signal_name(-rc)})")
+                rc = 128 - rc
             if rc:
                 failed.append((name, log is not None))
                 worst = max(worst, rc)

@@ -51,3 +51,22 @@ def test_round_robin_shards_partition_the_cpu_tests(monkeypatch):
 def test_a_bad_shard_is_a_usage_error(monkeypatch):
     with pytest.raises(pytest.UsageError, match="DPGATHER_TEST_SHARD='half'"):
         _kept("half", monkeypatch)
+
+
+def test_a_process_killed_by_a_signal_fails_the_run(monkeypatch, capsys):
+    """A pytest process that dies by a signal (even after printing its summary) fails make test:
+    a negative return code is a failure, not max(0, -11)."""
+    import parallel
+
+    class Killed:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def poll(self):
+            return -11
+
+    monkeypatch.setattr(parallel.subprocess, "Popen", Killed)
+    monkeypatch.setenv("DPGATHER_TEST_JOBS", "2")
+    assert parallel.main([]) == 128 + 11
+    out = capsys.readouterr().out
+    assert "exited by signal 11 (SIGSEGV)" in out and "FAILED: shard0, shard1, gpu" in out
