@@ -241,11 +241,9 @@ class DataPlane:
         if L.total == 0:
             return arena.view("gathered", 0, W, _BYTE)
         sums = partial and A > 1
-        equal_nccl = transport == "nccl" and L.mode != _SUM
-        rows = (L.chunk_len if A > 1 else L.slot) if equal_nccl else L.slot
         specs = ((L.slot, H, dt),) if sums else ()
-        if transport != "nccl" or L.mode != _SUM:
-            specs += ((rows, W, _BYTE),)
+        if transport != "nccl" or L.mode != _SUM:  # wire rows staged to send (SUM_LEN writes G itself)
+            specs += ((L.chunk_len if transport == "nccl" and A > 1 else L.slot, W, _BYTE),)
         views = arena.views("staging", specs) if specs else ()
         src = x
         if sums:  # the replica's summands, summed in the input dtype, on every rank of it
